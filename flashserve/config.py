@@ -1,0 +1,113 @@
+"""Frozen configuration for one engine instance.
+
+Everything that changes behaviour lives here and is validated once at start-up;
+no environment-variable flags and no getattr-with-default elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture facts of a decoder-only model, read from GGUF metadata or config.json."""
+
+    architecture: str  # "llama" | "qwen2" | "gemma3" (registry key)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int  # the model's context length
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style rope_scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE.
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    hidden_act: str = "silu"  # "silu" (SwiGLU) | "gelu_pytorch_tanh" (GeGLU, Gemma)
+    # Gemma 3 specifics (None / defaults for other families).
+    sliding_window: int | None = None
+    # Per layer: True when the layer uses sliding-window attention.
+    layer_is_sliding: tuple[bool, ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of sliding layers
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default head_dim)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.layer_is_sliding and len(self.layer_is_sliding) != self.num_layers:
+            raise ValueError("layer_is_sliding must have one entry per layer")
+
+    @property
+    def attn_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return float(base) ** -0.5
+
+    def sliding_window_of(self, layer: int) -> int | None:
+        if self.layer_is_sliding and self.layer_is_sliding[layer]:
+            return self.sliding_window
+        return None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Bytes of KV cache to allocate; None = derive from kv_cache_fraction of available RAM.
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.25
+    kv_cache_dtype: str = "auto"  # "auto" (= compute dtype) | "int8"
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if not 0.0 < self.kv_cache_fraction <= 0.9:
+            raise ValueError("kv_cache_fraction must be in (0, 0.9]")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 64
+    max_model_len: int = 2048  # longest prompt + output accepted
+    scheduling: str = "continuous"  # "continuous" | "static"
+    policy: str = "fcfs"  # "fcfs" | "priority"
+
+    def validate(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.scheduling not in ("continuous", "static"):
+            raise ValueError(f"unknown scheduling {self.scheduling!r}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"unknown policy {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # what the user passed (path or catalogue name)
+    model_path: str  # resolved file or directory
+    model_config: ModelConfig
+    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+    seed: int = 0
+    num_threads: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
+        self.cache.validate()
+        self.scheduler.validate()
