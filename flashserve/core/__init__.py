@@ -1,0 +1,1 @@
+"""Bookkeeping only: requests, scheduling and KV block accounting. No torch import here."""

@@ -1,0 +1,56 @@
+"""What the scheduler decided for one step; the model runner turns it into tensors.
+
+Schedule tokens, not phases: every request simply gets `num_scheduled_tokens` new
+tokens, the positions num_computed_tokens .. num_computed_tokens + n - 1. A prefill,
+a prefill chunk, a decode and a prefix-cache hit are all that one case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the request's all_token_ids (shared, not copied)
+    num_computed_tokens: int  # K/V already cached before this step
+    num_scheduled_tokens: int  # tokens to compute this step
+    block_ids: list[int]  # the request's whole block table after allocation
+    sampling_params: Any
+    output_token_ids: list[int]  # generated so far (penalties read them)
+
+    @property
+    def samples_this_step(self) -> bool:
+        """True when this step reaches the last known token, so a new token is sampled."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Requests that left since the previous step (finished, aborted or preempted):
+    # the runner drops any per-request state it keeps for them.
+    finished_request_ids: set[str] = field(default_factory=set)
+    preempted_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(r.num_scheduled_tokens for r in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class RunnerOutput:
+    """Per scheduled request, in the order of SchedulerOutput.scheduled."""
+
+    request_ids: list[str]
+    # New tokens per request: [] for a prefill chunk that did not reach the end of the prompt.
+    sampled_token_ids: list[list[int]]
+    # Optional per sampled token: list of {token_id: logprob} (top-N plus the sampled one).
+    logprobs: list[list[dict[int, float]] | None] | None = None
+    # Optional per request when prompt_logprobs was asked: per prompt position.
+    prompt_logprobs: list[list[dict[int, float] | None] | None] | None = None
