@@ -1,0 +1,69 @@
+"""EngineArgs: the user's knobs (LLM(...), CLI flags) turned into a validated EngineConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashserve.config import CacheConfig, EngineConfig, SchedulerConfig
+
+DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes; never reserve more than this unless asked
+
+
+@dataclass
+class EngineArgs:
+    model: str = "smollm2-135m"
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
+    max_model_len: int | None = None  # default: min(model context, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; default: enough for max_num_seqs full contexts, capped
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    scheduling: str = "continuous"
+    policy: str = "fcfs"
+    seed: int = 0
+    num_threads: int | None = None
+
+    def create_engine_config(self) -> EngineConfig:
+        from flashserve.model.catalogue import resolve
+        from flashserve.model.loader import load_model_config
+
+        path = resolve(self.model)
+        model_config = load_model_config(str(path))
+        max_len = self.max_model_len or min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if max_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's context length {model_config.max_position_embeddings}"
+            )
+        config = EngineConfig(
+            model=self.model,
+            model_path=str(path),
+            model_config=model_config,
+            dtype=resolve_dtype(self.dtype),
+            seed=self.seed,
+            num_threads=self.num_threads,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory=self.kv_cache_memory,
+                kv_cache_dtype=self.kv_cache_dtype,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max(self.max_num_batched_tokens, 1),
+                max_num_seqs=self.max_num_seqs,
+                max_model_len=max_len,
+                scheduling=self.scheduling,
+                policy=self.policy,
+            ),
+        )
+        config.validate()
+        return config
+
+
+def resolve_dtype(dtype: str) -> str:
+    """'auto' picks float32 until the fast bf16 path lands; explicit choices pass through."""
+    if dtype == "auto":
+        return "float32"
+    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
+    return aliases.get(dtype, dtype)

@@ -1,0 +1,95 @@
+"""LLMEngine: add_request / abort_request / step().
+
+step() is schedule → execute → update, then detokenize. Data flows one way:
+Scheduler → SchedulerOutput → ModelRunner → RunnerOutput → Scheduler/OutputProcessor.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from flashserve.config import EngineConfig
+from flashserve.core.request import RequestStatus
+from flashserve.core.scheduler import Scheduler
+from flashserve.engine.arg_utils import DEFAULT_KV_CACHE_CAP, EngineArgs
+from flashserve.engine.input_processor import InputProcessor, PromptType
+from flashserve.engine.output_processor import OutputProcessor
+from flashserve.errors import InvalidRequestError
+from flashserve.model.loader import load_model
+from flashserve.outputs import RequestOutput
+from flashserve.runner.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from flashserve.runner.model_runner import ModelRunner
+from flashserve.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, device: str = "cpu"):
+        config.validate()
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.device = torch.device(device)
+        dtype = getattr(torch, config.dtype)
+        mc = config.model_config
+
+        self.tokenizer = Tokenizer.from_model_path(config.model_path)
+        self.eos_token_ids = tuple(dict.fromkeys((*mc.eos_token_ids, *self.tokenizer.eos_token_ids)))
+        model, _ = load_model(config.model_path, dtype=dtype, device=self.device)
+        sc = config.scheduler
+        self.num_blocks = num_blocks_for_budget(
+            mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP
+        )
+        kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device)
+        self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
+        self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args.create_engine_config())
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str, prompt: PromptType, params, priority: int = 0) -> None:
+        """Validate and queue a request; raises InvalidRequestError (nothing is queued then)."""
+        if request_id in self.output_processor.states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, prompt_ids = self.input_processor.tokenize(prompt)
+        requests = self.input_processor.make_requests(request_id, prompt_ids, params, priority)
+        for r in requests:  # the scheduler also checks the pool can ever hold it
+            try:
+                self.scheduler.add_request(r)
+            except ValueError as exc:
+                self.scheduler.abort_requests([q.request_id for q in requests if q is not r])
+                raise InvalidRequestError(str(exc)) from None
+        self.output_processor.add_request(request_id, text, requests, params)
+
+    def abort_request(self, request_ids) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            self.scheduler.abort_requests(self.output_processor.abort(rid))
+
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched_out)
+        changed = self.scheduler.update_from_output(sched_out, runner_out)
+        logprobs = {rid: lp for rid, lp in zip(runner_out.request_ids, runner_out.logprobs or []) if lp}
+        outputs, stopped = self.output_processor.process(changed, logprobs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_stats(self):
+        return self.scheduler.get_stats()

@@ -1,0 +1,164 @@
+"""Incremental detokenization, stop strings and logprob formatting → RequestOutput.
+
+Owned by the engine. Reads core Requests after the scheduler updated them; reports
+which requests hit a stop string so the engine can finish them in the scheduler.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flashserve.core.request import Request
+from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
+from flashserve.tokenizer.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class _Sample:
+    request: Request
+    detok: IncrementalDetokenizer
+    text: str = ""  # finalized text (after stop-string truncation)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: object
+    samples: list[_Sample]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, _RequestState] = {}
+        self.sample_of: dict[str, tuple[_RequestState, _Sample]] = {}  # core request id → its state
+
+    def add_request(self, request_id: str, prompt: str | None, requests: list[Request], params) -> None:
+        samples = [
+            _Sample(
+                request=r,
+                detok=IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, params.skip_special_tokens),
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            for r in requests
+        ]
+        state = _RequestState(request_id, prompt, requests[0].prompt_token_ids, params, samples)
+        self.states[request_id] = state
+        for s in samples:
+            self.sample_of[s.request.request_id] = (state, s)
+
+    def abort(self, request_id: str) -> list[str]:
+        """Forget a user request; returns its core request ids (for the scheduler)."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return []
+        ids = [s.request.request_id for s in state.samples]
+        for rid in ids:
+            self.sample_of.pop(rid, None)
+        return ids
+
+    def process(self, changed: list[Request], logprobs_by_id: dict[str, list]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (outputs of the user requests that changed, core ids that hit a stop string)."""
+        touched: dict[str, _RequestState] = {}
+        stopped: list[str] = []
+        now = time.monotonic()
+        for req in changed:
+            entry = self.sample_of.get(req.request_id)
+            if entry is None:
+                continue
+            state, sample = entry
+            if state.first_token_time is None and req.num_output_tokens:
+                state.first_token_time = now
+            if sample.finish_reason is None:
+                if self._update_sample(sample, state.params, logprobs_by_id.get(req.request_id)):
+                    stopped.append(req.request_id)
+            touched[state.request_id] = state
+        outputs = [self._make_output(s, now) for s in touched.values()]
+        for state in touched.values():
+            if state.finished:
+                self.abort(state.request_id)
+        return outputs, stopped
+
+    def _update_sample(self, sample: _Sample, params, new_logprobs) -> bool:
+        req = sample.request
+        seen = len(sample.detok.token_ids)
+        prev_len = len(sample.detok.text)
+        sample.detok.add_tokens(req.output_token_ids[seen:])
+        if new_logprobs and sample.logprobs is not None:
+            for entry in new_logprobs:
+                sample.logprobs.append(self._format_logprobs(entry))
+            self._accumulate(sample, req.output_token_ids[seen:])
+        full = sample.detok.text
+        hit = _find_stop(full, params.stop, prev_len)
+        if hit is not None:
+            index, stop = hit
+            sample.text = full[: index + len(stop)] if params.include_stop_str_in_output else full[:index]
+            sample.finish_reason, sample.stop_reason = "stop", stop
+            return True
+        if req.is_finished:
+            sample.text = full
+            sample.finish_reason, sample.stop_reason = req.status.finish_reason, req.stop_reason
+        else:
+            # Hold back what could be the start of a stop string, so streamed text never shows one.
+            hold = max((len(s) for s in params.stop), default=1) - 1
+            sample.text = full[: len(full) - hold] if hold else full
+        return False
+
+    def _format_logprobs(self, entry: dict) -> dict[int, Logprob]:
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        return {
+            tok: Logprob(logprob=lp, rank=rank, decoded_token=self.tokenizer.decode([tok], skip_special_tokens=False))
+            for rank, (tok, lp) in enumerate(ranked, start=1)
+        }
+
+    def _accumulate(self, sample: _Sample, new_tokens: list[int]) -> None:
+        for tok, entry in zip(new_tokens, sample.logprobs[-len(new_tokens):]):
+            if tok in entry:
+                sample.cumulative_logprob += entry[tok].logprob
+
+    def _make_output(self, state: _RequestState, now: float) -> RequestOutput:
+        completions = tuple(
+            CompletionOutput(
+                index=i,
+                text=s.text,
+                token_ids=tuple(s.request.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=tuple(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for i, s in enumerate(state.samples)
+        )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=tuple(state.prompt_token_ids),
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=state.samples[0].request.num_cached_prompt_tokens,
+            metrics={"arrival_time": state.arrival_time, "first_token_time": state.first_token_time, "now": now},
+        )
+
+
+def _find_stop(text: str, stops: list[str], prev_len: int) -> tuple[int, str] | None:
+    """Earliest stop string in `text` that ends after prev_len (it may start before: token boundaries)."""
+    best = None
+    for stop in stops:
+        start = max(0, prev_len - len(stop) + 1)
+        idx = text.find(stop, start)
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, stop)
+    return best

@@ -1,0 +1,143 @@
+"""Command line: flashserve fetch | generate | chat | serve."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flashserve.errors import FlashserveError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def _engine_args(a):
+    from flashserve.engine.arg_utils import EngineArgs
+
+    return EngineArgs(
+        model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory,
+        enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads, seed=a.seed,
+    )
+
+
+def _sampling(a):
+    from flashserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop=a.stop)
+
+
+def _stream(engine, prompt, params) -> str:
+    """Run one request, printing text as it arrives; returns the whole text."""
+    rid = engine.next_request_id()
+    engine.add_request(rid, prompt, params)
+    shown = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return shown
+
+
+def cmd_fetch(a) -> None:
+    from flashserve.model.catalogue import fetch
+
+    print(fetch(a.name))
+
+
+def cmd_generate(a) -> None:
+    from flashserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(_engine_args(a))
+    _stream(engine, a.prompt, _sampling(a))
+
+
+def cmd_chat(a) -> None:
+    from flashserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(_engine_args(a))
+    tok = engine.tokenizer
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("flashserve chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        reply = _stream(engine, {"prompt_token_ids": prompt_ids}, _sampling(a))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_serve(a) -> None:
+    from flashserve.entrypoints.openai.app import run_server
+
+    run_server(_engine_args(a), host=a.host, port=a.port, api_key=a.api_key, max_waiting=a.max_waiting)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download a built-in model into the cache and print its path")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="optional system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FlashserveError, ValueError) as exc:
+        print(f"flashserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

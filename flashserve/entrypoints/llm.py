@@ -1,0 +1,88 @@
+"""Offline batch generation in vLLM's shape: LLM(model=...).generate(prompts, params)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from flashserve.engine.arg_utils import EngineArgs
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.outputs import RequestOutput
+from flashserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM(model="smollm2-135m", dtype="float32", ...)`; keyword arguments are EngineArgs fields."""
+
+    def __init__(self, model: str = "smollm2-135m", **engine_kwargs):
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in prompt order. A prompt is a string, a list of token ids,
+        or a dict with 'prompt' or 'prompt_token_ids'."""
+        prompts = _as_prompt_list(prompts)
+        params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
+        ids = []
+        for prompt, p, prio in zip(prompts, params, priorities):
+            rid = self.engine.next_request_id()
+            self.engine.add_request(rid, prompt, p, priority=prio)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, **template_kwargs) -> list[RequestOutput]:
+        """`messages` is one conversation (list of {'role','content'}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        prompts = [
+            {"prompt_token_ids": tok.encode(tok.apply_chat_template(c, add_generation_prompt=True, **template_kwargs),
+                                            add_special_tokens=False)}
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        start, produced = time.perf_counter(), 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        produced += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"{produced / (time.perf_counter() - start):.1f} out tok/s")
+        except BaseException:
+            self.engine.abort_request([rid for rid in ids if rid not in final])
+            raise
+        finally:
+            bar.close()
+        return [final[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):  # one prompt given as token ids
+        return [prompts]
+    return prompts
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n

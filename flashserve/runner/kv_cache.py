@@ -1,0 +1,48 @@
+"""Paged KV cache tensors: one (K, V) pair of block pools per layer, sized from a byte budget."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from flashserve.config import CacheConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+
+
+def num_blocks_for_budget(
+    model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, max_tokens_needed: int, cap_bytes: int
+) -> int:
+    """Blocks that fit the budget: the explicit kv_cache_memory, else enough for
+    `max_tokens_needed` tokens (every sequence at full context) but at most `cap_bytes`."""
+    per_block = kv_bytes_per_block(model, cache.block_size, dtype)
+    if cache.kv_cache_memory is not None:
+        budget = cache.kv_cache_memory
+    else:
+        wanted = -(-max_tokens_needed // cache.block_size) * per_block
+        budget = min(wanted, cap_bytes)
+    blocks = budget // per_block
+    if blocks < 2:
+        raise ValueError(
+            f"KV cache budget of {budget} bytes holds fewer than 2 blocks of {per_block} bytes; raise kv_cache_memory"
+        )
+    return int(blocks)
+
+
+def allocate_kv_caches(
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed so padded/unused slots never hold NaN garbage that a masked matmul could spread."""
+    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)  # (blocks, block_size, kv_heads, head_dim)
+    caches = [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(model.num_layers)
+    ]
+    total = 2 * model.num_layers * caches[0][0].nbytes
+    logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20)
+    return caches

@@ -1,0 +1,69 @@
+"""Model runner: the only place that builds tensors.
+
+SchedulerOutput → ModelInputs → model forward → logits of the rows to sample → sampler → RunnerOutput.
+It keeps no scheduling policy; per-request state is limited to seeded generators.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashserve.core.sched_output import RunnerOutput, SchedulerOutput
+from flashserve.runner.input_batch import build_model_inputs
+from flashserve.sample.sampler import Sampler, SamplingMetadata
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device):
+        self.model = model
+        self.model.bind_kv_caches(kv_caches)
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.sampler = Sampler()
+        # Seeded requests draw from their own generator so their tokens do not depend on the batch.
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self.generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.generators[request_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_request_ids:
+            self.generators.pop(rid, None)
+        scheduled = sched.scheduled
+        request_ids = [r.request_id for r in scheduled]
+        sampled_ids: list[list[int]] = [[] for _ in scheduled]
+        logprobs: list = [None] * len(scheduled)
+        if not scheduled:
+            return RunnerOutput(request_ids, sampled_ids, logprobs)
+
+        inputs = build_model_inputs(scheduled, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # (num_tokens, d)
+        if not inputs.sampled_requests:
+            return RunnerOutput(request_ids, sampled_ids, logprobs)
+
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # (num_sampled, vocab) float32
+        rows = [scheduled[i] for i in inputs.sampled_requests]
+        metadata = SamplingMetadata.build(
+            params=[r.sampling_params for r in rows],
+            output_token_ids=[r.output_token_ids for r in rows],
+            prompt_token_ids=[r.token_ids[: len(r.token_ids) - len(r.output_token_ids)] for r in rows],
+            generators=[self._generator_for(r.request_id, r.sampling_params.seed) for r in rows],
+            eos_token_ids=self.eos_token_ids,
+            device=self.device,
+        )
+        out = self.sampler(logits, metadata)
+        tokens = out.sampled_token_ids.tolist()  # the one host sync of the step
+        top = out.format_logprobs() if out.has_logprobs else None
+        for row, i in enumerate(inputs.sampled_requests):
+            sampled_ids[i] = [tokens[row]]
+            if top is not None:
+                logprobs[i] = [top[row]] if top[row] is not None else None
+        return RunnerOutput(request_ids, sampled_ids, logprobs)
