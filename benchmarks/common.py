@@ -1,0 +1,58 @@
+"""Shared benchmark helpers: machine ceilings measured in the same run, peers, and table printing."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+
+import torch
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def measure_ceilings(seconds: float = 1.0) -> dict[str, float]:
+    """Memory read bandwidth (GB/s) and bf16/fp32 matmul rate (GFLOP/s) with torch, this run."""
+    x = torch.ones(256 * 2**20 // 4)  # 256 MiB, larger than any cache
+    x.sum()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x.sum()
+        reps += 1
+    bw = reps * x.nbytes / (time.perf_counter() - t0) / 1e9
+    out = {"mem_GBps": bw}
+    for name, dt in (("bf16_GFLOPs", torch.bfloat16), ("fp32_GFLOPs", torch.float32)):
+        a, b = torch.randn(1024, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            a @ b
+            reps += 1
+        out[name] = reps * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def header(title: str, **facts) -> None:
+    print(f"\n## {title}")
+    print(f"host: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for k, v in facts.items():
+        print(f"{k}: {v}")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table; floats get 3 significant digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "—" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
