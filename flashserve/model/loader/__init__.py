@@ -1,0 +1,45 @@
+"""Model loading: a GGUF file or an HF directory → (ModelConfig, model with weights)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from flashserve.config import ModelConfig
+from flashserve.model.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+
+def load_model_config(path: str) -> ModelConfig:
+    if Path(path).is_dir():
+        from flashserve.model.loader.hf import hf_model_config
+
+        return hf_model_config(path)
+    from flashserve.model.loader.gguf import gguf_model_config
+
+    return gguf_model_config(path)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Returns (model in eval mode on `device`, its ModelConfig)."""
+    cfg = load_model_config(path)
+    cls = model_class(cfg.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created directly in the compute dtype
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    if Path(path).is_dir():
+        from flashserve.model.loader.hf import iter_safetensors
+
+        model.load_weights(iter_safetensors(path), hf_checkpoint=True)
+    else:
+        from flashserve.model.loader.gguf import iter_gguf_tensors
+
+        model.load_weights(iter_gguf_tensors(path, cfg), hf_checkpoint=False)
+    logger.info("loaded %s (%s, %d layers) as %s", path, cfg.architecture, cfg.num_layers, dtype)
+    return model.eval(), cfg
