@@ -12,6 +12,8 @@ those rows are the last `query_len_i` positions of a context of `seq_lens[i]` to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -27,6 +29,10 @@ class AttentionMetadata:
     # Python-side copies so backends can plan without a host sync.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+
+    @cached_property
+    def query_start_loc_cpu(self) -> list[int]:
+        return [0, *accumulate(self.query_lens_cpu)]
 
     @property
     def num_seqs(self) -> int:

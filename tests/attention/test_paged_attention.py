@@ -1,0 +1,129 @@
+"""Paged attention: the fast backend against the reference, and the reference against dense
+attention on the unpaged K/V (two independent paths)."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from flashserve.attention import decode as decode_mod
+from flashserve.attention.backend import paged_attention, write_kv
+from flashserve.attention.metadata import AttentionMetadata
+from flashserve.attention.reference import paged_attention_reference
+
+
+def make_batch(rng: random.Random, specs, block_size, hk, d, hq, dtype, num_blocks=None):
+    """specs: list of (cached_len, query_len). Returns q, k, v, caches, meta and the dense per-seq K/V."""
+    need = sum(-(-(c + q) // block_size) for c, q in specs)
+    num_blocks = num_blocks or need + 3
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)  # scattered blocks, so paging mistakes show
+    k_cache = torch.zeros(num_blocks, block_size, hk, d, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    tables, dense, qs, ks, vs, slots = [], [], [], [], [], []
+    for cached, ql in specs:
+        sl = cached + ql
+        blocks = [free.pop() for _ in range(-(-sl // block_size))]
+        tables.append(blocks)
+        K, V = torch.randn(sl, hk, d, dtype=dtype), torch.randn(sl, hk, d, dtype=dtype)
+        dense.append((K, V))
+        for t in range(cached):  # the prefix is already in the cache
+            k_cache[blocks[t // block_size], t % block_size] = K[t]
+            v_cache[blocks[t // block_size], t % block_size] = V[t]
+        qs.append(torch.randn(ql, hq, d, dtype=dtype))
+        ks.append(K[cached:])
+        vs.append(V[cached:])
+        slots += [blocks[t // block_size] * block_size + t % block_size for t in range(cached, sl)]
+    max_b = max(len(b) for b in tables)
+    bt = torch.zeros(len(specs), max_b, dtype=torch.int32)
+    for i, b in enumerate(tables):
+        bt[i, : len(b)] = torch.tensor(b)
+    qlens = [q for _, q in specs]
+    slens = [c + q for c, q in specs]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(slens, dtype=torch.int32), block_table=bt,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), max_query_len=max(qlens), max_seq_len=max(slens),
+        query_lens_cpu=qlens, seq_lens_cpu=slens,
+    )
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, dense
+
+
+def dense_attention(q, K, V, scale, window=None, softcap=None):
+    """Straight from the definition, on contiguous K/V: softmax(q k^T * scale + causal mask) v."""
+    ql, sl = q.shape[0], K.shape[0]
+    group = q.shape[1] // K.shape[1]
+    out = torch.empty(ql, q.shape[1], q.shape[2], dtype=torch.float64)
+    for i in range(ql):
+        pos = sl - ql + i
+        for h in range(q.shape[1]):
+            s = (K[:, h // group].double() @ q[i, h].double()) * scale
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            keep = torch.arange(sl) <= pos
+            if window:
+                keep &= torch.arange(sl) > pos - window
+            s[~keep] = -math.inf
+            out[i, h] = s.softmax(0) @ V[:, h // group].double()
+    return out
+
+
+SHAPES = [(1, 1), (3, 1), (4, 2), (8, 1)]  # (q heads per kv head, kv heads): MHA, GQA, MQA
+
+
+@pytest.mark.parametrize("group,hk", SHAPES)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_reference_equals_dense(group, hk, block_size):
+    rng = random.Random(group * 100 + block_size)
+    specs = [(0, 7), (5, 3), (9, 1), (0, 1)]
+    for window, softcap in [(None, None), (4, None), (None, 5.0)]:
+        q, k, v, kc, vc, meta, dense = make_batch(rng, specs, block_size, hk, 8, hk * group, torch.float32)
+        write_kv(k, v, kc, vc, meta.slot_mapping)
+        got = paged_attention_reference(q, kc, vc, meta, 0.3, window, softcap)
+        start = 0
+        for (cached, ql), (K, V) in zip(specs, dense):
+            want = dense_attention(q[start : start + ql], K, V, 0.3, window, softcap)
+            torch.testing.assert_close(got[start : start + ql].double(), want, atol=1e-5, rtol=1e-5)
+            start += ql
+
+
+def test_write_kv_puts_every_token_at_its_slot():
+    rng = random.Random(0)
+    q, k, v, kc, vc, meta, dense = make_batch(rng, [(3, 5), (0, 2)], 4, 2, 8, 4, torch.float32)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    flat = kc.view(-1, 2, 8)
+    torch.testing.assert_close(flat[meta.slot_mapping], k, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("seed", range(6))
+def test_backend_equals_reference_on_random_mixed_batches(dtype, tol, seed):
+    rng = random.Random(seed)
+    group, hk = rng.choice(SHAPES)
+    block_size = rng.choice([1, 4, 16])
+    d = rng.choice([8, 16, 64])
+    specs = [(rng.randint(0, 40), rng.choice([1, 1, 1, rng.randint(2, 20)])) for _ in range(rng.randint(1, 6))]
+    window = rng.choice([None, None, rng.randint(1, 12)])
+    softcap = rng.choice([None, None, 3.0])
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, block_size, hk, d, hk * group, dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = paged_attention(q, k, v, kc, vc, meta, d**-0.5, window, softcap)
+    write_kv(k, v, kc2, vc2, meta.slot_mapping)
+    want = paged_attention_reference(q, kc2, vc2, meta, d**-0.5, window, softcap)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 37])
+def test_decode_splits_merge_exactly(monkeypatch, window):
+    """Long contexts cut into many KV splits (split size forced small) give the one-split result."""
+    rng = random.Random(7)
+    specs = [(300, 1), (41, 1), (129, 1)]
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, 4, 2, 16, 6, torch.float32)
+    want = paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.25, window)
+    monkeypatch.setattr(decode_mod, "SPLIT_TOKENS", 8)
+    got = paged_attention(q, k, v, kc, vc, meta, 0.25, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    torch.testing.assert_close(got, paged_attention_reference(q, kc, vc, meta, 0.25, window), atol=1e-5, rtol=1e-5)
