@@ -33,6 +33,8 @@ class SchedulerOutput:
     # the runner drops any per-request state it keeps for them.
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
+    # Copy-on-write of shared, partly filled blocks (src, dst), done before the forward.
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

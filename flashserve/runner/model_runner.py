@@ -15,6 +15,7 @@ from flashserve.sample.sampler import Sampler, SamplingMetadata
 class ModelRunner:
     def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device):
         self.model = model
+        self.kv_caches = kv_caches
         self.model.bind_kv_caches(kv_caches)
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
@@ -33,10 +34,21 @@ class ModelRunner:
             self.generators[request_id] = gen
         return gen
 
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write of shared blocks, in every layer, before this step writes into them."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
+        self._copy_blocks(sched.blocks_to_copy)
         scheduled = sched.scheduled
         request_ids = [r.request_id for r in scheduled]
         sampled_ids: list[list[int]] = [[] for _ in scheduled]

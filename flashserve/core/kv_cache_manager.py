@@ -1,0 +1,130 @@
+"""Which KV blocks each request holds: prefix-cache lookup, slot allocation, forks, freeing.
+
+Returns block ids only; the model runner owns the tensors. Counts prefix-cache
+queries and hits in tokens.
+"""
+from __future__ import annotations
+
+from flashserve.core.block_hash import extend_block_hashes
+from flashserve.core.block_pool import BlockPool, KVBlock
+from flashserve.core.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_hashes: dict[str, list[int]] = {}  # chained hashes of each request's full blocks
+        self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of those, found in the cache
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / (self.pool.num_blocks - 1)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached run of the request's full blocks, leaving at least one token to compute."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        tokens = request.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size  # the last token must be computed for its logits
+        hashes = extend_block_hashes(self.req_hashes.setdefault(request.request_id, []), tokens,
+                                     self.block_size, max_blocks)
+        hit: list[KVBlock] = []
+        for h in hashes[:max_blocks]:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hit.append(block)
+        self.prefix_queries += len(tokens)
+        self.prefix_hits += len(hit) * self.block_size
+        return hit, len(hit) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] = ()) -> list[int] | None:
+        """Blocks for `num_new_tokens` more tokens after the computed ones; None if the pool is short."""
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        computed_blocks = list(computed_blocks)
+        start = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        end = start + num_new_tokens
+        needed = -(-end // self.block_size) - len(blocks) - len(computed_blocks)
+        cow = bool(blocks) and blocks[-1].ref_cnt > 1 and start % self.block_size != 0
+        if self.pool.num_free_excluding(computed_blocks) < max(needed, 0) + cow:
+            if not blocks:
+                del self.req_blocks[request.request_id]
+            return None
+        self.pool.touch(computed_blocks)
+        blocks.extend(computed_blocks)
+        if cow:  # the partly filled last block is shared (fork): write into a private copy
+            (fresh,) = self.pool.allocate(1)
+            self.pending_copies.append((blocks[-1].block_id, fresh.block_id))
+            self.pool.release([blocks[-1]])
+            blocks[-1] = fresh
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, blocks, end)
+        return [b.block_id for b in blocks]
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+        """Register blocks that are full once this step has written `num_tokens` tokens."""
+        full = num_tokens // self.block_size
+        hashes = extend_block_hashes(self.req_hashes.setdefault(request.request_id, []), request.all_token_ids,
+                                     self.block_size, full)
+        for block, h in zip(blocks[:full], hashes):
+            self.pool.cache(block, h)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """The child shares every block of the parent (n > 1 samples, beam search)."""
+        blocks = self.req_blocks.get(parent.request_id, [])
+        self.pool.touch(blocks)
+        self.req_blocks[child.request_id] = list(blocks)
+        self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, []))
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_hashes.pop(request.request_id, None)
+        # Tail first, so under LRU the end of a sequence is evicted before its shareable prefix.
+        self.pool.release(list(reversed(blocks)))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def kv_waste_fraction(self, requests) -> float:
+        """Reserved-but-unused slots over reserved slots, across the given requests' block tables."""
+        reserved = used = 0
+        for r in requests:
+            n = len(self.req_blocks.get(r.request_id, [])) * self.block_size
+            reserved += n
+            used += min(r.num_tokens, n)
+        return (reserved - used) / reserved if reserved else 0.0
+
+    def check_invariants(self, live_requests=None) -> None:
+        """Every block's ref_cnt equals the number of live holders; free list == blocks with ref 0."""
+        holders = [0] * self.pool.num_blocks
+        live = None if live_requests is None else {r.request_id for r in live_requests}
+        for rid, blocks in self.req_blocks.items():
+            assert live is None or rid in live, f"blocks held by finished request {rid}"
+            for b in blocks:
+                holders[b.block_id] += 1
+        assert self.pool.blocks[0].ref_cnt == 0 and 0 not in self.pool.free, "padding block 0 was handed out"
+        for b in self.pool.blocks[1:]:
+            assert b.ref_cnt == holders[b.block_id], f"block {b.block_id}: ref_cnt {b.ref_cnt} != {holders[b.block_id]}"
+            assert (b.ref_cnt == 0) == (b.block_id in self.pool.free), f"block {b.block_id} free-list mismatch"
+        for h, b in self.pool.cached.items():
+            assert b.block_hash == h, f"cache map entry of block {b.block_id} out of date"

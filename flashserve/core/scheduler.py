@@ -1,0 +1,220 @@
+"""Token-budget scheduler (vLLM v1's "schedule tokens, not phases"; DeepSpeed-FastGen's
+Dynamic SplitFuse): each step, running requests' tokens first (decodes, unfinished prompt
+chunks), then chunks of waiting prompts fill what is left of the budget.
+
+When blocks run out the newest running request is preempted: its blocks are freed and
+it is recomputed later from its tokens (prompt + output so far), so nothing is lost.
+"static" scheduling admits a batch only when nothing runs: the baseline to beat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashserve.config import CacheConfig, SchedulerConfig
+from flashserve.core.kv_cache_manager import KVCacheManager
+from flashserve.core.policy import make_queue, preemption_victim
+from flashserve.core.request import Request, RequestStatus
+from flashserve.core.sched_output import RunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preempted_waiting: int
+    num_preemptions_total: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    num_scheduled_tokens: int
+
+
+class Scheduler:
+    def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+        self.config = sched_config
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.waiting = make_queue(sched_config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()
+        self.num_preemptions_total = 0
+        self._last_num_tokens = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        max_len = self.config.max_model_len
+        if req.num_prompt_tokens >= max_len:
+            raise ValueError(f"the prompt has {req.num_prompt_tokens} tokens but the context is {max_len} tokens")
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        max_tokens = req.sampling_params.max_tokens or max_len
+        longest = min(req.num_prompt_tokens + max_tokens, max_len)
+        need = -(-longest // self.block_size)
+        if need > self.kv_cache_manager.num_blocks - 1:
+            raise ValueError(
+                f"the request may grow to {longest} tokens ({need} KV blocks) but the KV cache holds "
+                f"{self.kv_cache_manager.num_blocks - 1} blocks; lower max_tokens or raise kv_cache_memory"
+            )
+        self.requests[req.request_id] = req
+        self.waiting.add(req)
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> None:
+        """Idempotent: unknown or already finished ids are ignored."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, status)
+
+    def abort_requests(self, request_ids) -> None:
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv_cache_manager.free(req)
+        req.block_ids = []
+        del self.requests[req.request_id]
+        self._finished_ids.add(req.request_id)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        if self.config.scheduling == "static" and not self.running:
+            self._admit_static_batch()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            block_ids = self.kv_cache_manager.allocate_slots(req, n)
+            while block_ids is None:
+                victim = preemption_victim(self.config.policy, self.running[i:])
+                self._preempt(victim)
+                if victim is req:
+                    break
+                block_ids = self.kv_cache_manager.allocate_slots(req, n)
+            if block_ids is None:
+                continue  # req itself was preempted; running[i] is now the next request
+            scheduled.append(self._scheduled(req, n, block_ids))
+            budget -= n
+            i += 1
+
+        if self.config.scheduling == "continuous":
+            budget = self._admit_waiting(budget, scheduled)
+        self._last_num_tokens = self.config.max_num_batched_tokens - budget
+        out = SchedulerOutput(scheduled, self._finished_ids, self._preempted_ids,
+                              blocks_to_copy=self.kv_cache_manager.take_copies())
+        self._finished_ids, self._preempted_ids = set(), set()
+        return out
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        kvm = self.kv_cache_manager
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            computed, num_cached = kvm.get_computed_blocks(req)
+            n = min(req.num_tokens - num_cached, budget)
+            block_ids = kvm.allocate_slots(req, n, computed)
+            if block_ids is None:
+                break
+            self.waiting.pop()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_prompt_tokens = num_cached
+            self.running.append(req)
+            scheduled.append(self._scheduled(req, n, block_ids))
+            budget -= n
+        return budget
+
+    def _admit_static_batch(self) -> None:
+        """Take waiting requests while their whole prompts (and one decode slot) fit the free pool."""
+        free = self.kv_cache_manager.num_free_blocks
+        while len(self.waiting) and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            need = -(-(req.num_tokens + 1) // self.block_size)
+            if need > free:
+                break
+            free -= need
+            self.waiting.pop()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = 0
+            self.running.append(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv_cache_manager.free(req)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self._preempted_ids.add(req.request_id)
+        self.waiting.add_front(req)
+
+    def _scheduled(self, req: Request, n: int, block_ids: list[int]) -> ScheduledRequest:
+        req.block_ids = block_ids
+        return ScheduledRequest(req.request_id, req.all_token_ids, req.num_computed_tokens, n, block_ids,
+                                req.sampling_params, req.output_token_ids)
+
+    # ---- results -------------------------------------------------------------------------
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:
+        """Advance progress, append sampled tokens, finish what stops. Returns the requests that changed."""
+        changed = []
+        for sr, tokens in zip(sched_out.scheduled, runner_out.sampled_token_ids):
+            req = self.requests.get(sr.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted since it was scheduled
+            req.num_computed_tokens += sr.num_scheduled_tokens
+            for token in tokens:
+                req.append_output_token(token)
+                status = self._stop_status(req, token)
+                if status is not None:
+                    self._finish(req, status)
+                    break
+            if tokens:
+                changed.append(req)
+        return changed
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        may_stop = req.num_output_tokens >= sp.min_tokens
+        if may_stop and token in sp.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if may_stop and not sp.ignore_eos and token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and req.num_output_tokens >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def get_stats(self) -> SchedulerStats:
+        kvm = self.kv_cache_manager
+        used = kvm.num_blocks - 1 - kvm.num_free_blocks
+        q, h = kvm.prefix_queries, kvm.prefix_hits
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preempted_waiting=sum(1 for r in self.waiting if r.status is RequestStatus.PREEMPTED),
+            num_preemptions_total=self.num_preemptions_total,
+            kv_blocks_used=used,
+            kv_blocks_total=kvm.num_blocks - 1,
+            kv_usage=kvm.usage,
+            prefix_cache_queries=q,
+            prefix_cache_hits=h,
+            prefix_cache_hit_rate=h / q if q else 0.0,
+            num_scheduled_tokens=self._last_num_tokens,
+        )
