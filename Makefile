@@ -31,8 +31,12 @@ test-fast: install
 serve: model
 	$(BIN)/flashserve serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# llama.cpp's AMX kernels crash in llama_decode on this CPU family: build the peer without them.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
 bench: install
-	$(BIN)/pip install -q -e ".[bench]" || echo "llama-cpp-python not installed: peer columns will be skipped"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[bench]" || echo "llama-cpp-python not installed: peer columns will be skipped"
 	$(BIN)/python benchmarks/decode.py
 
 clean:
