@@ -1,0 +1,89 @@
+"""Batch invariance: continuous batching, chunked prefill, preemption and prefix caching must not
+change greedy outputs. The reference is each request run alone through a fresh engine."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from flashserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 12
+BLOCK_BYTES_FP32 = 2 * 30 * 16 * 3 * 64 * 4  # SmolLM2: layers * block * kv_heads * head_dim * fp32, K and V
+
+
+def _prompts(n=24, seed=0):
+    rng = random.Random(seed)
+    lengths = [1, 600] + [rng.randint(2, 599) for _ in range(n - 2)]
+    # Token ids from the ordinary part of the vocabulary (ids 0..16 are special in SmolLM2).
+    return [[rng.randrange(100, 49000) for _ in range(L)] for L in lengths]
+
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return _prompts()
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2_gguf, prompts):
+    llm = LLM(model=smollm2_gguf, dtype="float32", max_num_seqs=1, enable_prefix_caching=False)
+    return [llm.generate([p], PARAMS, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+
+def _batched(gguf, prompts, **kwargs):
+    llm = LLM(model=gguf, dtype="float32", **kwargs)
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False)
+    return llm, [o.outputs[0].token_ids for o in outs]
+
+
+def _assert_same(alone, batched):
+    diffs = [i for i, (a, b) in enumerate(zip(alone, batched)) if a != b]
+    assert not diffs, f"requests {diffs} differ from running alone"
+
+
+def test_large_budget(smollm2_gguf, prompts, alone):
+    _, got = _batched(smollm2_gguf, prompts, max_num_batched_tokens=4096, max_num_seqs=32)
+    _assert_same(alone, got)
+
+
+def test_forced_chunking(smollm2_gguf, prompts, alone):
+    _, got = _batched(smollm2_gguf, prompts, max_num_batched_tokens=32, max_num_seqs=32)
+    _assert_same(alone, got)
+
+
+def test_preemption(smollm2_gguf, prompts, alone):
+    llm, got = _batched(smollm2_gguf, prompts, max_num_batched_tokens=512, max_num_seqs=24,
+                        kv_cache_memory=60 * BLOCK_BYTES_FP32)
+    assert llm.engine.get_stats().num_preemptions_total > 0, "the small KV pool should have forced preemption"
+    _assert_same(alone, got)
+    llm.engine.scheduler.kv_cache_manager.check_invariants()
+
+
+def test_prefix_caching_off(smollm2_gguf, prompts, alone):
+    _, got = _batched(smollm2_gguf, prompts, enable_prefix_caching=False, max_num_batched_tokens=256)
+    _assert_same(alone, got)
+
+
+def test_shared_system_prompt_hits_prefix_cache(smollm2_gguf):
+    rng = random.Random(1)
+    system = [rng.randrange(100, 49000) for _ in range(200)]
+    prompts = [system + [rng.randrange(100, 49000) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    results = {}
+    for caching in (True, False):
+        llm = LLM(model=smollm2_gguf, dtype="float32", enable_prefix_caching=caching)
+        first = llm.generate(prompts[:1], PARAMS, use_tqdm=False)  # warms the cache with the system prompt
+        rest = llm.generate(prompts[1:], PARAMS, use_tqdm=False)
+        results[caching] = [o.outputs[0].token_ids for o in first + rest]
+        cached = [o.num_cached_tokens for o in rest]
+        stats = llm.engine.get_stats()
+        if caching:
+            assert all(c >= 192 for c in cached), cached  # 12 full blocks of the shared 200 tokens
+            assert stats.prefix_cache_hits > 0
+        else:
+            assert all(c == 0 for c in cached)
+    assert results[True] == results[False]
