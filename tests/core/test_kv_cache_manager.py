@@ -1,0 +1,105 @@
+"""Block pool and KV cache manager: exact block ids, reference counts, prefix hits, LRU eviction, forks."""
+from __future__ import annotations
+
+import pytest
+
+from flashserve.core.block_pool import BlockPool
+from flashserve.core.kv_cache_manager import KVCacheManager
+from flashserve.core.request import Request
+from flashserve.sampling_params import SamplingParams
+
+BS = 4
+
+
+def req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, list(tokens), SamplingParams(max_tokens=8))
+
+
+def admit(kvm: KVCacheManager, r: Request) -> list[int]:
+    computed, n = kvm.get_computed_blocks(r)
+    ids = kvm.allocate_slots(r, r.num_tokens - n, computed)
+    r.num_computed_tokens = r.num_tokens
+    return ids
+
+
+def test_pool_never_hands_out_block_zero_and_reuses_least_recently_freed_first():
+    pool = BlockPool(5)
+    a = pool.allocate(4)
+    assert [b.block_id for b in a] == [1, 2, 3, 4] and pool.num_free == 0
+    pool.release([a[2], a[0]])
+    assert [b.block_id for b in pool.allocate(2)] == [3, 1]
+    with pytest.raises(RuntimeError):
+        pool.allocate(1)
+
+
+def test_prefix_hit_reuses_exact_blocks_and_leaves_one_token_to_compute():
+    kvm = KVCacheManager(16, BS)
+    a = req("a", range(10))  # blocks: [0..3] [4..7] [8,9]
+    ids_a = admit(kvm, a)
+    assert ids_a == [1, 2, 3]
+    b = req("b", list(range(8)) + [50, 51, 52])
+    computed, n = kvm.get_computed_blocks(b)
+    assert [blk.block_id for blk in computed] == [1, 2] and n == 8
+    assert kvm.allocate_slots(b, b.num_tokens - n, computed) == [1, 2, 4]
+    assert [kvm.pool.blocks[i].ref_cnt for i in (1, 2, 3, 4)] == [2, 2, 1, 1]
+    # Whole prompt cached: the last block is recomputed so its logits exist.
+    c = req("c", range(8))
+    _, n = kvm.get_computed_blocks(c)
+    assert n == 4
+    kvm.check_invariants([a, b])
+
+
+def test_chained_hash_same_block_under_another_prefix_does_not_hit():
+    kvm = KVCacheManager(16, BS)
+    admit(kvm, req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    _, n = kvm.get_computed_blocks(req("b", [0, 0, 0, 0, 5, 6, 7, 8, 9]))
+    assert n == 0
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    kvm = KVCacheManager(5, BS)  # 4 usable blocks
+    a = req("a", range(9))
+    admit(kvm, a)
+    kvm.free(a)
+    assert kvm.num_free_blocks == 4
+    b = req("b", range(9))
+    computed, n = kvm.get_computed_blocks(b)
+    assert n == 8 and kvm.prefix_hits == 8
+    kvm.allocate_slots(b, 1, computed)
+    kvm.free(b)
+    # Filling the pool with other content evicts the cached blocks.
+    admit(kvm, req("c", range(100, 116)))
+    _, n = kvm.get_computed_blocks(req("d", range(9)))
+    assert n == 0
+
+
+def test_allocation_fails_cleanly_when_short():
+    kvm = KVCacheManager(4, BS)  # 3 usable
+    a = req("a", range(12))
+    assert admit(kvm, a) == [1, 2, 3]
+    b = req("b", range(50, 55))
+    assert kvm.allocate_slots(b, 5) is None
+    kvm.check_invariants([a])
+    assert kvm.block_ids("b") == []
+
+
+def test_fork_shares_blocks_and_copy_on_write_of_the_partial_last_block():
+    kvm = KVCacheManager(16, BS)
+    parent = req("p", range(6))  # blocks 1 (full), 2 (half)
+    admit(kvm, parent)
+    child = req("c", range(6))
+    child.num_computed_tokens = 6
+    kvm.fork(parent, child)
+    assert [kvm.pool.blocks[i].ref_cnt for i in (1, 2)] == [2, 2]
+    ids = kvm.allocate_slots(child, 1)  # the child writes position 6 into the shared half block
+    assert ids == [1, 3]
+    assert kvm.take_copies() == [(2, 3)]
+    assert [kvm.pool.blocks[i].ref_cnt for i in (1, 2, 3)] == [2, 1, 1]
+    kvm.check_invariants([parent, child])
+
+
+def test_waste_fraction_counts_reserved_but_unused_slots():
+    kvm = KVCacheManager(16, BS)
+    a = req("a", range(5))  # 2 blocks = 8 slots, 5 used
+    admit(kvm, a)
+    assert kvm.kv_waste_fraction([a]) == pytest.approx(3 / 8)
