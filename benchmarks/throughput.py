@@ -29,7 +29,7 @@ def bench_flashserve(path, prompts, gen, dtype, scheduling, max_num_seqs) -> dic
         eng.add_request(f"r{i}", {"prompt_token_ids": p}, params)
     while eng.has_unfinished_requests():
         eng.step()
-        waste.append(eng.scheduler.kv_cache_manager.kv_waste_fraction())
+        waste.append(eng.scheduler.kv_cache_manager.kv_waste_fraction(eng.scheduler.running))
     dt = time.perf_counter() - t0
     return {"throughput_tok_s": len(prompts) * gen / dt, "total_s": dt,
             "kv_waste_%": 100 * sum(waste) / max(len(waste), 1)}

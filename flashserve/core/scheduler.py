@@ -47,11 +47,17 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        self.check_request(req)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.add(req)
+
+    def check_request(self, req: Request) -> None:
+        """Raise ValueError if the request could never run (pure: reads only the configuration)."""
         max_len = self.config.max_model_len
         if req.num_prompt_tokens >= max_len:
             raise ValueError(f"the prompt has {req.num_prompt_tokens} tokens but the context is {max_len} tokens")
-        if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
         max_tokens = req.sampling_params.max_tokens or max_len
         longest = min(req.num_prompt_tokens + max_tokens, max_len)
         need = -(-longest // self.block_size)
@@ -60,8 +66,6 @@ class Scheduler:
                 f"the request may grow to {longest} tokens ({need} KV blocks) but the KV cache holds "
                 f"{self.kv_cache_manager.num_blocks - 1} blocks; lower max_tokens or raise kv_cache_memory"
             )
-        self.requests[req.request_id] = req
-        self.waiting.add(req)
 
     def finish_requests(self, request_ids, status: RequestStatus) -> None:
         """Idempotent: unknown or already finished ids are ignored."""

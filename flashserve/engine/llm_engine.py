@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,14 @@ from flashserve.runner.model_runner import ModelRunner
 from flashserve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    prompt: str | None
+    requests: list
+    params: object
 
 
 class LLMEngine:
@@ -60,17 +69,25 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params, priority: int = 0) -> None:
         """Validate and queue a request; raises InvalidRequestError (nothing is queued then)."""
-        if request_id in self.output_processor.states:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority))
+
+    def prepare_request(self, request_id: str, prompt: PromptType, params, priority: int = 0) -> PreparedRequest:
+        """Tokenize and validate without touching engine state (safe beside a running step)."""
         text, prompt_ids = self.input_processor.tokenize(prompt)
         requests = self.input_processor.make_requests(request_id, prompt_ids, params, priority)
-        for r in requests:  # the scheduler also checks the pool can ever hold it
-            try:
-                self.scheduler.add_request(r)
-            except ValueError as exc:
-                self.scheduler.abort_requests([q.request_id for q in requests if q is not r])
-                raise InvalidRequestError(str(exc)) from None
-        self.output_processor.add_request(request_id, text, requests, params)
+        try:
+            for r in requests:
+                self.scheduler.check_request(r)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return PreparedRequest(request_id, text, requests, params)
+
+    def add_prepared(self, prep: PreparedRequest) -> None:
+        if prep.request_id in self.output_processor.states:
+            raise InvalidRequestError(f"request id {prep.request_id!r} is already in use")
+        for r in prep.requests:
+            self.scheduler.add_request(r)
+        self.output_processor.add_request(prep.request_id, prep.prompt, prep.requests, prep.params)
 
     def abort_request(self, request_ids) -> None:
         if isinstance(request_ids, str):

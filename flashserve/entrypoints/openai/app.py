@@ -1,0 +1,133 @@
+"""The OpenAI-compatible HTTP server: FastAPI app, auth, errors in OpenAI's shape, SSE streaming."""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flashserve.engine.async_engine import AsyncLLMEngine, QueueFullError
+from flashserve.entrypoints.metrics import ServerMetrics
+from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from flashserve.entrypoints.openai.serving import Serving, error_body
+from flashserve.errors import FlashserveError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, code), status_code=status)
+
+
+def build_app(engine, model_names: list[str], api_key: str | None = None, max_waiting: int = 256) -> FastAPI:
+    """`engine` is an LLMEngine; the first model name is the one reported."""
+    async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting)
+    metrics = ServerMetrics()
+    async_engine.on_finished = metrics.observe_finished
+    async_engine.on_aborted = lambda: metrics.observe_outcome("abort")
+    serving = Serving(async_engine, model_names[0])
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async_engine.start()
+        yield
+        await async_engine.stop()
+
+    app = FastAPI(title="flashserve", lifespan=lifespan)
+    app.state.engine = async_engine
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or invalid API key", "invalid_request_error", "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return _error(400, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
+                      "invalid_request_error")
+
+    @app.exception_handler(InvalidRequestError)
+    async def on_invalid(request: Request, exc: InvalidRequestError):
+        metrics.observe_outcome("rejected")
+        return _error(400, str(exc))
+
+    @app.exception_handler(QueueFullError)
+    async def on_full(request: Request, exc: QueueFullError):
+        metrics.observe_outcome("rejected_queue_full")
+        return _error(429, str(exc), "rate_limit_error")
+
+    @app.exception_handler(FlashserveError)
+    async def on_engine_error(request: Request, exc: FlashserveError):
+        return _error(500, str(exc), "server_error")
+
+    def check_model(name: str) -> None:
+        if name not in model_names:
+            raise InvalidRequestError(f"model {name!r} is not served here; available: {', '.join(model_names)}")
+
+    def respond(result):
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": int(time.time()),
+                                            "owned_by": "flashserve"} for n in model_names]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        return respond(await serving.completions(req))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        return respond(await serving.chat(req))
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.refresh(engine.get_stats())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_server(engine_args, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               max_waiting: int = 256) -> None:
+    import uvicorn
+
+    from flashserve.engine.llm_engine import LLMEngine
+
+    logging.basicConfig(level=logging.INFO)
+    engine = LLMEngine.from_engine_args(engine_args)
+    names = [engine_args.model]
+    stem = Path(engine_args.model).name
+    if stem not in names:
+        names.append(stem)
+    app = build_app(engine, names, api_key=api_key, max_waiting=max_waiting)
+    logger.info("serving %s on http://%s:%d/v1", names[0], host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

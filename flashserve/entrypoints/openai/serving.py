@@ -1,0 +1,272 @@
+"""OpenAI completions and chat completions on top of AsyncLLMEngine: request → SamplingParams,
+outputs → response objects or server-sent-event chunks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from flashserve.engine.async_engine import AsyncLLMEngine
+from flashserve.errors import InvalidRequestError
+from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from flashserve.sampling_params import SamplingParams
+
+
+def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequestError("logit_bias keys must be token ids") from None
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or -1, min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0, logit_bias=bias, seed=req.seed,
+            max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
+            stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+
+
+class Serving:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.config.scheduler.max_model_len
+
+    # ---- shared ------------------------------------------------------------------------------
+    def _check_lengths(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens but the context is "
+                                      f"{self.max_model_len} tokens")
+        if max_tokens is not None and max_tokens > room:
+            raise InvalidRequestError(f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                                      f"the context of {self.max_model_len} tokens")
+        return max_tokens if max_tokens is not None else room
+
+    def _token_str(self, tok: int) -> str:
+        return self.tokenizer.decode([tok], skip_special_tokens=False)
+
+    async def _run(self, prompts_ids, params, priority) -> list:
+        """Run several prompts concurrently; returns their final RequestOutputs."""
+        async def one(ids):
+            final = None
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, priority=priority):
+                final = out
+            return final
+        return await asyncio.gather(*(one(ids) for ids in prompts_ids))
+
+    @staticmethod
+    def _usage(outputs) -> dict:
+        p = sum(len(o.prompt_token_ids) for o in outputs)
+        c = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    # ---- completions -------------------------------------------------------------------------
+    def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [self.tokenizer.encode(p)]
+        elif p and isinstance(p[0], int):
+            prompts = [list(p)]
+        elif p and isinstance(p[0], str):
+            prompts = [self.tokenizer.encode(s) for s in p]
+        else:
+            prompts = [list(x) for x in p]
+        if not prompts:
+            raise InvalidRequestError("the prompt is empty")
+        return prompts
+
+    def _completion_logprobs(self, c, offset: int = 0) -> dict | None:
+        if c.logprobs is None:
+            return None
+        tokens, lps, tops, offsets = [], [], [], []
+        pos = offset
+        for tok, entry in zip(c.token_ids, c.logprobs):
+            s = self._token_str(tok)
+            tokens.append(s)
+            lps.append(entry[tok].logprob if tok in entry else None)
+            tops.append({self._token_str(t): lp.logprob for t, lp in entry.items()})
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    async def completions(self, req: CompletionRequest):
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidRequestError("best_of different from n is not supported")
+        prompts = self._completion_prompts(req)
+        max_tokens = min(self._check_lengths(ids, req.max_tokens) for ids in prompts)
+        params = sampling_params(req, max_tokens, req.logprobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return self._stream_completions(req, prompts, params, rid, created)
+        outputs = await self._run(prompts, params, req.priority)
+        choices = []
+        for pi, out in enumerate(outputs):
+            for c in out.outputs:
+                text = (self.tokenizer.decode(out.prompt_token_ids) if req.echo else "") + c.text
+                choices.append({"index": pi * req.n + c.index, "text": text, "logprobs": self._completion_logprobs(c),
+                                "finish_reason": c.finish_reason})
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": self._usage(outputs)}
+
+    async def _stream_completions(self, req, prompts, params, rid, created) -> AsyncIterator[str]:
+        def chunk(choices, usage=None):
+            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        queue: asyncio.Queue = asyncio.Queue()
+        finals: dict[int, object] = {}
+
+        async def pump(pi, ids):
+            gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
+            try:
+                async for out in gen:
+                    await queue.put((pi, out))
+            except Exception as exc:
+                await queue.put((pi, exc))
+            finally:
+                await gen.aclose()
+
+        tasks = [asyncio.create_task(pump(pi, ids)) for pi, ids in enumerate(prompts)]
+        sent: dict[tuple[int, int], int] = {}  # (prompt, sample) → chars sent
+        toks_sent: dict[tuple[int, int], int] = {}
+        try:
+            if req.echo:
+                for pi, ids in enumerate(prompts):
+                    yield chunk([{"index": pi * req.n + i, "text": self.tokenizer.decode(ids), "logprobs": None,
+                                  "finish_reason": None} for i in range(req.n)])
+            while len(finals) < len(prompts):
+                pi, out = await queue.get()
+                if isinstance(out, Exception):
+                    yield f"data: {json.dumps(error_body(str(out), 'server_error'))}\n\n"
+                    return
+                choices = []
+                for c in out.outputs:
+                    key = (pi, c.index)
+                    delta = c.text[sent.get(key, 0):]
+                    new_toks = len(c.token_ids) - toks_sent.get(key, 0)
+                    if not delta and c.finish_reason is None:
+                        continue
+                    lp = None
+                    if c.logprobs is not None and new_toks > 0:
+                        lp = self._completion_logprobs(_Tail(c, toks_sent.get(key, 0)), sent.get(key, 0))
+                    sent[key], toks_sent[key] = len(c.text), len(c.token_ids)
+                    choices.append({"index": pi * req.n + c.index, "text": delta, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+                if choices:
+                    yield chunk(choices)
+                if out.finished:
+                    finals[pi] = out
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk([], self._usage(list(finals.values())))
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ---- chat --------------------------------------------------------------------------------
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
+                p.text for p in m.content)
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _chat_logprobs(self, token_ids, logprobs, top: int) -> dict | None:
+        if logprobs is None:
+            return None
+        content = []
+        for tok, entry in zip(token_ids, logprobs):
+            s = self._token_str(tok)
+            content.append({
+                "token": s, "logprob": entry[tok].logprob if tok in entry else None, "bytes": list(s.encode()),
+                "top_logprobs": [{"token": self._token_str(t), "logprob": lp.logprob,
+                                  "bytes": list(self._token_str(t).encode())}
+                                 for t, lp in entry.items() if lp.rank <= top],
+            })
+        return {"content": content}
+
+    async def chat(self, req: ChatCompletionRequest):
+        ids = self._chat_prompt(req)
+        max_tokens = self._check_lengths(ids, req.max_completion_tokens or req.max_tokens)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return self._stream_chat(req, ids, params, rid, created)
+        (out,) = await self._run([ids], params, req.priority)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0), "finish_reason": c.finish_reason}
+                   for c in out.outputs]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": self._usage([out])}
+
+    async def _stream_chat(self, req, ids, params, rid, created) -> AsyncIterator[str]:
+        def chunk(choices, usage=None):
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
+        sent = [0] * req.n
+        toks = [0] * req.n
+        final = None
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(req.n)])
+            async for out in gen:
+                final = out
+                choices = []
+                for c in out.outputs:
+                    delta = c.text[sent[c.index]:]
+                    if not delta and c.finish_reason is None:
+                        continue
+                    lp = None
+                    if c.logprobs is not None and len(c.token_ids) > toks[c.index]:
+                        lp = self._chat_logprobs(c.token_ids[toks[c.index]:], c.logprobs[toks[c.index]:],
+                                                 req.top_logprobs or 0)
+                    sent[c.index], toks[c.index] = len(c.text), len(c.token_ids)
+                    choices.append({"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+                if choices:
+                    yield chunk(choices)
+            if req.stream_options and req.stream_options.include_usage and final is not None:
+                yield chunk([], self._usage([final]))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+        finally:
+            await gen.aclose()
+
+
+class _Tail:
+    """The not-yet-streamed suffix of a CompletionOutput (token ids and logprobs)."""
+
+    def __init__(self, c, start: int):
+        self.token_ids = c.token_ids[start:]
+        self.logprobs = c.logprobs[start:]
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -1,0 +1,54 @@
+"""A real server process on a free loopback port, driven with the official openai client."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, *extra: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", model, "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="session")
+def server(smollm2_gguf):
+    proc, base = start_server(smollm2_gguf)
+    yield base, smollm2_gguf
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def guarded_server(smollm2_gguf):
+    """With an API key and a waiting queue of 2."""
+    proc, base = start_server(smollm2_gguf, "--api-key", "sekrit", "--max-waiting", "2", "--max-num-seqs", "1")
+    yield base, smollm2_gguf
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -1,0 +1,199 @@
+"""The OpenAI-compatible server over real HTTP with the official client."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def client(base, key="none"):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_models_and_health(server):
+    base, model = server
+    ids = [m.id for m in client(base).models.list().data]
+    assert model in ids
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+
+
+def test_greedy_completion_equals_transformers(server, hf_smollm2):
+    base, model = server
+    hf, tok = hf_smollm2
+    prompt = "The three primary colors are"
+    r = client(base).completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == ids.shape[1] and r.usage.completion_tokens == 12
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_streamed_text_equals_non_streamed_for_the_same_seed(server):
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, prompt="Write a short poem about the sea:", max_tokens=24, temperature=0.9, seed=11)
+    full = c.completions.create(**kw).choices[0].text
+    parts, finish = [], None
+    for chunk in c.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.choices:
+            parts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        else:
+            assert chunk.usage.completion_tokens == 24
+    assert "".join(parts) == full and finish == "length"
+
+
+def test_chat_plain_and_streamed(server):
+    base, model = server
+    c = client(base)
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=10, temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant" and "Paris" in text
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=model, messages=msgs, max_tokens=10, temperature=0, stream=True) if ch.choices)
+    assert streamed == text
+
+
+def test_n_samples_and_stop_strings(server):
+    base, model = server
+    c = client(base)
+    r = c.completions.create(model=model, prompt="List: apples, pears,", max_tokens=16, n=2, temperature=1.0, seed=3)
+    assert sorted(ch.index for ch in r.choices) == [0, 1]
+    full = c.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=20, temperature=0).choices[0].text
+    stop = full.strip()[3:6]  # a piece from the middle, likely spanning tokens
+    cut = c.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_transformers(server, hf_smollm2):
+    base, model = server
+    hf, tok = hf_smollm2
+    prompt = "Once upon a time"
+    r = client(base).completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(3 <= len(t) <= 4 for t in lp.top_logprobs)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
+    assert abs(lp.token_logprobs[0] - ref.max().item()) < 2e-3
+    chat = client(base).chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_32_concurrent_streaming_clients_all_finish(server):
+    base, model = server
+    prompts = [f"Fact number {i} about the moon:" for i in range(32)]
+    single = client(base)
+    want = [single.completions.create(model=model, prompt=p, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+            for p in prompts[:4]]
+
+    async def one(ac, p):
+        text, finish = "", None
+        stream = await ac.completions.create(model=model, prompt=p, max_tokens=8, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        async for ch in stream:
+            text += ch.choices[0].text
+            finish = ch.choices[0].finish_reason or finish
+        return text, finish
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(ac, p) for p in prompts))
+
+    results = asyncio.run(main())
+    assert all(f == "length" for _, f in results)
+    assert [t for t, _ in results[:4]] == want  # batching does not change greedy outputs
+
+
+def metric(base, name) -> float:
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(f"{base}/metrics").text, re.M)
+    return float(m.group(1))
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    base, model = server
+    body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": 800, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if metric(base, "flashserve_kv_cache_blocks_used") == 0 and metric(base, "flashserve_num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    assert metric(base, "flashserve_kv_cache_blocks_used") == 0
+    text = httpx.get(f"{base}/metrics").text
+    assert 'flashserve_requests_total{outcome="abort"}' in text
+    assert "flashserve_time_to_first_token_seconds_bucket" in text
+
+
+BAD = [
+    ("malformed json", b"{not json", 400),
+    ("wrong type", {"prompt": "x", "max_tokens": "many"}, 400),
+    ("unknown field", {"prompt": "x", "frobnicate": 1}, 400),
+    ("unknown model", {"prompt": "x", "model": "gpt-17"}, 400),
+    ("empty prompt", {"prompt": ""}, 400),
+    ("max_tokens beyond context", {"prompt": "x", "max_tokens": 5000}, 400),
+    ("oversized n", {"prompt": "x", "n": 1000}, 400),
+    ("negative temperature", {"prompt": "x", "temperature": -1}, 400),
+    ("prompt longer than context", {"prompt": [5] * 2000}, 400),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(server, name, body, status):
+    base, model = server
+    if isinstance(body, dict):
+        body = json.dumps({"model": model, **body}).encode()
+    r = httpx.post(f"{base}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+
+
+def test_server_still_answers_after_a_barrage(server):
+    base, model = server
+    for _, body, _ in BAD * 3:
+        httpx.post(f"{base}/v1/completions", content=json.dumps({"model": model, **body}).encode()
+                   if isinstance(body, dict) else body, headers={"content-type": "application/json"})
+    r = client(base).completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_api_key_and_bounded_queue(guarded_server):
+    base, model = guarded_server
+    with pytest.raises(openai.AuthenticationError):
+        client(base, "wrong").models.list()
+    assert client(base, "sekrit").models.list().data
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="sekrit", max_retries=0, timeout=300)
+
+        async def one(i):
+            try:
+                await ac.completions.create(model=model, prompt=f"Item {i}", max_tokens=16,
+                                           extra_body={"ignore_eos": True})
+                return "ok"
+            except openai.RateLimitError:
+                return "429"
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    outcomes = asyncio.run(main())
+    assert "429" in outcomes and "ok" in outcomes
