@@ -21,7 +21,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     N, Hq, D = q.shape
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hk
-    qg = q.view(N, Hk, G, D)  # (N, Hk, G, D): query heads grouped under their KV head, no K/V repeat
+    qg = q.reshape(N, Hk, G, D)  # (N, Hk, G, D): query heads grouped under their KV head, no K/V repeat
     last = (seq_lens.long() - 1).view(N, 1, 1, 1)  # position of each query
     blocks_per_split = max(1, SPLIT_TOKENS // block_size)
     num_blocks = -(-max_seq_len // block_size)
@@ -43,15 +43,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if sliding_window is not None:
             invalid |= pos <= last - sliding_window
         s = s.masked_fill(invalid, float("-inf"))
+        # m stays -inf for a row that sees nothing in this split; exponents use a finite
+        # stand-in so that row contributes exp(-inf) = 0 instead of NaN, and a later
+        # split's (possibly very negative) max is never compared against a fake 0.
         m_s = s.amax(-1, keepdim=True)  # (N, Hk, G, 1)
-        m_s = torch.where(torch.isinf(m_s), torch.zeros_like(m_s), m_s)  # a split with nothing visible
-        p = torch.exp(s - m_s)
+        p = torch.exp(s - finite_max(m_s))
         l_s = p.sum(-1, keepdim=True)
         o_s = torch.matmul(p.to(v.dtype), v.permute(0, 2, 1, 3)).float()  # (N, Hk, G, D)
         if m is None:
             m, l, acc = m_s, l_s, o_s
         else:
             m_new = torch.maximum(m, m_s)
-            a, b = torch.exp(m - m_new), torch.exp(m_s - m_new)
+            a, b = torch.exp(m - finite_max(m_new)), torch.exp(m_s - finite_max(m_new))
             l, acc, m = l * a + l_s * b, acc * a + o_s * b, m_new
-    return (acc / l).to(q.dtype).view(N, Hq, D)
+    return (acc / l).to(q.dtype).reshape(N, Hq, D)
+
+
+def finite_max(m: torch.Tensor) -> torch.Tensor:
+    """A running max with -inf (row saw no key yet) replaced by 0, safe to subtract in exp()."""
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)

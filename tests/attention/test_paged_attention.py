@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flashserve.attention import decode as decode_mod
+from flashserve.attention import prefill as prefill_mod
 from flashserve.attention.backend import paged_attention, write_kv
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.attention.reference import paged_attention_reference
@@ -98,7 +99,7 @@ def test_write_kv_puts_every_token_at_its_slot():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_backend_equals_reference_on_random_mixed_batches(dtype, tol, seed):
     rng = random.Random(seed)
     group, hk = rng.choice(SHAPES)
@@ -127,3 +128,74 @@ def test_decode_splits_merge_exactly(monkeypatch, window):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     write_kv(k, v, kc, vc, meta.slot_mapping)
     torch.testing.assert_close(got, paged_attention_reference(q, kc, vc, meta, 0.25, window), atol=1e-5, rtol=1e-5)
+
+
+def backend_and_reference(q, k, v, kc, vc, meta, scale, window=None, softcap=None):
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = paged_attention(q, k, v, kc, vc, meta, scale, window, softcap)
+    write_kv(k, v, kc2, vc2, meta.slot_mapping)
+    return got, paged_attention_reference(q, kc2, vc2, meta, scale, window, softcap)
+
+
+def test_decode_default_splits_on_a_long_context():
+    """A context past SPLIT_TOKENS is cut into several splits with the real split size."""
+    rng = random.Random(11)
+    specs = [(decode_mod.SPLIT_TOKENS * 2 + 37, 1), (5, 1)]
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, 16, 1, 8, 4, torch.float32)
+    got, want = backend_and_reference(q, k, v, kc, vc, meta, 0.35)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_survives_empty_split_before_very_negative_scores(monkeypatch):
+    """A window leaves a row's early splits empty and every visible score is about -300:
+    the merge must not treat an empty split's max as 0 (exp(-300) underflows to 0 in float32)."""
+    monkeypatch.setattr(decode_mod, "SPLIT_TOKENS", 8)
+    rng = random.Random(3)
+    specs = [(60, 1), (6, 1)]
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, 4, 1, 8, 2, torch.float32)
+    q = torch.ones_like(q)
+    k = -torch.ones_like(k) + 0.01 * torch.randn_like(k)
+    kc.fill_(-1.0)  # the cached prefix is equally far below zero
+    got, want = backend_and_reference(q, k, v, kc, vc, meta, 300 / 8, window=5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("group,hk", [(1, 2), (4, 2), (8, 1)])
+def test_tiled_softcap_prefill_with_small_tiles(monkeypatch, dtype, tol, window, group, hk):
+    """Soft-capped prefill chunks over a cached prefix, tiles forced small so many
+    query and KV tiles (and skipped ones) are exercised, next to decodes."""
+    monkeypatch.setattr(prefill_mod, "Q_TILE", 4)
+    monkeypatch.setattr(prefill_mod, "KV_TILE", 8)
+    rng = random.Random(group * 10 + hk)
+    specs = [(23, 13), (0, 11), (40, 1), (7, 2)]
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, 4, hk, 16, hk * group, dtype)
+    got, want = backend_and_reference(q, k, v, kc, vc, meta, 0.5, window, 2.0)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_sliding_window_prefill_over_a_long_prefix(block_size):
+    """Only the window's blocks are gathered for a chunk far into its sequence."""
+    rng = random.Random(block_size)
+    specs = [(70, 9), (3, 20), (50, 1)]
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, block_size, 2, 8, 6, torch.float32)
+    got, want = backend_and_reference(q, k, v, kc, vc, meta, 0.4, window=6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("specs", [[(4, 1), (9, 1)], [(4, 6), (9, 1)]])
+def test_strided_inputs_from_a_fused_qkv_projection(specs):
+    """q, k, v as the model produces them: column slices of one (T, (Hq + 2 Hk) * D) tensor."""
+    rng = random.Random(5)
+    hq, hk, d = 4, 2, 8
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, 4, hk, d, hq, torch.float32)
+    T = q.shape[0]
+    qkv = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=1)
+    qs, ks, vs = qkv.split([hq * d, hk * d, hk * d], dim=1)
+    qs, ks, vs = qs.view(T, hq, d), ks.view(T, hk, d), vs.view(T, hk, d)
+    assert not qs.is_contiguous()
+    got, want = backend_and_reference(qs, ks, vs, kc, vc, meta, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
