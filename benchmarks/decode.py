@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=128)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="flashserve compute dtype")
+    ap.add_argument("--hf-dtype", default="float32", help="transformers compute dtype")
     a = ap.parse_args()
     set_threads(a.threads)
     from flashserve.model.catalogue import resolve
@@ -81,11 +82,11 @@ def main() -> None:
     rng = random.Random(0)
     prompt = [rng.randrange(100, 30000) for _ in range(a.prompt_len)]
     ceil = measure_ceilings()
-    header("single-stream decode", model=f"{a.model} ({Path(path).name})", dtype=a.dtype,
+    header("single-stream decode", model=f"{a.model} ({Path(path).name})", dtype=f"flashserve {a.dtype}, transformers {a.hf_dtype}",
            sizes=f"prompt {a.prompt_len} tokens, {a.gen_len} generated (greedy, EOS ignored)",
            ceilings=", ".join(f"{k} {v:.0f}" for k, v in ceil.items()))
     rows = [{"engine": "flashserve", **bench_flashserve(path, prompt, a.gen_len, a.dtype)}]
-    rows.append({"engine": f"transformers generate ({a.dtype})", **bench_transformers(path, prompt, a.gen_len, a.dtype)})
+    rows.append({"engine": f"transformers generate ({a.hf_dtype})", **bench_transformers(path, prompt, a.gen_len, a.hf_dtype)})
     if have("llama_cpp"):
         rows.append({"engine": "llama.cpp (llama-cpp-python)", **bench_llamacpp(path, prompt, a.gen_len, a.threads)})
     else:

@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=128)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="flashserve compute dtype")
+    ap.add_argument("--hf-dtype", default="float32", help="transformers compute dtype")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--hf-sample", type=int, default=2, help="requests timed for transformers' sequential rate")
     a = ap.parse_args()
@@ -69,7 +70,7 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 30000) for _ in range(a.prompt_len)] for _ in range(a.num_requests)]
     ceil = measure_ceilings()
-    header("offline throughput", model=f"{a.model} ({Path(path).name})", dtype=a.dtype,
+    header("offline throughput", model=f"{a.model} ({Path(path).name})", dtype=f"flashserve {a.dtype}, transformers {a.hf_dtype}",
            sizes=f"{a.num_requests} requests, prompt {a.prompt_len}, output {a.gen_len} (greedy, EOS ignored), "
                  f"max_num_seqs {a.max_num_seqs}",
            ceilings=", ".join(f"{k} {v:.0f}" for k, v in ceil.items()))
@@ -77,8 +78,8 @@ def main() -> None:
     for mode in ("continuous", "static"):
         rows.append({"engine": f"flashserve {mode}",
                      **bench_flashserve(path, prompts, a.gen_len, a.dtype, mode, a.max_num_seqs)})
-    rows.append({"engine": f"transformers sequential generate ({a.dtype}, {a.hf_sample} timed)",
-                 **bench_transformers_sequential(path, prompts, a.gen_len, a.dtype, a.hf_sample)})
+    rows.append({"engine": f"transformers sequential generate ({a.hf_dtype}, {a.hf_sample} timed)",
+                 **bench_transformers_sequential(path, prompts, a.gen_len, a.hf_dtype, a.hf_sample)})
     if have("llama_cpp"):
         from llamacpp_peer import LlamaCppBatched
 

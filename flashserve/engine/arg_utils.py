@@ -61,9 +61,19 @@ class EngineArgs:
         return config
 
 
-def resolve_dtype(dtype: str) -> str:
-    """'auto' picks float32 until the fast bf16 path lands; explicit choices pass through."""
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """'auto' picks bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX), else float32.
+    Norm statistics, softmax and sampling stay in float32 either way."""
     if dtype == "auto":
-        return "float32"
+        return "bfloat16" if device != "cpu" or cpu_has_native_bf16() else "float32"
     aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
     return aliases.get(dtype, dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -17,7 +17,9 @@ BLOCK = 4
 
 def run_incremental(model, cfg, tokens: list[int], chunks: list[int]) -> torch.Tensor:
     """Feed `tokens` in steps of the given sizes through the paged cache; logits of every position."""
-    caches = allocate_kv_caches(cfg, num_blocks=64, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
+    dtype = next(model.parameters()).dtype
+    caches = allocate_kv_caches(cfg, num_blocks=2 + -(-len(tokens) // BLOCK), block_size=BLOCK, dtype=dtype,
+                                device=torch.device("cpu"))
     model.bind_kv_caches(caches)
     blocks = list(range(1, 1 + -(-len(tokens) // BLOCK)))  # block 0 is the padding block
     done, out = 0, []
