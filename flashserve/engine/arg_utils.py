@@ -18,6 +18,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; default: enough for max_num_seqs full contexts, capped
+    kv_cache_fraction: float = 0.25  # cap of the default budget, as a fraction of available RAM
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     scheduling: str = "continuous"
@@ -46,6 +47,7 @@ class EngineArgs:
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_memory=self.kv_cache_memory,
+                kv_cache_fraction=self.kv_cache_fraction,
                 kv_cache_dtype=self.kv_cache_dtype,
                 enable_prefix_caching=self.enable_prefix_caching,
             ),

@@ -19,13 +19,14 @@ def num_blocks_for_budget(
     model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, max_tokens_needed: int, cap_bytes: int
 ) -> int:
     """Blocks that fit the budget: the explicit kv_cache_memory, else enough for
-    `max_tokens_needed` tokens (every sequence at full context) but at most `cap_bytes`."""
+    `max_tokens_needed` tokens (every sequence at full context) but at most `cap_bytes`
+    and at most kv_cache_fraction of the memory available now."""
     per_block = kv_bytes_per_block(model, cache.block_size, dtype)
     if cache.kv_cache_memory is not None:
         budget = cache.kv_cache_memory
     else:
         wanted = -(-max_tokens_needed // cache.block_size) * per_block
-        budget = min(wanted, cap_bytes)
+        budget = min(wanted, cap_bytes, int(cache.kv_cache_fraction * available_memory()))
     blocks = budget // per_block
     if blocks < 2:
         raise ValueError(
@@ -46,3 +47,15 @@ def allocate_kv_caches(
     total = 2 * model.num_layers * caches[0][0].nbytes
     logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20)
     return caches
+
+
+def available_memory() -> int:
+    """Bytes of RAM available to new allocations (Linux MemAvailable; a large default elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40

@@ -1,0 +1,31 @@
+"""The command line for real: generate streams a completion, chat answers over stdin."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "flashserve.entrypoints.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_generate_prints_the_greedy_completion(smollm2_gguf, smollm2_llm):
+    from flashserve import SamplingParams
+
+    want = smollm2_llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12),
+                                use_tqdm=False)[0].outputs[0].text
+    r = run("generate", "--model", smollm2_gguf, "--dtype", "float32", "--prompt", "The capital of France is",
+            "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == want
+
+
+def test_chat_answers_each_line(smollm2_gguf):
+    r = run("chat", "--model", smollm2_gguf, "--dtype", "float32", "--max-tokens", "16", stdin="What is the capital of France?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
