@@ -53,7 +53,8 @@ class LLMEngine:
         self.num_blocks = num_blocks_for_budget(
             mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP
         )
-        kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device)
+        kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device,
+                                       config.cache.kv_cache_dtype)
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device)
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)

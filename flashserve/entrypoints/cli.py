@@ -14,6 +14,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -32,7 +33,7 @@ def _engine_args(a):
 
     return EngineArgs(
         model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory,
+        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype,
         enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads, seed=a.seed,
     )
 

@@ -5,14 +5,15 @@ import logging
 
 import torch
 
+from flashserve.attention.kv_quant import Int8KVCache, kv_bytes_per_token_head
 from flashserve.config import CacheConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    per_head = kv_bytes_per_token_head(model.head_dim, kv_cache_dtype, dtype)
+    return 2 * model.num_layers * block_size * model.num_kv_heads * per_head
 
 
 def num_blocks_for_budget(
@@ -21,7 +22,7 @@ def num_blocks_for_budget(
     """Blocks that fit the budget: the explicit kv_cache_memory, else enough for
     `max_tokens_needed` tokens (every sequence at full context) but at most `cap_bytes`
     and at most kv_cache_fraction of the memory available now."""
-    per_block = kv_bytes_per_block(model, cache.block_size, dtype)
+    per_block = kv_bytes_per_block(model, cache.block_size, dtype, cache.kv_cache_dtype)
     if cache.kv_cache_memory is not None:
         budget = cache.kv_cache_memory
     else:
@@ -36,10 +37,17 @@ def num_blocks_for_budget(
 
 
 def allocate_kv_caches(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+    kv_cache_dtype: str = "auto",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zeroed so padded/unused slots never hold NaN garbage that a masked matmul could spread."""
     shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)  # (blocks, block_size, kv_heads, head_dim)
+    if kv_cache_dtype == "int8":
+        caches = [(Int8KVCache(*shape, dtype, device), Int8KVCache(*shape, dtype, device))
+                  for _ in range(model.num_layers)]
+        logger.info("KV cache (int8): %d blocks of %d tokens, %.1f MiB", num_blocks, block_size,
+                    2 * model.num_layers * caches[0][0].nbytes / 2**20)
+        return caches
     caches = [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(model.num_layers)

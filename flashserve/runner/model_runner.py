@@ -41,8 +41,11 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+            for cache in (k_cache, v_cache):
+                if hasattr(cache, "copy_blocks"):
+                    cache.copy_blocks(src, dst)
+                else:
+                    cache[dst] = cache[src]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

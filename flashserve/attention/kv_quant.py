@@ -1,0 +1,44 @@
+"""int8 KV cache: one side (K or V) of a layer's paged cache stored as int8 with a float32
+scale per token and head (symmetric, scale = max|x| / 127), in the spirit of lmdeploy's
+online int8 KV quantization. Reads dequantize only the blocks an attention call gathers,
+so the attention kernels see the compute dtype and need no int8 variant."""
+from __future__ import annotations
+
+import torch
+
+
+class Int8KVCache:
+    def __init__(self, num_blocks: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.data = torch.zeros((num_blocks, block_size, num_heads, head_dim), dtype=torch.int8, device=device)
+        self.scale = torch.zeros((num_blocks, block_size, num_heads), dtype=torch.float32, device=device)
+        self.dtype = dtype  # what reads return
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return (self.data[index].float() * self.scale[index].unsqueeze(-1)).to(self.dtype)
+
+    def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """x: (T, H, D) → slots (T,), quantized per token and head."""
+        xf = x.float()
+        scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / 127.0  # (T, H)
+        q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        self.data.view(-1, *self.data.shape[2:]).index_copy_(0, slot_mapping, q)
+        self.scale.view(-1, self.scale.shape[2]).index_copy_(0, slot_mapping, scale)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.data[dst] = self.data[src]
+        self.scale[dst] = self.scale[src]
+
+
+def kv_bytes_per_token_head(head_dim: int, kv_cache_dtype: str, dtype: torch.dtype) -> int:
+    if kv_cache_dtype == "int8":
+        return head_dim + 4
+    return head_dim * torch.empty((), dtype=dtype).element_size()
