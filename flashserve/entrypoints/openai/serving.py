@@ -123,11 +123,7 @@ class Serving:
 
     async def _stream_completions(self, req, prompts, params, rid, created) -> AsyncIterator[str]:
         def chunk(choices, usage=None):
-            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+            return sse_chunk(rid, "text_completion", created, self.model_name, choices, usage)
 
         queue: asyncio.Queue = asyncio.Queue()
         finals: dict[int, object] = {}
@@ -222,11 +218,7 @@ class Serving:
 
     async def _stream_chat(self, req, ids, params, rid, created) -> AsyncIterator[str]:
         def chunk(choices, usage=None):
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+            return sse_chunk(rid, "chat.completion.chunk", created, self.model_name, choices, usage)
 
         gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
         sent = [0] * req.n
@@ -266,6 +258,13 @@ class _Tail:
     def __init__(self, c, start: int):
         self.token_ids = c.token_ids[start:]
         self.logprobs = c.logprobs[start:]
+
+
+def sse_chunk(rid: str, kind: str, created: int, model: str, choices: list, usage: dict | None = None) -> str:
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
