@@ -20,7 +20,9 @@ def free_port() -> int:
 def start_server(model: str, *extra: str):
     port = free_port()
     cmd = [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", model, "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32", *extra]
+           "--dtype", "float32", "--max-num-seqs", "32", *extra]
+    if "--max-model-len" not in extra:
+        cmd += ["--max-model-len", "1024"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     base = f"http://127.0.0.1:{port}"
@@ -52,3 +54,20 @@ def guarded_server(smollm2_gguf):
     yield base, smollm2_gguf
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def small_context_server(smollm2_gguf):
+    """A 64-token context, so that any request the schema fuzzer makes valid finishes quickly."""
+    proc, base = start_server(smollm2_gguf, "--max-model-len", "64")
+    yield base, smollm2_gguf
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def openapi_schema(small_context_server):
+    import schemathesis
+
+    base, _ = small_context_server
+    return schemathesis.openapi.from_url(f"{base}/openapi.json")
