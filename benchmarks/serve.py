@@ -113,7 +113,8 @@ def main() -> None:
     if have("llama_cpp") and have("sse_starlette"):
         port = free_port()
         proc = start([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
-                      "--n_threads", str(a.threads), "--n_ctx", "4096"], port)
+                      "--n_threads", str(a.threads), "--n_ctx", "4096",
+                      "--interrupt_requests", "False"], port)
         try:
             rows.append({"engine": "llama.cpp server", **asyncio.run(
                 run_load(port, path, prompts, a.max_tokens, a.rate, 1))})
