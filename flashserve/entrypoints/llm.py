@@ -40,6 +40,19 @@ class LLM:
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
+    def beam_search(self, prompts, params) -> list:
+        """Beam search (see engine/beam_search.py): one BeamSearchOutput per prompt, best sequence first."""
+        from flashserve.engine.beam_search import beam_search
+
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("beam_search needs an idle engine")
+        eos = self.engine.eos_token_ids
+        results = []
+        for prompt in _as_prompt_list(prompts):
+            _, ids = self.engine.input_processor.tokenize(prompt)
+            results.append(beam_search(self.engine, ids, params, eos))
+        return results
+
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, **template_kwargs) -> list[RequestOutput]:
         """`messages` is one conversation (list of {'role','content'}) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
