@@ -25,6 +25,12 @@ class Int8KVCache:
     def __getitem__(self, index) -> torch.Tensor:
         return (self.data[index].float() * self.scale[index].unsqueeze(-1)).to(self.dtype)
 
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """Whole blocks by id, dequantized (the torch.Tensor.index_select call the kernels make)."""
+        if dim != 0:
+            raise ValueError("an int8 KV cache is gathered by block (dim 0) only")
+        return self[index]
+
     def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """x: (T, H, D) → slots (T,), quantized per token and head."""
         xf = x.float()

@@ -11,6 +11,7 @@ import torch
 from flashserve.attention import decode as decode_mod
 from flashserve.attention import prefill as prefill_mod
 from flashserve.attention.backend import paged_attention, write_kv
+from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.attention.reference import paged_attention_reference
 
@@ -199,3 +200,25 @@ def test_strided_inputs_from_a_fused_qkv_projection(specs):
     assert not qs.is_contiguous()
     got, want = backend_and_reference(qs, ks, vs, kc, vc, meta, 0.3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("seed", range(8))
+def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
+    """The two decode implementations (C++ in-place reads, torch gather + bmm) on random
+    paged batches: GQA ratios, block sizes, windows, softcap, several KV splits."""
+    rng = random.Random(1000 + seed)
+    monkeypatch.setattr(decode_mod, "SPLIT_TOKENS", rng.choice([8, 32, 512]))
+    group, hk = rng.choice(SHAPES)
+    block_size, d = rng.choice([1, 4, 16]), rng.choice([16, 64])
+    specs = [(rng.randint(0, 200), 1) for _ in range(rng.randint(1, 9))]
+    window, softcap = rng.choice([None, rng.randint(1, 50)]), rng.choice([None, 4.0])
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, block_size, hk, d, hk * group, dtype)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    args = (q, kc, vc, meta.block_table, meta.seq_lens, meta.max_seq_len, min(meta.seq_lens_cpu), d**-0.5,
+            window, softcap)
+    got = decode_mod.decode_attention(*args)
+    want = decode_mod.decode_attention_torch(*args)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

@@ -1,0 +1,32 @@
+"""C++ CPU kernels, compiled on first use with torch's cpp_extension (g++ and ninja, OpenMP).
+
+Compilation takes about a minute once per machine (the build is cached by torch). Without a
+compiler the import fails softly: `cpu_kernels()` returns None and callers keep their
+plain-torch paths, which compute the same thing.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+
+
+@functools.cache
+def cpu_kernels():
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="flashserve_cpu_kernels",
+            sources=[str(p) for p in _SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, unsupported platform
+        logger.warning("C++ CPU kernels unavailable (%s); using the torch implementations", exc)
+        return None
