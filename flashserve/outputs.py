@@ -33,6 +33,8 @@ class RequestOutput:
     prompt_token_ids: tuple[int, ...]
     outputs: tuple[CompletionOutput, ...]
     finished: bool
+    # Per prompt token when prompt_logprobs was asked: None for the first, then {token_id: Logprob}
+    # holding the prompt token (rank in the whole vocabulary) and the top-N.
     prompt_logprobs: tuple[dict[int, Logprob] | None, ...] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)  # arrival/first-token/finish times (monotonic seconds)

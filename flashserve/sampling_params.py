@@ -31,6 +31,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
+    # top-N logprobs per prompt token, from the raw logits; the request then skips prefix-cache hits
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Beam search (see engine/beam_search.py): beam width is best_of or n.

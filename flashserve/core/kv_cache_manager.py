@@ -38,7 +38,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached run of the request's full blocks, leaving at least one token to compute."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.skip_reading_prefix_cache:
             return [], 0
         tokens = request.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size  # the last token must be computed for its logits

@@ -66,6 +66,12 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        """Prompt logprobs need the logits of every prompt position, so none may come from the
+        cache (vLLM does the same); once an output token exists they have all been reported."""
+        return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)

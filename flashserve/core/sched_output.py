@@ -46,6 +46,21 @@ class SchedulerOutput:
 
 
 @dataclass
+class PromptLogprobs:
+    """Logprobs of a run of prompt tokens computed in one step (chunked prefill sends several).
+
+    Entry j is about prompt position `start + j` (>= 1): the logprob of that prompt token given
+    the tokens before it, the token's rank in the whole vocabulary (1 = most likely), and the
+    top-N alternatives as {token_id: logprob}, most likely first.
+    """
+
+    start: int
+    token_logprobs: list[float]
+    token_ranks: list[int]
+    top: list[dict[int, float]]
+
+
+@dataclass
 class RunnerOutput:
     """Per scheduled request, in the order of SchedulerOutput.scheduled."""
 
@@ -54,5 +69,5 @@ class RunnerOutput:
     sampled_token_ids: list[list[int]]
     # Optional per sampled token: list of {token_id: logprob} (top-N plus the sampled one).
     logprobs: list[list[dict[int, float]] | None] | None = None
-    # Optional per request when prompt_logprobs was asked: per prompt position.
-    prompt_logprobs: list[list[dict[int, float] | None] | None] | None = None
+    # Optional per request: the prompt positions whose logprobs this step computed (prompt_logprobs).
+    prompt_logprobs: list[PromptLogprobs | None] | None = None

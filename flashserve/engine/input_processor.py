@@ -65,9 +65,12 @@ def child_id(request_id: str, index: int, n: int) -> str:
 
 
 def _child_params(params, index: int):
-    """Sample i of a seeded n>1 request uses seed + i, so the n samples differ but stay reproducible."""
-    if index == 0 or params.seed is None:
+    """Sample i of a seeded n>1 request uses seed + i, so the n samples differ but stay reproducible.
+    Only sample 0 computes the prompt logprobs (they are the same for all samples)."""
+    if index == 0 or (params.seed is None and params.prompt_logprobs is None):
         return params
     child = params.clone()
-    child.seed = params.seed + index
+    if params.seed is not None:
+        child.seed = params.seed + index
+    child.prompt_logprobs = None
     return child

@@ -101,7 +101,8 @@ class LLMEngine:
         runner_out = self.runner.execute(sched_out)
         changed = self.scheduler.update_from_output(sched_out, runner_out)
         logprobs = {rid: lp for rid, lp in zip(runner_out.request_ids, runner_out.logprobs or []) if lp}
-        outputs, stopped = self.output_processor.process(changed, logprobs)
+        prompt_lps = {rid: c for rid, c in zip(runner_out.request_ids, runner_out.prompt_logprobs or []) if c}
+        outputs, stopped = self.output_processor.process(changed, logprobs, prompt_lps)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from flashserve.core.request import Request
+from flashserve.core.sched_output import PromptLogprobs
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -31,6 +32,8 @@ class _RequestState:
     prompt_token_ids: list[int]
     params: object
     samples: list[_Sample]
+    # One entry per prompt token when prompt_logprobs was asked: None for the first token.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
 
@@ -56,6 +59,8 @@ class OutputProcessor:
             for r in requests
         ]
         state = _RequestState(request_id, prompt, requests[0].prompt_token_ids, params, samples)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(state.prompt_token_ids)
         self.states[request_id] = state
         for s in samples:
             self.sample_of[s.request.request_id] = (state, s)
@@ -70,8 +75,14 @@ class OutputProcessor:
             self.sample_of.pop(rid, None)
         return ids
 
-    def process(self, changed: list[Request], logprobs_by_id: dict[str, list]) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, changed: list[Request], logprobs_by_id: dict[str, list],
+                prompt_logprobs_by_id: dict[str, PromptLogprobs] | None = None
+                ) -> tuple[list[RequestOutput], list[str]]:
         """Returns (outputs of the user requests that changed, core ids that hit a stop string)."""
+        for rid, chunk in (prompt_logprobs_by_id or {}).items():
+            entry = self.sample_of.get(rid)
+            if entry is not None and entry[0].prompt_logprobs is not None:
+                self._add_prompt_logprobs(entry[0], chunk)
         touched: dict[str, _RequestState] = {}
         stopped: list[str] = []
         now = time.monotonic()
@@ -117,10 +128,24 @@ class OutputProcessor:
             sample.text = full[: len(full) - hold] if hold else full
         return False
 
+    def _add_prompt_logprobs(self, state: _RequestState, chunk: PromptLogprobs) -> None:
+        """vLLM's shape: the prompt token first (with its rank in the vocabulary), then the top-N."""
+        decode = self._decode_one
+        for j, (lp, rank, top) in enumerate(zip(chunk.token_logprobs, chunk.token_ranks, chunk.top)):
+            pos = chunk.start + j
+            tok = state.prompt_token_ids[pos]
+            entry = {tok: Logprob(lp, rank, decode(tok))}
+            for r, (t, v) in enumerate(top.items(), start=1):
+                entry.setdefault(t, Logprob(v, r, decode(t)))
+            state.prompt_logprobs[pos] = entry
+
+    def _decode_one(self, tok: int) -> str:
+        return self.tokenizer.decode([tok], skip_special_tokens=False)
+
     def _format_logprobs(self, entry: dict) -> dict[int, Logprob]:
         ranked = sorted(entry.items(), key=lambda kv: -kv[1])
         return {
-            tok: Logprob(logprob=lp, rank=rank, decoded_token=self.tokenizer.decode([tok], skip_special_tokens=False))
+            tok: Logprob(logprob=lp, rank=rank, decoded_token=self._decode_one(tok))
             for rank, (tok, lp) in enumerate(ranked, start=1)
         }
 
@@ -148,6 +173,7 @@ class OutputProcessor:
             prompt_token_ids=tuple(state.prompt_token_ids),
             outputs=completions,
             finished=state.finished,
+            prompt_logprobs=tuple(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
             num_cached_tokens=state.samples[0].request.num_cached_prompt_tokens,
             metrics={"arrival_time": state.arrival_time, "first_token_time": state.first_token_time, "now": now},
         )

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from flashserve.core.sched_output import RunnerOutput, SchedulerOutput
+from flashserve.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
 from flashserve.runner.input_batch import build_model_inputs
-from flashserve.sample.sampler import Sampler, SamplingMetadata
+from flashserve.sample.sampler import Sampler, SamplingMetadata, target_logprobs
+
+PROMPT_LOGPROBS_ROWS = 256  # logits rows per slice: (256, vocab) float32 stays a few tens of MiB
 
 
 class ModelRunner:
@@ -61,8 +63,9 @@ class ModelRunner:
 
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # (num_tokens, d)
+        prompt_lps = self._prompt_logprobs(scheduled, hidden, inputs.attn_metadata.query_start_loc_cpu)
         if not inputs.sampled_requests:
-            return RunnerOutput(request_ids, sampled_ids, logprobs)
+            return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
 
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # (num_sampled, vocab) float32
         rows = [scheduled[i] for i in inputs.sampled_requests]
@@ -81,4 +84,30 @@ class ModelRunner:
             sampled_ids[i] = [tokens[row]]
             if top is not None:
                 logprobs[i] = [top[row]] if top[row] is not None else None
-        return RunnerOutput(request_ids, sampled_ids, logprobs)
+        return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
+
+    def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, starts: list[int]) -> list | None:
+        """For requests asking prompt_logprobs: the hidden row of position p gives the logprob of
+        prompt token p + 1. Only prompt positions computed this step, and only until the first
+        output token exists (a recompute after preemption has already reported them)."""
+        out = None
+        for i, r in enumerate(scheduled):
+            k = r.sampling_params.prompt_logprobs
+            if k is None or r.output_token_ids:
+                continue
+            num_prompt = len(r.token_ids)
+            first, stop = r.num_computed_tokens, min(r.num_computed_tokens + r.num_scheduled_tokens, num_prompt - 1)
+            if stop <= first:
+                continue
+            rows = hidden[starts[i] : starts[i] + stop - first]  # (stop - first, d)
+            targets = torch.tensor(r.token_ids[first + 1 : stop + 1], dtype=torch.int64, device=self.device)
+            chunk = PromptLogprobs(first + 1, [], [], [])
+            for lo in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+                sl = slice(lo, lo + PROMPT_LOGPROBS_ROWS)
+                lps, ranks, top = target_logprobs(self.model.compute_logits(rows[sl]), targets[sl], k)
+                chunk.token_logprobs += lps
+                chunk.token_ranks += ranks
+                chunk.top += top
+            out = out or [None] * len(scheduled)
+            out[i] = chunk
+        return out

@@ -167,3 +167,16 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
         if gen is not None:  # a seeded row draws only from its own stream
             noise[row].exponential_(generator=gen)
     return (probs / noise).argmax(dim=-1)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int):
+    """logits: (rows, vocab) raw, targets: (rows,) → per row the target's logprob, its rank in the
+    vocabulary (1 = most likely; ties count in its favour) and the top-k {token: logprob}."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    chosen = logprobs.gather(1, targets.view(-1, 1))  # (rows, 1)
+    ranks = (logprobs > chosen).sum(dim=-1) + 1  # (rows,)
+    top: list[dict[int, float]] = [{} for _ in range(logits.shape[0])]
+    if k:
+        vals, ids = logprobs.topk(k, dim=-1)
+        top = [dict(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return chosen.squeeze(1).tolist(), ranks.tolist(), top

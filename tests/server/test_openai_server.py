@@ -94,6 +94,37 @@ def test_logprobs_match_transformers(server, hf_smollm2):
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, hf_smollm2):
+    base, model = server
+    hf, tok = hf_smollm2
+    prompt = "The quick brown fox jumps over"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(ids).logits[0].double(), -1)  # row p: next-token logprobs after p + 1 tokens
+    n = ids.shape[1]
+    kw = dict(model=model, prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    r = client(base).completions.create(**kw)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    assert ch.text.startswith(prompt) and len(lp.tokens) == n + 3 and "".join(lp.tokens) == ch.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n + 3)]
+    for p in range(1, n):
+        assert abs(lp.token_logprobs[p] - ref[p - 1, ids[0, p]].item()) < 2e-3
+        want = {tok.decode([t]) for t in ref[p - 1].topk(2).indices.tolist()}
+        assert want <= set(lp.top_logprobs[p]) and len(lp.top_logprobs[p]) <= 3
+    assert abs(lp.token_logprobs[n] - ref[n - 1].max().item()) < 2e-3  # the first generated token (greedy)
+    streamed = [c.choices[0] for c in client(base).completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in streamed) == ch.text
+    tokens = [t for c in streamed if c.logprobs for t in c.logprobs.tokens]
+    values = [v for c in streamed if c.logprobs for v in c.logprobs.token_logprobs]
+    offsets = [o for c in streamed if c.logprobs for o in c.logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+    assert values[0] is None and all(abs(a - b) < 1e-6 for a, b in zip(values[1:], lp.token_logprobs[1:]))
+    plain = client(base).completions.create(**{**kw, "logprobs": None})
+    assert plain.choices[0].text == ch.text and plain.choices[0].logprobs is None
+
+
 def test_32_concurrent_streaming_clients_all_finish(server):
     base, model = server
     prompts = [f"Fact number {i} about the moon:" for i in range(32)]

@@ -14,7 +14,8 @@ from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, Comple
 from flashserve.sampling_params import SamplingParams
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     bias = None
     if req.logit_bias:
         try:
@@ -29,7 +30,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> Sampli
             repetition_penalty=req.repetition_penalty or 1.0, logit_bias=bias, seed=req.seed,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
             stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens,
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
@@ -88,35 +89,53 @@ class Serving:
             raise InvalidRequestError("the prompt is empty")
         return prompts
 
-    def _completion_logprobs(self, c, offset: int = 0) -> dict | None:
-        if c.logprobs is None:
+    def _completion_logprobs(self, token_ids, entries, offset: int = 0) -> dict | None:
+        """OpenAI's legacy logprobs object; an entry is None for the first prompt token under echo."""
+        if entries is None:
             return None
         tokens, lps, tops, offsets = [], [], [], []
         pos = offset
-        for tok, entry in zip(c.token_ids, c.logprobs):
+        for tok, entry in zip(token_ids, entries):
             s = self._token_str(tok)
             tokens.append(s)
-            lps.append(entry[tok].logprob if tok in entry else None)
-            tops.append({self._token_str(t): lp.logprob for t, lp in entry.items()})
+            lps.append(entry[tok].logprob if entry and tok in entry else None)
+            tops.append({self._token_str(t): lp.logprob for t, lp in entry.items()} if entry is not None else None)
             offsets.append(pos)
             pos += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _echo_choice(self, out, index: int, logprobs: bool) -> dict:
+        """The prompt as the start of a choice (echo), with its prompt logprobs when logprobs were asked."""
+        text = self.tokenizer.decode(out.prompt_token_ids)
+        lp = self._completion_logprobs(out.prompt_token_ids, out.prompt_logprobs) if logprobs else None
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": None}
+
+    @staticmethod
+    def _join_logprobs(head: dict | None, tail: dict | None) -> dict | None:
+        if head is None or tail is None:
+            return head or tail
+        return {k: head[k] + tail[k] for k in head}
 
     async def completions(self, req: CompletionRequest):
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidRequestError("best_of different from n is not supported")
         prompts = self._completion_prompts(req)
         max_tokens = min(self._check_lengths(ids, req.max_tokens) for ids in prompts)
-        params = sampling_params(req, max_tokens, req.logprobs)
+        echo_logprobs = req.logprobs if req.echo else None  # echo + logprobs scores the prompt too
+        params = sampling_params(req, max_tokens, req.logprobs, echo_logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_completions(req, prompts, params, rid, created)
         outputs = await self._run(prompts, params, req.priority)
         choices = []
         for pi, out in enumerate(outputs):
+            head = self._echo_choice(out, pi, req.logprobs is not None) if req.echo else None
             for c in out.outputs:
-                text = (self.tokenizer.decode(out.prompt_token_ids) if req.echo else "") + c.text
-                choices.append({"index": pi * req.n + c.index, "text": text, "logprobs": self._completion_logprobs(c),
+                lp = self._completion_logprobs(c.token_ids, c.logprobs, len(head["text"]) if head else 0)
+                text = c.text
+                if head:
+                    text, lp = head["text"] + text, self._join_logprobs(head["logprobs"], lp)
+                choices.append({"index": pi * req.n + c.index, "text": text, "logprobs": lp,
                                 "finish_reason": c.finish_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self._usage(outputs)}
@@ -141,16 +160,17 @@ class Serving:
         tasks = [asyncio.create_task(pump(pi, ids)) for pi, ids in enumerate(prompts)]
         sent: dict[tuple[int, int], int] = {}  # (prompt, sample) → chars sent
         toks_sent: dict[tuple[int, int], int] = {}
+        echo_len: dict[int, int] = {}  # prompt → length of its echoed text (offsets continue after it)
         try:
-            if req.echo:
-                for pi, ids in enumerate(prompts):
-                    yield chunk([{"index": pi * req.n + i, "text": self.tokenizer.decode(ids), "logprobs": None,
-                                  "finish_reason": None} for i in range(req.n)])
             while len(finals) < len(prompts):
                 pi, out = await queue.get()
                 if isinstance(out, Exception):
                     yield f"data: {json.dumps(error_body(str(out), 'server_error'))}\n\n"
                     return
+                if req.echo and pi not in echo_len:  # at its first output, when the prompt logprobs exist
+                    echo = [self._echo_choice(out, pi * req.n + i, req.logprobs is not None) for i in range(req.n)]
+                    echo_len[pi] = len(echo[0]["text"])
+                    yield chunk(echo)
                 choices = []
                 for c in out.outputs:
                     key = (pi, c.index)
@@ -160,7 +180,9 @@ class Serving:
                         continue
                     lp = None
                     if c.logprobs is not None and new_toks > 0:
-                        lp = self._completion_logprobs(_Tail(c, toks_sent.get(key, 0)), sent.get(key, 0))
+                        start = toks_sent.get(key, 0)
+                        lp = self._completion_logprobs(c.token_ids[start:], c.logprobs[start:],
+                                                      echo_len.get(pi, 0) + sent.get(key, 0))
                     sent[key], toks_sent[key] = len(c.text), len(c.token_ids)
                     choices.append({"index": pi * req.n + c.index, "text": delta, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
@@ -250,14 +272,6 @@ class Serving:
             yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
         finally:
             await gen.aclose()
-
-
-class _Tail:
-    """The not-yet-streamed suffix of a CompletionOutput (token ids and logprobs)."""
-
-    def __init__(self, c, start: int):
-        self.token_ids = c.token_ids[start:]
-        self.logprobs = c.logprobs[start:]
 
 
 def sse_chunk(rid: str, kind: str, created: int, model: str, choices: list, usage: dict | None = None) -> str:
