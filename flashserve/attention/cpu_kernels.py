@@ -12,7 +12,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
 
 
 @functools.cache
@@ -30,3 +30,8 @@ def cpu_kernels():
     except Exception as exc:  # no compiler, no ninja, unsupported platform
         logger.warning("C++ CPU kernels unavailable (%s); using the torch implementations", exc)
         return None
+
+
+def kernels_for(t) -> object | None:
+    """The compiled kernels when `t` lives on the CPU and they built, else None (use torch ops)."""
+    return cpu_kernels() if t.device.type == "cpu" else None

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from flashserve.attention.cpu_kernels import kernels_for
+
 
 def inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (head_dim/2,)
@@ -47,7 +49,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,); q: (T, Hq, D); k: (T, Hk, D)."""
+        """positions: (T,); q: (T, Hq, D); k: (T, Hk, D). May rotate q and k in place."""
+        kernels = kernels_for(q)
+        if kernels is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
+            kernels.rotary_(q, positions, self.cos, self.sin)
+            kernels.rotary_(k, positions, self.cos, self.sin)
+            return q, k
+        return self.forward_torch(positions, q, k)
+
+    def forward_torch(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].unsqueeze(1)  # (T, 1, D/2)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

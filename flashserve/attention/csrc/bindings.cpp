@@ -1,0 +1,18 @@
+// Python bindings of the CPU kernels (one extension module, several sources).
+#include <torch/extension.h>
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                                  int64_t sliding_window, double softcap, int64_t split_tokens);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
+void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "Paged Flash-Decoding attention");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x (in place), then RMSNorm of the sum");
+  m.def("rotary_", &rotary_, "rotate-half RoPE in place on (T, H, D)");
+  m.def("act_and_mul", &act_and_mul, "act(gate) * up on [gate | up] (SiLU or tanh-GELU)");
+}

@@ -1,0 +1,154 @@
+// Fused element-wise CPU ops of a decoder layer. Each replaces five to eight small torch ops
+// (and their dispatch and temporaries) with one pass over the rows; every formula keeps the
+// rounding points of the torch implementation it replaces (statistics and products in
+// float32, the result rounded once to the tensor's dtype), so the two paths agree to an ulp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace {
+
+// Rows of a (A, B, D) view with the last dim contiguous: row r = (r / B, r % B).
+struct Rows {
+  int64_t B, D, s0, s1;
+  explicit Rows(const at::Tensor& x)
+      : B(x.dim() == 3 ? x.size(1) : 1), D(x.size(-1)), s0(x.stride(0)), s1(x.dim() == 3 ? x.stride(1) : 0) {}
+  int64_t offset(int64_t r) const { return (r / B) * s0 + (r % B) * s1; }
+};
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, what, ": expected a 2-d or 3-d tensor");
+  TORCH_CHECK(x.stride(-1) == 1, what, ": the last dimension must be contiguous");
+}
+
+// RMSNorm (Zhang & Sennrich 2019): y = x * rsqrt(mean(x^2) + eps) * w; when a residual is
+// given, x is first replaced by x + residual (rounded to the dtype) and that sum is written
+// back to the residual, as the pre-norm block's next residual stream.
+template <typename T>
+void rms_norm_rows(const at::Tensor& x, const at::Tensor* residual, at::Tensor& out, const at::Tensor& weight,
+                   double eps) {
+  const Rows xr(x), orow(out);
+  const Rows rr = residual ? Rows(*residual) : xr;
+  const int64_t D = xr.D, n = x.numel() / D;
+  const T* xp = x.data_ptr<T>();
+  T* rp = residual ? residual->data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const auto wf = weight.to(at::kFloat).contiguous();
+  const float* w = wf.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* src = xp + xr.offset(r);
+      if (rp) {
+        T* res = rp + rr.offset(r);
+        for (int64_t d = 0; d < D; ++d) {
+          const T sum = static_cast<T>(static_cast<float>(src[d]) + static_cast<float>(res[d]));
+          res[d] = sum;
+          row[d] = static_cast<float>(sum);
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
+      }
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) ss += row[d] * row[d];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      T* dst = op + orow.offset(r);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>((row[d] * inv) * w[d]);
+    }
+  });
+}
+
+// Rotary embedding (Su et al. 2021), rotate-half layout, in place:
+// [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] with float32 cos/sin tables (max_pos, D/2).
+template <typename T>
+void rotary_rows(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  const Rows xr(x);
+  const int64_t half = xr.D / 2, n = x.numel() / xr.D;
+  T* xp = x.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* v = xp + xr.offset(r);
+      const float* c = cp + pos[r / xr.B] * half;
+      const float* s = sp + pos[r / xr.B] * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = static_cast<float>(v[i]), x2 = static_cast<float>(v[i + half]);
+        v[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+        v[i + half] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+      }
+    }
+  });
+}
+
+// Gated MLP activation on [gate | up]: act(gate) rounded to the dtype, times up (as torch does).
+template <typename T, bool Gelu>
+void act_and_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t d = out.size(-1), n = out.numel() / d, in_stride = gate_up.stride(0);
+  const T* gp = gate_up.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * in_stride;
+      const T* u = g + d;
+      T* o = op + r * d;
+      for (int64_t i = 0; i < d; ++i) {
+        const float x = static_cast<float>(g[i]);
+        float a;
+        if constexpr (Gelu) {  // tanh approximation (Hendrycks & Gimpel 2016)
+          const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+          a = 0.5f * x * (1.f + std::tanh(k * (x + 0.044715f * x * x * x)));
+        } else {
+          a = x / (1.f + std::exp(-x));
+        }
+        o[i] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm");
+  auto out = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x, nullptr, out, weight, eps);
+  });
+  return out;
+}
+
+at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_rows(x, "add_rms_norm_");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() && residual.stride(-1) == 1,
+              "add_rms_norm_: residual must match x");
+  auto out = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm_", [&] {
+    rms_norm_rows<scalar_t>(x, &residual, out, weight, eps);
+  });
+  return out;
+}
+
+void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(x, "rotary_");
+  TORCH_CHECK(x.dim() == 3 && positions.size(0) == x.size(0), "rotary_: x must be (T, H, D) with T positions");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.size(1) * 2 == x.size(2), "rotary_: float32 (max_pos, D/2) tables expected");
+  auto pos = positions.to(at::kLong).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
+    rotary_rows<scalar_t>(x, pos, cos, sin);
+  });
+}
+
+at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "act_and_mul: expected (T, 2d) with a contiguous last dimension");
+  auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "act_and_mul", [&] {
+    if (gelu_tanh) act_and_mul_rows<scalar_t, true>(gate_up, out);
+    else act_and_mul_rows<scalar_t, false>(gate_up, out);
+  });
+  return out;
+}

@@ -1,0 +1,58 @@
+"""The C++ fused element-wise ops against the torch implementations they replace (two paths)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashserve.attention.cpu_kernels import cpu_kernels
+from flashserve.model.layers import activation
+from flashserve.model.layers.norm import RMSNorm
+from flashserve.model.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+# float32: summation order only; bfloat16: at most one rounding step apart.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_rms_norm_and_residual_add(dtype, T):
+    g = torch.Generator().manual_seed(T)
+    norm = RMSNorm(96, 1e-6)
+    norm.weight.copy_(torch.randn(96, generator=g))
+    x = (torch.randn(T, 96, generator=g) * 3).to(dtype)
+    residual = torch.randn(T, 96, generator=g).to(dtype)
+    torch.testing.assert_close(norm(x), norm.forward_torch(x), **TOL[dtype])
+    want_sum = x + residual
+    got, got_sum = norm.forward_residual(x, residual.clone())
+    torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)  # the sum is rounded exactly as torch rounds it
+    torch.testing.assert_close(got, norm.forward_torch(want_sum), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_head_norm_and_rotary_on_strided_views(dtype):
+    """q and k as column slices of one fused projection output (not contiguous)."""
+    g = torch.Generator().manual_seed(0)
+    T, hq, hk, d = 5, 6, 2, 32
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g).to(dtype)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=1)
+    q, k = q.view(T, hq, d), k.view(T, hk, d)
+    norm = RMSNorm(d, 1e-6)
+    norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    torch.testing.assert_close(norm(q), norm.forward_torch(q), **TOL[dtype])
+    rope = RotaryEmbedding(d, 4096, 10000.0)
+    positions = torch.tensor([0, 3, 17, 1000, 4095])
+    want_q, want_k = rope.forward_torch(positions, q.clone(), k.clone())
+    got_q, got_k = rope(positions, q, k)
+    torch.testing.assert_close(got_q, want_q, **TOL[dtype])
+    torch.testing.assert_close(got_k, want_k, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["silu", "gelu_pytorch_tanh"])
+def test_act_and_mul(dtype, name):
+    g = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(9, 2 * 80, generator=g) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = torch.nn.functional.silu if name == "silu" else lambda t: torch.nn.functional.gelu(t, approximate="tanh")
+    torch.testing.assert_close(activation.get_act_and_mul(name)(gate_up), act(gate) * up, **TOL[dtype])
