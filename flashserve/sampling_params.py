@@ -58,6 +58,8 @@ class SamplingParams:
             fail(f"n must be an integer >= 1, got {self.n!r}")
         if self.best_of is not None and self.best_of < self.n:
             fail(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}")
+        if self.best_of is not None and self.best_of > 1 and self.is_greedy and not self.use_beam_search:
+            fail(f"best_of must be 1 when using greedy sampling, got {self.best_of}")  # vLLM's rule
         if self.temperature < 0.0:
             fail(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -99,6 +101,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated: best_of of them, of which the n with the highest cumulative logprob are returned."""
+        return self.best_of or self.n
 
     @property
     def beam_width(self) -> int:

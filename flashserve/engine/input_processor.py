@@ -1,4 +1,4 @@
-"""Prompt (text, token ids or chat messages) → validated core Requests, one per sample (n)."""
+"""Prompt (text, token ids or chat messages) → validated core Requests, one per sample (best_of or n)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,12 +47,12 @@ class InputProcessor:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop_token_ids contains {bad[0]}, outside the vocabulary")
-        n = params.n if not params.use_beam_search else 1
+        n = params.num_samples if not params.use_beam_search else 1
         return [
             Request(
                 request_id=child_id(request_id, i, n),
                 prompt_token_ids=prompt_ids,
-                sampling_params=_child_params(params, i),
+                sampling_params=_child_params(params, i, n > params.n),
                 eos_token_ids=self.eos_token_ids,
                 priority=priority,
             )
@@ -64,13 +64,18 @@ def child_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{index}"
 
 
-def _child_params(params, index: int):
+def _child_params(params, index: int, ranked: bool):
     """Sample i of a seeded n>1 request uses seed + i, so the n samples differ but stay reproducible.
-    Only sample 0 computes the prompt logprobs (they are the same for all samples)."""
-    if index == 0 or (params.seed is None and params.prompt_logprobs is None):
+    Only sample 0 computes the prompt logprobs (they are the same for all samples). Samples
+    ranked for best_of need the logprob of each sampled token even if the user asked none."""
+    needs_logprobs = ranked and params.logprobs is None
+    if not needs_logprobs and (index == 0 or (params.seed is None and params.prompt_logprobs is None)):
         return params
     child = params.clone()
     if params.seed is not None:
         child.seed = params.seed + index
-    child.prompt_logprobs = None
+    if index:
+        child.prompt_logprobs = None
+    if needs_logprobs:
+        child.logprobs = 0
     return child

@@ -53,8 +53,8 @@ class OutputProcessor:
             _Sample(
                 request=r,
                 detok=IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, params.skip_special_tokens),
-                logprobs=[] if params.logprobs is not None else None,
-                cumulative_logprob=0.0 if params.logprobs is not None else None,
+                logprobs=[] if r.sampling_params.logprobs is not None else None,
+                cumulative_logprob=0.0 if r.sampling_params.logprobs is not None else None,
             )
             for r in requests
         ]
@@ -97,7 +97,9 @@ class OutputProcessor:
                 if self._update_sample(sample, state.params, logprobs_by_id.get(req.request_id)):
                     stopped.append(req.request_id)
             touched[state.request_id] = state
-        outputs = [self._make_output(s, now) for s in touched.values()]
+        # best_of > n: which n are returned is known only when all best_of samples are done.
+        outputs = [self._make_output(s, now) for s in touched.values()
+                   if s.finished or s.params.num_samples == s.params.n]
         for state in touched.values():
             if state.finished:
                 self.abort(state.request_id)
@@ -155,17 +157,21 @@ class OutputProcessor:
                 sample.cumulative_logprob += entry[tok].logprob
 
     def _make_output(self, state: _RequestState, now: float) -> RequestOutput:
+        samples = state.samples
+        if state.params.num_samples > state.params.n:  # best_of: the n most likely, best first (vLLM)
+            samples = sorted(samples, key=lambda s: -s.cumulative_logprob)[: state.params.n]
+        show_logprobs = state.params.logprobs is not None
         completions = tuple(
             CompletionOutput(
                 index=i,
                 text=s.text,
                 token_ids=tuple(s.request.output_token_ids),
                 cumulative_logprob=s.cumulative_logprob,
-                logprobs=tuple(s.logprobs) if s.logprobs is not None else None,
+                logprobs=tuple(s.logprobs) if show_logprobs else None,
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
             )
-            for i, s in enumerate(state.samples)
+            for i, s in enumerate(samples)
         )
         return RequestOutput(
             request_id=state.request_id,

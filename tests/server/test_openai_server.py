@@ -125,6 +125,22 @@ def test_echo_with_logprobs_scores_the_prompt(server, hf_smollm2):
     assert plain.choices[0].text == ch.text and plain.choices[0].logprobs is None
 
 
+def test_best_of_returns_the_most_likely_of_its_candidates(server):
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, prompt="Name a fruit:", max_tokens=6, temperature=1.0, seed=21)
+    every = c.completions.create(n=3, logprobs=0, **kw).choices
+    cum = [sum(ch.logprobs.token_logprobs) for ch in every]
+    best = c.completions.create(n=1, best_of=3, **kw).choices
+    assert len(best) == 1 and best[0].text == every[cum.index(max(cum))].text and best[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(n=1, best_of=3, stream=True, **kw)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(**{**kw, "temperature": 0}, best_of=2)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(n=3, best_of=2, **kw)
+
+
 def test_32_concurrent_streaming_clients_all_finish(server):
     base, model = server
     prompts = [f"Fact number {i} about the moon:" for i in range(32)]

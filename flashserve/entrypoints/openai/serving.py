@@ -15,7 +15,7 @@ from flashserve.sampling_params import SamplingParams
 
 
 def sampling_params(req, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, best_of: int | None = None) -> SamplingParams:
     bias = None
     if req.logit_bias:
         try:
@@ -24,7 +24,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None,
             raise InvalidRequestError("logit_bias keys must be token ids") from None
     try:
         return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            n=req.n, best_of=best_of, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or -1, min_p=req.min_p or 0.0,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty or 1.0, logit_bias=bias, seed=req.seed,
@@ -117,12 +117,12 @@ class Serving:
         return {k: head[k] + tail[k] for k in head}
 
     async def completions(self, req: CompletionRequest):
-        if req.best_of is not None and req.best_of != req.n:
-            raise InvalidRequestError("best_of different from n is not supported")
+        if req.stream and req.best_of is not None and req.best_of > req.n:
+            raise InvalidRequestError("best_of > n cannot stream: the n best are known only at the end")
         prompts = self._completion_prompts(req)
         max_tokens = min(self._check_lengths(ids, req.max_tokens) for ids in prompts)
         echo_logprobs = req.logprobs if req.echo else None  # echo + logprobs scores the prompt too
-        params = sampling_params(req, max_tokens, req.logprobs, echo_logprobs)
+        params = sampling_params(req, max_tokens, req.logprobs, echo_logprobs, req.best_of)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_completions(req, prompts, params, rid, created)
