@@ -51,6 +51,7 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor* residual, at::Tensor& 
         for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
       }
       float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
       for (int64_t d = 0; d < D; ++d) ss += row[d] * row[d];
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
       T* dst = op + orow.offset(r);

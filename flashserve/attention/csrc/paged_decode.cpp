@@ -70,6 +70,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = &qf[g * D];
           float dot = 0.f;
+#pragma omp simd reduction(+ : dot)  // lets the compiler vectorize the reduction (reassociates the sum)
           for (int64_t d = 0; d < D; ++d) dot += qg[d] * kf[d];
           float sc = dot * static_cast<float>(scale);
           if (softcap > 0) sc = static_cast<float>(softcap) * std::tanh(sc / static_cast<float>(softcap));
