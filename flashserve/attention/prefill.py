@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from flashserve.attention.decode import finite_max
-from flashserve.attention.reference import gather_context
 
 Q_TILE = 256  # query rows per tile in the soft-capped path
 KV_TILE = 256  # keys per tile in the soft-capped path
@@ -39,6 +38,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         mask = _visible(ql, k.shape[1], seq_len - ql - first_key, sliding_window, q.device)
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
+
+
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens stored in `block_ids`: (length, Hk, D). index_select copies whole
+    blocks about 10x faster than advanced indexing on CPU."""
+    return cache.index_select(0, block_ids).flatten(0, 1)[:length]
 
 
 def _visible(num_q: int, num_k: int, q_offset: int, sliding_window: int | None, device,
