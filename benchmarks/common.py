@@ -39,9 +39,20 @@ def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or "unknown cpu"
+
+
 def header(title: str, **facts) -> None:
     print(f"\n## {title}")
-    print(f"host: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"host: {cpu_name()}, {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
     for k, v in facts.items():
         print(f"{k}: {v}")
 

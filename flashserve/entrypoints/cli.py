@@ -1,8 +1,10 @@
-"""Command line: flashserve fetch | generate | chat | serve."""
+"""Command line: flashserve fetch | generate | chat | serve | bench."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 
 from flashserve.errors import FlashserveError
 
@@ -98,6 +100,14 @@ def cmd_serve(a) -> None:
     run_server(_engine_args(a), host=a.host, port=a.port, api_key=a.api_key, max_waiting=a.max_waiting)
 
 
+def cmd_bench(a) -> None:
+    """Runs benchmarks/bench.py with every argument after `bench` (a source checkout has it)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise FlashserveError("flashserve bench runs benchmarks/bench.py, which only a source checkout of flashserve has")
+    sys.exit(subprocess.call([sys.executable, str(script), *a.bench_args]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,11 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
     p.set_defaults(func=cmd_serve)
+
+    # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed.
+    p = sub.add_parser("bench", add_help=False, help="the CPU benchmark table: flashserve beside llama.cpp and transformers")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
     try:
         args.func(args)
     except (FlashserveError, ValueError) as exc:
