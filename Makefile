@@ -31,13 +31,17 @@ test-fast: install
 serve: model
 	$(BIN)/flashserve serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-# llama.cpp's AMX kernels crash in llama_decode on this CPU family: build the peer without them.
+# llama.cpp's AMX kernels crash in llama_decode on one CPU family we run on: build the peer for
+# this CPU's vector width (AVX-512 when it has it, else AVX2) without AMX. --no-cache-dir: pip's wheel
+# cache would otherwise hand back a build made for another machine's instruction set.
+HAVE_AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+	-DGGML_AVX512=$(HAVE_AVX512) -DGGML_AVX512_VNNI=$(HAVE_AVX512) -DGGML_AVX512_BF16=$(HAVE_AVX512) \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 bench: install
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[bench]" || echo "llama-cpp-python not installed: peer columns will be skipped"
-	$(BIN)/python benchmarks/decode.py
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir -e ".[bench]" || echo "llama-cpp-python not installed: peer columns will be skipped"
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV)
