@@ -7,6 +7,7 @@ plain-torch paths, which compute the same thing.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -15,13 +16,26 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
 
 
+def _build_name() -> str:
+    """-march=native builds are only valid on CPUs with the same instruction set: the torch
+    extension cache is keyed by name, so the name carries a digest of this CPU's feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        import platform
+
+        flags = platform.processor()
+    return "flashserve_cpu_kernels_" + hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
 @functools.cache
 def cpu_kernels():
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="flashserve_cpu_kernels",
+            name=_build_name(),
             sources=[str(p) for p in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
