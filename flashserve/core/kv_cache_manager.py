@@ -56,24 +56,34 @@ class KVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] = ()) -> list[int] | None:
-        """Blocks for `num_new_tokens` more tokens after the computed ones; None if the pool is short."""
+        """Blocks for `num_new_tokens` more tokens after the computed ones; None if the pool is short.
+
+        Copy-on-write: a block this step writes into that another request also holds (a fork)
+        is replaced by a private one first; if it holds valid tokens before the write position,
+        (src, dst) is queued for the runner to copy before the forward pass.
+
+            forked child, block_size 4, writes position 6:   [0 1 2 3][4 5 6 .]
+              shared (ref 2):  block 1 = tokens 0-3,  block 2 = tokens 4-6
+              child after:     block 1 (ref 2),       block 3 = copy of block 2, then 6 rewritten
+        """
         blocks = self.req_blocks.setdefault(request.request_id, [])
         computed_blocks = list(computed_blocks)
-        start = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        bs = self.block_size
+        start = request.num_computed_tokens + len(computed_blocks) * bs
         end = start + num_new_tokens
-        needed = -(-end // self.block_size) - len(blocks) - len(computed_blocks)
-        cow = bool(blocks) and blocks[-1].ref_cnt > 1 and start % self.block_size != 0
-        if self.pool.num_free_excluding(computed_blocks) < max(needed, 0) + cow:
+        needed = -(-end // bs) - len(blocks) - len(computed_blocks)
+        shared = [j for j in range(start // bs, min(len(blocks), -(-end // bs))) if blocks[j].ref_cnt > 1]
+        if self.pool.num_free_excluding(computed_blocks) < max(needed, 0) + len(shared):
             if not blocks:
                 del self.req_blocks[request.request_id]
             return None
         self.pool.touch(computed_blocks)
         blocks.extend(computed_blocks)
-        if cow:  # the partly filled last block is shared (fork): write into a private copy
-            (fresh,) = self.pool.allocate(1)
-            self.pending_copies.append((blocks[-1].block_id, fresh.block_id))
-            self.pool.release([blocks[-1]])
-            blocks[-1] = fresh
+        for j, fresh in zip(shared, self.pool.allocate(len(shared))):
+            if j * bs < start:  # valid tokens before the write position: keep them
+                self.pending_copies.append((blocks[j].block_id, fresh.block_id))
+            self.pool.release([blocks[j]])
+            blocks[j] = fresh
         if needed > 0:
             blocks.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:
@@ -88,12 +98,13 @@ class KVCacheManager:
         for block, h in zip(blocks[:full], hashes):
             self.pool.cache(block, h)
 
-    def fork(self, parent: Request, child: Request) -> None:
-        """The child shares every block of the parent (n > 1 samples, beam search)."""
-        blocks = self.req_blocks.get(parent.request_id, [])
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> None:
+        """The child takes a reference on the parent's blocks holding its first `num_tokens`
+        tokens, the partly filled last one included (n > 1 samples of one prompt)."""
+        blocks = self.req_blocks.get(parent.request_id, [])[: -(-num_tokens // self.block_size)]
         self.pool.touch(blocks)
         self.req_blocks[child.request_id] = list(blocks)
-        self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, []))
+        self.req_hashes[child.request_id] = self.req_hashes.get(parent.request_id, [])[: num_tokens // self.block_size]
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])

@@ -36,6 +36,8 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first under the "priority" policy
+    # Sample i > 0 of an n > 1 (or best_of) request: the id of sample 0, whose computed prompt it forks.
+    parent_id: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

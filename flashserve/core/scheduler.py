@@ -5,6 +5,12 @@ chunks), then chunks of waiting prompts fill what is left of the budget.
 When blocks run out the newest running request is preempted: its blocks are freed and
 it is recomputed later from its tokens (prompt + output so far), so nothing is lost.
 "static" scheduling admits a batch only when nothing runs: the baseline to beat.
+
+Samples of one prompt (n > 1, best_of): only sample 0 computes the prompt. The others wait
+aside until it has, then fork its block table (the partly filled last block included) and
+start with the last prompt token left to compute, which gives them their own first logits;
+writing it copies the shared block (copy-on-write in the KV cache manager). A sample that
+finds no free seat (max_num_seqs) or whose parent leaves first queues as an ordinary request.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ class Scheduler:
         self.waiting = make_queue(sched_config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.fork_waiting: dict[str, list[Request]] = {}  # parent id → samples waiting for its prompt
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
         self.num_preemptions_total = 0
@@ -51,7 +58,11 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
-        self.waiting.add(req)
+        parent = self.requests.get(req.parent_id)
+        if parent is not None and parent.num_computed_tokens < parent.num_prompt_tokens:
+            self.fork_waiting.setdefault(parent.request_id, []).append(req)
+        else:
+            self.waiting.add(req)
 
     def check_request(self, req: Request) -> None:
         """Raise ValueError if the request could never run (pure: reads only the configuration)."""
@@ -82,10 +93,15 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        forking = self.fork_waiting.get(req.parent_id, [])
         if req in self.running:
             self.running.remove(req)
+        elif req in forking:
+            forking.remove(req)
         else:
             self.waiting.remove(req)
+        for child in reversed(self.fork_waiting.pop(req.request_id, [])):
+            self.waiting.add_front(child)  # the parent left before its prompt was computed
         self.kv_cache_manager.free(req)
         req.block_ids = []
         del self.requests[req.request_id]
@@ -181,6 +197,8 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted since it was scheduled
             req.num_computed_tokens += sr.num_scheduled_tokens
+            if req.request_id in self.fork_waiting and req.num_computed_tokens >= req.num_prompt_tokens:
+                self._fork_samples(req)
             for token in tokens:
                 req.append_output_token(token)
                 status = self._stop_status(req, token)
@@ -190,6 +208,21 @@ class Scheduler:
             if tokens:
                 changed.append(req)
         return changed
+
+    def _fork_samples(self, parent: Request) -> None:
+        """The parent's prompt is in the cache: its waiting samples share those blocks and
+        start with only the last prompt token to compute (for their own first logits)."""
+        n = parent.num_prompt_tokens
+        children = self.fork_waiting.pop(parent.request_id)
+        seats = max(0, self.config.max_num_seqs - len(self.running))
+        for child in reversed(children[seats:]):
+            self.waiting.add_front(child)  # no seat: run later on its own, through the prefix cache
+        for child in children[:seats]:
+            self.kv_cache_manager.fork(parent, child, n)
+            child.num_computed_tokens = child.num_cached_prompt_tokens = n - 1
+            child.block_ids = self.kv_cache_manager.block_ids(child.request_id)
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         sp = req.sampling_params
@@ -211,7 +244,7 @@ class Scheduler:
         q, h = kvm.prefix_queries, kvm.prefix_hits
         return SchedulerStats(
             num_running=len(self.running),
-            num_waiting=len(self.waiting),
+            num_waiting=len(self.waiting) + sum(len(c) for c in self.fork_waiting.values()),
             num_preempted_waiting=sum(1 for r in self.waiting if r.status is RequestStatus.PREEMPTED),
             num_preemptions_total=self.num_preemptions_total,
             kv_blocks_used=used,

@@ -55,6 +55,7 @@ class InputProcessor:
                 sampling_params=_child_params(params, i, n > params.n),
                 eos_token_ids=self.eos_token_ids,
                 priority=priority,
+                parent_id=child_id(request_id, 0, n) if i else None,
             )
             for i in range(n)
         ]

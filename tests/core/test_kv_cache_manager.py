@@ -89,13 +89,46 @@ def test_fork_shares_blocks_and_copy_on_write_of_the_partial_last_block():
     admit(kvm, parent)
     child = req("c", range(6))
     child.num_computed_tokens = 6
-    kvm.fork(parent, child)
+    kvm.fork(parent, child, 6)
     assert [kvm.pool.blocks[i].ref_cnt for i in (1, 2)] == [2, 2]
     ids = kvm.allocate_slots(child, 1)  # the child writes position 6 into the shared half block
     assert ids == [1, 3]
     assert kvm.take_copies() == [(2, 3)]
     assert [kvm.pool.blocks[i].ref_cnt for i in (1, 2, 3)] == [2, 1, 1]
     kvm.check_invariants([parent, child])
+    assert kvm.allocate_slots(parent, 1) == [1, 2]  # the parent is alone on block 2 now: in place
+    assert kvm.take_copies() == []
+
+
+@pytest.mark.parametrize("prompt,copies,table", [
+    (8, [(2, 3)], [1, 3]),  # the last token ends a full block: rewriting it keeps tokens 4..6
+    (5, [], [1, 3]),  # the last token opens a block: nothing before it to keep
+    (1, [], [2]),
+])
+def test_forked_sample_recomputing_the_last_prompt_token_writes_a_private_block(prompt, copies, table):
+    kvm = KVCacheManager(16, BS)
+    parent = req("p", range(prompt))
+    admit(kvm, parent)
+    child = req("c", range(prompt))
+    kvm.fork(parent, child, prompt)
+    child.num_computed_tokens = prompt - 1
+    assert kvm.allocate_slots(child, 1) == table
+    assert kvm.take_copies() == copies
+    kvm.check_invariants([parent, child])
+    assert kvm.pool.blocks[kvm.block_ids("p")[-1]].ref_cnt == 1
+
+
+def test_fork_shares_only_the_blocks_of_the_given_tokens():
+    kvm = KVCacheManager(16, BS)
+    parent = req("p", range(6))
+    admit(kvm, parent)
+    for _ in range(3):
+        parent.append_output_token(9)
+    assert kvm.allocate_slots(parent, 3) == [1, 2, 3]  # positions 6 to 8
+    assert len(kvm.req_hashes["p"]) == 2
+    child = req("c", range(6))
+    kvm.fork(parent, child, 6)
+    assert kvm.block_ids("c") == [1, 2] and kvm.req_hashes["c"] == kvm.req_hashes["p"][:1]
 
 
 def test_waste_fraction_counts_reserved_but_unused_slots():

@@ -114,6 +114,78 @@ def test_requests_that_can_never_fit_are_refused():
         s.add_request(request("long", 300))
 
 
+def group(rid: str, n_prompt: int, n: int, **params) -> list[Request]:
+    """The core requests of one n-sample user request, as the input processor makes them."""
+    tokens = request(rid, n_prompt).prompt_token_ids
+    sp = SamplingParams(**params)
+    return [Request(rid if i == 0 else f"{rid}#{i}", tokens, sp, eos_token_ids=(EOS,),
+                    parent_id=f"{rid}" if i else None) for i in range(n)]
+
+
+def test_samples_fork_the_computed_prompt_and_copy_the_shared_partial_block_on_write():
+    s = make(bs=4)
+    parent, *children = g = group("g", 10, 4, max_tokens=3, ignore_eos=True)
+    for r in g:
+        s.add_request(r)
+    out, _ = step(s)  # only the parent computes the prompt: blocks 1, 2 full, 3 holds tokens 8, 9
+    assert [(r.request_id, r.num_scheduled_tokens) for r in out.scheduled] == [("g", 10)]
+    kvm = s.kv_cache_manager
+    assert [kvm.block_ids(r.request_id) for r in g] == [[1, 2, 3]] * 4
+    assert [kvm.pool.blocks[i].ref_cnt for i in (1, 2, 3)] == [4, 4, 4]  # the prompt is stored once
+    assert [r.num_computed_tokens for r in children] == [9] * 3
+    out, _ = step(s)
+    # the parent writes position 10, each child recomputes position 9 (its own first logits);
+    # each copies block 3 before writing, except the last holder, which writes in place.
+    assert [(r.request_id, r.num_computed_tokens, r.num_scheduled_tokens) for r in out.scheduled] == [
+        ("g", 10, 1), ("g#1", 9, 1), ("g#2", 9, 1), ("g#3", 9, 1)]
+    assert out.blocks_to_copy == [(3, 4), (3, 5), (3, 6)]
+    assert [kvm.block_ids(r.request_id) for r in g] == [[1, 2, 4], [1, 2, 5], [1, 2, 6], [1, 2, 3]]
+    assert [kvm.pool.blocks[i].ref_cnt for i in range(1, 7)] == [4, 4, 1, 1, 1, 1]
+    assert [r.num_output_tokens for r in g] == [2, 1, 1, 1]
+    run_all(s)
+    assert all(r.num_output_tokens == 3 for r in g)
+    assert all(b.ref_cnt == 0 for b in kvm.pool.blocks) and kvm.num_free_blocks == 79
+
+
+def test_samples_without_a_seat_run_on_their_own_through_the_prefix_cache():
+    s = make(bs=4, seqs=2)
+    g = group("g", 10, 4, max_tokens=2, ignore_eos=True)
+    for r in g:
+        s.add_request(r)
+    step(s)
+    assert [r.request_id for r in s.running] == ["g", "g#1"] and [r.request_id for r in s.waiting] == ["g#2", "g#3"]
+    run_all(s)
+    assert all(r.num_output_tokens == 2 for r in g)
+    assert g[2].num_cached_prompt_tokens == 8  # the two full prompt blocks came from the prefix cache
+
+
+def test_aborting_a_parent_before_its_prompt_is_computed_releases_its_samples():
+    s = make(bs=4, budget=4)
+    g = group("g", 10, 3, max_tokens=2, ignore_eos=True)
+    for r in g:
+        s.add_request(r)
+    step(s)  # 4 of the 10 prompt tokens
+    assert s.get_stats().num_waiting == 2 and not s.waiting
+    s.abort_requests(["g"])
+    assert [r.request_id for r in s.waiting] == ["g#1", "g#2"]
+    s.abort_requests(["g#2"])
+    run_all(s)
+    assert g[1].num_output_tokens == 2 and g[2].status is RequestStatus.FINISHED_ABORTED
+    assert all(b.ref_cnt == 0 for b in s.kv_cache_manager.pool.blocks)
+
+
+def test_a_parent_that_stops_at_its_first_token_still_hands_its_prompt_over():
+    s = make(bs=4)
+    g = group("g", 6, 3, max_tokens=2, stop_token_ids=[7])
+    for r in g:
+        s.add_request(r)
+    step(s, token=lambda r: 7 if r.request_id == "g" else 8)
+    assert g[0].status is RequestStatus.FINISHED_STOPPED
+    assert [s.kv_cache_manager.pool.blocks[i].ref_cnt for i in (1, 2)] == [2, 2]
+    run_all(s, token=lambda r: 8)
+    assert [r.output_token_ids for r in g] == [[7], [8, 8], [8, 8]]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_random_adds_aborts_and_steps_leak_nothing(data):
@@ -126,11 +198,15 @@ def test_random_adds_aborts_and_steps_leak_nothing(data):
         action = data.draw(st.sampled_from(["add", "add", "step", "step", "step", "abort"]))
         if action == "add":
             prompt = (shared[: rng.randint(0, 12)] + [rng.randrange(1, 500) for _ in range(rng.randint(1, 20))])
-            r = Request(str(n), prompt, SamplingParams(max_tokens=rng.randint(1, 10)), eos_token_ids=(EOS,))
+            sp = SamplingParams(max_tokens=rng.randint(1, 10))
+            samples = rng.choice([1, 1, 3])  # a parent and the samples that fork its prompt
+            rs = [Request(f"{n}#{i}", prompt, sp, eos_token_ids=(EOS,), parent_id=f"{n}#0" if i else None)
+                  for i in range(samples)]
             n += 1
             try:
-                s.add_request(r)
-                live.append(r)
+                for r in rs:
+                    s.add_request(r)
+                    live.append(r)
             except ValueError:
                 pass
         elif action == "abort" and live:

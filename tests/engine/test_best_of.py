@@ -35,7 +35,9 @@ def test_best_of_returns_the_top_n_by_cumulative_logprob(llm):
     best = llm.generate([PROMPT], params(n=2, best_of=6, **stops), use_tqdm=False)[0].outputs
     assert [c.index for c in best] == [0, 1]
     assert [c.token_ids for c in best] == [c.token_ids for c in ranked[:2]]
-    assert [c.cumulative_logprob for c in best] == [c.cumulative_logprob for c in ranked[:2]]
+    # (the second run reads the prompt's full blocks from the prefix cache: equal up to rounding)
+    assert [c.cumulative_logprob for c in best] == pytest.approx([c.cumulative_logprob for c in ranked[:2]],
+                                                                 abs=1e-4)
     assert all(c.logprobs is None for c in best)  # logprobs were not asked for
 
     with_lp = llm.generate([PROMPT], params(n=3, best_of=6, logprobs=2, **stops), use_tqdm=False)[0].outputs
