@@ -95,12 +95,18 @@ class SchedulerConfig:
             raise ValueError(f"unknown policy {self.policy!r}")
 
 
+# "auto": a GGUF file's quantized weights run packed on the int4/int8 CPU kernels where a kernel
+# takes their type (flashserve/quantization/gguf_method.py); "none": dequantize every weight to dtype.
+QUANTIZATION_CHOICES = ("auto", "none")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # what the user passed (path or catalogue name)
     model_path: str  # resolved file or directory
     model_config: ModelConfig
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+    quantization: str = "auto"  # QUANTIZATION_CHOICES
     seed: int = 0
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -109,5 +115,7 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
         self.cache.validate()
         self.scheduler.validate()

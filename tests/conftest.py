@@ -37,7 +37,8 @@ def hf_smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_gguf):
-    """Our engine on the same file, float32 (session-wide: loading costs seconds)."""
+    """Our engine on the same file, float32 and dequantized like transformers' reading (session-wide:
+    loading costs seconds)."""
     from flashserve import LLM
 
-    return LLM(model=smollm2_gguf, dtype="float32", max_model_len=2048)
+    return LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_model_len=2048)

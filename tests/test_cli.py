@@ -19,7 +19,8 @@ def test_generate_prints_the_greedy_completion(smollm2_gguf, smollm2_llm):
 
     want = smollm2_llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12),
                                 use_tqdm=False)[0].outputs[0].text
-    r = run("generate", "--model", smollm2_gguf, "--dtype", "float32", "--prompt", "The capital of France is",
+    r = run("generate", "--model", smollm2_gguf, "--dtype", "float32", "--quantization", "none",
+            "--prompt", "The capital of France is",
             "--max-tokens", "12")
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == want

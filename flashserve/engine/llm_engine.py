@@ -48,7 +48,7 @@ class LLMEngine:
 
         self.tokenizer = Tokenizer.from_model_path(config.model_path)
         self.eos_token_ids = tuple(dict.fromkeys((*mc.eos_token_ids, *self.tokenizer.eos_token_ids)))
-        model, _ = load_model(config.model_path, dtype=dtype, device=self.device)
+        model, _ = load_model(config.model_path, dtype=dtype, device=self.device, quantization=config.quantization)
         sc = config.scheduler
         self.num_blocks = num_blocks_for_budget(
             mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP

@@ -12,6 +12,8 @@ from flashserve.errors import FlashserveError
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quantization", default="auto", choices=["auto", "none"],
+                   help="auto: run a GGUF file's quantized weights on int4/int8 kernels; none: dequantize them")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -34,7 +36,7 @@ def _engine_args(a):
     from flashserve.engine.arg_utils import EngineArgs
 
     return EngineArgs(
-        model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+        model=a.model, dtype=a.dtype, quantization=a.quantization, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype,
         enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads, seed=a.seed,
     )

@@ -42,7 +42,7 @@ def test_int8_kv_cache_on_smollm2_logits_and_greedy_agreement(smollm2_gguf, smol
     """Reported figures: max logit error over a 200-token prefill + decode, greedy agreement on 8 prompts."""
     from flashserve import LLM, SamplingParams
 
-    q8 = LLM(model=smollm2_gguf, dtype="float32", max_model_len=2048, kv_cache_dtype="int8")
+    q8 = LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_model_len=2048, kv_cache_dtype="int8")
     prompts = ["The history of Rome", "def merge_sort(xs):", "Water is made of", "My favourite book is",
                "The speed of light", "Once upon a time", "Ingredients for a cake:", "In the beginning"]
     params = SamplingParams(temperature=0, max_tokens=32)

@@ -100,6 +100,6 @@ def test_preemption_after_the_prompt_keeps_prompt_logprobs_right(tiny_llama):
 def test_smollm2_prompt_logprobs_under_forced_chunking(smollm2_gguf, hf_smollm2):
     hf, tok = hf_smollm2
     prompt = tok("The history of the printing press begins in the fifteenth century, when").input_ids
-    llm = LLM(model=smollm2_gguf, dtype="float32", max_num_batched_tokens=5)
+    llm = LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_num_batched_tokens=5)
     out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
     check(out.prompt_logprobs, prompt, reference(hf, prompt), 5, 2e-3)

@@ -1,5 +1,6 @@
 """The bfloat16 path (what dtype='auto' picks on CPUs with AVX512-BF16) against the float32
-reference on SmolLM2: greedy continuations agree up to near-ties, perplexity within 1%."""
+reference on SmolLM2: greedy continuations agree up to near-ties, perplexity within 1%.
+The engine runs with its default quantization (packed GGUF weights), perplexity dequantized."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,13 @@ def test_greedy_agrees_with_float32_up_to_near_ties(smollm2_llm, bf16_llm, smoll
     params = SamplingParams(temperature=0, max_tokens=24)
     ref = smollm2_llm.generate(PROMPTS, params, use_tqdm=False)
     ours = bf16_llm.generate(PROMPTS, params, use_tqdm=False)
-    model, cfg = load_model(smollm2_gguf, dtype=torch.float32)
+    assert_near_ties(ref, ours, smollm2_gguf)
+
+
+def assert_near_ties(ref, ours, gguf: str) -> None:
+    """Where greedy outputs first differ from the float32 reference, the other choice is in the
+    float32 top-3 and the logit gap is small; at least half the prompts agree to the end."""
+    model, cfg = load_model(gguf, dtype=torch.float32)
     exact, gaps = 0, []
     for r, o in zip(ref, ours):
         a, b = list(r.outputs[0].token_ids), list(o.outputs[0].token_ids)
@@ -45,8 +52,9 @@ def test_greedy_agrees_with_float32_up_to_near_ties(smollm2_llm, bf16_llm, smoll
         logits = run_incremental(model, cfg, context, [len(context)])[-1]
         assert b[k] in logits.topk(3).indices.tolist(), f"{r.prompt!r}: token {k} not in the float32 top-3"
         gaps.append(float(logits[a[k]] - logits[b[k]]))
+    print(f"{exact}/{len(ref)} identical; float32 logit gaps at the divergences {gaps}")
     assert max(gaps, default=0.0) < 1.0, f"divergences are not near-ties: float32 logit gaps {gaps}"
-    assert exact >= 10, f"only {exact}/20 identical"
+    assert exact >= len(ref) // 2, f"only {exact}/{len(ref)} identical"
 
 
 def perplexity(path: str, dtype: torch.dtype, ids: list[int]) -> float:

@@ -17,7 +17,7 @@ BLOCK = 4
 
 def run_incremental(model, cfg, tokens: list[int], chunks: list[int]) -> torch.Tensor:
     """Feed `tokens` in steps of the given sizes through the paged cache; logits of every position."""
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype
     caches = allocate_kv_caches(cfg, num_blocks=2 + -(-len(tokens) // BLOCK), block_size=BLOCK, dtype=dtype,
                                 device=torch.device("cpu"))
     model.bind_kv_caches(caches)

@@ -20,7 +20,7 @@ def free_port() -> int:
 def start_server(model: str, *extra: str):
     port = free_port()
     cmd = [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", model, "--port", str(port),
-           "--dtype", "float32", "--max-num-seqs", "32", *extra]
+           "--dtype", "float32", "--quantization", "none", "--max-num-seqs", "32", *extra]
     if "--max-model-len" not in extra:
         cmd += ["--max-model-len", "1024"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

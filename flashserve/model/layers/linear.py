@@ -3,6 +3,9 @@
 `MergedLinear` holds several projections that read the same input (q|k|v, gate|up)
 as one weight so a step does one GEMM instead of several; the loader fills its parts
 by name through `load_part`.
+
+A quantized checkpoint swaps the float weight for a packed one (flashserve/quantization):
+`set_quantized` drops `weight` and the forward runs the packed weight's kernel instead.
 """
 from __future__ import annotations
 
@@ -17,9 +20,20 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.qweight: nn.Module | None = None  # x (..., in) → (..., out) when the weight is packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.qweight is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.qweight(x)
+        return y if self.bias is None else y + self.bias
+
+    def set_quantized(self, qweight: nn.Module) -> None:
+        if (qweight.out_features, qweight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"packed weight is {qweight.out_features}x{qweight.in_features}, "
+                             f"layer is {self.out_features}x{self.in_features}")
+        self.weight = None  # the float weight's memory was never touched; it goes now
+        self.qweight = qweight
 
 
 class MergedLinear(Linear):
@@ -39,6 +53,11 @@ class MergedLinear(Linear):
         if tensor.shape[0] != size or tensor.shape[1:] != target.shape[1:]:
             raise ValueError(f"{part}.{kind}: expected {(size, *target.shape[1:])}, got {tuple(tensor.shape)}")
         target.data[start : start + size].copy_(tensor)
+
+    def part_weight(self, part: str) -> torch.Tensor:
+        """The float rows of one part (after load_part)."""
+        start, size = self.part_offsets[part]
+        return self.weight.data[start : start + size]
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(y.split([size for _, size in self.part_offsets.values()], dim=-1))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from flashserve.config import ModelConfig
+from flashserve.config import QUANTIZATION_CHOICES, ModelConfig
 from flashserve.model.models.registry import model_class
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,14 @@ def load_model_config(path: str) -> ModelConfig:
     return gguf_model_config(path)
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """Returns (model in eval mode on `device`, its ModelConfig)."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               quantization: str = "none"):
+    """Returns (model in eval mode on `device`, its ModelConfig).
+
+    quantization: "none" dequantizes every weight to `dtype`; "auto" keeps a GGUF file's
+    quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization)."""
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
     cfg = load_model_config(path)
     cls = model_class(cfg.architecture)
     previous = torch.get_default_dtype()
@@ -40,6 +46,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     else:
         from flashserve.model.loader.gguf import iter_gguf_tensors
 
-        model.load_weights(iter_gguf_tensors(path, cfg), hf_checkpoint=False)
-    logger.info("loaded %s (%s, %d layers) as %s", path, cfg.architecture, cfg.num_layers, dtype)
+        model.load_weights(iter_gguf_tensors(path, cfg, keep_quantized=quantization == "auto"), hf_checkpoint=False)
+    logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
+                quantization)
     return model.eval(), cfg

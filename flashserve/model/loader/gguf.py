@@ -1,7 +1,8 @@
 """GGUF file → ModelConfig and a stream of (HF-style name, tensor) pairs.
 
 Tensors are dequantized one at a time with the `gguf` package (every type it knows:
-F32/F16/BF16, legacy Q4_0..Q8_0, K-quants, i-quants), so peak extra memory is one tensor.
+F32/F16/BF16, legacy Q4_0..Q8_0, K-quants, i-quants), so peak extra memory is one tensor;
+or, for quantized execution, 2-D quantized tensors are handed on as raw blocks.
 Names follow llama.cpp's tensor naming (gguf-py's constants); the llama-family Q/K
 rows are un-permuted back to the rotate-half RoPE layout of HF checkpoints.
 """
@@ -13,11 +14,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from gguf.constants import GGMLQuantizationType
 
 from flashserve.config import ModelConfig
 from flashserve.errors import ModelFormatError
 from flashserve.model.loader.gguf_file import open_gguf, read_gguf_metadata
 from flashserve.model.models.registry import SUPPORTED
+from flashserve.quantization.gguf_blocks import GGUFTensor
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 _PERMUTED_QK = {"llama"}
 # Gemma 3 alternates 5 sliding-window layers with 1 global layer unless the file says otherwise.
 _GEMMA3_DEFAULT_SWA_PATTERN = 6
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -168,7 +172,10 @@ def dequantize_tensor(t) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def iter_gguf_tensors(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(path: str, cfg: ModelConfig, keep_quantized: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+    """With keep_quantized, 2-D block-quantized tensors come as GGUFTensor (raw blocks, rows
+    still permuted like the float rows would be) for the model to pack; the rest as float32."""
     reader = open_gguf(path)
     arch = cfg.architecture
     for t in reader.tensors:
@@ -179,9 +186,14 @@ def iter_gguf_tensors(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.
             name = f"model.layers.{t.name.split('.')[1]}.{_ffn_norm_name(arch)}.weight"
         if name is None:
             raise ModelFormatError(f"{path}: unexpected tensor {t.name!r} for architecture {arch}")
-        w = dequantize_tensor(t)
+        raw = keep_quantized and len(t.shape) == 2 and t.tensor_type not in _FLOAT_TYPES
+        w = t.data if raw else dequantize_tensor(t)  # raw: (rows, bytes per row) uint8 blocks
         if arch in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):
+            # Blocks run along a row, so rows of raw bytes permute like rows of floats.
             w = _unpermute_qk(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+        if raw:
+            yield name, GGUFTensor(w, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+            continue
         if not w.flags.writeable or not w.flags.c_contiguous:  # a view of the read-only memory map
             w = np.array(w, order="C")
         yield name, torch.from_numpy(w)

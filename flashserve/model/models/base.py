@@ -10,7 +10,10 @@ from torch import nn
 from flashserve.config import ModelConfig
 from flashserve.errors import ModelFormatError
 from flashserve.model.layers.attention import Attention
-from flashserve.model.layers.linear import MergedLinear
+from flashserve.model.layers.embedding import VocabEmbedding
+from flashserve.model.layers.linear import Linear, MergedLinear
+from flashserve.quantization.gguf_blocks import GGUFTensor
+from flashserve.quantization.gguf_method import pack_embedding, pack_linear
 
 # checkpoint projection name → (fused module name, part)
 _FUSED = {
@@ -30,6 +33,11 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (packed weights hold integer parameters, so ask a norm)."""
+        return self.model.norm.weight.dtype
+
     def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         layers = [m for m in self.modules() if isinstance(m, Attention)]
         if len(layers) != len(kv_caches):
@@ -43,8 +51,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, d) → (N, vocab) float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = (hidden @ weight.t()).float()
+        head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
+        logits = head(hidden).float()
         cap = self.config.final_logit_softcap
         if cap:
             logits = cap * torch.tanh(logits / cap)
@@ -54,11 +62,15 @@ class CausalLM(nn.Module):
         """Hook for HF-checkpoint conventions that differ from our parameters (Gemma's norms)."""
         return tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], hf_checkpoint: bool) -> None:
-        """Copy (HF-style name, tensor) pairs into the parameters; every parameter must be filled."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]], hf_checkpoint: bool) -> None:
+        """Copy (HF-style name, tensor) pairs into the parameters; every parameter must be filled.
+        A GGUFTensor (quantized blocks, when quantized execution is on) becomes a packed weight
+        of the Linear or embedding it belongs to; merged parts are packed together at the end."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
+        dtype = self.dtype
         filled: set[str] = set()
+        quantized_parts: dict[str, dict[str, GGUFTensor]] = {}  # merged module → part → blocks
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -73,16 +85,34 @@ class CausalLM(nn.Module):
                 target = modules.get(f"{parent}.{fused}")
                 if not isinstance(target, MergedLinear):
                     raise ModelFormatError(f"checkpoint tensor {name!r} has no place in this model")
-                target.load_part(part, kind, tensor)
+                if isinstance(tensor, GGUFTensor) and kind == "weight":
+                    _check_shape(name, (target.part_offsets[part][1], target.in_features), tensor.shape)
+                    quantized_parts.setdefault(f"{parent}.{fused}", {})[part] = tensor
+                else:
+                    target.load_part(part, kind, _as_float(tensor))
                 filled.add(f"{parent}.{fused}.{kind}:{part}")
                 continue
+            if isinstance(tensor, GGUFTensor):
+                if kind == "weight" and _load_quantized(modules.get(module_name), name, tensor, dtype):
+                    filled.add(name)
+                    continue
+                tensor = _as_float(tensor)
             param = params.get(name)
             if param is None:
                 raise ModelFormatError(f"checkpoint tensor {name!r} has no place in this model")
-            if param.shape != tensor.shape:
-                raise ModelFormatError(f"{name}: expected shape {tuple(param.shape)}, file has {tuple(tensor.shape)}")
+            _check_shape(name, tuple(param.shape), tuple(tensor.shape))
             param.data.copy_(tensor)
             filled.add(name)
+        for module_name, parts in quantized_parts.items():
+            target = modules[module_name]
+            # Parts that came as floats join as dense rows (a part never loaded is reported below).
+            ordered = [parts[p] if p in parts else target.part_weight(p) for p in target.part_offsets]
+            packed = pack_linear(ordered, dtype)
+            if packed is None:  # no quantized kernel for these types
+                for part, t in parts.items():
+                    target.load_part(part, "weight", _as_float(t))
+            else:
+                target.set_quantized(packed)
         self._check_all_filled(params, modules, filled)
 
     def _check_all_filled(self, params, modules, filled: set[str]) -> None:
@@ -99,3 +129,27 @@ class CausalLM(nn.Module):
                 missing.append(name)
         if missing:
             raise ModelFormatError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _as_float(tensor: torch.Tensor | GGUFTensor) -> torch.Tensor:
+    return torch.from_numpy(tensor.dequantize()) if isinstance(tensor, GGUFTensor) else tensor
+
+
+def _check_shape(name: str, expected: tuple, got: tuple) -> None:
+    if tuple(expected) != tuple(got):
+        raise ModelFormatError(f"{name}: expected shape {tuple(expected)}, file has {tuple(got)}")
+
+
+def _load_quantized(module, name: str, tensor: GGUFTensor, dtype: torch.dtype) -> bool:
+    """Pack `tensor` into `module` if it is a Linear or the embedding; False if it stays a float weight."""
+    if isinstance(module, VocabEmbedding):
+        _check_shape(name, (module.num_embeddings, module.embedding_dim), tensor.shape)
+        module.set_quantized(pack_embedding(tensor))
+        return True
+    if isinstance(module, Linear):
+        _check_shape(name, (module.out_features, module.in_features), tensor.shape)
+        packed = pack_linear([tensor], dtype)
+        if packed is not None:
+            module.set_quantized(packed)
+            return True
+    return False

@@ -12,6 +12,7 @@ from torch import nn
 
 from flashserve.config import ModelConfig
 from flashserve.model.layers.attention import Attention
+from flashserve.model.layers.embedding import VocabEmbedding
 from flashserve.model.layers.norm import RMSNorm
 from flashserve.model.layers.rotary import RotaryEmbedding
 from flashserve.model.models.base import CausalLM
@@ -37,8 +38,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_scale = cfg.hidden_size**0.5
         global_rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         local_rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_local_theta or 10000.0)

@@ -13,6 +13,7 @@ from flashserve.attention.metadata import AttentionMetadata
 from flashserve.config import ModelConfig
 from flashserve.model.layers.activation import get_act_and_mul
 from flashserve.model.layers.attention import Attention
+from flashserve.model.layers.embedding import VocabEmbedding
 from flashserve.model.layers.linear import Linear, MergedLinear
 from flashserve.model.layers.norm import RMSNorm
 from flashserve.model.layers.rotary import RotaryEmbedding
@@ -51,8 +52,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

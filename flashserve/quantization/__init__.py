@@ -1,0 +1,2 @@
+"""Quantized weights: GGUF block layouts (gguf_blocks), weights packed for torch's CPU int4/int8
+kernels (packed), and which packed form each GGUF type gets (gguf_method)."""

@@ -1,0 +1,117 @@
+"""GGUF quantized tensors kept as raw blocks, and the 4-bit block types read as affine int4 groups.
+
+Block layouts are ggml's (llama.cpp `ggml-common.h`; gguf-py `gguf/quants.py` reads the same
+bytes). Every block runs along a row (the input dimension), so rows can be permuted with
+their bytes, and a 32-element group of any 4-bit type below is exactly
+
+    w = (q - 8) * s + z,   q in 0..15                                   (1)
+
+which is the formula of torch's `_weight_int4pack_mm_for_cpu` (checked in the tests); the
+symmetric types are also exactly int8 codes times a per-block scale (`int8_groups`).
+
+    Q4_0  (18 B / 32):  d:f16, qs[16]            w = d * (q - 8)          s = d, z = 0
+    Q4_1  (20 B / 32):  d:f16, m:f16, qs[16]     w = d * q + m            s = d, z = m + 8 d
+    Q4_K (144 B / 256): d:f16, dmin:f16, 8 x (6-bit sc, 6-bit mn) in 12 B, qs[128]
+                        w = d sc_j q - dmin mn_j (sub-block j of 32)      s = d sc_j, z = 8 d sc_j - dmin mn_j
+
+In the 32-element types byte i of qs holds element i (low nibble) and element i + 16 (high
+nibble); in Q4_K each 32-byte chunk c of qs holds sub-block 2c (low nibbles) and 2c + 1 (high).
+s and z are computed here in float64, where they are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+INT4_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K})
+# Symmetric types whose 32-element blocks are exactly int8 codes times a scale, w = d * c.
+INT8_GROUP_TYPES = frozenset({GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q4_0})
+GROUP = 32  # elements per int4 group (every type above has 32-element (sub-)blocks)
+
+
+@dataclass
+class GGUFTensor:
+    """A 2-D quantized GGUF weight as stored: `raw` is (rows, bytes per row) uint8,
+    `shape` is (rows, cols) = (out_features, in_features)."""
+
+    raw: np.ndarray
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 (rows, cols) with gguf-py's reference dequantization."""
+        from gguf import quants
+
+        return np.asarray(quants.dequantize(self.raw, self.qtype), dtype=np.float32).reshape(self.shape)
+
+
+def _blocks(t: GGUFTensor) -> np.ndarray:
+    """(rows, blocks per row, bytes per block) view of the raw bytes."""
+    block, size = GGML_QUANT_SIZES[t.qtype]
+    rows, cols = t.shape
+    return np.ascontiguousarray(t.raw).reshape(rows, cols // block, size)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float64)
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes → (..., 32) codes: element i in the low nibble of byte i, i + 16 in the high."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., 12) packed bytes → 6-bit (scale, min), each (..., 8) (ggml `get_scale_min_k4`)."""
+    a, b, c = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]
+    scale = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mins = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return scale.astype(np.float64), mins.astype(np.float64)
+
+
+def int4_groups(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact form (1) of a Q4_0/Q4_1/Q4_K tensor: codes (rows, cols) uint8 in 0..15 and
+    scale, zero (rows, cols / 32) float64."""
+    rows, cols = t.shape
+    b = _blocks(t)
+    if t.qtype == GGMLQuantizationType.Q4_0:
+        d = _f16(b[..., 0:2])
+        codes, s, z = _nibbles_32(b[..., 2:18]), d, np.zeros_like(d)
+    elif t.qtype == GGMLQuantizationType.Q4_1:
+        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        codes, s, z = _nibbles_32(b[..., 4:20]), d, m + 8.0 * d
+    elif t.qtype == GGMLQuantizationType.Q4_K:
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, mn = _q4k_scale_min(b[..., 4:16])
+        qs = b[..., 16:144].reshape(rows, -1, 4, 32)  # 4 chunks of 32 bytes per super-block
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=-2)  # (rows, superblocks, 4, 2, 32): sub-block 2c + nibble
+        s, z = d * sc, 8.0 * d * sc - dmin * mn  # (rows, superblocks, 8)
+    else:
+        raise ValueError(f"{t.qtype.name} is not a 4-bit affine block type")
+    return codes.reshape(rows, cols), s.reshape(rows, cols // GROUP), z.reshape(rows, cols // GROUP)
+
+
+def int8_groups(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray]:
+    """Exact w = d * c of a Q8_0/Q5_0/Q4_0 tensor: codes (rows, cols) int8 and d (rows, cols / 32)
+    float32 (float16 widened).
+
+    Q8_0  (34 B / 32): d:f16, qs[32] int8            c = qs
+    Q5_0  (22 B / 32): d:f16, qh:u32, qs[16]         c = (low nibble | bit i of qh << 4) - 16
+    Q4_0  (18 B / 32): d:f16, qs[16]                 c = nibble - 8
+    """
+    rows, cols = t.shape
+    b = _blocks(t)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    if t.qtype == GGMLQuantizationType.Q8_0:
+        codes = b[..., 2:34].view(np.int8)
+    elif t.qtype == GGMLQuantizationType.Q5_0:
+        qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # (rows, blocks, 1): bit i → element i
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (rows, blocks, 32)
+        codes = (_nibbles_32(b[..., 6:22]) | (high << 4)).astype(np.int8) - 16
+    elif t.qtype == GGMLQuantizationType.Q4_0:
+        codes = _nibbles_32(b[..., 2:18]).astype(np.int8) - 8
+    else:
+        raise ValueError(f"{t.qtype.name} is not a symmetric 32-element block type")
+    return codes.reshape(rows, cols), d

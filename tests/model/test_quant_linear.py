@@ -1,0 +1,315 @@
+"""Quantized execution of GGUF weights (flashserve/quantization) against gguf-py's dequantize:
+repacking is exact where the format allows, every kernel equals dequantize-then-matmul in
+float64 within the bfloat16 roundings it makes, and whole models stay close to the float path.
+
+Tolerances. The kernels round x and their output to bfloat16 (at most 2^-8 relative) and
+accumulate in float32; the int4 scales and zeros are bfloat16 (|Δw| <= 2^-8 (8|s| + |z|)).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+from gguf.constants import GGML_QUANT_SIZES
+
+from flashserve.model.loader.gguf_file import open_gguf
+from flashserve.quantization import packed
+from flashserve.quantization.gguf_blocks import GGUFTensor, int4_groups, int8_groups
+from flashserve.quantization.gguf_method import pack_embedding, pack_linear
+from flashserve.quantization.packed import DenseWeight, Int4Weight, Int8GroupWeight, Int8Weight, RowSegments
+
+BF16_HALF_ULP = 2.0**-8  # bfloat16 keeps 8 significant bits
+
+
+def random_tensor(qtype: Q, rows: int, cols: int, seed: int = 0) -> GGUFTensor:
+    """Blocks from gguf-py's quantizer where it has one, else random bytes with sane float16 scales."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    try:
+        return GGUFTensor(quants.quantize(w, qtype), qtype, (rows, cols))
+    except NotImplementedError:
+        pass
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    scales = lambda: rng.uniform(1e-4, 2e-3, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)  # noqa: E731
+    if qtype in (Q.Q4_K, Q.Q5_K):  # d, dmin first
+        raw[:, 0:2], raw[:, 2:4] = scales(), scales()
+    elif qtype == Q.Q6_K:  # d last
+        raw[:, size - 2 :] = scales()
+    else:
+        raise AssertionError(qtype)
+    return GGUFTensor(raw.reshape(rows, -1), qtype, (rows, cols))
+
+
+INT4 = [Q.Q4_0, Q.Q4_1, Q.Q4_K]
+INT8 = [Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0]
+
+
+def int4_form(t: GGUFTensor, round_bf16: bool) -> np.ndarray:
+    """(q - 8) s + z in float64, with s, z exact or rounded to bfloat16 as the kernel holds them."""
+    codes, s, z = int4_groups(t)
+    if round_bf16:
+        s, z = (torch.from_numpy(a).to(torch.bfloat16).double().numpy() for a in (s, z))
+    rows, cols = t.shape
+    return ((codes.astype(np.float64) - 8).reshape(rows, -1, 32) * s[..., None] + z[..., None]).reshape(rows, cols)
+
+
+def check_matmul(weight, w64: torch.Tensor, m: int, seed: int = 0) -> None:
+    """weight(x) == bf16(x) @ w64.T in float64, within the kernel's output rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, w64.shape[1], generator=g)
+    ref = x.to(torch.bfloat16).double() @ w64.t()
+    got = weight(x).double()
+    bound = BF16_HALF_ULP * ref.abs() + 2.0**-16 * (x.abs().double() @ w64.abs().t())  # + float32 sums
+    assert (got - ref).abs().le(bound).all(), float(((got - ref).abs() - bound).max())
+
+
+# --- repacking ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", INT4)
+def test_int4_groups_are_exact(qtype):
+    t = random_tensor(qtype, 48, 512)
+    assert np.array_equal(int4_form(t, round_bf16=False).astype(np.float32), t.dequantize())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_0])
+def test_int8_groups_are_exact(qtype):
+    t = random_tensor(qtype, 40, 256)
+    codes, d = int8_groups(t)
+    w = (codes.reshape(40, -1, 32).astype(np.float32) * d[..., None]).reshape(t.shape)
+    assert np.array_equal(w, t.dequantize())
+    emb = pack_embedding(t)
+    assert torch.equal(emb.dequantize(), torch.from_numpy(t.dequantize()))
+    ids = torch.tensor([3, 0, 39, 3])
+    assert torch.equal(emb.rows(ids, torch.float32), torch.from_numpy(t.dequantize())[ids])
+
+
+@pytest.mark.parametrize("qtype", INT4)
+def test_int4_weight_holds_the_file_within_bf16_scale_rounding(qtype):
+    t = random_tensor(qtype, 72, 512)
+    w = pack_linear([t], torch.float32)
+    assert isinstance(w, Int4Weight)
+    deq = w.dequantize().double().numpy()
+    assert np.array_equal(deq, int4_form(t, round_bf16=True).astype(np.float32))  # what the kernel multiplies
+    _, s, z = int4_groups(t)
+    bound = BF16_HALF_ULP * (8 * np.abs(s) + np.abs(z)) + 2.0**-24 * np.abs(s) * 16  # + float32 rounding
+    err = np.abs(deq - t.dequantize()).reshape(72, -1, 32).max(axis=2)
+    assert (err <= bound).all()
+
+
+@pytest.mark.parametrize("qtype", INT8)
+def test_int8_requantization_error_is_half_a_step(qtype):
+    t = random_tensor(qtype, 40, 512)
+    w = pack_linear([t], torch.float32)
+    assert isinstance(w, Int8Weight)
+    ref = torch.from_numpy(t.dequantize()).double()
+    err = (w.dequantize().double() - ref).abs().amax(dim=1)
+    assert (err <= w.scale.double() / 2 * (1 + 1e-6)).all()
+    assert (w.scale.double() <= ref.abs().amax(dim=1) / 127 * (1 + 2.0**-7)).all()  # bf16 rounded up
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_K, Q.Q5_1])
+def test_other_embeddings_are_requantized_per_group(qtype):
+    t = random_tensor(qtype, 24, 256)
+    emb = pack_embedding(t)
+    ref = torch.from_numpy(t.dequantize()).view(24, -1, 32)
+    err = (emb.dequantize().view(24, -1, 32) - ref).abs().amax(dim=2)
+    assert (err <= ref.abs().amax(dim=2) / 254 * (1 + 1e-5)).all()
+
+
+def test_int4_layout_unpacks_every_row_block():
+    """Dequantize (the large-M path) unpacks torch's packed layout, including short last blocks."""
+    assert packed._int4_layout() is not None, "this machine's torch packs int4 in an unknown layout"
+    g = torch.Generator().manual_seed(0)
+    for n in (16, 49, 80, 200, 4200):
+        codes = torch.randint(0, 16, (n, 64), dtype=torch.uint8, generator=g)
+        scale, zero = torch.rand(n, 2, generator=g), torch.randn(n, 2, generator=g)
+        w = Int4Weight(codes, scale, zero)
+        s, z = (a.to(torch.bfloat16).float().repeat_interleave(32, dim=1) for a in (scale, zero))
+        want = (codes.float() - 8) * s + z
+        assert torch.equal(w.dequantize(), want)
+        if n > 48:
+            assert torch.equal(w.dequantize(48, min(n, 100)), want[48:100])
+
+
+# --- kernels vs dequantize-then-matmul -----------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", INT4 + INT8)
+@pytest.mark.parametrize("m", [1, 3, 16, 200])  # 200: past every large_m, the dequantize + GEMM path
+def test_kernel_equals_dequantized_matmul(qtype, m):
+    t = random_tensor(qtype, 96, 512, seed=m)
+    w = pack_linear([t], torch.float32)
+    check_matmul(w, w.dequantize().double(), m)
+
+
+@pytest.mark.parametrize("m", [1, 5, 200])
+def test_grouped_int8_head_equals_dequantized_matmul(m):
+    emb = pack_embedding(random_tensor(Q.Q8_0, 300, 256))
+    assert isinstance(emb, Int8GroupWeight)
+    w64 = emb.dequantize().double()
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=g)
+    ref = x.to(torch.bfloat16).double() @ w64.t()
+    # 8 groups, each rounded to bf16 with a bf16-rounded scale, summed in float32
+    scale_err = BF16_HALF_ULP * (x.to(torch.bfloat16).double().abs() @ w64.abs().t())
+    assert ((emb(x).double() - ref).abs() <= 3 * scale_err + 1e-6).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
+def test_large_batch_path_matches_the_kernel(qtype):
+    """Rows computed with M >= large_m (dequantize + float32 GEMM) equal the kernel's to one bf16 ulp."""
+    w = pack_linear([random_tensor(qtype, 160, 512)], torch.float32)
+    x = torch.randn(w.large_m + 3, 512, generator=torch.Generator().manual_seed(1))
+    big = w(x)
+    small = torch.cat([w(x[i : i + 7]) for i in range(0, len(x), 7)])
+    assert torch.equal(w(x[:1]), small[:1])
+    assert ((big - small).abs() <= 2.0**-7 * small.abs()).all()
+    assert (big != small).float().mean() < 0.01
+
+
+def test_merged_parts_of_different_types_stay_separate():
+    parts = [random_tensor(Q.Q4_K, 64, 256), random_tensor(Q.Q4_0, 32, 256, 1),
+             random_tensor(Q.Q8_0, 32, 256, 2), torch.randn(16, 256)]
+    w = pack_linear(parts, torch.float32)
+    assert isinstance(w, RowSegments)
+    assert [type(p) for p in w.parts] == [Int4Weight, Int8Weight, DenseWeight]
+    assert [p.out_features for p in w.parts] == [96, 32, 16]
+    x = torch.randn(4, 256)
+    assert torch.equal(w(x), torch.cat([p(x) for p in w.parts], dim=-1))
+    for part in w.parts[:2]:
+        check_matmul(part, part.dequantize().double(), 4)
+    assert torch.equal(w.parts[2].weight, parts[3])
+
+
+def test_unsupported_types_stay_float():
+    t = GGUFTensor(quants.quantize(np.ones((8, 256), np.float32), Q.F16), Q.F16, (8, 256))
+    assert pack_linear([t], torch.float32) is None
+
+
+# --- real weights --------------------------------------------------------------------------------
+
+def real_tensors(path: str) -> dict:
+    """One 2-D tensor of each quantized type in the file."""
+    found = {}
+    for t in open_gguf(path).tensors:
+        if len(t.shape) == 2 and t.tensor_type not in found and t.tensor_type not in (Q.F32, Q.F16):
+            found[t.tensor_type] = GGUFTensor(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2_gguf", "gemma3_gguf"])
+def test_real_weights(model, request):
+    for qtype, t in real_tensors(request.getfixturevalue(model)).items():
+        if t.shape[0] > 4096:  # the embedding: check its packed form, and a row slice as a linear
+            emb = pack_embedding(t)
+            ids = torch.tensor([0, 17, t.shape[0] - 1])
+            want = torch.from_numpy(GGUFTensor(t.raw[ids.numpy()], t.qtype, (3, t.shape[1])).dequantize())
+            assert torch.equal(emb.rows(ids, torch.float32), want), qtype.name
+            t = GGUFTensor(t.raw[:1024], t.qtype, (1024, t.shape[1]))
+        w = pack_linear([t], torch.float32)
+        if qtype in INT4:
+            assert np.array_equal(int4_form(t, round_bf16=False).astype(np.float32), t.dequantize()), qtype.name
+        check_matmul(w, w.dequantize().double(), 2)
+
+
+# --- whole models ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_tiny_models_quantized_equal_dequantized(arch, qtype, tmp_path):
+    """Q/K un-permutation on quantized rows (llama), biases after a packed q|k|v (qwen2), tied
+    float embedding (gemma3): logits of the packed model equal those of the dequantized one
+    within the kernels' bfloat16 roundings."""
+    from flashserve.model.loader import load_model
+    from tests.model.test_models_vs_hf import run_incremental
+    from tests.model.tiny import hf_tiny, write_gguf
+
+    path = str(write_gguf(hf_tiny(arch), tmp_path / "m.gguf", qtype=qtype))
+    ref_model, cfg = load_model(path, torch.float32, quantization="none")
+    model, _ = load_model(path, torch.float32, quantization="auto")
+    assert any(isinstance(m, (Int4Weight, Int8Weight)) for m in model.modules())
+    tokens = [3, 17, 99, 5, 250, 42, 7, 7, 128, 64]
+    ref = run_incremental(ref_model, cfg, tokens, [6, 1, 1, 1, 1])
+    got = run_incremental(model, cfg, tokens, [6, 1, 1, 1, 1])
+    # Q4_0 (exact repack) differs only by bf16 roundings; Q8_0 layers are also requantized per row.
+    tol = 0.02 if qtype == "Q4_0" else 0.05
+    torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_packed_rows_are_the_file_rows(smollm2_gguf):
+    """Every packed weight of the real model dequantizes to the file's weight (q/k rows un-permuted,
+    q|k|v and gate|up concatenated) within the bf16 rounding of its scales."""
+    from flashserve.model.loader import load_model
+    from flashserve.model.loader.gguf import gguf_model_config, iter_gguf_tensors
+
+    model, _ = load_model(smollm2_gguf, torch.float32, quantization="auto")
+    cfg = gguf_model_config(smollm2_gguf)
+    files = dict(iter_gguf_tensors(smollm2_gguf, cfg))
+    layer = model.model.layers[3]
+    for packed_weight, names in [
+        (layer.self_attn.qkv_proj.qweight, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        (layer.mlp.gate_up_proj.qweight, ["mlp.gate_proj", "mlp.up_proj"]),
+        (layer.mlp.down_proj.qweight, ["mlp.down_proj"]),
+    ]:
+        want = torch.cat([files[f"model.layers.3.{n}.weight"] for n in names])
+        got = packed_weight.dequantize()
+        rows_max = want.abs().amax(dim=1, keepdim=True)
+        assert ((got - want).abs() <= 3 * BF16_HALF_ULP * rows_max).all(), names
+    emb = model.model.embed_tokens.qweight
+    assert torch.equal(emb.dequantize(0, 256), files["model.embed_tokens.weight"][:256])
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_quantized_vs_dequantized(smollm2_gguf, smollm2_llm):
+    """The float32 engine on packed weights against the dequantized float32 engine (the bfloat16
+    engine, packed by default, is checked the same way in test_bf16_fidelity.py)."""
+    from flashserve import LLM, SamplingParams
+    from tests.model.test_bf16_fidelity import PROMPTS, assert_near_ties
+
+    llm = LLM(model=smollm2_gguf, dtype="float32", quantization="auto", max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    ref = smollm2_llm.generate(PROMPTS, params, use_tqdm=False)
+    assert_near_ties(ref, llm.generate(PROMPTS, params, use_tqdm=False), smollm2_gguf)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_fixture", ["smollm2_gguf", "gemma3_gguf"])
+def test_perplexity_within_one_percent(model_fixture, request):
+    """Perplexity of the first 512 tokens of the GPL-3 text: packed weights (float32 and bfloat16
+    compute) within 1% of the dequantized float32 model."""
+    from pathlib import Path
+
+    from flashserve.model.loader import load_model
+    from flashserve.tokenizer.tokenizer import Tokenizer
+    from tests.model.test_models_vs_hf import run_incremental
+
+    licence = Path("/usr/share/common-licenses/GPL-3")
+    if not licence.exists():
+        pytest.skip("the GPL-3 text is not on this system")
+    path = request.getfixturevalue(model_fixture)
+    ids = Tokenizer.from_model_path(path).encode(licence.read_text())[:512]
+
+    def perplexity(dtype, quantization):
+        model, cfg = load_model(path, dtype, quantization=quantization)
+        logits = run_incremental(model, cfg, ids, [len(ids)])
+        return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]))))
+
+    ref = perplexity(torch.float32, "none")
+    for dtype in (torch.float32, torch.bfloat16):
+        p = perplexity(dtype, "auto")
+        print(f"{model_fixture} perplexity over {len(ids)} tokens: float32 dequantized {ref:.4f}, {dtype} packed {p:.4f}")
+        assert abs(p - ref) / ref < 0.01, (ref, p)
+
+
+def test_quantization_setting_is_validated():
+    from flashserve.config import EngineConfig
+    from flashserve.entrypoints.cli import build_parser
+
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(model="m", model_path="m", model_config=None, quantization="int3").validate()
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--quantization", "none"])
+    assert args.quantization == "none"
