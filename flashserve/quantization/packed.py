@@ -19,23 +19,24 @@ float32 GEMM amortizes the weight over the rows. From M >= large_m rows the weig
 dequantized to float32 in chunks of rows and multiplied with torch.mm; x and the output are
 rounded through bfloat16 as in the kernel, so both paths give the same numbers up to float32
 summation order (a request's tokens do not depend on the batch it lands in). µs per call, one
-thread, x float32, weights cycled beyond L3, SmolLM2-135M shapes, this project's 2-core Zen 4
-VM (AVX2 only: no AVX-512 is exposed, so no native bf16 either), measured on a shared, busy
-machine with benchmarks/linear_kernels.py:
+thread, x float32, weights cycled beyond L3, SmolLM2-135M shapes, this project's 2-core AMD
+EPYC VM (AVX2 only: no AVX-512 is exposed, so no native bf16 either), measured on a shared
+machine (load ~2) with benchmarks/linear_kernels.py:
 
-    gate_up 3072x576   M:     1     4    16    32    64   128    256
-      float32 F.linear      878  1619  2472  3541  5063  9792  15878
-      bfloat16 F.linear     630  2168  8575 17298 33886 70254 136899
-      int4 kernel           380   538  2075  4370  8355 22013  33914
-      int4 dequant+mm         -     -  6676  8383  9169 20046  22209
-      int8 kernel           532   839  2349  4564  8274 23761  32963
-      int8 dequant+mm         -     -  3500  5839  6278 15387  20242
-    lm_head 49152x576  M:     1     4    16          64         256
-      int8 per group       8564 19491 87417      344156     2109689
-      int8 dequant+mm         -     - 116190      166689      371652
+    gate_up 3072x576   M:     1     4    16    64    128    256
+      float32 F.linear      684  1464  2250  3777   7204  11989
+      bfloat16 F.linear     497  1825  6335 22938  46078  92254
+      int4 kernel           346   619  1471  5775  11746  23033
+      int4 dequant+mm         -     -  4703  7371  10181  14894
+      int8 kernel           494   708  1672  6108  11315  21981
+      int8 dequant+mm         -     -  3263  6249   8777  13694
+    lm_head 49152x576  M:     1     4    16    64    128    256
+      float32 F.linear     9559 24150 32805 72274 141268 285503
+      int8 per group       6585 13327 57613 320422 662794 1223617
+      int8 dequant+mm         -     - 59566 95505 191600 220360
 
 Crossovers (every shape of the model agrees to within one column): int4 128, int8 64, the
-per-group head 32. Float32 GEMM beats the kernels from M ~ 16, but the weight is not kept in
+per-group head 32. Float32 GEMM beats the kernels from M ~ 32, but the weight is not kept in
 float32: that is 4x the memory of the int8 and 6.4x that of the int4 form.
 """
 from __future__ import annotations
