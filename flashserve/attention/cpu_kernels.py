@@ -26,7 +26,10 @@ def _build_name() -> str:
         import platform
 
         flags = platform.processor()
-    return "flashserve_cpu_kernels_" + hashlib.sha256(flags.encode()).hexdigest()[:10]
+    # The sources' directory too: two checkouts sharing one name would make ninja rebuild the
+    # extension every time a process of the other one loads it (its build file names the paths).
+    key = flags + str(_SOURCES[0].parent.resolve())
+    return "flashserve_cpu_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 @functools.cache
