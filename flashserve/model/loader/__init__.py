@@ -45,8 +45,12 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         model.load_weights(iter_safetensors(path), hf_checkpoint=True)
     else:
         from flashserve.model.loader.gguf import iter_gguf_tensors
+        from flashserve.model.loader.gguf_file import open_gguf
 
         model.load_weights(iter_gguf_tensors(path, cfg, keep_quantized=quantization == "auto"), hf_checkpoint=False)
+        # The cached reader holds the file's memory map (now paged in) and its parsed metadata (the
+        # vocabulary as numpy arrays): 220 MiB resident for SmolLM2, measured. No weight views it.
+        open_gguf.cache_clear()
     logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
                 quantization)
     return model.eval(), cfg
