@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flashserve.attention.cpu_kernels import cpu_kernels
+from flashserve.attention.cpu_kernels import kernels_for
 
 SPLIT_TOKENS = 512
 
@@ -23,7 +23,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     On CPU the C++ kernel reads K/V in place through the block table; elsewhere (or without a
     compiler) the torch implementation below computes the same thing."""
-    kernels = cpu_kernels() if q.device.type == "cpu" and type(k_cache) is torch.Tensor else None
+    kernels = kernels_for(q) if type(k_cache) is torch.Tensor else None  # an Int8KVCache dequantizes in torch
     if kernels is not None:
         return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale,
                                               sliding_window or -1, logit_softcap or 0.0, SPLIT_TOKENS)
@@ -31,9 +31,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                   sliding_window, logit_softcap)
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, max_seq_len: int, min_seq_len: int, scale: float,
-                     sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, min_seq_len: int,
+                           scale: float, sliding_window: int | None = None,
+                           logit_softcap: float | None = None) -> torch.Tensor:
     """Split-KV decode in plain torch ops (batched matmuls over gathered blocks)."""
     N, Hq, D = q.shape
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
