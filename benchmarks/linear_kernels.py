@@ -9,6 +9,9 @@ Per shape and batch size M (µs per call, x and y in float32 as the engine's com
   int8            Int8Weight's kernel (_weight_int8pack_mm, per-row scales)
   int4 dq, int8 dq  the large-M path: dequantize to float32 in row chunks, then torch.mm
   int8 grp        Int8GroupWeight (the tied embedding / LM head): one int8 call per group of 32
+  own4, own8      GroupQuantWeight: this project's C++ kernel, 4-bit (groups of 32, scale + zero) and
+                  8-bit (groups of 32, scale) codes, float32 x and y
+  own4 dq         GroupQuantWeight's large-M path: dequantize to float32 in row chunks, then torch.mm
 Each cell cycles through enough distinct random weights to exceed the L3 cache, as a model's
 layers do. --engine adds decode tok/s and resident memory of LLM(...) with quantization
 "none" and "auto", each in a fresh process.
@@ -26,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flashserve.quantization.packed import Int4Weight, Int8GroupWeight, Int8Weight
+from flashserve.quantization.packed import GroupQuantWeight, Int4Weight, Int8GroupWeight, Int8Weight
 
 L3_BYTES = 64 << 20  # cycle through at least this many weight bytes per cell
 
@@ -62,13 +65,17 @@ def time_us(fns, budget: float = 0.3) -> float:
 
 def weights(n: int, k: int, copies: int):
     g = torch.Generator().manual_seed(0)
-    out = {"fp32": [], "bf16": [], "int4": [], "int8": [], "int8 grp": []}
+    out = {"fp32": [], "bf16": [], "int4": [], "int8": [], "int8 grp": [], "own4": [], "own8": []}
     for _ in range(copies):
         w = torch.randn(n, k, generator=g) * 0.05
         out["fp32"].append(w)
         out["bf16"].append(w.bfloat16())
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-        out["int4"].append(Int4Weight(codes, torch.rand(n, k // 32, generator=g) * 0.01, torch.zeros(n, k // 32)))
+        scale = torch.rand(n, k // 32, generator=g) * 0.01
+        out["int4"].append(Int4Weight(codes, scale, torch.zeros(n, k // 32)))
+        out["own4"].append(GroupQuantWeight(codes, scale, -8 * scale, bits=4))
+        out["own8"].append(GroupQuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+                                            scale, None, bits=8))
         out["int8"].append(Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
                                       torch.rand(n, generator=g)))
         if n > 8192:
@@ -78,7 +85,7 @@ def weights(n: int, k: int, copies: int):
 
 
 def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int]) -> None:
-    cols = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp"]
+    cols = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp", "own4", "own8", "own4 dq"]
     print(f"{'layer':>10} {'N x K':>12} {'M':>5} " + " ".join(f"{c:>9}" for c in cols))
     for name, (n, k) in shapes.items():
         copies = max(1, min(30, L3_BYTES // (n * k * 4) + 1))
@@ -94,11 +101,15 @@ def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int]) -> None:
                 "int4 dq": [lambda w=w: w._dense_matmul(x).float() for w in w["int4"]],
                 "int8 dq": [lambda w=w: w._dense_matmul(x).float() for w in w["int8"]],
                 "int8 grp": [lambda w=w: w.kernel(x.bfloat16()) for w in w["int8 grp"]],
+                "own4": [lambda w=w: w.kernel(x) for w in w["own4"]],
+                "own8": [lambda w=w: w.kernel(x) for w in w["own8"]],
+                "own4 dq": [lambda w=w: w._dense_matmul(x) for w in w["own4"]],
             }
             budget = 0.3 if n * k * m < 5e8 else 1.0
             cells = []
             for c in cols:
-                skip = not fns[c] or (c.endswith("dq") and m < 16) or (c == "bf16" and m >= 256 and n > 8192)
+                skip = not fns[c] or (c.endswith("dq") and m < 16) or (c == "bf16" and m >= 256 and n > 8192) \
+                    or (c in ("int4", "int8", "int8 grp") and m >= 256)  # slow and not used there
                 cells.append(f"{time_us(fns[c], budget):9.0f}" if not skip else f"{'-':>9}")
             print(f"{name:>10} {f'{n}x{k}':>12} {m:>5} " + " ".join(cells), flush=True)
 

@@ -1,17 +1,23 @@
 """Which packed form (packed.py) a GGUF weight gets when quantized execution is on.
 
+With this project's C++ kernels built (the usual case on CPU), every quantized weight becomes a
+GroupQuantWeight: codes with a float32 scale and zero per group, float32 activations.
+
+    Q4_0, Q4_1, Q4_K             → 4-bit codes, groups of 32: the file's own codes and exact s, z
+    Q8_0, Q5_0                   → 8-bit codes, groups of 32, exact
+    Q5_1, Q5_K, Q6_K             → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254)
+    token embedding (row lookups, tied head) → 8-bit codes as above (Q8_0/Q5_0/Q4_0 exactly)
+
+Without them, torch's bfloat16 kernels take over:
+
     Q4_0, Q4_1, Q4_K             → Int4Weight: the file's own codes, groups of 32 (gguf_blocks.py);
                                    exact up to rounding s and z to bfloat16: |Δw| <= 2^-8 (8|s| + |z|)
     Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 → Int8Weight: dequantized, then requantized per row;
                                    adds |Δw| <= max|w_row| / 254 to the file's own error
-    anything else (F16, Q2_K, Q3_K, i-quants) → DenseWeight in the compute dtype, as without quantization
-    token embedding (row lookups, tied head) → Int8GroupWeight: Q8_0/Q5_0/Q4_0 exactly, others
-                                   requantized per group of 32
+    token embedding              → Int8GroupWeight: Q8_0/Q5_0/Q4_0 exactly, others per group of 32
 
-Measured on the two catalogue models (tests/model/test_quant_linear.py, benchmarks/linear_kernels.py):
-the int8 requantization error is a fraction of the 4/5/6-bit error already in the file, and the
-int8 kernel at M=1 runs at about the speed of the int4 one, several times faster than a bfloat16
-or float32 matmul on this CPU.
+Anything else (F16, Q2_K, Q3_K, i-quants) → DenseWeight in the compute dtype, as without quantization.
+Speeds per shape: benchmarks/linear_kernels.py.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from flashserve.quantization.gguf_blocks import INT4_TYPES, INT8_GROUP_TYPES, GGUFTensor, int4_groups, int8_groups
 from flashserve.quantization.packed import (
     DenseWeight,
+    GroupQuantWeight,
     Int4Weight,
     Int8GroupWeight,
     Int8Weight,
@@ -49,36 +56,60 @@ def kind_of(part: Part) -> str:
     return "dense"
 
 
-def pack_linear(parts: list[Part], dtype: torch.dtype) -> PackedWeight | None:
+def pack_linear(parts: list[Part], dtype: torch.dtype, own_kernels: bool | None = None) -> PackedWeight | None:
     """One weight for parts stacked along the output rows (q|k|v, gate|up, or a single part);
-    None when no part has a quantized kernel (the caller keeps its float weight)."""
+    None when no part has a quantized kernel (the caller keeps its float weight).
+    own_kernels: this project's C++ kernel (True) or torch's (False); None: ours when it built."""
     kinds = [kind_of(p) for p in parts]
     if all(k == "dense" for k in kinds):
         return None
-    segments = [_pack(kind, [p for _, p in run], dtype)
+    own = _own_kernels() if own_kernels is None else own_kernels
+    segments = [_pack(kind, [p for _, p in run], dtype, own)
                 for kind, run in itertools.groupby(zip(kinds, parts), key=lambda kp: kp[0])]
     return segments[0] if len(segments) == 1 else RowSegments(segments)
 
 
-def pack_embedding(t: GGUFTensor) -> Int8GroupWeight:
+def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupWeight | GroupQuantWeight:
     """Rows must be looked up exactly (Gemma 3 scales them by sqrt(d) into the residual: per-row
     requantization raised its perplexity by 1.9%), so the table keeps per-group scales:
     Q8_0/Q5_0/Q4_0 exactly, other types requantized per group of 32."""
     if t.qtype in INT8_GROUP_TYPES:
-        codes, scale = int8_groups(t)
-        return Int8GroupWeight(torch.from_numpy(codes), torch.from_numpy(scale))
-    q, scale = zip(*(quantize_groups(_dense(chunk)) for chunk in _row_chunks(t)))
-    return Int8GroupWeight(torch.cat(q), torch.cat(scale))
+        codes, scale = (torch.from_numpy(a) for a in int8_groups(t))
+    else:
+        codes, scale = (torch.cat(a) for a in zip(*(quantize_groups(_dense(chunk)) for chunk in _row_chunks(t))))
+    if _own_kernels() if own_kernels is None else own_kernels:
+        return GroupQuantWeight(codes, scale, None, bits=8)
+    return Int8GroupWeight(codes, scale)
 
 
-def _pack(kind: str, parts: list[Part], dtype: torch.dtype) -> PackedWeight:
+def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -> PackedWeight:
     if kind == "int4":
         codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
+        if own_kernels:  # w = q s + (z - 8 s), computed in float64 where it is exact
+            return GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(scale),
+                                    torch.from_numpy(zero - 8.0 * scale), bits=4)
         return Int4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero))
     if kind == "int8":
+        if own_kernels:
+            q, scale = zip(*(_int8_group_codes(chunk) for p in parts for chunk in _row_chunks(p)))
+            return GroupQuantWeight(torch.cat(q), torch.cat(scale), None, bits=8)
         q, scale = zip(*(quantize_rows(_dense(chunk)) for p in parts for chunk in _row_chunks(p)))
         return Int8Weight(torch.cat(q), torch.cat(scale))
     return DenseWeight(torch.cat([_dense(p) for p in parts]).to(dtype))
+
+
+def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0/Q5_0 exactly; Q5_1/Q5_K/Q6_K requantized per group of 32 (|Δw| <= max|w_group| / 254)."""
+    if t.qtype in INT8_GROUP_TYPES:
+        return tuple(torch.from_numpy(a) for a in int8_groups(t))
+    return quantize_groups(_dense(t))
+
+
+def _own_kernels() -> bool:
+    """This project's C++ kernel (float32 activations, exact scales) when it built; else torch's."""
+    from flashserve.attention.cpu_kernels import cpu_kernels
+
+    return cpu_kernels() is not None
 
 
 def _dense(part: Part) -> torch.Tensor:

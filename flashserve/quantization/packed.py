@@ -62,6 +62,7 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 class PackedWeight(nn.Module):
     in_features: int
     out_features: int
+    act_dtype = _KERNEL_DTYPE  # what kernel() takes; the large-M path rounds x to it too
     kernel_dtype = _KERNEL_DTYPE  # what kernel() returns; the large-M path rounds to it too
     large_m = 64  # rows from which dequantize + float32 GEMM beats the kernel (table above)
 
@@ -70,7 +71,7 @@ class PackedWeight(nn.Module):
         if x2.shape[0] >= self.large_m and self.can_dequantize():
             y = self._dense_matmul(x2)
         else:
-            y = self.kernel(x2.to(_KERNEL_DTYPE).contiguous())
+            y = self.kernel(x2.to(self.act_dtype).contiguous())
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class PackedWeight(nn.Module):
         return True
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_KERNEL_DTYPE).float()  # (M, K) the kernel's rounding of x
+        xf = x.to(self.act_dtype).float()  # (M, K) the kernel's rounding of x
         out = torch.empty(x.shape[0], self.out_features, dtype=self.kernel_dtype)  # (M, N)
         for start in range(0, self.out_features, _CHUNK_ROWS):
             end = min(start + _CHUNK_ROWS, self.out_features)
@@ -186,6 +187,60 @@ class Int8GroupWeight(PackedWeight):
         """Embedding lookup: (T,) ids → (T, K) in `dtype`, exactly q * s."""
         w = self.q[:, ids].float() * self.scale[:, ids, None]  # (K/32, T, 32)
         return w.transpose(0, 1).reshape(len(ids), self.in_features).to(dtype)
+
+
+class GroupQuantWeight(PackedWeight):
+    """w = q * s + z per group of `group` values along K, q of 4 or 8 bits, s and z float32:
+    the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit) and Q8_0/Q5_0 (8-bit) blocks, run by this
+    project's C++ kernel (attention/csrc/quant_matmul.cpp) on float32 activations, so neither x
+    nor the output is rounded to bfloat16 and each row's result does not depend on M.
+    Also an embedding table: rows() looks rows up exactly."""
+
+    act_dtype = torch.float32
+    kernel_dtype = torch.float32
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 group: int = GROUP):
+        """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group)."""
+        super().__init__()
+        n, k = codes.shape
+        if bits not in (4, 8) or k % group or scale.shape != (n, k // group) or (bits == 4 and group != GROUP):
+            raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
+        self.out_features, self.in_features = n, k
+        self.bits, self.group = bits, group
+        self.large_m = 32 if bits == 4 else 64
+        if bits == 4:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
+            halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+            packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+        else:
+            packed = codes.to(torch.int8).view(torch.uint8)
+        self.codes = _param(packed.contiguous())  # (N, K/2) or (N, K) uint8
+        self.scale = _param(scale.float().contiguous())  # (N, K/group)
+        self.zero = None if zero is None else _param(zero.float().contiguous())  # (N, K/group)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        from flashserve.attention.cpu_kernels import cpu_kernels
+
+        return cpu_kernels().group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group)
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self._weights(slice(start, end))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Embedding lookup: (T,) ids → (T, K) in `dtype`, exactly q * s + z."""
+        return self._weights(ids).to(dtype)
+
+    def _weights(self, index) -> torch.Tensor:
+        c = self.codes[index]  # (rows, K/2 or K)
+        if self.bits == 4:
+            c = c.view(len(c), -1, GROUP // 2)
+            q = torch.cat([c & 0x0F, c >> 4], dim=-1).float()  # (rows, K/32, 32)
+        else:
+            q = c.view(torch.int8).view(len(c), -1, self.group).float()  # (rows, K/group, group)
+        w = q.mul_(self.scale[index][..., None])
+        if self.zero is not None:
+            w.add_(self.zero[index][..., None])
+        return w.view(len(c), self.in_features)
 
 
 class DenseWeight(PackedWeight):

@@ -1,10 +1,11 @@
 """Batch invariance: continuous batching, chunked prefill, preemption and prefix caching must not
 change greedy outputs. The reference is each request run alone through a fresh engine.
 
-On dequantized float32 weights (quantization="none"): packed weights switch from the int4/int8
-kernels to dequantize + float32 GEMM for steps of many rows, and the two round differently at
-bfloat16 level, which flips near-ties of these random-token prompts (3 of 24 under forced
-chunking, measured). Making the packed default batch-invariant across that switch is open work."""
+On the default engine (float32, packed GGUF weights on this project's kernel): a row's result
+does not depend on the other rows of its step (tests/model/test_quant_linear.py), except across
+the switch to dequantize + float32 GEMM for steps of many rows, where only the float32
+summation order differs. (torch's bfloat16 kernels rounded differently at that switch and
+flipped 3 of 24 of these random-token prompts; they are used only when the C++ build fails.)"""
 from __future__ import annotations
 
 import random
@@ -19,9 +20,9 @@ MAX_TOKENS = 12
 BLOCK_BYTES_FP32 = 2 * 30 * 16 * 3 * 64 * 4  # SmolLM2: layers * block * kv_heads * head_dim * fp32, K and V
 
 
-def _prompts(n=24, seed=0):
+def _prompts(n=12, seed=0):
     rng = random.Random(seed)
-    lengths = [1, 600] + [rng.randint(2, 599) for _ in range(n - 2)]
+    lengths = [1, 500] + [rng.randint(2, 400) for _ in range(n - 2)]
     # Token ids from the ordinary part of the vocabulary (ids 0..16 are special in SmolLM2).
     return [[rng.randrange(100, 49000) for _ in range(L)] for L in lengths]
 
@@ -36,12 +37,12 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def alone(smollm2_gguf, prompts):
-    llm = LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_num_seqs=1, enable_prefix_caching=False)
+    llm = LLM(model=smollm2_gguf, dtype="float32", max_num_seqs=1, enable_prefix_caching=False)
     return [llm.generate([p], PARAMS, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
 
 def _batched(gguf, prompts, **kwargs):
-    llm = LLM(model=gguf, dtype="float32", quantization="none", **kwargs)
+    llm = LLM(model=gguf, dtype="float32", **kwargs)
     outs = llm.generate(prompts, PARAMS, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outs]
 
@@ -62,8 +63,8 @@ def test_forced_chunking(smollm2_gguf, prompts, alone):
 
 
 def test_preemption(smollm2_gguf, prompts, alone):
-    llm, got = _batched(smollm2_gguf, prompts, max_num_batched_tokens=512, max_num_seqs=24,
-                        kv_cache_memory=60 * BLOCK_BYTES_FP32)
+    llm, got = _batched(smollm2_gguf, prompts, max_num_batched_tokens=512, max_num_seqs=12,
+                        kv_cache_memory=40 * BLOCK_BYTES_FP32)
     assert llm.engine.get_stats().num_preemptions_total > 0, "the small KV pool should have forced preemption"
     _assert_same(alone, got)
     llm.engine.scheduler.kv_cache_manager.check_invariants()
@@ -80,7 +81,7 @@ def test_shared_system_prompt_hits_prefix_cache(smollm2_gguf):
     prompts = [system + [rng.randrange(100, 49000) for _ in range(rng.randint(1, 40))] for _ in range(6)]
     results = {}
     for caching in (True, False):
-        llm = LLM(model=smollm2_gguf, dtype="float32", quantization="none", enable_prefix_caching=caching)
+        llm = LLM(model=smollm2_gguf, dtype="float32", enable_prefix_caching=caching)
         first = llm.generate(prompts[:1], PARAMS, use_tqdm=False)  # warms the cache with the system prompt
         rest = llm.generate(prompts[1:], PARAMS, use_tqdm=False)
         results[caching] = [o.outputs[0].token_ids for o in first + rest]

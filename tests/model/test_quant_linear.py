@@ -1,9 +1,10 @@
 """Quantized execution of GGUF weights (flashserve/quantization) against gguf-py's dequantize:
 repacking is exact where the format allows, every kernel equals dequantize-then-matmul in
-float64 within the bfloat16 roundings it makes, and whole models stay close to the float path.
+float64 within the roundings it makes, and whole models stay close to the float path.
 
-Tolerances. The kernels round x and their output to bfloat16 (at most 2^-8 relative) and
-accumulate in float32; the int4 scales and zeros are bfloat16 (|Δw| <= 2^-8 (8|s| + |z|)).
+Two backends: this project's C++ kernel (GroupQuantWeight: float32 x, exact float32 scales,
+float32 sums) and torch's kernels (Int4Weight/Int8Weight: x and the output rounded to bfloat16,
+at most 2^-8 relative; int4 scales and zeros in bfloat16, |Δw| <= 2^-8 (8|s| + |z|)).
 """
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from flashserve.model.loader.gguf_file import open_gguf
 from flashserve.quantization import packed
 from flashserve.quantization.gguf_blocks import GGUFTensor, int4_groups, int8_groups
 from flashserve.quantization.gguf_method import pack_embedding, pack_linear
-from flashserve.quantization.packed import DenseWeight, Int4Weight, Int8GroupWeight, Int8Weight, RowSegments
+from flashserve.attention.cpu_kernels import cpu_kernels
+from flashserve.quantization.packed import (
+    DenseWeight,
+    GroupQuantWeight,
+    Int4Weight,
+    Int8GroupWeight,
+    Int8Weight,
+    RowSegments,
+)
 
 BF16_HALF_ULP = 2.0**-8  # bfloat16 keeps 8 significant bits
 
@@ -56,13 +65,20 @@ def int4_form(t: GGUFTensor, round_bf16: bool) -> np.ndarray:
     return ((codes.astype(np.float64) - 8).reshape(rows, -1, 32) * s[..., None] + z[..., None]).reshape(rows, cols)
 
 
+OWN = pytest.param(True, id="own-kernel", marks=pytest.mark.skipif(cpu_kernels() is None, reason="no C++ build"))
+BACKENDS = [OWN, pytest.param(False, id="torch-kernel")]
+
+
 def check_matmul(weight, w64: torch.Tensor, m: int, seed: int = 0) -> None:
-    """weight(x) == bf16(x) @ w64.T in float64, within the kernel's output rounding."""
+    """weight(x) == x @ w64.T in float64 (x rounded as the kernel takes it), within the kernel's
+    output rounding (bfloat16 for torch's kernels) and float32 summation."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, w64.shape[1], generator=g)
-    ref = x.to(torch.bfloat16).double() @ w64.t()
+    xr = x.to(weight.act_dtype).double()
+    ref = xr @ w64.t()
     got = weight(x).double()
-    bound = BF16_HALF_ULP * ref.abs() + 2.0**-16 * (x.abs().double() @ w64.abs().t())  # + float32 sums
+    out_rounding = BF16_HALF_ULP * ref.abs() if weight.kernel_dtype == torch.bfloat16 else 0.0
+    bound = out_rounding + 2.0**-16 * (xr.abs() @ w64.abs().t())  # + float32 sums
     assert (got - ref).abs().le(bound).all(), float(((got - ref).abs() - bound).max())
 
 
@@ -80,16 +96,36 @@ def test_int8_groups_are_exact(qtype):
     codes, d = int8_groups(t)
     w = (codes.reshape(40, -1, 32).astype(np.float32) * d[..., None]).reshape(t.shape)
     assert np.array_equal(w, t.dequantize())
-    emb = pack_embedding(t)
-    assert torch.equal(emb.dequantize(), torch.from_numpy(t.dequantize()))
     ids = torch.tensor([3, 0, 39, 3])
-    assert torch.equal(emb.rows(ids, torch.float32), torch.from_numpy(t.dequantize())[ids])
+    for own in (True, False):
+        emb = pack_embedding(t, own_kernels=own)
+        assert torch.equal(emb.dequantize(), torch.from_numpy(t.dequantize()))
+        assert torch.equal(emb.rows(ids, torch.float32), torch.from_numpy(t.dequantize())[ids])
+        assert own is isinstance(emb, GroupQuantWeight)
+
+
+@pytest.mark.parametrize("qtype", INT4 + [Q.Q8_0, Q.Q5_0])
+def test_own_kernel_weights_are_the_file_exactly(qtype):
+    t = random_tensor(qtype, 72, 512)
+    w = pack_linear([t], torch.float32, own_kernels=True)
+    assert isinstance(w, GroupQuantWeight) and w.bits == (4 if qtype in INT4 else 8)
+    assert torch.equal(w.dequantize(), torch.from_numpy(t.dequantize()))
+    assert torch.equal(w.dequantize(10, 30), torch.from_numpy(t.dequantize())[10:30])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_1, Q.Q5_K, Q.Q6_K])
+def test_own_kernel_requantizes_other_types_per_group(qtype):
+    t = random_tensor(qtype, 40, 512)
+    w = pack_linear([t], torch.float32, own_kernels=True)
+    ref = torch.from_numpy(t.dequantize()).view(40, -1, 32)
+    err = (w.dequantize().view(40, -1, 32) - ref).abs().amax(dim=2)
+    assert (err <= ref.abs().amax(dim=2) / 254 * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("qtype", INT4)
 def test_int4_weight_holds_the_file_within_bf16_scale_rounding(qtype):
     t = random_tensor(qtype, 72, 512)
-    w = pack_linear([t], torch.float32)
+    w = pack_linear([t], torch.float32, own_kernels=False)
     assert isinstance(w, Int4Weight)
     deq = w.dequantize().double().numpy()
     assert np.array_equal(deq, int4_form(t, round_bf16=True).astype(np.float32))  # what the kernel multiplies
@@ -102,7 +138,7 @@ def test_int4_weight_holds_the_file_within_bf16_scale_rounding(qtype):
 @pytest.mark.parametrize("qtype", INT8)
 def test_int8_requantization_error_is_half_a_step(qtype):
     t = random_tensor(qtype, 40, 512)
-    w = pack_linear([t], torch.float32)
+    w = pack_linear([t], torch.float32, own_kernels=False)
     assert isinstance(w, Int8Weight)
     ref = torch.from_numpy(t.dequantize()).double()
     err = (w.dequantize().double() - ref).abs().amax(dim=1)
@@ -136,17 +172,25 @@ def test_int4_layout_unpacks_every_row_block():
 
 # --- kernels vs dequantize-then-matmul -----------------------------------------------------------
 
+@pytest.mark.parametrize("own", BACKENDS)
 @pytest.mark.parametrize("qtype", INT4 + INT8)
 @pytest.mark.parametrize("m", [1, 3, 16, 200])  # 200: past every large_m, the dequantize + GEMM path
-def test_kernel_equals_dequantized_matmul(qtype, m):
+def test_kernel_equals_dequantized_matmul(qtype, m, own):
     t = random_tensor(qtype, 96, 512, seed=m)
-    w = pack_linear([t], torch.float32)
+    w = pack_linear([t], torch.float32, own_kernels=own)
     check_matmul(w, w.dequantize().double(), m)
+
+
+@pytest.mark.parametrize("own", [OWN])
+@pytest.mark.parametrize("m", [1, 5, 200])
+def test_own_kernel_head_equals_dequantized_matmul(m, own):
+    emb = pack_embedding(random_tensor(Q.Q8_0, 300, 256), own_kernels=own)
+    check_matmul(emb, emb.dequantize().double(), m)
 
 
 @pytest.mark.parametrize("m", [1, 5, 200])
 def test_grouped_int8_head_equals_dequantized_matmul(m):
-    emb = pack_embedding(random_tensor(Q.Q8_0, 300, 256))
+    emb = pack_embedding(random_tensor(Q.Q8_0, 300, 256), own_kernels=False)
     assert isinstance(emb, Int8GroupWeight)
     w64 = emb.dequantize().double()
     g = torch.Generator().manual_seed(m)
@@ -158,9 +202,25 @@ def test_grouped_int8_head_equals_dequantized_matmul(m):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
+def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
+    """Below large_m each row's result is bit-identical whatever else is in the call; from
+    large_m (dequantize + float32 GEMM) it differs by float32 summation order only."""
+    if cpu_kernels() is None:
+        pytest.skip("no C++ build")
+    w = pack_linear([random_tensor(qtype, 160, 512)], torch.float32, own_kernels=True)
+    x = torch.randn(w.large_m + 3, 512, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([w(x[i : i + 1]) for i in range(len(x))])
+    for size in (2, 3, 5, w.large_m - 1):
+        batched = torch.cat([w(x[i : i + size]) for i in range(0, len(x), size)])
+        assert torch.equal(batched, alone), size
+    bound = 2.0**-16 * (x.abs().double() @ w.dequantize().double().abs().t())
+    assert ((w(x).double() - alone.double()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
 def test_large_batch_path_matches_the_kernel(qtype):
     """Rows computed with M >= large_m (dequantize + float32 GEMM) equal the kernel's to one bf16 ulp."""
-    w = pack_linear([random_tensor(qtype, 160, 512)], torch.float32)
+    w = pack_linear([random_tensor(qtype, 160, 512)], torch.float32, own_kernels=False)
     x = torch.randn(w.large_m + 3, 512, generator=torch.Generator().manual_seed(1))
     big = w(x)
     small = torch.cat([w(x[i : i + 7]) for i in range(0, len(x), 7)])
@@ -169,12 +229,14 @@ def test_large_batch_path_matches_the_kernel(qtype):
     assert (big != small).float().mean() < 0.01
 
 
-def test_merged_parts_of_different_types_stay_separate():
+@pytest.mark.parametrize("own", BACKENDS)
+def test_merged_parts_of_different_types_stay_separate(own):
     parts = [random_tensor(Q.Q4_K, 64, 256), random_tensor(Q.Q4_0, 32, 256, 1),
              random_tensor(Q.Q8_0, 32, 256, 2), torch.randn(16, 256)]
-    w = pack_linear(parts, torch.float32)
+    w = pack_linear(parts, torch.float32, own_kernels=own)
     assert isinstance(w, RowSegments)
-    assert [type(p) for p in w.parts] == [Int4Weight, Int8Weight, DenseWeight]
+    kinds = [GroupQuantWeight, GroupQuantWeight] if own else [Int4Weight, Int8Weight]
+    assert [type(p) for p in w.parts] == kinds + [DenseWeight]
     assert [p.out_features for p in w.parts] == [96, 32, 16]
     x = torch.randn(4, 256)
     assert torch.equal(w(x), torch.cat([p(x) for p in w.parts], dim=-1))
@@ -230,7 +292,7 @@ def test_tiny_models_quantized_equal_dequantized(arch, qtype, tmp_path):
     path = str(write_gguf(hf_tiny(arch), tmp_path / "m.gguf", qtype=qtype))
     ref_model, cfg = load_model(path, torch.float32, quantization="none")
     model, _ = load_model(path, torch.float32, quantization="auto")
-    assert any(isinstance(m, (Int4Weight, Int8Weight)) for m in model.modules())
+    assert any(isinstance(m, (GroupQuantWeight, Int4Weight, Int8Weight)) for m in model.modules())
     tokens = [3, 17, 99, 5, 250, 42, 7, 7, 128, 64]
     ref = run_incremental(ref_model, cfg, tokens, [6, 1, 1, 1, 1])
     got = run_incremental(model, cfg, tokens, [6, 1, 1, 1, 1])
