@@ -208,7 +208,7 @@ class GroupQuantWeight(PackedWeight):
             raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
         self.out_features, self.in_features = n, k
         self.bits, self.group = bits, group
-        self.large_m = 32 if bits == 4 else 64
+        self.large_m = 64 if bits == 4 else 128  # crossovers with dequantize + GEMM, measured (RESULTS.md)
         if bits == 4:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
             packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)

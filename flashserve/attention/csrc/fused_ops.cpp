@@ -17,6 +17,10 @@ struct Rows {
   int64_t offset(int64_t r) const { return (r / B) * s0 + (r % B) * s1; }
 };
 
+// Rows per parallel task: a decode step's few rows are cheaper in one thread than the wake-up
+// and barrier of a parallel region (which also stall behind any other busy process on 2 cores).
+int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_elems)); }
+
 void check_rows(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, what, ": expected a 2-d or 3-d tensor");
   TORCH_CHECK(x.stride(-1) == 1, what, ": the last dimension must be contiguous");
@@ -36,7 +40,7 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor* residual, at::Tensor& 
   T* op = out.data_ptr<T>();
   const auto wf = weight.to(at::kFloat).contiguous();
   const float* w = wf.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_rows(D), [&](int64_t begin, int64_t end) {
     std::vector<float> row(D);
     for (int64_t r = begin; r < end; ++r) {
       const T* src = xp + xr.offset(r);
@@ -70,7 +74,7 @@ void rotary_rows(at::Tensor& x, const at::Tensor& positions, const at::Tensor& c
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_rows(xr.D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* v = xp + xr.offset(r);
       const float* c = cp + pos[r / xr.B] * half;
@@ -90,7 +94,7 @@ void act_and_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t d = out.size(-1), n = out.numel() / d, in_stride = gate_up.stride(0);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_rows(3 * d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gp + r * in_stride;
       const T* u = g + d;

@@ -90,7 +90,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   });
 
   T* outp = out.data_ptr<T>();
-  at::parallel_for(0, N * Hq, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * Hq, std::max<int64_t>(1, 4096 / (D * num_splits)), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / Hq, hq = row % Hq, h = hq / G, g = hq % G;
