@@ -36,8 +36,12 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first under the "priority" policy
-    # Sample i > 0 of an n > 1 (or best_of) request: the id of sample 0, whose computed prompt it forks.
+    # Sample i > 0 of an n > 1 (or best_of) request: the id of sample 0, whose computed prompt it forks;
+    # a beam's step: the held request of the beam it extends, whose computed tokens it forks.
     parent_id: str | None = None
+    # Beam search sets this (never a user parameter): when the request finishes normally its
+    # blocks are held (Scheduler.held) until release_held, so the next round's beams can fork them.
+    hold_blocks: bool = False
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

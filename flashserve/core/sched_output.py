@@ -61,13 +61,24 @@ class PromptLogprobs:
 
 
 @dataclass
+class SampledLogprobs:
+    """Logprobs of one sampled token: its logprob and rank in the whole vocabulary (1 = most
+    likely; ties count in its favour), and the top-N alternatives as {token_id: logprob}."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: dict[int, float]
+
+
+@dataclass
 class RunnerOutput:
     """Per scheduled request, in the order of SchedulerOutput.scheduled."""
 
     request_ids: list[str]
     # New tokens per request: [] for a prefill chunk that did not reach the end of the prompt.
     sampled_token_ids: list[list[int]]
-    # Optional per sampled token: list of {token_id: logprob} (top-N plus the sampled one).
-    logprobs: list[list[dict[int, float]] | None] | None = None
+    # Optional per request: one entry per sampled token, when logprobs were asked.
+    logprobs: list[list[SampledLogprobs] | None] | None = None
     # Optional per request: the prompt positions whose logprobs this step computed (prompt_logprobs).
     prompt_logprobs: list[PromptLogprobs | None] | None = None

@@ -11,6 +11,22 @@ aside until it has, then fork its block table (the partly filled last block incl
 start with the last prompt token left to compute, which gives them their own first logits;
 writing it copies the shared block (copy-on-write in the KV cache manager). A sample that
 finds no free seat (max_num_seqs) or whose parent leaves first queues as an ordinary request.
+
+Beam search (engine/beam_search.py) runs one-token requests marked hold_blocks: when one
+finishes normally its blocks stay in `held` instead of returning to the pool. A request added
+with a held parent whose computed tokens its own tokens extend forks at once: it takes a
+reference on every block of those tokens (the partly filled last one included) and computes
+only the rest, normally the beam's one new token; its first write into the shared partial
+block copies it. The driver then calls release_held on the parents. Without a free seat, or if
+the tokens do not match, the request queues as an ordinary one and recomputes through the
+prefix cache. Aborted requests never hold blocks, and when the pool runs short held blocks
+are given back (oldest first) before anything running is preempted: a held request only saves
+recomputation, while waiting for it to be released could stall every request.
+
+    held parent, 6 tokens computed:     block 1 [0 1 2 3]   block 2 [4 5 . .]
+    add parent + [x] and parent + [y]:  both tables [1, 2], refs 3; release_held(parent): refs 2
+    next step, both write position 6:   the first copies block 2 into 3 and writes there,
+                                        the second, now alone on block 2, writes in place
 """
 from __future__ import annotations
 
@@ -47,6 +63,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.fork_waiting: dict[str, list[Request]] = {}  # parent id → samples waiting for its prompt
+        self.held: dict[str, Request] = {}  # finished hold_blocks requests whose blocks stay for forks
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
         self.num_preemptions_total = 0
@@ -55,14 +72,41 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.check_request(req)
-        if req.request_id in self.requests:
+        if req.request_id in self.requests or req.request_id in self.held:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         parent = self.requests.get(req.parent_id)
         if parent is not None and parent.num_computed_tokens < parent.num_prompt_tokens:
             self.fork_waiting.setdefault(parent.request_id, []).append(req)
-        else:
+        elif not self._fork_held(req):
             self.waiting.add(req)
+
+    def _fork_held(self, req: Request) -> bool:
+        """Start `req` on the blocks of its held parent if its tokens extend the parent's computed
+        ones and a seat is free; False leaves it to queue as an ordinary request."""
+        parent = self.held.get(req.parent_id)
+        if parent is None or len(self.running) >= self.config.max_num_seqs or req.skip_reading_prefix_cache:
+            return False
+        n = parent.num_computed_tokens
+        if n >= req.num_tokens or req.all_token_ids[:n] != parent.all_token_ids[:n]:
+            return False
+        self._start_forked(parent, req, n, n)
+        return True
+
+    def _start_forked(self, parent: Request, child: Request, num_shared: int, num_computed: int) -> None:
+        """The child runs on the parent's blocks of its first `num_shared` tokens, `num_computed` done."""
+        self.kv_cache_manager.fork(parent, child, num_shared)
+        child.num_computed_tokens = child.num_cached_prompt_tokens = num_computed
+        child.block_ids = self.kv_cache_manager.block_ids(child.request_id)
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
+    def release_held(self, request_ids) -> None:
+        """Free the blocks of held requests; unknown or already released ids are ignored."""
+        for rid in request_ids:
+            req = self.held.pop(rid, None)
+            if req is not None:
+                self._free_blocks(req)
 
     def check_request(self, req: Request) -> None:
         """Raise ValueError if the request could never run (pure: reads only the configuration)."""
@@ -102,10 +146,17 @@ class Scheduler:
             self.waiting.remove(req)
         for child in reversed(self.fork_waiting.pop(req.request_id, [])):
             self.waiting.add_front(child)  # the parent left before its prompt was computed
-        self.kv_cache_manager.free(req)
-        req.block_ids = []
         del self.requests[req.request_id]
         self._finished_ids.add(req.request_id)
+        ended_normally = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+        if req.hold_blocks and ended_normally:
+            self.held[req.request_id] = req  # its blocks stay until release_held
+        else:
+            self._free_blocks(req)
+
+    def _free_blocks(self, req: Request) -> None:
+        self.kv_cache_manager.free(req)
+        req.block_ids = []
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -118,13 +169,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            block_ids = self.kv_cache_manager.allocate_slots(req, n)
+            block_ids = self._allocate(req, n)
             while block_ids is None:
                 victim = preemption_victim(self.config.policy, self.running[i:])
                 self._preempt(victim)
                 if victim is req:
                     break
-                block_ids = self.kv_cache_manager.allocate_slots(req, n)
+                block_ids = self._allocate(req, n)
             if block_ids is None:
                 continue  # req itself was preempted; running[i] is now the next request
             scheduled.append(self._scheduled(req, n, block_ids))
@@ -145,7 +196,7 @@ class Scheduler:
             req = self.waiting.peek()
             computed, num_cached = kvm.get_computed_blocks(req)
             n = min(req.num_tokens - num_cached, budget)
-            block_ids = kvm.allocate_slots(req, n, computed)
+            block_ids = self._allocate(req, n, computed)
             if block_ids is None:
                 break
             self.waiting.pop()
@@ -157,6 +208,14 @@ class Scheduler:
             scheduled.append(self._scheduled(req, n, block_ids))
             budget -= n
         return budget
+
+    def _allocate(self, req: Request, n: int, computed=()) -> list[int] | None:
+        """allocate_slots, giving back held blocks (oldest first) while the pool is short."""
+        block_ids = self.kv_cache_manager.allocate_slots(req, n, computed)
+        while block_ids is None and self.held:
+            self.release_held([next(iter(self.held))])
+            block_ids = self.kv_cache_manager.allocate_slots(req, n, computed)
+        return block_ids
 
     def _admit_static_batch(self) -> None:
         """Take waiting requests while their whole prompts (and one decode slot) fit the free pool."""
@@ -174,8 +233,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.kv_cache_manager.free(req)
-        req.block_ids = []
+        self._free_blocks(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -218,11 +276,7 @@ class Scheduler:
         for child in reversed(children[seats:]):
             self.waiting.add_front(child)  # no seat: run later on its own, through the prefix cache
         for child in children[:seats]:
-            self.kv_cache_manager.fork(parent, child, n)
-            child.num_computed_tokens = child.num_cached_prompt_tokens = n - 1
-            child.block_ids = self.kv_cache_manager.block_ids(child.request_id)
-            child.status = RequestStatus.RUNNING
-            self.running.append(child)
+            self._start_forked(parent, child, n, n - 1)
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         sp = req.sampling_params
@@ -237,6 +291,10 @@ class Scheduler:
         if req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def check_invariants(self) -> None:
+        """Block ref counts equal the holders among unfinished and held requests (for tests)."""
+        self.kv_cache_manager.check_invariants([*self.requests.values(), *self.held.values()])
 
     def get_stats(self) -> SchedulerStats:
         kvm = self.kv_cache_manager

@@ -96,6 +96,10 @@ class LLMEngine:
         for rid in request_ids:
             self.scheduler.abort_requests(self.output_processor.abort(rid))
 
+    def release_held(self, request_ids) -> None:
+        """Free the KV blocks kept by finished hold_blocks requests (beam search's previous round)."""
+        self.scheduler.release_held(request_ids)
+
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         runner_out = self.runner.execute(sched_out)

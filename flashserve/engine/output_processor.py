@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from flashserve.core.request import Request
-from flashserve.core.sched_output import PromptLogprobs
+from flashserve.core.sched_output import PromptLogprobs, SampledLogprobs
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -132,24 +132,25 @@ class OutputProcessor:
 
     def _add_prompt_logprobs(self, state: _RequestState, chunk: PromptLogprobs) -> None:
         """vLLM's shape: the prompt token first (with its rank in the vocabulary), then the top-N."""
-        decode = self._decode_one
         for j, (lp, rank, top) in enumerate(zip(chunk.token_logprobs, chunk.token_ranks, chunk.top)):
             pos = chunk.start + j
-            tok = state.prompt_token_ids[pos]
-            entry = {tok: Logprob(lp, rank, decode(tok))}
-            for r, (t, v) in enumerate(top.items(), start=1):
-                entry.setdefault(t, Logprob(v, r, decode(t)))
-            state.prompt_logprobs[pos] = entry
+            state.prompt_logprobs[pos] = self._logprob_entry(state.prompt_token_ids[pos], lp, rank, top)
+
+    def _logprob_entry(self, tok: int, lp: float, rank: int, top: dict[int, float]) -> dict[int, Logprob]:
+        """The token with its rank in the vocabulary, then the top-N ranked by position."""
+        decode = self._decode_one
+        entry = {tok: Logprob(lp, rank, decode(tok))}
+        for r, (t, v) in enumerate(top.items(), start=1):
+            entry.setdefault(t, Logprob(v, r, decode(t)))
+        return entry
 
     def _decode_one(self, tok: int) -> str:
         return self.tokenizer.decode([tok], skip_special_tokens=False)
 
-    def _format_logprobs(self, entry: dict) -> dict[int, Logprob]:
-        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-        return {
-            tok: Logprob(logprob=lp, rank=rank, decoded_token=self._decode_one(tok))
-            for rank, (tok, lp) in enumerate(ranked, start=1)
-        }
+    def _format_logprobs(self, lps: SampledLogprobs) -> dict[int, Logprob]:
+        """Most likely first; the sampled token keeps its true rank even outside the top-N."""
+        entry = self._logprob_entry(lps.token_id, lps.logprob, lps.rank, lps.top)
+        return dict(sorted(entry.items(), key=lambda kv: -kv[1].logprob))
 
     def _accumulate(self, sample: _Sample, new_tokens: list[int]) -> None:
         for tok, entry in zip(new_tokens, sample.logprobs[-len(new_tokens):]):

@@ -79,11 +79,11 @@ class ModelRunner:
         )
         out = self.sampler(logits, metadata)
         tokens = out.sampled_token_ids.tolist()  # the one host sync of the step
-        top = out.format_logprobs() if out.has_logprobs else None
+        lps = out.format_logprobs() if out.has_logprobs else None
         for row, i in enumerate(inputs.sampled_requests):
             sampled_ids[i] = [tokens[row]]
-            if top is not None:
-                logprobs[i] = [top[row]] if top[row] is not None else None
+            if lps is not None and lps[row] is not None:
+                logprobs[i] = [lps[row]]
         return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, starts: list[int]) -> list | None:

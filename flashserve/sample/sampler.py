@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.core.sched_output import SampledLogprobs
 from flashserve.sample.penalties import apply_penalties, token_counts
 
 
@@ -89,22 +90,15 @@ class SamplerOutput:
     def has_logprobs(self) -> bool:
         return self.logprobs is not None
 
-    def format_logprobs(self) -> list[dict[int, float] | None]:
-        """Per row: {token: logprob} of the top-N tokens plus the sampled one (None if not asked)."""
+    def format_logprobs(self) -> list[SampledLogprobs | None]:
+        """Per row: the sampled token's logprob and true rank, and its row's top-N (None if not asked)."""
         n = max(k for k in self.num_logprobs if k is not None)
-        top_vals, top_ids = self.logprobs.topk(max(n, 1), dim=-1) if n else (None, None)
-        chosen = self.logprobs.gather(1, self.sampled_token_ids.view(-1, 1)).squeeze(1).tolist()
+        chosen, ranks, top = token_logprobs(self.logprobs, self.sampled_token_ids, n)
         sampled = self.sampled_token_ids.tolist()
-        top_vals = top_vals.tolist() if n else None
-        top_ids = top_ids.tolist() if n else None
-        out = []
+        out: list[SampledLogprobs | None] = []
         for row, k in enumerate(self.num_logprobs):
-            if k is None:
-                out.append(None)
-                continue
-            entry = dict(zip(top_ids[row][:k], top_vals[row][:k])) if k else {}
-            entry[sampled[row]] = chosen[row]
-            out.append(entry)
+            row_top = dict(list(top[row].items())[:k]) if k else {}
+            out.append(None if k is None else SampledLogprobs(sampled[row], chosen[row], ranks[row], row_top))
         return out
 
 
@@ -170,12 +164,17 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int):
-    """logits: (rows, vocab) raw, targets: (rows,) → per row the target's logprob, its rank in the
-    vocabulary (1 = most likely; ties count in its favour) and the top-k {token: logprob}."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    """token_logprobs of raw logits (prompt logprobs)."""
+    return token_logprobs(torch.log_softmax(logits.float(), dim=-1), targets, k)
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, k: int):
+    """logprobs: (rows, vocab), targets: (rows,) → per row the target's logprob, its rank in the
+    vocabulary (1 + the number of strictly more likely tokens, so ties count in its favour) and
+    the top-k {token: logprob}, most likely first."""
     chosen = logprobs.gather(1, targets.view(-1, 1))  # (rows, 1)
     ranks = (logprobs > chosen).sum(dim=-1) + 1  # (rows,)
-    top: list[dict[int, float]] = [{} for _ in range(logits.shape[0])]
+    top: list[dict[int, float]] = [{} for _ in range(logprobs.shape[0])]
     if k:
         vals, ids = logprobs.topk(k, dim=-1)
         top = [dict(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]

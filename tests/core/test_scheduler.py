@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +32,7 @@ def step(s: Scheduler, token=lambda r: 7):
     out = s.schedule()
     toks = [[token(r)] if r.samples_this_step else [] for r in out.scheduled]
     changed = s.update_from_output(out, RunnerOutput([r.request_id for r in out.scheduled], toks))
-    s.kv_cache_manager.check_invariants(list(s.requests.values()))
+    s.check_invariants()
     return out, changed
 
 
@@ -105,8 +106,6 @@ def test_stop_conditions():
 
 
 def test_requests_that_can_never_fit_are_refused():
-    import pytest
-
     s = make(blocks=5, bs=4)
     with pytest.raises(ValueError, match="KV"):
         s.add_request(request("big", 10, max_tokens=20))
@@ -186,6 +185,115 @@ def test_a_parent_that_stops_at_its_first_token_still_hands_its_prompt_over():
     assert [r.output_token_ids for r in g] == [[7], [8, 8], [8, 8]]
 
 
+def beam_step(rid: str, tokens, parent: str | None = None) -> Request:
+    """One step of a beam, as the beam search driver adds it."""
+    return Request(rid, list(tokens), SamplingParams(max_tokens=1, ignore_eos=True), eos_token_ids=(EOS,),
+                   parent_id=parent, hold_blocks=True)
+
+
+def scheduled(out) -> list[tuple[str, int, int]]:
+    return [(r.request_id, r.num_computed_tokens, r.num_scheduled_tokens) for r in out.scheduled]
+
+
+def test_held_steps_keep_their_blocks_and_the_next_beams_fork_them():
+    s = make(bs=4)
+    kvm = s.kv_cache_manager
+    refs = lambda ids: [kvm.pool.blocks[i].ref_cnt for i in ids]  # noqa: E731
+    p = beam_step("p", request("p", 10).prompt_token_ids)
+    s.add_request(p)
+    out, _ = step(s)
+    assert scheduled(out) == [("p", 0, 10)] and p.status is RequestStatus.FINISHED_LENGTH
+    assert list(s.held) == ["p"] and not s.has_unfinished_requests()
+    assert p.block_ids == [1, 2, 3] and refs([1, 2, 3]) == [1, 1, 1]  # block 3 holds tokens 8, 9
+
+    a, b = beam_step("a", p.prompt_token_ids + [5], "p"), beam_step("b", p.prompt_token_ids + [6], "p")
+    s.add_request(a)
+    s.add_request(b)
+    assert s.running == [a, b] and [a.num_computed_tokens, b.num_computed_tokens] == [10, 10]
+    assert a.block_ids == b.block_ids == [1, 2, 3] and refs([1, 2, 3]) == [3, 3, 3]
+    s.release_held(["p", "p", "unknown"])  # idempotent
+    assert not s.held and refs([1, 2, 3]) == [2, 2, 2]
+    s.check_invariants()
+    out, _ = step(s)  # each writes position 10: a copies block 3, b is alone on it then
+    assert scheduled(out) == [("a", 10, 1), ("b", 10, 1)]
+    assert out.blocks_to_copy == [(3, 4)]
+    assert a.block_ids == [1, 2, 4] and b.block_ids == [1, 2, 3] and refs([1, 2, 3, 4]) == [2, 2, 1, 1]
+    assert list(s.held) == ["a", "b"]
+
+    # two children of a parent still held: both writes copy
+    c, d = beam_step("c", a.prompt_token_ids + [7], "a"), beam_step("d", a.prompt_token_ids + [8], "a")
+    s.add_request(c)
+    s.add_request(d)
+    out, _ = step(s)
+    assert scheduled(out) == [("c", 11, 1), ("d", 11, 1)]
+    assert out.blocks_to_copy == [(4, 5), (4, 6)]
+    assert c.block_ids == [1, 2, 5] and d.block_ids == [1, 2, 6] and refs([1, 2, 4, 5, 6]) == [4, 4, 1, 1, 1]
+    s.release_held(["a", "b", "c", "d"])
+    kvm.check_invariants([])
+    assert all(blk.ref_cnt == 0 for blk in kvm.pool.blocks) and kvm.num_free_blocks == 79
+
+
+def test_a_beam_without_a_seat_or_with_other_tokens_runs_as_an_ordinary_request():
+    s = make(bs=4, seqs=1)
+    p = beam_step("p", request("p", 10).prompt_token_ids)
+    s.add_request(p)
+    step(s)
+    a, b = beam_step("a", p.prompt_token_ids + [5], "p"), beam_step("b", p.prompt_token_ids + [6], "p")
+    other = beam_step("x", [1] + p.prompt_token_ids[1:] + [5], "p")  # does not extend p's tokens
+    same = beam_step("y", p.prompt_token_ids, "p")  # nothing of its own to compute
+    for r in (a, b, other, same):
+        s.add_request(r)
+    assert s.running == [a] and list(s.waiting) == [b, other, same]
+    s.release_held(["p"])
+    outs = [scheduled(step(s)[0]) for _ in range(4)]
+    assert outs[:2] == [[("a", 10, 1)], [("b", 8, 3)]]  # b: the full blocks from the prefix cache
+    assert outs[2:] == [[("x", 0, 11)], [("y", 8, 2)]]
+    s.release_held(list(s.held))
+    assert s.kv_cache_manager.num_free_blocks == 79
+
+
+def test_held_blocks_are_given_back_before_anything_waits_or_is_preempted_for_memory():
+    s = make(bs=4, blocks=7)  # 6 usable blocks
+    p, q = beam_step("p", range(1, 11)), beam_step("q", range(11, 15))
+    s.add_request(p)
+    s.add_request(q)
+    step(s)
+    assert list(s.held) == ["p", "q"] and s.kv_cache_manager.num_free_blocks == 2  # p: 3 blocks, q: 1
+    other = request("o", 14, max_tokens=2)  # needs 4 blocks: p, the oldest, goes back first
+    s.add_request(other)
+    out, _ = step(s)
+    assert scheduled(out) == [("o", 0, 14)] and list(s.held) == ["q"] and p.block_ids == []
+    child = beam_step("c", list(range(1, 11)) + [5], "p")  # its parent's blocks are gone: ordinary
+    s.add_request(child)
+    assert child in s.waiting and child.block_ids == []
+    run_all(s)
+    assert s.num_preemptions_total == 0 and child.num_output_tokens == 1
+    s.release_held(list(s.held))
+    assert s.kv_cache_manager.num_free_blocks == 6
+
+
+def test_aborted_or_failed_steps_hold_nothing():
+    s = make(bs=4, budget=4)
+    p, q = beam_step("p", range(1, 11)), beam_step("q", range(1, 7))
+    s.add_request(p)
+    s.add_request(q)
+    step(s)  # p is mid-prompt, q waits
+    s.abort_requests(["p"])
+    s.finish_requests(["q"], RequestStatus.FINISHED_ERROR)
+    assert not s.held and s.kv_cache_manager.num_free_blocks == 79
+    r = beam_step("r", range(1, 4))
+    s.add_request(r)
+    step(s)
+    with pytest.raises(ValueError, match="in use"):
+        s.add_request(beam_step("r", range(1, 4)))  # held ids stay taken until released
+    child = beam_step("c", range(1, 5), "r")
+    s.add_request(child)
+    s.abort_requests(["c"])  # a forked beam aborted before its step drops its references
+    assert [s.kv_cache_manager.pool.blocks[i].ref_cnt for i in r.block_ids] == [1]
+    s.release_held(["r"])
+    assert s.kv_cache_manager.num_free_blocks == 79
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_random_adds_aborts_and_steps_leak_nothing(data):
@@ -195,13 +303,28 @@ def test_random_adds_aborts_and_steps_leak_nothing(data):
     shared = [rng.randrange(1, 500) for _ in range(12)]
     live, n = [], 0
     for _ in range(data.draw(st.integers(5, 60))):
-        action = data.draw(st.sampled_from(["add", "add", "step", "step", "step", "abort"]))
-        if action == "add":
+        action = data.draw(st.sampled_from(["add", "add", "step", "step", "step", "abort", "beam", "release"]))
+        if action == "beam" and s.held:  # a beam step forking a held request, or (held parent gone) not
+            parent = rng.choice(list(s.held.values()))
+            tokens = parent.all_token_ids[: parent.num_computed_tokens + rng.choice([0, 0, -1])]
+            tokens += [rng.randrange(1, 500) for _ in range(rng.randint(1, 3))]
+            r = Request(f"{n}#0", tokens, SamplingParams(max_tokens=1), eos_token_ids=(EOS,),
+                        parent_id=parent.request_id, hold_blocks=True)
+            n += 1
+            try:
+                s.add_request(r)
+                live.append(r)
+            except ValueError:
+                pass
+        elif action == "release" and s.held:
+            s.release_held(rng.sample(list(s.held), rng.randint(1, len(s.held))))
+        elif action in ("add", "beam"):
             prompt = (shared[: rng.randint(0, 12)] + [rng.randrange(1, 500) for _ in range(rng.randint(1, 20))])
             sp = SamplingParams(max_tokens=rng.randint(1, 10))
             samples = rng.choice([1, 1, 3])  # a parent and the samples that fork its prompt
-            rs = [Request(f"{n}#{i}", prompt, sp, eos_token_ids=(EOS,), parent_id=f"{n}#0" if i else None)
-                  for i in range(samples)]
+            hold = samples == 1 and rng.random() < 0.5  # a first beam step, held when it finishes
+            rs = [Request(f"{n}#{i}", prompt, sp, eos_token_ids=(EOS,), parent_id=f"{n}#0" if i else None,
+                          hold_blocks=hold) for i in range(samples)]
             n += 1
             try:
                 for r in rs:
@@ -215,6 +338,7 @@ def test_random_adds_aborts_and_steps_leak_nothing(data):
             step(s, token=lambda r: rng.choice([EOS, 3, 4, 5, 6]))
     s.abort_requests([r.request_id for r in live])
     s.abort_requests([r.request_id for r in live])  # idempotent
+    s.release_held(list(s.held))
     kvm = s.kv_cache_manager
     kvm.check_invariants([])
     assert not s.has_unfinished_requests()

@@ -147,12 +147,39 @@ def test_logprobs_are_log_softmax_of_the_processed_logits():
     fmt = out.format_logprobs()
     ref = torch.log_softmax(logits.double(), -1)
     top = ref[0].topk(3)
-    assert set(fmt[0]) == set(top.indices.tolist())
-    for t, lp in fmt[0].items():
+    assert list(fmt[0].top) == top.indices.tolist()  # most likely first
+    for t, lp in fmt[0].top.items():
         assert math.isclose(lp, ref[0, t].item(), abs_tol=1e-5)
+    assert fmt[0].token_id == top.indices[0].item() and fmt[0].rank == 1
     assert fmt[1] is None
     sampled = out.sampled_token_ids[2].item()
-    assert list(fmt[2]) == [sampled] and math.isclose(fmt[2][sampled], ref[2, sampled].item(), abs_tol=1e-5)
+    assert fmt[2].token_id == sampled and fmt[2].top == {}
+    assert math.isclose(fmt[2].logprob, ref[2, sampled].item(), abs_tol=1e-5)
+
+
+def test_a_sampled_token_outside_the_top_n_gets_its_rank_in_the_vocabulary():
+    rows = 64
+    logits = torch.randn(rows, V, generator=torch.Generator().manual_seed(4)) * 0.3  # flat: ranks spread
+    params = [SamplingParams(temperature=5.0, logprobs=i % 3) for i in range(rows)]
+    out = Sampler()(logits, meta(params))
+    fmt = out.format_logprobs()
+    ranks = []
+    for row, entry in enumerate(fmt):  # reference: 1 + the number of logits strictly above the sampled one's
+        tok = out.sampled_token_ids[row].item()
+        ranks.append(1 + sum(x > logits[row, tok].item() for x in logits[row].tolist()))
+        assert entry.token_id == tok and len(entry.top) == row % 3
+    assert [e.rank for e in fmt] == ranks
+    assert sum(r > p.logprobs + 1 for r, p in zip(ranks, params)) > rows // 2  # mostly outside the top-N
+
+    from flashserve.engine.output_processor import OutputProcessor
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return str(ids[0])
+
+    row = next(i for i, (r, p) in enumerate(zip(ranks, params)) if p.logprobs == 2 and r > 3)
+    shown = OutputProcessor(Tok())._format_logprobs(fmt[row])
+    assert [lp.rank for lp in shown.values()] == [1, 2, ranks[row]]  # most likely first, true rank kept
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2),
