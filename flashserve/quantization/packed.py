@@ -1,5 +1,9 @@
-"""Weights packed for the CPU kernels torch ships, each an nn.Module mapping x (..., K) → (..., N).
+"""Weights packed for quantized CPU kernels, each an nn.Module mapping x (..., K) → (..., N).
 
+    GroupQuantWeight  this project's C++ kernel (attention/csrc/quant_matmul.cpp): w = q * s + z per
+                 group along K, 4-bit codes (groups of 32) or 8-bit codes, s and z float32; x and y
+                 float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q5_0. The default when the C++
+                 build works. 6 bits per weight (4-bit codes) or 9 (8-bit codes).
     Int4Weight   torch.ops.aten._weight_int4pack_mm_for_cpu:  w = (q - 8) * s + z, q in 0..15, one
                  (s, z) per group of 32 along K; codes packed by _convert_weight_to_int4pack_for_cpu,
                  scales_and_zeros (K/32, N, 2) in bfloat16. 5 bits per weight.
@@ -9,35 +13,32 @@
     DenseWeight  F.linear on a float weight, for parts no kernel takes.
     RowSegments  several of the above stacked along N (a merged q|k|v whose parts differ in type).
 
-Both kernels require the activation, the scales and the output in one dtype, and only their
-bfloat16 paths are vectorized: with float32 activations they take 10-20x longer (AVX2, measured
-in benchmarks/linear_kernels.py). So x is rounded to bfloat16 and the output (accumulated in
-float32 inside the kernel) comes back as bfloat16, whatever the compute dtype.
+torch's two kernels (the fallback without a C++ compiler) require the activation, the scales and
+the output in one dtype, and only their bfloat16 paths are vectorized: x is rounded to bfloat16
+and the output comes back as bfloat16, whatever the compute dtype.
 
 Per-shape choice. The kernels are GEMV-style: their cost grows linearly with M, while MKL's
 float32 GEMM amortizes the weight over the rows. From M >= large_m rows the weight is instead
-dequantized to float32 in chunks of rows and multiplied with torch.mm; x and the output are
-rounded through bfloat16 as in the kernel, so both paths give the same numbers up to float32
-summation order (a request's tokens do not depend on the batch it lands in). µs per call, one
-thread, x float32, weights cycled beyond L3, SmolLM2-135M shapes, this project's 2-core AMD
-EPYC VM (AVX2 only: no AVX-512 is exposed, so no native bf16 either), measured on a shared
-machine (load ~2) with benchmarks/linear_kernels.py:
+dequantized to float32 in chunks of rows and multiplied with torch.mm; x is rounded as the
+kernel would, so both paths give the same numbers up to float32 summation order. µs per call,
+2 threads, x float32, weights cycled beyond L3, SmolLM2-135M shapes, this project's 2-core AMD
+EPYC VM (AVX2 only: no AVX-512 is exposed, so no native bf16 either), quiet machine,
+benchmarks/linear_kernels.py --threads 2:
 
-    gate_up 3072x576   M:     1     4    16    64    128    256
-      float32 F.linear      684  1464  2250  3777   7204  11989
-      bfloat16 F.linear     497  1825  6335 22938  46078  92254
-      int4 kernel           346   619  1471  5775  11746  23033
-      int4 dequant+mm         -     -  4703  7371  10181  14894
-      int8 kernel           494   708  1672  6108  11315  21981
-      int8 dequant+mm         -     -  3263  6249   8777  13694
-    lm_head 49152x576  M:     1     4    16    64    128    256
-      float32 F.linear     9559 24150 32805 72274 141268 285503
-      int8 per group       6585 13327 57613 320422 662794 1223617
-      int8 dequant+mm         -     - 59566 95505 191600 220360
+    gate_up 3072x576   M:     1     4    16    32    64   128    512
+      float32 F.linear      637  1186  1182  1439  2595  3550  12002
+      torch int4 kernel     154   209   771  1555  4343  6786      -
+      own 4-bit kernel      148   228   864  1791  4851  7102  28118
+      own 4-bit dequant+mm    -     -  1671  3313  3575  4773  16799
+      own 8-bit kernel      116   171   667  1403  2722  5328  22965
+    lm_head 49152x576  M:     1     4    16    32    64   128    512
+      torch int8 per group 3965  7397 39881 61211     -     -      -
+      own 8-bit kernel     1787  2953 13000 22492 54330 86888 404006
+      torch int8 dequant+mm   -     - 44033 45138 59791 104939 289288
 
-Crossovers (every shape of the model agrees to within one column): int4 128, int8 64, the
-per-group head 32. Float32 GEMM beats the kernels from M ~ 32, but the weight is not kept in
-float32: that is 4x the memory of the int8 and 6.4x that of the int4 form.
+Crossovers: own 4-bit 64 rows, own 8-bit 128 (torch's: int4 128, int8 64, per-group head 32).
+Float32 GEMM beats every kernel from M ~ 32, but the weight is not kept in float32: that is
+5-6x the memory of the 4-bit form.
 """
 from __future__ import annotations
 
