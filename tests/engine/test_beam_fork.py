@@ -139,3 +139,23 @@ def test_an_error_mid_search_releases_every_block(tiny_llama):
     with pytest.raises(RuntimeError, match="boom"):
         llm.beam_search([PROMPT], BeamSearchParams(K, 8))
     assert_no_leak(eng, free_before)
+
+
+def test_generate_with_use_beam_search_equals_transformers(tiny_llama):
+    """SamplingParams(use_beam_search=True) through LLM.generate, beside a greedy prompt."""
+    from flashserve import SamplingParams
+
+    path, hf = tiny_llama
+    llm = LLM(model=path, dtype="float32", block_size=4)
+    beam = SamplingParams(use_beam_search=True, n=3, temperature=0.0, max_tokens=6, length_penalty=0.8,
+                          early_stopping=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    ours, plain = llm.generate([PROMPT, PROMPT], [beam, greedy], use_tqdm=False)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), num_beams=3, num_return_sequences=3, length_penalty=0.8,
+                          early_stopping=True, max_new_tokens=6, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, eos_token_id=2, pad_token_id=2)
+        ref_greedy = hf.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                 pad_token_id=2)
+    assert [list(o.token_ids) for o in ours.outputs] == [ref.sequences[i, len(PROMPT):].tolist() for i in range(3)]
+    assert list(plain.outputs[0].token_ids) == ref_greedy[0, len(PROMPT):].tolist()
