@@ -12,9 +12,11 @@ Per shape and batch size M (µs per call, x and y in float32 as the engine's com
   own4, own8      GroupQuantWeight: this project's C++ kernel, 4-bit (groups of 32, scale + zero) and
                   8-bit (groups of 32, scale) codes, float32 x and y
   own4 dq         GroupQuantWeight's large-M path: dequantize to float32 in row chunks, then torch.mm
+  own4 q8, own8 q8  the same weights with int8_activations: x rounded per group of 32 to int8, integer
+                  dot products (rounding included in the time)
 Each cell cycles through enough distinct random weights to exceed the L3 cache, as a model's
 layers do. --engine adds decode tok/s and resident memory of LLM(...) with quantization
-"none" and "auto", each in a fresh process.
+"none", "weight-only" and "auto", each in a fresh process.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def time_us(fns, budget: float = 0.3) -> float:
 
 def weights(n: int, k: int, copies: int):
     g = torch.Generator().manual_seed(0)
-    out = {"fp32": [], "bf16": [], "int4": [], "int8": [], "int8 grp": [], "own4": [], "own8": []}
+    out = {"fp32": [], "bf16": [], "int4": [], "int8": [], "int8 grp": [], "own4": [], "own8": [],
+           "own4 q8": [], "own8 q8": []}
     for _ in range(copies):
         w = torch.randn(n, k, generator=g) * 0.05
         out["fp32"].append(w)
@@ -74,8 +77,10 @@ def weights(n: int, k: int, copies: int):
         scale = torch.rand(n, k // 32, generator=g) * 0.01
         out["int4"].append(Int4Weight(codes, scale, torch.zeros(n, k // 32)))
         out["own4"].append(GroupQuantWeight(codes, scale, -8 * scale, bits=4))
-        out["own8"].append(GroupQuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
-                                            scale, None, bits=8))
+        codes8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        out["own8"].append(GroupQuantWeight(codes8, scale, None, bits=8))
+        out["own4 q8"].append(GroupQuantWeight(codes, scale, -8 * scale, bits=4, int8_activations=True))
+        out["own8 q8"].append(GroupQuantWeight(codes8, scale, None, bits=8, int8_activations=True))
         out["int8"].append(Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
                                       torch.rand(n, generator=g)))
         if n > 8192:
@@ -84,8 +89,11 @@ def weights(n: int, k: int, copies: int):
     return out
 
 
-def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int]) -> None:
-    cols = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp", "own4", "own8", "own4 dq"]
+COLUMNS = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp", "own4", "own8", "own4 dq",
+           "own4 q8", "own8 q8"]
+
+
+def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[str]) -> None:
     print(f"{'layer':>10} {'N x K':>12} {'M':>5} " + " ".join(f"{c:>9}" for c in cols))
     for name, (n, k) in shapes.items():
         copies = max(1, min(30, L3_BYTES // (n * k * 4) + 1))
@@ -104,6 +112,8 @@ def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int]) -> None:
                 "own4": [lambda w=w: w.kernel(x) for w in w["own4"]],
                 "own8": [lambda w=w: w.kernel(x) for w in w["own8"]],
                 "own4 dq": [lambda w=w: w._dense_matmul(x) for w in w["own4"]],
+                "own4 q8": [lambda w=w: w.kernel(x) for w in w["own4 q8"]],
+                "own8 q8": [lambda w=w: w.kernel(x) for w in w["own8 q8"]],
             }
             budget = 0.3 if n * k * m < 5e8 else 1.0
             cells = []
@@ -138,6 +148,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ms", default="1,4,16,64,256", help='batch sizes; "" for none')
+    ap.add_argument("--cols", default=",".join(COLUMNS), help="kernel columns, comma-separated")
     ap.add_argument("--engine", action="store_true", help="also decode tok/s and memory, none vs auto")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--engine-one", default=None, help=argparse.SUPPRESS)
@@ -158,10 +169,10 @@ def main() -> None:
     print(f"# {cpu_facts()}")
     print(f"# {a.model}: {path}; torch threads {a.threads}; x and y float32; µs per call, best of 3")
     if a.ms:
-        kernel_table(shapes, [int(m) for m in a.ms.split(",")])
+        kernel_table(shapes, [int(m) for m in a.ms.split(",")], a.cols.split(","))
     if a.engine:
         print(f"\n# engine, single stream, {a.gen} greedy tokens (ignore_eos), dtype float32, threads {a.threads}")
-        for quant in ("none", "auto"):
+        for quant in ("none", "weight-only", "auto"):
             r = subprocess.run([sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
                                 "--gen", str(a.gen), "--engine-one", quant], capture_output=True, text=True)
             if r.returncode:
@@ -169,7 +180,7 @@ def main() -> None:
                 continue
             res = json.loads(r.stdout.strip().splitlines()[-1])
             mem = ", ".join(f"{k} {v:.0f}" for k, v in res["rss_MiB"].items())
-            print(f"quantization={quant:5s} {res['tok_s']:6.1f} tok/s   after load: {mem} MiB "
+            print(f"quantization={quant:11s} {res['tok_s']:6.1f} tok/s   after load: {mem} MiB "
                   f"(KV for {res['kv_tokens']} tokens; file {os.path.getsize(path) / 2**20:.0f} MiB)")
 
 

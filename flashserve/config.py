@@ -95,9 +95,11 @@ class SchedulerConfig:
             raise ValueError(f"unknown policy {self.policy!r}")
 
 
-# "auto": a GGUF file's quantized weights run packed on the int4/int8 CPU kernels where a kernel
-# takes their type (flashserve/quantization/gguf_method.py); "none": dequantize every weight to dtype.
-QUANTIZATION_CHOICES = ("auto", "none")
+# "weight-only": a GGUF file's quantized weights run packed on the int4/int8 CPU kernels where a
+# kernel takes their type (flashserve/quantization/gguf_method.py), activations stay float;
+# "auto": the same, and the project's kernel rounds activations to int8 per group of 32 for integer
+# dot products (llama.cpp's arithmetic); "none": dequantize every weight to dtype.
+QUANTIZATION_CHOICES = ("auto", "weight-only", "none")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes; never reserve more than this unless ask
 class EngineArgs:
     model: str = "smollm2-135m"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
-    quantization: str = "auto"  # "auto" (GGUF weights stay quantized where a kernel takes them) | "none"
+    quantization: str = "auto"  # QUANTIZATION_CHOICES: "auto" | "weight-only" | "none"
     max_model_len: int | None = None  # default: min(model context, 4096)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

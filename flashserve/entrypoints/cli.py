@@ -6,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flashserve.config import QUANTIZATION_CHOICES
 from flashserve.errors import FlashserveError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--quantization", default="auto", choices=["auto", "none"],
-                   help="auto: run a GGUF file's quantized weights on int4/int8 kernels; none: dequantize them")
+    p.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_CHOICES),
+                   help="auto: run a GGUF file's quantized weights on int4/int8 kernels with int8-rounded "
+                        "activations; weight-only: the same kernels on float activations; none: dequantize them")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

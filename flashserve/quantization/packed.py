@@ -201,8 +201,9 @@ class GroupQuantWeight(PackedWeight):
     kernel_dtype = torch.float32
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                 group: int = GROUP):
-        """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group)."""
+                 group: int = GROUP, int8_activations: bool = False):
+        """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group).
+        int8_activations: round x per group of 32 to int8 and take integer dot products (group 32 only)."""
         super().__init__()
         n, k = codes.shape
         if bits not in (4, 8) or k % group or scale.shape != (n, k // group) or (bits == 4 and group != GROUP):
@@ -210,6 +211,7 @@ class GroupQuantWeight(PackedWeight):
         self.out_features, self.in_features = n, k
         self.bits, self.group = bits, group
         self.large_m = 64 if bits == 4 else 128  # crossovers with dequantize + GEMM, measured (RESULTS.md)
+        self.int8_activations = int8_activations and group == GROUP
         if bits == 4:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
             packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
@@ -222,7 +224,8 @@ class GroupQuantWeight(PackedWeight):
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.attention.cpu_kernels import cpu_kernels
 
-        return cpu_kernels().group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group)
+        return cpu_kernels().group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
+                                                self.int8_activations)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._weights(slice(start, end))

@@ -9,7 +9,8 @@ at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Te
 void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh);
 at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                              const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group);
+                              const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
+                              bool int8_activations);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "Paged Flash-Decoding attention");
@@ -18,5 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on (T, H, D)");
   m.def("act_and_mul", &act_and_mul, "act(gate) * up on [gate | up] (SiLU or tanh-GELU)");
   m.def("group_quant_matmul", &group_quant_matmul, "x @ W^T, W = q * s + z per group along K (4/8-bit codes)",
-        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"));
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"),
+        py::arg("int8_activations") = false);
 }

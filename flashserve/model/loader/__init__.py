@@ -8,6 +8,7 @@ import torch
 
 from flashserve.config import QUANTIZATION_CHOICES, ModelConfig
 from flashserve.model.models.registry import model_class
+from flashserve.quantization.packed import GroupQuantWeight
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                quantization: str = "none"):
     """Returns (model in eval mode on `device`, its ModelConfig).
 
-    quantization: "none" dequantizes every weight to `dtype`; "auto" keeps a GGUF file's
-    quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization)."""
+    quantization: "none" dequantizes every weight to `dtype`; "weight-only" keeps a GGUF file's
+    quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization) and multiplies
+    them with float activations; "auto" does too, but the project's kernel rounds activations to
+    int8 per group of 32 (llama.cpp's arithmetic; faster, see benchmarks/RESULTS.md)."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
     cfg = load_model_config(path)
@@ -47,10 +50,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         from flashserve.model.loader.gguf import iter_gguf_tensors
         from flashserve.model.loader.gguf_file import open_gguf
 
-        model.load_weights(iter_gguf_tensors(path, cfg, keep_quantized=quantization == "auto"), hf_checkpoint=False)
+        model.load_weights(iter_gguf_tensors(path, cfg, keep_quantized=quantization != "none"), hf_checkpoint=False)
         # The cached reader holds the file's memory map (now paged in) and its parsed metadata (the
         # vocabulary as numpy arrays): 220 MiB resident for SmolLM2, measured. No weight views it.
         open_gguf.cache_clear()
+        if quantization == "auto":
+            for module in model.modules():
+                if isinstance(module, GroupQuantWeight):
+                    module.int8_activations = module.group == 32
     logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
                 quantization)
     return model.eval(), cfg
