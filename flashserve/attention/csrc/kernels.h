@@ -1,0 +1,14 @@
+// The CPU kernels' entry points, shared by the Python bindings and the decode plan.
+#pragma once
+#include <torch/extension.h>
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                                  int64_t sliding_window, double softcap, int64_t split_tokens);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
+void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh);
+at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                              const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
+                              bool int8_activations);

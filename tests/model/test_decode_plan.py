@@ -1,0 +1,90 @@
+"""The C++ decode plan (model/decode_plan.py) against the Python modules it replaces: the same
+kernels in the same order, so hidden states must be bit-identical, step after step, for float
+and group-quantized weights (with int8 activations), with q/k/v biases (qwen2), several
+sequences of different lengths; and it must stand aside wherever it does not apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashserve.attention.cpu_kernels import cpu_kernels
+from flashserve.core.sched_output import ScheduledRequest
+from flashserve.model.loader import load_model
+from flashserve.runner.input_batch import build_model_inputs
+from flashserve.runner.kv_cache import allocate_kv_caches
+from tests.model.tiny import VOCAB, hf_tiny, write_gguf
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ build")
+BLOCK = 4
+
+
+def load(arch: str, qtype: str, tmp_path, dtype=torch.float32, quantization: str = "auto", blocks: int = 40):
+    path = str(write_gguf(hf_tiny(arch), tmp_path / f"{arch}-{qtype}.gguf", qtype=qtype))
+    model, cfg = load_model(path, dtype, quantization=quantization)
+    model.bind_kv_caches(allocate_kv_caches(cfg, num_blocks=blocks, block_size=BLOCK, dtype=dtype,
+                                            device=torch.device("cpu")))
+    return model
+
+
+def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[str, list[int]], use_plan: bool):
+    reqs = [ScheduledRequest(rid, toks, done[rid], len(toks) - done[rid], tables[rid], None, []) for rid, toks in seqs.items()]
+    inputs = build_model_inputs(reqs, BLOCK, torch.device("cpu"))
+    with torch.inference_mode():
+        if use_plan:
+            return model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        return model.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q8_0"])
+def test_plan_equals_the_modules_bit_for_bit(arch, qtype, tmp_path):
+    model = load(arch, qtype, tmp_path)
+    assert model.decode_plan is not None
+    if qtype != "F32":
+        assert any(getattr(m, "int8_activations", False) for m in model.modules())
+    g = torch.Generator().manual_seed(0)
+    lens = {"a": 5, "b": 11, "c": 2}
+    seqs = {rid: torch.randint(0, VOCAB, (n,), generator=g).tolist() for rid, n in lens.items()}
+    tables = {rid: list(range(1 + 12 * i, 13 + 12 * i)) for i, rid in enumerate(seqs)}  # 12 blocks each
+    done = dict.fromkeys(seqs, 0)
+    step(model, seqs, done, tables, use_plan=True)  # prefill: not a decode step, the modules run it
+    done = {rid: len(t) for rid, t in seqs.items()}
+    for _ in range(6):
+        for rid in seqs:  # every sequence takes one more token
+            seqs[rid].append(int(torch.randint(0, VOCAB, (1,), generator=g)))
+        ref = step(model, seqs, done, tables, use_plan=False)
+        got = step(model, seqs, done, tables, use_plan=True)
+        assert torch.equal(got, ref)
+        done = {rid: len(t) for rid, t in seqs.items()}
+
+
+def test_plan_stands_aside_where_it_does_not_apply(tmp_path):
+    assert load("gemma3", "F32", tmp_path).decode_plan is None  # q/k norms, four norms per layer
+    assert load("llama", "Q4_0", tmp_path, dtype=torch.bfloat16).decode_plan is None
+    assert load("llama", "F32", tmp_path, quantization="none").decode_plan is not None
+    model = load("llama", "Q4_0", tmp_path)
+    plan = model.decode_plan
+    assert plan.max_rows == min(m.large_m for m in model.modules() if hasattr(m, "large_m") and hasattr(m, "codes"))
+    seqs = {str(i): [1, 2, 3] for i in range(plan.max_rows)}
+    tables = {rid: [1 + (i % 30)] for i, rid in enumerate(seqs)}
+    inputs = build_model_inputs([ScheduledRequest(r, t, 2, 1, tables[r], None, []) for r, t in seqs.items()],
+                                BLOCK, torch.device("cpu"))
+    assert inputs.attn_metadata.is_pure_decode and not plan.applies(inputs.attn_metadata, len(inputs.input_ids))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_with_and_without_the_plan(smollm2_gguf):
+    from flashserve import LLM, SamplingParams
+
+    llm = LLM(model=smollm2_gguf, max_model_len=512)
+    model = llm.engine.runner.model
+    assert model.decode_plan is not None
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "2 + 2 ="]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with_plan = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    plan, model.decode_plan = model.decode_plan, None
+    try:
+        without = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        model.decode_plan = plan
+    assert with_plan == without
