@@ -86,12 +86,8 @@ class PackedWeight(nn.Module):
     def can_dequantize(self) -> bool:
         return True
 
-    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) rounded as kernel() rounds it, in float32."""
-        return x.to(self.act_dtype).float()
-
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xf = self.round_activations(x)  # (M, K) the kernel's rounding of x
+        xf = x.to(self.act_dtype).float()  # (M, K) the kernel's rounding of x
         out = torch.empty(x.shape[0], self.out_features, dtype=self.kernel_dtype)  # (M, N)
         for start in range(0, self.out_features, _CHUNK_ROWS):
             end = min(start + _CHUNK_ROWS, self.out_features)
@@ -199,6 +195,9 @@ class GroupQuantWeight(PackedWeight):
     the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit) and Q8_0/Q5_0 (8-bit) blocks, run by this
     project's C++ kernel (attention/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
+    With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8; the
+    large-M path does not (float32 x is closer to the reference, and prompts mostly take it), so
+    there a step's rows differ from the kernel's by that rounding, not only by summation order.
     Also an embedding table: rows() looks rows up exactly."""
 
     act_dtype = torch.float32
@@ -230,11 +229,6 @@ class GroupQuantWeight(PackedWeight):
 
         return cpu_kernels().group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
                                                 self.int8_activations)
-
-    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.int8_activations:
-            return x.float()
-        return int8_round(x.float())
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._weights(slice(start, end))
@@ -283,16 +277,6 @@ class RowSegments(PackedWeight):
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])[start:end]
-
-
-def int8_round(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 on the int8 grid of its groups of 32, as the C++ kernel rounds activations:
-    dx = max|x| / 127, x ≈ round-half-even(x * (127 / max|x|)) * dx (same float32 operations)."""
-    xg = x.view(len(x), -1, GROUP)
-    amax = xg.abs().amax(dim=-1, keepdim=True)
-    # a true division: `127.0 / amax` would be reciprocal(amax) * 127, one more rounding than the kernel's
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    return (torch.round(xg * inv) * (amax / 127.0)).view_as(x)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

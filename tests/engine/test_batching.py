@@ -5,11 +5,12 @@ Packed GGUF weights on this project's kernel, float32: a row's result does not d
 other rows of its step (tests/model/test_quant_linear.py), except across the switch to
 dequantize + float32 GEMM for steps of many rows (large_m), where the float32 summation order
 differs. With float activations (quantization="weight-only") that never flipped these greedy
-outputs. The default rounds activations to int8 per group of 32 (llama.cpp's arithmetic), and a
-last-bit difference can move a value across a rounding boundary, a whole int8 step: across the
-switch, 5 of these 12 random-token prompts changed. So the tests whose steps cross large_m use
-"weight-only", and the default engine is checked on steps that stay below it, where it must be
-exact. (torch's bfloat16 kernels, used only when the C++ build fails, are not batch invariant.)"""
+outputs. The default rounds activations to int8 per group of 32 in the kernel (llama.cpp's
+arithmetic) but not in the large-M path, and even a last-bit difference can move a value across a
+rounding boundary, a whole int8 step: across the switch, 5 of these 12 random-token prompts
+changed (and a prefix-cache hit, which computes the prompt in another split, can change tokens the
+same way). So the tests whose steps cross large_m use "weight-only", and the default engine is
+checked on steps that stay below it, where it must be exact. (torch's bfloat16 kernels, used only when the C++ build fails, are not batch invariant.)"""
 from __future__ import annotations
 
 import random

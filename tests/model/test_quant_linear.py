@@ -214,7 +214,7 @@ def int8_rounded(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("m", [1, 3, 6, 13])
 def test_int8_activations_are_integer_dot_products(qtype, m):
     """With int8_activations each group's product is sum(q * xq) * s * dx, exact in integers, plus
-    z * dx * sum(xq): W times the rounded x, in float64 up to float32 summation."""
+    z * sum(x) on the unrounded x: equal to that formula in float64 up to float32 summation."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
     t = random_tensor(qtype, 72, 512, seed=m)
@@ -233,7 +233,7 @@ def test_int8_activations_are_integer_dot_products(qtype, m):
         codes = w.codes.view(torch.int8).view(72, groups, 32).double().numpy()
     w64 = codes * scale[..., None] + zero[..., None]
     assert np.allclose(w64.reshape(72, 512), w.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
-    xsum = xq.sum(axis=2) * dx[..., 0]  # (M, K/32) sums of the rounded x
+    xsum = x.double().numpy().reshape(m, groups, 32).sum(axis=2)  # (M, K/32)
     ref = np.einsum("ngk,mgk,ng,mg->mn", codes, xq, scale, dx[..., 0]) + xsum @ zero.T
     got = w(x).double().numpy()
     mag = np.einsum("ngk,mgk,ng,mg->mn", np.abs(codes), np.abs(xq), np.abs(scale), dx[..., 0]) \
@@ -247,8 +247,9 @@ def test_int8_activations_are_integer_dot_products(qtype, m):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
 def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
-    """Below large_m each row's result is bit-identical whatever else is in the call; from
-    large_m (dequantize + float32 GEMM) it differs by float32 summation order only."""
+    """Below large_m each row's result is bit-identical whatever else is in the call, with and
+    without int8 activations; from large_m (dequantize + float32 GEMM on float x) it differs from
+    the float-activation kernel by float32 summation order only."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
     w = pack_linear([random_tensor(qtype, 160, 512)], torch.float32, own_kernels=True)
@@ -259,9 +260,9 @@ def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
         for size in (2, 3, 5, w.large_m - 1):
             batched = torch.cat([w(x[i : i + size]) for i in range(0, len(x), size)])
             assert torch.equal(batched, alone), (size, int8_activations)
-        # the large-M path rounds x as the kernel does (int8 grid or not)
-        bound = 2.0**-16 * (x.abs().double() @ w.dequantize().double().abs().t())
-        assert ((w(x).double() - alone.double()).abs() <= bound).all(), int8_activations
+    # from large_m (float x, with or without int8 rounding in the kernel) only the summation order differs
+    bound = 2.0**-16 * (x.abs().double() @ w.dequantize().double().abs().t())
+    assert ((w(x).double() - alone.double()).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])

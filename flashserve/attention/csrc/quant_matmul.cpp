@@ -26,9 +26,11 @@
 //     sum_k q[n, k] x[k]  ~  dx * sum_k q[n, k] xq[k]
 //
 // done 32 products at a time by AVX2's u8 x s8 multiply-add (vpmaddubsw; signed codes go through
-// vpsignb so that one operand is non-negative). The zero term uses the rounded x too (dx * sum xq),
-// so the result is W times the rounded x, which the large-M path (dequantize + GEMM) reproduces
-// by rounding x the same way. The rounding of x is per row: rows stay independent of the batch.
+// vpsignb so that one operand is non-negative). The zero term keeps the exact float sums of x
+// (llama.cpp uses the rounded x's sums there; measured, that doubled the perplexity change of
+// SmolLM2 and made Gemma 3's five times larger). The rounding of x is per row: rows stay
+// independent of the batch. The large-M path (dequantize + GEMM, flashserve/quantization/packed.py)
+// keeps x in float32: rounding it there as well made greedy outputs drift further from float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -249,9 +251,8 @@ void rows(const Problem& p, int64_t n, int64_t m0) {
 #endif
 }
 
-// Per group of 32 values of x: when xq is given, the int8 rounding dx = max|x| / 127,
-// xq = round-half-even(x / dx) in [-127, 127]; and the sum for the zero term (xsum may be null),
-// of the rounded values when rounding, so the product is exactly that of the rounded x.
+// Per group of 32 values of x: the exact float sum (for the zero term; xsum may be null) and, when
+// xq is given, the int8 rounding dx = max|x| / 127, xq = round-half-even(x / dx) in [-127, 127].
 void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx) {
   const int64_t groups = K / 32;
   at::parallel_for(0, M * groups, 2048, [&](int64_t begin, int64_t end) {
@@ -262,19 +263,11 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
         amax = std::max(amax, std::fabs(xp[k]));
         sum += xp[k];
       }
-      if (!xq) {
-        if (xsum) xsum[mg] = sum;
-        continue;
-      }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
-      int32_t isum = 0;
-      for (int k = 0; k < 32; ++k) {
-        const int8_t q = static_cast<int8_t>(std::nearbyint(xp[k] * inv));
-        xq[mg * 32 + k] = q;
-        isum += q;
-      }
-      dx[mg] = d;
-      if (xsum) xsum[mg] = d * static_cast<float>(isum);  // the rounded x's sum: the whole product uses it
+      if (xsum) xsum[mg] = sum;
+      if (!xq) continue;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      dx[mg] = amax / 127.f;
+      for (int k = 0; k < 32; ++k) xq[mg * 32 + k] = static_cast<int8_t>(std::nearbyint(xp[k] * inv));
     }
   });
 }
