@@ -58,10 +58,9 @@ def build_decode_plan(model) -> DecodePlan | None:
             return None
         if attn.q_norm is not None or attn.rotary is not layers[0].self_attn.rotary:
             return None
-    rotary = layers[0].self_attn.rotary
     first = layers[0].self_attn
     plan = kernels.DecodePlan(first.num_heads, first.num_kv_heads, first.head_dim, cfg.rms_norm_eps, first.scale,
-                              rotary.cos, rotary.sin, cfg.hidden_act in _GELU_ACTS, SPLIT_TOKENS)
+                              first.rotary.cos, first.rotary.sin, cfg.hidden_act in _GELU_ACTS, SPLIT_TOKENS)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,

@@ -214,7 +214,7 @@ class GroupQuantWeight(PackedWeight):
         self.out_features, self.in_features = n, k
         self.bits, self.group = bits, group
         self.large_m = 64 if bits == 4 else 128  # crossovers with dequantize + GEMM, measured (RESULTS.md)
-        self.int8_activations = int8_activations and group == GROUP
+        self.set_int8_activations(int8_activations)
         if bits == 4:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
             packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
@@ -223,6 +223,10 @@ class GroupQuantWeight(PackedWeight):
         self.codes = _param(packed.contiguous())  # (N, K/2) or (N, K) uint8
         self.scale = _param(scale.float().contiguous())  # (N, K/group)
         self.zero = None if zero is None else _param(zero.float().contiguous())  # (N, K/group)
+
+    def set_int8_activations(self, on: bool) -> None:
+        """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
+        self.int8_activations = on and self.group == GROUP
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.attention.cpu_kernels import cpu_kernels

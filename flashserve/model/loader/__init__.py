@@ -57,7 +57,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         if quantization == "auto":
             for module in model.modules():
                 if isinstance(module, GroupQuantWeight):
-                    module.int8_activations = module.group == 32
+                    module.set_int8_activations(True)
     logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
                 quantization)
     return model.eval(), cfg
