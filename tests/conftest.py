@@ -22,17 +22,27 @@ def gemma3_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(smollm2_gguf):
+def hf_smollm2_tokenizer(smollm2_gguf):
+    """Transformers' tokenizer for the SmolLM2 GGUF (seconds to build: shared by the session)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(smollm2_gguf)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf, hf_smollm2_tokenizer):
     """Transformers' own reading of the same GGUF (dequantized, float32): the oracle."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(smollm2_gguf)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     model.eval()
-    return model, tok
+    return model, hf_smollm2_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +52,14 @@ def smollm2_llm(smollm2_gguf):
     from flashserve import LLM
 
     return LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_tokenizer(gemma3_gguf):
+    """Transformers' tokenizer for the Gemma 3 GGUF (half a minute to build: shared by the session)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(gemma3_gguf)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

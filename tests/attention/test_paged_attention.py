@@ -204,14 +204,15 @@ def test_strided_inputs_from_a_fused_qkv_projection(specs):
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(12))
 def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
     """The two decode implementations (C++ in-place reads, torch gather + bmm) on random
     paged batches: GQA ratios, block sizes, windows, softcap, several KV splits."""
     rng = random.Random(1000 + seed)
     monkeypatch.setattr(decode_mod, "SPLIT_TOKENS", rng.choice([8, 32, 512]))
     group, hk = rng.choice(SHAPES)
-    block_size, d = rng.choice([1, 4, 16]), rng.choice([16, 64])
+    # head sizes off and on the kernel's 8- and 32-column paths; lengths crossing its 64-key tiles
+    block_size, d = rng.choice([1, 4, 16]), rng.choice([12, 16, 64, 72, 256])
     specs = [(rng.randint(0, 200), 1) for _ in range(rng.randint(1, 9))]
     window, softcap = rng.choice([None, rng.randint(1, 50)]), rng.choice([None, 4.0])
     q, k, v, kc, vc, meta, _ = make_batch(rng, specs, block_size, hk, d, hk * group, dtype)
@@ -222,3 +223,19 @@ def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
     want = decode_mod.decode_attention_torch(*args)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+def test_cpp_decode_kernel_softmax_weights_span_the_float_range():
+    """Scores far apart (exp of score minus max down to the underflow threshold and below) and one
+    key dominating: the kernel's vector exp against float64 dense attention."""
+    rng = random.Random(21)
+    specs = [(150, 1), (70, 1)]
+    q, k, v, kc, vc, meta, dense = make_batch(rng, specs, 16, 1, 64, 2, torch.float32)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    for scale in (0.05, 3.0, 40.0):  # near-uniform weights ... a single key takes almost all
+        got = decode_mod.decode_attention(q, kc, vc, meta.block_table, meta.seq_lens, meta.max_seq_len,
+                                          min(meta.seq_lens_cpu), scale)
+        for i, (K, V) in enumerate(dense):
+            want = dense_attention(q[i : i + 1], K, V, scale)[0]
+            torch.testing.assert_close(got[i].double(), want, atol=2e-5, rtol=2e-5)

@@ -31,13 +31,13 @@ def test_smollm2_logits(smollm2_gguf, hf_smollm2):
 
 
 @pytest.mark.slow
-def test_gemma3_logits(gemma3_gguf):
+def test_gemma3_logits(gemma3_gguf, hf_gemma3_tokenizer):
     """Gemma 3 270M Q4_K_M: exercises K-quants, Q5_0/Q6_K, sliding layers and the Gemma norms."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(gemma3_gguf)
     hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    tok = hf_gemma3_tokenizer
     text = "Gemma interleaves five sliding-window layers with one global layer; " * 12
     ids = tok(text)["input_ids"][:140]
     check(gemma3_gguf, hf, ids)

@@ -2,8 +2,6 @@
 tokenizer when llama-cpp-python is installed); chat templates; streaming detokenization."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from flashserve.tokenizer.detokenizer import IncrementalDetokenizer
@@ -25,11 +23,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def both(request):
-    from transformers import AutoTokenizer
-
     path = request.getfixturevalue(f"{request.param}_gguf")
-    p = Path(path)
-    return request.param, Tokenizer.from_model_path(path), AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return request.param, Tokenizer.from_model_path(path), request.getfixturevalue(f"hf_{request.param}_tokenizer")
 
 
 @pytest.mark.slow
@@ -96,11 +91,8 @@ def test_streaming_detokenizer_never_shows_broken_characters(both):
 
 
 @pytest.mark.slow
-def test_chat_template_matches_transformers(smollm2_gguf):
-    from transformers import AutoTokenizer
-
-    p = Path(smollm2_gguf)
-    hf = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+def test_chat_template_matches_transformers(smollm2_gguf, hf_smollm2_tokenizer):
+    hf = hf_smollm2_tokenizer
     ours = Tokenizer.from_model_path(smollm2_gguf)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
@@ -110,11 +102,8 @@ def test_chat_template_matches_transformers(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_hf_directory_gives_the_same_ids(smollm2_gguf, tmp_path):
-    from transformers import AutoTokenizer
-
-    p = Path(smollm2_gguf)
-    AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(tmp_path)
+def test_hf_directory_gives_the_same_ids(smollm2_gguf, hf_smollm2_tokenizer, tmp_path):
+    hf_smollm2_tokenizer.save_pretrained(tmp_path)
     a, b = Tokenizer.from_model_path(smollm2_gguf), Tokenizer.from_model_path(str(tmp_path))
     for text in TEXTS:
         assert a.encode(text) == b.encode(text)

@@ -2,21 +2,129 @@
 // block-paged cache (no gather copy), query heads grouped under their KV head (GQA/MQA), the
 // KV length cut into splits whose partial softmaxes are merged by log-sum-exp
 // (Flash-Decoding, Dao et al. 2023). Work items are (sequence, kv head, split), run with OpenMP.
+// Within a split, keys go in tiles: scores of the tile, then one online-softmax update per tile
+// (as FlashAttention does per KV block, Dao et al. 2022).
 //
 //   partial over split s:  m_s = max score, l_s = sum exp(score - m_s), o_s = sum exp(score - m_s) v
 //   merged:                m = max_s m_s,  o = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
+// Keys scored together: one running-max update, one rescale of the partial output and one
+// vectorized exp pass per tile instead of per key.
+constexpr int64_t kTile = 64;
+
+#ifdef FS_AVX2
+// exp(x) for x <= 0 (a score minus its running max): exp(x) = 2^k exp(r) with k = round(x / ln 2)
+// and r = x - k ln 2 in [-ln2/2, ln2/2] (Cody-Waite reduction with ln 2 split in two parts, as in
+// Cephes' expf), exp(r) by its Taylor series to r^7 (truncation < 1.5e-8 relative there).
+// Below -87 (2^k would be subnormal) the result is 0, which also makes exp(-inf) = 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i pow2k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2k)));
+}
+#endif
+
+// The float row of a cached key or value: the cache itself when it is float32, else a converted copy.
 template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+inline const float* float_row(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// s[j] = q . k_j for the tile's keys (four keys per pass share each load of q).
+inline void tile_scores(const float* q, const float* const* k, int64_t nt, int64_t D, float* s) {
+  int64_t j = 0;
+#ifdef FS_AVX2
+  if (D % 8 == 0) {
+    for (; j + 4 <= nt; j += 4) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j + 1] + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j + 2] + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j + 3] + d), a3);
+      }
+      s[j] = hsum(a0), s[j + 1] = hsum(a1), s[j + 2] = hsum(a2), s[j + 3] = hsum(a3);
+    }
+  }
+#endif
+  for (; j < nt; ++j) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[j][d];
+    s[j] = dot;
+  }
+}
+
+// p[j] = exp(s[j] - m) in place for j < nt; returns their sum.
+inline float tile_exp(float* s, int64_t nt, float m) {
+  float sum = 0.f;
+  int64_t j = 0;
+#ifdef FS_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 mv = _mm256_set1_ps(m);
+  for (; j + 8 <= nt; j += 8) {
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  sum = hsum(acc);
+#endif
+  for (; j < nt; ++j) sum += (s[j] = std::exp(s[j] - m));
+  return sum;
+}
+
+// o += sum_j p[j] v_j, 32 columns at a time held in registers across the tile's keys.
+inline void tile_accumulate(const float* p, const float* const* v, int64_t nt, int64_t D, float* o) {
+  int64_t d = 0;
+#ifdef FS_AVX2
+  for (; d + 32 <= D; d += 32) {
+    __m256 o0 = _mm256_loadu_ps(o + d), o1 = _mm256_loadu_ps(o + d + 8);
+    __m256 o2 = _mm256_loadu_ps(o + d + 16), o3 = _mm256_loadu_ps(o + d + 24);
+    for (int64_t j = 0; j < nt; ++j) {
+      const __m256 pj = _mm256_broadcast_ss(p + j);
+      o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + d), o0);
+      o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + d + 8), o1);
+      o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + d + 16), o2);
+      o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + d + 24), o3);
+    }
+    _mm256_storeu_ps(o + d, o0), _mm256_storeu_ps(o + d + 8, o1);
+    _mm256_storeu_ps(o + d + 16, o2), _mm256_storeu_ps(o + d + 24, o3);
+  }
+  for (; d + 8 <= D; d += 8) {
+    __m256 o0 = _mm256_loadu_ps(o + d);
+    for (int64_t j = 0; j < nt; ++j) o0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(v[j] + d), o0);
+    _mm256_storeu_ps(o + d, o0);
+  }
+#endif
+  for (; d < D; ++d) {
+    float acc = o[d];
+    for (int64_t j = 0; j < nt; ++j) acc += p[j] * v[j][d];
+    o[d] = acc;
+  }
 }
 
 template <typename T>
@@ -34,6 +142,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const T* vp = v_cache.data_ptr<T>();
   const int64_t q_stride_n = q.stride(0), q_stride_h = q.stride(1);
   const int64_t kv_stride_block = k_cache.stride(0), kv_stride_tok = k_cache.stride(1), kv_stride_h = k_cache.stride(2);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
 
   int64_t max_len = 0;
   for (int64_t n = 0; n < N; ++n) max_len = std::max<int64_t>(max_len, lens[n]);
@@ -44,7 +153,10 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, N * Hk * num_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), kf(D), vf(D), s(G);
+    std::vector<float> qf(G * D), s(kTile);
+    std::vector<float> kbuf(std::is_same_v<T, float> ? 0 : kTile * D), vbuf(kbuf.size());
+    const float* krow[kTile];
+    const float* vrow[kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (Hk * num_splits);
       const int64_t h = (item / num_splits) % Hk;
@@ -58,32 +170,37 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const int64_t last = len - 1;  // the query's own position
       int64_t t0 = sp * split_tokens, t1 = std::min<int64_t>(len, t0 + split_tokens);
       if (sliding_window > 0) t0 = std::max<int64_t>(t0, last - sliding_window + 1);
-      if (t0 >= t1) continue;
+      // Keys past the block table's end are not there to read (a table cut short by its caller).
+      t1 = std::min<int64_t>(t1, max_blocks * bs);
       for (int64_t g = 0; g < G; ++g)
-        load_row(qp + n * q_stride_n + (h * G + g) * q_stride_h, &qf[g * D], D);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t blk = t / bs;
-        if (blk >= max_blocks) break;
-        const int64_t base = int64_t(bt[n * max_blocks + blk]) * kv_stride_block + (t % bs) * kv_stride_tok + h * kv_stride_h;
-        load_row(kp + base, kf.data(), D);
-        load_row(vp + base, vf.data(), D);
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[n * q_stride_n + (h * G + g) * q_stride_h + d]);
+      for (int64_t tt = t0; tt < t1; tt += kTile) {
+        const int64_t nt = std::min<int64_t>(kTile, t1 - tt);
+        for (int64_t j = 0; j < nt; ++j) {
+          const int64_t t = tt + j;
+          const int64_t base = int64_t(bt[n * max_blocks + t / bs]) * kv_stride_block + (t % bs) * kv_stride_tok + h * kv_stride_h;
+          krow[j] = float_row(kp + base, kbuf.data() + j * D, D);
+          vrow[j] = float_row(vp + base, vbuf.data() + j * D, D);
+        }
         for (int64_t g = 0; g < G; ++g) {
-          const float* qg = &qf[g * D];
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)  // lets the compiler vectorize the reduction (reassociates the sum)
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * kf[d];
-          float sc = dot * static_cast<float>(scale);
-          if (softcap > 0) sc = static_cast<float>(softcap) * std::tanh(sc / static_cast<float>(softcap));
+          float* sg = s.data();
+          tile_scores(&qf[g * D], krow, nt, D, sg);
+          float tile_max = neg_inf;
+          for (int64_t j = 0; j < nt; ++j) {
+            float sc = sg[j] * fscale;
+            if (fcap > 0) sc = fcap * std::tanh(sc / fcap);
+            sg[j] = sc;
+            tile_max = std::max(tile_max, sc);
+          }
           float* og = o + g * D;
-          if (sc > m[g]) {  // new running max: rescale what was accumulated so far
-            const float a = std::exp(m[g] - sc);  // exp(-inf) = 0 on the first key
+          if (tile_max > m[g]) {  // new running max: rescale what was accumulated so far
+            const float a = std::exp(m[g] - tile_max);  // exp(-inf) = 0 on the first tile
             l[g] *= a;
             for (int64_t d = 0; d < D; ++d) og[d] *= a;
-            m[g] = sc;
+            m[g] = tile_max;
           }
-          const float p = std::exp(sc - m[g]);
-          l[g] += p;
-          for (int64_t d = 0; d < D; ++d) og[d] += p * vf[d];
+          l[g] += tile_exp(sg, nt, m[g]);
+          tile_accumulate(sg, vrow, nt, D, og);
         }
       }
     }

@@ -37,10 +37,7 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define FS_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -60,13 +57,6 @@ struct Problem {
 };
 
 #ifdef FS_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // y[m, n] = the two accumulators' lanes + sum_g z[n, g] * xsum[m, g].
 template <int MB>
 void finish_rows(const Problem& p, int64_t n, int64_t m0, const __m256* acc0, const __m256* acc1) {
