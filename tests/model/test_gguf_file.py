@@ -25,7 +25,7 @@ def assert_same_as_gguf_reader(path: str) -> None:
     assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
     for a, b in zip(ours.tensors, ref.tensors):
         assert a.tensor_type == b.tensor_type and a.shape == tuple(b.shape.tolist()), a.name
-        assert (a.data_offset, a.n_bytes) == (int(b.data_offset), int(b.n_bytes)), a.name
+        assert (a.n_elements, a.data_offset, a.n_bytes) == (int(b.n_elements), int(b.data_offset), int(b.n_bytes)), a.name
         assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
         assert np.array_equal(a.data, b.data), a.name
 

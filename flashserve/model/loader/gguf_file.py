@@ -32,6 +32,7 @@ class GGUFTensorInfo:
     name: str
     tensor_type: Any          # gguf.GGMLQuantizationType
     shape: tuple[int, ...]    # GGUF order: the innermost (contiguous) dimension first
+    n_elements: int
     data_offset: int          # absolute byte offset in the file
     n_bytes: int
     data: np.ndarray          # memory-mapped: float types as their numpy dtype, block types as
@@ -135,7 +136,7 @@ def _read(path: str) -> GGUFFile:
             view = data[start:start + n_bytes].reshape(quant_shape_to_byte_shape(dims, qtype))
         else:
             view = data[start:start + n_bytes].view(item).reshape(dims)
-        tensors.append(GGUFTensorInfo(name, qtype, shape, start, n_bytes, view))
+        tensors.append(GGUFTensorInfo(name, qtype, shape, n_elems, start, n_bytes, view))
     return GGUFFile(path, version, metadata, tensors)
 
 
