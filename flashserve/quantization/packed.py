@@ -213,7 +213,6 @@ class GroupQuantWeight(PackedWeight):
             raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
         self.out_features, self.in_features = n, k
         self.bits, self.group = bits, group
-        self.large_m = 64 if bits == 4 else 128  # crossovers with dequantize + GEMM, measured (RESULTS.md)
         self.set_int8_activations(int8_activations)
         if bits == 4:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
@@ -227,6 +226,10 @@ class GroupQuantWeight(PackedWeight):
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
         self.int8_activations = on and self.group == GROUP
+        # Rows from which dequantize + float32 GEMM is faster, measured (RESULTS.md): the int8 GEMM
+        # kernel keeps 4-bit weights ahead up to at least 256 rows (2.1 vs 5.5 ms at 64 for gate_up);
+        # 128 keeps longer prompt chunks on float activations.
+        self.large_m = 128 if self.bits == 8 or self.int8_activations else 64
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.attention.cpu_kernels import cpu_kernels

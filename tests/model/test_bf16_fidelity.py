@@ -37,6 +37,9 @@ def test_greedy_agrees_with_float32_up_to_near_ties(smollm2_llm, bf16_llm, smoll
     assert_near_ties(ref, ours, smollm2_gguf)
 
 
+TIE = 0.05  # float32 logits this close count as tied
+
+
 def assert_near_ties(ref, ours, gguf: str) -> None:
     """Where greedy outputs first differ from the float32 reference, the other choice is in the
     float32 top-3 and the logit gap is small; at least a fifth of the prompts agree to the end
@@ -54,7 +57,10 @@ def assert_near_ties(ref, ours, gguf: str) -> None:
         k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         context = list(r.prompt_token_ids) + a[:k]
         logits = run_incremental(model, cfg, context, [len(context)])[-1]
-        assert b[k] in logits.topk(3).indices.tolist(), f"{r.prompt!r}: token {k} not in the float32 top-3"
+        # In the top 3, counting a token tied with the third (within TIE) as in: one divergence
+        # measured had float32 logits 12.68, 12.53, 12.48, 12.48 and took the fourth.
+        third = float(logits.topk(3).values[-1])
+        assert float(logits[b[k]]) >= third - TIE, f"{r.prompt!r}: token {k} not in the float32 top-3"
         gaps.append(float(logits[a[k]] - logits[b[k]]))
     print(f"{exact}/{len(ref)} identical; float32 logit gaps at the divergences {gaps}")
     assert max(gaps, default=0.0) < 1.0, f"divergences are not near-ties: float32 logit gaps {gaps}"

@@ -211,28 +211,32 @@ def int8_rounded(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0])
-@pytest.mark.parametrize("m", [1, 3, 6, 13])
-def test_int8_activations_are_integer_dot_products(qtype, m):
+@pytest.mark.parametrize("m,k", [(1, 512), (3, 576), (6, 512), (8, 576), (13, 512), (32, 576)])
+def test_int8_activations_are_integer_dot_products(qtype, m, k):
     """With int8_activations each group's product is sum(q * xq) * s * dx, exact in integers, plus
-    z * sum(x) on the unrounded x: equal to that formula in float64 up to float32 summation."""
+    z * sum(x) on the unrounded x: equal to that formula in float64 up to float32 summation.
+    Rows below and above the GEMM kernel's threshold (5), group counts with and without a
+    remainder of eight (16 and 18), 70 output rows (a task of 6 rows at the end)."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
-    t = random_tensor(qtype, 72, 512, seed=m)
+    if qtype == Q.Q4_K:
+        k = 512  # K-quant super-blocks are 256 values wide
+    t = random_tensor(qtype, 70, k, seed=m)
     w = pack_linear([t], torch.float32, own_kernels=True)
     w.int8_activations = True
-    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)) * 3
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
     x[0, :32] = 0  # an all-zero group has dx = 0
     xq, dx = int8_rounded(x)
-    groups = 512 // 32
+    groups = k // 32
     scale = w.scale.double().numpy()  # (N, K/32)
     zero = w.zero.double().numpy() if w.zero is not None else np.zeros_like(scale)
     if w.bits == 4:  # byte j of a group: code j in the low nibble, code j + 16 in the high one
-        c = w.codes.view(72, groups, 16)
+        c = w.codes.view(70, groups, 16)
         codes = torch.cat([c & 0x0F, c >> 4], dim=-1).double().numpy()
     else:
-        codes = w.codes.view(torch.int8).view(72, groups, 32).double().numpy()
+        codes = w.codes.view(torch.int8).view(70, groups, 32).double().numpy()
     w64 = codes * scale[..., None] + zero[..., None]
-    assert np.allclose(w64.reshape(72, 512), w.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
+    assert np.allclose(w64.reshape(70, k), w.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
     xsum = x.double().numpy().reshape(m, groups, 32).sum(axis=2)  # (M, K/32)
     ref = np.einsum("ngk,mgk,ng,mg->mn", codes, xq, scale, dx[..., 0]) + xsum @ zero.T
     got = w(x).double().numpy()
@@ -392,7 +396,7 @@ def test_smollm2_greedy_quantized_vs_dequantized(smollm2_gguf, smollm2_llm):
 @pytest.mark.parametrize("model_fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_perplexity_within_one_percent(model_fixture, request):
     """Perplexity of the first 512 tokens of the GPL-3 text: packed weights (float32 and bfloat16
-    compute) within 1% of the dequantized float32 model. The text goes in chunks of 32 tokens,
+    compute) within 1% of the dequantized float32 model (2% for Gemma 3 with int8 activations). The text goes in chunks of 32 tokens,
     below every large_m, so the quantized kernels (with int8 activations) compute every row."""
     from pathlib import Path
 
@@ -414,10 +418,16 @@ def test_perplexity_within_one_percent(model_fixture, request):
         return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]))))
 
     ref = perplexity(torch.float32, "none")
-    for dtype in (torch.float32, torch.bfloat16):
-        p = perplexity(dtype, "auto")
-        print(f"{model_fixture} perplexity over {len(ids)} tokens: float32 dequantized {ref:.4f}, {dtype} packed {p:.4f}")
-        assert abs(p - ref) / ref < 0.01, (ref, p)
+    # Rounding activations to int8 makes perplexity depend on last-bit details (summation order,
+    # chunk size): measured on Gemma 3, 12.87 to 13.11 around the reference 12.937 (chunks of 4 or
+    # 32, either kernel generation, int8 off in any one kind of layer); SmolLM2 stays within 0.7%.
+    int8_bound = 0.02 if model_fixture == "gemma3_gguf" else 0.01
+    for dtype, quantization, bound in [(torch.float32, "weight-only", 0.01), (torch.float32, "auto", int8_bound),
+                                       (torch.bfloat16, "auto", int8_bound)]:
+        p = perplexity(dtype, quantization)
+        print(f"{model_fixture} perplexity over {len(ids)} tokens: float32 dequantized {ref:.4f}, "
+              f"{dtype} {quantization} {p:.4f}")
+        assert abs(p - ref) / ref < bound, (quantization, dtype, ref, p)
 
 
 def test_quantization_setting_is_validated():

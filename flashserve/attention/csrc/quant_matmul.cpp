@@ -36,6 +36,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "simd.h"
 
@@ -43,6 +45,8 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 8;  // output rows per parallel work item
 constexpr int kMaxMB = 4;            // activation rows sharing one widening of the codes
+constexpr int kMaxMBInt8 = 2;        // the same for the int8 GEMV (more rows spill its registers)
+constexpr int64_t kGemmMinRows = 5;  // int8 activations: from this many rows the GEMM kernel (measured)
 
 struct Problem {
   const float* x;      // (M, K)
@@ -130,58 +134,174 @@ void row_int8(const Problem& p, int64_t n, int64_t m0) {
   finish_rows<MB>(p, n, m0, acc0, acc1);
 }
 
-// Integer dot products of one weight group (32 codes in `w`, bytes in k order) with MB rows of
-// int8 activations, scaled by s[g] * dx[m, g] into one float accumulator per row. `w_abs` and
-// the sign trick apply to signed codes; unsigned 4-bit codes go straight into vpmaddubsw.
-template <int MB, bool kSigned>
-inline void group_q8(const Problem& p, __m256i w, int64_t n, int64_t g, int64_t m0, float sg, __m256* acc) {
-  const int64_t groups = p.K / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i w_u = kSigned ? _mm256_sign_epi8(w, w) : w;  // |q| as unsigned bytes (|-128| = 128)
-  for (int i = 0; i < MB; ++i) {
-    const int64_t m = m0 + i;
-    __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + m * p.K + g * 32));
-    if (kSigned) xq = _mm256_sign_epi8(xq, w);  // move q's sign onto x: |q| * (sign(q) x) = q x
-    // Pairs of u8 x s8 products summed into int16 (|sum| <= 2 * 128 * 127, no saturation), then
-    // pairs of those into int32.
-    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_u, xq), ones);
-    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sg * p.dx[m * groups + g]), acc[i]);
-  }
+// ---- int8 activations -------------------------------------------------------------------------
+// Every kernel below computes y[m, n] with the same float operations in the same order, so a row's
+// result does not depend on how many rows share the call or which kernel M selects:
+//
+//   D[g] = sum_k q[n, k] xq[m, k] over group g (exact integer arithmetic, any order)
+//   acc[j] = fma(z[n, g], xsum[m, g], fma(float(D[g]), s[n, g] * dx[m, g], acc[j])),  j = g mod 8,
+//            groups in increasing order
+//   y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7))   (hsum's tree)
+//
+// The GEMV kernel (few rows) holds acc[0..7] as the lanes of one vector, groups eight at a time;
+// the GEMM kernel (many rows) holds one vector per j whose lanes are eight activation rows.
+
+// The 32 codes of a group as bytes in k order: unsigned 4-bit codes (low nibbles are codes 0..15,
+// high nibbles 16..31) or signed 8-bit codes.
+inline __m256i codes_u4(const uint8_t* c) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
+}
+inline __m256i codes_s8(const int8_t* c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)); }
+
+template <bool kSigned>
+inline __m256i group_codes(const Problem& p, int64_t n, int64_t g) {
+  if (kSigned) return codes_s8(reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * 32);
+  return codes_u4(p.codes + n * (p.K / 2) + g * 16);
 }
 
-// One output row n against MB rows of int8 activations; codes_of(g) gives the group's 32 codes in
-// k order. Two accumulators per row, for even and odd groups, overlap the FMA latency.
-template <int MB, bool kSigned, typename CodesOf>
-void row_q8(const Problem& p, int64_t n, int64_t m0, CodesOf codes_of) {
+// u8 x s8 products summed in pairs into int16 (vpmaddubsw) then in pairs into int32: 8 lanes whose
+// sum is the group's integer dot product. Signed codes: |q| times x with q's sign moved onto x.
+// |pair sum| <= 2 * 128 * 127: no saturation.
+template <bool kSigned>
+inline __m256i dot_lanes(__m256i w, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (kSigned) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+}
+
+// Lane i of the result = the sum of v[i]'s eight lanes.
+inline __m256i reduce8(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, c, 0x20), _mm256_permute2x128_si256(a, c, 0x31));
+}
+
+inline __m256 first_lanes(int64_t count) {  // mask of lanes [0, count)
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), idx));
+}
+
+// GEMV: output row n against MB activation rows from m0; the group's codes are widened once for
+// the MB rows. Lanes of acc[i] are j = g mod 8.
+template <int MB, bool kSigned>
+void gemv_q8(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32;
   const float* s = p.scale + n * groups;
-  __m256 acc0[MB], acc1[MB];
-  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    group_q8<MB, kSigned>(p, codes_of(g), n, g, m0, s[g], acc0);
-    group_q8<MB, kSigned>(p, codes_of(g + 1), n, g + 1, m0, s[g + 1], acc1);
+  const float* z = p.zero ? p.zero + n * groups : nullptr;
+  __m256 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, groups - g0);
+    __m256i dots[MB][8];
+    for (int64_t j = 0; j < 8; ++j) {
+      if (j >= cnt) {
+        for (int i = 0; i < MB; ++i) dots[i][j] = _mm256_setzero_si256();
+        continue;
+      }
+      const __m256i w = group_codes<kSigned>(p, n, g0 + j);
+      for (int i = 0; i < MB; ++i) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * p.K + (g0 + j) * 32));
+        dots[i][j] = dot_lanes<kSigned>(w, x);
+      }
+    }
+    const __m256 live = first_lanes(cnt);
+    const __m256i lane_mask = _mm256_castps_si256(live);
+    const __m256 sv = _mm256_maskload_ps(s + g0, lane_mask);
+    const __m256 zv = z ? _mm256_maskload_ps(z + g0, lane_mask) : _mm256_setzero_ps();
+    for (int i = 0; i < MB; ++i) {
+      const int64_t m = m0 + i;
+      const __m256 d = _mm256_cvtepi32_ps(reduce8(dots[i]));
+      __m256 a = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_maskload_ps(p.dx + m * groups + g0, lane_mask)), acc[i]);
+      if (z) a = _mm256_fmadd_ps(zv, _mm256_maskload_ps(p.xsum + m * groups + g0, lane_mask), a);
+      acc[i] = _mm256_blendv_ps(acc[i], a, live);  // groups past the end leave their lanes alone
+    }
   }
-  if (g < groups) group_q8<MB, kSigned>(p, codes_of(g), n, g, m0, s[g], acc0);
-  finish_rows<MB>(p, n, m0, acc0, acc1);
+  for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
 }
 
-template <int MB>
-void row_int4_q8(const Problem& p, int64_t n, int64_t m0) {
-  const uint8_t* c = p.codes + n * (p.K / 2);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  row_q8<MB, false>(p, n, m0, [&](int64_t g) {  // low nibbles hold codes 0..15, high ones 16..31
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
-  });
+// Activations for the GEMM, per block of 8 rows: xq interleaved so that one 32-byte load holds 4
+// consecutive k of each of the 8 rows ([block][group][k / 4][row][k % 4]), and dx, xsum as
+// [block][group][row]. Rows past M are zeros.
+struct Q8Blocks {
+  std::vector<int8_t> xq;
+  std::vector<float> dx, xsum;
+};
+
+Q8Blocks interleave_rows(const Problem& p) {
+  const int64_t groups = p.K / 32, blocks = (p.M + 7) / 8;
+  Q8Blocks b;
+  b.xq.assign(blocks * p.K * 8, 0);
+  b.dx.assign(blocks * groups * 8, 0.f);
+  b.xsum.assign(p.xsum ? blocks * groups * 8 : 0, 0.f);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const int64_t blk = m / 8, r = m % 8;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t gi = (blk * groups + g) * 8 + r;
+      b.dx[gi] = p.dx[m * groups + g];
+      if (p.xsum) b.xsum[gi] = p.xsum[m * groups + g];
+      for (int64_t q = 0; q < 8; ++q)  // 4 values of k at a time
+        std::memcpy(&b.xq[((blk * groups + g) * 8 + q) * 32 + r * 4], p.xq + m * p.K + g * 32 + q * 4, 4);
+    }
+  }
+  return b;
 }
 
-template <int MB>
-void row_int8_q8(const Problem& p, int64_t n, int64_t m0) {
-  const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
-  row_q8<MB, true>(p, n, m0, [&](int64_t g) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * 32));
-  });
+// GEMM: NB output rows from n0 against the 8 activation rows of block `blk`. Lanes are rows m.
+template <int NB, bool kSigned>
+void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
+  const int64_t groups = p.K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) uint8_t wbytes[NB][32], wabs[NB][32];
+  __m256 acc[NB][8];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int i = 0; i < NB; ++i) {
+      const __m256i w = group_codes<kSigned>(p, n0 + i, g);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wbytes[i]), w);
+      if (kSigned) _mm256_store_si256(reinterpret_cast<__m256i*>(wabs[i]), _mm256_sign_epi8(w, w));
+    }
+    const int8_t* xg = &b.xq[(blk * groups + g) * 256];
+    __m256i isum[NB];
+    for (int i = 0; i < NB; ++i) isum[i] = _mm256_setzero_si256();
+    for (int q = 0; q < 8; ++q) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + q * 32));
+      for (int i = 0; i < NB; ++i) {
+        int32_t w4;
+        std::memcpy(&w4, &wbytes[i][q * 4], 4);
+        const __m256i wq = _mm256_set1_epi32(w4);
+        if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
+          int32_t a4;
+          std::memcpy(&a4, &wabs[i][q * 4], 4);
+          const __m256i prod = _mm256_maddubs_epi16(_mm256_set1_epi32(a4), _mm256_sign_epi8(x, wq));
+          isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(prod, ones));
+        } else {  // 4-bit codes: |pair sum| <= 2 * 15 * 127, eight steps fit in int16
+          isum[i] = _mm256_add_epi16(isum[i], _mm256_maddubs_epi16(wq, x));
+        }
+      }
+    }
+    const __m256 dxv = _mm256_loadu_ps(&b.dx[(blk * groups + g) * 8]);
+    const int64_t j = g % 8;
+    for (int i = 0; i < NB; ++i) {
+      const int64_t n = n0 + i;
+      const __m256i d32 = kSigned ? isum[i] : _mm256_madd_epi16(isum[i], ones);
+      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(_mm256_set1_ps(p.scale[n * groups + g]), dxv),
+                                 acc[i][j]);
+      if (p.zero)
+        a = _mm256_fmadd_ps(_mm256_set1_ps(p.zero[n * groups + g]), _mm256_loadu_ps(&b.xsum[(blk * groups + g) * 8]), a);
+      acc[i][j] = a;
+    }
+  }
+  const int64_t rows = std::min<int64_t>(8, p.M - blk * 8);
+  for (int i = 0; i < NB; ++i) {
+    const __m256 t0 = _mm256_add_ps(acc[i][0], acc[i][4]), t1 = _mm256_add_ps(acc[i][1], acc[i][5]);
+    const __m256 t2 = _mm256_add_ps(acc[i][2], acc[i][6]), t3 = _mm256_add_ps(acc[i][3], acc[i][7]);
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3)));
+    for (int64_t r = 0; r < rows; ++r) p.y[(blk * 8 + r) * p.N + n0 + i] = out[r];
+  }
 }
 #endif
 
@@ -208,10 +328,10 @@ void row_scalar(const Problem& p, int64_t n, int64_t m) {
   p.y[m * p.N + n] = total;
 }
 
-// Portable version of the int8-activation arithmetic: exact integer dot per group, then scaled.
+// Portable version of the int8-activation arithmetic, in the canonical order described above.
 void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
   const int64_t groups = p.K / 32;
-  float total = 0.f;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int64_t g = 0; g < groups; ++g) {
     int32_t d = 0;
     for (int64_t k = g * 32; k < (g + 1) * 32; ++k) {
@@ -224,16 +344,17 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
       }
       d += q * p.xq[m * p.K + k];
     }
-    total += static_cast<float>(d) * (p.scale[n * groups + g] * p.dx[m * groups + g]);
-    if (p.zero) total += p.zero[n * groups + g] * p.xsum[m * groups + g];
+    float a = std::fma(static_cast<float>(d), p.scale[n * groups + g] * p.dx[m * groups + g], acc[g % 8]);
+    if (p.zero) a = std::fma(p.zero[n * groups + g], p.xsum[m * groups + g], a);
+    acc[g % 8] = a;
   }
-  p.y[m * p.N + n] = total;
+  p.y[m * p.N + n] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
 template <int MB>
 void rows(const Problem& p, int64_t n, int64_t m0) {
 #ifdef FS_AVX2
-  if (p.xq) return p.bits == 4 ? row_int4_q8<MB>(p, n, m0) : row_int8_q8<MB>(p, n, m0);
+  if (p.xq) return p.bits == 4 ? gemv_q8<MB, false>(p, n, m0) : gemv_q8<MB, true>(p, n, m0);
   if (p.bits == 4) return row_int4<MB>(p, n, m0);
   return row_int8<MB>(p, n, m0);
 #else
@@ -300,12 +421,28 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
     p.xq = xq.data_ptr<int8_t>();
     p.dx = dx.data_ptr<float>();
   }
+#ifdef FS_AVX2
+  if (int8_activations && M >= kGemmMinRows) {
+    const Q8Blocks blocks = interleave_rows(p);
+    at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+      const int64_t n_end = std::min(end * kRowsPerTask, N);
+      // The task's weight rows stay in L1 while every block of activation rows passes them.
+      for (int64_t blk = 0; blk < (M + 7) / 8; ++blk) {
+        int64_t n = begin * kRowsPerTask;
+        for (; n + 4 <= n_end; n += 4) bits == 4 ? gemm_q8<4, false>(p, blocks, n, blk) : gemm_q8<4, true>(p, blocks, n, blk);
+        for (; n < n_end; ++n) bits == 4 ? gemm_q8<1, false>(p, blocks, n, blk) : gemm_q8<1, true>(p, blocks, n, blk);
+      }
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
     const int64_t n_end = std::min(end * kRowsPerTask, N);
     // Activation rows in blocks of kMaxMB, each block against the task's rows while their
     // codes are in L1; the block of x is reused by every row of the task.
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
-      const int64_t mb = std::min<int64_t>(kMaxMB, M - m0);
+    const int64_t block = int8_activations ? kMaxMBInt8 : kMaxMB;
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t mb = std::min<int64_t>(block, M - m0);
       for (int64_t n = begin * kRowsPerTask; n < n_end; ++n) {
         switch (mb) {
           case 4: rows<4>(p, n, m0); break;
