@@ -27,6 +27,9 @@ def test_generate_prints_the_greedy_completion(smollm2_gguf, smollm2_llm):
 
 
 def test_chat_answers_each_line(smollm2_gguf):
-    r = run("chat", "--model", smollm2_gguf, "--dtype", "float32", "--max-tokens", "16", stdin="What is the capital of France?\n\n")
+    # weight-only: with int8 activations this question's first token is a near-tie ("La" -1.84,
+    # "The" -1.86 nats), and int8 rounding turns last-bit differences into different answers.
+    r = run("chat", "--model", smollm2_gguf, "--dtype", "float32", "--quantization", "weight-only",
+            "--max-tokens", "16", stdin="What is the capital of France?\n\n")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

@@ -28,8 +28,9 @@
 // done 32 products at a time by AVX2's u8 x s8 multiply-add (vpmaddubsw; signed codes go through
 // vpsignb so that one operand is non-negative). The zero term keeps the exact float sums of x
 // (llama.cpp uses the rounded x's sums there; measured, that doubled the perplexity change of
-// SmolLM2 and made Gemma 3's five times larger). The rounding of x is per row: rows stay
-// independent of the batch. The large-M path (dequantize + GEMM, flashserve/quantization/packed.py)
+// SmolLM2 and made Gemma 3's five times larger). The rounding of x is per row, and the GEMV and
+// GEMM kernels below share one float order (see "int8 activations" below): rows stay independent
+// of the batch. The large-M path (dequantize + GEMM, flashserve/quantization/packed.py)
 // keeps x in float32: rounding it there as well made greedy outputs drift further from float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
