@@ -32,11 +32,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     qh = q.transpose(0, 1)  # (Hq, ql, D)
     if logit_softcap:
         out = _tiled_softcap_attention(qh, k, v, seq_len - ql - first_key, scale, sliding_window, logit_softcap)
-    elif ql == seq_len and sliding_window is None:  # fresh prompt: plain causal, SDPA's own mask
-        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        mask = _visible(ql, k.shape[1], seq_len - ql - first_key, sliding_window, q.device)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        # A batch dimension of 1: with 3-D inputs SDPA's CPU dispatch takes its unfused math path
+        # (bmm, softmax, mask copies); 4-D ones reach the flash kernel, 3.6x faster at 512 tokens
+        # of SmolLM2's 9/3 heads (21 -> 5.8 ms a layer, measured).
+        q4, k4, v4 = qh.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        if ql == seq_len and sliding_window is None:  # fresh prompt: plain causal, SDPA's own mask
+            out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)[0]
+        else:
+            mask = _visible(ql, k.shape[1], seq_len - ql - first_key, sliding_window, q.device)
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)[0]
     return out.transpose(0, 1)
 
 
