@@ -211,12 +211,12 @@ def int8_rounded(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0])
-@pytest.mark.parametrize("m,k", [(1, 512), (3, 576), (6, 512), (8, 576), (13, 512), (32, 576)])
+@pytest.mark.parametrize("m,k", [(1, 512), (2, 544), (3, 576), (6, 512), (8, 576), (13, 512), (32, 576)])
 def test_int8_activations_are_integer_dot_products(qtype, m, k):
     """With int8_activations each group's product is sum(q * xq) * s * dx, exact in integers, plus
     z * sum(x) on the unrounded x: equal to that formula in float64 up to float32 summation.
     Rows below and above the GEMM kernel's threshold (5), group counts with and without a
-    remainder of eight (16 and 18), 70 output rows (a task of 6 rows at the end)."""
+    remainder of eight (16, 17 and 18), 70 output rows (a task of 6 rows at the end)."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
     if qtype == Q.Q4_K:

@@ -59,6 +59,7 @@ struct Problem {
   int64_t M, N, K, G, bits;
   const int8_t* xq = nullptr;  // (M, K) int8 codes of x, when activations are rounded to int8
   const float* dx = nullptr;   // (M, K/32) their scales
+  const int8_t* xq_pairs = nullptr;  // 4-bit GEMV: xq in the nibble order of two groups (pair_rows)
 };
 
 #ifdef FS_AVX2
@@ -184,13 +185,32 @@ inline __m256 first_lanes(int64_t count) {  // mask of lanes [0, count)
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), idx));
 }
 
+// The float step of the canonical order for eight groups from g0 (the first `cnt` live) of output
+// row n and activation row m, D holding their integer dot products in group order.
+struct GroupStep {
+  __m256 live, sv, zv;
+  __m256i mask;
+  GroupStep(const Problem& p, int64_t n, int64_t g0, int64_t cnt) {
+    const int64_t groups = p.K / 32;
+    live = first_lanes(cnt);
+    mask = _mm256_castps_si256(live);
+    sv = _mm256_maskload_ps(p.scale + n * groups + g0, mask);
+    zv = p.zero ? _mm256_maskload_ps(p.zero + n * groups + g0, mask) : _mm256_setzero_ps();
+  }
+  __m256 apply(const Problem& p, __m256 acc, __m256i D, int64_t m, int64_t g0) const {
+    const int64_t groups = p.K / 32;
+    __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(D), _mm256_mul_ps(sv, _mm256_maskload_ps(p.dx + m * groups + g0, mask)),
+                               acc);
+    if (p.zero) a = _mm256_fmadd_ps(zv, _mm256_maskload_ps(p.xsum + m * groups + g0, mask), a);
+    return _mm256_blendv_ps(acc, a, live);  // groups past the end leave their lanes alone
+  }
+};
+
 // GEMV: output row n against MB activation rows from m0; the group's codes are widened once for
 // the MB rows. Lanes of acc[i] are j = g mod 8.
 template <int MB, bool kSigned>
 void gemv_q8(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32;
-  const float* s = p.scale + n * groups;
-  const float* z = p.zero ? p.zero + n * groups : nullptr;
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
@@ -207,16 +227,64 @@ void gemv_q8(const Problem& p, int64_t n, int64_t m0) {
         dots[i][j] = dot_lanes<kSigned>(w, x);
       }
     }
-    const __m256 live = first_lanes(cnt);
-    const __m256i lane_mask = _mm256_castps_si256(live);
-    const __m256 sv = _mm256_maskload_ps(s + g0, lane_mask);
-    const __m256 zv = z ? _mm256_maskload_ps(z + g0, lane_mask) : _mm256_setzero_ps();
+    const GroupStep step(p, n, g0, cnt);
+    for (int i = 0; i < MB; ++i) acc[i] = step.apply(p, acc[i], reduce8(dots[i]), m0 + i, g0);
+  }
+  for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
+}
+
+// 4-bit GEMV: one 32-byte load holds the codes of groups g and g + 1; their low nibbles are
+// codes 0..15 of each group and the high nibbles codes 16..31. pair_rows stores each row of xq in
+// that order, per pair of groups: [x_g[0..15] | x_g+1[0..15]], [x_g[16..31] | x_g+1[16..31]]
+// (zeros for a missing last group), so each half-register product needs one plain load.
+std::vector<int8_t> pair_rows(const Problem& p) {
+  const int64_t groups = p.K / 32, pairs = (groups + 1) / 2;
+  std::vector<int8_t> out(p.M * pairs * 64, 0);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      int8_t* dst = &out[(m * pairs + g / 2) * 64 + (g % 2) * 16];
+      std::memcpy(dst, p.xq + m * p.K + g * 32, 16);
+      std::memcpy(dst + 32, p.xq + m * p.K + g * 32 + 16, 16);
+    }
+  return out;
+}
+
+template <int MB>
+void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t groups = p.K / 32, pairs = (groups + 1) / 2;
+  const uint8_t* c = p.codes + n * (p.K / 2);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i group_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, groups - g0);
+    __m256i dots[MB][4];  // lanes 0-3: partial sums of group g0 + 2h, lanes 4-7: of g0 + 2h + 1
+    for (int64_t h = 0; h < 4; ++h) {
+      const int64_t g = g0 + 2 * h;
+      if (g >= groups) {
+        for (int i = 0; i < MB; ++i) dots[i][h] = _mm256_setzero_si256();
+        continue;
+      }
+      const __m256i b = g + 1 < groups
+          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * 16))
+          : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16)));
+      const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xp = p.xq_pairs + ((m0 + i) * pairs + g / 2) * 64;
+        // |lo x + hi x| <= 2 * 2 * 15 * 127: fits int16
+        const __m256i prod = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
+        dots[i][h] = _mm256_madd_epi16(prod, ones);
+      }
+    }
+    const GroupStep step(p, n, g0, cnt);
     for (int i = 0; i < MB; ++i) {
-      const int64_t m = m0 + i;
-      const __m256 d = _mm256_cvtepi32_ps(reduce8(dots[i]));
-      __m256 a = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_maskload_ps(p.dx + m * groups + g0, lane_mask)), acc[i]);
-      if (z) a = _mm256_fmadd_ps(zv, _mm256_maskload_ps(p.xsum + m * groups + g0, lane_mask), a);
-      acc[i] = _mm256_blendv_ps(acc[i], a, live);  // groups past the end leave their lanes alone
+      // hadd twice leaves the totals as groups [0, 2, 4, 6 | 1, 3, 5, 7]; the permute restores order
+      const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(dots[i][0], dots[i][1]),
+                                          _mm256_hadd_epi32(dots[i][2], dots[i][3]));
+      acc[i] = step.apply(p, acc[i], _mm256_permutevar8x32_epi32(t, group_order), m0 + i, g0);
     }
   }
   for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
@@ -355,7 +423,7 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
 template <int MB>
 void rows(const Problem& p, int64_t n, int64_t m0) {
 #ifdef FS_AVX2
-  if (p.xq) return p.bits == 4 ? gemv_q8<MB, false>(p, n, m0) : gemv_q8<MB, true>(p, n, m0);
+  if (p.xq) return p.bits == 4 ? gemv_q4<MB>(p, n, m0) : gemv_q8<MB, true>(p, n, m0);
   if (p.bits == 4) return row_int4<MB>(p, n, m0);
   return row_int8<MB>(p, n, m0);
 #else
@@ -435,6 +503,11 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
       }
     });
     return y;
+  }
+  std::vector<int8_t> xq_pairs;
+  if (int8_activations && bits == 4) {
+    xq_pairs = pair_rows(p);
+    p.xq_pairs = xq_pairs.data();
   }
 #endif
   at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
