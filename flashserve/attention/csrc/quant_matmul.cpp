@@ -473,22 +473,24 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   // The zero term needs per-group sums of x; only the 4-bit form has zeros, and its groups are 32.
   TORCH_CHECK(!has_zero || group == 32, "group_quant_matmul: zeros need groups of 32");
   TORCH_CHECK(!int8_activations || group == 32, "group_quant_matmul: int8 activations need groups of 32, got ", group);
-  at::Tensor xsum, xq, dx;
-  if (has_zero) xsum = at::empty({M, K / 32}, xc.options());
+  // Scratch for the prepared activations, kept per calling thread: a decode step makes a few
+  // hundred calls, and allocating these each time was a measurable part of the small ones.
+  thread_local std::vector<float> xsum, dx;
+  thread_local std::vector<int8_t> xq;
+  if (has_zero) xsum.resize(M * (K / 32));
   if (int8_activations) {
-    xq = at::empty({M, K}, xc.options().dtype(at::kChar));
-    dx = at::empty({M, K / 32}, xc.options());
+    xq.resize(M * K);
+    dx.resize(M * (K / 32));
   }
   if (has_zero || int8_activations)
-    prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data_ptr<float>() : nullptr,
-                        int8_activations ? xq.data_ptr<int8_t>() : nullptr,
-                        int8_activations ? dx.data_ptr<float>() : nullptr);
-  Problem p{xc.data_ptr<float>(), has_zero ? xsum.data_ptr<float>() : nullptr,
+    prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data() : nullptr,
+                        int8_activations ? xq.data() : nullptr, int8_activations ? dx.data() : nullptr);
+  Problem p{xc.data_ptr<float>(), has_zero ? xsum.data() : nullptr,
             codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, group, bits};
   if (int8_activations) {
-    p.xq = xq.data_ptr<int8_t>();
-    p.dx = dx.data_ptr<float>();
+    p.xq = xq.data();
+    p.dx = dx.data();
   }
 #ifdef FS_AVX2
   if (int8_activations && M >= kGemmMinRows) {
