@@ -163,14 +163,12 @@ inline __m256i group_codes(const Problem& p, int64_t n, int64_t g) {
   return codes_u4(p.codes + n * (p.K / 2) + g * 16);
 }
 
-// u8 x s8 products summed in pairs into int16 (vpmaddubsw) then in pairs into int32: 8 lanes whose
-// sum is the group's integer dot product. Signed codes: |q| times x with q's sign moved onto x.
-// |pair sum| <= 2 * 128 * 127: no saturation.
-template <bool kSigned>
-inline __m256i dot_lanes(__m256i w, __m256i x) {
+// Signed codes times x: |q| (u8) times x with q's sign moved onto it (s8), products summed in pairs
+// into int16 (vpmaddubsw), then in pairs into int32: 8 lanes whose sum is the group's integer dot
+// product. |pair sum| <= 2 * 128 * 127: no saturation.
+inline __m256i dot_lanes_s8(__m256i w, __m256i x) {
   const __m256i ones = _mm256_set1_epi16(1);
-  if (kSigned) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
 }
 
 // Lane i of the result = the sum of v[i]'s eight lanes.
@@ -206,10 +204,10 @@ struct GroupStep {
   }
 };
 
-// GEMV: output row n against MB activation rows from m0; the group's codes are widened once for
-// the MB rows. Lanes of acc[i] are j = g mod 8.
-template <int MB, bool kSigned>
-void gemv_q8(const Problem& p, int64_t n, int64_t m0) {
+// GEMV for 8-bit (signed) codes: output row n against MB activation rows from m0; the group's
+// codes are loaded once for the MB rows. Lanes of acc[i] are j = g mod 8. (4-bit codes: gemv_q4.)
+template <int MB>
+void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32;
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
@@ -221,10 +219,10 @@ void gemv_q8(const Problem& p, int64_t n, int64_t m0) {
         for (int i = 0; i < MB; ++i) dots[i][j] = _mm256_setzero_si256();
         continue;
       }
-      const __m256i w = group_codes<kSigned>(p, n, g0 + j);
+      const __m256i w = group_codes<true>(p, n, g0 + j);
       for (int i = 0; i < MB; ++i) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * p.K + (g0 + j) * 32));
-        dots[i][j] = dot_lanes<kSigned>(w, x);
+        dots[i][j] = dot_lanes_s8(w, x);
       }
     }
     const GroupStep step(p, n, g0, cnt);
@@ -423,7 +421,7 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
 template <int MB>
 void rows(const Problem& p, int64_t n, int64_t m0) {
 #ifdef FS_AVX2
-  if (p.xq) return p.bits == 4 ? gemv_q4<MB>(p, n, m0) : gemv_q8<MB, true>(p, n, m0);
+  if (p.xq) return p.bits == 4 ? gemv_q4<MB>(p, n, m0) : gemv_s8<MB>(p, n, m0);
   if (p.bits == 4) return row_int4<MB>(p, n, m0);
   return row_int8<MB>(p, n, m0);
 #else
