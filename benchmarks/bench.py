@@ -202,6 +202,9 @@ def measure_row(engine: Engine, key, facts: ModelFacts, ceil: dict, a, prompts: 
     when the engine skips that concurrency."""
     if key == "pp":
         log(f"{engine.label}: prompt processing, {a.pp_len} tokens")
+        # One untimed run first, as llama-bench does: the first prompt of this length pays for
+        # one-off allocations (attention workspaces, activation buffers) in every engine.
+        engine.prefill_s(prompts["pp"])
         tok_s = statistics.median(a.pp_len / engine.prefill_s(prompts["pp"]) for _ in range(a.repeats))
         return tok_s, prefill_roofline(facts, ceil, tok_s, a.pp_len)
     if key == "single":

@@ -66,6 +66,7 @@ class PackedWeight(nn.Module):
     act_dtype = _KERNEL_DTYPE  # what kernel() takes; the large-M path rounds x to it too
     kernel_dtype = _KERNEL_DTYPE  # what kernel() returns; the large-M path rounds to it too
     large_m = 64  # rows from which dequantize + float32 GEMM beats the kernel (table above)
+    chunk_rows = _CHUNK_ROWS  # rows dequantized at a time on the large-M path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -88,9 +89,11 @@ class PackedWeight(nn.Module):
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(self.act_dtype).float()  # (M, K) the kernel's rounding of x
+        if self.out_features <= self.chunk_rows:  # one chunk: no copy into a preallocated output
+            return (xf @ self.dequantize().t()).to(self.kernel_dtype)
         out = torch.empty(x.shape[0], self.out_features, dtype=self.kernel_dtype)  # (M, N)
-        for start in range(0, self.out_features, _CHUNK_ROWS):
-            end = min(start + _CHUNK_ROWS, self.out_features)
+        for start in range(0, self.out_features, self.chunk_rows):
+            end = min(start + self.chunk_rows, self.out_features)
             out[:, start:end] = xf @ self.dequantize(start, end).t()
         return out
 
@@ -202,6 +205,9 @@ class GroupQuantWeight(PackedWeight):
 
     act_dtype = torch.float32
     kernel_dtype = torch.float32
+    # The C++ dequantization is cheap enough to run per L2-sized chunk, so the GEMM reads each
+    # chunk's float32 rows from L2 (gate_up at M=512: ~13.3 -> ~12.8 ms, 2 threads; noisy host).
+    chunk_rows = 256
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                  group: int = GROUP, int8_activations: bool = False):
@@ -238,7 +244,13 @@ class GroupQuantWeight(PackedWeight):
                                                 self.int8_activations)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        return self._weights(slice(start, end))
+        from flashserve.attention.cpu_kernels import kernels_for
+
+        kernels = kernels_for(self.codes)
+        if kernels is None:
+            return self._weights(slice(start, end))
+        end = self.out_features if end is None else min(end, self.out_features)
+        return kernels.group_dequantize(self.codes, self.scale, self.zero, self.bits, self.group, start, end)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Embedding lookup: (T,) ids → (T, K) in `dtype`, exactly q * s + z."""

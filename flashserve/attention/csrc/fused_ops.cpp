@@ -6,6 +6,9 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+
+#include "simd.h"
 
 namespace {
 
@@ -99,7 +102,28 @@ void act_and_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
       const T* g = gp + r * in_stride;
       const T* u = g + d;
       T* o = op + r * d;
-      for (int64_t i = 0; i < d; ++i) {
+      int64_t i = 0;
+#ifdef FS_AVX2
+      if constexpr (std::is_same_v<T, float>) {  // eight lanes at a time, exp by exp_ps
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; i + 8 <= d; i += 8) {
+          const __m256 x = _mm256_loadu_ps(g + i);
+          __m256 a;
+          if constexpr (Gelu) {  // tanh(y) = 1 - 2 / (exp(2y) + 1)
+            const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+            const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                           _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f), x3)));
+            const __m256 e = exp_ps(_mm256_add_ps(y, y));
+            const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+            a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, t));
+          } else {
+            a = _mm256_div_ps(x, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+          }
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
+        }
+      }
+#endif
+      for (; i < d; ++i) {
         const float x = static_cast<float>(g[i]);
         float a;
         if constexpr (Gelu) {  // tanh approximation (Hendrycks & Gimpel 2016)

@@ -12,3 +12,5 @@ at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh);
 at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
                               bool int8_activations);
+at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                            int64_t bits, int64_t group, int64_t start, int64_t end);

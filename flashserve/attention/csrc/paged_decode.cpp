@@ -24,24 +24,6 @@ namespace {
 // vectorized exp pass per tile instead of per key.
 constexpr int64_t kTile = 64;
 
-#ifdef FS_AVX2
-// exp(x) for x <= 0 (a score minus its running max): exp(x) = 2^k exp(r) with k = round(x / ln 2)
-// and r = x - k ln 2 in [-ln2/2, ln2/2] (Cody-Waite reduction with ln 2 split in two parts, as in
-// Cephes' expf), exp(r) by its Taylor series to r^7 (truncation < 1.5e-8 relative there).
-// Below -87 (2^k would be subnormal) the result is 0, which also makes exp(-inf) = 0.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256i pow2k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2k)));
-}
-#endif
 
 // The float row of a cached key or value: the cache itself when it is float32, else a converted copy.
 template <typename T>
@@ -87,7 +69,7 @@ inline float tile_exp(float* s, int64_t nt, float m) {
   __m256 acc = _mm256_setzero_ps();
   const __m256 mv = _mm256_set1_ps(m);
   for (; j + 8 <= nt; j += 8) {
-    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
     _mm256_storeu_ps(s + j, p);
     acc = _mm256_add_ps(acc, p);
   }

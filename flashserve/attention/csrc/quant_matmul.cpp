@@ -26,9 +26,12 @@
 //     sum_k q[n, k] x[k]  ~  dx * sum_k q[n, k] xq[k]
 //
 // done 32 products at a time by AVX2's u8 x s8 multiply-add (vpmaddubsw; signed codes go through
-// vpsignb so that one operand is non-negative). The zero term keeps the exact float sums of x
-// (llama.cpp uses the rounded x's sums there; measured, that doubled the perplexity change of
-// SmolLM2 and made Gemma 3's five times larger). The rounding of x is per row, and the GEMV and
+// vpsignb so that one operand is non-negative). The zero term takes the sums of the rounded x,
+// dx * sum(xq), as llama.cpp's Q8_1 blocks do: then the error is W (x_rounded - x), the weight
+// times the rounding error. With exact float sums it is (W - z)(x_rounded - x) instead, and for
+// Q4_0/Q4_1 W - z = q s is an uncentred 0..15 s that adds z's share of every rounding error:
+// measured on SmolLM2 (256 tokens of GPL-3 in chunks of 32), KL to float activations 2.8e-2 with
+// exact sums, 5.1e-3 with rounded ones. The rounding of x is per row, and the GEMV and
 // GEMM kernels below share one float order (see "int8 activations" below): rows stay independent
 // of the batch. The large-M path (dequantize + GEMM, flashserve/quantization/packed.py)
 // keeps x in float32: rounding it there as well made greedy outputs drift further from float32.
@@ -429,8 +432,9 @@ void rows(const Problem& p, int64_t n, int64_t m0) {
 #endif
 }
 
-// Per group of 32 values of x: the exact float sum (for the zero term; xsum may be null) and, when
-// xq is given, the int8 rounding dx = max|x| / 127, xq = round-half-even(x / dx) in [-127, 127].
+// Per group of 32 values of x, for the zero term (xsum may be null): the float sum of x, or with
+// xq given, the int8 rounding dx = max|x| / 127, xq = round-half-even(x / dx) in [-127, 127], and
+// the sum of the rounded values, dx * sum(xq).
 void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx) {
   const int64_t groups = K / 32;
   at::parallel_for(0, M * groups, 2048, [&](int64_t begin, int64_t end) {
@@ -441,11 +445,18 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
         amax = std::max(amax, std::fabs(xp[k]));
         sum += xp[k];
       }
-      if (xsum) xsum[mg] = sum;
-      if (!xq) continue;
+      if (!xq) {
+        if (xsum) xsum[mg] = sum;
+        continue;
+      }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       dx[mg] = amax / 127.f;
-      for (int k = 0; k < 32; ++k) xq[mg * 32 + k] = static_cast<int8_t>(std::nearbyint(xp[k] * inv));
+      int32_t qsum = 0;
+      for (int k = 0; k < 32; ++k) {
+        xq[mg * 32 + k] = static_cast<int8_t>(std::nearbyint(xp[k] * inv));
+        qsum += xq[mg * 32 + k];
+      }
+      if (xsum) xsum[mg] = static_cast<float>(qsum) * dx[mg];
     }
   });
 }
@@ -528,4 +539,55 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
     }
   });
   return y;
+}
+
+// Rows [start, end) of W = q * s + z as float32 (rows, K): the large-M path's weight, multiplied
+// by a float32 GEMM. The product and the sum are rounded separately (as torch's mul then add,
+// and as gguf's dequantization computes them); the build turns off FMA contraction for that.
+at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                            int64_t bits, int64_t group, int64_t start, int64_t end) {
+  TORCH_CHECK(bits == 4 || bits == 8, "group_dequantize: bits must be 4 or 8");
+  TORCH_CHECK(bits == 8 ? group % 16 == 0 : group == 32, "group_dequantize: unsupported group size ", group);
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat,
+              "group_dequantize: contiguous codes and float32 scales expected");
+  const int64_t N = codes.size(0), groups = scale.size(1), K = groups * group;
+  TORCH_CHECK(0 <= start && start <= end && end <= N, "group_dequantize: rows [", start, ", ", end, ") out of ", N);
+  const bool has_zero = zero.has_value() && zero->defined();
+  if (has_zero) TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat && zero->is_contiguous());
+  auto out = at::empty({end - start, K}, scale.options());
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* z = has_zero ? zero->data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(start, end, 16, [&](int64_t begin, int64_t stop) {
+    for (int64_t n = begin; n < stop; ++n) {
+      float* dst = o + (n - start) * K;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sg = s[n * groups + g], zg = z ? z[n * groups + g] : 0.f;
+        float* d = dst + g * group;
+        if (bits == 4) {
+          const uint8_t* b = c + n * (K / 2) + g * 16;
+#ifdef FS_AVX2
+          const __m256i codes32 = codes_u4(b);  // the group's 32 codes in k order
+          const __m256 sv = _mm256_set1_ps(sg), zv = _mm256_set1_ps(zg);
+          for (int q = 0; q < 4; ++q) {
+            const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+                reinterpret_cast<const uint8_t*>(&codes32) + 8 * q));
+            const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), sv);
+            _mm256_storeu_ps(d + 8 * q, _mm256_add_ps(w, zv));
+          }
+          continue;
+#endif
+          for (int j = 0; j < 16; ++j) {
+            d[j] = static_cast<float>(b[j] & 0x0F) * sg + zg;
+            d[j + 16] = static_cast<float>(b[j] >> 4) * sg + zg;
+          }
+        } else {
+          const int8_t* b = reinterpret_cast<const int8_t*>(c) + n * K + g * group;
+          for (int64_t j = 0; j < group; ++j) d[j] = static_cast<float>(b[j]) * sg + zg;
+        }
+      }
+    }
+  });
+  return out;
 }
