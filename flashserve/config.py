@@ -58,13 +58,18 @@ class ModelConfig:
         return None
 
 
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
     # Bytes of KV cache to allocate; None = derive from kv_cache_fraction of available RAM.
     kv_cache_memory: int | None = None
     kv_cache_fraction: float = 0.25
-    kv_cache_dtype: str = "auto"  # "auto" (= compute dtype) | "int8"
+    # "auto" (= compute dtype) | "float16" | "bfloat16" (2-byte floats, read as the compute dtype:
+    # half the bytes a float32 decode step reads; llama.cpp's default is float16) | "int8"
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
 
     def validate(self) -> None:
@@ -74,7 +79,7 @@ class CacheConfig:
             raise ValueError("kv_cache_memory must be positive")
         if not 0.0 < self.kv_cache_fraction <= 0.9:
             raise ValueError("kv_cache_fraction must be in (0, 0.9]")
-        if self.kv_cache_dtype not in ("auto", "int8"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
 
 

@@ -52,8 +52,8 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         b1 = min(b0 + blocks_per_split, num_blocks)
         ids = block_table[:, b0:b1].reshape(-1).long()  # (N * nb,)
         # index_select gathers whole blocks ~10x faster than advanced indexing on CPU
-        k = k_cache.index_select(0, ids).view(N, -1, Hk, D)  # (N, L, Hk, D)
-        v = v_cache.index_select(0, ids).view(N, -1, Hk, D)
+        k = k_cache.index_select(0, ids).view(N, -1, Hk, D).to(q.dtype)  # (N, L, Hk, D), read as q's dtype
+        v = v_cache.index_select(0, ids).view(N, -1, Hk, D).to(q.dtype)
         s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # (N, Hk, G, L)
         if logit_softcap:
             s = logit_softcap * torch.tanh(s / logit_softcap)

@@ -44,7 +44,15 @@ class Int8KVCache:
         self.scale[dst] = self.scale[src]
 
 
+FLOAT_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_storage_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The element type of a float KV cache: the compute dtype for "auto", else the one named."""
+    return FLOAT_KV_DTYPES.get(kv_cache_dtype, dtype)
+
+
 def kv_bytes_per_token_head(head_dim: int, kv_cache_dtype: str, dtype: torch.dtype) -> int:
     if kv_cache_dtype == "int8":
         return head_dim + 4
-    return head_dim * torch.empty((), dtype=dtype).element_size()
+    return head_dim * torch.empty((), dtype=kv_storage_dtype(kv_cache_dtype, dtype)).element_size()

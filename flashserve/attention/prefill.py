@@ -27,8 +27,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if sliding_window is not None:  # the earliest query (seq_len - ql) sees keys > its position - window
         first_key = max(0, seq_len - ql - sliding_window + 1) // block_size * block_size
     blocks = block_ids[first_key // block_size :]
-    k = gather_context(k_cache, blocks, seq_len - first_key).transpose(0, 1)  # (Hk, L, D), key j at first_key + j
-    v = gather_context(v_cache, blocks, seq_len - first_key).transpose(0, 1)
+    k = gather_context(k_cache, blocks, seq_len - first_key, q.dtype).transpose(0, 1)  # (Hk, L, D), key j at first_key + j
+    v = gather_context(v_cache, blocks, seq_len - first_key, q.dtype).transpose(0, 1)
     qh = q.transpose(0, 1)  # (Hq, ql, D)
     if logit_softcap:
         out = _tiled_softcap_attention(qh, k, v, seq_len - ql - first_key, scale, sliding_window, logit_softcap)
@@ -45,10 +45,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out.transpose(0, 1)
 
 
-def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens stored in `block_ids`: (length, Hk, D). index_select copies whole
-    blocks about 10x faster than advanced indexing on CPU."""
-    return cache.index_select(0, block_ids).flatten(0, 1)[:length]
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first `length` tokens stored in `block_ids`: (length, Hk, D) in `dtype` (a float16 cache
+    is read as the compute dtype). index_select copies whole blocks about 10x faster than
+    advanced indexing on CPU."""
+    return cache.index_select(0, block_ids).flatten(0, 1)[:length].to(dtype)
 
 
 def _visible(num_q: int, num_k: int, q_offset: int, sliding_window: int | None, device,

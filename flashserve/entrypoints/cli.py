@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flashserve.config import QUANTIZATION_CHOICES
+from flashserve.config import KV_CACHE_DTYPES, QUANTIZATION_CHOICES
 from flashserve.errors import FlashserveError
 
 
@@ -20,7 +20,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

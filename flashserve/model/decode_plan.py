@@ -19,6 +19,7 @@ from flashserve.model.layers.linear import Linear
 from flashserve.quantization.packed import GroupQuantWeight
 
 _GELU_ACTS = ("gelu_pytorch_tanh", "gelu")
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float32 compute's cache, or a 2-byte one
 
 
 class DecodePlan:
@@ -53,7 +54,7 @@ def build_decode_plan(model) -> DecodePlan | None:
         return None
     for layer in layers:
         attn = layer.self_attn
-        if attn.kv_cache is None or any(type(c) is not torch.Tensor or c.dtype != torch.float32
+        if attn.kv_cache is None or any(type(c) is not torch.Tensor or c.dtype not in _CACHE_DTYPES
                                         or not c.is_contiguous() for c in attn.kv_cache):
             return None
         if attn.q_norm is not None or attn.rotary is not layers[0].self_attn.rotary:

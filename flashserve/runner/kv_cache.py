@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from flashserve.attention.kv_quant import Int8KVCache, kv_bytes_per_token_head
+from flashserve.attention.kv_quant import Int8KVCache, kv_bytes_per_token_head, kv_storage_dtype
 from flashserve.config import CacheConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,14 @@ def allocate_kv_caches(
         logger.info("KV cache (int8): %d blocks of %d tokens, %.1f MiB", num_blocks, block_size,
                     2 * model.num_layers * caches[0][0].nbytes / 2**20)
         return caches
+    store = kv_storage_dtype(kv_cache_dtype, dtype)
     caches = [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        (torch.zeros(shape, dtype=store, device=device), torch.zeros(shape, dtype=store, device=device))
         for _ in range(model.num_layers)
     ]
     total = 2 * model.num_layers * caches[0][0].nbytes
-    logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20)
+    logger.info("KV cache (%s): %d blocks of %d tokens, %.1f MiB", str(store).removeprefix("torch."), num_blocks,
+                block_size, total / 2**20)
     return caches
 
 

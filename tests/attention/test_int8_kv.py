@@ -38,11 +38,17 @@ def test_attention_through_int8_cache_is_close_to_the_float_cache(seed):
 
 
 @pytest.mark.slow
-def test_int8_kv_cache_on_smollm2_logits_and_greedy_agreement(smollm2_gguf, smollm2_llm):
-    """Reported figures: max logit error over a 200-token prefill + decode, greedy agreement on 8 prompts."""
+@pytest.mark.parametrize("kv_cache_dtype,min_agree,max_err", [("int8", 5, 0.1), ("float16", 7, 0.005)])
+def test_smaller_kv_cache_on_smollm2_logits_and_greedy_agreement(smollm2_gguf, smollm2_llm, kv_cache_dtype,
+                                                                 min_agree, max_err):
+    """Reported figures: max logit error over a 200-token prefill + decode, greedy agreement on 8
+    prompts, for the int8 and the float16 cache against the float32 one."""
     from flashserve import LLM, SamplingParams
 
-    q8 = LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_model_len=2048, kv_cache_dtype="int8")
+    q8 = LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_model_len=2048,
+             kv_cache_dtype=kv_cache_dtype)
+    cache = q8.engine.runner.kv_caches[0][0]
+    assert getattr(cache, "data", cache).dtype == (torch.int8 if kv_cache_dtype == "int8" else torch.float16)
     prompts = ["The history of Rome", "def merge_sort(xs):", "Water is made of", "My favourite book is",
                "The speed of light", "Once upon a time", "Ingredients for a cake:", "In the beginning"]
     params = SamplingParams(temperature=0, max_tokens=32)
@@ -58,6 +64,6 @@ def test_int8_kv_cache_on_smollm2_logits_and_greedy_agreement(smollm2_gguf, smol
     r, g = smollm2_llm.generate([text], lp, use_tqdm=False)[0], q8.generate([text], lp, use_tqdm=False)[0]
     rl, gl = r.outputs[0].logprobs[0], g.outputs[0].logprobs[0]
     err = max(abs(rl[t].logprob - gl[t].logprob) for t in rl if t in gl)
-    print(f"int8 KV: identical greedy 32-token outputs {sum(agree)}/8, first divergence at {first_div}, "
+    print(f"{kv_cache_dtype} KV: identical greedy 32-token outputs {sum(agree)}/8, first divergence at {first_div}, "
           f"max top-5 logprob error {err:.4f}")
-    assert sum(agree) >= 5 and err < 0.1
+    assert sum(agree) >= min_agree and err < max_err

@@ -226,6 +226,33 @@ def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
 
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+def test_two_byte_kv_cache_read_as_float32(monkeypatch, cache_dtype, seed):
+    """A float16/bfloat16 cache under float32 queries (kv_cache_dtype): the C++ kernel converts
+    rows as it reads them, the torch path converts the gathered blocks; both see the same rounded
+    K/V, so they agree to float32 summation order, and both stay within the cache's rounding of
+    float64 attention on the unrounded K/V."""
+    rng = random.Random(2000 + seed)
+    monkeypatch.setattr(decode_mod, "SPLIT_TOKENS", rng.choice([8, 32, 512]))
+    group, hk = rng.choice(SHAPES)
+    block_size, d = rng.choice([1, 4, 16]), rng.choice([12, 64, 72])  # 12, 72: the converter's scalar tail
+    specs = [(rng.randint(0, 150), 1) for _ in range(rng.randint(1, 6))]
+    q, k, v, kc, vc, meta, dense = make_batch(rng, specs, block_size, hk, d, hk * group, torch.float32)
+    kc2, vc2 = kc.to(cache_dtype), vc.to(cache_dtype)  # the prefix, rounded as write_kv rounds it
+    write_kv(k, v, kc2, vc2, meta.slot_mapping)
+    assert kc2.dtype == cache_dtype
+    args = (q, kc2, vc2, meta.block_table, meta.seq_lens, meta.max_seq_len, min(meta.seq_lens_cpu), d**-0.5)
+    got = decode_mod.decode_attention(*args)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, decode_mod.decode_attention_torch(*args), atol=1e-5, rtol=1e-5)
+    rounding = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[cache_dtype]
+    for i, (K, V) in enumerate(dense):
+        torch.testing.assert_close(got[i].double(), dense_attention(q[i : i + 1], K, V, d**-0.5)[0],
+                                   atol=rounding, rtol=rounding)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
 def test_cpp_decode_kernel_softmax_weights_span_the_float_range():
     """Scores far apart (exp of score minus max down to the underflow threshold and below) and one
     key dominating: the kernel's vector exp against float64 dense attention."""

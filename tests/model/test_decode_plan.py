@@ -18,11 +18,12 @@ pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ build")
 BLOCK = 4
 
 
-def load(arch: str, qtype: str, tmp_path, dtype=torch.float32, quantization: str = "auto", blocks: int = 40):
+def load(arch: str, qtype: str, tmp_path, dtype=torch.float32, quantization: str = "auto", blocks: int = 40,
+         kv_cache_dtype: str = "auto"):
     path = str(write_gguf(hf_tiny(arch), tmp_path / f"{arch}-{qtype}.gguf", qtype=qtype))
     model, cfg = load_model(path, dtype, quantization=quantization)
     model.bind_kv_caches(allocate_kv_caches(cfg, num_blocks=blocks, block_size=BLOCK, dtype=dtype,
-                                            device=torch.device("cpu")))
+                                            device=torch.device("cpu"), kv_cache_dtype=kv_cache_dtype))
     return model
 
 
@@ -35,10 +36,14 @@ def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[s
         return model.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q8_0"])
-def test_plan_equals_the_modules_bit_for_bit(arch, qtype, tmp_path):
-    model = load(arch, qtype, tmp_path)
+@pytest.mark.parametrize("arch,qtype,kv_cache_dtype", [
+    ("llama", "F32", "auto"), ("llama", "Q4_0", "auto"), ("llama", "Q8_0", "auto"), ("qwen2", "F32", "auto"),
+    ("qwen2", "Q4_0", "auto"), ("qwen2", "Q8_0", "auto"), ("llama", "Q4_0", "float16"), ("qwen2", "Q8_0", "bfloat16"),
+])
+def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_path):
+    model = load(arch, qtype, tmp_path, kv_cache_dtype=kv_cache_dtype)
+    assert model.model.layers[0].self_attn.kv_cache[0].dtype == {"auto": torch.float32, "float16": torch.float16,
+                                                                 "bfloat16": torch.bfloat16}[kv_cache_dtype]
     assert model.decode_plan is not None
     if qtype != "F32":
         assert any(getattr(m, "int8_activations", False) for m in model.modules())

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -33,14 +34,31 @@ struct PlanLayer {
   int64_t sliding_window;  // -1: none
 };
 
-// K/V rows of the new tokens into their cache slots (what index_copy_ does, as plain copies).
-void write_slots(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
+// K/V rows of the new tokens into their cache slots (what index_copy_ does: plain copies for a
+// float32 cache, rounded to nearest-even for a float16 or bfloat16 one, as torch's .to() rounds).
+template <typename C>
+void write_slots_as(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
   const int64_t T = rows.size(0), H = rows.size(1), D = rows.size(2);
-  float* base = cache.data_ptr<float>();
+  C* base = cache.data_ptr<C>();
   const float* src = rows.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < H; ++h)
-      std::memcpy(base + (slots[t] * H + h) * D, src + t * rows.stride(0) + h * rows.stride(1), D * sizeof(float));
+    for (int64_t h = 0; h < H; ++h) {
+      C* dst = base + (slots[t] * H + h) * D;
+      const float* row = src + t * rows.stride(0) + h * rows.stride(1);
+      if constexpr (std::is_same_v<C, float>) {
+        std::memcpy(dst, row, D * sizeof(float));
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<C>(row[d]);
+      }
+    }
+}
+
+void write_slots(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
+  switch (cache.scalar_type()) {
+    case at::kHalf: return write_slots_as<at::Half>(rows, cache, slots);
+    case at::kBFloat16: return write_slots_as<at::BFloat16>(rows, cache, slots);
+    default: return write_slots_as<float>(rows, cache, slots);
+  }
 }
 
 class DecodePlan {
@@ -60,8 +78,10 @@ class DecodePlan {
 
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, py::tuple qkv, py::tuple o, py::tuple gate_up,
                  py::tuple down, at::Tensor k_cache, at::Tensor v_cache, int64_t sliding_window) {
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
-                "decode plan: float32 contiguous KV caches expected");
+    const auto kv_type = k_cache.scalar_type();
+    TORCH_CHECK((kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
+                    v_cache.scalar_type() == kv_type && k_cache.is_contiguous() && v_cache.is_contiguous(),
+                "decode plan: contiguous float32, float16 or bfloat16 KV caches expected");
     layers_.push_back({std::move(input_norm), std::move(post_norm), std::move(k_cache), std::move(v_cache),
                        linear(qkv), linear(o), linear(gate_up), linear(down), sliding_window});
   }
