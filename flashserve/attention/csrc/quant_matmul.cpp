@@ -237,17 +237,17 @@ void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
 // 4-bit GEMV: one 32-byte load holds the codes of groups g and g + 1; their low nibbles are
 // codes 0..15 of each group and the high nibbles codes 16..31. pair_rows stores each row of xq in
 // that order, per pair of groups: [x_g[0..15] | x_g+1[0..15]], [x_g[16..31] | x_g+1[16..31]]
-// (zeros for a missing last group), so each half-register product needs one plain load.
-std::vector<int8_t> pair_rows(const Problem& p) {
+// (zeros for a missing last group), so each half-register product needs one plain load. `out` is
+// the caller's per-thread scratch (no allocation per call).
+void pair_rows(const Problem& p, std::vector<int8_t>& out) {
   const int64_t groups = p.K / 32, pairs = (groups + 1) / 2;
-  std::vector<int8_t> out(p.M * pairs * 64, 0);
+  out.assign(p.M * pairs * 64, 0);
   for (int64_t m = 0; m < p.M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       int8_t* dst = &out[(m * pairs + g / 2) * 64 + (g % 2) * 16];
       std::memcpy(dst, p.xq + m * p.K + g * 32, 16);
       std::memcpy(dst + 32, p.xq + m * p.K + g * 32 + 16, 16);
     }
-  return out;
 }
 
 // NR output rows from n (each its own accumulators, interleaved so that their dependency chains
@@ -309,9 +309,8 @@ struct Q8Blocks {
   std::vector<float> dx, xsum;
 };
 
-Q8Blocks interleave_rows(const Problem& p) {
+void interleave_rows(const Problem& p, Q8Blocks& b) {  // b: the caller's per-thread scratch
   const int64_t groups = p.K / 32, blocks = (p.M + 7) / 8;
-  Q8Blocks b;
   b.xq.assign(blocks * p.K * 8, 0);
   b.dx.assign(blocks * groups * 8, 0.f);
   b.xsum.assign(p.xsum ? blocks * groups * 8 : 0, 0.f);
@@ -325,7 +324,6 @@ Q8Blocks interleave_rows(const Problem& p) {
         std::memcpy(&b.xq[((blk * groups + g) * 8 + q) * 32 + r * 4], p.xq + m * p.K + g * 32 + q * 4, 4);
     }
   }
-  return b;
 }
 
 // GEMM: NB output rows from n0 against the 8 activation rows of block `blk`. Lanes are rows m.
@@ -513,7 +511,11 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   }
 #ifdef FS_AVX2
   if (int8_activations && M >= kGemmMinRows) {
-    const Q8Blocks blocks = interleave_rows(p);
+    // The calling thread's scratch, bound by reference: the workers of the parallel region must
+    // see this thread's instance, not their own (a thread_local named inside the lambda would be).
+    thread_local Q8Blocks scratch;
+    const Q8Blocks& blocks = scratch;
+    interleave_rows(p, scratch);
     at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
       const int64_t n_end = std::min(end * kRowsPerTask, N);
       // The task's weight rows stay in L1 while every block of activation rows passes them.
@@ -525,9 +527,9 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
     });
     return y;
   }
-  std::vector<int8_t> xq_pairs;
+  thread_local std::vector<int8_t> xq_pairs;
   if (int8_activations && bits == 4) {
-    xq_pairs = pair_rows(p);
+    pair_rows(p, xq_pairs);
     p.xq_pairs = xq_pairs.data();
   }
 #endif
