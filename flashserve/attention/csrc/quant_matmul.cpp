@@ -448,15 +448,14 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
   at::parallel_for(0, M * groups, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
       const float* xp = x + mg * 32;  // rows are contiguous, so group mg of the flat array
-      float amax = 0.f, sum = 0.f;
-      for (int k = 0; k < 32; ++k) {
-        amax = std::max(amax, std::fabs(xp[k]));
-        sum += xp[k];
-      }
-      if (!xq) {
-        if (xsum) xsum[mg] = sum;
+      if (!xq) {  // float activations: only the zero term's sums
+        float sum = 0.f;
+        for (int k = 0; k < 32; ++k) sum += xp[k];
+        xsum[mg] = sum;
         continue;
       }
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xp[k]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       dx[mg] = amax / 127.f;
       int32_t qsum = 0;
