@@ -6,7 +6,8 @@ plan holds the same weights, caches and kernel choices as the modules and calls 
 kernels in the same order, so its hidden states equal the module path's bit for bit; it only
 removes the per-call overhead. It applies to pure decode steps on the CPU, float32, with float or
 group-quantized weights (GroupQuantWeight) and fewer rows than any packed weight's large_m (where
-the modules would switch to dequantize + GEMM); anything else runs through the modules.
+the modules would switch to dequantize + GEMM; with int8 activations they never do); anything else
+runs through the modules.
 """
 from __future__ import annotations
 

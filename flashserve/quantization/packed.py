@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -198,9 +199,8 @@ class GroupQuantWeight(PackedWeight):
     the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit) and Q8_0/Q5_0 (8-bit) blocks, run by this
     project's C++ kernel (attention/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
-    With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8; the
-    large-M path does not (float32 x is closer to the reference, and prompts mostly take it), so
-    there a step's rows differ from the kernel's by that rounding, not only by summation order.
+    With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8 and
+    computes every M itself (no large-M path), so a row's result never depends on its step.
     Also an embedding table: rows() looks rows up exactly."""
 
     act_dtype = torch.float32
@@ -232,10 +232,11 @@ class GroupQuantWeight(PackedWeight):
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
         self.int8_activations = on and self.group == GROUP
-        # Rows from which dequantize + float32 GEMM is faster, measured (RESULTS.md): the int8 GEMM
-        # kernel keeps 4-bit weights ahead up to at least 256 rows (2.1 vs 5.5 ms at 64 for gate_up);
-        # 128 keeps longer prompt chunks on float activations.
-        self.large_m = 128 if self.bits == 8 or self.int8_activations else 64
+        # Rows from which dequantize + float32 GEMM is faster, measured (RESULTS.md). With int8
+        # activations the kernel's tiled GEMM is ahead at every size measured (2 threads, M=512:
+        # gate_up 7.8 vs 12.1 ms, down 5.8 vs 6.6, qkv 3.9 vs 4.3), so those rows never leave it and
+        # each row's result is the same in a prompt of any length as in a decode step.
+        self.large_m = sys.maxsize if self.int8_activations else 128 if self.bits == 8 else 64
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.attention.cpu_kernels import cpu_kernels

@@ -2,15 +2,15 @@
 change greedy outputs. The reference is each request run alone through a fresh engine.
 
 Packed GGUF weights on this project's kernel, float32: a row's result does not depend on the
-other rows of its step (tests/model/test_quant_linear.py), except across the switch to
-dequantize + float32 GEMM for steps of many rows (large_m), where the float32 summation order
-differs. With float activations (quantization="weight-only") that never flipped these greedy
-outputs. The default rounds activations to int8 per group of 32 in the kernel (llama.cpp's
-arithmetic) but not in the large-M path, and even a last-bit difference can move a value across a
-rounding boundary, a whole int8 step: across the switch, 5 of these 12 random-token prompts
-changed (and a prefix-cache hit, which computes the prompt in another split, can change tokens the
-same way). So the tests whose steps cross large_m use "weight-only", and the default engine is
-checked on steps that stay below it, where it must be exact. (torch's bfloat16 kernels, used only when the C++ build fails, are not batch invariant.)"""
+other rows of its step (tests/model/test_quant_linear.py). With float activations
+(quantization="weight-only") steps of many rows switch to dequantize + float32 GEMM (large_m),
+where the float32 summation order differs; that never flipped these greedy outputs. The default
+rounds activations to int8 per group of 32 (llama.cpp's arithmetic) and has no such switch, but a
+chunked prefill or a prefix-cache hit computes a prompt's attention in another split, and even a
+last-bit difference can move a value across a rounding boundary, a whole int8 step (with the old
+switch, 5 of these 12 random-token prompts changed). So the tests that chunk or share prefixes
+use "weight-only", and the default engine is checked on steps of unchunked prompts, where it must
+be exact. (torch's bfloat16 kernels, used only when the C++ build fails, are not batch invariant.)"""
 from __future__ import annotations
 
 import random
@@ -40,7 +40,7 @@ def prompts():
     return _prompts()
 
 
-QUANT = "weight-only"  # steps of these tests cross large_m (see above)
+QUANT = "weight-only"  # these tests chunk prompts and cross large_m (see above)
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +70,19 @@ def test_forced_chunking(smollm2_gguf, prompts, alone):
     _assert_same(alone, got)
 
 
-def test_default_engine_is_exact_below_large_m(smollm2_gguf):
-    """Default quantization (int8 activations) with every step under 64 rows: continuous batching,
-    steps mixing prefills and decodes, and the C++ decode plan give each request its tokens alone.
-    Prompts are short enough never to be chunked: a chunked prefill's attention sums in another
-    order than a whole one, which int8 rounding can turn into a flipped token (see above)."""
+def test_default_engine_is_exact(smollm2_gguf):
+    """Default quantization (int8 activations): continuous batching, steps mixing prefills and
+    decodes (from 1 to a few hundred rows, so every kernel of the int8 path runs: the GEMV, both
+    GEMMs) and the C++ decode plan give each request its tokens alone. The budget is large enough
+    that no prompt is chunked: a chunked prefill's attention sums in another order than a whole
+    one, which int8 rounding can turn into a flipped token (see above)."""
     rng = random.Random(2)
-    short = [[rng.randrange(100, 49000) for _ in range(rng.randint(1, 6))] for _ in range(10)]
-    llm = LLM(model=smollm2_gguf, dtype="float32", max_num_seqs=1)
+    prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(1, 40))] for _ in range(16)]
+    llm = LLM(model=smollm2_gguf, dtype="float32", max_num_seqs=1, enable_prefix_caching=False)
     assert llm.engine.runner.model.decode_plan is not None
-    ref = [llm.generate([p], PARAMS, use_tqdm=False)[0].outputs[0].token_ids for p in short]
-    _, got = _batched(smollm2_gguf, short, quantization="auto", max_num_batched_tokens=63, max_num_seqs=4)
+    ref = [llm.generate([p], PARAMS, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    _, got = _batched(smollm2_gguf, prompts, quantization="auto", max_num_batched_tokens=1024, max_num_seqs=16,
+                      enable_prefix_caching=False)
     _assert_same(ref, got)
 
 

@@ -211,13 +211,14 @@ def int8_rounded(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0])
-@pytest.mark.parametrize("m,k", [(1, 512), (2, 544), (3, 576), (6, 512), (8, 576), (13, 512), (32, 576)])
+@pytest.mark.parametrize("m,k", [(1, 512), (2, 544), (3, 576), (6, 512), (8, 576), (13, 512), (32, 576), (45, 544)])
 def test_int8_activations_are_integer_dot_products(qtype, m, k):
     """With int8_activations each group's product is sum(q * xq) * s * dx, exact in integers, plus
     z * dx * sum(xq): the weight times the rounded x, equal to that formula in float64 up to
     float32 summation.
-    Rows below and above the GEMM kernel's threshold (5), group counts with and without a
-    remainder of eight (16, 17 and 18), 70 output rows (a task of 6 rows at the end)."""
+    Rows below and above the GEMM kernels' thresholds (5; the tiled one from 24 or 40), group counts
+    with and without a remainder of eight (16, 17 and 18), 70 output rows (a task and a tile of 6
+    rows at the end)."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
     if qtype == Q.Q4_K:
@@ -252,23 +253,28 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
 def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
-    """Below large_m each row's result is bit-identical whatever else is in the call, with and
-    without int8 activations; from large_m (dequantize + float32 GEMM on float x) it differs from
-    the float-activation kernel by float32 summation order only."""
+    """Each row's result is bit-identical whatever else is in the call: with int8 activations at
+    every M (the GEMV, and both GEMM kernels on either side of their switch at 24 rows for 8-bit
+    codes and 40 for 4-bit ones at this K); with float activations below large_m, and from there
+    (dequantize + float32 GEMM) it differs by float32 summation order only."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
-    # 163 output rows: the last task's 3 rows take the GEMV's two-row form and its one-row tail
+    # 163 output rows: the last task's 3 rows take the GEMV's two-row form and its one-row tail,
+    # and fill part of the tiled GEMM's last 8-row tile
     w = pack_linear([random_tensor(qtype, 163, 512)], torch.float32, own_kernels=True)
-    x = torch.randn(w.large_m + 3, 512, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(203, 512, generator=torch.Generator().manual_seed(1))
     for int8_activations in (True, False):
-        w.int8_activations = int8_activations
-        alone = torch.cat([w(x[i : i + 1]) for i in range(len(x))])
-        for size in (2, 3, 5, w.large_m - 1):
-            batched = torch.cat([w(x[i : i + size]) for i in range(0, len(x), size)])
+        w.set_int8_activations(int8_activations)
+        assert (w.large_m > len(x)) == int8_activations
+        rows = x if int8_activations else x[: w.large_m + 3]
+        alone = torch.cat([w(r[None]) for r in rows])
+        sizes = (2, 3, 5, 23, 24, 39, 40, 41, len(rows)) if int8_activations else (2, 3, 5, w.large_m - 1)
+        for size in sizes:
+            batched = torch.cat([w(rows[i : i + size]) for i in range(0, len(rows), size)])
             assert torch.equal(batched, alone), (size, int8_activations)
-    # from large_m (float x, with or without int8 rounding in the kernel) only the summation order differs
-    bound = 2.0**-16 * (x.abs().double() @ w.dequantize().double().abs().t())
-    assert ((w(x).double() - alone.double()).abs() <= bound).all()
+    # from large_m (float x) only the summation order differs
+    bound = 2.0**-16 * (rows.abs().double() @ w.dequantize().double().abs().t())
+    assert ((w(rows).double() - alone.double()).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
