@@ -5,6 +5,7 @@ Scheduler → SchedulerOutput → ModelRunner → RunnerOutput → Scheduler/Out
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        # What start-up built lives as long as the engine: move it out of the collector's reach, so
+        # that the collections a busy step loop triggers scan only new objects (they took ~4% of a
+        # 32-sequence step, perf).
+        gc.collect()
+        gc.freeze()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

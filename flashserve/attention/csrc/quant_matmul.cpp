@@ -312,6 +312,25 @@ void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
     for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n + r] = hsum(acc[r][i]);
 }
 
+inline void transpose8x32(__m256i* r) {  // r[i] lane q -> r[q] lane i (32-bit lanes)
+  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+  const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+  r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+  r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+  r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+  r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+  r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+  r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+  r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+  r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
 // Activations for the GEMM, per block of 8 rows: xq interleaved so that one 32-byte load holds 4
 // consecutive k of each of the 8 rows ([block][group][k / 4][row][k % 4]), and dx, xsum as
 // [block][group][row]. Rows past M are zeros.
@@ -322,17 +341,25 @@ struct Q8Blocks {
 
 void interleave_rows(const Problem& p, Q8Blocks& b) {  // b: the caller's per-thread scratch
   const int64_t groups = p.K / 32, blocks = (p.M + 7) / 8;
-  b.xq.assign(blocks * p.K * 8, 0);
+  b.xq.resize(blocks * p.K * 8);
   b.dx.assign(blocks * groups * 8, 0.f);
   b.xsum.assign(p.xsum ? blocks * groups * 8 : 0, 0.f);
-  for (int64_t m = 0; m < p.M; ++m) {
-    const int64_t blk = m / 8, r = m % 8;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t rows = std::min<int64_t>(8, p.M - blk * 8);
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t gi = (blk * groups + g) * 8 + r;
-      b.dx[gi] = p.dx[m * groups + g];
-      if (p.xsum) b.xsum[gi] = p.xsum[m * groups + g];
-      for (int64_t q = 0; q < 8; ++q)  // 4 values of k at a time
-        std::memcpy(&b.xq[((blk * groups + g) * 8 + q) * 32 + r * 4], p.xq + m * p.K + g * 32 + q * 4, 4);
+      // A group of 8 rows is an 8 x 8 matrix of 4-byte units: transposed, unit q of every row
+      // lands in vector q.
+      __m256i r[8];
+      for (int64_t i = 0; i < 8; ++i)
+        r[i] = i < rows ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (blk * 8 + i) * p.K + g * 32))
+                        : _mm256_setzero_si256();
+      transpose8x32(r);
+      for (int q = 0; q < 8; ++q)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&b.xq[((blk * groups + g) * 8 + q) * 32]), r[q]);
+      for (int64_t i = 0; i < rows; ++i) {
+        b.dx[(blk * groups + g) * 8 + i] = p.dx[(blk * 8 + i) * groups + g];
+        if (p.xsum) b.xsum[(blk * groups + g) * 8 + i] = p.xsum[(blk * 8 + i) * groups + g];
+      }
     }
   }
 }
@@ -404,24 +431,6 @@ struct WeightTile {
   std::vector<float> scale, zero;         // [group][row]
 };
 
-inline void transpose8x32(__m256i* r) {  // r[i] lane q -> r[q] lane i (32-bit lanes)
-  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-  const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
-  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
-  r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
-  r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
-  r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
-  r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
-  r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
-  r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
-  r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
-  r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
-}
 
 template <bool kSigned>
 void make_tile(const Problem& p, int64_t n0, int64_t rows, WeightTile& t) {
@@ -580,7 +589,7 @@ void rows(const Problem& p, int64_t n, int64_t m0) {
 // the sum of the rounded values, dx * sum(xq).
 void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx) {
   const int64_t groups = K / 32;
-  at::parallel_for(0, M * groups, 2048, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
       const float* xp = x + mg * 32;  // rows are contiguous, so group mg of the flat array
       if (!xq) {  // float activations: only the zero term's sums
