@@ -211,12 +211,12 @@ def int8_rounded(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0])
-@pytest.mark.parametrize("m,k", [(1, 512), (2, 544), (3, 576), (6, 512), (8, 576), (13, 512), (32, 576), (45, 544)])
+@pytest.mark.parametrize("m,k", [(1, 512), (2, 544), (3, 576), (6, 512), (8, 576), (13, 512), (20, 512), (32, 576), (45, 544)])
 def test_int8_activations_are_integer_dot_products(qtype, m, k):
     """With int8_activations each group's product is sum(q * xq) * s * dx, exact in integers, plus
     z * dx * sum(xq): the weight times the rounded x, equal to that formula in float64 up to
     float32 summation.
-    Rows below and above the GEMM kernels' thresholds (5; the tiled one from 24 or 40), group counts
+    Rows below and above the GEMM kernels' thresholds (5; the tiled one from 16 or 24), group counts
     with and without a remainder of eight (16, 17 and 18), 70 output rows (a task and a tile of 6
     rows at the end)."""
     if cpu_kernels() is None:
@@ -254,8 +254,9 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
 def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
     """Each row's result is bit-identical whatever else is in the call: with int8 activations at
-    every M (the GEMV, and both GEMM kernels on either side of their switch at 24 rows for 8-bit
-    codes and 40 for 4-bit ones at this K); with float activations below large_m, and from there
+    every M (the GEMV, and both GEMM kernels on either side of their switch at 16 rows for 8-bit
+    codes and 24 for 4-bit ones, the tiled one building its tile per pass up to 32 rows and once
+    above); with float activations below large_m, and from there
     (dequantize + float32 GEMM) it differs by float32 summation order only."""
     if cpu_kernels() is None:
         pytest.skip("no C++ build")
@@ -268,7 +269,7 @@ def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
         assert (w.large_m > len(x)) == int8_activations
         rows = x if int8_activations else x[: w.large_m + 3]
         alone = torch.cat([w(r[None]) for r in rows])
-        sizes = (2, 3, 5, 23, 24, 39, 40, 41, len(rows)) if int8_activations else (2, 3, 5, w.large_m - 1)
+        sizes = (2, 3, 5, 15, 16, 23, 24, 32, 33, len(rows)) if int8_activations else (2, 3, 5, w.large_m - 1)
         for size in sizes:
             batched = torch.cat([w(rows[i : i + size]) for i in range(0, len(rows), size)])
             assert torch.equal(batched, alone), (size, int8_activations)

@@ -53,15 +53,16 @@ constexpr int kMaxMBInt8 = 2;        // the same for the int8 GEMV (more rows sp
 constexpr int64_t kGemmMinRows = 5;  // int8 activations: from this many rows the GEMM kernels (measured)
 
 // int8 activations: rows from which the tiled GEMM (output rows in the lanes, weights transposed
-// per call) beats the one with activation rows in the lanes. Its transposition is paid per call,
+// per call) beats the one with activation rows in the lanes; the transposition is paid per call,
 // so it needs rows to amortize it. A/B builds alternated, 2 threads, weights cycled beyond L3,
-// B/A = tiled / lanes-over-rows time:
+// time tiled / time lanes-over-rows:
 //            M:    8     16     32     48    128
-//   qkv   576   1.89  1.25   1.16   0.92   0.77
-//   gate_up 576 1.81  1.53   1.00   0.87   0.79
-//   down  1536  1.23  1.40   0.83   0.97   0.79
-//   head (8-bit) 1.43  0.97   0.78   0.73   0.66
-inline int64_t tile_min_rows(int64_t bits, int64_t K) { return bits == 8 ? 24 : K > 1024 ? 32 : 40; }
+//   qkv   576   1.51  1.06   0.93   0.92   0.77
+//   o     576   1.43  1.02   0.91   0.95   0.75
+//   gate_up 576 1.52  1.00   0.90   0.87   0.79
+//   down  1536  1.42   -     0.83   0.97   0.79
+//   head (8-bit) 1.31  0.97   0.78   0.73   0.66
+inline int64_t tile_min_rows(int64_t bits) { return bits == 8 ? 16 : 24; }
 
 struct Problem {
   const float* x;      // (M, K)
@@ -426,32 +427,28 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
 // meets a tile through broadcasts of 4 of its int8 values (a plain load on the load ports), and
 // one u8 x s8 multiply-add covers 8 rows x 4 k. The float step is the canonical one with lanes
 // over n instead of over groups: acc[m][j] (j = g mod 8) is a vector of 8 output rows.
-struct WeightTile {
-  std::vector<__m256i> codes, magnitude;  // [group][q]: codes, and |codes| for signed ones
-  std::vector<float> scale, zero;         // [group][row]
+// Group g of output rows [n0, n0 + rows) in the tiled form: w[q] lane n = codes 4q .. 4q+3 of row
+// n0 + n (rows past `rows` are zeros), a[q] = |w[q]| for signed codes, and the rows' scales and
+// zeros as vectors.
+struct TileGroup {
+  __m256i w[8], a[8];
+  __m256 scale, zero;
 };
 
-
 template <bool kSigned>
-void make_tile(const Problem& p, int64_t n0, int64_t rows, WeightTile& t) {
+inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, TileGroup& t) {
   const int64_t groups = p.K / 32;
-  t.codes.resize(groups * 8);
-  if (kSigned) t.magnitude.resize(groups * 8);
-  t.scale.assign(groups * 8, 0.f);
-  t.zero.assign(p.zero ? groups * 8 : 0, 0.f);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i r[8];
-    for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? group_codes<kSigned>(p, n0 + i, g) : _mm256_setzero_si256();
-    transpose8x32(r);
-    for (int q = 0; q < 8; ++q) {
-      t.codes[g * 8 + q] = r[q];
-      if (kSigned) t.magnitude[g * 8 + q] = _mm256_sign_epi8(r[q], r[q]);
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      t.scale[g * 8 + i] = p.scale[(n0 + i) * groups + g];
-      if (p.zero) t.zero[g * 8 + i] = p.zero[(n0 + i) * groups + g];
-    }
+  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? group_codes<kSigned>(p, n0 + i, g) : _mm256_setzero_si256();
+  transpose8x32(t.w);
+  if (kSigned)
+    for (int q = 0; q < 8; ++q) t.a[q] = _mm256_sign_epi8(t.w[q], t.w[q]);
+  alignas(32) float sc[8] = {0.f}, ze[8] = {0.f};
+  for (int64_t i = 0; i < rows; ++i) {
+    sc[i] = p.scale[(n0 + i) * groups + g];
+    if (p.zero) ze[i] = p.zero[(n0 + i) * groups + g];
   }
+  t.scale = _mm256_load_ps(sc);
+  t.zero = _mm256_load_ps(ze);
 }
 
 // The next task's codes, scales and zeros on their way to L2 while this task computes.
@@ -471,15 +468,10 @@ inline __m256i bcast4(const int8_t* x) {
   return _mm256_set1_epi32(v);
 }
 
-// Activation rows [m0, m0 + mb) against the tile of output rows [n0, n0 + rows): a group's tile
-// vectors stay in registers while the rows pass them.
-constexpr int64_t kTileRows = 32;
 template <bool kSigned>
-inline __m256i tile_dot(const WeightTile& t, int64_t g, const int8_t* xp) {
+inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp) {
   const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i* w = &t.codes[g * 8];
   if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
-    const __m256i* a = &t.magnitude[g * 8];
     __m256i d32 = _mm256_setzero_si256();
     for (int q = 0; q < 8; ++q)
       d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(_mm256_maddubs_epi16(a[q], _mm256_sign_epi8(bcast4(xp + 4 * q), w[q])), ones));
@@ -493,19 +485,26 @@ inline __m256i tile_dot(const WeightTile& t, int64_t g, const int8_t* xp) {
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s01, s23), _mm256_add_epi16(s45, s67)), ones);
 }
 
+// Activation rows [m0, m0 + mb) (mb <= kTileRows) against output rows [n0, n0 + rows): a group's
+// tile vectors stay in registers while the rows pass them. `built` holds the groups already in
+// tiled form (a call with more than kTileRows rows builds them once per task); without it each
+// group is built here, for the one pass of a smaller call.
+constexpr int64_t kTileRows = 32;
 template <bool kSigned>
-void gemm_tile(const Problem& p, const WeightTile& t, int64_t n0, int64_t rows, int64_t m0, int64_t mb) {
+void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0, int64_t rows, int64_t m0, int64_t mb) {
   const int64_t groups = p.K / 32;
   __m256 acc[kTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
+  TileGroup here;
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sv = _mm256_loadu_ps(&t.scale[g * 8]);
-    const __m256 zv = p.zero ? _mm256_loadu_ps(&t.zero[g * 8]) : _mm256_setzero_ps();
+    if (!built) load_tile_group<kSigned>(p, n0, rows, g, here);
+    const TileGroup& t = built ? (*built)[g] : here;
+    const __m256 sv = t.scale, zv = t.zero;
     const int64_t j = g % 8;
     for (int64_t i = 0; i < mb; ++i) {
       const int64_t m = m0 + i;
-      const __m256i d32 = tile_dot<kSigned>(t, g, p.xq + m * p.K + g * 32);
+      const __m256i d32 = tile_dot<kSigned>(t.w, t.a, p.xq + m * p.K + g * 32);
       __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(sv, _mm256_set1_ps(p.dx[m * groups + g])), acc[i][j]);
       if (p.zero) a = _mm256_fmadd_ps(zv, _mm256_set1_ps(p.xsum[m * groups + g]), a);
       acc[i][j] = a;
@@ -686,16 +685,22 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   if (int8_activations && M >= kGemmMinRows) {
     // The calling thread's scratch, bound by reference: the workers of the parallel region must
     // see this thread's instance, not their own (a thread_local named inside the lambda would be).
-    if (M >= tile_min_rows(bits, K)) {
+    if (M >= tile_min_rows(bits)) {
       at::parallel_for(0, (N + 7) / 8, 1, [&](int64_t begin, int64_t end) {
-        thread_local WeightTile tile;  // this worker's own
+        thread_local std::vector<TileGroup> tile;  // this worker's own
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n0 = task * 8, rows = std::min<int64_t>(8, N - n0);
-          bits == 4 ? make_tile<false>(p, n0, rows, tile) : make_tile<true>(p, n0, rows, tile);
+          const std::vector<TileGroup>* built = nullptr;
+          if (M > kTileRows) {  // several passes: build the tile once (A/B at M=128: 9-16% faster)
+            tile.resize(K / 32);
+            for (int64_t g = 0; g < K / 32; ++g)
+              bits == 4 ? load_tile_group<false>(p, n0, rows, g, tile[g]) : load_tile_group<true>(p, n0, rows, g, tile[g]);
+            built = &tile;
+          }
           if (task + 1 < end) prefetch_rows(p, n0 + 8, std::min<int64_t>(8, N - n0 - 8));
           for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
             const int64_t mb = std::min(kTileRows, M - m0);
-            bits == 4 ? gemm_tile<false>(p, tile, n0, rows, m0, mb) : gemm_tile<true>(p, tile, n0, rows, m0, mb);
+            bits == 4 ? gemm_tile<false>(p, built, n0, rows, m0, mb) : gemm_tile<true>(p, built, n0, rows, m0, mb);
           }
         }
       });
