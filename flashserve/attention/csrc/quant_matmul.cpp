@@ -161,7 +161,8 @@ void row_int8(const Problem& p, int64_t n, int64_t m0) {
 //   y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7))   (hsum's tree)
 //
 // The GEMV kernel (few rows) holds acc[0..7] as the lanes of one vector, groups eight at a time;
-// the GEMM kernel (many rows) holds one vector per j whose lanes are eight activation rows.
+// the GEMM kernel for 5 to 15-23 rows holds one vector per j whose lanes are eight activation
+// rows, the tiled GEMM above that one vector per j whose lanes are eight output rows.
 
 // The 32 codes of a group as bytes in k order: unsigned 4-bit codes (low nibbles are codes 0..15,
 // high nibbles 16..31) or signed 8-bit codes.
@@ -422,11 +423,14 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
 }
 
 // ---- GEMM with output rows in the lanes ------------------------------------------------------
-// The codes of 8 output rows are transposed once per task into "tiles": for each group, 8 vectors
-// whose lane n holds 4 consecutive codes (k = 4q .. 4q+3) of row n0 + n. Each activation row then
-// meets a tile through broadcasts of 4 of its int8 values (a plain load on the load ports), and
-// one u8 x s8 multiply-add covers 8 rows x 4 k. The float step is the canonical one with lanes
-// over n instead of over groups: acc[m][j] (j = g mod 8) is a vector of 8 output rows.
+// The codes of 8 output rows are transposed into "tiles": for each group, 8 vectors whose lane n
+// holds 4 consecutive codes (k = 4q .. 4q+3) of row n0 + n. Each activation row then meets a tile
+// through broadcasts of 4 of its int8 values (a load, no shuffle), and one u8 x s8 multiply-add
+// covers 8 rows x 4 k. The weights stay in GGUF's row layout (the GEMV reads it; a second,
+// tiled copy would cost memory), so the transposition is paid per call. The float step is the
+// canonical one with lanes over n instead of over groups: acc[m][j] (j = g mod 8) is a vector of
+// 8 output rows.
+
 // Group g of output rows [n0, n0 + rows) in the tiled form: w[q] lane n = codes 4q .. 4q+3 of row
 // n0 + n (rows past `rows` are zeros), a[q] = |w[q]| for signed codes, and the rows' scales and
 // zeros as vectors.
