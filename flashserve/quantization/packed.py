@@ -237,10 +237,8 @@ class GroupQuantWeight(PackedWeight):
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
         self.int8_activations = on and self.group == GROUP
-        # Rows from which dequantize + float32 GEMM is faster, measured (RESULTS.md). With int8
-        # activations the kernel's tiled GEMM is ahead at every size measured (2 threads, M=512:
-        # gate_up 7.8 vs 12.1 ms, down 5.8 vs 6.6, qkv 3.9 vs 4.3), so those rows never leave it and
-        # each row's result is the same in a prompt of any length as in a decode step.
+        # Rows from which dequantize + float32 GEMM is faster (module docstring): never with int8
+        # activations, so a row's result is the same in a prompt of any length as in a decode step.
         self.large_m = sys.maxsize if self.int8_activations else 128 if self.bits == 8 else 64
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:

@@ -366,6 +366,13 @@ void interleave_rows(const Problem& p, Q8Blocks& b) {  // b: the caller's per-th
   }
 }
 
+// The canonical order's last step over eight accumulator vectors, lane by lane.
+inline __m256 canonical_sum(const __m256* acc) {
+  const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]);
+  const __m256 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
+  return _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
+}
+
 // GEMM: NB output rows from n0 against the 8 activation rows of block `blk`. Lanes are rows m.
 template <int NB, bool kSigned>
 void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
@@ -414,10 +421,8 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
   }
   const int64_t rows = std::min<int64_t>(8, p.M - blk * 8);
   for (int i = 0; i < NB; ++i) {
-    const __m256 t0 = _mm256_add_ps(acc[i][0], acc[i][4]), t1 = _mm256_add_ps(acc[i][1], acc[i][5]);
-    const __m256 t2 = _mm256_add_ps(acc[i][2], acc[i][6]), t3 = _mm256_add_ps(acc[i][3], acc[i][7]);
     alignas(32) float out[8];
-    _mm256_store_ps(out, _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3)));
+    _mm256_store_ps(out, canonical_sum(acc[i]));
     for (int64_t r = 0; r < rows; ++r) p.y[(blk * 8 + r) * p.N + n0 + i] = out[r];
   }
 }
@@ -515,9 +520,7 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
     }
   }
   for (int64_t i = 0; i < mb; ++i) {
-    const __m256 t0 = _mm256_add_ps(acc[i][0], acc[i][4]), t1 = _mm256_add_ps(acc[i][1], acc[i][5]);
-    const __m256 t2 = _mm256_add_ps(acc[i][2], acc[i][6]), t3 = _mm256_add_ps(acc[i][3], acc[i][7]);
-    const __m256 out = _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
+    const __m256 out = canonical_sum(acc[i]);
     float* yp = p.y + (m0 + i) * p.N + n0;
     if (rows == 8) {
       _mm256_storeu_ps(yp, out);
@@ -527,6 +530,26 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
       for (int64_t r = 0; r < rows; ++r) yp[r] = o[r];
     }
   }
+}
+// The tiled GEMM over all of y: parallel over tasks of 8 output rows.
+template <bool kSigned>
+void gemm_tiled(const Problem& p) {
+  const int64_t groups = p.K / 32;
+  at::parallel_for(0, (p.N + 7) / 8, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<TileGroup> tile;  // this worker's own
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * 8, rows = std::min<int64_t>(8, p.N - n0);
+      const std::vector<TileGroup>* built = nullptr;
+      if (p.M > kTileRows) {  // several passes: build the tile once (A/B at M=128: 9-16% faster)
+        tile.resize(groups);
+        for (int64_t g = 0; g < groups; ++g) load_tile_group<kSigned>(p, n0, rows, g, tile[g]);
+        built = &tile;
+      }
+      if (task + 1 < end) prefetch_rows(p, n0 + 8, std::min<int64_t>(8, p.N - n0 - 8));
+      for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
+        gemm_tile<kSigned>(p, built, n0, rows, m0, std::min(kTileRows, p.M - m0));
+    }
+  });
 }
 #endif
 
@@ -687,29 +710,12 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   }
 #ifdef FS_AVX2
   if (int8_activations && M >= kGemmMinRows) {
-    // The calling thread's scratch, bound by reference: the workers of the parallel region must
-    // see this thread's instance, not their own (a thread_local named inside the lambda would be).
     if (M >= tile_min_rows(bits)) {
-      at::parallel_for(0, (N + 7) / 8, 1, [&](int64_t begin, int64_t end) {
-        thread_local std::vector<TileGroup> tile;  // this worker's own
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t n0 = task * 8, rows = std::min<int64_t>(8, N - n0);
-          const std::vector<TileGroup>* built = nullptr;
-          if (M > kTileRows) {  // several passes: build the tile once (A/B at M=128: 9-16% faster)
-            tile.resize(K / 32);
-            for (int64_t g = 0; g < K / 32; ++g)
-              bits == 4 ? load_tile_group<false>(p, n0, rows, g, tile[g]) : load_tile_group<true>(p, n0, rows, g, tile[g]);
-            built = &tile;
-          }
-          if (task + 1 < end) prefetch_rows(p, n0 + 8, std::min<int64_t>(8, N - n0 - 8));
-          for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-            const int64_t mb = std::min(kTileRows, M - m0);
-            bits == 4 ? gemm_tile<false>(p, built, n0, rows, m0, mb) : gemm_tile<true>(p, built, n0, rows, m0, mb);
-          }
-        }
-      });
+      bits == 4 ? gemm_tiled<false>(p) : gemm_tiled<true>(p);
       return y;
     }
+    // The calling thread's scratch, bound by reference: the workers of the parallel region must
+    // see this thread's instance, not their own (a thread_local named inside the lambda would be).
     thread_local Q8Blocks scratch;
     const Q8Blocks& blocks = scratch;
     interleave_rows(p, scratch);
