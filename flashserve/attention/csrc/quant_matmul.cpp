@@ -228,15 +228,19 @@ struct GroupStep {
 // threads, weights cycled beyond L3, time with / without: 30 layers of SmolLM2's four 4-bit
 // shapes at M = 1: 16 rows ahead 0.64-0.75, 32 rows 0.69-0.86, 64 rows 0.70-0.85, 128 rows
 // 0.88-0.99; the 8-bit LM head 0.75 (16) and 0.77 (32).
-inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
-  if (kAheadRows == 0 || n + kAheadRows + rows > p.N) return;
+// Codes, scales and zeros of weight rows [n0, n0 + rows) on their way to L1.
+inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
   const int64_t groups = p.K / p.G, code_bytes = p.bits == 4 ? p.K / 2 : p.K;
   auto lines = [](const void* begin, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) prefetch_line(static_cast<const char*>(begin) + o);
   };
-  lines(p.codes + (n + kAheadRows) * code_bytes, rows * code_bytes);
-  lines(p.scale + (n + kAheadRows) * groups, rows * groups * 4);
-  if (p.zero) lines(p.zero + (n + kAheadRows) * groups, rows * groups * 4);
+  lines(p.codes + n0 * code_bytes, rows * code_bytes);
+  lines(p.scale + n0 * groups, rows * groups * 4);
+  if (p.zero) lines(p.zero + n0 * groups, rows * groups * 4);
+}
+
+inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
+  if (n + kAheadRows + rows <= p.N) prefetch_rows(p, n + kAheadRows, rows);
 }
 
 // GEMV for 8-bit (signed) codes: output row n against MB activation rows from m0; the group's
@@ -481,18 +485,6 @@ inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t 
   t.zero = _mm256_load_ps(ze);
 }
 
-// The next task's codes, scales and zeros on their way while this task computes (A/B at M = 32,
-// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without).
-inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
-  const int64_t groups = p.K / 32, row_bytes = p.bits == 4 ? p.K / 2 : p.K;
-  auto lines = [](const void* begin, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(static_cast<const char*>(begin) + o);
-  };
-  lines(p.codes + n0 * row_bytes, rows * row_bytes);
-  lines(p.scale + n0 * groups, rows * groups * 4);
-  if (p.zero) lines(p.zero + n0 * groups, rows * groups * 4);
-}
-
 inline __m256i bcast4(const int8_t* x) {
   int32_t v;
   std::memcpy(&v, x, 4);
@@ -567,6 +559,8 @@ void gemm_tiled(const Problem& p) {
         for (int64_t g = 0; g < groups; ++g) load_tile_group<kSigned>(p, n0, rows, g, tile[g]);
         built = &tile;
       }
+      // the next task's rows on their way while this one computes (A/B at M = 32, cycled
+      // weights: gate_up 0.88, down 0.98, head 0.97 of the time without)
       if (task + 1 < end) prefetch_rows(p, n0 + 8, std::min<int64_t>(8, p.N - n0 - 8));
       for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
         gemm_tile<kSigned>(p, built, n0, rows, m0, std::min(kTileRows, p.M - m0));
