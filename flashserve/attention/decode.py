@@ -58,9 +58,8 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if logit_softcap:
             s = logit_softcap * torch.tanh(s / logit_softcap)
         pos = torch.arange(b0 * block_size, b1 * block_size, device=q.device).view(1, 1, 1, -1)
-        invalid = pos > last
-        if sliding_window is not None:
-            invalid |= pos <= last - sliding_window
+        beyond = pos > last  # (N, 1, 1, L): past the row's length, maybe never written (garbage, NaN too)
+        invalid = beyond if sliding_window is None else beyond | (pos <= last - sliding_window)
         s = s.masked_fill(invalid, float("-inf"))
         # m stays -inf for a row that sees nothing in this split; exponents use a finite
         # stand-in so that row contributes exp(-inf) = 0 instead of NaN, and a later
@@ -68,6 +67,8 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         m_s = s.amax(-1, keepdim=True)  # (N, Hk, G, 1)
         p = torch.exp(s - finite_max(m_s))
         l_s = p.sum(-1, keepdim=True)
+        # p is 0 past the length, but 0 * NaN = NaN: the gathered copy of V is zeroed there first.
+        v.masked_fill_(beyond.view(N, -1, 1, 1), 0)
         o_s = torch.matmul(p.to(v.dtype), v.permute(0, 2, 1, 3)).float()  # (N, Hk, G, D)
         if m is None:
             m, l, acc = m_s, l_s, o_s

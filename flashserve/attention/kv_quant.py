@@ -10,8 +10,10 @@ import torch
 class Int8KVCache:
     def __init__(self, num_blocks: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        self.data = torch.zeros((num_blocks, block_size, num_heads, head_dim), dtype=torch.int8, device=device)
-        self.scale = torch.zeros((num_blocks, block_size, num_heads), dtype=torch.float32, device=device)
+        # Not zeroed, like the float caches (runner/kv_cache.py): pages are touched when written,
+        # and an unwritten slot's garbage scale (NaN too) never reaches a result.
+        self.data = torch.empty((num_blocks, block_size, num_heads, head_dim), dtype=torch.int8, device=device)
+        self.scale = torch.empty((num_blocks, block_size, num_heads), dtype=torch.float32, device=device)
         self.dtype = dtype  # what reads return
 
     @property

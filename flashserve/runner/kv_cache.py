@@ -40,7 +40,11 @@ def allocate_kv_caches(
     model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
     kv_cache_dtype: str = "auto",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed so padded/unused slots never hold NaN garbage that a masked matmul could spread."""
+    """Reserved but not written: torch.empty leaves the pages untouched, so the OS backs only the
+    blocks the engine writes (zeroing a 2 GiB pool cost seconds and made all of it resident).
+    Unwritten slots hold garbage, NaN included; no reader lets it into a result: prefill and
+    the C++ decode read slots < seq_len only, and the torch decode, which gathers whole blocks,
+    zeroes V past each row's length before its probabilities (0 there) multiply it."""
     shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)  # (blocks, block_size, kv_heads, head_dim)
     if kv_cache_dtype == "int8":
         caches = [(Int8KVCache(*shape, dtype, device), Int8KVCache(*shape, dtype, device))
@@ -50,7 +54,7 @@ def allocate_kv_caches(
         return caches
     store = kv_storage_dtype(kv_cache_dtype, dtype)
     caches = [
-        (torch.zeros(shape, dtype=store, device=device), torch.zeros(shape, dtype=store, device=device))
+        (torch.empty(shape, dtype=store, device=device), torch.empty(shape, dtype=store, device=device))
         for _ in range(model.num_layers)
     ]
     total = 2 * model.num_layers * caches[0][0].nbytes
