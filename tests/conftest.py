@@ -1,10 +1,22 @@
-"""Shared fixtures: real catalogue models (fetched once into the flashserve cache) and torch threads."""
+"""Shared fixtures: the C++ kernels (built strictly), real catalogue models (fetched once into the
+flashserve cache) and torch threads."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cpp_kernels():
+    """The project's C++ kernels, built strictly: when they do not build, the tests that ask for
+    them fail with the compiler's output instead of skipping (the engine would fall back quietly)."""
+    from flashserve.attention.cpu_kernels import build_cpu_kernels, cpu_kernels
+
+    kernels = build_cpu_kernels()
+    assert cpu_kernels() is kernels  # the engine's layers call this same build
+    return kernels
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import torch
 from flashserve.attention import decode as decode_mod
 from flashserve.attention import prefill as prefill_mod
 from flashserve.attention.backend import paged_attention, write_kv
-from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.attention.reference import paged_attention_reference
 
@@ -202,7 +201,7 @@ def test_strided_inputs_from_a_fused_qkv_projection(specs):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("seed", range(12))
 def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
@@ -225,7 +224,7 @@ def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(6))
 def test_two_byte_kv_cache_read_as_float32(monkeypatch, cache_dtype, seed):
@@ -252,7 +251,7 @@ def test_two_byte_kv_cache_read_as_float32(monkeypatch, cache_dtype, seed):
                                    atol=rounding, rtol=rounding)
 
 
-@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.usefixtures("cpp_kernels")
 def test_cpp_decode_kernel_softmax_weights_span_the_float_range():
     """Scores far apart (exp of score minus max down to the underflow threshold and below) and one
     key dominating: the kernel's vector exp against float64 dense attention."""

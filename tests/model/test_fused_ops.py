@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.model.layers import activation
 from flashserve.model.layers.norm import RMSNorm
 from flashserve.model.layers.rotary import RotaryEmbedding
 
-pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler for the CPU kernels")
+pytestmark = pytest.mark.usefixtures("cpp_kernels")
 # float32: summation order only; bfloat16: at most one rounding step apart.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
 

@@ -19,7 +19,6 @@ from flashserve.model.loader.gguf_file import open_gguf
 from flashserve.quantization import packed
 from flashserve.quantization.gguf_blocks import GGUFTensor, int4_groups, int8_groups
 from flashserve.quantization.gguf_method import pack_embedding, pack_linear
-from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.quantization.packed import (
     DenseWeight,
     GroupQuantWeight,
@@ -65,8 +64,16 @@ def int4_form(t: GGUFTensor, round_bf16: bool) -> np.ndarray:
     return ((codes.astype(np.float64) - 8).reshape(rows, -1, 32) * s[..., None] + z[..., None]).reshape(rows, cols)
 
 
-OWN = pytest.param(True, id="own-kernel", marks=pytest.mark.skipif(cpu_kernels() is None, reason="no C++ build"))
+OWN = pytest.param(True, id="own-kernel")
 BACKENDS = [OWN, pytest.param(False, id="torch-kernel")]
+
+
+@pytest.fixture
+def own(request) -> bool:
+    """Parametrized indirectly by OWN/BACKENDS: our kernel (which must then have built) or torch's."""
+    if request.param:
+        request.getfixturevalue("cpp_kernels")
+    return request.param
 
 
 def check_matmul(weight, w64: torch.Tensor, m: int, seed: int = 0) -> None:
@@ -90,6 +97,7 @@ def test_int4_groups_are_exact(qtype):
     assert np.array_equal(int4_form(t, round_bf16=False).astype(np.float32), t.dequantize())
 
 
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_0])
 def test_int8_groups_are_exact(qtype):
     t = random_tensor(qtype, 40, 256)
@@ -104,6 +112,7 @@ def test_int8_groups_are_exact(qtype):
         assert own is isinstance(emb, GroupQuantWeight)
 
 
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", INT4 + [Q.Q8_0, Q.Q5_0])
 def test_own_kernel_weights_are_the_file_exactly(qtype):
     t = random_tensor(qtype, 72, 512)
@@ -113,6 +122,7 @@ def test_own_kernel_weights_are_the_file_exactly(qtype):
     assert torch.equal(w.dequantize(10, 30), torch.from_numpy(t.dequantize())[10:30])
 
 
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", [Q.Q5_1, Q.Q5_K, Q.Q6_K])
 def test_own_kernel_requantizes_other_types_per_group(qtype):
     t = random_tensor(qtype, 40, 512)
@@ -172,7 +182,7 @@ def test_int4_layout_unpacks_every_row_block():
 
 # --- kernels vs dequantize-then-matmul -----------------------------------------------------------
 
-@pytest.mark.parametrize("own", BACKENDS)
+@pytest.mark.parametrize("own", BACKENDS, indirect=True)
 @pytest.mark.parametrize("qtype", INT4 + INT8)
 @pytest.mark.parametrize("m", [1, 3, 16, 200])  # 200: past every large_m, the dequantize + GEMM path
 def test_kernel_equals_dequantized_matmul(qtype, m, own):
@@ -181,7 +191,7 @@ def test_kernel_equals_dequantized_matmul(qtype, m, own):
     check_matmul(w, w.dequantize().double(), m)
 
 
-@pytest.mark.parametrize("own", [OWN])
+@pytest.mark.parametrize("own", [OWN], indirect=True)
 @pytest.mark.parametrize("m", [1, 5, 200])
 def test_own_kernel_head_equals_dequantized_matmul(m, own):
     emb = pack_embedding(random_tensor(Q.Q8_0, 300, 256), own_kernels=own)
@@ -210,6 +220,7 @@ def int8_rounded(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return np.rint(xg * inv.astype(np.float32)).astype(np.float64), amax.astype(np.float64) / 127
 
 
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0])
 @pytest.mark.parametrize("m,k", [(1, 512), (2, 544), (3, 576), (6, 512), (8, 576), (13, 512), (20, 512), (32, 576), (45, 544)])
 def test_int8_activations_are_integer_dot_products(qtype, m, k):
@@ -219,8 +230,6 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
     Rows below and above the GEMM kernels' thresholds (5; the tiled one from 16 or 24), group counts
     with and without a remainder of eight (16, 17 and 18), 70 output rows (a task and a tile of 6
     rows at the end)."""
-    if cpu_kernels() is None:
-        pytest.skip("no C++ build")
     if qtype == Q.Q4_K:
         k = 512  # K-quant super-blocks are 256 values wide
     t = random_tensor(qtype, 70, k, seed=m)
@@ -251,6 +260,7 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
     assert (np.abs(got - exact) <= step + 2.0**-16 * mag).all()
 
 
+@pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
 def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
     """Each row's result is bit-identical whatever else is in the call: with int8 activations at
@@ -258,8 +268,6 @@ def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
     codes and 24 for 4-bit ones, the tiled one building its tile per pass up to 32 rows and once
     above); with float activations below large_m, and from there
     (dequantize + float32 GEMM) it differs by float32 summation order only."""
-    if cpu_kernels() is None:
-        pytest.skip("no C++ build")
     # 163 output rows: the last task's 3 rows take the GEMV's two-row form and its one-row tail,
     # and fill part of the tiled GEMM's last 8-row tile
     w = pack_linear([random_tensor(qtype, 163, 512)], torch.float32, own_kernels=True)
@@ -290,7 +298,7 @@ def test_large_batch_path_matches_the_kernel(qtype):
     assert (big != small).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("own", BACKENDS)
+@pytest.mark.parametrize("own", BACKENDS, indirect=True)
 def test_merged_parts_of_different_types_stay_separate(own):
     parts = [random_tensor(Q.Q4_K, 64, 256), random_tensor(Q.Q4_0, 32, 256, 1),
              random_tensor(Q.Q8_0, 32, 256, 2), torch.randn(16, 256)]
@@ -402,6 +410,7 @@ def test_smollm2_greedy_quantized_vs_dequantized(smollm2_gguf, smollm2_llm):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cpp_kernels")  # "auto" must mean our kernels with int8 activations
 @pytest.mark.parametrize("model_fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_perplexity_within_one_percent(model_fixture, request):
     """Perplexity of the first 512 tokens of the GPL-3 text: packed weights (float32 and bfloat16
@@ -422,7 +431,7 @@ def test_perplexity_within_one_percent(model_fixture, request):
 
     def perplexity(dtype, quantization, chunk=32):
         model, cfg = load_model(path, dtype, quantization=quantization)
-        if quantization == "auto" and cpu_kernels() is not None:
+        if quantization == "auto":
             assert any(getattr(m, "int8_activations", False) for m in model.modules())
         logits = run_incremental(model, cfg, ids, [chunk] * (len(ids) // chunk))
         return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]))))
