@@ -6,16 +6,18 @@ import json
 from datetime import datetime
 from functools import lru_cache
 
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 
 def _raise(message: str):
+    from jinja2.exceptions import TemplateError
+
     raise TemplateError(message)
 
 
 @lru_cache(maxsize=8)
 def _compile(template: str):
+    # jinja2 is imported here, not at the top: a plain completion never renders a template.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda v, indent=None, ensure_ascii=False: json.dumps(v, indent=indent,
                                                                                    ensure_ascii=ensure_ascii)
@@ -26,6 +28,8 @@ def _compile(template: str):
 
 def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
                 add_generation_prompt: bool = True, tools: list | None = None, **kwargs) -> str:
+    from jinja2.exceptions import TemplateError
+
     if not template:
         raise ValueError("this model has no chat template; send a plain prompt to the completions API instead")
     for i, m in enumerate(messages):
