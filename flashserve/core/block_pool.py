@@ -17,6 +17,7 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
+    touched: bool = False  # handed out at least once: its K/V pages have been written
 
 
 class BlockPool:
@@ -28,6 +29,9 @@ class BlockPool:
         # OrderedDict as an O(1) doubly linked list: head = next to reuse.
         self.free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self.cached: dict[BlockHash, KVBlock] = {}
+        # Blocks ever handed out: the part of the reserved pool whose memory is in use (never shrinks,
+        # the pool keeps its pages); the stats report it next to the reservation.
+        self.num_touched = 0
 
     @property
     def num_free(self) -> int:
@@ -44,6 +48,9 @@ class BlockPool:
                     del self.cached[block.block_hash]
                 block.block_hash = None
             block.ref_cnt = 1
+            if not block.touched:
+                block.touched = True
+                self.num_touched += 1
             out.append(block)
         return out
 

@@ -47,6 +47,7 @@ class SchedulerStats:
     num_preemptions_total: int
     kv_blocks_used: int
     kv_blocks_total: int
+    kv_blocks_touched: int  # blocks ever handed out (never decreases)
     kv_usage: float
     prefix_cache_queries: int
     prefix_cache_hits: int
@@ -307,6 +308,7 @@ class Scheduler:
             num_preemptions_total=self.num_preemptions_total,
             kv_blocks_used=used,
             kv_blocks_total=kvm.num_blocks - 1,
+            kv_blocks_touched=kvm.pool.num_touched,
             kv_usage=kvm.usage,
             prefix_cache_queries=q,
             prefix_cache_hits=h,

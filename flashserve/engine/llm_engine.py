@@ -14,14 +14,14 @@ import torch
 
 from flashserve.config import EngineConfig
 from flashserve.core.request import RequestStatus
-from flashserve.core.scheduler import Scheduler
+from flashserve.core.scheduler import Scheduler, SchedulerStats
 from flashserve.engine.arg_utils import DEFAULT_KV_CACHE_CAP, EngineArgs
 from flashserve.engine.input_processor import InputProcessor, PromptType
 from flashserve.engine.output_processor import OutputProcessor
 from flashserve.errors import InvalidRequestError
 from flashserve.model.loader import load_model
 from flashserve.outputs import RequestOutput
-from flashserve.runner.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from flashserve.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_budget
 from flashserve.runner.model_runner import ModelRunner
 from flashserve.tokenizer.tokenizer import Tokenizer
 
@@ -36,8 +36,20 @@ class PreparedRequest:
     params: object
 
 
+@dataclass
+class EngineStats(SchedulerStats):
+    """The scheduler's stats and the KV cache's bytes: reserved at start (virtual memory, the OS
+    backs a page when it is first written) and touched, the blocks ever handed out times the bytes
+    of a block (what of the reservation has been written, an estimate of its resident part)."""
+
+    kv_cache_bytes_reserved: int
+    kv_cache_bytes_touched: int
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, device: str = "cpu"):
+    def __init__(self, config: EngineConfig, device: str = "cpu", tokenizer: Tokenizer | None = None):
+        """`tokenizer`: the model's, when the caller already built it (the CLI sizes the KV pool of a
+        one-shot generate from the prompt's length before it builds the engine)."""
         config.validate()
         self.config = config
         if config.num_threads:
@@ -47,13 +59,14 @@ class LLMEngine:
         dtype = getattr(torch, config.dtype)
         mc = config.model_config
 
-        self.tokenizer = Tokenizer.from_model_path(config.model_path)
+        self.tokenizer = tokenizer or Tokenizer.from_model_path(config.model_path)
         self.eos_token_ids = tuple(dict.fromkeys((*mc.eos_token_ids, *self.tokenizer.eos_token_ids)))
         model, _ = load_model(config.model_path, dtype=dtype, device=self.device, quantization=config.quantization)
         sc = config.scheduler
         self.num_blocks = num_blocks_for_budget(
             mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP
         )
+        self.kv_block_bytes = kv_bytes_per_block(mc, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
         kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device,
                                        config.cache.kv_cache_dtype)
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device)
@@ -120,5 +133,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def get_stats(self):
-        return self.scheduler.get_stats()
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.get_stats()
+        return EngineStats(**vars(s), kv_cache_bytes_reserved=self.num_blocks * self.kv_block_bytes,
+                           kv_cache_bytes_touched=s.kv_blocks_touched * self.kv_block_bytes)

@@ -22,6 +22,11 @@ class ServerMetrics:
         self.waiting = Gauge("flashserve_num_requests_waiting", "Requests waiting", registry=r)
         self.kv_usage = Gauge("flashserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self.kv_blocks_used = Gauge("flashserve_kv_cache_blocks_used", "KV blocks in use", registry=r)
+        self.kv_bytes_reserved = Gauge("flashserve_kv_cache_reserved_bytes",
+                                       "KV cache bytes reserved at start (virtual until written)", registry=r)
+        self.kv_bytes_touched = Gauge("flashserve_kv_cache_touched_bytes",
+                                      "KV cache bytes of the blocks ever handed out (estimate of the resident part)",
+                                      registry=r)
         self.prefix_hit_rate = Gauge("flashserve_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens)",
                                      registry=r)
 
@@ -49,4 +54,6 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.kv_blocks_used.set(stats.kv_blocks_used)
+        self.kv_bytes_reserved.set(stats.kv_cache_bytes_reserved)
+        self.kv_bytes_touched.set(stats.kv_cache_bytes_touched)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
