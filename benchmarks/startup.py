@@ -1,0 +1,104 @@
+"""Start-up cost of a one-shot completion: `flashserve generate` beside llama-cpp-python's
+Llama(...).create_completion on the same GGUF, and `python -c "import torch"` as the floor
+flashserve cannot go below. Each run is a fresh process; the commands alternate (in a rotated
+order each round) so that a busy host slows them alike. Reported per command: median and
+min-max wall time, median and max peak RSS (the child's own ru_maxrss, from wait4).
+
+    python benchmarks/startup.py [--model smollm2-135m] [--prompt "The capital of France is"]
+        [--max-tokens 8] [--repeats 5] [--warmup 1] [--threads N]
+
+The warm-up round is not counted: it fills the page cache and the tokenizer cache, so the
+figures are those of a second start, not of the first one after a fetch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import have, header, table
+
+LLAMA_CPP = """
+import sys
+from llama_cpp import Llama
+path, prompt, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=path, verbose=False, n_threads=int(threads) if threads else None)
+print(llm.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]["text"])
+"""
+
+
+def commands(model_path: str, a) -> dict[str, list[str]]:
+    py = sys.executable
+    fs = [py, "-m", "flashserve.entrypoints.cli", "generate", "--model", model_path, "--prompt", a.prompt,
+          "--max-tokens", str(a.max_tokens), "--temperature", "0"]
+    cmds = {"python -c 'import torch' (floor)": [py, "-c", "import torch"],
+            "flashserve generate": fs + (["--threads", str(a.threads)] if a.threads else [])}
+    if have("llama_cpp"):
+        cmds["llama-cpp-python create_completion"] = [py, "-c", LLAMA_CPP, model_path, a.prompt, str(a.max_tokens),
+                                                      str(a.threads or "")]
+    return cmds
+
+
+def run_once(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one child process, its rusage taken by wait4
+    (RUSAGE_CHILDREN would give the maximum over every child so far, not this one's)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n{err.read()[-2000:]}")
+        return wall, usage.ru_maxrss * 1024, out.read().strip()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a .gguf file or a built-in name")
+    ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5, help="counted runs of each command")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first")
+    ap.add_argument("--threads", type=int, default=None, help="both engines' threads (default: their own)")
+    a = ap.parse_args(argv)
+
+    from flashserve.model.catalogue import resolve
+
+    model_path = str(resolve(a.model))
+    cmds = commands(model_path, a)
+    header("start-up: one-shot completion, each run a new process", model=model_path, prompt=repr(a.prompt),
+           max_tokens=a.max_tokens, repeats=a.repeats, warmup_rounds=a.warmup,
+           threads=a.threads or "each engine's default")
+    if not have("llama_cpp"):
+        print("llama-cpp-python: not installed, its row is skipped (pip install llama-cpp-python)")
+    names = list(cmds)
+    walls = {n: [] for n in names}
+    rss = {n: [] for n in names}
+    texts = {}
+    for r in range(a.warmup + a.repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:  # rotated: no command always runs first
+            wall, peak, text = run_once(cmds[n])
+            texts[n] = text
+            if r >= a.warmup:
+                walls[n].append(wall)
+                rss[n].append(peak)
+    rows = [{"command": n, "wall s (median)": statistics.median(walls[n]),
+             "wall s (min-max)": f"{min(walls[n]):.3g}-{max(walls[n]):.3g}",
+             "peak RSS MiB (median)": statistics.median(rss[n]) / 2**20, "peak RSS MiB (max)": max(rss[n]) / 2**20}
+            for n in names]
+    print(table(rows, list(rows[0])))
+    for n in names:
+        if texts[n]:
+            print(f"{n} printed: {texts[n]!r}")
+
+
+if __name__ == "__main__":
+    main()
