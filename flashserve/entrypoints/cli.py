@@ -4,20 +4,22 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from flashserve.config import KV_CACHE_DTYPES, QUANTIZATION_CHOICES
 from flashserve.errors import FlashserveError
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_CHOICES),
                    help="auto: run a GGUF file's quantized weights on int4/int8 kernels with int8-rounded "
                         "activations; weight-only: the same kernels on float activations; none: dequantize them")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
+                   help="sequences run together; the KV pool holds this many full contexts")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
@@ -71,11 +73,28 @@ def cmd_fetch(a) -> None:
     print(fetch(a.name))
 
 
-def cmd_generate(a) -> None:
-    from flashserve.engine.llm_engine import LLMEngine
+def _fit_context(config, num_tokens: int):
+    """The engine config with its context cut to `num_tokens` (never raised): the KV pool is sized
+    for max_num_seqs full contexts, and a one-shot request can never use more than its own."""
+    sc = config.scheduler
+    return replace(config, scheduler=replace(sc, max_model_len=min(sc.max_model_len, num_tokens)))
 
-    engine = LLMEngine.from_engine_args(_engine_args(a))
-    _stream(engine, a.prompt, _sampling(a))
+
+def one_shot_engine(a):
+    """(engine, sampling params) of `generate`: a KV pool for the prompt and max_tokens, no more."""
+    from flashserve.engine.llm_engine import LLMEngine
+    from flashserve.tokenizer.tokenizer import Tokenizer
+
+    params = _sampling(a)
+    config = _engine_args(a).create_engine_config()
+    tokenizer = Tokenizer.from_model_path(config.model_path)
+    config = _fit_context(config, len(tokenizer.encode(a.prompt)) + params.max_tokens)
+    return LLMEngine(config, tokenizer=tokenizer), params
+
+
+def cmd_generate(a) -> None:
+    engine, params = one_shot_engine(a)
+    _stream(engine, a.prompt, params)
 
 
 def cmd_chat(a) -> None:
@@ -105,11 +124,13 @@ def cmd_serve(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    """Runs benchmarks/bench.py with every argument after `bench` (a source checkout has it)."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    """Runs benchmarks/bench.py with every argument after `bench`, or benchmarks/startup.py for
+    `bench --startup` (a source checkout has them)."""
+    name = "startup.py" if "--startup" in a.bench_args else "bench.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / name
     if not script.is_file():
-        raise FlashserveError("flashserve bench runs benchmarks/bench.py, which only a source checkout of flashserve has")
-    sys.exit(subprocess.call([sys.executable, str(script), *a.bench_args]))
+        raise FlashserveError(f"flashserve bench runs benchmarks/{name}, which only a source checkout of flashserve has")
+    sys.exit(subprocess.call([sys.executable, str(script), *(x for x in a.bench_args if x != "--startup")]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("generate", help="complete one prompt, streaming the text")
-    _add_engine_args(p)
+    _add_engine_args(p, max_num_seqs=1)
     _add_sampling_args(p)
     p.add_argument("--prompt", required=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    _add_engine_args(p)
+    _add_engine_args(p, max_num_seqs=1)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="optional system message")
     p.set_defaults(func=cmd_chat)
@@ -140,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
     p.set_defaults(func=cmd_serve)
 
-    # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed.
-    p = sub.add_parser("bench", add_help=False, help="the CPU benchmark table: flashserve beside llama.cpp and transformers")
+    # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed;
+    # `flashserve bench --startup [--help]` runs benchmarks/startup.py instead.
+    p = sub.add_parser("bench", add_help=False, help="the CPU benchmark table: flashserve beside llama.cpp and "
+                                                     "transformers (--startup: start-up time and memory)")
     p.set_defaults(func=cmd_bench)
     return parser
 
