@@ -39,20 +39,14 @@ def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def cpu_name() -> str:
-    """The processor's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return name or platform.processor() or "unknown cpu"
-
-
 def header(title: str, **facts) -> None:
+    """The title, what `flashserve env` reports (the CPU, its features, the kernels' level), then `facts`."""
+    from flashserve.entrypoints.env import environment_report
+
     print(f"\n## {title}")
-    print(f"host: {cpu_name()}, {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(f"host: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for line in environment_report():
+        print(line)
     for k, v in facts.items():
         print(f"{k}: {v}")
 

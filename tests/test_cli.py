@@ -33,3 +33,17 @@ def test_chat_answers_each_line(smollm2_gguf):
             "--max-tokens", "16", stdin="What is the capital of France?\n\n")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_env_names_this_cpu_features_and_the_chosen_dtype(smollm2_gguf):
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).partition(":")[2].split())
+    r = run("env", "--model", smollm2_gguf)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    listed = set(lines["features"].split())
+    assert listed <= flags and {"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & flags <= listed
+    assert lines["native bfloat16"] == ("yes" if {"avx512_bf16", "amx_bf16"} & flags else "no")
+    assert lines["C++ kernels"].startswith("built for this CPU")
+    # A Q4_1 file runs on the quantized kernels, whose float side is float32, on every CPU.
+    assert lines[f"dtype for {smollm2_gguf}"].startswith("float32")

@@ -27,16 +27,11 @@ class KernelBuildError(RuntimeError):
 def _build_name(source_dir: Path) -> str:
     """-march=native builds are only valid on CPUs with the same instruction set: the torch
     extension cache is keyed by name, so the name carries a digest of this CPU's feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        import platform
+    from flashserve.cpu_info import cpu_info
 
-        flags = platform.processor()
     # The sources' directory too: two checkouts sharing one name would make ninja rebuild the
     # extension every time a process of the other one loads it (its build file names the paths).
-    key = flags + str(source_dir.resolve())
+    key = " ".join(sorted(cpu_info().flags)) + str(source_dir.resolve())
     return "flashserve_cpu_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

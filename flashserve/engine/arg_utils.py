@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from flashserve.config import CacheConfig, EngineConfig, SchedulerConfig
 
@@ -42,7 +43,7 @@ class EngineArgs:
             model=self.model,
             model_path=str(path),
             model_config=model_config,
-            dtype=resolve_dtype(self.dtype),
+            dtype=resolve_dtype(self.dtype, str(path), self.quantization).dtype,
             quantization=self.quantization,
             seed=self.seed,
             num_threads=self.num_threads,
@@ -65,19 +66,41 @@ class EngineArgs:
         return config
 
 
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """'auto' picks bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX), else float32.
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str  # "float32" | "bfloat16"
+    reason: str  # one line for logs and `flashserve env`
+
+
+def resolve_dtype(dtype: str, model_path: str | None = None, quantization: str = "auto",
+                  device: str = "cpu") -> DtypeChoice:
+    """The compute dtype. 'auto' takes float32 when the model's linear weights run on the project's
+    quantized kernels (their arithmetic is integer or float32 whatever the dtype, and the C++ decode
+    step is float32: faster than bfloat16 on an AVX512-BF16 host, benchmarks/RESULTS.md), else
+    bfloat16 where the CPU multiplies it natively, else float32.
     Norm statistics, softmax and sampling stay in float32 either way."""
-    if dtype == "auto":
-        return "bfloat16" if device != "cpu" or cpu_has_native_bf16() else "float32"
     aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
-    return aliases.get(dtype, dtype)
+    if dtype != "auto":
+        return DtypeChoice(aliases.get(dtype, dtype), "asked for")
+    if device != "cpu":
+        return DtypeChoice("bfloat16", f"auto: {device} device")
+    if quantization != "none" and model_path is not None and runs_on_quantized_kernels(model_path):
+        return DtypeChoice("float32", "auto: the weights run on the quantized kernels, whose float side is float32")
+    from flashserve.cpu_info import cpu_info
+
+    if cpu_info().native_bf16:
+        return DtypeChoice("bfloat16", "auto: float weights and a CPU with native bfloat16 (AVX512-BF16 or AMX)")
+    return DtypeChoice("float32", "auto: float weights and no native bfloat16 on this CPU")
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
+def runs_on_quantized_kernels(model_path: str) -> bool:
+    """True when most of the weights of a GGUF file's layers (by count) are of a type the packed
+    kernels take (the embedding is left out: it is read by row, not multiplied)."""
+    if Path(model_path).is_dir():
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from flashserve.model.loader.gguf_file import open_gguf
+    from flashserve.quantization.gguf_method import KERNEL_TYPES
+
+    tensors = [t for t in open_gguf(model_path).tensors if len(t.shape) == 2 and t.name.startswith("blk.")]
+    packed = sum(t.n_elements for t in tensors if t.tensor_type in KERNEL_TYPES)
+    return 2 * packed > sum(t.n_elements for t in tensors)

@@ -123,6 +123,12 @@ def cmd_serve(a) -> None:
     run_server(_engine_args(a), host=a.host, port=a.port, api_key=a.api_key, max_waiting=a.max_waiting)
 
 
+def cmd_env(a) -> None:
+    from flashserve.entrypoints.env import environment_report
+
+    print("\n".join(environment_report(a.model, a.dtype, a.quantization)))
+
+
 def cmd_bench(a) -> None:
     """Runs benchmarks/bench.py with every argument after `bench`, or benchmarks/startup.py for
     `bench --startup` (a source checkout has them)."""
@@ -136,6 +142,12 @@ def cmd_bench(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("env", help="this CPU's features, the kernels built for it, and the dtype chosen for a model")
+    p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_CHOICES))
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("fetch", help="download a built-in model into the cache and print its path")
     p.add_argument("name")

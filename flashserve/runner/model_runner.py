@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
+from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
 from flashserve.sample.sampler import Sampler, SamplingMetadata, target_logprobs
 
@@ -19,6 +20,8 @@ class ModelRunner:
         self.model = model
         self.kv_caches = kv_caches
         self.model.bind_kv_caches(kv_caches)
+        # Pure decode steps run as one C++ call where the model allows (runner/decode_plan.py).
+        self.decode_plan = build_decode_plan(model)
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -62,7 +65,7 @@ class ModelRunner:
             return RunnerOutput(request_ids, sampled_ids, logprobs)
 
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # (num_tokens, d)
+        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # (num_tokens, d)
         prompt_lps = self._prompt_logprobs(scheduled, hidden, inputs.attn_metadata.query_start_loc_cpu)
         if not inputs.sampled_requests:
             return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
@@ -85,6 +88,12 @@ class ModelRunner:
             if lps is not None and lps[row] is not None:
                 logprobs[i] = [lps[row]]
         return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        plan = self.decode_plan
+        if plan is not None and plan.applies(meta, len(input_ids)):
+            return plan(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, starts: list[int]) -> list | None:
         """For requests asking prompt_logprobs: the hidden row of position p gives the logprob of

@@ -79,7 +79,7 @@ def test_default_engine_is_exact(smollm2_gguf):
     rng = random.Random(2)
     prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(1, 40))] for _ in range(16)]
     llm = LLM(model=smollm2_gguf, dtype="float32", max_num_seqs=1, enable_prefix_caching=False)
-    assert llm.engine.runner.model.decode_plan is not None
+    assert llm.engine.runner.decode_plan is not None
     ref = [llm.generate([p], PARAMS, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     _, got = _batched(smollm2_gguf, prompts, quantization="auto", max_num_batched_tokens=1024, max_num_seqs=16,
                       enable_prefix_caching=False)

@@ -1,20 +1,21 @@
-"""The C++ decode plan (model/decode_plan.py) against the Python modules it replaces: the same
+"""The C++ decode plan (runner/decode_plan.py) against the Python modules it replaces: the same
 kernels in the same order, so hidden states must be bit-identical, step after step, for float
-and group-quantized weights (with int8 activations), with q/k/v biases (qwen2), several
-sequences of different lengths; and it must stand aside wherever it does not apply."""
+and group-quantized weights (with int8 activations), with q/k/v biases (qwen2), Gemma 3's
+sandwich norms, q/k norms, two RoPE bases and sliding windows, several sequences of different
+lengths; and it must stand aside wherever it does not apply."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.core.sched_output import ScheduledRequest
 from flashserve.model.loader import load_model
+from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
 from flashserve.runner.kv_cache import allocate_kv_caches
 from tests.model.tiny import VOCAB, hf_tiny, write_gguf
 
-pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ build")
+pytestmark = pytest.mark.usefixtures("cpp_kernels")
 BLOCK = 4
 
 
@@ -27,24 +28,28 @@ def load(arch: str, qtype: str, tmp_path, dtype=torch.float32, quantization: str
     return model
 
 
-def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[str, list[int]], use_plan: bool):
+def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[str, list[int]], plan=None):
+    """One engine step of `seqs` through the plan when given (it must apply), else the modules."""
     reqs = [ScheduledRequest(rid, toks, done[rid], len(toks) - done[rid], tables[rid], None, []) for rid, toks in seqs.items()]
     inputs = build_model_inputs(reqs, BLOCK, torch.device("cpu"))
     with torch.inference_mode():
-        if use_plan:
-            return model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-        return model.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if plan is not None:
+            assert plan.applies(inputs.attn_metadata, len(inputs.input_ids))
+            return plan(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        return model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
 
 
 @pytest.mark.parametrize("arch,qtype,kv_cache_dtype", [
     ("llama", "F32", "auto"), ("llama", "Q4_0", "auto"), ("llama", "Q8_0", "auto"), ("qwen2", "F32", "auto"),
     ("qwen2", "Q4_0", "auto"), ("qwen2", "Q8_0", "auto"), ("llama", "Q4_0", "float16"), ("qwen2", "Q8_0", "bfloat16"),
+    ("gemma3", "F32", "auto"), ("gemma3", "Q4_0", "auto"), ("gemma3", "Q8_0", "float16"),
 ])
 def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_path):
     model = load(arch, qtype, tmp_path, kv_cache_dtype=kv_cache_dtype)
     assert model.model.layers[0].self_attn.kv_cache[0].dtype == {"auto": torch.float32, "float16": torch.float16,
                                                                  "bfloat16": torch.bfloat16}[kv_cache_dtype]
-    assert model.decode_plan is not None
+    plan = build_decode_plan(model)
+    assert plan is not None
     if qtype != "F32":
         assert any(getattr(m, "int8_activations", False) for m in model.modules())
     g = torch.Generator().manual_seed(0)
@@ -52,26 +57,26 @@ def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_pa
     seqs = {rid: torch.randint(0, VOCAB, (n,), generator=g).tolist() for rid, n in lens.items()}
     tables = {rid: list(range(1 + 12 * i, 13 + 12 * i)) for i, rid in enumerate(seqs)}  # 12 blocks each
     done = dict.fromkeys(seqs, 0)
-    step(model, seqs, done, tables, use_plan=True)  # prefill: not a decode step, the modules run it
+    step(model, seqs, done, tables)  # prefill: not a decode step, the modules run it
     done = {rid: len(t) for rid, t in seqs.items()}
     for _ in range(6):
         for rid in seqs:  # every sequence takes one more token
             seqs[rid].append(int(torch.randint(0, VOCAB, (1,), generator=g)))
-        ref = step(model, seqs, done, tables, use_plan=False)
-        got = step(model, seqs, done, tables, use_plan=True)
+        ref = step(model, seqs, done, tables)
+        got = step(model, seqs, done, tables, plan)
         assert torch.equal(got, ref)
         done = {rid: len(t) for rid, t in seqs.items()}
 
 
 def test_plan_stands_aside_where_it_does_not_apply(tmp_path):
-    assert load("gemma3", "F32", tmp_path).decode_plan is None  # q/k norms, four norms per layer
-    assert load("llama", "Q4_0", tmp_path, dtype=torch.bfloat16).decode_plan is None
-    assert load("llama", "F32", tmp_path, quantization="none").decode_plan is not None
+    assert build_decode_plan(load("llama", "Q4_0", tmp_path, dtype=torch.bfloat16)) is None
+    assert build_decode_plan(load("gemma3", "F32", tmp_path, kv_cache_dtype="int8")) is None
+    assert build_decode_plan(load("llama", "F32", tmp_path, quantization="none")) is not None
     # int8 activations keep every M in the kernels: no row limit. Float activations switch to
     # dequantize + GEMM from large_m rows, and the plan leaves such steps to the modules.
-    assert load("llama", "Q4_0", tmp_path).decode_plan.max_rows > 1 << 20
+    assert build_decode_plan(load("llama", "Q4_0", tmp_path)).max_rows > 1 << 20
     model = load("llama", "Q4_0", tmp_path, quantization="weight-only")
-    plan = model.decode_plan
+    plan = build_decode_plan(model)
     assert plan.max_rows == min(m.large_m for m in model.modules() if hasattr(m, "large_m") and hasattr(m, "codes"))
     seqs = {str(i): [1, 2, 3] for i in range(plan.max_rows)}
     tables = {rid: [1 + (i % 30)] for i, rid in enumerate(seqs)}
@@ -80,19 +85,34 @@ def test_plan_stands_aside_where_it_does_not_apply(tmp_path):
     assert inputs.attn_metadata.is_pure_decode and not plan.applies(inputs.attn_metadata, len(inputs.input_ids))
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_tokens_with_and_without_the_plan(smollm2_gguf):
+def greedy_with_and_without_the_plan(path: str, prompts: list[str], max_model_len: int = 512):
     from flashserve import LLM, SamplingParams
 
-    llm = LLM(model=smollm2_gguf, max_model_len=512)
-    model = llm.engine.runner.model
-    assert model.decode_plan is not None
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "2 + 2 ="]
+    llm = LLM(model=path, max_model_len=max_model_len)
+    runner = llm.engine.runner
+    assert runner.decode_plan is not None
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with_plan = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    plan, model.decode_plan = model.decode_plan, None
+    plan, runner.decode_plan = runner.decode_plan, None
     try:
         without = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
-        model.decode_plan = plan
+        runner.decode_plan = plan
+    return with_plan, without
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_with_and_without_the_plan(smollm2_gguf):
+    """The default engine (dtype and quantization "auto") on whatever CPU this is runs the plan."""
+    with_plan, without = greedy_with_and_without_the_plan(
+        smollm2_gguf, ["The capital of France is", "def fibonacci(n):", "Once upon a time", "2 + 2 ="])
+    assert with_plan == without
+
+
+@pytest.mark.slow
+def test_gemma3_greedy_tokens_with_and_without_the_plan(gemma3_gguf):
+    """Gemma 3 270M Q4_K_M (Q5_0/Q8_0/Q6_K/Q4_K weights, sliding window 512): prompts past the
+    window so that sliding layers drop their first keys during decode."""
+    long = "The history of the printing press begins " + "with movable type and paper, " * 90
+    with_plan, without = greedy_with_and_without_the_plan(gemma3_gguf, ["The capital of France is", long], 1024)
     assert with_plan == without

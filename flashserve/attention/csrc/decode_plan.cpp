@@ -1,8 +1,12 @@
-// A decode step of a Llama-family model (pre-norm, q|k|v and gate|up projections, RoPE, SwiGLU or
-// GeGLU) run layer after layer in C++: the same kernels, in the same order, on the same tensors as
-// the Python modules call them, so the hidden states are bit-identical, but without the Python
-// and dispatch cost of ~15 calls per layer (about 0.25 ms per layer, a third of a single-stream
-// step, measured). The Python side (flashserve/model/decode_plan.py) decides when it applies.
+// A decode step run layer after layer in C++: the same kernels, in the same order, on the same
+// tensors as the Python modules call them, so the hidden states are bit-identical, but without the
+// Python and dispatch cost of ~15 calls per layer (about 0.25 ms per layer, a third of a
+// single-stream step, measured). Two layer layouts (q|k|v and gate|up projections, RoPE, SwiGLU or
+// GeGLU in both):
+//   pre-norm (Llama, Qwen2):  h = x + attn(norm(x));  x = h + mlp(norm(h))   (fused residual adds)
+//   sandwich (Gemma 3):       h = x + norm(attn(norm(x)));  x = h + norm(mlp(norm(h))),
+//                             with q and k normalized per head before RoPE
+// The Python side (flashserve/runner/decode_plan.py) decides when it applies.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -30,6 +34,8 @@ struct PlanLinear {
 
 struct PlanLayer {
   at::Tensor input_norm, post_norm, k_cache, v_cache;  // caches (num_blocks, block_size, Hk, D)
+  at::Tensor cos, sin;  // this layer's RoPE tables (max_pos, D/2): Gemma 3 has two bases
+  at::Tensor q_norm, k_norm, pre_ffw_norm, post_ffw_norm;  // defined <=> sandwich layout
   PlanLinear qkv, o, gate_up, down;
   int64_t sliding_window;  // -1: none
 };
@@ -64,9 +70,9 @@ void write_slots(const at::Tensor& rows, const at::Tensor& cache, const int64_t*
 class DecodePlan {
  public:
   DecodePlan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double attn_scale,
-             at::Tensor cos, at::Tensor sin, bool gelu_tanh, int64_t split_tokens)
-      : Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), eps_(eps), scale_(attn_scale), cos_(std::move(cos)),
-        sin_(std::move(sin)), gelu_tanh_(gelu_tanh), split_tokens_(split_tokens) {}
+             double logit_softcap, bool gelu_tanh, bool sandwich, int64_t split_tokens)
+      : Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), eps_(eps), scale_(attn_scale), softcap_(logit_softcap),
+        gelu_tanh_(gelu_tanh), sandwich_(sandwich), split_tokens_(split_tokens) {}
 
   static PlanLinear linear(py::tuple t) {  // (codes, scale, zero, weight, bias, bits, group, int8_activations)
     PlanLinear l;
@@ -76,25 +82,38 @@ class DecodePlan {
     return l;
   }
 
-  void add_layer(at::Tensor input_norm, at::Tensor post_norm, py::tuple qkv, py::tuple o, py::tuple gate_up,
-                 py::tuple down, at::Tensor k_cache, at::Tensor v_cache, int64_t sliding_window) {
+  // norms: (input, post_attention) for pre-norm layers; (input, post_attention, q, k, pre_ffw, post_ffw)
+  // for sandwich ones.
+  void add_layer(std::vector<at::Tensor> norms, py::tuple qkv, py::tuple o, py::tuple gate_up, py::tuple down,
+                 at::Tensor k_cache, at::Tensor v_cache, at::Tensor cos, at::Tensor sin, int64_t sliding_window) {
+    TORCH_CHECK(norms.size() == (sandwich_ ? 6u : 2u), "decode plan: ", sandwich_ ? 6 : 2, " norms per layer expected");
     const auto kv_type = k_cache.scalar_type();
     TORCH_CHECK((kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
                     v_cache.scalar_type() == kv_type && k_cache.is_contiguous() && v_cache.is_contiguous(),
                 "decode plan: contiguous float32, float16 or bfloat16 KV caches expected");
-    layers_.push_back({std::move(input_norm), std::move(post_norm), std::move(k_cache), std::move(v_cache),
-                       linear(qkv), linear(o), linear(gate_up), linear(down), sliding_window});
+    PlanLayer L{norms[0], norms[1], std::move(k_cache), std::move(v_cache), std::move(cos), std::move(sin)};
+    if (sandwich_) L.q_norm = norms[2], L.k_norm = norms[3], L.pre_ffw_norm = norms[4], L.post_ffw_norm = norms[5];
+    L.qkv = linear(qkv), L.o = linear(o), L.gate_up = linear(gate_up), L.down = linear(down);
+    L.sliding_window = sliding_window;
+    layers_.push_back(std::move(L));
   }
 
   // x: (T, d) embedded tokens, one new token per sequence → (T, d) hidden states after `final_norm`.
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& positions, const at::Tensor& slot_mapping,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& final_norm) const {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode plan: x must be (T, d) float32");
-    const int64_t T = x_in.size(0), q_size = Hq_ * D_, kv_size = Hk_ * D_;
     const auto slots = slot_mapping.to(at::kLong).contiguous();
+    const int64_t* slot_ids = slots.data_ptr<int64_t>();
     at::Tensor x = x_in, residual;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const PlanLayer& L = layers_[i];
+      if (sandwich_) {
+        const at::Tensor o = attention(L, rms_norm(x, L.input_norm, eps_), positions, slot_ids, block_table, seq_lens);
+        x = x + rms_norm(o, L.post_norm, eps_);
+        const at::Tensor m = mlp(L, rms_norm(x, L.pre_ffw_norm, eps_));
+        x = x + rms_norm(m, L.post_ffw_norm, eps_);
+        continue;
+      }
       at::Tensor h;
       if (i == 0) {
         residual = x;
@@ -102,29 +121,41 @@ class DecodePlan {
       } else {
         h = add_rms_norm_(x, residual, L.input_norm, eps_);
       }
-      const at::Tensor qkv = L.qkv(h);  // (T, q + 2 kv)
-      at::Tensor q = qkv.narrow(1, 0, q_size).view({T, Hq_, D_});
-      at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, Hk_, D_});
-      const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, Hk_, D_});
-      rotary_(q, positions, cos_, sin_);
-      rotary_(k, positions, cos_, sin_);
-      write_slots(k, L.k_cache, slots.data_ptr<int64_t>());
-      write_slots(v, L.v_cache, slots.data_ptr<int64_t>());
-      const at::Tensor attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_table, seq_lens, scale_,
-                                                     L.sliding_window, 0.0, split_tokens_);
-      h = add_rms_norm_(L.o(attn.reshape({T, q_size})), residual, L.post_norm, eps_);
-      x = L.down(act_and_mul(L.gate_up(h), gelu_tanh_));
+      h = add_rms_norm_(attention(L, h, positions, slot_ids, block_table, seq_lens), residual, L.post_norm, eps_);
+      x = mlp(L, h);
     }
-    return add_rms_norm_(x, residual, final_norm, eps_);
+    return sandwich_ ? rms_norm(x, final_norm, eps_) : add_rms_norm_(x, residual, final_norm, eps_);
   }
 
   size_t num_layers() const { return layers_.size(); }
 
  private:
+  // h: (T, d) normalized input → (T, d) output projection of the attention over the paged cache.
+  at::Tensor attention(const PlanLayer& L, const at::Tensor& h, const at::Tensor& positions, const int64_t* slots,
+                       const at::Tensor& block_table, const at::Tensor& seq_lens) const {
+    const int64_t T = h.size(0), q_size = Hq_ * D_, kv_size = Hk_ * D_;
+    const at::Tensor qkv = L.qkv(h);  // (T, q + 2 kv)
+    at::Tensor q = qkv.narrow(1, 0, q_size).view({T, Hq_, D_});
+    at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, Hk_, D_});
+    const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, Hk_, D_});
+    if (L.q_norm.defined()) {  // per-head norms give new tensors, which RoPE then rotates in place
+      q = rms_norm(q, L.q_norm, eps_);
+      k = rms_norm(k, L.k_norm, eps_);
+    }
+    rotary_(q, positions, L.cos, L.sin);
+    rotary_(k, positions, L.cos, L.sin);
+    write_slots(k, L.k_cache, slots);
+    write_slots(v, L.v_cache, slots);
+    const at::Tensor attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_table, seq_lens, scale_,
+                                                   L.sliding_window, softcap_, split_tokens_);
+    return L.o(attn.reshape({T, q_size}));
+  }
+
+  at::Tensor mlp(const PlanLayer& L, const at::Tensor& h) const { return L.down(act_and_mul(L.gate_up(h), gelu_tanh_)); }
+
   int64_t Hq_, Hk_, D_;
-  double eps_, scale_;
-  at::Tensor cos_, sin_;
-  bool gelu_tanh_;
+  double eps_, scale_, softcap_;
+  bool gelu_tanh_, sandwich_;
   int64_t split_tokens_;
   std::vector<PlanLayer> layers_;
 };
@@ -132,10 +163,10 @@ class DecodePlan {
 }  // namespace
 
 void bind_decode_plan(py::module_& m) {
-  py::class_<DecodePlan>(m, "DecodePlan", "A Llama-family decode step run layer after layer in C++")
-      .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, bool, int64_t>(),
+  py::class_<DecodePlan>(m, "DecodePlan", "A decode step run layer after layer in C++")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, double, bool, bool, int64_t>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("attn_scale"),
-           py::arg("cos"), py::arg("sin"), py::arg("gelu_tanh"), py::arg("split_tokens"))
+           py::arg("logit_softcap"), py::arg("gelu_tanh"), py::arg("sandwich"), py::arg("split_tokens"))
       .def("add_layer", &DecodePlan::add_layer)
       .def("forward", &DecodePlan::forward, py::call_guard<py::gil_scoped_release>())
       .def("__len__", &DecodePlan::num_layers);

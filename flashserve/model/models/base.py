@@ -9,7 +9,6 @@ from torch import nn
 
 from flashserve.config import ModelConfig
 from flashserve.errors import ModelFormatError
-from flashserve.model.decode_plan import build_decode_plan
 from flashserve.model.layers.attention import Attention
 from flashserve.model.layers.embedding import VocabEmbedding
 from flashserve.model.layers.linear import Linear, MergedLinear
@@ -29,7 +28,6 @@ _FUSED = {
 class CausalLM(nn.Module):
     model: nn.Module
     lm_head: nn.Module | None
-    decode_plan = None  # a DecodePlan (model/decode_plan.py) once KV caches are bound, where one applies
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -46,13 +44,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(layers)} attention layers")
         for attn, cache in zip(layers, kv_caches):
             attn.kv_cache = cache
-        self.decode_plan = build_decode_plan(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """input_ids, positions: (T,) → hidden states (T, d) after the final norm."""
-        plan = self.decode_plan
-        if plan is not None and plan.applies(meta, len(input_ids)):
-            return plan(self.model.embed_tokens(input_ids), positions, meta)
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,13 @@ class Gemma3Model(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, positions, meta):
-        x = self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, d)
         # The scale is rounded to the compute dtype first, as the reference implementation does.
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype)
+
+    def forward(self, input_ids, positions, meta):
+        x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(positions, x, meta)
         return self.norm(x)

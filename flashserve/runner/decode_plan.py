@@ -1,4 +1,5 @@
-"""Decode steps of Llama-family models run layer after layer in C++ (attention/csrc/decode_plan.cpp).
+"""Decode steps run layer after layer in C++ (attention/csrc/decode_plan.cpp), for Llama-family
+(Llama, Mistral, SmolLM2, Qwen2) and Gemma 3 models.
 
 A single-stream decode step of SmolLM2-135M spent about 8 of its 26 ms in Python and torch
 dispatch (~15 module and op calls per layer, 30 layers), measured in benchmarks/RESULTS.md. The
@@ -7,7 +8,7 @@ kernels in the same order, so its hidden states equal the module path's bit for 
 removes the per-call overhead. It applies to pure decode steps on the CPU, float32, with float or
 group-quantized weights (GroupQuantWeight) and fewer rows than any packed weight's large_m (where
 the modules would switch to dequantize + GEMM; with int8 activations they never do); anything else
-runs through the modules.
+runs through the modules. The runner owns it: the model's forward stays the modules'.
 """
 from __future__ import annotations
 
@@ -17,59 +18,67 @@ from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.attention.decode import SPLIT_TOKENS
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.model.layers.linear import Linear
+from flashserve.model.models.gemma3 import Gemma3DecoderLayer
+from flashserve.model.models.llama import LlamaDecoderLayer
 from flashserve.quantization.packed import GroupQuantWeight
 
 _GELU_ACTS = ("gelu_pytorch_tanh", "gelu")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float32 compute's cache, or a 2-byte one
+# Decoder-layer classes the C++ plan reproduces → their norms, in the order add_layer takes them.
+# Two entries: pre-norm blocks with fused residual adds; four-norm "sandwich" blocks with q/k norms.
+_LAYER_NORMS = {
+    LlamaDecoderLayer: ("input_layernorm", "post_attention_layernorm"),
+    Gemma3DecoderLayer: ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm",
+                         "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
 
 
 class DecodePlan:
-    def __init__(self, plan, max_rows: int, final_norm: torch.Tensor):
+    def __init__(self, plan, max_rows: int, model):
         self._plan = plan
         self.max_rows = max_rows
-        self._final_norm = final_norm
+        self._model = model
 
     def applies(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         return meta.is_pure_decode and num_tokens < self.max_rows
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """x: (T, d) embedded tokens → (T, d) hidden states after the final norm."""
-        return self._plan.forward(x, positions, meta.slot_mapping, meta.block_table, meta.seq_lens,
-                                  self._final_norm)
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (T,) → (T, d) hidden states after the final norm, as model(...) gives."""
+        inner = self._model.model
+        return self._plan.forward(inner.embed(input_ids), positions, meta.slot_mapping, meta.block_table,
+                                  meta.seq_lens, inner.norm.weight)
 
 
 def build_decode_plan(model) -> DecodePlan | None:
     """The plan for `model` (caches bound), or None when some part of it needs the modules."""
-    from flashserve.model.models.llama import LlamaForCausalLM, LlamaModel
-
     kernels = cpu_kernels()
     cfg = model.config
-    if (kernels is None or type(model) is not LlamaForCausalLM or type(model.model) is not LlamaModel
-            or model.dtype != torch.float32 or model.model.norm.weight.device.type != "cpu"
-            or cfg.attn_logit_softcap):
-        return None
     layers = model.model.layers
+    kinds = {type(layer) for layer in layers}
+    if (kernels is None or len(kinds) != 1 or next(iter(kinds)) not in _LAYER_NORMS
+            or model.dtype != torch.float32 or model.model.norm.weight.device.type != "cpu"):
+        return None
+    norm_names = _LAYER_NORMS[next(iter(kinds))]
     linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     if not all(_supported(m) for m in linears):
         return None
     for layer in layers:
-        attn = layer.self_attn
-        if attn.kv_cache is None or any(type(c) is not torch.Tensor or c.dtype not in _CACHE_DTYPES
-                                        or not c.is_contiguous() for c in attn.kv_cache):
-            return None
-        if attn.q_norm is not None or attn.rotary is not layers[0].self_attn.rotary:
+        if layer.self_attn.kv_cache is None or any(type(c) is not torch.Tensor or c.dtype not in _CACHE_DTYPES
+                                                   or not c.is_contiguous() for c in layer.self_attn.kv_cache):
             return None
     first = layers[0].self_attn
     plan = kernels.DecodePlan(first.num_heads, first.num_kv_heads, first.head_dim, cfg.rms_norm_eps, first.scale,
-                              first.rotary.cos, first.rotary.sin, cfg.hidden_act in _GELU_ACTS, SPLIT_TOKENS)
+                              first.logit_softcap or 0.0, cfg.hidden_act in _GELU_ACTS, len(norm_names) > 2,
+                              SPLIT_TOKENS)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                       _linear(attn.qkv_proj), _linear(attn.o_proj), _linear(mlp.gate_up_proj),
-                       _linear(mlp.down_proj), *attn.kv_cache, attn.sliding_window or -1)
+        norms = [layer.get_submodule(name).weight for name in norm_names]
+        plan.add_layer(norms, _linear(attn.qkv_proj), _linear(attn.o_proj), _linear(mlp.gate_up_proj),
+                       _linear(mlp.down_proj), *attn.kv_cache, attn.rotary.cos, attn.rotary.sin,
+                       attn.sliding_window or -1)
     packed = [m.qweight.large_m for m in linears if m.qweight is not None]
-    return DecodePlan(plan, min(packed, default=1 << 30), model.model.norm.weight)
+    return DecodePlan(plan, min(packed, default=1 << 30), model)
 
 
 def _supported(m: Linear) -> bool:

@@ -1,0 +1,53 @@
+"""What this CPU offers, read once from /proc/cpuinfo: the facts behind every run-time choice of a
+compute dtype or kernel level, and what `flashserve env` prints."""
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+
+# Instruction-set features the engine's choices look at, in the order `flashserve env` lists them.
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+            "amx_tile", "amx_int8", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    model_name: str
+    flags: frozenset[str]
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(f for f in FEATURES if f in self.flags)
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 dot products in hardware (AVX512-BF16 or AMX), not emulated through float32."""
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+    @property
+    def vector_level(self) -> str:
+        """The widest vector level the compiled kernels use here (they are built for this CPU)."""
+        if {"avx512f", "avx512bw", "avx512vl"} <= self.flags:
+            return "avx512_vnni" if "avx512_vnni" in self.flags else "avx512"
+        if {"avx2", "fma"} <= self.flags:
+            return "avx2"
+        return "scalar"
+
+
+@functools.cache
+def cpu_info() -> CPUInfo:
+    name, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not name:
+                    name = value.strip()
+                elif key == "flags":
+                    flags = value
+                    break
+    except OSError:
+        pass
+    return CPUInfo(name or platform.processor() or platform.machine(), frozenset(flags.split()))
