@@ -34,6 +34,13 @@ def gemma3_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
+def qwen05_gguf() -> str:
+    from flashserve.model.catalogue import fetch
+
+    return str(fetch("qwen2.5-coder-0.5b"))
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2_tokenizer(smollm2_gguf):
     """Transformers' tokenizer for the SmolLM2 GGUF (seconds to build: shared by the session)."""
     from pathlib import Path
@@ -67,6 +74,17 @@ def smollm2_llm(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_default_llm(smollm2_gguf):
+    """Our default engine (quantization and dtype "auto") on SmolLM2: the offline twin the server
+    and CLI tests take their expected outputs from. No prefix caching: every prompt is computed
+    whole, as a server or CLI computes it the first time (with int8 activations a prefix-cache
+    hit can flip a near-tie; tests/engine/test_batching.py)."""
+    from flashserve import LLM
+
+    return LLM(model=smollm2_gguf, max_model_len=1024, enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="session")
 def hf_gemma3_tokenizer(gemma3_gguf):
     """Transformers' tokenizer for the Gemma 3 GGUF (half a minute to build: shared by the session)."""
     from pathlib import Path
@@ -75,3 +93,25 @@ def hf_gemma3_tokenizer(gemma3_gguf):
 
     path = Path(gemma3_gguf)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _hf_oracle(gguf: str):
+    """Transformers' own reading of a GGUF file (dequantized, float32)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(gguf)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3(gemma3_gguf):
+    """The oracle for Gemma 3 270M: the model only (ids go in, so its tokenizer is not built)."""
+    return _hf_oracle(gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen05(qwen05_gguf):
+    """The oracle for Qwen2.5-Coder-0.5B: the model only (about a minute to convert, ~2 GB float32)."""
+    return _hf_oracle(qwen05_gguf)

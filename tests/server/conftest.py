@@ -1,4 +1,7 @@
-"""A real server process on a free loopback port, driven with the official openai client."""
+"""A real server process on a free loopback port, driven with the official openai client.
+
+The servers run the default engine (quantization and dtype "auto"); tests that need an exact
+answer take it from the same engine offline (smollm2_default_llm), a second code path."""
 from __future__ import annotations
 
 import os
@@ -20,7 +23,7 @@ def free_port() -> int:
 def start_server(model: str, *extra: str):
     port = free_port()
     cmd = [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", model, "--port", str(port),
-           "--dtype", "float32", "--quantization", "none", "--max-num-seqs", "32", *extra]
+           "--max-num-seqs", "32", *extra]
     if "--max-model-len" not in extra:
         cmd += ["--max-model-len", "1024"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -9,7 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-import torch
+
+from flashserve import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +26,27 @@ def test_models_and_health(server):
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
 
 
-def test_greedy_completion_equals_transformers(server, hf_smollm2):
+def offline(llm, prompt, **params):
+    """The same engine configuration through LLM.generate: the answer the server must give."""
+    return llm.generate([prompt], SamplingParams(temperature=0, **params), use_tqdm=False)[0]
+
+
+def as_openai_top(entry: dict) -> dict:
+    """An offline {token_id: Logprob} entry as the completions API's {token text: logprob}."""
+    return {lp.decoded_token: lp.logprob for lp in entry.values()}
+
+
+def assert_close_tops(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-5 for t in want), (got, want)
+
+
+def test_greedy_completion_equals_offline(server, smollm2_default_llm):
     base, model = server
-    hf, tok = hf_smollm2
     prompt = "The three primary colors are"
     r = client(base).completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
-    assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
-    assert r.usage.prompt_tokens == ids.shape[1] and r.usage.completion_tokens == 12
+    want = offline(smollm2_default_llm, prompt, max_tokens=12)
+    assert r.choices[0].text == want.outputs[0].text
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 12
     assert r.choices[0].finish_reason == "length"
 
 
@@ -53,13 +65,14 @@ def test_streamed_text_equals_non_streamed_for_the_same_seed(server):
     assert "".join(parts) == full and finish == "length"
 
 
-def test_chat_plain_and_streamed(server):
+def test_chat_plain_and_streamed(server, smollm2_default_llm):
     base, model = server
     c = client(base)
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     r = c.chat.completions.create(model=model, messages=msgs, max_tokens=10, temperature=0)
     text = r.choices[0].message.content
-    assert r.choices[0].message.role == "assistant" and "Paris" in text
+    want = smollm2_default_llm.chat(msgs, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    assert r.choices[0].message.role == "assistant" and text == want.outputs[0].text and "Paris" in text
     streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model=model, messages=msgs, max_tokens=10, temperature=0, stream=True) if ch.choices)
     assert streamed == text
@@ -77,31 +90,29 @@ def test_n_samples_and_stop_strings(server):
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_logprobs_match_transformers(server, hf_smollm2):
+def test_logprobs_equal_offline(server, smollm2_default_llm):
     base, model = server
-    hf, tok = hf_smollm2
     prompt = "Once upon a time"
     r = client(base).completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == 4 and all(3 <= len(t) <= 4 for t in lp.top_logprobs)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
-    assert abs(lp.token_logprobs[0] - ref.max().item()) < 2e-3
+    want = offline(smollm2_default_llm, prompt, max_tokens=4, logprobs=3).outputs[0]
+    for i, (tok_id, entry) in enumerate(zip(want.token_ids, want.logprobs)):
+        assert abs(lp.token_logprobs[i] - entry[tok_id].logprob) < 1e-5
+        assert_close_tops(lp.top_logprobs[i], as_openai_top(entry))
+    assert lp.token_logprobs[0] == max(lp.top_logprobs[0].values())  # greedy took the most likely
     chat = client(base).chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
 
 
-def test_echo_with_logprobs_scores_the_prompt(server, hf_smollm2):
+def test_echo_with_logprobs_scores_the_prompt(server, smollm2_default_llm):
     base, model = server
-    hf, tok = hf_smollm2
     prompt = "The quick brown fox jumps over"
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(ids).logits[0].double(), -1)  # row p: next-token logprobs after p + 1 tokens
-    n = ids.shape[1]
+    want = offline(smollm2_default_llm, prompt, max_tokens=3, logprobs=2, prompt_logprobs=2)
+    ids = want.prompt_token_ids
+    n = len(ids)
     kw = dict(model=model, prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
     r = client(base).completions.create(**kw)
     ch = r.choices[0]
@@ -109,11 +120,13 @@ def test_echo_with_logprobs_scores_the_prompt(server, hf_smollm2):
     assert ch.text.startswith(prompt) and len(lp.tokens) == n + 3 and "".join(lp.tokens) == ch.text
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n + 3)]
-    for p in range(1, n):
-        assert abs(lp.token_logprobs[p] - ref[p - 1, ids[0, p]].item()) < 2e-3
-        want = {tok.decode([t]) for t in ref[p - 1].topk(2).indices.tolist()}
-        assert want <= set(lp.top_logprobs[p]) and len(lp.top_logprobs[p]) <= 3
-    assert abs(lp.token_logprobs[n] - ref[n - 1].max().item()) < 2e-3  # the first generated token (greedy)
+    for p in range(1, n):  # each prompt token scored as the offline engine scores it, with its top 2
+        assert abs(lp.token_logprobs[p] - want.prompt_logprobs[p][ids[p]].logprob) < 1e-5
+        assert_close_tops(lp.top_logprobs[p], as_openai_top(want.prompt_logprobs[p]))
+        assert 2 <= len(lp.top_logprobs[p]) <= 3
+    first = want.outputs[0]  # the first generated token (greedy) and its top 2
+    assert abs(lp.token_logprobs[n] - first.logprobs[0][first.token_ids[0]].logprob) < 1e-5
+    assert_close_tops(lp.top_logprobs[n], as_openai_top(first.logprobs[0]))
     streamed = [c.choices[0] for c in client(base).completions.create(stream=True, **kw) if c.choices]
     assert "".join(c.text for c in streamed) == ch.text
     tokens = [t for c in streamed if c.logprobs for t in c.logprobs.tokens]
