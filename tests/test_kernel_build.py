@@ -40,3 +40,32 @@ def test_broken_source_fails_with_the_compilers_message(tmp_path, monkeypatch, c
     (record,) = caplog.records
     assert "error: expected primary-expression" in record.getMessage()
     assert record.getMessage().count("torch implementations") == 1
+
+
+def _host_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).partition(":")[2].split())
+
+
+@pytest.mark.slow  # a second build of the kernels (one to two minutes)
+def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
+    """The int8 kernels take one instruction (vpdpbusd) per four products on VNNI hosts and three
+    (vpmaddubsw, vpmaddwd, vpaddd) on AVX2 ones: exact integer sums either way, so a build without
+    VNNI must give bit-identical outputs on every kernel M selects (GEMV, GEMM, tiled GEMM)."""
+    import torch
+
+    if not {"avx512_vnni", "avx_vnni"} & _host_flags():
+        pytest.skip("this CPU has only the AVX2 level: the suite's own build already runs it")
+    avx2 = ck.build_cpu_kernels(ck.CSRC, "flashserve_cpu_kernels_no_vnni_" + ck._build_name(ck.CSRC)[-10:],
+                                ("-mno-avx512vnni", "-mno-avxvnni"))
+    gen = torch.Generator().manual_seed(0)
+    for bits, zero in ((4, True), (8, False)):
+        n, k = 72, 320
+        codes = (torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen) if bits == 4 else
+                 torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8))
+        scale = torch.rand(n, k // 32, generator=gen)
+        z = torch.randn(n, k // 32, generator=gen) if zero else None
+        for m in (1, 3, 8, 20, 40, 130):
+            x = torch.randn(m, k, generator=gen)
+            want = cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, True)
+            assert torch.equal(avx2.group_quant_matmul(x, codes, scale, z, bits, 32, True), want), (bits, m)

@@ -36,8 +36,10 @@ def _build_name(source_dir: Path) -> str:
 
 
 @functools.cache  # one load per process: loading the same extension twice would import it twice
-def build_cpu_kernels(source_dir: Path = CSRC, name: str | None = None):
-    """The compiled extension module built from `SOURCES` in `source_dir`, or KernelBuildError."""
+def build_cpu_kernels(source_dir: Path = CSRC, name: str | None = None, isa_flags: tuple[str, ...] = ()):
+    """The compiled extension module built from `SOURCES` in `source_dir`, or KernelBuildError.
+    isa_flags narrow -march=native (e.g. -mno-avx512vnni: the AVX2 dot products on a VNNI host),
+    so that the tests can run every instruction-set level the host supports; they need a `name`."""
     name = name or _build_name(source_dir)
     try:
         from torch.utils.cpp_extension import load
@@ -47,7 +49,7 @@ def build_cpu_kernels(source_dir: Path = CSRC, name: str | None = None):
             sources=[str(source_dir / s) for s in SOURCES],
             # No FMA contraction: the kernels round where their comments say (a product, then a sum),
             # so results do not depend on what the compiler chose to fuse.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-march=native", *isa_flags, "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

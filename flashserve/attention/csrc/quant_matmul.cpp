@@ -25,8 +25,9 @@
 //
 //     sum_k q[n, k] x[k]  ~  dx * sum_k q[n, k] xq[k]
 //
-// done 32 products at a time by AVX2's u8 x s8 multiply-add (vpmaddubsw; signed codes go through
-// vpsignb so that one operand is non-negative). The zero term takes the sums of the rounded x,
+// done 32 products at a time by u8 x s8 multiply-adds (AVX2's vpmaddubsw, or VNNI's vpdpbusd
+// where the CPU has it, simd.h's dpbusd; signed codes go through vpsignb so that one operand is
+// non-negative). The zero term takes the sums of the rounded x,
 // dx * sum(xq), as llama.cpp's Q8_1 blocks do: then the error is W (x_rounded - x), the weight
 // times the rounding error. With exact float sums it is (W - z)(x_rounded - x) instead, and for
 // Q4_0/Q4_1 W - z = q s is an uncentred 0..15 s that adds z's share of every rounding error:
@@ -184,8 +185,7 @@ inline __m256i group_codes(const Problem& p, int64_t n, int64_t g) {
 // into int16 (vpmaddubsw), then in pairs into int32: 8 lanes whose sum is the group's integer dot
 // product. |pair sum| <= 2 * 128 * 127: no saturation.
 inline __m256i dot_lanes_s8(__m256i w, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+  return dpbusd(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
 }
 
 // Lane i of the result = the sum of v[i]'s eight lanes.
@@ -320,9 +320,14 @@ void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
         const int8_t* xp = p.xq_pairs + ((m0 + i) * pairs + g / 2) * 64;
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
-        for (int r = 0; r < NR; ++r)  // |lo x + hi x| <= 2 * 2 * 15 * 127: fits int16
-          dots[r][i][h] = _mm256_madd_epi16(
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], x0), _mm256_maddubs_epi16(hi[r], x1)), ones);
+        for (int r = 0; r < NR; ++r) {
+          if constexpr (kVnni) {
+            dots[r][i][h] = dpbusd(dpbusd(_mm256_setzero_si256(), lo[r], x0), hi[r], x1);
+          } else {  // |lo x + hi x| <= 2 * 2 * 15 * 127: fits int16
+            dots[r][i][h] = _mm256_madd_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], x0), _mm256_maddubs_epi16(hi[r], x1)), ones);
+          }
+        }
       }
     }
     for (int r = 0; r < NR; ++r) {
@@ -425,8 +430,9 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
         if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
           int32_t a4;
           std::memcpy(&a4, &wabs[i][q * 4], 4);
-          const __m256i prod = _mm256_maddubs_epi16(_mm256_set1_epi32(a4), _mm256_sign_epi8(x, wq));
-          isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(prod, ones));
+          isum[i] = dpbusd(isum[i], _mm256_set1_epi32(a4), _mm256_sign_epi8(x, wq));
+        } else if constexpr (kVnni) {
+          isum[i] = dpbusd(isum[i], wq, x);
         } else {  // 4-bit codes: |pair sum| <= 2 * 15 * 127, eight steps fit in int16
           isum[i] = _mm256_add_epi16(isum[i], _mm256_maddubs_epi16(wq, x));
         }
@@ -436,7 +442,7 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
     const int64_t j = g % 8;
     for (int i = 0; i < NB; ++i) {
       const int64_t n = n0 + i;
-      const __m256i d32 = kSigned ? isum[i] : _mm256_madd_epi16(isum[i], ones);
+      const __m256i d32 = kSigned || kVnni ? isum[i] : _mm256_madd_epi16(isum[i], ones);
       __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(_mm256_set1_ps(p.scale[n * groups + g]), dxv),
                                  acc[i][j]);
       if (p.zero)
@@ -496,9 +502,16 @@ inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp) {
   const __m256i ones = _mm256_set1_epi16(1);
   if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
     __m256i d32 = _mm256_setzero_si256();
-    for (int q = 0; q < 8; ++q)
-      d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(_mm256_maddubs_epi16(a[q], _mm256_sign_epi8(bcast4(xp + 4 * q), w[q])), ones));
+    for (int q = 0; q < 8; ++q) d32 = dpbusd(d32, a[q], _mm256_sign_epi8(bcast4(xp + 4 * q), w[q]));
     return d32;
+  }
+  if constexpr (kVnni) {  // two chains, so that one product does not wait on the last
+    __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+    for (int q = 0; q < 8; q += 2) {
+      even = dpbusd(even, w[q], bcast4(xp + 4 * q));
+      odd = dpbusd(odd, w[q + 1], bcast4(xp + 4 * q + 4));
+    }
+    return _mm256_add_epi32(even, odd);
   }
   // 4-bit codes: |pair sum| <= 2 * 15 * 127, eight steps fit in int16
   __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(w[0], bcast4(xp)), _mm256_maddubs_epi16(w[1], bcast4(xp + 4)));

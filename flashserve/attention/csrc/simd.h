@@ -10,6 +10,24 @@
 // asm statement stays.
 inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
 
+// acc + the u8 x s8 dot product of each 32-bit lane's four bytes, exactly. AVX512-VNNI (with VL)
+// and AVX-VNNI do it in one instruction (vpdpbusd); plain AVX2 takes vpmaddubsw, vpmaddwd and
+// vpaddd, which give the same integers as long as no pair of products saturates int16 (each
+// caller's operands keep |pair| <= 2 * 128 * 127). kVnni tells callers that keep int16 partial
+// sums on AVX2 (cheaper there) to take the one-instruction form instead.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr bool kVnni = true;
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#elif defined(__AVXVNNI__)
+constexpr bool kVnni = true;
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#else
+constexpr bool kVnni = false;
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
 // Sum of the eight lanes.
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

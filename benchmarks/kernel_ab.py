@@ -1,0 +1,101 @@
+"""A/B of the quantized matmul kernel between two builds of the C++ sources: this checkout's and
+those of a git revision (built under another extension name), in one process, calls alternated
+A B A B per cell, weights cycled beyond the L3 cache as a model's layers are. Also checks that both
+builds give bit-identical outputs (the kernels' integer arithmetic must not depend on the build).
+
+    python benchmarks/kernel_ab.py [--baseline HEAD] [--model smollm2-135m] [--ms 1,8,32,128] [--repeats 7]
+
+Prints µs per call, median (min-max) of the repeats, and the ratio new / baseline per cell.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import header, set_threads, table
+from flashserve.attention.cpu_kernels import CSRC, SOURCES, build_cpu_kernels
+
+L3_BYTES = 64 << 20
+SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding's 8-bit codes
+    "smollm2-135m": [("qkv", 960, 576, 4), ("o", 576, 576, 4), ("gate_up", 3072, 576, 4), ("down", 576, 1536, 4),
+                     ("head", 49152, 576, 8)],
+    "qwen2.5-coder-0.5b": [("qkv", 1152, 896, 8), ("o", 896, 896, 8), ("gate_up", 9728, 896, 8),
+                           ("down", 896, 4864, 8), ("head", 151936, 896, 8)],
+}
+
+
+def baseline_build(rev: str, workdir: Path):
+    src = workdir / "csrc"
+    src.mkdir()
+    for name in [*SOURCES, "kernels.h", "simd.h"]:  # "rev:./path" is relative to git's working directory
+        (src / name).write_text(subprocess.check_output(["git", "show", f"{rev}:./{name}"], cwd=CSRC, text=True))
+    return build_cpu_kernels(src, name="flashserve_kernel_ab_" + rev.replace("/", "_").replace("~", "_").replace("^", "_"))
+
+
+def weights(n: int, k: int, bits: int, gen: torch.Generator) -> list[tuple]:
+    per = n * (k // 2 if bits == 4 else k) + 2 * n * (k // 32) * 4
+    out = []
+    for _ in range(max(1, -(-L3_BYTES // per))):
+        if bits == 4:
+            codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+            zero = torch.randn(n, k // 32, generator=gen) * 0.01
+        else:
+            codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
+            zero = None
+        out.append((codes, torch.rand(n, k // 32, generator=gen) * 0.01, zero))
+    return out
+
+
+def time_calls(kernels, x, ws, bits: int) -> float:
+    """µs per call over one pass through the weight copies."""
+    t0 = time.perf_counter()
+    for codes, scale, zero in ws:
+        kernels.group_quant_matmul(x, codes, scale, zero, bits, 32, True)
+    return (time.perf_counter() - t0) / len(ws) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default="HEAD", help="git revision whose C++ sources are the baseline")
+    ap.add_argument("--model", default="smollm2-135m", choices=list(SHAPES))
+    ap.add_argument("--ms", default="1,8,32,128", help="activation rows per call")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    set_threads(a.threads)
+    new = build_cpu_kernels()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = baseline_build(a.baseline, Path(tmp))
+    header(f"quantized matmul, this checkout against {a.baseline}", model=a.model, threads=a.threads,
+           activations="int8 per group of 32 (the default engine's)")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, n, k, bits in SHAPES[a.model]:
+        ws = weights(n, k, bits, gen)
+        for m in (int(v) for v in a.ms.split(",")):
+            x = torch.randn(m, k, generator=gen)
+            codes, scale, zero = ws[0]
+            same = torch.equal(new.group_quant_matmul(x, codes, scale, zero, bits, 32, True),
+                               old.group_quant_matmul(x, codes, scale, zero, bits, 32, True))
+            t = {"new": [], "old": []}
+            time_calls(new, x, ws, bits), time_calls(old, x, ws, bits)  # warm-up
+            for _ in range(a.repeats):
+                t["new"].append(time_calls(new, x, ws, bits))
+                t["old"].append(time_calls(old, x, ws, bits))
+            med = {key: statistics.median(v) for key, v in t.items()}
+            rows.append({"layer": f"{name} {n}x{k} ({bits}-bit)", "M": m,
+                         f"{a.baseline} µs": f"{med['old']:.1f} ({min(t['old']):.1f}-{max(t['old']):.1f})",
+                         "new µs": f"{med['new']:.1f} ({min(t['new']):.1f}-{max(t['new']):.1f})",
+                         "new / old": med["new"] / med["old"], "bit-identical": "yes" if same else "NO"})
+            print(rows[-1], flush=True)
+    print(table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
