@@ -12,6 +12,24 @@ _GREEDY_EPS = 1e-5
 
 
 @dataclass
+class GuidedDecodingParams:
+    """Constrains the output (vLLM's shape): exactly one of a JSON schema (dict or its text), a
+    regex, a list of choices, a grammar (Lark, or GBNF as llama.cpp takes it) or json_object=True
+    (any JSON object). Checked at construction; sample/grammar.py spells it for the library."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        from flashserve.sample.grammar import grammar_text  # the library loads only for a constrained request
+
+        grammar_text(self)
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     best_of: int | None = None
@@ -38,6 +56,8 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # Structured output: the sampler allows only tokens that keep the text inside the grammar.
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +68,8 @@ class SamplingParams:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.guided_decoding, dict):
+            self.guided_decoding = GuidedDecodingParams(**self.guided_decoding)
         self._validate()
 
     def _validate(self) -> None:
@@ -97,6 +119,14 @@ class SamplingParams:
             fail("length_penalty only applies with use_beam_search=True")
         if self.early_stopping not in (True, False, "never"):
             fail(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, GuidedDecodingParams):
+                fail(f"guided_decoding must be GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
+            # A finished grammar allows only EOS: a request that ignores it would never end.
+            if self.ignore_eos:
+                fail("ignore_eos cannot be combined with guided decoding")
+            if self.use_beam_search:
+                fail("beam search does not support guided decoding")
 
     @property
     def is_greedy(self) -> bool:

@@ -23,6 +23,7 @@ from flashserve.model.loader import load_model
 from flashserve.outputs import RequestOutput
 from flashserve.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_budget
 from flashserve.runner.model_runner import ModelRunner
+from flashserve.sample.guided import GuidedDecoding
 from flashserve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ class LLMEngine:
         self.kv_block_bytes = kv_bytes_per_block(mc, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
         kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device,
                                        config.cache.kv_cache_dtype)
-        self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device)
+        self.guided = GuidedDecoding(self.tokenizer, self.eos_token_ids)
+        self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device,
+                                  self.guided)
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -98,6 +101,8 @@ class LLMEngine:
         try:
             for r in requests:
                 self.scheduler.check_request(r)
+            if params.guided_decoding is not None:  # compiled now: a 400 before queueing, a cache hit in the step
+                self.guided.compile(params.guided_decoding)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         return PreparedRequest(request_id, text, requests, params)

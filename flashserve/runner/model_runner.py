@@ -1,7 +1,8 @@
 """Model runner: the only place that builds tensors.
 
 SchedulerOutput → ModelInputs → model forward → logits of the rows to sample → sampler → RunnerOutput.
-It keeps no scheduling policy; per-request state is limited to seeded generators.
+It keeps no scheduling policy; per-request state is limited to seeded generators and the
+grammar matchers of guided decoding (sample/guided.py), both dropped when a request finishes.
 """
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import torch
 from flashserve.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
+from flashserve.sample.guided import GuidedDecoding
 from flashserve.sample.sampler import Sampler, SamplingMetadata, target_logprobs
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows per slice: (256, vocab) float32 stays a few tens of MiB
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device):
+    def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device,
+                 guided: GuidedDecoding):
         self.model = model
         self.kv_caches = kv_caches
         self.model.bind_kv_caches(kv_caches)
@@ -28,6 +31,7 @@ class ModelRunner:
         self.sampler = Sampler()
         # Seeded requests draw from their own generator so their tokens do not depend on the batch.
         self.generators: dict[str, torch.Generator] = {}
+        self.guided = guided
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -56,6 +60,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
+        self.guided.free(sched.finished_request_ids)
         self._copy_blocks(sched.blocks_to_copy)
         scheduled = sched.scheduled
         request_ids = [r.request_id for r in scheduled]
@@ -79,6 +84,7 @@ class ModelRunner:
             generators=[self._generator_for(r.request_id, r.sampling_params.seed) for r in rows],
             eos_token_ids=self.eos_token_ids,
             device=self.device,
+            grammar=self.guided.masks(rows, logits.shape[1]),
         )
         out = self.sampler(logits, metadata)
         tokens = out.sampled_token_ids.tolist()  # the one host sync of the step

@@ -4,9 +4,10 @@ the rest of the batch).
 
 Per row, in order: logit bias → min_tokens mask of EOS/stop tokens → penalties →
 [logprobs are taken here: log_softmax of these processed logits, before temperature]
-→ greedy argmax if temperature == 0, else temperature → top-k → top-p (nucleus,
-Holtzman et al. 2019: the smallest set of most likely tokens whose mass reaches p,
-computed after top-k) → min-p (tokens with p >= min_p * p_max) → draw.
+→ grammar mask (structured output: tokens outside the row's grammar get -inf; after the
+logprobs, which stay the model's own and finite) → greedy argmax if temperature == 0,
+else temperature → top-k → top-p (nucleus, Holtzman et al. 2019: the smallest set of most
+likely tokens whose mass reaches p, computed after top-k) → min-p (tokens with p >= min_p * p_max) → draw.
 Drawing uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with
 probability p_i exactly (the Gumbel-max trick in another form).
 """
@@ -33,10 +34,13 @@ class SamplingMetadata:
     banned: tuple | None  # (rows, cols) forced to -inf (min_tokens)
     generators: list[torch.Generator | None]
     num_logprobs: list[int | None]
+    grammar: tuple | None = None  # (rows int64 (k,), allowed bool (k, vocab)) of rows with guided decoding
 
     @classmethod
     def build(cls, params, output_token_ids, prompt_token_ids, generators, eos_token_ids, device,
-              vocab_size: int | None = None) -> "SamplingMetadata":
+              vocab_size: int | None = None, grammar: tuple[list[int], torch.Tensor] | None = None
+              ) -> "SamplingMetadata":
+        """`grammar`: sample/guided.py's masks for this batch, if any row has guided decoding."""
         f32 = dict(dtype=torch.float32, device=device)
         greedy = [p.is_greedy for p in params]
         temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], **f32)
@@ -59,9 +63,13 @@ class SamplingMetadata:
             )
         bias = _sparse([(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()], device)
         banned_pairs = []
+        allowed_of = dict(zip(grammar[0], grammar[1])) if grammar else {}
         for i, (p, out) in enumerate(zip(params, output_token_ids)):
             if len(out) < p.min_tokens:
                 stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+                allowed = allowed_of.get(i)
+                if allowed is not None and allowed.sum() == allowed[list(stops)].sum():
+                    continue  # the grammar is complete and allows only stopping: it wins over min_tokens
                 banned_pairs += [(i, t, 0.0) for t in stops]
         banned = _sparse(banned_pairs, device)
         return cls(
@@ -69,6 +77,8 @@ class SamplingMetadata:
             top_k=top_k, top_p=top_p, min_p=min_p, penalties=penalties,
             bias=bias, banned=banned[:2] if banned else None,
             generators=list(generators), num_logprobs=[p.logprobs for p in params],
+            grammar=(torch.tensor(grammar[0], dtype=torch.int64, device=device), grammar[1].to(device))
+            if grammar else None,
         )
 
 
@@ -108,6 +118,8 @@ class Sampler:
         logits = process_logits(logits, md)
         want_logprobs = any(k is not None for k in md.num_logprobs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if md.grammar is not None:
+            logits = apply_grammar(logits, *md.grammar)
         greedy_ids = logits.argmax(dim=-1)
         if md.all_greedy:
             return SamplerOutput(greedy_ids, logprobs, md.num_logprobs)
@@ -131,6 +143,11 @@ def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         prompt_mask = token_counts(prompts, vocab, logits.device) > 0
         logits = apply_penalties(logits, prompt_mask, token_counts(outputs, vocab, logits.device), rep, pres, freq)
     return logits
+
+
+def apply_grammar(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits: (rows, vocab); rows: (k,) with allowed: (k, vocab) bool → tokens outside a row's grammar at -inf."""
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
 
 
 def sampling_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
