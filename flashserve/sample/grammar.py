@@ -10,7 +10,7 @@ import functools
 import json
 
 import llguidance
-from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+from llguidance.gbnf_to_lark import any_to_lark
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
@@ -68,7 +68,7 @@ def _build(kind: str, value: str) -> str:
     else:  # Lark as llguidance takes it, or GBNF as llama.cpp users write it (root ::= ...)
         try:
             text = M.grammar_from_lark(any_to_lark(value))
-        except GbnfToLarkError as exc:
+        except Exception as exc:  # the converter is plain Python over user text: any failure is the text's
             raise ValueError(f"invalid guided grammar: {exc}") from None
     is_error, messages = M.validate_grammar_with_warnings(text, None)
     if is_error:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from flashserve.sampling_params import SamplingParams
+from flashserve.sampling_params import GuidedDecodingParams, SamplingParams
 
 
 def sampling_params(req, max_tokens: int | None, logprobs: int | None,
@@ -31,9 +31,31 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
             stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+            guided_decoding=guided_decoding(req),
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
+
+
+def guided_decoding(req) -> GuidedDecodingParams | None:
+    """OpenAI's response_format or vLLM's guided_* fields → the request's one constraint, or None.
+    Raises ValueError for a bad or doubled constraint."""
+    given = {"json": req.guided_json, "regex": req.guided_regex, "choice": req.guided_choice,
+             "grammar": req.guided_grammar}
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        given["json_object"] = True
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        if rf.json_schema.schema_ is None:
+            given["json_object"] = True
+        elif req.guided_json is not None:
+            raise ValueError("give either response_format or guided_json, not both")
+        else:
+            given["json"] = rf.json_schema.schema_
+    given = {k: v for k, v in given.items() if v is not None}
+    return GuidedDecodingParams(**given) if given else None
 
 
 class Serving:
