@@ -74,23 +74,37 @@ def _q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def int4_groups(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact form (1) of a Q4_0/Q4_1/Q4_K tensor: codes (rows, cols) uint8 in 0..15 and
     scale, zero (rows, cols / 32) float64."""
+    packed, s, z = int4_packed(t)
+    rows, cols = t.shape
+    return _nibbles_32(packed.reshape(rows, cols // GROUP, GROUP // 2)).reshape(rows, cols), s, z
+
+
+def int4_packed(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int4_groups with the codes left packed: (rows, cols / 2) uint8, byte j of each group's 16
+    holding code j (low nibble) and code j + 16 (high), the order of Q4_0/Q4_1 blocks, which are
+    taken as they are; Q4_K's chunks (sub-block 2c in the low nibbles, 2c + 1 in the high) are
+    rearranged into it."""
     rows, cols = t.shape
     b = _blocks(t)
     if t.qtype == GGMLQuantizationType.Q4_0:
         d = _f16(b[..., 0:2])
-        codes, s, z = _nibbles_32(b[..., 2:18]), d, np.zeros_like(d)
+        packed, s, z = b[..., 2:18], d, np.zeros_like(d)
     elif t.qtype == GGMLQuantizationType.Q4_1:
         d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        codes, s, z = _nibbles_32(b[..., 4:20]), d, m + 8.0 * d
+        packed, s, z = b[..., 4:20], d, m + 8.0 * d
     elif t.qtype == GGMLQuantizationType.Q4_K:
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
         sc, mn = _q4k_scale_min(b[..., 4:16])
-        qs = b[..., 16:144].reshape(rows, -1, 4, 32)  # 4 chunks of 32 bytes per super-block
-        codes = np.stack([qs & 0x0F, qs >> 4], axis=-2)  # (rows, superblocks, 4, 2, 32): sub-block 2c + nibble
+        qs = b[..., 16:144].reshape(rows, -1, 4, 2, 16)  # 4 chunks of 32 bytes per super-block, in halves
+        first, second = qs[..., 0, :], qs[..., 1, :]  # chunk bytes j and j + 16
+        low = (first & 0x0F) | (second << 4)  # sub-block 2c: codes j, j + 16
+        high = (first >> 4) | (second & 0xF0)  # sub-block 2c + 1
+        packed = np.stack([low, high], axis=-2)  # (rows, superblocks, 4, 2, 16)
         s, z = d * sc, 8.0 * d * sc - dmin * mn  # (rows, superblocks, 8)
     else:
         raise ValueError(f"{t.qtype.name} is not a 4-bit affine block type")
-    return codes.reshape(rows, cols), s.reshape(rows, cols // GROUP), z.reshape(rows, cols // GROUP)
+    return np.ascontiguousarray(packed).reshape(rows, cols // 2), s.reshape(rows, cols // GROUP), \
+        z.reshape(rows, cols // GROUP)
 
 
 def int8_groups(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray]:

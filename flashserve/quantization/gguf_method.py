@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as Q
 
-from flashserve.quantization.gguf_blocks import INT4_TYPES, INT8_GROUP_TYPES, GGUFTensor, int4_groups, int8_groups
+from flashserve.quantization.gguf_blocks import (
+    INT4_TYPES,
+    INT8_GROUP_TYPES,
+    GGUFTensor,
+    int4_groups,
+    int4_packed,
+    int8_groups,
+)
 from flashserve.quantization.packed import (
     DenseWeight,
     GroupQuantWeight,
@@ -85,10 +92,11 @@ def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupW
 
 def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -> PackedWeight:
     if kind == "int4":
-        codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
-        if own_kernels:  # w = q s + (z - 8 s), computed in float64 where it is exact
+        if own_kernels:  # w = q s + (z - 8 s), computed in float64 where it is exact; codes as the file packs them
+            codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_packed(p) for p in parts)))
             return GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(scale),
-                                    torch.from_numpy(zero - 8.0 * scale), bits=4)
+                                    torch.from_numpy(zero - 8.0 * scale), bits=4, packed=True)
+        codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
         return Int4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero))
     if kind == "int8":
         if own_kernels:

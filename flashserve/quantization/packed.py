@@ -215,22 +215,23 @@ class GroupQuantWeight(PackedWeight):
     chunk_rows = 256
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                 group: int = GROUP, int8_activations: bool = False):
+                 group: int = GROUP, int8_activations: bool = False, packed: bool = False):
         """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group).
+        packed: 4-bit codes already in the kernel's layout below, (N, K/2) (GGUF's Q4_0/Q4_1 bytes).
         int8_activations: round x per group of 32 to int8 and take integer dot products (group 32 only)."""
         super().__init__()
-        n, k = codes.shape
+        n, k = codes.shape[0], codes.shape[1] * (2 if packed else 1)
         if bits not in (4, 8) or k % group or scale.shape != (n, k // group) or (bits == 4 and group != GROUP):
             raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
         self.out_features, self.in_features = n, k
         self.bits, self.group = bits, group
         self.set_int8_activations(int8_activations)
-        if bits == 4:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
+        if bits == 8:
+            codes = codes.to(torch.int8).view(torch.uint8)
+        elif not packed:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
-            packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
-        else:
-            packed = codes.to(torch.int8).view(torch.uint8)
-        self.codes = _param(packed.contiguous())  # (N, K/2) or (N, K) uint8
+            codes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+        self.codes = _param(codes.contiguous())  # (N, K/2) or (N, K) uint8
         self.scale = _param(scale.float().contiguous())  # (N, K/group)
         self.zero = None if zero is None else _param(zero.float().contiguous())  # (N, K/group)
 
