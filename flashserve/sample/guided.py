@@ -87,15 +87,16 @@ class GuidedDecoding:
             return None
         followers = [self._follow(rows[i]) for i in guided]
         n_vocab = self._vocab.vocab_size
-        bits = np.empty((len(guided), (n_vocab + 31) // 32), dtype=np.int32)  # (k, words), bit j of word w = token 32w + j
+        # (k, words): bit j of word w is token 32w + j
+        bits = np.empty((len(guided), (n_vocab + 31) // 32), dtype=np.int32)
         for row, f in zip(bits, followers):
             f.matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
-        allowed = np.zeros((len(guided), width), dtype=np.uint8)  # (k, width); tokens past the tokenizer's stay banned
+        allowed = np.zeros((len(guided), width), dtype=np.uint8)  # (k, width); past the tokenizer's: banned
         keep = min(width, n_vocab)
         allowed[:, :keep] = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :keep]
         empty = ~allowed.any(axis=1)
         if empty.any():
-            allowed[np.ix_(empty, self._eos)] = 1
+            allowed[np.ix_(empty, [t for t in self._eos if t < width])] = 1
         return guided, torch.from_numpy(allowed.view(np.bool_))
 
     def _follow(self, r) -> _Follower:
