@@ -3,6 +3,15 @@
 Block 0 is the padding block that block tables are filled with; it is never handed out.
 A freed block keeps its hash (its K/V stay valid) and can be revived by a prefix hit
 until allocation reuses it, which evicts the hash: least recently freed first.
+
+The free list hands out, in this order: freed blocks without a hash (most recently freed first:
+their pages are written already and nothing is lost by reusing them), then blocks never handed
+out, then cached blocks, least recently freed first. So the pool's resident memory grows only
+when every written block holds live K/V or a cached prefix (the pool is reserved, not
+zero-filled: runner/kv_cache.py).
+
+    free:  [unhashed, newest first] [never used, in id order] [hashed, oldest freed first]
+            ^ head: next to reuse                                              tail ^
 """
 from __future__ import annotations
 
@@ -62,13 +71,16 @@ class BlockPool:
             b.ref_cnt += 1
 
     def release(self, blocks: list[KVBlock]) -> None:
-        """Drop a reference; blocks reaching 0 join the tail of the free list in the given order."""
+        """Drop a reference; blocks reaching 0 join the free list: cached ones at its tail in the
+        given order, the others at its head (the next to reuse)."""
         for b in blocks:
             b.ref_cnt -= 1
             if b.ref_cnt < 0:
                 raise RuntimeError(f"block {b.block_id} released more often than taken")
             if b.ref_cnt == 0:
                 self.free[b.block_id] = b
+                if b.block_hash is None:
+                    self.free.move_to_end(b.block_id, last=False)
 
     def cache(self, block: KVBlock, block_hash: BlockHash) -> None:
         if block.block_hash is not None:

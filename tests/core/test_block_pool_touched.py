@@ -10,9 +10,12 @@ def test_touched_counts_distinct_blocks_ever_handed_out():
     assert pool.num_touched == 0
     a = pool.allocate(2)
     assert [b.block_id for b in a] == [1, 2] and pool.num_touched == 2
-    pool.release(a)  # freed blocks join the tail: the untouched 3, 4, 5 come first
+    pool.release(a)  # written blocks without a hash are reused before untouched ones
     b = pool.allocate(3)
-    assert [x.block_id for x in b] == [3, 4, 5] and pool.num_touched == 5
+    assert [x.block_id for x in b] == [2, 1, 3] and pool.num_touched == 3
+    pool.release(b)
+    b = pool.allocate(5)
+    assert [x.block_id for x in b] == [3, 1, 2, 4, 5] and pool.num_touched == 5
     pool.release(b)
     c = pool.allocate(5)  # every block again: nothing new is touched
     assert pool.num_touched == 5 and pool.num_free == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from flashserve.core.block_hash import hash_block
 from flashserve.core.block_pool import BlockPool
 from flashserve.core.kv_cache_manager import KVCacheManager
 from flashserve.core.request import Request
@@ -22,14 +23,27 @@ def admit(kvm: KVCacheManager, r: Request) -> list[int]:
     return ids
 
 
-def test_pool_never_hands_out_block_zero_and_reuses_least_recently_freed_first():
+def test_pool_never_hands_out_block_zero_and_reuses_least_recently_freed_cached_blocks_first():
     pool = BlockPool(5)
     a = pool.allocate(4)
     assert [b.block_id for b in a] == [1, 2, 3, 4] and pool.num_free == 0
+    for i, b in enumerate(a):  # every block holds a cached prefix
+        pool.cache(b, hash_block(None, [i]))
     pool.release([a[2], a[0]])
     assert [b.block_id for b in pool.allocate(2)] == [3, 1]
     with pytest.raises(RuntimeError):
         pool.allocate(1)
+
+
+def test_pool_reuses_written_uncached_blocks_before_untouched_ones_before_cached_ones():
+    """Resident memory follows use: a freed block without a hash is reused (newest first) before
+    a block never written; a cached block only when neither is left, so prefixes stay revivable."""
+    pool = BlockPool(8)
+    a = pool.allocate(4)  # 1 2 3 4
+    pool.cache(a[0], hash_block(None, [0]))
+    pool.release(a)  # 1 cached -> tail; 2, 3, 4 uncached -> head, 4 freed last
+    assert [b.block_id for b in pool.allocate(7)] == [4, 3, 2, 5, 6, 7, 1]
+    assert pool.num_touched == 7 and pool.lookup(hash_block(None, [0])) is None  # reusing 1 evicted its prefix
 
 
 def test_prefix_hit_reuses_exact_blocks_and_leaves_one_token_to_compute():
