@@ -13,7 +13,7 @@ FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vn
 
 @dataclass(frozen=True)
 class CPUInfo:
-    model_name: str
+    model_name: str  # with the family and model numbers: "AMD EPYC" alone names several generations
     flags: frozenset[str]
 
     @property
@@ -37,17 +37,17 @@ class CPUInfo:
 
 @functools.cache
 def cpu_info() -> CPUInfo:
-    name, flags = "", ""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
+            for line in f:  # the first processor's block is enough: the cores are alike
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not name:
-                    name = value.strip()
-                elif key == "flags":
-                    flags = value
+                if not key.strip():
                     break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return CPUInfo(name or platform.processor() or platform.machine(), frozenset(flags.split()))
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return CPUInfo(name, frozenset(fields.get("flags", "").split()))
