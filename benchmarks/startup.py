@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from common import have, header, table
 
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
 
     model_path = str(resolve(a.model))
     cmds = commands(model_path, a)
-    header("start-up: one-shot completion, each run a new process", model=model_path, prompt=repr(a.prompt),
+    header("start-up: one-shot completion, each run a new process", model=Path(model_path).name, prompt=repr(a.prompt),
            max_tokens=a.max_tokens, repeats=a.repeats, warmup_rounds=a.warmup,
            threads=a.threads or "each engine's default")
     if not have("llama_cpp"):
