@@ -20,6 +20,9 @@ s and z are computed here in float64, where they are exact.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,37 @@ class GGUFTensor:
         from gguf import quants
 
         return np.asarray(quants.dequantize(self.raw, self.qtype), dtype=np.float32).reshape(self.shape)
+
+    def release_pages(self) -> None:
+        """Once packed, the file's bytes need not stay resident: while the model loads, every page read
+        would otherwise count in the process's memory beside the packed copy until the end."""
+        release_mapped(self.raw)
+
+
+def release_mapped(view: np.ndarray) -> None:
+    """madvise(MADV_DONTNEED) on the pages under `view`, a view of a read-only (shared) file
+    mapping: they leave this process's resident set and a later read faults them back from the page
+    cache, so nothing is lost. A no-op where the platform has no madvise, and for an array that is
+    not such a view (rows the loader permuted are a copy on the heap, which this would zero)."""
+    if not hasattr(mmap, "MADV_DONTNEED") or view.nbytes == 0 or not _is_file_mapping(view):
+        return
+    start = view.__array_interface__["data"][0]
+    low = start - start % mmap.PAGESIZE
+    _libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(start + view.nbytes - low), mmap.MADV_DONTNEED)
+
+
+def _is_file_mapping(view: np.ndarray) -> bool:
+    base = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, mmap.mmap) and not base.closed
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
 
 
 def _blocks(t: GGUFTensor) -> np.ndarray:

@@ -94,6 +94,7 @@ class CausalLM(nn.Module):
                 continue
             if isinstance(tensor, GGUFTensor):
                 if kind == "weight" and _load_quantized(modules.get(module_name), name, tensor, dtype):
+                    tensor.release_pages()
                     filled.add(name)
                     continue
                 tensor = _as_float(tensor)
@@ -113,6 +114,8 @@ class CausalLM(nn.Module):
                     target.load_part(part, "weight", _as_float(t))
             else:
                 target.set_quantized(packed)
+            for t in parts.values():
+                t.release_pages()
         self._check_all_filled(params, modules, filled)
 
     def _check_all_filled(self, params, modules, filled: set[str]) -> None:
