@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.host import cpu_flags
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,8 +41,7 @@ def test_chat_answers_each_line(smollm2_gguf, smollm2_default_llm):
 
 
 def test_env_names_this_cpu_features_and_the_chosen_dtype(smollm2_gguf):
-    with open("/proc/cpuinfo") as f:
-        flags = set(next(line for line in f if line.startswith("flags")).partition(":")[2].split())
+    flags = cpu_flags()
     r = run("env", "--model", smollm2_gguf)
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(": ", 1) for line in r.stdout.splitlines())

@@ -3,12 +3,8 @@ bfloat16 exactly when this CPU has native bfloat16, as /proc/cpuinfo says."""
 from __future__ import annotations
 
 from flashserve.engine.arg_utils import resolve_dtype
+from tests.host import cpu_flags
 from tests.model.tiny import hf_tiny, write_gguf
-
-
-def cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next(line for line in f if line.startswith("flags")).partition(":")[2].split())
 
 
 def test_quantized_gguf_runs_float32_and_float_weights_follow_the_cpu(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from flashserve.attention import cpu_kernels as ck
+from tests.host import cpu_flags
 
 BROKEN_LINE = "int flashserve_broken = ;  // a syntax error planted by the test"
 
@@ -42,11 +43,6 @@ def test_broken_source_fails_with_the_compilers_message(tmp_path, monkeypatch, c
     assert record.getMessage().count("torch implementations") == 1
 
 
-def _host_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next(line for line in f if line.startswith("flags")).partition(":")[2].split())
-
-
 @pytest.mark.slow  # a second build of the kernels (one to two minutes)
 def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
     """The int8 kernels take one instruction (vpdpbusd) per four products on VNNI hosts and three
@@ -54,7 +50,7 @@ def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
     VNNI must give bit-identical outputs on every kernel M selects (GEMV, GEMM, tiled GEMM)."""
     import torch
 
-    if not {"avx512_vnni", "avx_vnni"} & _host_flags():
+    if not {"avx512_vnni", "avx_vnni"} & cpu_flags():
         pytest.skip("this CPU has only the AVX2 level: the suite's own build already runs it")
     avx2 = ck.build_cpu_kernels(ck.CSRC, "flashserve_cpu_kernels_no_vnni_" + ck._build_name(ck.CSRC)[-10:],
                                 ("-mno-avx512vnni", "-mno-avxvnni"))

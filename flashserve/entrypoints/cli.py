@@ -11,12 +11,17 @@ from flashserve.config import KV_CACHE_DTYPES, QUANTIZATION_CHOICES
 from flashserve.errors import FlashserveError
 
 
-def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """What decides how a model runs: the model, its compute dtype, its quantization (engines and `env`)."""
     p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_CHOICES),
                    help="auto: run a GGUF file's quantized weights on int4/int8 kernels with int8-rounded "
                         "activations; weight-only: the same kernels on float activations; none: dequantize them")
+
+
+def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
+    _add_model_args(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
                    help="sequences run together; the KV pool holds this many full contexts")
@@ -144,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("env", help="this CPU's features, the kernels built for it, and the dtype chosen for a model")
-    p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_CHOICES))
+    _add_model_args(p)
     p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("fetch", help="download a built-in model into the cache and print its path")
