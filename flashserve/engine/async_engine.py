@@ -4,6 +4,8 @@ Only the loop task touches engine state: new requests are validated at once (tok
 is safe beside a running step) and queued; adds and aborts are applied between steps.
 A step runs in a worker thread so the event loop keeps serving HTTP meanwhile. If a step
 fails, the requests in it get the error and the loop goes on with everyone else.
+HTTP handlers read `stats`, a snapshot the loop takes between steps, never the scheduler
+itself (its queues change under a running step).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self.on_finished = None  # optional callback(RequestOutput) for metrics
         self.on_aborted = None  # optional callback() when a client goes away mid-request
+        self.stats = engine.get_stats()  # EngineStats as of the last step or applied add/abort
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -53,7 +56,7 @@ class AsyncLLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.scheduler.get_stats().num_waiting + len(self._inbox)
+        return self.stats.num_waiting + len(self._inbox)
 
     async def generate(self, prompt, params, request_id: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -95,6 +98,7 @@ class AsyncLLMEngine:
                 self._wake.clear()
                 await self._wake.wait()
             self._apply_pending()
+            self.stats = self.engine.get_stats()
             if not self.engine.has_unfinished_requests():
                 continue
             try:
@@ -102,7 +106,9 @@ class AsyncLLMEngine:
             except Exception as exc:  # a bug must not take the server down with it
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineStepError(f"internal error during generation: {exc}"))
+                self.stats = self.engine.get_stats()
                 continue
+            self.stats = self.engine.get_stats()
             for out in outputs:
                 queue = self._streams.get(out.request_id)
                 if out.finished:

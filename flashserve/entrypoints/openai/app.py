@@ -110,7 +110,7 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
 
     @app.get("/metrics")
     async def prometheus():
-        metrics.refresh(engine.get_stats())
+        metrics.refresh(async_engine.stats)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
