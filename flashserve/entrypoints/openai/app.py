@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashserve.engine.async_engine import AsyncLLMEngine, QueueFullError
 from flashserve.entrypoints.metrics import ServerMetrics
+from flashserve.entrypoints.openai.disconnect import ClientGone, cancel_on_disconnect
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.serving import Serving, error_body
 from flashserve.errors import FlashserveError, InvalidRequestError
@@ -75,6 +76,10 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
         metrics.observe_outcome("rejected_queue_full")
         return _error(429, str(exc), "rate_limit_error")
 
+    @app.exception_handler(ClientGone)
+    async def on_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+
     @app.exception_handler(FlashserveError)
     async def on_engine_error(request: Request, exc: FlashserveError):
         return _error(500, str(exc), "server_error")
@@ -99,14 +104,14 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
                                             "owned_by": "flashserve"} for n in model_names]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        return respond(await serving.completions(req))
+        return respond(await cancel_on_disconnect(request, serving.completions(req)))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        return respond(await serving.chat(req))
+        return respond(await cancel_on_disconnect(request, serving.chat(req)))
 
     @app.get("/metrics")
     async def prometheus():
