@@ -83,6 +83,10 @@ class CacheConfig:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
 
 
+SCHEDULING_CHOICES = ("continuous", "static")
+POLICY_CHOICES = ("fcfs", "priority")  # priority: lower value first, then arrival
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step
@@ -94,9 +98,9 @@ class SchedulerConfig:
     def validate(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if self.scheduling not in ("continuous", "static"):
+        if self.scheduling not in SCHEDULING_CHOICES:
             raise ValueError(f"unknown scheduling {self.scheduling!r}")
-        if self.policy not in ("fcfs", "priority"):
+        if self.policy not in POLICY_CHOICES:
             raise ValueError(f"unknown policy {self.policy!r}")
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from flashserve.config import KV_CACHE_DTYPES, QUANTIZATION_CHOICES
+from flashserve.config import KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES, SCHEDULING_CHOICES
+from flashserve.engine.arg_utils import EngineArgs
 from flashserve.errors import FlashserveError
 
 
@@ -21,16 +22,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
+    """Every EngineArgs field as a flag whose dest is the field's name (_engine_args relies on it)."""
+    d = EngineArgs()
     _add_model_args(p)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output; default: the model's context, at most 4096")
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
                    help="sequences run together; the KV pool holds this many full contexts")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step: running decodes first, then chunks of waiting prompts")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (a power of two)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction,
+                   help="without --kv-cache-memory: cap of the KV cache as a fraction of available RAM")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
+                   help="reuse the KV blocks of a shared prompt prefix")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--scheduling", default=d.scheduling, choices=list(SCHEDULING_CHOICES),
+                   help="continuous batching, or the static baseline")
+    p.add_argument("--policy", default=d.policy, choices=list(POLICY_CHOICES),
+                   help="waiting-queue order; priority: a request's lower `priority` value goes first")
+    p.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N", help="torch threads")
+    p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -41,14 +55,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[])
 
 
-def _engine_args(a):
-    from flashserve.engine.arg_utils import EngineArgs
-
-    return EngineArgs(
-        model=a.model, dtype=a.dtype, quantization=a.quantization, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype,
-        enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads, seed=a.seed,
-    )
+def _engine_args(a) -> EngineArgs:
+    return EngineArgs(**{f.name: getattr(a, f.name) for f in fields(EngineArgs)})
 
 
 def _sampling(a):

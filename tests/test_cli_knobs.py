@@ -1,0 +1,47 @@
+"""Every engine knob the README lists is a flag of generate, chat and serve, and reaches the engine config."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from flashserve.engine.arg_utils import EngineArgs
+from flashserve.entrypoints.cli import _engine_args, build_parser
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_defaults_are_engine_args_defaults(command):
+    extra = ["--prompt", "x"] if command == "generate" else []
+    args = _engine_args(build_parser().parse_args([command, *extra]))
+    want = EngineArgs(max_num_seqs=1 if command != "serve" else EngineArgs().max_num_seqs)
+    assert args == want
+
+
+def test_every_knob_reaches_the_engine_config(smollm2_gguf):
+    a = build_parser().parse_args([
+        "serve", "--model", smollm2_gguf, "--dtype", "float32", "--quantization", "weight-only",
+        "--max-model-len", "512", "--max-num-seqs", "3", "--max-num-batched-tokens", "256", "--block-size", "32",
+        "--kv-cache-memory", "1000000", "--kv-cache-fraction", "0.5", "--kv-cache-dtype", "int8",
+        "--no-enable-prefix-caching", "--scheduling", "static", "--policy", "priority", "--threads", "1",
+        "--seed", "7"])
+    args = _engine_args(a)
+    assert {f.name for f in fields(EngineArgs)} <= set(vars(a))  # no field silently left at its default
+    c = args.create_engine_config()
+    assert (c.dtype, c.quantization, c.seed, c.num_threads) == ("float32", "weight-only", 7, 1)
+    assert (c.cache.block_size, c.cache.kv_cache_memory, c.cache.kv_cache_fraction, c.cache.kv_cache_dtype,
+            c.cache.enable_prefix_caching) == (32, 1000000, 0.5, "int8", False)
+    s = c.scheduler
+    assert (s.max_model_len, s.max_num_seqs, s.max_num_batched_tokens, s.scheduling, s.policy) == (
+        512, 3, 256, "static", "priority")
+
+
+def test_old_no_prefix_caching_spelling_still_works():
+    a = build_parser().parse_args(["serve", "--no-prefix-caching"])
+    assert _engine_args(a).enable_prefix_caching is False
+    assert _engine_args(build_parser().parse_args(["serve"])).enable_prefix_caching is True
+
+
+def test_unknown_policy_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--policy", "lifo"])
+    assert "invalid choice" in capsys.readouterr().err
