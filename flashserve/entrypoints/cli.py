@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flashserve.config import KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES, SCHEDULING_CHOICES
 from flashserve.engine.arg_utils import EngineArgs
+from flashserve.entrypoints.openai.tool_parsers import PARSERS
 from flashserve.errors import FlashserveError
 
 
@@ -133,7 +134,8 @@ def cmd_chat(a) -> None:
 def cmd_serve(a) -> None:
     from flashserve.entrypoints.openai.app import run_server
 
-    run_server(_engine_args(a), host=a.host, port=a.port, api_key=a.api_key, max_waiting=a.max_waiting)
+    run_server(_engine_args(a), host=a.host, port=a.port, api_key=a.api_key, max_waiting=a.max_waiting,
+               tool_call_parser=a.tool_call_parser)
 
 
 def cmd_env(a) -> None:
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="the format of the model's tool calls (default: read from its chat template)")
     p.set_defaults(func=cmd_serve)
 
     # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed;

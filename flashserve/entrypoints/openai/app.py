@@ -27,13 +27,15 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
     return JSONResponse(error_body(message, kind, code), status_code=status)
 
 
-def build_app(engine, model_names: list[str], api_key: str | None = None, max_waiting: int = 256) -> FastAPI:
-    """`engine` is an LLMEngine; the first model name is the one reported."""
+def build_app(engine, model_names: list[str], api_key: str | None = None, max_waiting: int = 256,
+              tool_call_parser: str | None = None) -> FastAPI:
+    """`engine` is an LLMEngine; the first model name is the one reported; tool_call_parser
+    overrides the tool-call format read from the chat template."""
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting)
     metrics = ServerMetrics()
     async_engine.on_finished = metrics.observe_finished
     async_engine.on_aborted = lambda: metrics.observe_outcome("abort")
-    serving = Serving(async_engine, model_names[0])
+    serving = Serving(async_engine, model_names[0], tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -122,7 +124,7 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
 
 
 def run_server(engine_args, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_waiting: int = 256) -> None:
+               max_waiting: int = 256, tool_call_parser: str | None = None) -> None:
     import uvicorn
 
     from flashserve.engine.llm_engine import LLMEngine
@@ -133,6 +135,6 @@ def run_server(engine_args, host: str = "127.0.0.1", port: int = 8000, api_key: 
     stem = Path(engine_args.model).name
     if stem not in names:
         names.append(stem)
-    app = build_app(engine, names, api_key=api_key, max_waiting=max_waiting)
+    app = build_app(engine, names, api_key=api_key, max_waiting=max_waiting, tool_call_parser=tool_call_parser)
     logger.info("serving %s on http://%s:%d/v1", names[0], host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

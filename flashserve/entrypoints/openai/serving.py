@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
+from flashserve.entrypoints.openai.tool_prompt import template_messages
 from flashserve.sampling_params import GuidedDecodingParams, SamplingParams
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None, best_of: int | None = None) -> SamplingParams:
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                    best_of: int | None = None, guided: GuidedDecodingParams | None = None) -> SamplingParams:
     bias = None
     if req.logit_bias:
         try:
@@ -31,7 +33,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
             stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
-            guided_decoding=guided_decoding(req),
+            guided_decoding=guided or guided_decoding(req),
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
@@ -59,10 +61,11 @@ def guided_decoding(req) -> GuidedDecodingParams | None:
 
 
 class Serving:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, tool_call_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.engine.tokenizer
+        self.tool_support = ToolSupport.for_tokenizer(self.tokenizer, tool_call_parser)
         self.max_model_len = engine.engine.config.scheduler.max_model_len
 
     # ---- shared ------------------------------------------------------------------------------
@@ -220,14 +223,10 @@ class Serving:
                 t.cancel()
 
     # ---- chat --------------------------------------------------------------------------------
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = []
-        for m in req.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
-                p.text for p in m.content)
-            messages.append({"role": m.role, "content": content or ""})
+    def _chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+        messages, tools = template_messages(req.messages, plan.tools, self.tool_support.native)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -247,25 +246,36 @@ class Serving:
         return {"content": content}
 
     async def chat(self, req: ChatCompletionRequest):
-        ids = self._chat_prompt(req)
+        plan = plan_tools(req, self.tool_support)
+        ids = self._chat_prompt(req, plan)
         max_tokens = self._check_lengths(ids, req.max_completion_tokens or req.max_tokens)
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                 guided=plan.guided)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return self._stream_chat(req, ids, params, rid, created)
+            return self._stream_chat(req, ids, params, rid, created, plan.reader)
         (out,) = await self._run([ids], params, req.priority)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+            if plan.reader is not None:
+                content, calls = plan.reader.read(c.text, final=True)
+                message["content"] = content if content or not calls else None
+                if calls:
+                    message["tool_calls"] = [tool_call_json(call) for call in calls]
+                    finish = tool_finish_reason(finish)
+            choices.append({"index": c.index, "message": message, "finish_reason": finish,
+                            "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self._usage([out])}
 
-    async def _stream_chat(self, req, ids, params, rid, created) -> AsyncIterator[str]:
+    async def _stream_chat(self, req, ids, params, rid, created, reader) -> AsyncIterator[str]:
         def chunk(choices, usage=None):
             return sse_chunk(rid, "chat.completion.chunk", created, self.model_name, choices, usage)
 
         gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
-        sent = [0] * req.n
+        sent = [0] * req.n  # characters of content sent
+        calls_sent = [0] * req.n
         toks = [0] * req.n
         final = None
         try:
@@ -275,16 +285,22 @@ class Serving:
                 final = out
                 choices = []
                 for c in out.outputs:
-                    delta = c.text[sent[c.index]:]
-                    if not delta and c.finish_reason is None:
+                    i, finish = c.index, c.finish_reason
+                    content, calls = reader.read(c.text, finish is not None) if reader else (c.text, [])
+                    delta = {"content": content[sent[i]:]} if len(content) > sent[i] else {}
+                    if len(calls) > calls_sent[i]:
+                        delta["tool_calls"] = [{"index": k, **tool_call_json(call)}
+                                               for k, call in enumerate(calls[calls_sent[i]:], calls_sent[i])]
+                    if calls or calls_sent[i]:
+                        finish = tool_finish_reason(finish)
+                    if not delta and finish is None:
                         continue
                     lp = None
                     if c.logprobs is not None and len(c.token_ids) > toks[c.index]:
                         lp = self._chat_logprobs(c.token_ids[toks[c.index]:], c.logprobs[toks[c.index]:],
                                                  req.top_logprobs or 0)
-                    sent[c.index], toks[c.index] = len(c.text), len(c.token_ids)
-                    choices.append({"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
+                    sent[i], calls_sent[i], toks[i] = len(content), len(calls), len(c.token_ids)
+                    choices.append({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish})
                 if choices:
                     yield chunk(choices)
             if req.stream_options and req.stream_options.include_usage and final is not None:
@@ -294,6 +310,18 @@ class Serving:
             yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
         finally:
             await gen.aclose()
+
+
+def tool_call_json(call) -> dict:
+    """A ToolCall as OpenAI returns it, with a fresh id."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def tool_finish_reason(engine_reason: str | None) -> str | None:
+    """The finish reason of an output that holds tool calls: "tool_calls" when the model ended
+    its turn, "length" when it was cut short (its calls may be incomplete)."""
+    return "tool_calls" if engine_reason == "stop" else engine_reason
 
 
 def sse_chunk(rid: str, kind: str, created: int, model: str, choices: list, usage: dict | None = None) -> str:

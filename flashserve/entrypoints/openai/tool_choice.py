@@ -1,0 +1,145 @@
+"""A chat request's tools and tool_choice → what the template renders, the constraint that
+forces a call, and the reader that turns the output text into tool calls.
+
+"none" renders and reads no tools. "auto" renders them and reads the output with the model's
+parser: text that is no call stays content. "required" and a named function use structured
+output so that the model cannot answer without a valid call: "required" constrains the output
+to a JSON array of calls (each a declared name with arguments valid for that tool's schema), a
+named function to that function's arguments object.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from flashserve.entrypoints.openai.tool_parsers import PARSERS, ToolCall, parser_name_for_template
+from flashserve.entrypoints.openai.tool_prompt import renders_tools
+from flashserve.errors import InvalidRequestError
+from flashserve.sampling_params import GuidedDecodingParams
+
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """How this server's model takes tools, decided once at start-up from its chat template."""
+
+    parser_name: str
+    native: bool  # the template renders tools itself (else tool_prompt.py's Hermes text)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, parser_name: str | None = None) -> "ToolSupport":
+        return cls(parser_name or parser_name_for_template(tokenizer.chat_template), renders_tools(tokenizer))
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    tools: list[dict] | None  # for the prompt; None: no tools
+    guided: GuidedDecodingParams | None  # the forcing constraint of "required" or a named function
+    reader: object | None  # .read(text, final) → (content, calls); None: the output is plain content
+
+
+class RequiredCallsReader:
+    """Output under the "required" constraint: [{"name": ..., "arguments": {...}}, ...]."""
+
+    def read(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        if not final:
+            return "", []
+        calls = _array_calls(text)
+        return ("", calls) if calls else (text, [])
+
+
+class NamedCallReader:
+    """Output under a named function's constraint: its arguments object."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def read(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        if not final:
+            return "", []
+        try:
+            args = json.loads(text)
+        except json.JSONDecodeError:  # cut short by max_tokens
+            return text, []
+        if not isinstance(args, dict):
+            return text, []
+        return "", [ToolCall(self.name, json.dumps(args, ensure_ascii=False))]
+
+
+def _array_calls(text: str) -> list[ToolCall] | None:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(items, list) or not items:
+        return None
+    calls = [ToolCall(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items
+             if isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("arguments"), dict)]
+    return calls if len(calls) == len(items) else None
+
+
+def _checked_parameters(tool) -> dict:
+    """A tool's parameters schema, checked: an object schema that structured output can compile."""
+    name, schema = tool.function.name, tool.function.parameters
+    if schema is None:
+        return NO_ARGUMENTS
+    if schema.get("type", "object") != "object":
+        raise InvalidRequestError(f"tool {name!r}: parameters must be a JSON schema of type 'object', "
+                                  f"got type {schema['type']!r}")
+    try:
+        GuidedDecodingParams(json=schema)
+    except ValueError as exc:
+        raise InvalidRequestError(f"tool {name!r} has an invalid parameters schema: {exc}") from None
+    return schema
+
+
+def _closed(schema: dict) -> dict:
+    """The arguments schema a forced call follows: an object that declares its properties and
+    says nothing of others gets no others. Extra keys are valid JSON schema but no function
+    takes them, and a small model given the room fills them with prose (SmolLM2 did)."""
+    if "properties" in schema and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
+def _has_output_constraint(req) -> bool:
+    rf = req.response_format
+    return (rf is not None and rf.type != "text") or any(
+        v is not None for v in (req.guided_json, req.guided_regex, req.guided_choice, req.guided_grammar))
+
+
+def plan_tools(req, support: ToolSupport) -> ToolPlan:
+    """The request's ToolPlan; InvalidRequestError (HTTP 400) naming what is wrong."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice is not None:
+            raise InvalidRequestError("tool_choice is only allowed when tools are given")
+        return ToolPlan(None, None, None)
+    names = [t.function.name for t in req.tools]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidRequestError(f"tools declare the function name {dupes[0]!r} more than once")
+    params = {t.function.name: _checked_parameters(t) for t in req.tools}
+    if choice == "none":
+        return ToolPlan(None, None, None)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if choice is None or choice == "auto":
+        return ToolPlan(tools, None, PARSERS[support.parser_name]())
+    if _has_output_constraint(req):
+        raise InvalidRequestError("tool_choice 'required' or a named function cannot be combined with "
+                                  "response_format or guided decoding: both constrain the whole output")
+    if choice == "required":
+        calls = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [n]},
+                                                              "arguments": _closed(p)},
+                            "required": ["name", "arguments"], "additionalProperties": False}
+                           for n, p in params.items()]}
+        schema = {"type": "array", "items": calls, "minItems": 1}
+        if req.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return ToolPlan(tools, GuidedDecodingParams(json=schema), RequiredCallsReader())
+    name = choice.function.name
+    if name not in params:
+        raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not among the tools "
+                                  f"({', '.join(names)})")
+    return ToolPlan(tools, GuidedDecodingParams(json=_closed(params[name])), NamedCallReader(name))
