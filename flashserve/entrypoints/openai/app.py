@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +22,8 @@ from flashserve.entrypoints.openai.serving import Serving, error_body
 from flashserve.errors import FlashserveError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")  # the chat page: plain HTML/JS/CSS, no build step
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -95,6 +98,12 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
     async def health():
