@@ -6,7 +6,7 @@ MODEL ?= smollm2-135m
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model test test-fast serve bench clean
+.PHONY: install model browser test test-fast serve bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,14 @@ install: $(VENV)/.installed
 model: install
 	$(BIN)/flashserve fetch $(MODEL)
 
-test: model
+# The chat page's browser test (tests/server/test_web_page.py) drives Debian's Chromium: install it
+# when it is missing and we can (root, apt-get); otherwise that test skips, or fails under CI=true.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	fi
+
+test: model browser
 	$(BIN)/python -m pytest -q
 
 test-fast: install
