@@ -30,7 +30,7 @@ def aborted_total(base) -> float:
 
 
 def random_request(rng: random.Random, model: str) -> tuple[str, dict]:
-    common = {"model": model, "max_tokens": rng.choice([64, 200, 400]), "ignore_eos": True,
+    common = {"model": model, "max_tokens": rng.choice([64, 200, 450]), "ignore_eos": True,
               "n": rng.choice([1, 1, 2, 3]), "temperature": rng.choice([0, 0.8]), "seed": rng.randrange(1000),
               "stream": rng.random() < 0.5}
     if common["stream"] and rng.random() < 0.5:
@@ -83,7 +83,8 @@ def test_random_disconnects_leave_nothing_behind(smollm2_gguf):
         asyncio.run(barrage())
         barrage_s = time.time() - t0
 
-        deadline = time.time() + 30
+        # Far less than what is left would take to finish unaborted (minutes on two cores).
+        deadline = time.time() + 10
         while time.time() < deadline and any(gauges(base).values()):
             time.sleep(0.1)
         assert gauges(base) == {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_blocks_used": 0}
