@@ -55,10 +55,12 @@ def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
     avx2 = ck.build_cpu_kernels(ck.CSRC, "flashserve_cpu_kernels_no_vnni_" + ck._build_name(ck.CSRC)[-10:],
                                 ("-mno-avx512vnni", "-mno-avxvnni"))
     gen = torch.Generator().manual_seed(0)
-    for bits, zero in ((4, True), (8, False)):
+    for bits, zero in ((4, True), (5, False), (8, False)):
         n, k = 72, 320
-        codes = (torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen) if bits == 4 else
-                 torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8))
+        if bits == 8:
+            codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
+        else:  # any bytes are valid 4-bit and 5-bit codes
+            codes = torch.randint(0, 256, (n, k // 2 if bits == 4 else k // 32 * 20), dtype=torch.uint8, generator=gen)
         scale = torch.rand(n, k // 32, generator=gen)
         z = torch.randn(n, k // 32, generator=gen) if zero else None
         for m in (1, 3, 8, 20, 40, 130):

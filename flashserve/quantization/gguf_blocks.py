@@ -141,6 +141,19 @@ def int4_packed(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         z.reshape(rows, cols // GROUP)
 
 
+def int5_packed(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray]:
+    """A Q5_0 tensor in the kernel's 5-bit layout, w = d * (q - 16) exactly: codes (rows, cols / 32 * 20)
+    uint8, each block's qs[16] (codes j and j + 16 in the nibbles of byte j) then its qh (bit j: bit 4 of
+    code j), i.e. the block without its scale; d (rows, cols / 32) float32 (float16 widened)."""
+    if t.qtype != GGMLQuantizationType.Q5_0:
+        raise ValueError(f"{t.qtype.name} is not Q5_0")
+    rows, cols = t.shape
+    b = _blocks(t)  # (rows, blocks, 22): d:f16, qh:u32, qs[16]
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    codes = np.concatenate([b[..., 6:22], b[..., 2:6]], axis=-1)  # (rows, blocks, 20)
+    return codes.reshape(rows, cols // GROUP * 20), d
+
+
 def int8_groups(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray]:
     """Exact w = d * c of a Q8_0/Q5_0/Q4_0 tensor: codes (rows, cols) int8 and d (rows, cols / 32)
     float32 (float16 widened).

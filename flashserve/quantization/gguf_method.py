@@ -4,9 +4,15 @@ With this project's C++ kernels built (the usual case on CPU), every quantized w
 GroupQuantWeight: codes with a float32 scale and zero per group, float32 activations.
 
     Q4_0, Q4_1, Q4_K             → 4-bit codes, groups of 32: the file's own codes and exact s, z
-    Q8_0, Q5_0                   → 8-bit codes, groups of 32, exact
+    Q5_0                         → 5-bit codes, groups of 32: the file's own blocks and exact d
+    Q8_0                         → 8-bit codes, groups of 32, exact
     Q5_1, Q5_K, Q6_K             → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254)
-    token embedding (row lookups, tied head) → 8-bit codes as above (Q8_0/Q5_0/Q4_0 exactly)
+    token embedding (row lookups, tied head) → 5-bit codes for Q5_0, else 8-bit codes as above
+                                   (Q8_0/Q4_0 exactly)
+
+Parts merged into one weight (q|k|v, gate|up) take one form when one holds them all exactly: a Q5_0
+part beside Q8_0 ones goes 8-bit (Gemma 3's and Qwen2's v is Q8_0 beside Q5_0 q and k), so the merged
+weight stays one kernel call, which the C++ decode step needs.
 
 Without them, torch's bfloat16 kernels take over:
 
@@ -34,6 +40,7 @@ from flashserve.quantization.gguf_blocks import (
     GGUFTensor,
     int4_groups,
     int4_packed,
+    int5_packed,
     int8_groups,
 )
 from flashserve.quantization.packed import (
@@ -55,23 +62,30 @@ _ROWS = 4096  # rows dequantized at a time while requantizing (bounds the float3
 Part = GGUFTensor | torch.Tensor  # a dense part arrives as a float tensor
 
 
-def kind_of(part: Part) -> str:
+def kind_of(part: Part, own_kernels: bool) -> str:
     if isinstance(part, GGUFTensor):
         if part.qtype in INT4_TYPES:
             return "int4"
+        if part.qtype == Q.Q5_0 and own_kernels:
+            return "int5"
         if part.qtype in INT8_TYPES:
             return "int8"
     return "dense"
+
+
+def _merged_kinds(kinds: list[str]) -> list[str]:
+    """5-bit parts beside 8-bit ones go 8-bit too (module docstring): one exact form, one segment."""
+    return ["int8" if k == "int5" else k for k in kinds] if "int8" in kinds else kinds
 
 
 def pack_linear(parts: list[Part], dtype: torch.dtype, own_kernels: bool | None = None) -> PackedWeight | None:
     """One weight for parts stacked along the output rows (q|k|v, gate|up, or a single part);
     None when no part has a quantized kernel (the caller keeps its float weight).
     own_kernels: this project's C++ kernel (True) or torch's (False); None: ours when it built."""
-    kinds = [kind_of(p) for p in parts]
-    if all(k == "dense" for k in kinds):
+    if all(isinstance(p, torch.Tensor) or p.qtype not in KERNEL_TYPES for p in parts):
         return None
     own = _own_kernels() if own_kernels is None else own_kernels
+    kinds = _merged_kinds([kind_of(p, own) for p in parts])
     segments = [_pack(kind, [p for _, p in run], dtype, own)
                 for kind, run in itertools.groupby(zip(kinds, parts), key=lambda kp: kp[0])]
     return segments[0] if len(segments) == 1 else RowSegments(segments)
@@ -80,12 +94,16 @@ def pack_linear(parts: list[Part], dtype: torch.dtype, own_kernels: bool | None 
 def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupWeight | GroupQuantWeight:
     """Rows must be looked up exactly (Gemma 3 scales them by sqrt(d) into the residual: per-row
     requantization raised its perplexity by 1.9%), so the table keeps per-group scales:
-    Q8_0/Q5_0/Q4_0 exactly, other types requantized per group of 32."""
+    Q5_0 at its own 5 bits, Q8_0/Q4_0 exactly in 8, other types requantized per group of 32."""
+    own = _own_kernels() if own_kernels is None else own_kernels
+    if own and t.qtype == Q.Q5_0:
+        codes, scale = (torch.from_numpy(a) for a in int5_packed(t))
+        return GroupQuantWeight(codes, scale, None, bits=5, packed=True)
     if t.qtype in INT8_GROUP_TYPES:
         codes, scale = (torch.from_numpy(a) for a in int8_groups(t))
     else:
         codes, scale = (torch.cat(a) for a in zip(*(quantize_groups(_dense(chunk)) for chunk in _row_chunks(t))))
-    if _own_kernels() if own_kernels is None else own_kernels:
+    if own:
         return GroupQuantWeight(codes, scale, None, bits=8)
     return Int8GroupWeight(codes, scale)
 
@@ -98,6 +116,9 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
                                     torch.from_numpy(zero - 8.0 * scale), bits=4, packed=True)
         codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
         return Int4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero))
+    if kind == "int5":  # the file's own blocks less their scale (gguf_blocks.int5_packed)
+        codes, scale = (np.concatenate(x) for x in zip(*(int5_packed(p) for p in parts)))
+        return GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(scale), None, bits=5, packed=True)
     if kind == "int8":
         if own_kernels:
             q, scale = zip(*(_int8_group_codes(chunk) for p in parts for chunk in _row_chunks(p)))

@@ -1,9 +1,9 @@
 """Weights packed for quantized CPU kernels, each an nn.Module mapping x (..., K) → (..., N).
 
     GroupQuantWeight  this project's C++ kernel (attention/csrc/quant_matmul.cpp): w = q * s + z per
-                 group along K, 4-bit codes (groups of 32) or 8-bit codes, s and z float32; x and y
-                 float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q5_0. The default when the C++
-                 build works. 6 bits per weight (4-bit codes) or 9 (8-bit codes).
+                 group along K, 4-bit or 5-bit codes (groups of 32) or 8-bit codes, s and z float32;
+                 x and y float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0. The default when the C++
+                 build works. 6 bits per weight (4-bit codes, with zeros), 6 (5-bit) or 9 (8-bit).
     Int4Weight   torch.ops.aten._weight_int4pack_mm_for_cpu:  w = (q - 8) * s + z, q in 0..15, one
                  (s, z) per group of 32 along K; codes packed by _convert_weight_to_int4pack_for_cpu,
                  scales_and_zeros (K/32, N, 2) in bfloat16. 5 bits per weight.
@@ -200,8 +200,8 @@ class Int8GroupWeight(PackedWeight):
 
 
 class GroupQuantWeight(PackedWeight):
-    """w = q * s + z per group of `group` values along K, q of 4 or 8 bits, s and z float32:
-    the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit) and Q8_0/Q5_0 (8-bit) blocks, run by this
+    """w = q * s + z per group of `group` values along K, q of 4, 5 or 8 bits, s and z float32:
+    the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit), Q5_0 (5-bit) and Q8_0 (8-bit) blocks, run by this
     project's C++ kernel (attention/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
     With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8 and
@@ -217,11 +217,14 @@ class GroupQuantWeight(PackedWeight):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                  group: int = GROUP, int8_activations: bool = False, packed: bool = False):
         """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group).
-        packed: 4-bit codes already in the kernel's layout below, (N, K/2) (GGUF's Q4_0/Q4_1 bytes).
+        packed: codes already in the kernel's layout (quant_matmul.cpp): 4-bit (N, K/2) (GGUF's Q4_0/Q4_1
+        bytes), 5-bit (N, K/32 * 20) (Q5_0's blocks without d; always packed).
         int8_activations: round x per group of 32 to int8 and take integer dot products (group 32 only)."""
         super().__init__()
-        n, k = codes.shape[0], codes.shape[1] * (2 if packed else 1)
-        if bits not in (4, 8) or k % group or scale.shape != (n, k // group) or (bits == 4 and group != GROUP):
+        per_byte = {4: 2.0, 5: GROUP / 20, 8: 1.0}[bits] if packed else 1.0
+        n, k = codes.shape[0], round(codes.shape[1] * per_byte)
+        if (bits not in (4, 5, 8) or k % group or scale.shape != (n, k // group) or (bits != 8 and group != GROUP)
+                or (bits == 5 and not packed)):
             raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
         self.out_features, self.in_features = n, k
         self.bits, self.group = bits, group
@@ -231,7 +234,7 @@ class GroupQuantWeight(PackedWeight):
         elif not packed:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
             codes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
-        self.codes = _param(codes.contiguous())  # (N, K/2) or (N, K) uint8
+        self.codes = _param(codes.contiguous())  # (N, K/2), (N, K/32 * 20) or (N, K) uint8
         self.scale = _param(scale.float().contiguous())  # (N, K/group)
         self.zero = None if zero is None else _param(zero.float().contiguous())  # (N, K/group)
 
@@ -240,7 +243,7 @@ class GroupQuantWeight(PackedWeight):
         self.int8_activations = on and self.group == GROUP
         # Rows from which dequantize + float32 GEMM is faster (module docstring): never with int8
         # activations, so a row's result is the same in a prompt of any length as in a decode step.
-        self.large_m = sys.maxsize if self.int8_activations else 128 if self.bits == 8 else 64
+        self.large_m = sys.maxsize if self.int8_activations else 64 if self.bits == 4 else 128
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         from flashserve.attention.cpu_kernels import cpu_kernels
@@ -261,17 +264,26 @@ class GroupQuantWeight(PackedWeight):
         """Embedding lookup: (T,) ids → (T, K) in `dtype`, exactly q * s + z."""
         return self._weights(ids).to(dtype)
 
-    def _weights(self, index) -> torch.Tensor:
-        c = self.codes[index]  # (rows, K/2 or K)
+    def int_codes(self, index=slice(None)) -> torch.Tensor:
+        """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
+        c = self.codes[index]  # (rows, code bytes per row)
+        if self.bits == 8:
+            return c.view(torch.int8).view(len(c), -1, self.group).to(torch.int32)
         if self.bits == 4:
             c = c.view(len(c), -1, GROUP // 2)
-            q = torch.cat([c & 0x0F, c >> 4], dim=-1).float()  # (rows, K/32, 32)
-        else:
-            q = c.view(torch.int8).view(len(c), -1, self.group).float()  # (rows, K/group, group)
+            return torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.int32)  # (rows, K/32, 32)
+        c = c.view(len(c), -1, 20)  # 5-bit: nibbles as above, then bit j of a u32 is bit 4 of code j
+        low = torch.cat([c[..., :16] & 0x0F, c[..., :16] >> 4], dim=-1).to(torch.int32)
+        high = (c[..., 16:].to(torch.int32)[..., :, None] >> torch.arange(8)) & 1  # (rows, K/32, 4, 8)
+        return (low | (high.flatten(-2) << 4)) - 16
+
+    def _weights(self, index) -> torch.Tensor:
+        q = self.int_codes(index).float()  # (rows, K/group, group)
+        rows = len(q)
         w = q.mul_(self.scale[index][..., None])
         if self.zero is not None:
             w.add_(self.zero[index][..., None])
-        return w.view(len(c), self.in_features)
+        return w.view(rows, self.in_features)
 
 
 class DenseWeight(PackedWeight):

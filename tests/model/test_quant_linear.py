@@ -117,9 +117,36 @@ def test_int8_groups_are_exact(qtype):
 def test_own_kernel_weights_are_the_file_exactly(qtype):
     t = random_tensor(qtype, 72, 512)
     w = pack_linear([t], torch.float32, own_kernels=True)
-    assert isinstance(w, GroupQuantWeight) and w.bits == (4 if qtype in INT4 else 8)
+    assert isinstance(w, GroupQuantWeight) and w.bits == (4 if qtype in INT4 else 5 if qtype == Q.Q5_0 else 8)
     assert torch.equal(w.dequantize(), torch.from_numpy(t.dequantize()))
     assert torch.equal(w.dequantize(10, 30), torch.from_numpy(t.dequantize())[10:30])
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+def test_q5_0_keeps_its_own_five_bits():
+    """Q5_0 runs at its own 5 bits (20 bytes of codes and a float32 scale per 32 weights, not 36 as
+    8-bit codes would take); its codes read back are those gguf_blocks.int8_groups decodes from the file."""
+    t = random_tensor(Q.Q5_0, 40, 544)
+    w = pack_linear([t], torch.float32, own_kernels=True)
+    assert w.bits == 5 and w.codes.shape == (40, 544 // 32 * 20) and w.codes.dtype == torch.uint8
+    codes, d = int8_groups(t)
+    assert torch.equal(w.int_codes(), torch.from_numpy(codes.astype(np.int32)).view(40, -1, 32))
+    assert torch.equal(w.scale, torch.from_numpy(d))
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+def test_merged_q5_0_parts_take_one_exact_form():
+    """q|k|v with a Q8_0 v beside Q5_0 q and k (Gemma 3, Qwen2) stays one 8-bit weight, exactly the
+    file; gate|up both Q5_0 stay 5-bit."""
+    q, k = random_tensor(Q.Q5_0, 64, 256, seed=1), random_tensor(Q.Q5_0, 32, 256, seed=2)
+    v = random_tensor(Q.Q8_0, 32, 256, seed=3)
+    qkv = pack_linear([q, k, v], torch.float32, own_kernels=True)
+    assert isinstance(qkv, GroupQuantWeight) and qkv.bits == 8
+    want = torch.from_numpy(np.concatenate([p.dequantize() for p in (q, k, v)]))
+    assert torch.equal(qkv.dequantize(), want)
+    gate_up = pack_linear([q, k], torch.float32, own_kernels=True)
+    assert isinstance(gate_up, GroupQuantWeight) and gate_up.bits == 5
+    assert torch.equal(gate_up.dequantize(), want[:96])
 
 
 @pytest.mark.usefixtures("cpp_kernels")
@@ -241,11 +268,7 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
     groups = k // 32
     scale = w.scale.double().numpy()  # (N, K/32)
     zero = w.zero.double().numpy() if w.zero is not None else np.zeros_like(scale)
-    if w.bits == 4:  # byte j of a group: code j in the low nibble, code j + 16 in the high one
-        c = w.codes.view(70, groups, 16)
-        codes = torch.cat([c & 0x0F, c >> 4], dim=-1).double().numpy()
-    else:
-        codes = w.codes.view(torch.int8).view(70, groups, 32).double().numpy()
+    codes = w.int_codes().double().numpy()  # (N, K/32, 32); checked against the file below
     w64 = codes * scale[..., None] + zero[..., None]
     assert np.allclose(w64.reshape(70, k), w.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
     xsum = xq.sum(axis=2) * dx[..., 0]  # (M, K/32) sums of the rounded x
@@ -261,7 +284,7 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
 
 
 @pytest.mark.usefixtures("cpp_kernels")
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0])
 def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
     """Each row's result is bit-identical whatever else is in the call: with int8 activations at
     every M (the GEMV, and both GEMM kernels on either side of their switch at 16 rows for 8-bit

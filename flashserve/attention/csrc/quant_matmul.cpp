@@ -14,6 +14,9 @@
 // Layouts (row-major over n):
 //   bits 4, G = 32: codes (N, K/2) uint8; byte j of a group's 16 holds q[j] in its low nibble
 //                   and q[j + 16] in its high nibble (GGUF's own Q4_0/Q4_1 block order).
+//   bits 5, G = 32: codes (N, K/32 * 20) uint8, a group's 20 bytes being GGUF's Q5_0 block without
+//                   its scale: 16 bytes of low nibbles as above, then 4 bytes (little-endian u32)
+//                   whose bit j is bit 4 of q[j]; the code is signed, q - 16 (Q5_0's w = d (q - 16)).
 //   bits 8, G % 16 == 0: codes (N, K) int8.
 //
 // Each output row is computed by the same instructions whatever M is and wherever it sits in
@@ -64,7 +67,10 @@ constexpr int64_t kAheadRows = 32;  // GEMV software prefetch distance, in weigh
 //   gate_up 576 1.52  1.00   0.90   0.87   0.79
 //   down  1536  1.42   -     0.83   0.97   0.79
 //   head (8-bit) 1.31  0.97   0.78   0.73   0.66
-inline int64_t tile_min_rows(int64_t bits) { return bits == 8 ? 16 : 24; }
+inline int64_t tile_min_rows(int64_t bits) { return bits == 4 ? 24 : 16; }  // 5-bit codes go the signed way
+
+// Bytes of codes per weight row (layouts above).
+inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
 
 struct Problem {
   const float* x;      // (M, K)
@@ -175,10 +181,52 @@ inline __m256i codes_u4(const uint8_t* c) {
 }
 inline __m256i codes_s8(const int8_t* c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)); }
 
-template <bool kSigned>
+// A 5-bit group (20 bytes) as signed codes in k order: the nibbles as codes_u4 reads them, bit j of
+// the u32 that follows moved to bit 4 of byte j (each byte picks the u32 byte holding its bit and
+// tests it), minus 16.
+inline __m256i codes_q5(const uint8_t* c) {
+  uint32_t high;
+  std::memcpy(&high, c + 16, 4);
+  const __m256i spread = _mm256_shuffle_epi8(  // per 128-bit lane; both lanes hold the u32 in bytes 0-3
+      _mm256_set1_epi32(static_cast<int32_t>(high)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);  // byte j of each 8: 1 << j
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_sub_epi8(_mm256_or_si256(codes_u4(c), _mm256_and_si256(set, _mm256_set1_epi8(0x10))),
+                         _mm256_set1_epi8(16));
+}
+
+// Group g of weight row n as 32 bytes in k order: unsigned for 4-bit codes, signed otherwise.
+template <int kBits>
 inline __m256i group_codes(const Problem& p, int64_t n, int64_t g) {
-  if (kSigned) return codes_s8(reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * 32);
+  if constexpr (kBits == 8) return codes_s8(reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * 32);
+  if constexpr (kBits == 5) return codes_q5(p.codes + n * row_code_bytes(5, p.K) + g * 20);
   return codes_u4(p.codes + n * (p.K / 2) + g * 16);
+}
+
+// 5-bit codes against float activations, as row_int8 with the codes unpacked per group.
+template <int MB>
+void row_int5(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t groups = p.K / 32;
+  const float* s = p.scale + n * groups;
+  __m256 acc0[MB], acc1[MB];
+  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 sg = _mm256_set1_ps(s[g]);
+    alignas(32) int8_t c[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), group_codes<5>(p, n, g));
+    for (int h = 0; h < 32; h += 16) {
+      const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(c + h));
+      const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sg);
+      const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), sg);
+      for (int i = 0; i < MB; ++i) {
+        const float* xp = p.x + (m0 + i) * p.K + g * 32 + h;
+        acc0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc1[i]);
+      }
+    }
+  }
+  finish_rows<MB>(p, n, m0, acc0, acc1);
 }
 
 // Signed codes times x: |q| (u8) times x with q's sign moved onto it (s8), products summed in pairs
@@ -230,7 +278,7 @@ struct GroupStep {
 // 0.88-0.99; the 8-bit LM head 0.75 (16) and 0.77 (32).
 // Codes, scales and zeros of weight rows [n0, n0 + rows) on their way to L1.
 inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
-  const int64_t groups = p.K / p.G, code_bytes = p.bits == 4 ? p.K / 2 : p.K;
+  const int64_t groups = p.K / p.G, code_bytes = row_code_bytes(p.bits, p.K);
   auto lines = [](const void* begin, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) prefetch_line(static_cast<const char*>(begin) + o);
   };
@@ -243,9 +291,9 @@ inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
   if (n + kAheadRows + rows <= p.N) prefetch_rows(p, n + kAheadRows, rows);
 }
 
-// GEMV for 8-bit (signed) codes: output row n against MB activation rows from m0; the group's
+// GEMV for signed (5- or 8-bit) codes: output row n against MB activation rows from m0; the group's
 // codes are loaded once for the MB rows. Lanes of acc[i] are j = g mod 8. (4-bit codes: gemv_q4.)
-template <int MB>
+template <int MB, int kBits>
 void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32;
   if (m0 == 0) prefetch_ahead(p, n, 1);
@@ -259,7 +307,7 @@ void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
         for (int i = 0; i < MB; ++i) dots[i][j] = _mm256_setzero_si256();
         continue;
       }
-      const __m256i w = group_codes<true>(p, n, g0 + j);
+      const __m256i w = group_codes<kBits>(p, n, g0 + j);
       for (int i = 0; i < MB; ++i) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * p.K + (g0 + j) * 32));
         dots[i][j] = dot_lanes_s8(w, x);
@@ -404,8 +452,9 @@ inline __m256 canonical_sum(const __m256* acc) {
 }
 
 // GEMM: NB output rows from n0 against the 8 activation rows of block `blk`. Lanes are rows m.
-template <int NB, bool kSigned>
+template <int NB, int kBits>
 void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
+  constexpr bool kSigned = kBits != 4;
   const int64_t groups = p.K / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) uint8_t wbytes[NB][32], wabs[NB][32];
@@ -414,7 +463,7 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     for (int i = 0; i < NB; ++i) {
-      const __m256i w = group_codes<kSigned>(p, n0 + i, g);
+      const __m256i w = group_codes<kBits>(p, n0 + i, g);
       _mm256_store_si256(reinterpret_cast<__m256i*>(wbytes[i]), w);
       if (kSigned) _mm256_store_si256(reinterpret_cast<__m256i*>(wabs[i]), _mm256_sign_epi8(w, w));
     }
@@ -475,10 +524,11 @@ struct TileGroup {
   __m256 scale, zero;
 };
 
-template <bool kSigned>
+template <int kBits>
 inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, TileGroup& t) {
+  constexpr bool kSigned = kBits != 4;
   const int64_t groups = p.K / 32;
-  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? group_codes<kSigned>(p, n0 + i, g) : _mm256_setzero_si256();
+  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? group_codes<kBits>(p, n0 + i, g) : _mm256_setzero_si256();
   transpose8x32(t.w);
   if (kSigned)
     for (int q = 0; q < 8; ++q) t.a[q] = _mm256_sign_epi8(t.w[q], t.w[q]);
@@ -526,7 +576,7 @@ inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp) {
 // tiled form (a call with more than kTileRows rows builds them once per task); without it each
 // group is built here, for the one pass of a smaller call.
 constexpr int64_t kTileRows = 32;
-template <bool kSigned>
+template <int kBits>
 void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0, int64_t rows, int64_t m0, int64_t mb) {
   const int64_t groups = p.K / 32;
   __m256 acc[kTileRows][8];
@@ -534,13 +584,13 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
   TileGroup here;
   for (int64_t g = 0; g < groups; ++g) {
-    if (!built) load_tile_group<kSigned>(p, n0, rows, g, here);
+    if (!built) load_tile_group<kBits>(p, n0, rows, g, here);
     const TileGroup& t = built ? (*built)[g] : here;
     const __m256 sv = t.scale, zv = t.zero;
     const int64_t j = g % 8;
     for (int64_t i = 0; i < mb; ++i) {
       const int64_t m = m0 + i;
-      const __m256i d32 = tile_dot<kSigned>(t.w, t.a, p.xq + m * p.K + g * 32);
+      const __m256i d32 = tile_dot<kBits != 4>(t.w, t.a, p.xq + m * p.K + g * 32);
       __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(sv, _mm256_set1_ps(p.dx[m * groups + g])), acc[i][j]);
       if (p.zero) a = _mm256_fmadd_ps(zv, _mm256_set1_ps(p.xsum[m * groups + g]), a);
       acc[i][j] = a;
@@ -559,7 +609,7 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
   }
 }
 // The tiled GEMM over all of y: parallel over tasks of 8 output rows.
-template <bool kSigned>
+template <int kBits>
 void gemm_tiled(const Problem& p) {
   const int64_t groups = p.K / 32;
   at::parallel_for(0, (p.N + 7) / 8, 1, [&](int64_t begin, int64_t end) {
@@ -569,18 +619,28 @@ void gemm_tiled(const Problem& p) {
       const std::vector<TileGroup>* built = nullptr;
       if (p.M > kTileRows) {  // several passes: build the tile once (A/B at M=128: 9-16% faster)
         tile.resize(groups);
-        for (int64_t g = 0; g < groups; ++g) load_tile_group<kSigned>(p, n0, rows, g, tile[g]);
+        for (int64_t g = 0; g < groups; ++g) load_tile_group<kBits>(p, n0, rows, g, tile[g]);
         built = &tile;
       }
       // the next task's rows on their way while this one computes (A/B at M = 32, cycled
       // weights: gate_up 0.88, down 0.98, head 0.97 of the time without)
       if (task + 1 < end) prefetch_rows(p, n0 + 8, std::min<int64_t>(8, p.N - n0 - 8));
       for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
-        gemm_tile<kSigned>(p, built, n0, rows, m0, std::min(kTileRows, p.M - m0));
+        gemm_tile<kBits>(p, built, n0, rows, m0, std::min(kTileRows, p.M - m0));
     }
   });
 }
 #endif
+
+// Code k of weight row n, in any layout above (the portable paths read codes one at a time).
+inline int code_at(const uint8_t* codes, int64_t bits, int64_t K, int64_t n, int64_t k) {
+  const int64_t j = k % 32;
+  if (bits == 8) return reinterpret_cast<const int8_t*>(codes)[n * K + k];
+  const uint8_t* group = codes + n * row_code_bytes(bits, K) + (k / 32) * (bits == 4 ? 16 : 20);
+  const int q = j < 16 ? (group[j] & 0x0F) : (group[j - 16] >> 4);
+  if (bits == 4) return q;
+  return (q | (((group[16 + j / 8] >> (j % 8)) & 1) << 4)) - 16;
+}
 
 // Portable version of the same arithmetic (codes times scale, dotted with x, plus z * xsum).
 void row_scalar(const Problem& p, int64_t n, int64_t m) {
@@ -590,13 +650,7 @@ void row_scalar(const Problem& p, int64_t n, int64_t m) {
   for (int64_t g = 0; g < groups; ++g) {
     float d = 0.f;
     for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k) {
-      int q;
-      if (p.bits == 4) {
-        const int64_t j = k % 32, byte = n * (p.K / 2) + (k / 32) * 16 + (j % 16);
-        q = j < 16 ? (p.codes[byte] & 0x0F) : (p.codes[byte] >> 4);
-      } else {
-        q = reinterpret_cast<const int8_t*>(p.codes)[n * p.K + k];
-      }
+      const int q = code_at(p.codes, p.bits, p.K, n, k);
       d += static_cast<float>(q) * p.scale[n * groups + g] * xr[k];
     }
     total += d;
@@ -612,14 +666,7 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
   for (int64_t g = 0; g < groups; ++g) {
     int32_t d = 0;
     for (int64_t k = g * 32; k < (g + 1) * 32; ++k) {
-      int q;
-      if (p.bits == 4) {
-        const int64_t j = k % 32, byte = n * (p.K / 2) + g * 16 + (j % 16);
-        q = j < 16 ? (p.codes[byte] & 0x0F) : (p.codes[byte] >> 4);
-      } else {
-        q = reinterpret_cast<const int8_t*>(p.codes)[n * p.K + k];
-      }
-      d += q * p.xq[m * p.K + k];
+      d += code_at(p.codes, p.bits, p.K, n, k) * p.xq[m * p.K + k];
     }
     float a = std::fma(static_cast<float>(d), p.scale[n * groups + g] * p.dx[m * groups + g], acc[g % 8]);
     if (p.zero) a = std::fma(p.zero[n * groups + g], p.xsum[m * groups + g], a);
@@ -631,8 +678,9 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
 template <int MB>
 void rows(const Problem& p, int64_t n, int64_t m0) {
 #ifdef FS_AVX2
-  if (p.xq) return p.bits == 4 ? gemv_q4<MB>(p, n, m0) : gemv_s8<MB>(p, n, m0);
+  if (p.xq) return p.bits == 4 ? gemv_q4<MB>(p, n, m0) : p.bits == 5 ? gemv_s8<MB, 5>(p, n, m0) : gemv_s8<MB, 8>(p, n, m0);
   if (p.bits == 4) return row_int4<MB>(p, n, m0);
+  if (p.bits == 5) return row_int5<MB>(p, n, m0);
   return row_int8<MB>(p, n, m0);
 #else
   for (int i = 0; i < MB; ++i) p.xq ? row_scalar_q8(p, n, m0 + i) : row_scalar(p, n, m0 + i);
@@ -703,11 +751,11 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
                               const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
                               bool int8_activations) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul: x must be (M, K) float32");
-  TORCH_CHECK(bits == 4 || bits == 8, "group_quant_matmul: bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "group_quant_matmul: bits must be 4, 5 or 8");
   TORCH_CHECK(bits == 8 ? group % 16 == 0 : group == 32, "group_quant_matmul: unsupported group size ", group);
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = codes.size(0);
-  TORCH_CHECK(K % group == 0 && codes.size(1) == (bits == 4 ? K / 2 : K), "group_quant_matmul: codes ",
+  TORCH_CHECK(K % group == 0 && codes.size(1) == row_code_bytes(bits, K), "group_quant_matmul: codes ",
               codes.sizes(), " do not match K = ", K);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.size(0) == N && scale.size(1) == K / group &&
                   scale.is_contiguous() && codes.is_contiguous(),
@@ -740,7 +788,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 #ifdef FS_AVX2
   if (int8_activations && M >= kGemmMinRows) {
     if (M >= tile_min_rows(bits)) {
-      bits == 4 ? gemm_tiled<false>(p) : gemm_tiled<true>(p);
+      bits == 4 ? gemm_tiled<4>(p) : bits == 5 ? gemm_tiled<5>(p) : gemm_tiled<8>(p);
       return y;
     }
     // The calling thread's scratch, bound by reference: the workers of the parallel region must
@@ -757,8 +805,12 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
         // codes 2 rows (2-8% faster than 4, whose 32 float accumulators spill); 8-bit signed codes
         // one row (the LM head: 26.5 ms with 4 rows, 22.8 with 2, 19.6 with 1).
         if (bits == 4)
-          for (; n + 2 <= n_end; n += 2) gemm_q8<2, false>(p, blocks, n, blk);
-        for (; n < n_end; ++n) bits == 4 ? gemm_q8<1, false>(p, blocks, n, blk) : gemm_q8<1, true>(p, blocks, n, blk);
+          for (; n + 2 <= n_end; n += 2) gemm_q8<2, 4>(p, blocks, n, blk);
+        for (; n < n_end; ++n) {
+          if (bits == 4) gemm_q8<1, 4>(p, blocks, n, blk);
+          else if (bits == 5) gemm_q8<1, 5>(p, blocks, n, blk);
+          else gemm_q8<1, 8>(p, blocks, n, blk);
+        }
       }
     });
     return y;
@@ -802,7 +854,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 // and as gguf's dequantization computes them); the build turns off FMA contraction for that.
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end) {
-  TORCH_CHECK(bits == 4 || bits == 8, "group_dequantize: bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "group_dequantize: bits must be 4, 5 or 8");
   TORCH_CHECK(bits == 8 ? group % 16 == 0 : group == 32, "group_dequantize: unsupported group size ", group);
   TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat,
               "group_dequantize: contiguous codes and float32 scales expected");
@@ -838,6 +890,8 @@ at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, co
             d[j] = static_cast<float>(b[j] & 0x0F) * sg + zg;
             d[j + 16] = static_cast<float>(b[j] >> 4) * sg + zg;
           }
+        } else if (bits == 5) {
+          for (int64_t j = 0; j < 32; ++j) d[j] = static_cast<float>(code_at(c, 5, K, n, g * 32 + j)) * sg + zg;
         } else {
           const int8_t* b = reinterpret_cast<const int8_t*>(c) + n * K + g * group;
           for (int64_t j = 0; j < group; ++j) d[j] = static_cast<float>(b[j]) * sg + zg;
