@@ -61,8 +61,10 @@ def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
             codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
         else:  # any bytes are valid 4-bit and 5-bit codes
             codes = torch.randint(0, 256, (n, k // 2 if bits == 4 else k // 32 * 20), dtype=torch.uint8, generator=gen)
-        scale = torch.rand(n, k // 32, generator=gen)
-        z = torch.randn(n, k // 32, generator=gen) if zero else None
+        # float16 tables (as GGUF's own d and m are kept) for the 4- and 5-bit codes, float32 for 8-bit
+        table = torch.float16 if bits != 8 else torch.float32
+        scale = torch.rand(n, k // 32, generator=gen).to(table)
+        z = torch.randn(n, k // 32, generator=gen).to(table) if zero else None
         for m in (1, 3, 8, 20, 40, 130):
             x = torch.randn(m, k, generator=gen)
             want = cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, True)

@@ -3,7 +3,8 @@
     GroupQuantWeight  this project's C++ kernel (attention/csrc/quant_matmul.cpp): w = q * s + z per
                  group along K, 4-bit or 5-bit codes (groups of 32) or 8-bit codes, s and z float32;
                  x and y float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0. The default when the C++
-                 build works. 6 bits per weight (4-bit codes, with zeros), 6 (5-bit) or 9 (8-bit).
+                 build works. s and z are float16 where that is exact (the file's own d and m), so
+                 Q4_0/Q4_1 take 5 bits per weight, Q5_0 5.5 and Q8_0 8.5, as in the file; Q4_K 6.
     Int4Weight   torch.ops.aten._weight_int4pack_mm_for_cpu:  w = (q - 8) * s + z, q in 0..15, one
                  (s, z) per group of 32 along K; codes packed by _convert_weight_to_int4pack_for_cpu,
                  scales_and_zeros (K/32, N, 2) in bfloat16. 5 bits per weight.
@@ -200,7 +201,8 @@ class Int8GroupWeight(PackedWeight):
 
 
 class GroupQuantWeight(PackedWeight):
-    """w = q * s + z per group of `group` values along K, q of 4, 5 or 8 bits, s and z float32:
+    """w = q * s + z per group of `group` values along K, q of 4, 5 or 8 bits, s and z float32 (or
+    float16 where exact):
     the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit), Q5_0 (5-bit) and Q8_0 (8-bit) blocks, run by this
     project's C++ kernel (attention/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
@@ -235,8 +237,8 @@ class GroupQuantWeight(PackedWeight):
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
             codes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
         self.codes = _param(codes.contiguous())  # (N, K/2), (N, K/32 * 20) or (N, K) uint8
-        self.scale = _param(scale.float().contiguous())  # (N, K/group)
-        self.zero = None if zero is None else _param(zero.float().contiguous())  # (N, K/group)
+        self.scale = _param(_narrowest_exact(scale))  # (N, K/group)
+        self.zero = None if zero is None else _param(_narrowest_exact(zero))  # (N, K/group)
 
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
@@ -280,9 +282,9 @@ class GroupQuantWeight(PackedWeight):
     def _weights(self, index) -> torch.Tensor:
         q = self.int_codes(index).float()  # (rows, K/group, group)
         rows = len(q)
-        w = q.mul_(self.scale[index][..., None])
+        w = q.mul_(self.scale[index][..., None].float())
         if self.zero is not None:
-            w.add_(self.zero[index][..., None])
+            w.add_(self.zero[index][..., None].float())
         return w.view(rows, self.in_features)
 
 
@@ -313,6 +315,14 @@ class RowSegments(PackedWeight):
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])[start:end]
+
+
+def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """float16 when it holds every value exactly (GGUF's own d and m are float16: Q4_0, Q4_1, Q5_0 and
+    Q8_0 scales, Q4_1 zeros), else float32 (K-quants' products of two scales, requantized groups)."""
+    t = t.float().contiguous()
+    half = t.half()
+    return half if torch.equal(half.float(), t) else t
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

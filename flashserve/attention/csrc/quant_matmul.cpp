@@ -72,12 +72,44 @@ inline int64_t tile_min_rows(int64_t bits) { return bits == 4 ? 24 : 16; }  // 5
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
 
+inline float half_to_float(uint16_t h) {
+#if defined(FS_AVX2) && defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// Per (row, group) values, (N, K/G) row-major: float32, or float16 where that holds them exactly
+// (GGUF's own d and m are float16), which halves their bytes. Empty when absent (no zeros).
+struct Table {
+  const void* data = nullptr;
+  bool half = false;
+  explicit operator bool() const { return data != nullptr; }
+  float operator[](int64_t i) const {
+    return half ? half_to_float(static_cast<const uint16_t*>(data)[i]) : static_cast<const float*>(data)[i];
+  }
+  int64_t elem_bytes() const { return half ? 2 : 4; }
+  const char* bytes_at(int64_t i) const { return static_cast<const char*>(data) + i * elem_bytes(); }
+#ifdef FS_AVX2
+  // Values [i, i + cnt) in lanes [0, cnt), zeros above; `mask` selects those lanes.
+  __m256 load8(int64_t i, int64_t cnt, __m256i mask) const {
+    if (!half) return _mm256_maskload_ps(static_cast<const float*>(data) + i, mask);
+    const uint16_t* h = static_cast<const uint16_t*>(data) + i;
+    if (cnt == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+    alignas(16) uint16_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(part, h, cnt * 2);
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
+  }
+#endif
+};
+
 struct Problem {
   const float* x;      // (M, K)
   const float* xsum;   // (M, K/G) per-group activation sums
   const uint8_t* codes;
-  const float* scale;  // (N, K/G)
-  const float* zero;   // (N, K/G) or nullptr
+  Table scale;         // (N, K/G)
+  Table zero;          // (N, K/G), or empty
   float* y;            // (M, N)
   int64_t M, N, K, G, bits;
   const int8_t* xq = nullptr;  // (M, K) int8 codes of x, when activations are rounded to int8
@@ -93,13 +125,14 @@ void finish_rows(const Problem& p, int64_t n, int64_t m0, const __m256* acc0, co
   for (int i = 0; i < MB; ++i) {
     float total = hsum(_mm256_add_ps(acc0[i], acc1[i]));
     if (p.zero) {
-      const float* z = p.zero + n * groups;
       const float* xs = p.xsum + (m0 + i) * groups;
+      const __m256i all = _mm256_set1_epi32(-1);
       __m256 zacc = _mm256_setzero_ps();
       int64_t g = 0;
-      for (; g + 8 <= groups; g += 8) zacc = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(xs + g), zacc);
+      for (; g + 8 <= groups; g += 8)
+        zacc = _mm256_fmadd_ps(p.zero.load8(n * groups + g, 8, all), _mm256_loadu_ps(xs + g), zacc);
       total += hsum(zacc);
-      for (; g < groups; ++g) total += z[g] * xs[g];
+      for (; g < groups; ++g) total += p.zero[n * groups + g] * xs[g];
     }
     p.y[(m0 + i) * p.N + n] = total;
   }
@@ -112,7 +145,6 @@ template <int MB>
 void row_int4(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32;
   const uint8_t* c = p.codes + n * (p.K / 2);
-  const float* s = p.scale + n * groups;
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -120,7 +152,7 @@ void row_int4(const Problem& p, int64_t n, int64_t m0) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
     const __m128i lo = _mm_and_si128(b, low4);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    const __m256 sg = _mm256_set1_ps(s[g]);
+    const __m256 sg = _mm256_set1_ps(p.scale[n * groups + g]);
     const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sg);
     const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sg);
     const __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sg);
@@ -140,11 +172,10 @@ template <int MB>
 void row_int8(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / p.G;
   const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
-  const float* s = p.scale + n * groups;
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sg = _mm256_set1_ps(s[g]);
+    const __m256 sg = _mm256_set1_ps(p.scale[n * groups + g]);
     for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 16) {  // G % 16 == 0
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
       const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sg);
@@ -208,11 +239,10 @@ inline __m256i group_codes(const Problem& p, int64_t n, int64_t g) {
 template <int MB>
 void row_int5(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32;
-  const float* s = p.scale + n * groups;
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sg = _mm256_set1_ps(s[g]);
+    const __m256 sg = _mm256_set1_ps(p.scale[n * groups + g]);
     alignas(32) int8_t c[32];
     _mm256_store_si256(reinterpret_cast<__m256i*>(c), group_codes<5>(p, n, g));
     for (int h = 0; h < 32; h += 16) {
@@ -257,8 +287,8 @@ struct GroupStep {
     const int64_t groups = p.K / 32;
     live = first_lanes(cnt);
     mask = _mm256_castps_si256(live);
-    sv = _mm256_maskload_ps(p.scale + n * groups + g0, mask);
-    zv = p.zero ? _mm256_maskload_ps(p.zero + n * groups + g0, mask) : _mm256_setzero_ps();
+    sv = p.scale.load8(n * groups + g0, cnt, mask);
+    zv = p.zero ? p.zero.load8(n * groups + g0, cnt, mask) : _mm256_setzero_ps();
   }
   __m256 apply(const Problem& p, __m256 acc, __m256i D, int64_t m, int64_t g0) const {
     const int64_t groups = p.K / 32;
@@ -283,8 +313,8 @@ inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
     for (int64_t o = 0; o < bytes; o += 64) prefetch_line(static_cast<const char*>(begin) + o);
   };
   lines(p.codes + n0 * code_bytes, rows * code_bytes);
-  lines(p.scale + n0 * groups, rows * groups * 4);
-  if (p.zero) lines(p.zero + n0 * groups, rows * groups * 4);
+  lines(p.scale.bytes_at(n0 * groups), rows * groups * p.scale.elem_bytes());
+  if (p.zero) lines(p.zero.bytes_at(n0 * groups), rows * groups * p.zero.elem_bytes());
 }
 
 inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
@@ -745,6 +775,19 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
   });
 }
 
+// A scale or zero tensor as a Table, checked against the codes' (N, K/G).
+Table table_of(const at::Tensor& t, int64_t N, int64_t groups, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, "quantized matmul: ", what,
+              " must be float32 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == groups && t.is_contiguous(), "quantized matmul: ", what,
+              " must be contiguous (N, K/G) = (", N, ", ", groups, "), got ", t.sizes());
+  return Table{t.data_ptr(), t.scalar_type() == at::kHalf};
+}
+
+Table optional_table(const c10::optional<at::Tensor>& t, int64_t N, int64_t groups, const char* what) {
+  return t.has_value() && t->defined() ? table_of(*t, N, groups, what) : Table{};
+}
+
 }  // namespace
 
 at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -757,11 +800,9 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   const int64_t M = xc.size(0), K = xc.size(1), N = codes.size(0);
   TORCH_CHECK(K % group == 0 && codes.size(1) == row_code_bytes(bits, K), "group_quant_matmul: codes ",
               codes.sizes(), " do not match K = ", K);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.size(0) == N && scale.size(1) == K / group &&
-                  scale.is_contiguous() && codes.is_contiguous(),
-              "group_quant_matmul: scale must be contiguous (N, K/G) float32");
-  const bool has_zero = zero.has_value() && zero->defined();
-  if (has_zero) TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat && zero->is_contiguous());
+  TORCH_CHECK(codes.is_contiguous(), "group_quant_matmul: codes must be contiguous");
+  const Table scales = table_of(scale, N, K / group, "scale"), zeros = optional_table(zero, N, K / group, "zero");
+  const bool has_zero = static_cast<bool>(zeros);
   auto y = at::empty({M, N}, xc.options());
   // The zero term needs per-group sums of x; only the 4-bit form has zeros, and its groups are 32.
   TORCH_CHECK(!has_zero || group == 32, "group_quant_matmul: zeros need groups of 32");
@@ -778,9 +819,8 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   if (has_zero || int8_activations)
     prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data() : nullptr,
                         int8_activations ? xq.data() : nullptr, int8_activations ? dx.data() : nullptr);
-  Problem p{xc.data_ptr<float>(), has_zero ? xsum.data() : nullptr,
-            codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-            has_zero ? zero->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, group, bits};
+  Problem p{xc.data_ptr<float>(), has_zero ? xsum.data() : nullptr, codes.data_ptr<uint8_t>(), scales, zeros,
+            y.data_ptr<float>(), M, N, K, group, bits};
   if (int8_activations) {
     p.xq = xq.data();
     p.dx = dx.data();
@@ -856,16 +896,12 @@ at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, co
                             int64_t bits, int64_t group, int64_t start, int64_t end) {
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "group_dequantize: bits must be 4, 5 or 8");
   TORCH_CHECK(bits == 8 ? group % 16 == 0 : group == 32, "group_dequantize: unsupported group size ", group);
-  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat,
-              "group_dequantize: contiguous codes and float32 scales expected");
+  TORCH_CHECK(codes.is_contiguous(), "group_dequantize: contiguous codes expected");
   const int64_t N = codes.size(0), groups = scale.size(1), K = groups * group;
   TORCH_CHECK(0 <= start && start <= end && end <= N, "group_dequantize: rows [", start, ", ", end, ") out of ", N);
-  const bool has_zero = zero.has_value() && zero->defined();
-  if (has_zero) TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat && zero->is_contiguous());
-  auto out = at::empty({end - start, K}, scale.options());
+  const Table s = table_of(scale, N, groups, "scale"), z = optional_table(zero, N, groups, "zero");
+  auto out = at::empty({end - start, K}, scale.options().dtype(at::kFloat));
   const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float* s = scale.data_ptr<float>();
-  const float* z = has_zero ? zero->data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   at::parallel_for(start, end, 16, [&](int64_t begin, int64_t stop) {
     for (int64_t n = begin; n < stop; ++n) {
