@@ -6,7 +6,7 @@ MODEL ?= smollm2-135m
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model browser test test-fast serve bench clean
+.PHONY: install model browser test test-fast serve bench llama-server loadtest-tools load-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -80,6 +80,56 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 bench: install
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir -e ".[bench]" || echo "llama-cpp-python not installed: peer columns will be skipped"
 	$(BIN)/python benchmarks/bench.py
+
+# llama.cpp's own HTTP server is the peer for the load test (llama-cpp-python's server runs one
+# request at a time). Built from the llama.cpp that llama-cpp-python's sdist vendors, so both peers
+# are the same llama.cpp; one build directory per vector width, so a move to another CPU kind
+# rebuilds instead of running the wrong instructions. No web UI, no TLS: nothing to download.
+LLAMA_CPP_PY := 0.3.36
+PEERS := .peers
+LLAMA_SRC := $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
+LLAMA_WIDTH := $(if $(filter ON,$(HAVE_AVX512)),avx512,avx2)
+LLAMA_SERVER := $(PEERS)/llama-server-$(LLAMA_CPP_PY)-$(LLAMA_WIDTH)/bin/llama-server
+
+$(LLAMA_SRC)/CMakeLists.txt: | $(BIN)/python
+	mkdir -p $(PEERS)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(PEERS) llama-cpp-python==$(LLAMA_CPP_PY)
+	tar -xzf $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(PEERS)
+	touch $@
+
+$(LLAMA_SERVER): | $(LLAMA_SRC)/CMakeLists.txt
+	@if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake g++ make; \
+		else $(BIN)/pip install -q cmake; fi; \
+	fi
+	PATH="$$PATH:$(CURDIR)/$(BIN)" cmake -S $(LLAMA_SRC) -B $(PEERS)/build-$(LLAMA_WIDTH) -DCMAKE_BUILD_TYPE=Release \
+		$(LLAMA_CMAKE_ARGS) -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+	PATH="$$PATH:$(CURDIR)/$(BIN)" cmake --build $(PEERS)/build-$(LLAMA_WIDTH) --target llama-server -j2
+	mkdir -p $(dir $@)
+	cp $(PEERS)/build-$(LLAMA_WIDTH)/bin/llama-server $@
+
+llama-server: $(LLAMA_SERVER)
+	@echo $(LLAMA_SERVER)
+
+# The load generator of benchmarks/load_test.py, pinned, in a venv of its own. aiperf rather than
+# guidellm: guidellm requires torch outright (a venv of its own would pull another torch build, and
+# in ours it pins click below our version); aiperf needs no torch. It does pin prometheus-client below
+# ours, hence its own venv, never mixed with .venv.
+LOADTEST_VENV := .venv-loadtest
+AIPERF := aiperf==0.13.0
+
+$(LOADTEST_VENV)/.$(AIPERF):
+	$(PY) -m venv $(LOADTEST_VENV)
+	$(LOADTEST_VENV)/bin/pip install -q "$(AIPERF)"
+	touch $@
+
+loadtest-tools: $(LOADTEST_VENV)/.$(AIPERF)
+
+# Both servers under the same aiperf load (LOAD_ARGS, e.g. --json-schema or --concurrency 1,32).
+load-test: model llama-server loadtest-tools
+	$(BIN)/python benchmarks/load_test.py $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV)
