@@ -5,7 +5,11 @@ order each round) so that a busy host slows them alike. Reported per command: me
 min-max wall time, median and max peak RSS (the child's own ru_maxrss, from wait4).
 
     python benchmarks/startup.py [--model smollm2-135m] [--prompt "The capital of France is"]
-        [--max-tokens 8] [--repeats 5] [--warmup 1] [--threads N]
+        [--max-tokens 8] [--repeats 5] [--warmup 1] [--threads N] [--serve]
+
+--serve times servers instead: from the process's start to the first 200 of /health (time to
+healthy), and its resident memory then (VmRSS) and at its peak so far (VmHWM): `flashserve serve`
+beside llama.cpp's own `llama-server` (built by `make llama-server`) on the same GGUF.
 
 The warm-up round is not counted: it fills the page cache and the tokenizer cache, so the
 figures are those of a second start, not of the first one after a fetch.
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 from common import have, header, table
+from load_test import find_llama_server, free_port
 
 LLAMA_CPP = """
 import sys
@@ -60,6 +65,82 @@ def run_once(cmd: list[str]) -> tuple[float, int, str]:
         return wall, usage.ru_maxrss * 1024, out.read().strip()
 
 
+def server_commands(model_path: str, a) -> dict[str, list[str]]:
+    """Each takes a port as its last argument."""
+
+    threads = str(a.threads or 2)
+    cmds = {"flashserve serve": [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", model_path,
+                                 "--threads", threads, "--port"]}
+    peer = find_llama_server(None)
+    if peer:
+        cmds["llama-server"] = [peer, "-m", model_path, "-t", threads, "--log-disable", "--port"]
+    return cmds
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a running process, bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def time_to_healthy(cmd: list[str], timeout: float = 300.0) -> tuple[float, int, int]:
+    """(seconds from start to the first 200 of /health, VmRSS then, VmHWM then) of a fresh server."""
+    import httpx
+
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*cmd, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while time.perf_counter() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd[:3])} exited with {proc.returncode}:\n{proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
+                    wall = time.perf_counter() - t0
+                    status = proc_status(proc.pid)
+                    return wall, status["VmRSS"], status["VmHWM"]
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"{cmd[0]} not healthy within {timeout} s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def serve_main(model_path: str, a) -> None:
+    cmds = server_commands(model_path, a)
+    header("start-up: server time to healthy, each run a new process", model=Path(model_path).name,
+           repeats=a.repeats, warmup_rounds=a.warmup, threads=a.threads or 2)
+    if "llama-server" not in cmds:
+        print("llama-server: not built (make llama-server), its row is skipped")
+    names = list(cmds)
+    runs = {n: [] for n in names}
+    for r in range(a.warmup + a.repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            result = time_to_healthy(cmds[n])
+            if r >= a.warmup:
+                runs[n].append(result)
+    rows = [{"server": n, "to healthy s (median)": statistics.median(w for w, _, _ in runs[n]),
+             "s (min-max)": f"{min(w for w, _, _ in runs[n]):.3g}-{max(w for w, _, _ in runs[n]):.3g}",
+             "RSS at healthy MiB (median)": statistics.median(r for _, r, _ in runs[n]) / 2**20,
+             "peak RSS MiB (max)": max(h for _, _, h in runs[n]) / 2**20}
+            for n in names]
+    print(table(rows, list(rows[0])))
+    if len(names) == 2:
+        ratio = rows[0]["to healthy s (median)"] / rows[1]["to healthy s (median)"]
+        print(f"time to healthy, {names[0]} / {names[1]}: {ratio:.3g}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,11 +150,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="counted runs of each command")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first")
     ap.add_argument("--threads", type=int, default=None, help="both engines' threads (default: their own)")
+    ap.add_argument("--serve", action="store_true", help="time servers to healthy instead (module docstring)")
     a = ap.parse_args(argv)
 
     from flashserve.model.catalogue import resolve
 
     model_path = str(resolve(a.model))
+    if a.serve:
+        return serve_main(model_path, a)
     cmds = commands(model_path, a)
     header("start-up: one-shot completion, each run a new process", model=Path(model_path).name, prompt=repr(a.prompt),
            max_tokens=a.max_tokens, repeats=a.repeats, warmup_rounds=a.warmup,
