@@ -47,6 +47,7 @@ import vllm_peer  # noqa: E402 - found through the path set just above
 
 ENGINES = ("flashserve", "llama-server", "vllm")  # the order of the report's rows
 DEFAULT_ENGINES = "flashserve,llama-server"  # vLLM when asked for: a fresh one per repeat costs minutes
+MODES = ("plain", "json_schema")  # plain rows before schema rows in the report
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 # Structured output that cannot finish inside a few hundred tokens (32 objects of 15-20 tokens each),
 # so both engines generate exactly max_tokens with the schema as without it (where ignore_eos does
