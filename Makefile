@@ -29,7 +29,7 @@ browser:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	fi
 
-test: model browser
+test: model browser loadtest-tools
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -116,7 +116,8 @@ llama-server: $(LLAMA_SERVER)
 # The load generator of benchmarks/load_test.py, pinned, in a venv of its own. aiperf rather than
 # guidellm: guidellm requires torch outright (a venv of its own would pull another torch build, and
 # in ours it pins click below our version); aiperf needs no torch. It does pin prometheus-client below
-# ours, hence its own venv, never mixed with .venv.
+# ours, hence its own venv, never mixed with .venv. `make test` makes it too: tests/test_load_test.py runs
+# the script against our server with it.
 LOADTEST_VENV := .venv-loadtest
 AIPERF := aiperf==0.13.0
 
