@@ -47,13 +47,15 @@ import vllm_peer  # noqa: E402 - found through the path set just above
 
 ENGINES = ("flashserve", "llama-server", "vllm")  # the order of the report's rows
 DEFAULT_ENGINES = "flashserve,llama-server"  # vLLM when asked for: a fresh one per repeat costs minutes
+MODES = ("plain", "json_schema")  # plain rows before schema rows in the report
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-# Structured output that cannot finish inside 128 tokens (16 objects of ~20 tokens each), so both
-# engines generate exactly max_tokens with and without the schema and tok/s compare like for like.
+# Structured output that cannot finish inside a few hundred tokens (32 objects of 15-20 tokens each),
+# so both engines generate exactly max_tokens with the schema as without it (where ignore_eos does
+# it; flashserve refuses ignore_eos with a schema), and tok/s compare like for like.
 SCHEMA = {
     "type": "object",
     "properties": {"people": {
-        "type": "array", "minItems": 16,
+        "type": "array", "minItems": 32,
         "items": {
             "type": "object",
             "properties": {"name": {"type": "string", "maxLength": 24},
@@ -90,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.concurrency = [int(c) for c in (a.concurrency or ("1,32" if a.json_schema else "1,4,16,32,64")).split(",")]
     a.engines = a.engines.split(",")
-    a.modes = ["plain", "json_schema"] if a.json_schema else ["plain"]
+    a.modes = list(MODES) if a.json_schema else ["plain"]
     return a
 
 
@@ -185,13 +187,15 @@ def server_cmd(engine: str, a, gguf: Path, port: int) -> list[str]:
             "-t", str(a.threads), "--host", "127.0.0.1", "--port", str(port)]
 
 
-def extra_inputs(engine: str, mode: str, output_tokens: int) -> dict:
-    extra = {"temperature": 0.0, "ignore_eos": True}
-    if mode == "json_schema":
-        # /v1/completions: ours takes OpenAI's response_format; llama-server takes the schema as json_schema
-        extra.update({"response_format": {"type": "json_schema", "json_schema": {"name": "people", "schema": SCHEMA}}}
-                     if engine == "flashserve" else {"json_schema": SCHEMA})
-    return extra
+def extra_inputs(engine: str, mode: str) -> dict:
+    """Request fields beyond prompt/max_tokens/stream: greedy, and either ignore_eos or the schema."""
+    if mode == "plain":
+        return {"temperature": 0.0, "ignore_eos": True}
+    # /v1/completions: ours takes OpenAI's response_format; llama-server takes the schema as json_schema
+    if engine == "flashserve":
+        return {"temperature": 0.0, "response_format": {"type": "json_schema",
+                                                        "json_schema": {"name": "people", "schema": SCHEMA}}}
+    return {"temperature": 0.0, "json_schema": SCHEMA}
 
 
 def run_aiperf(a, server: Server, engine: str, mode: str, c: int, prompts: Path, tokenizer: Path, out: Path) -> dict:
@@ -199,7 +203,7 @@ def run_aiperf(a, server: Server, engine: str, mode: str, c: int, prompts: Path,
     cmd = [a.aiperf, "profile", "--model", server.model, "--url", server.url, "--endpoint-type", "completions",
            "--streaming", "--input-file", str(prompts), "--custom-dataset-type", "single_turn",
            "--dataset-sampling-strategy", "sequential", "--osl", str(a.output_tokens),
-           "--extra-inputs", json.dumps(extra_inputs(engine, mode, a.output_tokens)),
+           "--extra-inputs", json.dumps(extra_inputs(engine, mode)),
            "--concurrency", str(c), "--request-count", str(n), "--warmup-request-count", str(c),
            "--tokenizer", str(tokenizer), "--use-server-token-count", "--random-seed", "0",
            "--artifact-dir", str(out), "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
@@ -248,7 +252,7 @@ def summarize(runs: list[dict]) -> tuple[list[dict], list[dict]]:
     """Runs (engine, mode, concurrency, repeat, metrics...) -> table rows over repeats, and the
     flashserve / peer ratios taken within each repeat, for each peer that ran."""
     keys = sorted({(r["mode"], r["concurrency"], r["engine"]) for r in runs},
-                  key=lambda k: (k[0], k[1], ENGINES.index(k[2]) if k[2] in ENGINES else 9))
+                  key=lambda k: (MODES.index(k[0]), k[1], ENGINES.index(k[2])))
     rows = []
     for mode, c, engine in keys:
         rs = [r for r in runs if (r["mode"], r["concurrency"], r["engine"]) == (mode, c, engine)]
@@ -262,7 +266,7 @@ def summarize(runs: list[dict]) -> tuple[list[dict], list[dict]]:
         rows.append(row)
     ratios = []
     for peer in ENGINES[1:]:
-        for mode, c in sorted({(r["mode"], r["concurrency"]) for r in runs}):
+        for mode, c in sorted({(r["mode"], r["concurrency"]) for r in runs}, key=lambda k: (MODES.index(k[0]), k[1])):
             by_rep = {}
             for r in runs:
                 if (r["mode"], r["concurrency"]) == (mode, c):
