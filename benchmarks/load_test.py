@@ -208,7 +208,10 @@ def run_aiperf(a, server: Server, engine: str, mode: str, c: int, prompts: Path,
            "--tokenizer", str(tokenizer), "--use-server-token-count", "--random-seed", "0",
            "--artifact-dir", str(out), "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
            # one worker and one record processor: the 2 cores belong to the server under test
-           "--workers-max", "1", "--record-processors", "1"]
+           "--workers-max", "1", "--record-processors", "1",
+           # a connection per request: llama-server closes idle kept-alive ones, and aiperf would send the
+           # next request on a closed one (a "Server disconnected" error right after the warm-up)
+           "--connection-reuse-strategy", "never"]
     # No HF_HUB_OFFLINE here: under it aiperf 0.13 looks a tokenizer path up as a hub cache entry and
     # fails; an absolute directory is loaded from disk without it, with no hub look-up.
     r = subprocess.run(cmd, capture_output=True, text=True)
