@@ -24,6 +24,7 @@ def time_us(fn, reps: int = 20) -> float:
 
 def main() -> None:
     from flashserve.attention import decode
+    from flashserve.kernels import reference
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -44,7 +45,7 @@ def main() -> None:
         q = torch.randn(n, hq, d, dtype=dtype)
         args_ = (q, k_cache, v_cache, block_table, seq_lens, length, length, d**-0.5)
         cpp = time_us(lambda: decode.decode_attention(*args_))
-        ref = time_us(lambda: decode.decode_attention_torch(*args_))
+        ref = time_us(lambda: reference.paged_decode_attention(*args_, None, None, decode.SPLIT_TOKENS))
         kv_bytes = 2 * n * length * hk * d * k_cache.element_size()
         rows.append({"seqs": n, "context": length, "C++ µs": round(cpp), "torch µs": round(ref),
                      "torch / C++": round(ref / cpp, 1), "C++ GB/s of K/V": round(kv_bytes / cpp / 1e3, 1)})

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import header, set_threads, table
-from flashserve.attention.cpu_kernels import CSRC, SOURCES, build_cpu_kernels
+from flashserve.kernels.build import CSRC, SOURCES, build_cpu_kernels
 
 L3_BYTES = 64 << 20
 SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding's 8-bit codes
@@ -33,9 +33,21 @@ SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding
 def baseline_build(rev: str, workdir: Path):
     src = workdir / "csrc"
     src.mkdir()
-    for name in [*SOURCES, "kernels.h", "simd.h"]:  # "rev:./path" is relative to git's working directory
-        (src / name).write_text(subprocess.check_output(["git", "show", f"{rev}:./{name}"], cwd=CSRC, text=True))
-    return build_cpu_kernels(src, name="flashserve_kernel_ab_" + rev.replace("/", "_").replace("~", "_").replace("^", "_"))
+    for name in [*SOURCES, "kernels.h", "simd.h"]:
+        (src / name).write_text(_show(rev, name))
+    return build_cpu_kernels(None, src, name="flashserve_kernel_ab_" + rev.replace("/", "_").replace("~", "_").replace("^", "_"))
+
+
+def _show(rev: str, name: str) -> str:
+    """A source file as of `rev`, from where the kernels lived then (flashserve/attention/csrc before
+    the kernels package)."""
+    for folder in ("flashserve/kernels/csrc", "flashserve/attention/csrc"):
+        try:
+            return subprocess.check_output(["git", "show", f"{rev}:{folder}/{name}"], cwd=CSRC, text=True,
+                                           stderr=subprocess.DEVNULL)
+        except subprocess.CalledProcessError:
+            continue
+    raise FileNotFoundError(f"{name} at {rev}")
 
 
 def weights(n: int, k: int, bits: int, gen: torch.Generator) -> list[tuple]:

@@ -25,15 +25,6 @@ class CPUInfo:
         """bfloat16 dot products in hardware (AVX512-BF16 or AMX), not emulated through float32."""
         return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
 
-    @property
-    def vector_level(self) -> str:
-        """The widest vector level the compiled kernels use here (they are built for this CPU)."""
-        if {"avx512f", "avx512bw", "avx512vl"} <= self.flags:
-            return "avx512_vnni" if "avx512_vnni" in self.flags else "avx512"
-        if {"avx2", "fma"} <= self.flags:
-            return "avx2"
-        return "scalar"
-
 
 @functools.cache
 def cpu_info() -> CPUInfo:

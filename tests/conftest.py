@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 def cpp_kernels():
     """The project's C++ kernels, built strictly: when they do not build, the tests that ask for
     them fail with the compiler's output instead of skipping (the engine would fall back quietly)."""
-    from flashserve.attention.cpu_kernels import build_cpu_kernels, cpu_kernels
+    from flashserve.kernels.build import build_cpu_kernels, cpu_kernels
 
     kernels = build_cpu_kernels()
     assert cpu_kernels() is kernels  # the engine's layers call this same build

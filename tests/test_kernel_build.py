@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from flashserve.attention import cpu_kernels as ck
-from tests.host import cpu_flags
+from flashserve.kernels import build as ck
+from flashserve.kernels import reference
 
 BROKEN_LINE = "int flashserve_broken = ;  // a syntax error planted by the test"
 
@@ -26,7 +26,7 @@ def test_broken_source_fails_with_the_compilers_message(tmp_path, monkeypatch, c
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
 
     with pytest.raises(ck.KernelBuildError) as info:
-        ck.build_cpu_kernels(src, "flashserve_broken_build_test")
+        ck.build_cpu_kernels(None, src, "flashserve_broken_build_test")
     message = str(info.value)
     assert f"{ck.SOURCES[0]}:{len(lines)}:" in message  # file and line, as the compiler reports them
     assert "error: expected primary-expression" in message
@@ -43,17 +43,32 @@ def test_broken_source_fails_with_the_compilers_message(tmp_path, monkeypatch, c
     assert record.getMessage().count("torch implementations") == 1
 
 
-@pytest.mark.slow  # a second build of the kernels (one to two minutes)
-def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
-    """The int8 kernels take one instruction (vpdpbusd) per four products on VNNI hosts and three
-    (vpmaddubsw, vpmaddwd, vpaddd) on AVX2 ones: exact integer sums either way, so a build without
-    VNNI must give bit-identical outputs on every kernel M selects (GEMV, GEMM, tiled GEMM)."""
+OTHER_LEVELS = [lv.name for lv in ck.supported_levels()[1:]]  # the suite's own build is the first
+
+
+def test_levels_follow_the_cpu():
+    """The engine's level is the widest whose features /proc/cpuinfo lists; every x86 CPU it runs
+    on has the portable one beneath it."""
+    from tests.host import cpu_flags
+
+    flags = cpu_flags()
+    best = ck.best_level()
+    assert best.needs <= flags
+    wider = ck.LEVELS[: ck.LEVELS.index(best)]
+    assert all(not lv.needs <= flags for lv in wider)
+    assert ck.supported_levels()[-1].name == "scalar"
+
+
+@pytest.mark.slow  # another build of the kernels per level (one to two minutes each)
+@pytest.mark.parametrize("level", OTHER_LEVELS)
+def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, level):
+    """The quantized matmul with int8 activations is integer arithmetic summed in one fixed float
+    order (quant_matmul.cpp), so every level this CPU runs (VNNI's one-instruction dot products,
+    AVX2's three, the portable loops) must give bit-identical outputs on every kernel M selects
+    (GEMV, GEMM, tiled GEMM); the other kernels of that build match their torch twins."""
     import torch
 
-    if not {"avx512_vnni", "avx_vnni"} & cpu_flags():
-        pytest.skip("this CPU has only the AVX2 level: the suite's own build already runs it")
-    avx2 = ck.build_cpu_kernels(ck.CSRC, "flashserve_cpu_kernels_no_vnni_" + ck._build_name(ck.CSRC)[-10:],
-                                ("-mno-avx512vnni", "-mno-avxvnni"))
+    other = ck.build_cpu_kernels(level)
     gen = torch.Generator().manual_seed(0)
     for bits, zero in ((4, True), (5, False), (8, False)):
         n, k = 72, 320
@@ -65,7 +80,35 @@ def test_every_dot_product_level_gives_the_same_bits(cpp_kernels):
         table = torch.float16 if bits != 8 else torch.float32
         scale = torch.rand(n, k // 32, generator=gen).to(table)
         z = torch.randn(n, k // 32, generator=gen).to(table) if zero else None
+        w = cpp_kernels.group_dequantize(codes, scale, z, bits, 32, 0, n)
+        assert torch.equal(other.group_dequantize(codes, scale, z, bits, 32, 0, n), w)
         for m in (1, 3, 8, 20, 40, 130):
             x = torch.randn(m, k, generator=gen)
             want = cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, True)
-            assert torch.equal(avx2.group_quant_matmul(x, codes, scale, z, bits, 32, True), want), (bits, m)
+            assert torch.equal(other.group_quant_matmul(x, codes, scale, z, bits, 32, True), want), (bits, m)
+            # float activations: the same products, summed in each level's own order
+            diff = other.group_quant_matmul(x, codes, scale, z, bits, 32, False) - \
+                cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, False)
+            assert (diff.abs() <= 2.0**-16 * (x.abs() @ w.abs().t())).all(), (bits, m)
+
+    x, w = torch.randn(7, 96, generator=gen), torch.randn(96, generator=gen)
+    torch.testing.assert_close(other.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+    gate_up = torch.randn(9, 2 * 83, generator=gen) * 4
+    for gelu in (False, True):
+        torch.testing.assert_close(other.act_and_mul(gate_up, gelu), reference.act_and_mul(gate_up, gelu),
+                                   atol=1e-5, rtol=1e-5)
+    cos, sin = torch.rand(64, 16, generator=gen), torch.rand(64, 16, generator=gen)
+    positions = torch.tensor([0, 5, 63])
+    q, kk = torch.randn(3, 4, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    want_q, want_k = reference.rotary(positions, q, kk, cos, sin)
+    other.rotary_(q, positions, cos, sin)
+    other.rotary_(kk, positions, cos, sin)
+    torch.testing.assert_close((q, kk), (want_q, want_k), atol=1e-5, rtol=1e-5)
+    # paged decode: 3 sequences over 16-token blocks, GQA 4:2, one sequence past a split
+    kc, vc = torch.randn(40, 16, 2, 32, generator=gen), torch.randn(40, 16, 2, 32, generator=gen)
+    table = torch.randperm(40, generator=gen)[:39].view(3, 13).to(torch.int32)
+    lens = torch.tensor([5, 200, 129], dtype=torch.int32)
+    q = torch.randn(3, 4, 32, generator=gen)
+    got = other.paged_decode_attention(q, kc, vc, table, lens, 0.17, -1, 0.0, 64)
+    want = reference.paged_decode_attention(q, kc, vc, table, lens, 200, 5, 0.17, None, None, 64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

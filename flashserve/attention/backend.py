@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.attention.decode import decode_attention
-from flashserve.attention.kv_quant import Int8KVCache
+from flashserve.attention import kv_quant
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.attention.prefill import prefill_attention
 
@@ -16,12 +16,8 @@ from flashserve.attention.prefill import prefill_attention
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v: (T, Hk, D) → cache slots slot_mapping (T,), in place."""
-    if isinstance(k_cache, Int8KVCache):
-        k_cache.write(k, slot_mapping)
-        v_cache.write(v, slot_mapping)
-        return
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    kv_quant.write(k_cache, k, slot_mapping)
+    kv_quant.write(v_cache, v, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -46,6 +46,28 @@ class Int8KVCache:
         self.scale[dst] = self.scale[src]
 
 
+# One side of a layer's cache is a plain tensor (num_blocks, block_size, heads, head_dim) of a float
+# dtype, or an Int8KVCache; the three functions below are the only places that tell them apart.
+def is_int8(cache) -> bool:
+    return isinstance(cache, Int8KVCache)
+
+
+def write(cache, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """x: (T, H, D) → the cache's slots slot_mapping (T,), in place."""
+    if is_int8(cache):
+        cache.write(x, slot_mapping)
+    else:
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
+
+
+def copy_blocks(cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Blocks src → dst (copy-on-write of shared blocks)."""
+    if is_int8(cache):
+        cache.copy_blocks(src, dst)
+    else:
+        cache[dst] = cache[src]
+
+
 FLOAT_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashserve.attention.decode import finite_max
+from flashserve.kernels.reference import finite_max, merge_partials
 
 Q_TILE = 256  # query rows per tile in the soft-capped path
 KV_TILE = 256  # keys per tile in the soft-capped path
@@ -94,11 +94,6 @@ def _tiled_softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             p = torch.exp(s - finite_max(m_t))
             l_t = p.sum(-1, keepdim=True)
             o_t = torch.matmul(p.view(Hk, -1, k1 - k0).to(v.dtype), v[:, k0:k1]).float().view(Hk, G, q1 - q0, D)
-            if m is None:
-                m, l, acc = m_t, l_t, o_t
-            else:
-                m_new = torch.maximum(m, m_t)
-                a, b = torch.exp(m - finite_max(m_new)), torch.exp(m_t - finite_max(m_new))
-                l, acc, m = l * a + l_t * b, acc * a + o_t * b, m_new
+            m, l, acc = merge_partials((m, l, acc), (m_t, l_t, o_t))
         out[:, :, q0:q1] = (acc / l).to(q.dtype)
     return out.view(Hq, ql, D)

@@ -10,8 +10,8 @@ def environment_report(model: str | None = None, dtype: str = "auto", quantizati
     """Lines of `name: value`; `model` (a path or built-in name) adds the dtype chosen for it."""
     import torch
 
-    from flashserve.attention.cpu_kernels import KernelBuildError, build_cpu_kernels
     from flashserve.cpu_info import cpu_info
+    from flashserve.kernels.build import KernelBuildError, best_level, build_cpu_kernels, supported_levels
     from flashserve.engine.arg_utils import resolve_dtype
 
     cpu = cpu_info()
@@ -23,7 +23,8 @@ def environment_report(model: str | None = None, dtype: str = "auto", quantizati
     ]
     try:
         build_cpu_kernels()
-        lines.append(f"C++ kernels: built for this CPU (-march=native), vector level {cpu.vector_level}")
+        levels = ", ".join(lv.name for lv in supported_levels(cpu))
+        lines.append(f"C++ kernels: level {best_level(cpu).name}, the widest of those this CPU runs ({levels})")
     except KernelBuildError as exc:
         lines.append(f"C++ kernels: unavailable, torch implementations in use ({str(exc).splitlines()[0]})")
     if model is not None:

@@ -137,9 +137,9 @@ def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _own_kernels() -> bool:
     """This project's C++ kernel (float32 activations, exact scales) when it built; else torch's."""
-    from flashserve.attention.cpu_kernels import cpu_kernels
+    from flashserve.kernels import ops
 
-    return cpu_kernels() is not None
+    return ops.available()
 
 
 def _dense(part: Part) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Weights packed for quantized CPU kernels, each an nn.Module mapping x (..., K) → (..., N).
 
-    GroupQuantWeight  this project's C++ kernel (attention/csrc/quant_matmul.cpp): w = q * s + z per
+    GroupQuantWeight  this project's C++ kernel (kernels/csrc/quant_matmul.cpp): w = q * s + z per
                  group along K, 4-bit or 5-bit codes (groups of 32) or 8-bit codes, s and z float32;
                  x and y float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0. The default when the C++
                  build works. s and z are float16 where that is exact (the file's own d and m), so
@@ -55,6 +55,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flashserve.kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ class GroupQuantWeight(PackedWeight):
     """w = q * s + z per group of `group` values along K, q of 4, 5 or 8 bits, s and z float32 (or
     float16 where exact):
     the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit), Q5_0 (5-bit) and Q8_0 (8-bit) blocks, run by this
-    project's C++ kernel (attention/csrc/quant_matmul.cpp) on float32 activations, so neither x
+    project's C++ kernel (kernels/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
     With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8 and
     computes every M itself (no large-M path), so a row's result never depends on its step.
@@ -248,19 +250,13 @@ class GroupQuantWeight(PackedWeight):
         self.large_m = sys.maxsize if self.int8_activations else 64 if self.bits == 4 else 128
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        from flashserve.attention.cpu_kernels import cpu_kernels
-
-        return cpu_kernels().group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
-                                                self.int8_activations)
+        return ops.group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
+                                      self.int8_activations)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        from flashserve.attention.cpu_kernels import kernels_for
-
-        kernels = kernels_for(self.codes)
-        if kernels is None:
-            return self._weights(slice(start, end))
-        end = self.out_features if end is None else min(end, self.out_features)
-        return kernels.group_dequantize(self.codes, self.scale, self.zero, self.bits, self.group, start, end)
+        stop = self.out_features if end is None else min(end, self.out_features)
+        w = ops.group_dequantize(self.codes, self.scale, self.zero, self.bits, self.group, start, stop)
+        return self._weights(slice(start, end)) if w is None else w
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Embedding lookup: (T,) ids → (T, K) in `dtype`, exactly q * s + z."""

@@ -1,4 +1,4 @@
-"""Decode steps run layer after layer in C++ (attention/csrc/decode_plan.cpp), for Llama-family
+"""Decode steps run layer after layer in C++ (kernels/csrc/decode_plan.cpp), for Llama-family
 (Llama, Mistral, SmolLM2, Qwen2) and Gemma 3 models.
 
 A single-stream decode step of SmolLM2-135M spent about 8 of its 26 ms in Python and torch
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from flashserve.attention.cpu_kernels import cpu_kernels
 from flashserve.attention.decode import SPLIT_TOKENS
+from flashserve.attention.kv_quant import is_int8
 from flashserve.attention.metadata import AttentionMetadata
+from flashserve.kernels import ops
 from flashserve.model.layers.linear import Linear
 from flashserve.model.models.gemma3 import Gemma3DecoderLayer
 from flashserve.model.models.llama import LlamaDecoderLayer
@@ -51,7 +52,7 @@ class DecodePlan:
 
 def build_decode_plan(model) -> DecodePlan | None:
     """The plan for `model` (caches bound), or None when some part of it needs the modules."""
-    kernels = cpu_kernels()
+    kernels = ops.native()
     cfg = model.config
     layers = model.model.layers
     kinds = {type(layer) for layer in layers}
@@ -64,7 +65,7 @@ def build_decode_plan(model) -> DecodePlan | None:
     if not all(_supported(m) for m in linears):
         return None
     for layer in layers:
-        if layer.self_attn.kv_cache is None or any(type(c) is not torch.Tensor or c.dtype not in _CACHE_DTYPES
+        if layer.self_attn.kv_cache is None or any(is_int8(c) or c.dtype not in _CACHE_DTYPES
                                                    or not c.is_contiguous() for c in layer.self_attn.kv_cache):
             return None
     first = layers[0].self_attn

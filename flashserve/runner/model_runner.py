@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.attention import kv_quant
 from flashserve.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
@@ -51,10 +52,7 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for k_cache, v_cache in self.kv_caches:
             for cache in (k_cache, v_cache):
-                if hasattr(cache, "copy_blocks"):
-                    cache.copy_blocks(src, dst)
-                else:
-                    cache[dst] = cache[src]
+                kv_quant.copy_blocks(cache, src, dst)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

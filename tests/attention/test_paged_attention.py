@@ -13,6 +13,7 @@ from flashserve.attention import prefill as prefill_mod
 from flashserve.attention.backend import paged_attention, write_kv
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.attention.reference import paged_attention_reference
+from flashserve.kernels import reference
 
 
 def make_batch(rng: random.Random, specs, block_size, hk, d, hq, dtype, num_blocks=None):
@@ -202,6 +203,13 @@ def test_strided_inputs_from_a_fused_qkv_projection(specs):
 
 
 @pytest.mark.usefixtures("cpp_kernels")
+def torch_twin(q, k_cache, v_cache, block_table, seq_lens, max_seq_len, min_seq_len, scale, window=None,
+               softcap=None):
+    """The C++ decode kernel's torch twin, with the split size decode_attention passes it."""
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, max_seq_len, min_seq_len,
+                                            scale, window, softcap, decode_mod.SPLIT_TOKENS)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("seed", range(12))
 def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
@@ -219,7 +227,7 @@ def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
     args = (q, kc, vc, meta.block_table, meta.seq_lens, meta.max_seq_len, min(meta.seq_lens_cpu), d**-0.5,
             window, softcap)
     got = decode_mod.decode_attention(*args)
-    want = decode_mod.decode_attention_torch(*args)
+    want = torch_twin(*args)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
@@ -244,7 +252,7 @@ def test_two_byte_kv_cache_read_as_float32(monkeypatch, cache_dtype, seed):
     args = (q, kc2, vc2, meta.block_table, meta.seq_lens, meta.max_seq_len, min(meta.seq_lens_cpu), d**-0.5)
     got = decode_mod.decode_attention(*args)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, decode_mod.decode_attention_torch(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, torch_twin(*args), atol=1e-5, rtol=1e-5)
     rounding = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[cache_dtype]
     for i, (K, V) in enumerate(dense):
         torch.testing.assert_close(got[i].double(), dense_attention(q[i : i + 1], K, V, d**-0.5)[0],

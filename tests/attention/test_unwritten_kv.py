@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashserve.attention.backend import paged_attention, write_kv
-from flashserve.attention.decode import decode_attention_torch
+from flashserve.kernels.reference import paged_decode_attention as decode_attention_torch
 from flashserve.attention.kv_quant import Int8KVCache
 from flashserve.attention.reference import paged_attention_reference
 from tests.attention.test_paged_attention import make_batch

@@ -2,35 +2,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from flashserve.attention.cpu_kernels import kernels_for
-
-
-def _fused(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor | None:
-    """The C++ kernel's result when it applies (CPU, (T, 2d) with contiguous rows), else None."""
-    kernels = kernels_for(gate_up)
-    if kernels is None or gate_up.dim() != 2 or gate_up.stride(1) != 1:
-        return None
-    return kernels.act_and_mul(gate_up, gelu_tanh)
+from flashserve.kernels import ops
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU (Shazeer 2020). gate_up: (..., 2 * d) → (..., d)."""
-    out = _fused(gate_up, gelu_tanh=False)
-    if out is not None:
-        return out
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return ops.act_and_mul(gate_up, gelu_tanh=False)
 
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """GeGLU with the tanh approximation of GELU, as Gemma uses."""
-    out = _fused(gate_up, gelu_tanh=True)
-    if out is not None:
-        return out
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+    return ops.act_and_mul(gate_up, gelu_tanh=True)
 
 
 ACTIVATIONS = {

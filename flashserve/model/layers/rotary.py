@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from flashserve.attention.cpu_kernels import kernels_for
+from flashserve.kernels import ops
 
 
 def inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -50,19 +50,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,); q: (T, Hq, D); k: (T, Hk, D). May rotate q and k in place."""
-        kernels = kernels_for(q)
-        if kernels is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
-            kernels.rotary_(q, positions, self.cos, self.sin)
-            kernels.rotary_(k, positions, self.cos, self.sin)
-            return q, k
-        return self.forward_torch(positions, q, k)
-
-    def forward_torch(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D/2)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return ops.rotary(positions, q, k, self.cos, self.sin)

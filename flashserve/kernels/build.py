@@ -1,0 +1,108 @@
+"""C++ CPU kernels, compiled on first use with torch's cpp_extension (g++ and ninja, OpenMP), for an
+instruction-set level chosen at run time from what this CPU reports.
+
+The same sources build at every level (simd.h picks the intrinsics the level's flags allow): the
+portable scalar code, AVX2 with FMA and F16C, AVX2 plus AVX-VNNI (Intel's 256-bit int8 dot products
+on client cores), and AVX-512 (F/BW/VL) with VNNI. Each level is built under its own name, so one
+cache can hold several, and nothing is compiled for the machine that happened to build it
+(no -march=native): a build is valid on every CPU that has its level's features.
+
+Compilation takes about a minute per level (cached by torch). Two doors: `build_cpu_kernels()` is
+strict and raises `KernelBuildError` with the compiler's output (the tests use it, so a broken
+build fails them); `cpu_kernels()` is what the engine asks: on a failed build it logs that output
+once and returns None, and callers keep the torch twins (kernels/reference.py).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashserve.cpu_info import CPUInfo, cpu_info
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+# bindings.cpp first: ninja starts the files in this order, so a broken build fails early.
+SOURCES = ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "quant_matmul.cpp", "decode_plan.cpp")
+
+
+@dataclass(frozen=True)
+class ISALevel:
+    name: str
+    needs: frozenset[str]  # /proc/cpuinfo flags the build's instructions require
+    cflags: tuple[str, ...]
+
+
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+# Widest first: the engine takes the first level whose features this CPU has. AMX is not a level of
+# these kernels (its tiles are reached through torch's oneDNN matmuls, which check the CPU themselves).
+LEVELS = (
+    ISALevel("avx512_vnni", frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+             (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+    ISALevel("avx_vnni", frozenset({"avx2", "fma", "f16c", "avx_vnni"}), (*_AVX2, "-mavxvnni")),
+    ISALevel("avx2", frozenset({"avx2", "fma", "f16c"}), _AVX2),
+    ISALevel("scalar", frozenset(), ()),
+)
+LEVELS_BY_NAME = {level.name: level for level in LEVELS}
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernels did not compile or load; the message carries the compiler's output."""
+
+
+def supported_levels(cpu: CPUInfo | None = None) -> list[ISALevel]:
+    """Every level this CPU can run, widest first (the tests build and compare each)."""
+    flags = (cpu or cpu_info()).flags
+    x86 = bool(flags & {"sse2", "avx"})  # the scalar level is portable; the others are x86 only
+    return [lv for lv in LEVELS if lv.needs <= flags and (x86 or not lv.cflags)]
+
+
+def best_level(cpu: CPUInfo | None = None) -> ISALevel:
+    return supported_levels(cpu)[0]
+
+
+def _build_name(level: ISALevel, source_dir: Path) -> str:
+    # The sources' directory is in the name: two checkouts sharing one name would make ninja rebuild
+    # the extension every time a process of the other one loads it (its build file names the paths).
+    digest = hashlib.sha256(str(source_dir.resolve()).encode()).hexdigest()[:10]
+    return f"flashserve_cpu_kernels_{level.name}_{digest}"
+
+
+@functools.cache  # one load per process and level: loading the same extension twice would import it twice
+def build_cpu_kernels(level: str | None = None, source_dir: Path = CSRC, name: str | None = None):
+    """The compiled extension module for `level` (default: the widest this CPU runs) built from
+    `SOURCES` in `source_dir`, or KernelBuildError."""
+    isa = LEVELS_BY_NAME[level] if level else best_level()
+    if not isa.needs <= cpu_info().flags:
+        raise KernelBuildError(f"C++ CPU kernels: this CPU lacks {sorted(isa.needs - cpu_info().flags)} "
+                               f"for level {isa.name}")
+    name = name or _build_name(isa, source_dir)
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=name,
+            sources=[str(source_dir / s) for s in SOURCES],
+            # No FMA contraction: the kernels round where their comments say (a product, then a sum),
+            # so results do not depend on what the compiler chose to fuse.
+            extra_cflags=["-O3", *isa.cflags, "-fopenmp", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a compile error, an unloadable library
+        # torch's message holds ninja's output: the failing command and the compiler's errors.
+        raise KernelBuildError(f"C++ CPU kernels {name} from {source_dir}: {type(exc).__name__}: {exc}") from exc
+
+
+@functools.cache
+def cpu_kernels():
+    """The engine's door: the kernels at this CPU's best level, or None (logged once, with the
+    compiler's output)."""
+    try:
+        return build_cpu_kernels()
+    except KernelBuildError as exc:
+        logger.warning("%s\nFalling back to the torch implementations of these kernels.", exc)
+        return None

@@ -1,0 +1,91 @@
+"""The one seam between Python and the C++ kernels (kernels/csrc).
+
+Each op runs the C++ kernel when it applies — a CPU tensor in the layout the kernel takes, and a
+build that loaded (kernels/build.py) — and its torch twin (kernels/reference.py) otherwise. That
+choice is made here and nowhere else; callers never ask which path ran.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashserve.kernels import reference
+from flashserve.kernels.build import cpu_kernels
+
+
+def _kernels_for(t: torch.Tensor):
+    return cpu_kernels() if t.device.type == "cpu" else None
+
+
+def available() -> bool:
+    """Whether the C++ kernels loaded: the quantized weight forms and the decode plan exist only then."""
+    return cpu_kernels() is not None
+
+
+def native():
+    """The compiled module itself, for the parts with no torch twin (the C++ decode step and the
+    quantized matmuls); None when it did not build."""
+    return cpu_kernels()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    kernels = _kernels_for(x)
+    if kernels is not None and x.dim() in (2, 3) and x.stride(-1) == 1:
+        return kernels.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); may write the sum into `residual`."""
+    kernels = _kernels_for(x)
+    if kernels is not None and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
+        residual = residual.clone() if residual._base is not None else residual  # never write into a view
+        return kernels.add_rms_norm_(x, residual, weight, eps), residual
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (q, k); may rotate them in place."""
+    kernels = _kernels_for(q)
+    if kernels is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
+        kernels.rotary_(q, positions, cos, sin)
+        kernels.rotary_(k, positions, cos, sin)
+        return q, k
+    return reference.rotary(positions, q, k, cos, sin)
+
+
+def act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    kernels = _kernels_for(gate_up)
+    if kernels is not None and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+        return kernels.act_and_mul(gate_up, gelu_tanh)
+    return reference.act_and_mul(gate_up, gelu_tanh)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                           max_seq_len: int, min_seq_len: int, scale: float, sliding_window: int | None,
+                           logit_softcap: float | None, split_tokens: int) -> torch.Tensor:
+    """Flash-Decoding over the paged cache. The kernel reads a cache that is a plain tensor in place;
+    an int8 cache (attention/kv_quant.py, not a tensor) is dequantized block by block by the twin."""
+    kernels = _kernels_for(q)
+    if kernels is not None and isinstance(k_cache, torch.Tensor):
+        return kernels.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale,
+                                              sliding_window or -1, logit_softcap or 0.0, split_tokens)
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, max_seq_len, min_seq_len,
+                                            scale, sliding_window, logit_softcap, split_tokens)
+
+
+def group_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bits: int, group: int, int8_activations: bool) -> torch.Tensor:
+    """x @ W^T for W = q * s + z per group (quant_matmul.cpp). The packed form exists only where the
+    kernels built (quantization/gguf_method.py asks `available()` first), so there is no twin here."""
+    return cpu_kernels().group_quant_matmul(x, codes, scale, zero, bits, group, int8_activations)
+
+
+def group_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
+                     start: int, end: int) -> torch.Tensor | None:
+    """Rows [start, end) of W as float32, or None off the CPU (the caller unpacks in torch)."""
+    kernels = _kernels_for(codes)
+    if kernels is None:
+        return None
+    return kernels.group_dequantize(codes, scale, zero, bits, group, start, end)

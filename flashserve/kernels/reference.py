@@ -1,0 +1,101 @@
+"""The torch twins of the C++ kernels (kernels/csrc): the same computation in plain torch ops, run
+where the kernels do not apply (another device, an unsupported layout, a failed build) and compared
+with them by the tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / rms(x) * weight over the last dimension, statistics in float32 (Zhang & Sennrich 2019)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual)."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE (Su et al. 2021) of q (T, Hq, D) and k (T, Hk, D); cos, sin (positions, D/2)."""
+    c = cos[positions].unsqueeze(1)  # (T, 1, D/2)
+    s = sin[positions].unsqueeze(1)
+    return _rotate(q, c, s), _rotate(k, c, s)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    """act(gate) * up on (..., 2d) = [gate | up]: SiLU (SwiGLU, Shazeer 2020) or tanh-GELU (GeGLU)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") if gelu_tanh else F.silu(gate)) * up
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, min_seq_len: int,
+                           scale: float, sliding_window: int | None = None,
+                           logit_softcap: float | None = None, split_tokens: int = 512) -> torch.Tensor:
+    """Flash-Decoding (attention/decode.py) in plain torch ops: batched matmuls over gathered
+    blocks, `split_tokens` keys per split."""
+    N, Hq, D = q.shape
+    block_size, Hk = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hk
+    qg = q.reshape(N, Hk, G, D)  # (N, Hk, G, D): query heads grouped under their KV head, no K/V repeat
+    last = (seq_lens.long() - 1).view(N, 1, 1, 1)  # position of each query
+    blocks_per_split = max(1, split_tokens // block_size)
+    num_blocks = -(-max_seq_len // block_size)
+    first_block = 0
+    if sliding_window is not None:  # blocks wholly outside every row's window need not be read
+        first_block = max(0, (min_seq_len - sliding_window) // block_size)
+
+    m = l = acc = None
+    for b0 in range(first_block, num_blocks, blocks_per_split):
+        b1 = min(b0 + blocks_per_split, num_blocks)
+        ids = block_table[:, b0:b1].reshape(-1).long()  # (N * nb,)
+        # index_select gathers whole blocks ~10x faster than advanced indexing on CPU
+        k = k_cache.index_select(0, ids).view(N, -1, Hk, D).to(q.dtype)  # (N, L, Hk, D), read as q's dtype
+        v = v_cache.index_select(0, ids).view(N, -1, Hk, D).to(q.dtype)
+        s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # (N, Hk, G, L)
+        if logit_softcap:
+            s = logit_softcap * torch.tanh(s / logit_softcap)
+        pos = torch.arange(b0 * block_size, b1 * block_size, device=q.device).view(1, 1, 1, -1)
+        beyond = pos > last  # (N, 1, 1, L): past the row's length, maybe never written (garbage, NaN too)
+        invalid = beyond if sliding_window is None else beyond | (pos <= last - sliding_window)
+        s = s.masked_fill(invalid, float("-inf"))
+        # m stays -inf for a row that sees nothing in this split; exponents use a finite
+        # stand-in so that row contributes exp(-inf) = 0 instead of NaN, and a later
+        # split's (possibly very negative) max is never compared against a fake 0.
+        m_s = s.amax(-1, keepdim=True)  # (N, Hk, G, 1)
+        p = torch.exp(s - finite_max(m_s))
+        l_s = p.sum(-1, keepdim=True)
+        # p is 0 past the length, but 0 * NaN = NaN: the gathered copy of V is zeroed there first.
+        v.masked_fill_(beyond.view(N, -1, 1, 1), 0)
+        o_s = torch.matmul(p.to(v.dtype), v.permute(0, 2, 1, 3)).float()  # (N, Hk, G, D)
+        m, l, acc = merge_partials((m, l, acc), (m_s, l_s, o_s))
+    return (acc / l).to(q.dtype).reshape(N, Hq, D)
+
+
+def merge_partials(run, part):
+    """Online softmax (Milakov & Gimelshein 2018): the running (max, sum of exp, weighted values) of the
+    keys so far merged with one more split's; `run` is (None, None, None) before the first split."""
+    m, l, acc = run
+    m_s, l_s, o_s = part
+    if m is None:
+        return part
+    m_new = torch.maximum(m, m_s)
+    a, b = torch.exp(m - finite_max(m_new)), torch.exp(m_s - finite_max(m_new))
+    return m_new, l * a + l_s * b, acc * a + o_s * b
+
+
+def finite_max(m: torch.Tensor) -> torch.Tensor:
+    """A running max with -inf (row saw no key yet) replaced by 0, safe to subtract in exp()."""
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
