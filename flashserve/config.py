@@ -104,6 +104,32 @@ class SchedulerConfig:
             raise ValueError(f"unknown policy {self.policy!r}")
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (spec_decode/): None = off; "ngram" = prompt lookup, drafting from
+    earlier matches of the last prompt_lookup_min..prompt_lookup_max tokens. Up to
+    num_speculative_tokens drafts per request and step, verified losslessly by the target."""
+
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    def validate(self) -> None:
+        if self.method is None:
+            return
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r}; choose from {', '.join(SPECULATIVE_METHODS)}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+
 # "weight-only": a GGUF file's quantized weights run packed on the int4/int8 CPU kernels where a
 # kernel takes their type (flashserve/quantization/gguf_method.py), activations stay float;
 # "auto": the same, and the project's kernel rounds activations to int8 per group of 32 for integer
@@ -122,6 +148,7 @@ class EngineConfig:
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -130,3 +157,4 @@ class EngineConfig:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
         self.cache.validate()
         self.scheduler.validate()
+        self.speculative.validate()

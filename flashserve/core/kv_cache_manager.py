@@ -86,8 +86,23 @@ class KVCacheManager:
             blocks[j] = fresh
         if needed > 0:
             blocks.extend(self.pool.allocate(needed))
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(request, blocks, end)
+        if self.enable_prefix_caching:  # draft tokens past the known ones are not content yet
+            self._cache_full_blocks(request, blocks, min(end, request.num_tokens))
+        return [b.block_id for b in blocks]
+
+    def trim(self, request: Request, num_tokens: int) -> list[int]:
+        """Release the request's blocks past its first `num_tokens` slots (the KV of rejected draft
+        tokens) and return its block ids. Those blocks were allocated for draft positions only, so
+        they are private and hold no cached hash.
+
+            block_size 4, 6 tokens kept of 11 written:  [0 1 2 3][4 5 x x][x x x .]
+                                                                ^ kept    ^ released
+        """
+        blocks = self.req_blocks.get(request.request_id, [])
+        keep = -(-num_tokens // self.block_size)
+        if len(blocks) > keep:
+            self.pool.release(list(reversed(blocks[keep:])))
+            del blocks[keep:]
         return [b.block_id for b in blocks]
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:

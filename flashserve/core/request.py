@@ -52,6 +52,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    # Speculative decoding: draft tokens proposed for the next step (the scheduler takes them into
+    # that step's token budget and clears them), and the running count of drafts verified / accepted.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

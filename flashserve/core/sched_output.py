@@ -2,7 +2,12 @@
 
 Schedule tokens, not phases: every request simply gets `num_scheduled_tokens` new
 tokens, the positions num_computed_tokens .. num_computed_tokens + n - 1. A prefill,
-a prefill chunk, a decode and a prefix-cache hit are all that one case.
+a prefill chunk, a decode, a prefix-cache hit and a decode with k draft tokens are all
+that one case. The drafts are the last k of those positions, after the request's known tokens:
+
+    token_ids:        [ ... t_{L-2} t_{L-1} ]            spec_token_ids: [d_0 ... d_{k-1}]
+    scheduled:                      t_{L-1}  d_0 ... d_{k-1}      (n = k + 1, positions L-1 .. L+k-1)
+    sampled rows:                   k + 1: the target's distribution after t_{L-1}, d_0, ..., d_{k-1}
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table after allocation
     sampling_params: Any
     output_token_ids: list[int]  # generated so far (penalties read them)
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify (the last positions)
 
     @property
     def samples_this_step(self) -> bool:
-        """True when this step reaches the last known token, so a new token is sampled."""
-        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids)
+        """True when this step reaches the last known token (and its drafts), so tokens are sampled."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids) + len(self.spec_token_ids)
 
 
 @dataclass
@@ -76,7 +82,8 @@ class RunnerOutput:
     """Per scheduled request, in the order of SchedulerOutput.scheduled."""
 
     request_ids: list[str]
-    # New tokens per request: [] for a prefill chunk that did not reach the end of the prompt.
+    # New tokens per request: [] for a prefill chunk that did not reach the end of the prompt; with
+    # k drafts, the accepted drafts and then the target's own token (1 to k + 1 tokens).
     sampled_token_ids: list[list[int]]
     # Optional per request: one entry per sampled token, when logprobs were asked.
     logprobs: list[list[SampledLogprobs] | None] | None = None

@@ -27,6 +27,18 @@ recomputation, while waiting for it to be released could stall every request.
     add parent + [x] and parent + [y]:  both tables [1, 2], refs 3; release_held(parent): refs 2
     next step, both write position 6:   the first copies block 2 into 3 and writes there,
                                         the second, now alone on block 2, writes in place
+
+Speculative decoding (spec_decode/): after a step the engine asks spec_candidates() for the
+requests that will decode next, a proposer drafts tokens for them, and set_spec_tokens() stores
+them. schedule() counts a request's drafts in the token budget (one chunk of k + 1 tokens, mixed
+with other requests' prefill chunks), capped so that accepting all of them plus the target's own
+token never passes max_tokens or the context, and dropped rather than preempting anyone. After the
+step the KV of rejected drafts is rolled back: num_computed_tokens shrinks to the accepted ones and
+blocks holding only rejected positions return to the pool.
+
+    before: L tokens, L - 1 computed; drafts d0 d1 d2 scheduled with t_{L-1} (n = 4)
+    runner: accepts d0 d1, rejects d2, samples t' → tokens + [d0, d1, t']
+    after:  num_computed = L - 1 + 4 - 1 = L + 1 (t_{L-1}, d0, d1); d2's slot is stale, its block freed if unused
 """
 from __future__ import annotations
 
@@ -53,6 +65,8 @@ class SchedulerStats:
     prefix_cache_hits: int
     prefix_cache_hit_rate: float
     num_scheduled_tokens: int
+    spec_draft_tokens_total: int  # draft tokens verified since start
+    spec_accepted_tokens_total: int  # of those, accepted
 
 
 class Scheduler:
@@ -68,6 +82,8 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
         self.num_preemptions_total = 0
+        self.spec_draft_tokens_total = 0
+        self.spec_accepted_tokens_total = 0
         self._last_num_tokens = 0
 
     # ---- requests in and out -------------------------------------------------------------
@@ -169,8 +185,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need = req.num_tokens - req.num_computed_tokens
+            drafts = self._take_spec_tokens(req)[: max(0, budget - need)]
+            n = min(need + len(drafts), budget)
             block_ids = self._allocate(req, n)
+            if block_ids is None and drafts:  # speculation never preempts anyone
+                drafts, n = [], min(need, budget)
+                block_ids = self._allocate(req, n)
             while block_ids is None:
                 victim = preemption_victim(self.config.policy, self.running[i:])
                 self._preempt(victim)
@@ -179,7 +200,7 @@ class Scheduler:
                 block_ids = self._allocate(req, n)
             if block_ids is None:
                 continue  # req itself was preempted; running[i] is now the next request
-            scheduled.append(self._scheduled(req, n, block_ids))
+            scheduled.append(self._scheduled(req, n, block_ids, drafts))
             budget -= n
             i += 1
 
@@ -232,7 +253,36 @@ class Scheduler:
             req.num_computed_tokens = 0
             self.running.append(req)
 
+    def _take_spec_tokens(self, req: Request) -> list[int]:
+        """The request's drafts for this step (cleared on the request): none unless it is decoding,
+        and at most as many as leave room for the target's own token within max_tokens and the context."""
+        drafts, req.spec_token_ids = req.spec_token_ids, []
+        if not drafts or req.num_tokens - req.num_computed_tokens != 1:
+            return []
+        return drafts[: self._spec_room(req)]
+
+    def _spec_room(self, req: Request) -> int:
+        room = self.config.max_model_len - req.num_tokens
+        if req.sampling_params.max_tokens is not None:
+            room = min(room, req.sampling_params.max_tokens - req.num_output_tokens)
+        return max(room - 1, 0)
+
+    def spec_candidates(self) -> list[Request]:
+        """Running requests that decode next step and may take drafts. Guided decoding is left out
+        (its grammar matcher follows accepted tokens only), and so is a request with no room left."""
+        return [r for r in self.running
+                if r.num_tokens - r.num_computed_tokens == 1 and r.sampling_params.guided_decoding is None
+                and self._spec_room(r) > 0]
+
+    def set_spec_tokens(self, drafts: dict[str, list[int]]) -> None:
+        """Store proposed drafts for the next schedule(); unknown or finished ids are ignored."""
+        for rid, tokens in drafts.items():
+            req = self.requests.get(rid)
+            if req is not None and req.status is RequestStatus.RUNNING:
+                req.spec_token_ids = list(tokens)
+
     def _preempt(self, req: Request) -> None:
+        req.spec_token_ids = []
         self.running.remove(req)
         self._free_blocks(req)
         req.num_computed_tokens = 0
@@ -242,10 +292,10 @@ class Scheduler:
         self._preempted_ids.add(req.request_id)
         self.waiting.add_front(req)
 
-    def _scheduled(self, req: Request, n: int, block_ids: list[int]) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int, block_ids: list[int], drafts: list[int] = ()) -> ScheduledRequest:
         req.block_ids = block_ids
         return ScheduledRequest(req.request_id, req.all_token_ids, req.num_computed_tokens, n, block_ids,
-                                req.sampling_params, req.output_token_ids)
+                                req.sampling_params, req.output_token_ids, list(drafts))
 
     # ---- results -------------------------------------------------------------------------
     def update_from_output(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:
@@ -256,6 +306,8 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted since it was scheduled
             req.num_computed_tokens += sr.num_scheduled_tokens
+            if sr.spec_token_ids:
+                self._roll_back_rejected(req, len(sr.spec_token_ids), len(tokens) - 1)
             if req.request_id in self.fork_waiting and req.num_computed_tokens >= req.num_prompt_tokens:
                 self._fork_samples(req)
             for token in tokens:
@@ -267,6 +319,15 @@ class Scheduler:
             if tokens:
                 changed.append(req)
         return changed
+
+    def _roll_back_rejected(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        """The KV of the rejected drafts is not the request's: forget it and free unused blocks."""
+        req.num_computed_tokens -= num_drafts - num_accepted
+        req.block_ids = self.kv_cache_manager.trim(req, req.num_computed_tokens)
+        req.num_draft_tokens += num_drafts
+        req.num_accepted_tokens += num_accepted
+        self.spec_draft_tokens_total += num_drafts
+        self.spec_accepted_tokens_total += num_accepted
 
     def _fork_samples(self, parent: Request) -> None:
         """The parent's prompt is in the cache: its waiting samples share those blocks and
@@ -314,4 +375,6 @@ class Scheduler:
             prefix_cache_hits=h,
             prefix_cache_hit_rate=h / q if q else 0.0,
             num_scheduled_tokens=self._last_num_tokens,
+            spec_draft_tokens_total=self.spec_draft_tokens_total,
+            spec_accepted_tokens_total=self.spec_accepted_tokens_total,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from flashserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes; never reserve more than this unless asked
@@ -27,6 +27,10 @@ class EngineArgs:
     policy: str = "fcfs"
     seed: int = 0
     num_threads: int | None = None
+    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup)
+    num_speculative_tokens: int = 4  # k: drafts verified per request and step
+    prompt_lookup_min: int = 1  # n-gram sizes tried, largest first
+    prompt_lookup_max: int = 4
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -60,6 +64,12 @@ class EngineArgs:
                 max_model_len=max_len,
                 scheduling=self.scheduling,
                 policy=self.policy,
+            ),
+            speculative=SpeculativeConfig(
+                method=self.speculative_method,
+                num_speculative_tokens=self.num_speculative_tokens,
+                prompt_lookup_min=self.prompt_lookup_min,
+                prompt_lookup_max=self.prompt_lookup_max,
             ),
         )
         config.validate()

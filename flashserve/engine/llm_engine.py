@@ -1,6 +1,7 @@
 """LLMEngine: add_request / abort_request / step().
 
-step() is schedule → execute → update, then detokenize. Data flows one way:
+step() is schedule → execute → update, then detokenize, then (speculative decoding) propose the
+next step's draft tokens. Data flows one way:
 Scheduler → SchedulerOutput → ModelRunner → RunnerOutput → Scheduler/OutputProcessor.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flashserve.outputs import RequestOutput
 from flashserve.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_budget
 from flashserve.runner.model_runner import ModelRunner
 from flashserve.sample.guided import GuidedDecoding
+from flashserve.spec_decode.proposer import make_proposer
 from flashserve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device,
                                   self.guided)
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
+        self.proposer = make_proposer(config.speculative)  # None: no speculative decoding
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -133,6 +136,8 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(changed, logprobs, prompt_lps)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.proposer is not None:  # drafts for the next step, verified in it
+            self.scheduler.set_spec_tokens(self.proposer.propose(self.scheduler.spec_candidates()))
         return outputs
 
     def has_unfinished_requests(self) -> bool:

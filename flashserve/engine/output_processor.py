@@ -23,6 +23,7 @@ class _Sample:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    num_tokens: int | None = None  # set when a stop string ended it: tokens after it are not output
 
 
 @dataclass
@@ -106,16 +107,25 @@ class OutputProcessor:
         return outputs, stopped
 
     def _update_sample(self, sample: _Sample, params, new_logprobs) -> bool:
+        """Tokens are taken one at a time (a speculative step brings several), so a stop string ends
+        the output at the token that completes it, as it would have without speculation."""
         req = sample.request
         seen = len(sample.detok.token_ids)
-        prev_len = len(sample.detok.text)
-        sample.detok.add_tokens(req.output_token_ids[seen:])
+        new = req.output_token_ids[seen:]
+        hit = None
+        for i, tok in enumerate(new):
+            prev_len = len(sample.detok.text)
+            sample.detok.add_tokens([tok])
+            hit = _find_stop(sample.detok.text, params.stop, prev_len)
+            if hit is not None:
+                new = new[: i + 1]
+                sample.num_tokens = seen + i + 1
+                break
         if new_logprobs and sample.logprobs is not None:
-            for entry in new_logprobs:
+            for entry in new_logprobs[: len(new)]:
                 sample.logprobs.append(self._format_logprobs(entry))
-            self._accumulate(sample, req.output_token_ids[seen:])
+            self._accumulate(sample, new)
         full = sample.detok.text
-        hit = _find_stop(full, params.stop, prev_len)
         if hit is not None:
             index, stop = hit
             sample.text = full[: index + len(stop)] if params.include_stop_str_in_output else full[:index]
@@ -166,7 +176,7 @@ class OutputProcessor:
             CompletionOutput(
                 index=i,
                 text=s.text,
-                token_ids=tuple(s.request.output_token_ids),
+                token_ids=tuple(s.request.output_token_ids[: s.num_tokens]),
                 cumulative_logprob=s.cumulative_logprob,
                 logprobs=tuple(s.logprobs) if show_logprobs else None,
                 finish_reason=s.finish_reason,
@@ -182,7 +192,10 @@ class OutputProcessor:
             finished=state.finished,
             prompt_logprobs=tuple(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
             num_cached_tokens=state.samples[0].request.num_cached_prompt_tokens,
-            metrics={"arrival_time": state.arrival_time, "first_token_time": state.first_token_time, "now": now},
+            metrics={"arrival_time": state.arrival_time, "first_token_time": state.first_token_time, "now": now,
+                     # speculative decoding, over all samples: drafts verified and accepted (0 when off)
+                     "spec_draft_tokens": sum(s.request.num_draft_tokens for s in state.samples),
+                     "spec_accepted_tokens": sum(s.request.num_accepted_tokens for s in state.samples)},
         )
 
 

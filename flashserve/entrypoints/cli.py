@@ -7,7 +7,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from flashserve.config import KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES, SCHEDULING_CHOICES
+from flashserve.config import (KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES, SCHEDULING_CHOICES,
+                               SPECULATIVE_METHODS)
 from flashserve.engine.arg_utils import EngineArgs
 from flashserve.entrypoints.openai.tool_parsers import PARSERS
 from flashserve.errors import FlashserveError
@@ -46,6 +47,14 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="waiting-queue order; priority: a request's lower `priority` value goes first")
     p.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N", help="torch threads")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),
+                   help="speculative decoding: ngram = prompt lookup (drafts copied from earlier in prompt + output)")
+    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, metavar="K",
+                   help="draft tokens verified per request and step")
+    p.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min, metavar="N",
+                   help="shortest n-gram prompt lookup matches")
+    p.add_argument("--prompt-lookup-max", type=int, default=d.prompt_lookup_max, metavar="N",
+                   help="longest n-gram prompt lookup matches (tried first)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

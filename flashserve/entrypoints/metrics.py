@@ -27,6 +27,10 @@ class ServerMetrics:
         self.kv_bytes_touched = Gauge("flashserve_kv_cache_touched_bytes",
                                       "KV cache bytes of the blocks ever handed out (estimate of the resident part)",
                                       registry=r)
+        self.spec_draft_tokens = Gauge("flashserve_spec_decode_draft_tokens",
+                                       "Speculative draft tokens verified since start", registry=r)
+        self.spec_accepted_tokens = Gauge("flashserve_spec_decode_accepted_tokens",
+                                          "Speculative draft tokens accepted since start", registry=r)
         self.prefix_hit_rate = Gauge("flashserve_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens)",
                                      registry=r)
 
@@ -57,3 +61,5 @@ class ServerMetrics:
         self.kv_bytes_reserved.set(stats.kv_cache_bytes_reserved)
         self.kv_bytes_touched.set(stats.kv_cache_bytes_touched)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+        self.spec_draft_tokens.set(stats.spec_draft_tokens_total)
+        self.spec_accepted_tokens.set(stats.spec_accepted_tokens_total)

@@ -19,8 +19,9 @@ class ModelInputs:
     input_ids: torch.Tensor  # (num_tokens,) int64
     positions: torch.Tensor  # (num_tokens,) int64
     attn_metadata: AttentionMetadata
-    sample_indices: torch.Tensor  # (num_sampled,) rows of the hidden states to turn into logits
-    sampled_requests: list[int]  # index into `scheduled` of each sampled row
+    sample_indices: torch.Tensor  # (num_rows,) rows of the hidden states to turn into logits
+    sampled_requests: list[int]  # index into `scheduled` of each sampling request, in row order
+    # (its rows: 1, or k + 1 with k drafts to verify: the last k + 1 positions)
 
 
 def build_model_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device) -> ModelInputs:
@@ -40,7 +41,7 @@ def build_model_inputs(scheduled: list[ScheduledRequest], block_size: int, devic
         lo, hi = cu[i], cu[i + 1]
         blocks = np.asarray(r.block_ids, dtype=np.int64)
         pos = np.arange(start, end, dtype=np.int64)
-        input_ids[lo:hi] = r.token_ids[start:end]
+        input_ids[lo:hi] = (r.token_ids[start:] + r.spec_token_ids) if r.spec_token_ids else r.token_ids[start:end]
         positions[lo:hi] = pos
         slots[lo:hi] = blocks[pos // block_size] * block_size + pos % block_size
         block_table[i, : len(blocks)] = blocks
@@ -60,6 +61,8 @@ def build_model_inputs(scheduled: list[ScheduledRequest], block_size: int, devic
         input_ids=torch.from_numpy(input_ids).to(device),
         positions=torch.from_numpy(positions).to(device),
         attn_metadata=meta,
-        sample_indices=torch.as_tensor(cu[1:][sampled] - 1, dtype=torch.int64, device=device),
+        sample_indices=torch.as_tensor(
+            [row for i in sampled for row in range(cu[i + 1] - 1 - len(scheduled[i].spec_token_ids), cu[i + 1])],
+            dtype=torch.int64, device=device),
         sampled_requests=sampled,
     )

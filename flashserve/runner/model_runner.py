@@ -1,6 +1,8 @@
 """Model runner: the only place that builds tensors.
 
 SchedulerOutput → ModelInputs → model forward → logits of the rows to sample → sampler → RunnerOutput.
+A step with draft tokens scores every draft position in the same forward pass and hands those rows
+to the rejection sampler (spec_decode/rejection_sampler.py) instead.
 It keeps no scheduling policy; per-request state is limited to seeded generators and the
 grammar matchers of guided decoding (sample/guided.py), both dropped when a request finishes.
 """
@@ -13,7 +15,8 @@ from flashserve.core.sched_output import PromptLogprobs, RunnerOutput, Scheduler
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
 from flashserve.sample.guided import GuidedDecoding
-from flashserve.sample.sampler import Sampler, SamplingMetadata, target_logprobs
+from flashserve.sample.sampler import Sampler, SamplerOutput, SamplingMetadata, target_logprobs
+from flashserve.spec_decode.rejection_sampler import rejection_sample
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows per slice: (256, vocab) float32 stays a few tens of MiB
 
@@ -73,8 +76,13 @@ class ModelRunner:
         if not inputs.sampled_requests:
             return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
 
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # (num_sampled, vocab) float32
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # (num_rows, vocab) float32
         rows = [scheduled[i] for i in inputs.sampled_requests]
+        if any(r.spec_token_ids for r in rows):
+            tokens_of, lps_of = self._verify(logits, rows)
+            for j, i in enumerate(inputs.sampled_requests):
+                sampled_ids[i], logprobs[i] = tokens_of[j], lps_of[j]
+            return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
         metadata = SamplingMetadata.build(
             params=[r.sampling_params for r in rows],
             output_token_ids=[r.output_token_ids for r in rows],
@@ -92,6 +100,38 @@ class ModelRunner:
             if lps is not None and lps[row] is not None:
                 logprobs[i] = [lps[row]]
         return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
+
+    def _verify(self, logits: torch.Tensor, rows) -> tuple[list[list[int]], list]:
+        """Speculative steps: request r has k_r + 1 logits rows (k_r drafts, maybe 0). Row j of r
+        samples as plain decoding would after r's output plus its first j drafts (penalties and
+        min_tokens see those); the rejection sampler keeps or replaces the drafts."""
+        expanded = [(r, j) for r in rows for j in range(len(r.spec_token_ids) + 1)]
+        metadata = SamplingMetadata.build(
+            params=[r.sampling_params for r, _ in expanded],
+            output_token_ids=[r.output_token_ids + r.spec_token_ids[:j] for r, j in expanded],
+            prompt_token_ids=[r.token_ids[: len(r.token_ids) - len(r.output_token_ids)] for r, _ in expanded],
+            generators=[None] * len(expanded),  # rejection_sample draws per request
+            eos_token_ids=self.eos_token_ids,
+            device=self.device,
+            grammar=self.guided.masks([r for r, _ in expanded], logits.shape[1]),  # guided rows carry no drafts
+        )
+        out = rejection_sample(logits, metadata, [r.spec_token_ids for r in rows], [None] * len(rows),
+                               [self._generator_for(r.request_id, r.sampling_params.seed) for r in rows])
+        lps_of: list = [None] * len(rows)
+        if out.logprobs is not None:  # the logprobs of the emitted tokens under the target
+            starts = [0]
+            for r in rows[:-1]:
+                starts.append(starts[-1] + len(r.spec_token_ids) + 1)
+            emitted_rows = [s + j for s, t in zip(starts, out.token_ids) for j in range(len(t))]
+            emitted = torch.tensor([tok for t in out.token_ids for tok in t], dtype=torch.int64, device=self.device)
+            num = [metadata.num_logprobs[row] for row in emitted_rows]
+            flat = SamplerOutput(emitted, out.logprobs[emitted_rows], num).format_logprobs()
+            pos = 0
+            for j, (r, t) in enumerate(zip(rows, out.token_ids)):
+                if r.sampling_params.logprobs is not None:
+                    lps_of[j] = flat[pos : pos + len(t)]
+                pos += len(t)
+        return out.token_ids, lps_of
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         plan = self.decode_plan

@@ -1,0 +1,21 @@
+"""The speculative decoding knobs are flags of generate, chat and serve and reach the engine config."""
+from __future__ import annotations
+
+import pytest
+
+from flashserve.entrypoints.cli import _engine_args, build_parser
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_spec_flags_reach_the_engine_config(command, smollm2_gguf):
+    extra = ["--prompt", "x"] if command == "generate" else []
+    a = build_parser().parse_args([command, *extra, "--model", smollm2_gguf, "--speculative-method", "ngram",
+                                   "--num-speculative-tokens", "6", "--prompt-lookup-min", "2",
+                                   "--prompt-lookup-max", "5"])
+    s = _engine_args(a).create_engine_config().speculative
+    assert (s.method, s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 6, 2, 5)
+
+
+def test_off_by_default():
+    a = build_parser().parse_args(["serve"])
+    assert _engine_args(a).speculative_method is None
