@@ -1,9 +1,11 @@
 """A/B of the quantized matmul kernel between two builds of the C++ sources: this checkout's and
-those of a git revision (built under another extension name), in one process, calls alternated
+those of a git revision (built under another extension name), or this checkout's at another
+instruction-set level (--baseline-level avx2), in one process, calls alternated
 A B A B per cell, weights cycled beyond the L3 cache as a model's layers are. Also checks that both
 builds give bit-identical outputs (the kernels' integer arithmetic must not depend on the build).
 
-    python benchmarks/kernel_ab.py [--baseline HEAD] [--model smollm2-135m] [--ms 1,8,32,128] [--repeats 7]
+    python benchmarks/kernel_ab.py [--baseline HEAD | --baseline-level LEVEL] [--model smollm2-135m]
+        [--ms 1,8,32,128] [--repeats 7]
 
 Prints µs per call, median (min-max) of the repeats, and the ratio new / baseline per cell.
 """
@@ -19,13 +21,14 @@ from pathlib import Path
 import torch
 
 from common import header, set_threads, table
-from flashserve.kernels.build import CSRC, SOURCES, build_cpu_kernels
+from flashserve.kernels.build import CSRC, SOURCES, best_level, build_cpu_kernels
 
 L3_BYTES = 64 << 20
 SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding's 8-bit codes
     "smollm2-135m": [("qkv", 960, 576, 4), ("o", 576, 576, 4), ("gate_up", 3072, 576, 4), ("down", 576, 1536, 4),
                      ("head", 49152, 576, 8)],
-    "qwen2.5-coder-0.5b": [("qkv", 1152, 896, 8), ("o", 896, 896, 8), ("gate_up", 9728, 896, 8),
+    # Q4_K_M: q, k Q5_0 beside a Q8_0 v (8-bit), o and gate/up Q5_0 (5-bit), down Q6_K (8-bit requantized)
+    "qwen2.5-coder-0.5b": [("qkv", 1152, 896, 8), ("o", 896, 896, 5), ("gate_up", 9728, 896, 5),
                            ("down", 896, 4864, 8), ("head", 151936, 896, 8)],
 }
 
@@ -50,17 +53,19 @@ def _show(rev: str, name: str) -> str:
     raise FileNotFoundError(f"{name} at {rev}")
 
 
-def weights(n: int, k: int, bits: int, gen: torch.Generator) -> list[tuple]:
-    per = n * (k // 2 if bits == 4 else k) + 2 * n * (k // 32) * 4
+def weights(n: int, k: int, bits: int, gen: torch.Generator, table: torch.dtype) -> list[tuple]:
+    """Copies of one layer's weights filling L3 twice; scales and zeros of dtype `table` (float16 as
+    GGUF's legacy types keep them; float32 for a baseline revision that predates float16 tables)."""
+    code_bytes = {4: k // 2, 5: k // 32 * 20, 8: k}[bits]
+    per = n * code_bytes + 2 * n * (k // 32) * table.itemsize
     out = []
-    for _ in range(max(1, -(-L3_BYTES // per))):
-        if bits == 4:
-            codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
-            zero = torch.randn(n, k // 32, generator=gen) * 0.01
-        else:
+    for _ in range(max(1, -(-2 * L3_BYTES // per))):
+        if bits == 8:
             codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
-            zero = None
-        out.append((codes, torch.rand(n, k // 32, generator=gen) * 0.01, zero))
+        else:  # any bytes are valid 4- and 5-bit codes
+            codes = torch.randint(0, 256, (n, code_bytes), dtype=torch.uint8, generator=gen)
+        zero = (torch.randn(n, k // 32, generator=gen) * 0.01).to(table) if bits == 4 else None
+        out.append((codes, (torch.rand(n, k // 32, generator=gen) * 0.01).to(table), zero))
     return out
 
 
@@ -75,6 +80,8 @@ def time_calls(kernels, x, ws, bits: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default="HEAD", help="git revision whose C++ sources are the baseline")
+    ap.add_argument("--baseline-level", default=None,
+                    help="instead: this checkout's sources built at this instruction-set level (e.g. avx2)")
     ap.add_argument("--model", default="smollm2-135m", choices=list(SHAPES))
     ap.add_argument("--ms", default="1,8,32,128", help="activation rows per call")
     ap.add_argument("--repeats", type=int, default=7)
@@ -82,14 +89,17 @@ def main() -> None:
     a = ap.parse_args()
     set_threads(a.threads)
     new = build_cpu_kernels()
-    with tempfile.TemporaryDirectory() as tmp:
-        old = baseline_build(a.baseline, Path(tmp))
-    header(f"quantized matmul, this checkout against {a.baseline}", model=a.model, threads=a.threads,
-           activations="int8 per group of 32 (the default engine's)")
+    if a.baseline_level:
+        old, a.baseline = build_cpu_kernels(a.baseline_level), f"level {a.baseline_level}"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            old = baseline_build(a.baseline, Path(tmp))
+    header(f"quantized matmul, this checkout ({best_level().name}) against {a.baseline}", model=a.model,
+           threads=a.threads, activations="int8 per group of 32 (the default engine's)")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, n, k, bits in SHAPES[a.model]:
-        ws = weights(n, k, bits, gen)
+        ws = weights(n, k, bits, gen, torch.float16 if a.baseline_level else torch.float32)
         for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k, generator=gen)
             codes, scale, zero = ws[0]

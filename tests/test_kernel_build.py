@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,20 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
     got = other.paged_decode_attention(q, kc, vc, table, lens, 0.17, -1, 0.0, 64)
     want = reference.paged_decode_attention(q, kc, vc, table, lens, 200, 5, 0.17, None, None, 64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_killed_builds_marker_does_not_hang_the_next_start(cpp_kernels):
+    """torch marks a build in progress with a file that a killed build leaves behind; a later start
+    must remove it (no build holds our lock) instead of waiting on it forever."""
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    marker = Path(_get_build_directory(ck._build_name(ck.best_level(), ck.CSRC), verbose=False)) / "lock"
+    marker.touch()
+    code = "from flashserve.kernels.build import build_cpu_kernels; build_cpu_kernels(); print('loaded')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+    assert not marker.exists()
+    assert "left by a build that was interrupted" in done.stderr

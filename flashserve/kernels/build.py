@@ -14,6 +14,7 @@ once and returns None, and callers keep the torch twins (kernels/reference.py).
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -83,18 +84,43 @@ def build_cpu_kernels(level: str | None = None, source_dir: Path = CSRC, name: s
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name=name,
-            sources=[str(source_dir / s) for s in SOURCES],
-            # No FMA contraction: the kernels round where their comments say (a product, then a sum),
-            # so results do not depend on what the compiler chose to fuse.
-            extra_cflags=["-O3", *isa.cflags, "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _build_lock(name):
+            return load(
+                name=name,
+                sources=[str(source_dir / s) for s in SOURCES],
+                # No FMA contraction: the kernels round where their comments say (a product, then a sum),
+                # so results do not depend on what the compiler chose to fuse.
+                extra_cflags=["-O3", *isa.cflags, "-fopenmp", "-ffp-contract=off"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, no ninja, a compile error, an unloadable library
         # torch's message holds ninja's output: the failing command and the compiler's errors.
         raise KernelBuildError(f"C++ CPU kernels {name} from {source_dir}: {type(exc).__name__}: {exc}") from exc
+
+
+class _build_lock:
+    """Held around a build. torch marks a build in progress with a plain file that a killed build
+    (Ctrl-C during the first minute of a first run) leaves behind, and every later start then waits
+    on it forever. This lock is the kernel's (flock, released when its holder dies), so whoever holds
+    it knows that no other build is running, and a marker file found then is stale and removed."""
+
+    def __init__(self, name: str):
+        from torch.utils.cpp_extension import _get_build_directory
+
+        self.build_dir = Path(_get_build_directory(name, verbose=False))
+
+    def __enter__(self):
+        self.file = open(self.build_dir / "flashserve-build.lock", "w")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        stale = self.build_dir / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a build that was interrupted", stale)
+            stale.unlink()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
 
 
 @functools.cache
