@@ -48,6 +48,10 @@ def test_env_names_this_cpu_features_and_the_chosen_dtype(smollm2_gguf):
     listed = set(lines["features"].split())
     assert listed <= flags and {"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & flags <= listed
     assert lines["native bfloat16"] == ("yes" if {"avx512_bf16", "amx_bf16"} & flags else "no")
-    assert lines["C++ kernels"].startswith("built for this CPU")
+    # the level: the widest whose features the CPU lists (kernels/build.py LEVELS), read independently here
+    want = ("avx512_vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"} <= flags
+            else "avx_vnni" if {"avx_vnni", "avx2", "fma", "f16c"} <= flags
+            else "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+    assert lines["C++ kernels"].startswith(f"level {want},"), lines["C++ kernels"]
     # A Q4_1 file runs on the quantized kernels, whose float side is float32, on every CPU.
     assert lines[f"dtype for {smollm2_gguf}"].startswith("float32")

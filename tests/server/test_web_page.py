@@ -70,7 +70,8 @@ def test_chat_page_streams_and_stop_aborts(smollm2_gguf, tmp_path):
             page.wait_for_function("document.getElementById('model-name').textContent.includes('API key')")
             page.fill("#api-key", KEY)
             page.press("#api-key", "Enter")
-            page.wait_for_function("!document.getElementById('model-name').textContent.includes('API key')")
+            # (the page fetches /v1/models on its own time: wait for the name, then compare it)
+            page.wait_for_function("!/API key|loading/.test(document.getElementById('model-name').textContent)")
             assert page.text_content("#model-name") == Path(smollm2_gguf).name
 
             # A short greedy answer: the streamed text is the API's non-streamed answer, with stats under it.
