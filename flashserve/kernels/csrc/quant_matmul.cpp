@@ -115,6 +115,7 @@ struct Problem {
   const int8_t* xq = nullptr;  // (M, K) int8 codes of x, when activations are rounded to int8
   const float* dx = nullptr;   // (M, K/32) their scales
   const int8_t* xq_pairs = nullptr;  // 4-bit GEMV: xq in the nibble order of two groups (pair_rows)
+  const int32_t* xq_sum = nullptr;   // (M, K/32) integer sums of xq per group (the 5-bit GEMV)
 };
 
 #ifdef FS_AVX2
@@ -227,6 +228,23 @@ inline __m256i codes_q5(const uint8_t* c) {
                          _mm256_set1_epi8(16));
 }
 
+// A 5-bit group as unsigned codes q = c + 16 in 0..31, k order (the GEMV's form: u8 x s8 products need
+// no sign moves, and sum(c x) = sum(q x) - 16 sum(x) in integers, exactly).
+inline __m256i codes_q5_unsigned(const uint8_t* c) {
+  uint32_t high;
+  std::memcpy(&high, c + 16, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __m256i bit4 = _mm256_maskz_mov_epi8(high, _mm256_set1_epi8(0x10));  // 0x10 where bit j is set
+#else
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int32_t>(high)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i bit4 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+  return _mm256_or_si256(codes_u4(c), bit4);
+}
+
 // Group g of weight row n as 32 bytes in k order: unsigned for 4-bit codes, signed otherwise.
 template <int kBits>
 inline __m256i group_codes(const Problem& p, int64_t n, int64_t g) {
@@ -337,6 +355,14 @@ void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
         for (int i = 0; i < MB; ++i) dots[i][j] = _mm256_setzero_si256();
         continue;
       }
+      if constexpr (kBits == 5) {  // unsigned codes: |pair sum| <= 2 * 31 * 127 fits int16
+        const __m256i w = codes_q5_unsigned(p.codes + n * row_code_bytes(5, p.K) + (g0 + j) * 20);
+        for (int i = 0; i < MB; ++i) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * p.K + (g0 + j) * 32));
+          dots[i][j] = dpbusd(_mm256_setzero_si256(), w, x);
+        }
+        continue;
+      }
       const __m256i w = group_codes<kBits>(p, n, g0 + j);
       for (int i = 0; i < MB; ++i) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * p.K + (g0 + j) * 32));
@@ -344,7 +370,13 @@ void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
       }
     }
     const GroupStep step(p, n, g0, cnt);
-    for (int i = 0; i < MB; ++i) acc[i] = step.apply(p, acc[i], reduce8(dots[i]), m0 + i, g0);
+    for (int i = 0; i < MB; ++i) {
+      __m256i D = reduce8(dots[i]);
+      if constexpr (kBits == 5)  // sum(c x) = sum(q x) - 16 sum(x); lanes past the last group stay 0
+        D = _mm256_sub_epi32(D, _mm256_slli_epi32(
+                _mm256_maskload_epi32(p.xq_sum + (m0 + i) * groups + g0, step.mask), 4));
+      acc[i] = step.apply(p, acc[i], D, m0 + i, g0);
+    }
   }
   for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
 }
@@ -720,7 +752,8 @@ void rows(const Problem& p, int64_t n, int64_t m0) {
 // Per group of 32 values of x, for the zero term (xsum may be null): the float sum of x, or with
 // xq given, the int8 rounding dx = max|x| / 127, xq = round-half-even(x / dx) in [-127, 127], and
 // the sum of the rounded values, dx * sum(xq).
-void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx) {
+void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx,
+                         int32_t* xq_sum = nullptr) {
   const int64_t groups = K / 32;
   at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
@@ -771,6 +804,7 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
       }
 #endif
       if (xsum) xsum[mg] = static_cast<float>(qsum) * dx[mg];
+      if (xq_sum) xq_sum[mg] = qsum;
     }
   });
 }
@@ -811,20 +845,25 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   // hundred calls, and allocating these each time was a measurable part of the small ones.
   thread_local std::vector<float> xsum, dx;
   thread_local std::vector<int8_t> xq;
+  thread_local std::vector<int32_t> xq_sum;
+  const bool want_xq_sum = int8_activations && bits == 5;  // the 5-bit GEMV's integer correction
   if (has_zero) xsum.resize(M * (K / 32));
   if (int8_activations) {
     xq.resize(M * K);
     dx.resize(M * (K / 32));
   }
+  if (want_xq_sum) xq_sum.resize(M * (K / 32));
   if (has_zero || int8_activations)
     prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data() : nullptr,
-                        int8_activations ? xq.data() : nullptr, int8_activations ? dx.data() : nullptr);
+                        int8_activations ? xq.data() : nullptr, int8_activations ? dx.data() : nullptr,
+                        want_xq_sum ? xq_sum.data() : nullptr);
   Problem p{xc.data_ptr<float>(), has_zero ? xsum.data() : nullptr, codes.data_ptr<uint8_t>(), scales, zeros,
             y.data_ptr<float>(), M, N, K, group, bits};
   if (int8_activations) {
     p.xq = xq.data();
     p.dx = dx.data();
   }
+  if (want_xq_sum) p.xq_sum = xq_sum.data();
 #ifdef FS_AVX2
   if (int8_activations && M >= kGemmMinRows) {
     if (M >= tile_min_rows(bits)) {
