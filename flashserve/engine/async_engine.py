@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 
 from flashserve.engine.llm_engine import LLMEngine, PreparedRequest
@@ -41,6 +42,10 @@ class AsyncLLMEngine:
         self.on_finished = None  # optional callback(RequestOutput) for metrics
         self.on_aborted = None  # optional callback() when a client goes away mid-request
         self.stats = engine.get_stats()  # EngineStats as of the last step or applied add/abort
+        # Every step on one and the same thread: OpenMP gives each calling thread a team of its own, so
+        # steps hopping between the default executor's threads kept two teams of spinning workers on
+        # the cores (a SmolLM2 stream: 19 ms a token through the server, 7 ms offline).
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-step")
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -53,6 +58,7 @@ class AsyncLLMEngine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._step_thread.shutdown(wait=True)
 
     @property
     def num_waiting(self) -> int:
@@ -102,7 +108,7 @@ class AsyncLLMEngine:
             if not self.engine.has_unfinished_requests():
                 continue
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.engine.step)
             except Exception as exc:  # a bug must not take the server down with it
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineStepError(f"internal error during generation: {exc}"))
