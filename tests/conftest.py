@@ -115,3 +115,16 @@ def hf_gemma3(gemma3_gguf):
 def hf_qwen05(qwen05_gguf):
     """The oracle for Qwen2.5-Coder-0.5B: the model only (about a minute to convert, ~2 GB float32)."""
     return _hf_oracle(qwen05_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, hf_smollm2_tokenizer):
+    """A tiny random Llama served by the whole engine (with SmolLM2's tokenizer for detokenizing), next
+    to the transformers model it was saved from: float32, exact oracles in milliseconds per step."""
+    from tests.model.tiny import hf_tiny, save_hf
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    hf = hf_tiny("llama")
+    save_hf(hf, d)
+    hf_smollm2_tokenizer.save_pretrained(d)
+    return str(d), hf

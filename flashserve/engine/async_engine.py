@@ -103,8 +103,8 @@ class AsyncLLMEngine:
             if not (self._inbox or self._aborts or self.engine.has_unfinished_requests()):
                 self._wake.clear()
                 await self._wake.wait()
-            self._apply_pending()
-            self.stats = self.engine.get_stats()
+            if self._apply_pending():
+                self.stats = self.engine.get_stats()
             if not self.engine.has_unfinished_requests():
                 continue
             try:
@@ -112,8 +112,7 @@ class AsyncLLMEngine:
             except Exception as exc:  # a bug must not take the server down with it
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineStepError(f"internal error during generation: {exc}"))
-                self.stats = self.engine.get_stats()
-                continue
+                outputs = []
             self.stats = self.engine.get_stats()
             for out in outputs:
                 queue = self._streams.get(out.request_id)
@@ -124,7 +123,8 @@ class AsyncLLMEngine:
                 if queue is not None:
                     queue.put_nowait(out)
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self) -> bool:
+        """Adds and aborts queued since the last step; whether there were any."""
         aborts, self._aborts = self._aborts, []
         if aborts:
             self.engine.abort_request(aborts)
@@ -138,6 +138,7 @@ class AsyncLLMEngine:
             except Exception as exc:
                 self._streams.pop(prep.request_id, None)
                 queue.put_nowait(exc)
+        return bool(aborts or inbox)
 
     def _fail_all(self, exc: Exception) -> None:
         streams, self._streams = self._streams, {}

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -42,30 +43,35 @@ def start_server(model: str, *extra: str):
     raise RuntimeError("server did not start")
 
 
+@contextmanager
+def serving(model: str, *extra: str):
+    """(base URL, model) of a server started for the block and stopped after it."""
+    proc, base = start_server(model, *extra)
+    try:
+        yield base, model
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def server(smollm2_gguf):
-    proc, base = start_server(smollm2_gguf)
-    yield base, smollm2_gguf
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(smollm2_gguf) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
 def guarded_server(smollm2_gguf):
     """With an API key and a waiting queue of 2."""
-    proc, base = start_server(smollm2_gguf, "--api-key", "sekrit", "--max-waiting", "2", "--max-num-seqs", "1")
-    yield base, smollm2_gguf
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(smollm2_gguf, "--api-key", "sekrit", "--max-waiting", "2", "--max-num-seqs", "1") as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
 def small_context_server(smollm2_gguf):
     """A 64-token context, so that any request the schema fuzzer makes valid finishes quickly."""
-    proc, base = start_server(smollm2_gguf, "--max-model-len", "64")
-    yield base, smollm2_gguf
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(smollm2_gguf, "--max-model-len", "64") as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import openai
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from tests.server.conftest import start_server
+from tests.server.conftest import serving
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -171,10 +171,8 @@ def test_bad_tool_requests_get_400(server, name, body, problem):
 
 @pytest.fixture(scope="module")
 def qwen_server(qwen05_gguf):
-    proc, base = start_server(qwen05_gguf)
-    yield base, qwen05_gguf
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(qwen05_gguf) as s:
+        yield s
 
 
 @pytest.mark.slow
