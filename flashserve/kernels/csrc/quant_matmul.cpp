@@ -692,6 +692,116 @@ void gemm_tiled(const Problem& p) {
     }
   });
 }
+
+#ifdef FS_AVX512
+// ---- AVX-512: the tiled GEMM with 16 output rows in the lanes ---------------------------------
+// gemm_tiled in 512-bit vectors: a tile holds 16 output rows, so each broadcast of four activation
+// bytes and each float step serve twice the rows. Every code goes in unsigned (vpdpbusd multiplies
+// u8 by s8, and AVX-512 has no byte sign instruction to move a signed code's sign onto x): 4-bit
+// codes are 0..15 already, 5-bit ones are read as c + 16 and 8-bit ones as q + 128 (the sign bit
+// flipped), and the group's integer dot product is corrected exactly by offset * sum(xq). One
+// multiply-add per four k of 16 rows, where the signed 256-bit path takes a sign move as well. Each
+// lane runs the canonical float step, so rows are bit-identical to every other kernel's.
+constexpr int64_t kWideTileRows = 32;  // activation rows per pass over a tile
+
+template <int kBits>
+constexpr int32_t code_offset() { return kBits == 4 ? 0 : kBits == 5 ? 16 : 128; }
+
+template <int kBits>
+inline __m256i unsigned_codes(const Problem& p, int64_t n, int64_t g) {
+  if constexpr (kBits == 4) return codes_u4(p.codes + n * (p.K / 2) + g * 16);
+  if constexpr (kBits == 5) return codes_q5_unsigned(p.codes + n * row_code_bytes(5, p.K) + g * 20);
+  return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes + n * p.K + g * 32)),
+                          _mm256_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Group g of output rows [n0, n0 + rows): w[q] lane n = unsigned codes 4q .. 4q+3 of row n0 + n
+// (rows past `rows` are zeros, as are their scales and zeros).
+struct WideTileGroup {
+  __m512i w[8];
+  __m512 scale, zero;
+};
+
+template <int kBits>
+inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, WideTileGroup& t) {
+  const int64_t groups = p.K / 32;
+  __m256i lo[8], hi[8];
+  for (int64_t i = 0; i < 8; ++i) {
+    lo[i] = i < rows ? unsigned_codes<kBits>(p, n0 + i, g) : _mm256_setzero_si256();
+    hi[i] = i + 8 < rows ? unsigned_codes<kBits>(p, n0 + 8 + i, g) : _mm256_setzero_si256();
+  }
+  transpose8x32(lo);
+  transpose8x32(hi);
+  for (int q = 0; q < 8; ++q) t.w[q] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1);
+  alignas(64) float sc[16] = {0.f}, ze[16] = {0.f};
+  for (int64_t i = 0; i < rows; ++i) {
+    sc[i] = p.scale[(n0 + i) * groups + g];
+    if (p.zero) ze[i] = p.zero[(n0 + i) * groups + g];
+  }
+  t.scale = _mm512_load_ps(sc);
+  t.zero = _mm512_load_ps(ze);
+}
+
+template <int kBits>
+void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, int64_t n0, int64_t rows, int64_t m0,
+                    int64_t mb) {
+  const int64_t groups = p.K / 32;
+  __m512 acc[kWideTileRows][8];
+  for (int64_t i = 0; i < mb; ++i)
+    for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
+  WideTileGroup here;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!built) load_wide_tile_group<kBits>(p, n0, rows, g, here);
+    const WideTileGroup& t = built ? (*built)[g] : here;
+    const int64_t j = g % 8;
+    for (int64_t i = 0; i < mb; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K + g * 32);
+      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains
+      for (int q = 0; q < 8; q += 2) {
+        even = _mm512_dpbusd_epi32(even, t.w[q], _mm512_set1_epi32(x4[q]));
+        odd = _mm512_dpbusd_epi32(odd, t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
+      }
+      __m512i d32 = _mm512_add_epi32(even, odd);
+      if constexpr (code_offset<kBits>() != 0)
+        d32 = _mm512_sub_epi32(d32, _mm512_set1_epi32(code_offset<kBits>() * p.xq_sum[m * groups + g]));
+      __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale, _mm512_set1_ps(p.dx[m * groups + g])),
+                                 acc[i][j]);
+      if (p.zero) a = _mm512_fmadd_ps(t.zero, _mm512_set1_ps(p.xsum[m * groups + g]), a);
+      acc[i][j] = a;
+    }
+  }
+  const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+  for (int64_t i = 0; i < mb; ++i) {
+    const __m512* v = acc[i];  // canonical_sum's tree
+    const __m512 out = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(v[0], v[4]), _mm512_add_ps(v[2], v[6])),
+                                     _mm512_add_ps(_mm512_add_ps(v[1], v[5]), _mm512_add_ps(v[3], v[7])));
+    _mm512_mask_storeu_ps(p.y + (m0 + i) * p.N + n0, live, out);
+  }
+}
+
+// The wide tiled GEMM over all of y: parallel over tasks of 16 output rows. Needs p.xq_sum for
+// 5- and 8-bit codes (the offset correction).
+template <int kBits>
+void gemm_wide_tiled(const Problem& p) {
+  const int64_t groups = p.K / 32;
+  at::parallel_for(0, (p.N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<WideTileGroup> tile;  // this worker's own
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * 16, rows = std::min<int64_t>(16, p.N - n0);
+      const std::vector<WideTileGroup>* built = nullptr;
+      if (p.M > kWideTileRows) {  // several passes: build the tile once
+        tile.resize(groups);
+        for (int64_t g = 0; g < groups; ++g) load_wide_tile_group<kBits>(p, n0, rows, g, tile[g]);
+        built = &tile;
+      }
+      if (task + 1 < end) prefetch_rows(p, n0 + 16, std::min<int64_t>(16, p.N - n0 - 16));
+      for (int64_t m0 = 0; m0 < p.M; m0 += kWideTileRows)
+        gemm_wide_tile<kBits>(p, built, n0, rows, m0, std::min(kWideTileRows, p.M - m0));
+    }
+  });
+}
+#endif  // FS_AVX512
 #endif
 
 // Code k of weight row n, in any layout above (the portable paths read codes one at a time).
@@ -846,7 +956,8 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   thread_local std::vector<float> xsum, dx;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<int32_t> xq_sum;
-  const bool want_xq_sum = int8_activations && bits == 5;  // the 5-bit GEMV's integer correction
+  // the integer correction of unsigned 5-bit codes (GEMV) and of the wide tiles' 5- and 8-bit ones
+  const bool want_xq_sum = int8_activations && bits != 4;
   if (has_zero) xsum.resize(M * (K / 32));
   if (int8_activations) {
     xq.resize(M * K);
@@ -867,7 +978,11 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 #ifdef FS_AVX2
   if (int8_activations && M >= kGemmMinRows) {
     if (M >= tile_min_rows(bits)) {
+#ifdef FS_AVX512
+      bits == 4 ? gemm_wide_tiled<4>(p) : bits == 5 ? gemm_wide_tiled<5>(p) : gemm_wide_tiled<8>(p);
+#else
       bits == 4 ? gemm_tiled<4>(p) : bits == 5 ? gemm_tiled<5>(p) : gemm_tiled<8>(p);
+#endif
       return y;
     }
     // The calling thread's scratch, bound by reference: the workers of the parallel region must

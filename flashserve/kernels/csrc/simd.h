@@ -15,6 +15,11 @@ inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(
 // vpaddd, which give the same integers as long as no pair of products saturates int16 (each
 // caller's operands keep |pair| <= 2 * 128 * 127). kVnni tells callers that keep int16 partial
 // sums on AVX2 (cheaper there) to take the one-instruction form instead.
+// FS_AVX512: 512-bit integer dot products (the avx512_vnni level's wide tiled GEMM).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define FS_AVX512 1
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 constexpr bool kVnni = true;
 inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
