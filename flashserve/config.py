@@ -58,7 +58,7 @@ class ModelConfig:
         return None
 
 
-KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ class CacheConfig:
     # Bytes of KV cache to allocate; None = derive from kv_cache_fraction of available RAM.
     kv_cache_memory: int | None = None
     kv_cache_fraction: float = 0.25
-    # "auto" (= compute dtype) | "float16" | "bfloat16" (2-byte floats, read as the compute dtype:
-    # half the bytes a float32 decode step reads; llama.cpp's default is float16) | "int8"
+    # "auto" (float16 under float32 compute, else the compute dtype: attention/kv_quant.py) |
+    # "float32" | "float16" | "bfloat16" (read as the compute dtype) | "int8"
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
 

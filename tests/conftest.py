@@ -70,7 +70,7 @@ def smollm2_llm(smollm2_gguf):
     loading costs seconds)."""
     from flashserve import LLM
 
-    return LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_model_len=2048)
+    return LLM(model=smollm2_gguf, dtype="float32", kv_cache_dtype="float32", quantization="none", max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

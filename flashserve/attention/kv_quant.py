@@ -68,11 +68,15 @@ def copy_blocks(cache, src: torch.Tensor, dst: torch.Tensor) -> None:
         cache[dst] = cache[src]
 
 
-FLOAT_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def kv_storage_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
-    """The element type of a float KV cache: the compute dtype for "auto", else the one named."""
+    """The element type of a float KV cache: the one named; for "auto", float16 under float32
+    compute (half the bytes every decode step reads, as llama.cpp's default f16 cache; the
+    attention kernels widen it in registers), else the compute dtype."""
+    if kv_cache_dtype == "auto":
+        return torch.float16 if dtype == torch.float32 else dtype
     return FLOAT_KV_DTYPES.get(kv_cache_dtype, dtype)
 
 

@@ -14,8 +14,8 @@ PATTERN = "[a-z]{30}"  # a random model's greedy letters: the grammar decides wh
 
 
 def run(path, prompts, **engine_kwargs):
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_batched_tokens=128, max_model_len=128,
-              **engine_kwargs)
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, max_num_batched_tokens=128,
+              max_model_len=128, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=60, guided_decoding=GuidedDecodingParams(regex=PATTERN))
     return llm, [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 

@@ -42,7 +42,7 @@ def prompts():
 @pytest.mark.parametrize("budget", [4096, 7])
 def test_prompt_logprobs_equal_transformers_log_softmax(tiny_llama, prompts, budget):
     path, hf = tiny_llama
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_batched_tokens=budget)
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, max_num_batched_tokens=budget)
     params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=TOP)
     for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
         check(out.prompt_logprobs, prompt, reference(hf, prompt), TOP, 1e-4)
@@ -51,7 +51,7 @@ def test_prompt_logprobs_equal_transformers_log_softmax(tiny_llama, prompts, bud
 
 def test_zero_top_gives_the_prompt_token_only_and_others_get_none(tiny_llama, prompts):
     path, hf = tiny_llama
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_batched_tokens=16)
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, max_num_batched_tokens=16)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=2, prompt_logprobs=0 if i % 2 else None)
                                   for i in range(len(prompts))], use_tqdm=False)
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -64,7 +64,7 @@ def test_zero_top_gives_the_prompt_token_only_and_others_get_none(tiny_llama, pr
 
 def test_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_llama, prompts):
     path, hf = tiny_llama
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_batched_tokens=64)
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, max_num_batched_tokens=64)
     prompt = prompts[3]
     warm = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
     again = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
@@ -76,7 +76,7 @@ def test_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_llama, prompts):
 
 def test_n_samples_report_the_prompt_logprobs_once(tiny_llama, prompts):
     path, hf = tiny_llama
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_batched_tokens=8)
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, max_num_batched_tokens=8)
     out = llm.generate([prompts[0]], SamplingParams(n=3, seed=1, max_tokens=4, prompt_logprobs=1),
                        use_tqdm=False)[0]
     assert len(out.outputs) == 3
@@ -88,7 +88,8 @@ def test_preemption_after_the_prompt_keeps_prompt_logprobs_right(tiny_llama):
     rng = random.Random(3)
     prompts = [[rng.randrange(VOCAB) for _ in range(40)] for _ in range(3)]
     block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # K and V, 2 layers, block of 4, 2 kv heads, head_dim 16, fp32
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_batched_tokens=128, max_model_len=128,
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, max_num_batched_tokens=128,
+              max_model_len=128,
               kv_cache_memory=40 * block_bytes)
     outs = llm.generate(prompts, SamplingParams(max_tokens=60, ignore_eos=True, prompt_logprobs=2), use_tqdm=False)
     assert llm.engine.get_stats().num_preemptions_total > 0
@@ -100,6 +101,7 @@ def test_preemption_after_the_prompt_keeps_prompt_logprobs_right(tiny_llama):
 def test_smollm2_prompt_logprobs_under_forced_chunking(smollm2_gguf, hf_smollm2):
     hf, tok = hf_smollm2
     prompt = tok("The history of the printing press begins in the fifteenth century, when").input_ids
-    llm = LLM(model=smollm2_gguf, dtype="float32", quantization="none", max_num_batched_tokens=5)
+    llm = LLM(model=smollm2_gguf, dtype="float32", kv_cache_dtype="float32", quantization="none",
+              max_num_batched_tokens=5)
     out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
     check(out.prompt_logprobs, prompt, reference(hf, prompt), 5, 2e-3)

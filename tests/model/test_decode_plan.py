@@ -40,14 +40,14 @@ def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[s
 
 
 @pytest.mark.parametrize("arch,qtype,kv_cache_dtype", [
-    ("llama", "F32", "auto"), ("llama", "Q4_0", "auto"), ("llama", "Q8_0", "auto"), ("qwen2", "F32", "auto"),
-    ("qwen2", "Q4_0", "auto"), ("qwen2", "Q8_0", "auto"), ("llama", "Q4_0", "float16"), ("qwen2", "Q8_0", "bfloat16"),
-    ("gemma3", "F32", "auto"), ("gemma3", "Q4_0", "auto"), ("gemma3", "Q8_0", "float16"),
+    ("llama", "F32", "float32"), ("llama", "Q4_0", "auto"), ("llama", "Q8_0", "float32"), ("qwen2", "F32", "float32"),
+    ("qwen2", "Q4_0", "auto"), ("qwen2", "Q8_0", "float32"), ("llama", "Q4_0", "float16"), ("qwen2", "Q8_0", "bfloat16"),
+    ("gemma3", "F32", "float32"), ("gemma3", "Q4_0", "auto"), ("gemma3", "Q8_0", "float16"),
 ])
 def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_path):
     model = load(arch, qtype, tmp_path, kv_cache_dtype=kv_cache_dtype)
-    assert model.model.layers[0].self_attn.kv_cache[0].dtype == {"auto": torch.float32, "float16": torch.float16,
-                                                                 "bfloat16": torch.bfloat16}[kv_cache_dtype]
+    want = {"auto": torch.float16, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    assert model.model.layers[0].self_attn.kv_cache[0].dtype == want[kv_cache_dtype]
     plan = build_decode_plan(model)
     assert plan is not None
     if qtype != "F32":

@@ -16,10 +16,11 @@ BLOCK = 4
 
 
 def run_incremental(model, cfg, tokens: list[int], chunks: list[int]) -> torch.Tensor:
-    """Feed `tokens` in steps of the given sizes through the paged cache; logits of every position."""
+    """Feed `tokens` in steps of the given sizes through the paged cache; logits of every position.
+    The cache keeps the compute dtype (not the engine's default float16 one): this compares the math."""
     dtype = model.dtype
     caches = allocate_kv_caches(cfg, num_blocks=2 + -(-len(tokens) // BLOCK), block_size=BLOCK, dtype=dtype,
-                                device=torch.device("cpu"))
+                                device=torch.device("cpu"), kv_cache_dtype=str(dtype).removeprefix("torch."))
     model.bind_kv_caches(caches)
     blocks = list(range(1, 1 + -(-len(tokens) // BLOCK)))  # block 0 is the padding block
     done, out = 0, []

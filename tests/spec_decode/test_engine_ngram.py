@@ -31,7 +31,7 @@ def generate(llm, ps, params):
 
 
 def engine(path, spec: bool, **kw):
-    kw = {"dtype": "float32", "block_size": 4, **kw}
+    kw = {"dtype": "float32", "kv_cache_dtype": "float32", "block_size": 4, **kw}  # budgets below count fp32 blocks
     return LLM(model=path, **kw, **(SPEC if spec else {}))
 
 
