@@ -74,23 +74,62 @@ def test_forced_call_is_a_valid_call(server, choice, names):
         [(t.function.name, t.function.arguments) for t in r.message.tool_calls]
 
 
-def test_streamed_deltas_carry_index_id_and_name_first(server):
-    base, model = server
-    stream = client(base).chat.completions.create(
-        model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=5, max_tokens=80,
-        stream=True)
-    calls, finish = {}, None
+def stream_calls(stream) -> tuple[dict, dict]:
+    """Each choice's calls from a raw stream of chunks, as {index: (name, [argument pieces])}, and
+    each choice's finish reason. Checks every delta's shape as OpenAI sends it: a call's first
+    delta has its index, id, type and name and empty arguments, the later ones only the index and
+    a piece of the arguments."""
+    calls, finish = {}, {}
     for chunk in stream:
-        choice = chunk.choices[0]
-        finish = choice.finish_reason or finish
-        for d in choice.delta.tool_calls or ():
-            if d.index not in calls:
-                assert d.id and d.function.name, "the first delta of a call names it"
-                calls[d.index] = {"name": d.function.name, "arguments": ""}
-            calls[d.index]["arguments"] += d.function.arguments or ""
-    assert finish == "tool_calls" and sorted(calls) == list(range(len(calls))) and calls
-    for call in calls.values():
-        jsonschema_rs.validate(SCHEMAS[call["name"]], json.loads(call["arguments"]))
+        for choice in chunk.choices:
+            got = calls.setdefault(choice.index, {})
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+            assert not choice.delta.content, "a tool call's text leaked into the content"
+            for d in choice.delta.tool_calls or ():
+                if d.index not in got:
+                    assert d.index == len(got), "calls are indexed 0, 1, ... in order"
+                    assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                    assert d.function.arguments == ""
+                    got[d.index] = (d.function.name, [])
+                else:
+                    assert d.id is None and d.type is None and d.function.name is None
+                    assert d.function.arguments
+                    got[d.index][1].append(d.function.arguments)
+    return calls, finish
+
+
+TWO_CITIES = [{"role": "user", "content": "Get the weather in Paris and in London."}]
+
+
+def test_streamed_arguments_come_in_pieces_that_join_into_the_calls(server):
+    """SmolLM2 answers this with two calls under "required" (measured at temperature 0). Streamed,
+    each call's arguments arrive in several pieces, after a first delta that names the call; the
+    pieces join into the arguments of the same request not streamed; every output of n=2 has its own."""
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, messages=TWO_CITIES, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80, n=2)
+    whole = c.chat.completions.create(**kw)
+    calls, finish = stream_calls(c.chat.completions.create(stream=True, **kw))
+    assert sorted(calls) == [0, 1] and finish == {0: "tool_calls", 1: "tool_calls"}
+    for choice in whole.choices:
+        expected = [(t.function.name, t.function.arguments) for t in choice.message.tool_calls]
+        assert len(expected) >= 2, expected
+        got = calls[choice.index]
+        assert [(name, "".join(pieces)) for name, pieces in got.values()] == expected
+        assert all(len(pieces) >= 2 for _, pieces in got.values()), got
+        assert_valid_calls(choice.message.tool_calls, ["get_weather", "get_time"])
+
+
+def test_parallel_tool_calls_false_makes_one_call(server):
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, messages=TWO_CITIES, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80,
+              parallel_tool_calls=False)
+    r = c.chat.completions.create(**kw).choices[0]
+    assert r.finish_reason == "tool_calls" and len(r.message.tool_calls) == 1
+    s = streamed(c, **kw)
+    assert [(t.function.name, t.function.arguments) for t in s.message.tool_calls] == \
+        [(t.function.name, t.function.arguments) for t in r.message.tool_calls]
 
 
 def test_tool_choice_none_renders_and_reads_no_tools(server):
@@ -203,3 +242,33 @@ def test_qwen_follow_up_renders_as_transformers_renders_it(qwen_server):
     assert r.usage.prompt_tokens == reference_prompt_tokens(tok, messages, TOOLS)
     answer = r.choices[0].message
     assert answer.content or answer.tool_calls
+
+
+# Qwen2.5-Coder-0.5B writes one <tool_call> block per call when the system message shows it how
+# (measured at temperature 0: two calls for these questions; without the example it writes one).
+EXAMPLE = ("Answer every question only with tool calls, one <tool_call></tool_call> block per call, and no "
+           "other text. Example: for 'What is the weather in Berlin and the time in Rome?' answer\n"
+           '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>')
+PARIS_TOKYO = [{"role": "system", "content": EXAMPLE},
+               {"role": "user", "content": "What is the weather in Paris and the time in Tokyo?"}]
+
+
+@pytest.mark.slow
+def test_auto_qwen_parallel_calls_stream_and_parallel_false_keeps_one(qwen_server):
+    base, model = qwen_server
+    c = client(base)
+    kw = dict(model=model, messages=PARIS_TOKYO, tools=TOOLS, temperature=0, max_tokens=80)
+    whole = c.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and not whole.message.content
+    expected = [(t.function.name, t.function.arguments) for t in whole.message.tool_calls]
+    assert [(n, json.loads(a)) for n, a in expected] == [("get_weather", {"city": "Paris"}),
+                                                        ("get_time", {"city": "Tokyo"})]
+    calls, finish = stream_calls(c.chat.completions.create(stream=True, **kw))
+    assert finish == {0: "tool_calls"}
+    assert [(name, "".join(pieces)) for name, pieces in calls[0].values()] == expected
+    assert all(len(pieces) >= 2 for _, pieces in calls[0].values()), calls
+    for one in (c.chat.completions.create(parallel_tool_calls=False, **kw).choices[0],
+                streamed(c, parallel_tool_calls=False, **kw)):
+        assert one.finish_reason == "tool_calls" and not one.message.content
+        assert [(t.function.name, t.function.arguments) for t in one.message.tool_calls] == expected[:1]

@@ -1,14 +1,18 @@
-"""Tool-call parsers on literal model outputs: what is a call, what stays content, and a stream
-read piece by piece ends where the whole text read at once does."""
+"""Tool-call readers on literal model outputs: what is a call, what stays content, and that a
+stream read in any chunking gives out pieces that join into what the whole text reads as."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from flashserve.entrypoints.openai.tool_choice import NamedCallReader, RequiredCallsReader
-from flashserve.entrypoints.openai.tool_parsers import (HermesToolParser, Llama3JsonToolParser, ToolCall,
-                                                        parser_name_for_template)
+from flashserve.entrypoints.openai.json_scan import BAD, END, REST, JsonScan
+from flashserve.entrypoints.openai.tool_choice import NamedCallReader
+from flashserve.entrypoints.openai.tool_parsers import (HERMES, LLAMA3_JSON, REQUIRED, Event, ToolCall, ToolCallReader,
+                                                        merged, parser_name_for_template, read_whole)
 
 
 def calls(*pairs) -> list[ToolCall]:
@@ -17,89 +21,145 @@ def calls(*pairs) -> list[ToolCall]:
 
 WEATHER_PARIS = ("get_weather", {"city": "Paris", "unit": "celsius"})
 TIME_TOKYO = ("get_time", {"city": "Tokyo"})
+PARIS_CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+TOKYO_CALL = '{"name": "get_time", "arguments": {"city": "Tokyo"}}'
 
-HERMES = [
+HERMES_CASES = [
     # (model output, content, calls)
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
-     "", calls(WEATHER_PARIS)),
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
-     '<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}\n</tool_call>',
+    (f"<tool_call>\n{PARIS_CALL}\n</tool_call>", "", calls(WEATHER_PARIS)),
+    (f"<tool_call>\n{PARIS_CALL}\n</tool_call>\n<tool_call>\n{TOKYO_CALL}\n</tool_call>",
      "", calls(WEATHER_PARIS, TIME_TOKYO)),
-    ('Let me look that up.\n\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}\n</tool_call>',
-     "Let me look that up.", calls(TIME_TOKYO)),
-    ('<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}\n</tool_call>\nDone, one moment.',
-     "Done, one moment.", calls(TIME_TOKYO)),
+    (f"Let me look that up.\n\n<tool_call>\n{TOKYO_CALL}\n</tool_call>", "Let me look that up.", calls(TIME_TOKYO)),
+    (f"<tool_call>\n{TOKYO_CALL}\n</tool_call>\nDone, one moment.", "Done, one moment.", calls(TIME_TOKYO)),
+    (f"One.\n<tool_call>{TOKYO_CALL}</tool_call>  Two. <tool_call>{PARIS_CALL}</tool_call>\n",
+     "One.\nTwo.", calls(TIME_TOKYO, WEATHER_PARIS)),
     # stopped at end-of-turn before the closing tag
-    ('<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}', "", calls(TIME_TOKYO)),
+    (f"<tool_call>\n{TOKYO_CALL}", "", calls(TIME_TOKYO)),
     # Qwen2.5-Coder-0.5B's own output for "weather in Paris" (no tags)
-    ('{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}', "", calls(WEATHER_PARIS)),
+    (PARIS_CALL, "", calls(WEATHER_PARIS)),
     ('{"name": "get_time", "parameters": {"city": "Tokyo"}}', "", calls(TIME_TOKYO)),
-    # malformed JSON, a JSON object that is no call, and plain text stay content as written
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
-     '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', []),
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n', 
-     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n', []),
-    ('{"city": "Paris", "population": 2102650}', '{"city": "Paris", "population": 2102650}', []),
-    ("It is sunny in Paris today.\n", "It is sunny in Paris today.\n", []),
-    # a broken block keeps its text, the good one after it is a call
-    ('<tool_call>\n{"name": 1}\n</tool_call> then <tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}'
-     '\n</tool_call>', '<tool_call>\n{"name": 1}\n</tool_call> then', calls(TIME_TOKYO)),
+    (f"[{PARIS_CALL}, {TOKYO_CALL}]", "", calls(WEATHER_PARIS, TIME_TOKYO)),
+    # keys in another order, and the arguments as the model wrote them (blanks and all)
+    ('<tool_call>{"arguments": {"city":"Tokyo"}, "name": "get_time"}</tool_call>', "",
+     [ToolCall("get_time", '{"city":"Tokyo"}')]),
+    ('{"name": "get_time", "arguments": {\n  "city": "Tokyo"\n}}', "",
+     [ToolCall("get_time", '{\n  "city": "Tokyo"\n}')]),
+    ('<tool_call>{"name": "now"}</tool_call>', "", [ToolCall("now", "{}")]),
     # arguments written as a JSON string
     ('<tool_call>\n{"name": "get_time", "arguments": "{\\"city\\": \\"Tokyo\\"}"}\n</tool_call>', "", calls(TIME_TOKYO)),
+    # JSON that is no call, and plain text, stay content as written
+    ('<tool_call>\n{"name": 1}\n</tool_call>', '<tool_call>\n{"name": 1}\n</tool_call>', []),
+    ('<tool_call>\n{"city": "Paris"}\n</tool_call>', '<tool_call>\n{"city": "Paris"}\n</tool_call>', []),
+    ('<tool_call>\n{"name": "f", "arguments": [1]}', '<tool_call>\n{"name": "f", "arguments": [1]}', []),
+    ('<tool_call>\n{"name": "get_wea', '<tool_call>\n{"name": "get_wea', []),
+    ('{"city": "Paris", "population": 2102650}', '{"city": "Paris", "population": 2102650}', []),
+    ("It is sunny in Paris today.\n", "It is sunny in Paris today.\n", []),
+    ("a < b and <tool_ or </tool_call> <tool_call", "a < b and <tool_ or </tool_call> <tool_call", []),
+    ("The call is {\"name\": \"f\"}", "The call is {\"name\": \"f\"}", []),
+    # a broken block keeps its text, the good one after it is a call
+    (f'<tool_call>\n{{"name": 1}}\n</tool_call> then <tool_call>\n{TOKYO_CALL}\n</tool_call>',
+     '<tool_call>\n{"name": 1}\n</tool_call> then', calls(TIME_TOKYO)),
+    # a call that breaks after its name was given out ends where it had got to; the rest of its block is dropped
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call> ok', "ok",
+     [ToolCall("get_weather", '{"city":')]),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>', "",
+     [ToolCall("get_weather", '{"city": "Paris"}')]),
+    # cut short by max_tokens in the middle of a number: only its settled part
+    ('<tool_call>\n{"name": "f", "arguments": {"n": 12', "", [ToolCall("f", '{"n": ')]),
 ]
 
-LLAMA3 = [
+LLAMA3_CASES = [
     ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}', "", calls(WEATHER_PARIS)),
     ('<|python_tag|>{"name": "get_time", "parameters": {"city": "Tokyo"}}', "", calls(TIME_TOKYO)),
     ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
      '{"name": "get_time", "parameters": {"city": "Tokyo"}}', "", calls(WEATHER_PARIS, TIME_TOKYO)),
-    ('{"name": "get_weather", "parameters": {"city": "Paris"', '{"name": "get_weather", "parameters": {"city": "Paris"',
-     []),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"', "", [ToolCall("get_weather", '{"city": "Paris"')]),
     ('The call would be {"name": "get_time", "parameters": {"city": "Tokyo"}}',
      'The call would be {"name": "get_time", "parameters": {"city": "Tokyo"}}', []),
-    ('{"name": "get_time", "parameters": {"city": "Tokyo"}} and more', 
-     '{"name": "get_time", "parameters": {"city": "Tokyo"}} and more', []),
+    ('{"name": "get_time", "parameters": {"city": "Tokyo"}} and more', "and more", calls(TIME_TOKYO)),
+    ("<|python_tag|> hello", "<|python_tag|> hello", []),
 ]
 
-CASES = [(HermesToolParser, *c) for c in HERMES] + [(Llama3JsonToolParser, *c) for c in LLAMA3]
+REQUIRED_CASES = [
+    (f"[{PARIS_CALL}, {TOKYO_CALL}]", "", calls(WEATHER_PARIS, TIME_TOKYO)),
+    ('[{"name": "get_weather", "arguments": {"city": "Par', "", [ToolCall("get_weather", '{"city": "Par')]),
+]
+
+CASES = ([(HERMES, *c) for c in HERMES_CASES] + [(LLAMA3_JSON, *c) for c in LLAMA3_CASES] +
+         [(REQUIRED, *c) for c in REQUIRED_CASES])
+IDS = [f"{'hermes' if f is HERMES else 'llama3' if f is LLAMA3_JSON else 'required'}-{i}"
+       for i, (f, *_) in enumerate(CASES)]
 
 
-@pytest.mark.parametrize("parser, text, content, expected", CASES)
-def test_whole_output(parser, text, content, expected):
-    assert parser().read(text, final=True) == (content, expected)
+def streamed(reader, text: str, cuts) -> list[Event]:
+    """The events of a stream that sees the text grow to each cut, then whole, joined."""
+    events = []
+    for end in cuts:
+        events += reader.feed(text[:end], final=False)
+    return merged(events + reader.feed(text, final=True))
 
 
-@pytest.mark.parametrize("parser, text, content, expected", CASES)
-def test_streamed_pieces_add_up_to_the_whole(parser, text, content, expected):
-    """Read after every character, as a stream sees it: what is settled only ever grows, and
-    the pieces a stream sends (content suffixes, new calls) join into the whole reading."""
-    p, sent_content, sent_calls = parser(), "", []
-    for end in range(len(text) + 1):
-        got_content, got_calls = p.read(text[:end], final=end == len(text))
-        assert got_content.startswith(sent_content), (text[:end], got_content, sent_content)
-        assert got_calls[:len(sent_calls)] == sent_calls
-        sent_content, sent_calls = got_content, got_calls
-    assert (sent_content, sent_calls) == (content, expected)
+def chunkings(text: str, rng: random.Random):
+    """One character at a time, every split into two, and random splits."""
+    n = len(text)
+    yield range(1, n)
+    for cut in range(n + 1):
+        yield [cut]
+    for _ in range(60):
+        yield sorted(rng.sample(range(n + 1), rng.randint(1, min(n + 1, 12))))
 
 
-def test_partial_call_is_held_back_until_it_closes():
-    p = HermesToolParser()
-    head = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Tok'
-    assert p.read(head, final=False) == ("Checking.", [])
-    assert p.read("Checking.\n<tool_", final=False) == ("Checking.", [])
-    assert p.read(head + 'yo"}}\n</tool_call>', final=False) == ("Checking.", calls(TIME_TOKYO))
+@pytest.mark.parametrize("fmt, text, content, expected", CASES, ids=IDS)
+def test_whole_output(fmt, text, content, expected):
+    assert read_whole(ToolCallReader(fmt), text) == (content, expected)
 
 
-def test_forced_call_readers():
-    required = RequiredCallsReader()
-    text = '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, ' \
-           '{"name": "get_time", "arguments": {"city": "Tokyo"}}]'
-    assert required.read(text, final=True) == ("", calls(WEATHER_PARIS, TIME_TOKYO))
-    assert required.read(text[:30], final=False) == ("", [])
-    assert required.read(text[:30], final=True) == (text[:30], [])  # cut short by max_tokens
-    named = NamedCallReader("get_time")
-    assert named.read('{"city": "Tokyo"}', final=True) == ("", calls(TIME_TOKYO))
-    assert named.read('{"city": "To', final=True) == ('{"city": "To', [])
+@pytest.mark.parametrize("fmt, text, content, expected", CASES, ids=IDS)
+def test_every_chunking_gives_the_pieces_of_the_whole(fmt, text, content, expected):
+    whole = ToolCallReader(fmt).feed(text, final=True)
+    rng = random.Random(text)
+    for cuts in chunkings(text, rng):
+        assert streamed(ToolCallReader(fmt), text, cuts) == whole, list(cuts)
+
+
+def test_pieces_are_given_out_as_they_settle():
+    r = ToolCallReader(HERMES)
+    assert r.feed("Checking.\n<tool_", final=False) == [Event("content", 0, "Checking.")]
+    text = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Tok'
+    assert r.feed(text, final=False) == [Event("call", 0, "get_time"), Event("args", 0, '{"city": "Tok')]
+    text += 'yo", "days": 12'
+    assert r.feed(text, final=False) == [Event("args", 0, 'yo", "days": ')]  # 12 may become 123
+    text += ', "tz": tr'
+    assert r.feed(text, final=False) == [Event("args", 0, '12, "tz": ')]  # tr may not become true
+    text += 'ue, "s": "a\\u00'
+    assert r.feed(text, final=False) == [Event("args", 0, 'true, "s": "a')]  # a half escape is held
+    text += 'e9"}}  \n</tool_call>'
+    assert r.feed(text, final=False) == [Event("args", 0, '\\u00e9"}')]
+    assert r.feed(text + "\nThanks", final=True) == [Event("content", 0, "\nThanks")]
+
+
+def test_no_call_is_given_out_before_its_name_and_arguments_begin():
+    r = ToolCallReader(HERMES)
+    assert r.feed('<tool_call>{"name": "get_time", "arguments": ', final=False) == []
+    assert r.feed('<tool_call>{"name": "get_time", "arguments": {', final=False) == \
+        [Event("call", 0, "get_time"), Event("args", 0, "{")]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    text = f"Both:\n<tool_call>\n{PARIS_CALL}\n</tool_call>\n<tool_call>\n{TOKYO_CALL}\n</tool_call>\nDone."
+    assert read_whole(ToolCallReader(HERMES, max_calls=1), text) == ("Both:\nDone.", calls(WEATHER_PARIS))
+    assert read_whole(ToolCallReader(REQUIRED, max_calls=1), f"[{PARIS_CALL}, {TOKYO_CALL}]") == \
+        ("", calls(WEATHER_PARIS))
+    whole = ToolCallReader(HERMES, max_calls=1).feed(text, final=True)
+    assert streamed(ToolCallReader(HERMES, max_calls=1), text, range(1, len(text))) == whole
+
+
+def test_named_call_reader():
+    text = '{"city": "Tokyo", "days": 3}'
+    whole = NamedCallReader("get_time").feed(text, final=True)
+    assert whole == [Event("call", 0, "get_time"), Event("args", 0, text)]
+    assert streamed(NamedCallReader("get_time"), text, range(1, len(text))) == whole
+    assert read_whole(NamedCallReader("get_time"), '{"city": "To') == ("", [ToolCall("get_time", '{"city": "To')])
 
 
 def test_parser_follows_the_chat_template():
@@ -109,3 +169,102 @@ def test_parser_follows_the_chat_template():
     assert parser_name_for_template(qwen) == "hermes"
     assert parser_name_for_template(llama31) == "llama3_json"
     assert parser_name_for_template(smollm2) == "hermes"  # tools reach it as Hermes text (tool_prompt.py)
+
+
+# ---- generated outputs: calls with any JSON arguments, written any way, between any content --------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+ARGS = st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4)
+STYLES = st.sampled_from([{}, {"indent": 2}, {"separators": (",", ":")}, {"ensure_ascii": False}])
+# content that is no call but looks like the start of markup now and then
+CONTENT = st.lists(st.sampled_from(["Sure", " ", "\n", "a < b", "<tool_", "</tool_call", "x.", "é"]),
+                   max_size=5).map("".join)
+
+
+def expected_content(runs: list[str]) -> str:
+    """The content around calls: runs[k] is the text before call k (and runs[-1] after the last);
+    blanks next to a call are dropped and the non-empty runs joined by newlines."""
+    if len(runs) == 1:
+        return runs[0]
+    parts = [runs[0].rstrip()] + [r.strip() for r in runs[1:-1]] + [runs[-1].lstrip()]
+    return "\n".join(p for p in parts if p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["get_weather", "get_time"]), ARGS, STYLES), min_size=1, max_size=3),
+       st.lists(CONTENT, min_size=4, max_size=4), st.booleans(), st.randoms(use_true_random=False))
+def test_generated_hermes_outputs(call_list, runs, bare_first, rng):
+    """Calls as a Hermes model writes them (the first one bare or tagged), content around them:
+    read whole, the calls come back with their arguments as written and the content by the rule;
+    read in random chunks, the same pieces."""
+    written = [(name, json.dumps(args, **style)) for name, args, style in call_list]
+    blocks = [f'<tool_call>\n{{"name": "{n}", "arguments": {a}}}\n</tool_call>' for n, a in written]
+    runs = runs[:len(blocks) + 1]
+    if bare_first:  # a bare call stands at the start of the message
+        blocks[0] = blocks[0].removeprefix("<tool_call>\n").removesuffix("\n</tool_call>")
+        runs[0] = ""
+    text = runs[0] + "".join(b + r for b, r in zip(blocks, runs[1:]))
+    content, got = read_whole(ToolCallReader(HERMES), text)
+    assert got == [ToolCall(n, a) for n, a in written]
+    assert [json.loads(c.arguments) for c in got] == [args for _, args, _ in call_list]
+    assert content == expected_content(runs)
+    whole = ToolCallReader(HERMES).feed(text, final=True)
+    for _ in range(5):
+        cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(1, min(len(text) + 1, 20))))
+        assert streamed(ToolCallReader(HERMES), text, cuts) == whole
+    assert streamed(ToolCallReader(HERMES), text, range(1, len(text))) == whole
+
+
+# ---- the JSON scanner against json.loads ---------------------------------------------------------
+
+def scan_accepts(text: str) -> bool:
+    """The scanner reads text as one complete JSON value with only blanks after it."""
+    s = JsonScan()
+    for i, ch in enumerate(text):
+        status = s.feed(ch)
+        if status == BAD:
+            return False
+        if status in (END, REST):
+            rest = text[i + 1:] if status == END else text[i:]
+            return not rest.strip(" \t\n\r")
+    return False
+
+
+def loads_accepts(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+JSON_TEXTS = st.one_of(
+    JSON_VALUES.map(lambda v: json.dumps([v])),
+    st.text(alphabet='{}[]",:0123456789.-+eEtrufalsn \\u\n', max_size=20).map(lambda t: "[" + t),
+    st.tuples(ARGS.map(json.dumps), st.integers(0, 60), st.sampled_from(['', '"', ",", "}", "]", "\\", "1", " ", "\x01"]))
+    .map(lambda t: t[0][:t[1]] + t[2] + t[0][t[1]:]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSON_TEXTS)
+def test_scanner_accepts_what_json_loads_accepts(text):
+    assert scan_accepts(text) == loads_accepts(text), text
+
+
+@settings(max_examples=100, deadline=None)
+@given(ARGS, STYLES)
+def test_scanner_members(args, style):
+    text = json.dumps({"name": "f", "arguments": args, "n": 1}, **style)
+    s, certain = JsonScan(), 0
+    for ch in text:
+        s.feed(ch)
+        assert s.certain >= certain
+        certain = s.certain
+    assert s.done and s.certain == len(text)
+    spans = {key: text[start:end] for key, start, end in s.members}
+    assert {k: json.loads(v) for k, v in spans.items()} == {"name": "f", "arguments": args, "n": 1}

@@ -12,6 +12,7 @@ from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
+from flashserve.entrypoints.openai.tool_parsers import ToolCall, read_whole
 from flashserve.entrypoints.openai.tool_prompt import template_messages
 from flashserve.sampling_params import GuidedDecodingParams, SamplingParams
 
@@ -253,55 +254,55 @@ class Serving:
                                  guided=plan.guided)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return self._stream_chat(req, ids, params, rid, created, plan.reader)
+            return self._stream_chat(req, ids, params, rid, created, plan.new_reader)
         (out,) = await self._run([ids], params, req.priority)
         choices = []
         for c in out.outputs:
-            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
-            if plan.reader is not None:
-                content, calls = plan.reader.read(c.text, final=True)
-                message["content"] = content if content or not calls else None
-                if calls:
-                    message["tool_calls"] = [tool_call_json(call) for call in calls]
-                    finish = tool_finish_reason(finish)
+            content, calls = read_whole(plan.new_reader(), c.text)
+            message, finish = {"role": "assistant", "content": content}, c.finish_reason
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = [tool_call_json(call) for call in calls]
+                finish = tool_finish_reason(finish)
             choices.append({"index": c.index, "message": message, "finish_reason": finish,
                             "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self._usage([out])}
 
-    async def _stream_chat(self, req, ids, params, rid, created, reader) -> AsyncIterator[str]:
+    async def _stream_chat(self, req, ids, params, rid, created, new_reader) -> AsyncIterator[str]:
         def chunk(choices, usage=None):
             return sse_chunk(rid, "chat.completion.chunk", created, self.model_name, choices, usage)
 
         gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
-        sent = [0] * req.n  # characters of content sent
-        calls_sent = [0] * req.n
-        toks = [0] * req.n
+        readers = [new_reader() for _ in range(req.n)]
+        called = [False] * req.n  # the output holds a tool call
+        toks = [0] * req.n  # tokens whose logprobs were sent
         final = None
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(req.n)])
             async for out in gen:
                 final = out
-                choices = []
+                rounds: list[list[dict]] = []  # rounds[k]: the k-th delta of each output that has one
                 for c in out.outputs:
                     i, finish = c.index, c.finish_reason
-                    content, calls = reader.read(c.text, finish is not None) if reader else (c.text, [])
-                    delta = {"content": content[sent[i]:]} if len(content) > sent[i] else {}
-                    if len(calls) > calls_sent[i]:
-                        delta["tool_calls"] = [{"index": k, **tool_call_json(call)}
-                                               for k, call in enumerate(calls[calls_sent[i]:], calls_sent[i])]
-                    if calls or calls_sent[i]:
+                    deltas = stream_deltas(readers[i].feed(c.text, finish is not None))
+                    called[i] = called[i] or any("tool_calls" in d for d in deltas)
+                    if called[i]:
                         finish = tool_finish_reason(finish)
-                    if not delta and finish is None:
-                        continue
+                    if not deltas and finish is None:
+                        continue  # nothing settled: the logprobs wait for the next delta
                     lp = None
-                    if c.logprobs is not None and len(c.token_ids) > toks[c.index]:
-                        lp = self._chat_logprobs(c.token_ids[toks[c.index]:], c.logprobs[toks[c.index]:],
-                                                 req.top_logprobs or 0)
-                    sent[i], calls_sent[i], toks[i] = len(content), len(calls), len(c.token_ids)
-                    choices.append({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish})
-                if choices:
+                    if c.logprobs is not None and len(c.token_ids) > toks[i]:
+                        lp = self._chat_logprobs(c.token_ids[toks[i]:], c.logprobs[toks[i]:], req.top_logprobs or 0)
+                    toks[i] = len(c.token_ids)
+                    deltas = deltas or [{}]
+                    for k, delta in enumerate(deltas):
+                        if k == len(rounds):
+                            rounds.append([])
+                        rounds[k].append({"index": i, "delta": delta, "logprobs": lp if k == 0 else None,
+                                          "finish_reason": finish if k == len(deltas) - 1 else None})
+                for choices in rounds:
                     yield chunk(choices)
             if req.stream_options and req.stream_options.include_usage and final is not None:
                 yield chunk([], self._usage([final]))
@@ -310,6 +311,21 @@ class Serving:
             yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
         finally:
             await gen.aclose()
+
+
+def stream_deltas(events) -> list[dict]:
+    """A reader's events → the deltas a stream sends, as OpenAI sends them: a call's first delta
+    has its index, id, type and name with empty arguments, the next ones its index and a piece
+    of the arguments each."""
+    deltas: list[dict] = []
+    for e in events:
+        if e.kind == "content":
+            deltas.append({"content": e.text})
+        elif e.kind == "call":
+            deltas.append({"tool_calls": [{"index": e.index, **tool_call_json(ToolCall(e.text, ""))}]})
+        else:
+            deltas.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
+    return deltas
 
 
 def tool_call_json(call) -> dict:

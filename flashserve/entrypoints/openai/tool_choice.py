@@ -5,14 +5,18 @@ forces a call, and the reader that turns the output text into tool calls.
 parser: text that is no call stays content. "required" and a named function use structured
 output so that the model cannot answer without a valid call: "required" constrains the output
 to a JSON array of calls (each a declared name with arguments valid for that tool's schema), a
-named function to that function's arguments object.
+named function to that function's arguments object. parallel_tool_calls=false allows one call:
+"auto" keeps the first the model writes, "required" constrains the array to one item.
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from flashserve.entrypoints.openai.tool_parsers import PARSERS, ToolCall, parser_name_for_template
+from flashserve.entrypoints.openai.json_scan import BAD, REST, JsonScan
+from flashserve.entrypoints.openai.tool_parsers import (BLANK, PARSERS, REQUIRED, Event, ToolCallReader,
+                                                        parser_name_for_template)
 from flashserve.entrypoints.openai.tool_prompt import renders_tools
 from flashserve.errors import InvalidRequestError
 from flashserve.sampling_params import GuidedDecodingParams
@@ -36,47 +40,48 @@ class ToolSupport:
 class ToolPlan:
     tools: list[dict] | None  # for the prompt; None: no tools
     guided: GuidedDecodingParams | None  # the forcing constraint of "required" or a named function
-    reader: object | None  # .read(text, final) → (content, calls); None: the output is plain content
-
-
-class RequiredCallsReader:
-    """Output under the "required" constraint: [{"name": ..., "arguments": {...}}, ...]."""
-
-    def read(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        if not final:
-            return "", []
-        calls = _array_calls(text)
-        return ("", calls) if calls else (text, [])
+    new_reader: Callable[[], object]  # a reader per output (tool_parsers.py): .feed(text, final) → events
 
 
 class NamedCallReader:
-    """Output under a named function's constraint: its arguments object."""
+    """Output under a named function's constraint: its arguments object, a call from the first
+    character on. If it breaks off (max_tokens), the arguments end where they had got to."""
 
     def __init__(self, name: str):
         self.name = name
+        self.scan: JsonScan | None = None
+        self.fed = self.sent = 0
+        self.broken = False
 
-    def read(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        if not final:
-            return "", []
-        try:
-            args = json.loads(text)
-        except json.JSONDecodeError:  # cut short by max_tokens
-            return text, []
-        if not isinstance(args, dict):
-            return text, []
-        return "", [ToolCall(self.name, json.dumps(args, ensure_ascii=False))]
+    def feed(self, text: str, final: bool) -> list[Event]:
+        events = []
+        for ch in text[self.fed:]:
+            if self.scan is None:
+                if ch in BLANK:
+                    continue
+                self.scan = JsonScan()
+                events.append(Event("call", 0, self.name))
+            if not self.broken and self.scan.feed(ch) not in (BAD, REST):
+                continue
+            self.broken = True
+        self.fed = len(text)
+        if self.scan is not None:
+            piece = self.scan.text(self.sent, self.scan.certain)
+            self.sent = self.scan.certain
+            if piece:
+                events.append(Event("args", 0, piece))
+        return events
 
 
-def _array_calls(text: str) -> list[ToolCall] | None:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(items, list) or not items:
-        return None
-    calls = [ToolCall(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items
-             if isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("arguments"), dict)]
-    return calls if len(calls) == len(items) else None
+class PlainTextReader:
+    """No tools: the output is content as written."""
+
+    def __init__(self):
+        self.fed = 0
+
+    def feed(self, text: str, final: bool) -> list[Event]:
+        piece, self.fed = text[self.fed:], len(text)
+        return [Event("content", 0, piece)] if piece else []
 
 
 def _checked_parameters(tool) -> dict:
@@ -115,17 +120,18 @@ def plan_tools(req, support: ToolSupport) -> ToolPlan:
     if not req.tools:
         if choice is not None:
             raise InvalidRequestError("tool_choice is only allowed when tools are given")
-        return ToolPlan(None, None, None)
+        return ToolPlan(None, None, PlainTextReader)
     names = [t.function.name for t in req.tools]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InvalidRequestError(f"tools declare the function name {dupes[0]!r} more than once")
     params = {t.function.name: _checked_parameters(t) for t in req.tools}
     if choice == "none":
-        return ToolPlan(None, None, None)
+        return ToolPlan(None, None, PlainTextReader)
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    max_calls = 1 if req.parallel_tool_calls is False else None
     if choice is None or choice == "auto":
-        return ToolPlan(tools, None, PARSERS[support.parser_name]())
+        return ToolPlan(tools, None, partial(ToolCallReader, PARSERS[support.parser_name], max_calls))
     if _has_output_constraint(req):
         raise InvalidRequestError("tool_choice 'required' or a named function cannot be combined with "
                                   "response_format or guided decoding: both constrain the whole output")
@@ -137,9 +143,9 @@ def plan_tools(req, support: ToolSupport) -> ToolPlan:
         schema = {"type": "array", "items": calls, "minItems": 1}
         if req.parallel_tool_calls is False:
             schema["maxItems"] = 1
-        return ToolPlan(tools, GuidedDecodingParams(json=schema), RequiredCallsReader())
+        return ToolPlan(tools, GuidedDecodingParams(json=schema), partial(ToolCallReader, REQUIRED, max_calls))
     name = choice.function.name
     if name not in params:
         raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not among the tools "
                                   f"({', '.join(names)})")
-    return ToolPlan(tools, GuidedDecodingParams(json=_closed(params[name])), NamedCallReader(name))
+    return ToolPlan(tools, GuidedDecodingParams(json=_closed(params[name])), partial(NamedCallReader, name))

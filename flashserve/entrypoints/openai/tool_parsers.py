@@ -1,14 +1,37 @@
-"""Model output text → (content, tool calls), one small class per format a chat template teaches.
+"""Model output text → content and tool calls, read as the model writes it.
 
-Every reader answers `read(text, final)` for the text generated so far. Before the end
-(final=False) it returns only what is settled: content that can no longer turn out to be part
-of a call, and the calls whose text is complete. Both only grow as the text grows, so a stream
-sends each new piece once; at the end (final=True) the whole text is read.
+A reader is made per output and fed the text generated so far after every step; it answers with
+the events that text settles, in order: a piece of content, the start of a call (its index and
+function name), a piece of a call's arguments. A stream sends each event once, and a reply that
+does not stream feeds the whole text at once; both join the same pieces, whatever the chunking
+(tests/server/test_tool_parsers.py feeds every split). So an event is given out only when no
+later text can take it back:
+
+- content is held while it may still turn out to be markup (a half-written `<tool_call>`), and
+  a blank while it may still turn out to lie next to a call;
+- a JSON object becomes a call once its function name is complete and its arguments have begun
+  as an object (or ended, as a JSON string holding one; or the object closed without any);
+  until then all of it is held, and if it proves to be no call, it is content as written;
+- the arguments are the model's own text of that object, given out as far as it is settled
+  (json_scan.py): no half number, literal or escape, no trailing blank;
+- once given out, a call stays one. If its JSON breaks later, its arguments end where they had
+  got to (as a call cut short by max_tokens does) and the rest of its block is dropped: to
+  `</tool_call>`, or to the end of the message for calls written without tags.
+
+Content around calls loses the blanks next to them, and the runs of content on either side of a
+call are joined by a newline. Calls beyond `max_calls` (parallel_tool_calls=false) are read and
+dropped: neither calls nor content.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from flashserve.entrypoints.openai.json_scan import BAD, END, JsonScan
+
+BLANK = " \t\n\r"
+NOT_A_CALL = "not a call"
 
 
 @dataclass(frozen=True)
@@ -17,118 +40,33 @@ class ToolCall:
     arguments: str  # a JSON object's text, as OpenAI sends it
 
 
-def _call(obj, args_keys: tuple[str, ...]) -> ToolCall | None:
-    """{"name": ..., <args key>: {...}} → ToolCall; None for anything else."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    args = next((obj[k] for k in args_keys if k in obj), {})
-    if isinstance(args, str):  # some models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+class Event(NamedTuple):
+    kind: str  # "content" | "call" (text: the function's name) | "args" (text: a piece of its arguments)
+    index: int  # the call's index; 0 for content
+    text: str
 
 
-def _json_calls(text: str, args_keys: tuple[str, ...]) -> list[ToolCall] | None:
-    """The whole text as calls: one object, a list of them, or objects separated by ';'.
-    None unless every part is a call."""
-    decoder, pos, objs = json.JSONDecoder(), 0, []
-    text = text.strip()
-    while pos < len(text):
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return None
-        objs.extend(obj if isinstance(obj, list) else [obj])
-        while pos < len(text) and (text[pos].isspace() or text[pos] == ";"):
-            pos += 1
-    calls = [_call(o, args_keys) for o in objs]
-    return calls if calls and all(calls) else None
+@dataclass(frozen=True)
+class ToolFormat:
+    """Where a model writes its calls: JSON objects `{"name": ..., <args key>: {...}}`, or arrays of
+    them, inside tags or bare at the start of the message and right after another call."""
+
+    open_tag: str | None  # a block of calls: <tool_call> ... </tool_call>
+    close_tag: str | None
+    prefix: str | None  # a tag that may stand before bare calls
+    args_keys: tuple[str, ...]  # the first of these keys in an object holds its arguments
 
 
-def _held_prefix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that could be the start of `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
+# Hermes / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, any number, with
+# text around them. Qwen2.5-Coder-0.5B writes the bare object without the tags (measured at
+# temperature 0), so bare objects at the start of the message are read as calls too.
+HERMES = ToolFormat("<tool_call>", "</tool_call>", None, ("arguments", "parameters"))
+# Llama 3.x: `{"name": ..., "parameters": {...}}`, several separated by ';', optionally after <|python_tag|>.
+LLAMA3_JSON = ToolFormat(None, None, "<|python_tag|>", ("parameters", "arguments"))
+# tool_choice "required" (structured output): [{"name": ..., "arguments": {...}}, ...]
+REQUIRED = ToolFormat(None, None, None, ("arguments",))
 
-
-def _content(runs: list[str]) -> str:
-    """The content around calls: runs[k] is the text between call k-1 and call k. Without calls
-    it is the text as written; with them, each run loses the blank next to a call and the
-    non-empty runs are joined by newlines."""
-    if len(runs) == 1:
-        return runs[0]
-    return "\n".join(r for r in [runs[0]] + [r.lstrip() for r in runs[1:]] if r)
-
-
-class HermesToolParser:
-    """Hermes / Qwen2.5: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, any number,
-    with text around them. A block whose JSON is not a call stays content, tags and all; an
-    unclosed block at the end is read as if closed (models stop at end-of-turn instead).
-    Qwen2.5-Coder-0.5B writes the bare object without the tags (measured at temperature 0), so
-    a message that is nothing but such objects is read as calls too."""
-
-    OPEN, CLOSE = "<tool_call>", "</tool_call>"
-    ARGS = ("arguments", "parameters")
-
-    def read(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        if self.OPEN not in text:
-            stripped = text.lstrip()
-            if stripped.startswith(("{", "[")):  # maybe a bare call: settled only at the end
-                if not final:
-                    return "", []
-                calls = _json_calls(stripped, self.ARGS)
-                return ("", calls) if calls else (text, [])
-        # runs[k]: the content between call k-1 and call k (blocks that are no call included)
-        runs, calls, pos = [""], [], 0
-        while True:
-            start = text.find(self.OPEN, pos)
-            if start < 0:
-                break
-            runs[-1] += text[pos:start]
-            end = text.find(self.CLOSE, start)
-            if end < 0 and not final:  # an open block: settled when it closes
-                runs[-1] = runs[-1].rstrip()
-                return _content(runs), calls
-            body_end = len(text) if end < 0 else end
-            pos = len(text) if end < 0 else end + len(self.CLOSE)
-            found = _json_calls(text[start + len(self.OPEN):body_end], self.ARGS)
-            if found:
-                calls.extend(found)
-                runs[-1] = runs[-1].rstrip()
-                runs.append("")
-            else:
-                runs[-1] += text[start:pos]
-        runs[-1] += text[pos:]
-        if not final:  # hold back what may still become a block, and the blank before it
-            runs[-1] = runs[-1][:len(runs[-1]) - _held_prefix(runs[-1], self.OPEN)].rstrip()
-        return _content(runs), calls
-
-
-class Llama3JsonToolParser:
-    """Llama 3.x: the whole message is `{"name": ..., "parameters": {...}}` (or several, separated
-    by ';'), optionally after `<|python_tag|>`. Anything else is content."""
-
-    TAG = "<|python_tag|>"
-    ARGS = ("parameters", "arguments")
-
-    def read(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        stripped = text.lstrip()
-        maybe_call = stripped.startswith(("{", "[", self.TAG)) or self.TAG.startswith(stripped)
-        if not maybe_call:
-            return text, []
-        if not final:
-            return "", []
-        calls = _json_calls(stripped.removeprefix(self.TAG), self.ARGS)
-        return ("", calls) if calls else (text, [])
-
-
-PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+PARSERS = {"hermes": HERMES, "llama3_json": LLAMA3_JSON}
 
 
 def parser_name_for_template(template: str | None) -> str:
@@ -138,3 +76,332 @@ def parser_name_for_template(template: str | None) -> str:
                                                       '"parameters": dictionary' in template):
         return "llama3_json"
     return "hermes"
+
+
+class _CallObject:
+    """One JSON object that may be a call, keys in any order. `index` is set once it is one."""
+
+    def __init__(self, args_keys: tuple[str, ...]):
+        self.scan = JsonScan()
+        self.args_keys = args_keys
+        self.name: str | None = None
+        self.string_args: str | None = None  # arguments written as a JSON string, decoded
+        self.index: int | None = None  # None: not (yet) a call, or one beyond max_calls
+        self.committed = False
+        self.sent = 0  # characters of the arguments given out
+
+    def feed(self, ch: str) -> str:
+        status = self.scan.feed(ch)
+        if status == BAD or self.committed:
+            return status
+        return status if self._may_be_call() else NOT_A_CALL
+
+    def _member(self, keys) -> list | None:
+        return next((m for m in self.scan.members if m[0] in keys), None)
+
+    def _may_be_call(self) -> bool:
+        raw = self.scan.raw
+        name = self._member(("name",))
+        if name is not None and name[1] is not None and self.name is None:
+            if raw[name[1]] != '"':
+                return False
+            if name[2] is not None:
+                self.name = json.loads(self.scan.text(name[1], name[2]))
+                if not self.name:
+                    return False
+        args = self._member(self.args_keys)
+        if args is not None and args[1] is not None and self.string_args is None:
+            if raw[args[1]] not in '{"':
+                return False
+            if raw[args[1]] == '"' and args[2] is not None:
+                self.string_args = json.loads(self.scan.text(args[1], args[2]))
+                try:
+                    if not isinstance(json.loads(self.string_args), dict):
+                        return False
+                except json.JSONDecodeError:
+                    return False
+        return not (self.scan.done and self.name is None)
+
+    def ready(self) -> bool:
+        """A call for certain: the name is complete and it is known how the arguments begin."""
+        if self.name is None:
+            return False
+        args = self._member(self.args_keys)
+        if args is None:
+            return self.scan.done
+        return args[1] is not None and (self.scan.raw[args[1]] == "{" or self.string_args is not None)
+
+    def take_args(self) -> str:
+        """The arguments' text settled since the last take."""
+        args = self._member(self.args_keys)
+        if args is None or self.string_args is not None:
+            text = self.string_args if args is not None else "{}" if self.scan.done else ""
+            piece, self.sent = text[self.sent:], len(text)
+            return piece
+        end = args[2] if args[2] is not None else self.scan.certain
+        piece = self.scan.text(args[1] + self.sent, end)
+        self.sent = end - args[1]
+        return piece
+
+
+class ToolCallReader:
+    """Reads one output in a ToolFormat; feed() it the whole text so far after every step."""
+
+    def __init__(self, fmt: ToolFormat, max_calls: int | None = None):
+        self.fmt = fmt
+        self.max_calls = max_calls
+        self.fed = 0  # characters of the text read
+        self.events: list[Event] = []
+        self.calls = 0  # calls given out
+        # content
+        self.emitted = False  # some content given out
+        self.blank = ""  # blanks held: given out before more content, dropped next to a call
+        self.after_call = False  # a call since the last content: the next content starts a new run
+        self.tag = ""  # what may be the start of a tag
+        # the attempt at calls under way: a tagged block, or a bare object or array
+        self.state = "content"  # content | tag | prefixed | block | close | array | object | drop
+        self.pending: list[str] = []  # its text, content after all if it holds no call
+        self.attempt_calls = 0
+        self.in_block = False
+        self.in_array = False
+        self.array_expect = ""  # in an array: first | item | after
+        self.obj: _CallObject | None = None
+
+    def feed(self, text: str, final: bool) -> list[Event]:
+        assert len(text) >= self.fed, "the output text only grows"
+        for ch in text[self.fed:]:
+            self._char(ch)
+        self.fed = len(text)
+        if final:
+            self._end()
+        elif self.obj is not None:
+            self._take_args()
+        events, self.events = merged(self.events), []
+        return events
+
+    # ---- content -----------------------------------------------------------------------------
+    def _at_call_start(self) -> bool:
+        return not self.emitted or self.after_call
+
+    def _content(self, ch: str) -> None:
+        if ch in BLANK or (ch == ";" and self.after_call):
+            self.blank += ch
+            return
+        lead = ("\n" if self.emitted else "") if self.after_call else self.blank
+        self.events.append(Event("content", 0, lead + ch))
+        self.blank, self.after_call, self.emitted = "", False, True
+
+    def _tags(self) -> list[str]:
+        tags = [self.fmt.open_tag] + ([self.fmt.prefix] if self._at_call_start() else [])
+        return [t for t in tags if t]
+
+    def _char(self, ch: str) -> None:
+        state = self.state
+        if state == "content":
+            if ch == "<" and self._tags():
+                self.state, self.tag = "tag", ch
+            elif ch in "{[" and self._at_call_start():
+                self._begin([], False)
+                self._value_start(ch)
+            else:
+                self._content(ch)
+        elif state == "tag":
+            self._tag_char(ch)
+        elif state == "prefixed":  # after the prefix tag: blanks, then an object or array
+            if ch in "{[":
+                self._value_start(ch)
+            elif ch in BLANK:
+                self.pending.append(ch)
+            else:
+                self._break(ch, taken=False)
+        elif state == "block":
+            self._between(ch)
+        elif state == "close":
+            self._close_char(ch)
+        elif state == "array":
+            self._array_char(ch)
+        elif state == "object":
+            self._object_char(ch)
+        else:  # drop: the rest of a broken block
+            self.tag = (self.tag + ch)[-len(self.fmt.close_tag or " "):]
+            if self.in_block and self.tag == self.fmt.close_tag:
+                self.state, self.tag, self.after_call = "content", "", True
+
+    def _tag_char(self, ch: str) -> None:
+        held = self.tag + ch
+        tags = self._tags()
+        if held in tags:
+            self.tag = ""
+            self._begin(list(held), held == self.fmt.open_tag)
+            self.state = "block" if self.in_block else "prefixed"
+        elif any(t.startswith(held) for t in tags):
+            self.tag = held
+        else:  # no tag: its first character is content, the rest is read again
+            self.state, self.tag = "content", ""
+            self._content(held[0])
+            for c in held[1:]:
+                self._char(c)
+
+    # ---- attempts at calls -------------------------------------------------------------------
+    def _begin(self, pending: list[str], in_block: bool) -> None:
+        self.pending, self.attempt_calls, self.in_block = pending, 0, in_block
+
+    def _value_start(self, ch: str) -> None:
+        self.pending.append(ch)
+        if ch == "[":
+            self.state, self.in_array, self.array_expect = "array", True, "first"
+        else:
+            self.state, self.obj = "object", _CallObject(self.fmt.args_keys)
+            self.obj.feed(ch)
+
+    def _between(self, ch: str) -> None:
+        """Inside a block, between calls."""
+        if ch in "{[":
+            self._value_start(ch)
+        elif ch in BLANK or ch == ";":
+            self.pending.append(ch)
+        elif ch == "<":
+            self.pending.append(ch)
+            self.state, self.tag = "close", ch
+        else:
+            self._break(ch, taken=False)
+
+    def _close_char(self, ch: str) -> None:
+        held = self.tag + ch
+        if held == self.fmt.close_tag:
+            self.tag = ""
+            self.pending.append(ch)
+            self._attempt_over()
+        elif self.fmt.close_tag.startswith(held):
+            self.tag = held
+            self.pending.append(ch)
+        else:
+            self.tag = ""
+            self._break(ch, taken=False)
+
+    def _array_char(self, ch: str) -> None:
+        expect = self.array_expect
+        if ch == "{" and expect in ("first", "item"):
+            self._value_start(ch)
+        elif ch in BLANK:
+            self.pending.append(ch)
+        elif ch == "," and expect == "after":
+            self.pending.append(ch)
+            self.array_expect = "item"
+        elif ch == "]" and expect in ("first", "after"):
+            self.pending.append(ch)
+            self.in_array = False
+            self._value_over()
+        else:
+            self._break(ch, taken=False)
+
+    def _object_char(self, ch: str) -> None:
+        obj = self.obj
+        status = obj.feed(ch)
+        if status == BAD:
+            self._break(ch, taken=False)
+            return
+        self.pending.append(ch)
+        if status == NOT_A_CALL:
+            self._break(ch, taken=True)
+            return
+        if not obj.committed and obj.ready():
+            self._commit(obj)
+        if status == END:
+            self._take_args()
+            self.obj = None
+            self._value_over()
+
+    def _commit(self, obj: _CallObject) -> None:
+        obj.committed = True
+        self.attempt_calls += 1
+        self.pending, self.blank, self.after_call = [], "", True
+        if self.max_calls is None or self.calls < self.max_calls:
+            obj.index, self.calls = self.calls, self.calls + 1
+            self.events.append(Event("call", obj.index, obj.name))
+
+    def _take_args(self) -> None:
+        obj = self.obj
+        if obj is not None and obj.index is not None:
+            piece = obj.take_args()
+            if piece:
+                self.events.append(Event("args", obj.index, piece))
+
+    def _value_over(self) -> None:
+        """An object or array is complete: back to what holds it."""
+        if self.in_array:
+            self.state, self.array_expect = "array", "after"
+        elif self.in_block:
+            self.state = "block"
+        else:
+            self._attempt_over()
+
+    def _attempt_over(self) -> None:
+        if self.attempt_calls:
+            self.state, self.after_call = "content", True
+        else:
+            self._revert()
+
+    def _revert(self) -> None:
+        """The attempt holds no call: its text is content as written."""
+        pending, self.pending = self.pending, []
+        self.state, self.obj, self.in_array = "content", None, False
+        for c in pending:
+            self._content(c)
+
+    def _break(self, ch: str, taken: bool) -> None:
+        """The attempt's text is no call from ch on (taken: ch is in its pending text)."""
+        if self.obj is not None and self.obj.committed:
+            self._take_args()
+        self.obj, self.in_array = None, False
+        if not self.attempt_calls:
+            self._revert()
+            if not taken:
+                self._char(ch)
+            return
+        self.state, self.tag = "drop", ""
+        if not taken:
+            self._char(ch)
+
+    def _end(self) -> None:
+        if self.state == "tag":
+            self.state, held, self.tag = "content", self.tag, ""
+            for c in held:
+                self._content(c)
+        elif self.state not in ("content", "drop"):
+            if self.obj is not None and self.obj.committed:
+                self._take_args()
+            if not self.attempt_calls:
+                self._revert()
+        if not self.after_call:
+            self._content_end()
+
+    def _content_end(self) -> None:
+        if self.blank:
+            self.events.append(Event("content", 0, self.blank))
+            self.blank = ""
+
+
+def merged(events: list[Event]) -> list[Event]:
+    """Neighbouring pieces of one kind and call joined."""
+    out: list[Event] = []
+    for e in events:
+        if out and e.kind != "call" and out[-1].kind == e.kind and out[-1].index == e.index:
+            out[-1] = Event(e.kind, e.index, out[-1].text + e.text)
+        else:
+            out.append(e)
+    return out
+
+
+def read_whole(reader, text: str) -> tuple[str, list[ToolCall]]:
+    """The whole output at once: (content, calls)."""
+    content, names, args = "", [], []
+    for e in reader.feed(text, final=True):
+        if e.kind == "content":
+            content += e.text
+        elif e.kind == "call":
+            names.append(e.text)
+            args.append("")
+        else:
+            args[e.index] += e.text
+    return content, [ToolCall(n, a) for n, a in zip(names, args)]
