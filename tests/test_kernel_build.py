@@ -92,6 +92,9 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
                 cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, False)
             assert (diff.abs() <= 2.0**-16 * (x.abs() @ w.abs().t())).all(), (bits, m)
 
+    logits = torch.randn(5, 1003, generator=gen)
+    logits[1, 7] = float("nan")
+    assert torch.equal(other.argmax_rows(logits), logits.argmax(dim=-1))
     x, w = torch.randn(7, 96, generator=gen), torch.randn(96, generator=gen)
     torch.testing.assert_close(other.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), atol=1e-5, rtol=1e-5)
     gate_up = torch.randn(9, 2 * 83, generator=gen) * 4

@@ -62,6 +62,17 @@ def act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     return reference.act_and_mul(gate_up, gelu_tanh)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits (M, V) -> (M,) int64 indices of each row's maximum, as torch.argmax(dim=-1) picks them.
+    torch's CPU argmax reduces a row on one thread at a few GB/s: a 32-row greedy step's took
+    longer than its attention for one layer."""
+    kernels = _kernels_for(logits)
+    if kernels is not None and logits.dim() == 2 and logits.dtype == torch.float32 and logits.is_contiguous() \
+            and logits.shape[1] > 0:
+        return kernels.argmax_rows(logits)
+    return reference.argmax_rows(logits)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
                            max_seq_len: int, min_seq_len: int, scale: float, sliding_window: int | None,
                            logit_softcap: float | None, split_tokens: int) -> torch.Tensor:

@@ -84,6 +84,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return (acc / l).to(q.dtype).reshape(N, Hq, D)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 def merge_partials(run, part):
     """Online softmax (Milakov & Gimelshein 2018): the running (max, sum of exp, weighted values) of the
     keys so far merged with one more split's; `run` is (None, None, None) before the first split."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from flashserve.core.sched_output import SampledLogprobs
+from flashserve.kernels import ops
 from flashserve.sample.penalties import apply_penalties, token_counts
 
 
@@ -120,7 +121,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         if md.grammar is not None:
             logits = apply_grammar(logits, *md.grammar)
-        greedy_ids = logits.argmax(dim=-1)
+        greedy_ids = ops.argmax_rows(logits)
         if md.all_greedy:
             return SamplerOutput(greedy_ids, logprobs, md.num_logprobs)
         probs = sampling_probs(logits, md)

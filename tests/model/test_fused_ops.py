@@ -59,3 +59,23 @@ def test_act_and_mul(dtype, name):
     gate, up = gate_up.chunk(2, dim=-1)
     act = torch.nn.functional.silu if name == "silu" else lambda t: torch.nn.functional.gelu(t, approximate="tanh")
     torch.testing.assert_close(activation.get_act_and_mul(name)(gate_up), act(gate) * up, **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(1, 49152), (32, 1000), (3, 7)])
+def test_argmax_rows_picks_torchs_index(shape):
+    """The first maximum of each row, ties and NaN included (torch's CPU argmax treats NaN as the
+    largest value), against torch.argmax."""
+    from flashserve.kernels import ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    m, v = shape
+    x[0, v // 3] = x[0, v - 1] = x[0].max() + 1  # a tie: the earlier index wins
+    if m > 1:
+        x[1, v // 2] = float("nan")  # a NaN beats every number
+        x[1, v - 1] = float("nan")
+    if m > 2:
+        x[2] = float("-inf")  # nothing but -inf: index 0
+    got = ops.argmax_rows(x)
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert got[0].item() == v // 3

@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x (in place), then RMSNorm of the sum");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on (T, H, D)");
   m.def("act_and_mul", &act_and_mul, "act(gate) * up on [gate | up] (SiLU or tanh-GELU)");
+  m.def("argmax_rows", &argmax_rows, "per row, the index of the first maximum (of the first NaN if any)");
   m.def("group_quant_matmul", &group_quant_matmul, "x @ W^T, W = q * s + z per group along K (4/8-bit codes)",
         py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"),
         py::arg("int8_activations") = false);

@@ -5,7 +5,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "simd.h"
@@ -138,6 +140,34 @@ void act_and_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
   });
 }
 
+// Index of the first maximum of x[0, n), or of the first NaN when there is one (torch.argmax's
+// answer on the CPU, where NaN compares above every number): one pass for the max and a NaN flag,
+// one for the first index holding it. Both passes stream the row at memory speed.
+int64_t row_argmax(const float* x, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  int64_t i = 0;
+#ifdef FS_AVX2
+  __m256 vmax = _mm256_set1_ps(best), vnan = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vmax = _mm256_max_ps(vmax, v);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float f : lanes) best = std::max(best, f);
+  nan = _mm256_movemask_ps(vnan) != 0;
+#endif
+  for (; i < n; ++i) {
+    nan = nan || std::isnan(x[i]);
+    best = std::max(best, x[i]);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    if (nan ? std::isnan(x[j]) : x[j] == best) return j;
+  return 0;  // n == 0
+}
+
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -178,6 +208,19 @@ at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "act_and_mul", [&] {
     if (gelu_tanh) act_and_mul_rows<scalar_t, true>(gate_up, out);
     else act_and_mul_rows<scalar_t, false>(gate_up, out);
+  });
+  return out;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0,
+              "argmax_rows: expected a contiguous non-empty (M, V) float32 tensor");
+  const int64_t M = x.size(0), V = x.size(1);
+  auto out = at::empty({M}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) op[m] = row_argmax(xp + m * V, V);
   });
   return out;
 }
