@@ -104,19 +104,24 @@ class SchedulerConfig:
             raise ValueError(f"unknown policy {self.policy!r}")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (spec_decode/): None = off; "ngram" = prompt lookup, drafting from
-    earlier matches of the last prompt_lookup_min..prompt_lookup_max tokens. Up to
-    num_speculative_tokens drafts per request and step, verified losslessly by the target."""
+    earlier matches of the last prompt_lookup_min..prompt_lookup_max tokens; "draft_model" = a
+    smaller model with the target's vocabulary (`model`, resolved to draft_model_path) drafting
+    greedily. Up to num_speculative_tokens drafts per request and step, verified losslessly by the
+    target."""
 
     method: str | None = None
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    model: str | None = None  # the draft model as the user named it (path or catalogue name)
+    draft_model_path: str | None = None  # resolved file or directory
+    draft_model_config: ModelConfig | None = None
 
     def validate(self) -> None:
         if self.method is None:
@@ -128,6 +133,11 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.method == "draft_model" and self.draft_model_config is None:
+            raise ValueError("speculative method 'draft_model' needs a draft model: speculative_config's 'model' "
+                             "(or speculative_model, --speculative-model)")
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(f"a draft model is for method 'draft_model', not {self.method!r}")
 
 
 # "weight-only": a GGUF file's quantized weights run packed on the int4/int8 CPU kernels where a
@@ -158,3 +168,9 @@ class EngineConfig:
         self.cache.validate()
         self.scheduler.validate()
         self.speculative.validate()
+        draft = self.speculative.draft_model_config
+        if draft is not None and draft.vocab_size != self.model_config.vocab_size:
+            raise ValueError(
+                f"the draft model {self.speculative.model} has a vocabulary of {draft.vocab_size} tokens but the "
+                f"target {self.model} has {self.model_config.vocab_size}: a draft must share the target's vocabulary"
+            )

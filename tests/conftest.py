@@ -41,6 +41,13 @@ def qwen05_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
+def qwen15_gguf() -> str:
+    from flashserve.model.catalogue import fetch
+
+    return str(fetch("qwen2.5-coder-1.5b"))
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2_tokenizer(smollm2_gguf):
     """Transformers' tokenizer for the SmolLM2 GGUF (seconds to build: shared by the session)."""
     from pathlib import Path

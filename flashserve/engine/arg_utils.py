@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes; never reserve more than this unless asked
+SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
 
 
 @dataclass
@@ -27,10 +29,14 @@ class EngineArgs:
     policy: str = "fcfs"
     seed: int = 0
     num_threads: int | None = None
-    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup)
+    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup) | "draft_model"
+    speculative_model: str | None = None  # the draft of "draft_model": a path or catalogue name
     num_speculative_tokens: int = 4  # k: drafts verified per request and step
     prompt_lookup_min: int = 1  # n-gram sizes tried, largest first
     prompt_lookup_max: int = 4
+    # vLLM's spelling of the same knobs, instead of the flat ones above: {"method": ..., "model": ...,
+    # "num_speculative_tokens": k, "prompt_lookup_min": n, "prompt_lookup_max": n}
+    speculative_config: dict | None = None
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -65,15 +71,39 @@ class EngineArgs:
                 scheduling=self.scheduling,
                 policy=self.policy,
             ),
-            speculative=SpeculativeConfig(
-                method=self.speculative_method,
-                num_speculative_tokens=self.num_speculative_tokens,
-                prompt_lookup_min=self.prompt_lookup_min,
-                prompt_lookup_max=self.prompt_lookup_max,
-            ),
+            speculative=self.create_speculative_config(),
         )
         config.validate()
         return config
+
+    def create_speculative_config(self) -> SpeculativeConfig:
+        """The one place both spellings become a SpeculativeConfig: vLLM's speculative_config dict
+        (LLM(speculative_config={...}), --speculative-config '{json}') or the flat fields. As in
+        vLLM, a dict naming a model but no method means "draft_model"."""
+        if self.speculative_config is None:
+            knobs = dict(method=self.speculative_method, model=self.speculative_model,
+                         num_speculative_tokens=self.num_speculative_tokens,
+                         prompt_lookup_min=self.prompt_lookup_min, prompt_lookup_max=self.prompt_lookup_max)
+        else:
+            if self.speculative_method is not None or self.speculative_model is not None:
+                raise ValueError("give speculative_config or speculative_method/speculative_model, not both")
+            knobs = dict(self.speculative_config)
+            unknown = sorted(set(knobs) - set(SPECULATIVE_CONFIG_KEYS))
+            if unknown:
+                raise ValueError(f"unknown speculative_config keys {unknown}; "
+                                 f"known: {', '.join(SPECULATIVE_CONFIG_KEYS)}")
+            if knobs.get("method") is None and knobs.get("model") is not None:
+                knobs["method"] = "draft_model"
+        if knobs.get("method") != "draft_model" or knobs.get("model") is None:
+            return SpeculativeConfig(**knobs)  # validate() names what is wrong, if anything
+        from flashserve.model.catalogue import resolve
+        from flashserve.model.loader import load_model_config
+
+        try:
+            path = resolve(knobs["model"])
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"draft model: {exc}") from None
+        return SpeculativeConfig(**knobs, draft_model_path=str(path), draft_model_config=load_model_config(str(path)))
 
 
 @dataclass(frozen=True)

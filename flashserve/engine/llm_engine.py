@@ -1,8 +1,8 @@
 """LLMEngine: add_request / abort_request / step().
 
 step() is schedule → execute → update, then detokenize, then (speculative decoding) propose the
-next step's draft tokens. Data flows one way:
-Scheduler → SchedulerOutput → ModelRunner → RunnerOutput → Scheduler/OutputProcessor.
+next step's draft tokens; a request whose proposal fails ends with an error, the others go on.
+Data flows one way: Scheduler → SchedulerOutput → ModelRunner → RunnerOutput → Scheduler/OutputProcessor.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from flashserve.outputs import RequestOutput
 from flashserve.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_budget
 from flashserve.runner.model_runner import ModelRunner
 from flashserve.sample.guided import GuidedDecoding
-from flashserve.spec_decode.proposer import make_proposer
+from flashserve.spec_decode.proposer import make_proposer, propose_isolating_failures
 from flashserve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,11 +64,13 @@ class LLMEngine:
 
         self.tokenizer = tokenizer or Tokenizer.from_model_path(config.model_path)
         self.eos_token_ids = tuple(dict.fromkeys((*mc.eos_token_ids, *self.tokenizer.eos_token_ids)))
-        model, _ = load_model(config.model_path, dtype=dtype, device=self.device, quantization=config.quantization)
         sc = config.scheduler
         self.num_blocks = num_blocks_for_budget(
             mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP
         )
+        # Before the target loads: a draft that does not fit the target fails start-up sooner.
+        self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer)  # None: no speculation
+        model, _ = load_model(config.model_path, dtype=dtype, device=self.device, quantization=config.quantization)
         self.kv_block_bytes = kv_bytes_per_block(mc, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
         kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device,
                                        config.cache.kv_cache_dtype)
@@ -76,7 +78,6 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device,
                                   self.guided)
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
-        self.proposer = make_proposer(config.speculative)  # None: no speculative decoding
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -137,8 +138,21 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:  # drafts for the next step, verified in it
-            self.scheduler.set_spec_tokens(self.proposer.propose(self.scheduler.spec_candidates()))
+            outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids)
         return outputs
+
+    def _propose(self, left_ids: set[str]) -> list[RequestOutput]:
+        """Drafts for the requests that decode next. `left_ids`: requests gone since the previous step,
+        whose proposer state goes. A request whose proposal raises ends with finish reason "error"
+        (its outputs are returned); the others go on."""
+        self.proposer.free(left_ids)
+        drafts, failed = propose_isolating_failures(self.proposer, self.scheduler.spec_candidates())
+        self.scheduler.set_spec_tokens(drafts)
+        if not failed:
+            return []
+        requests = [self.scheduler.requests[rid] for rid in failed]
+        self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+        return self.output_processor.process(requests, {})[0]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

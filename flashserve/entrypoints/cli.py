@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -48,13 +49,29 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N", help="torch threads")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),
-                   help="speculative decoding: ngram = prompt lookup (drafts copied from earlier in prompt + output)")
+                   help="speculative decoding: ngram = prompt lookup (drafts copied from earlier in prompt + output); "
+                        "draft_model = a smaller model with the same vocabulary (--speculative-model)")
+    p.add_argument("--speculative-model", default=None, metavar="MODEL",
+                   help="the draft model of draft_model: a .gguf file, a local HF directory or a built-in name")
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, metavar="K",
                    help="draft tokens verified per request and step")
     p.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min, metavar="N",
                    help="shortest n-gram prompt lookup matches")
     p.add_argument("--prompt-lookup-max", type=int, default=d.prompt_lookup_max, metavar="N",
                    help="longest n-gram prompt lookup matches (tried first)")
+    p.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='vLLM\'s spelling, instead of the flags above: \'{"method": "draft_model", "model": '
+                        '"qwen2.5-coder-0.5b", "num_speculative_tokens": 4}\'')
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

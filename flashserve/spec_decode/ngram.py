@@ -39,3 +39,6 @@ class NgramProposer:
             if draft:
                 out[r.request_id] = draft
         return out
+
+    def free(self, request_ids) -> None:
+        """Nothing to forget: drafts are read off the request's tokens each time."""

@@ -8,10 +8,15 @@ proposer can change speed, never the output distribution.
 """
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
-from flashserve.config import SpeculativeConfig
+import torch
+
+from flashserve.config import EngineConfig
 from flashserve.core.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 class Proposer(Protocol):
@@ -19,12 +24,41 @@ class Proposer(Protocol):
         """Up to k draft token ids per request id (requests left out get none)."""
         ...
 
+    def free(self, request_ids) -> None:
+        """Forget per-request state of requests that finished, were aborted or preempted."""
+        ...
 
-def make_proposer(config: SpeculativeConfig) -> Proposer | None:
-    if config.method is None:
+
+def make_proposer(config: EngineConfig, num_blocks: int, device: torch.device, tokenizer) -> Proposer | None:
+    """`num_blocks` and `tokenizer`: the target's KV pool size and tokenizer (a draft model sizes its
+    own pool from the first and must share the second)."""
+    spec = config.speculative
+    if spec.method is None:
         return None
-    if config.method == "ngram":
+    if spec.method == "ngram":
         from flashserve.spec_decode.ngram import NgramProposer
 
-        return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
-    raise ValueError(f"speculative method {config.method!r} is not available")
+        return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+    if spec.method == "draft_model":
+        from flashserve.spec_decode.draft_model import DraftModelProposer
+
+        return DraftModelProposer(config, num_blocks, device, tokenizer)
+    raise ValueError(f"speculative method {spec.method!r} is not available")
+
+
+def propose_isolating_failures(proposer: Proposer, requests: list[Request]
+                               ) -> tuple[dict[str, list[int]], list[str]]:
+    """(drafts, ids of the requests whose proposal raised). When the batch raises, each request is
+    tried alone, so that only those failing on their own are failed and the others keep drafting."""
+    try:
+        return proposer.propose(requests), []
+    except Exception:
+        logger.exception("proposer failed on a batch of %d requests; trying each alone", len(requests))
+    drafts, failed = {}, []
+    for r in requests:
+        try:
+            drafts.update(proposer.propose([r]))
+        except Exception:
+            logger.exception("proposer failed for request %s; it ends with an error", r.request_id)
+            failed.append(r.request_id)
+    return drafts, failed

@@ -1,12 +1,14 @@
-"""temperature > 0 through the whole engine: with prompt lookup drafting the second token of every
-request, the joint distribution of the first two tokens equals the target's, computed analytically
-from the transformers model the tiny engine was saved from (temperature 1, top-k 3: 9 cells), by a
-chi-square test over unseeded requests, with drafts both accepted and rejected."""
+"""temperature > 0 through the whole engine: with prompt lookup, or the model itself as a greedy
+draft model, drafting the second token of every request, the joint distribution of the first two
+tokens equals the target's, computed analytically from the transformers model the tiny engine was
+saved from (temperature 1, top-k 3: 9 cells), by a chi-square test over unseeded requests, with
+drafts both accepted and rejected."""
 from __future__ import annotations
 
 import random
 
 import torch
+import pytest
 from scipy.stats import chisquare
 
 from flashserve import LLM, SamplingParams
@@ -20,7 +22,8 @@ def top_k_probs(logits):
     return dict(zip(ids.tolist(), vals.softmax(-1).tolist()))
 
 
-def test_first_two_tokens_follow_the_target(tiny_llama):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_first_two_tokens_follow_the_target(tiny_llama, method):
     path, hf = tiny_llama
     rng = random.Random(0)
     with torch.no_grad():
@@ -39,8 +42,8 @@ def test_first_two_tokens_follow_the_target(tiny_llama):
         for t1, q1 in p1.items():
             for t2, q2 in top_k_probs(hf(torch.tensor([prompt + [t1]])).logits[0, -1].float()).items():
                 joint[(t1, t2)] = q1 * q2
-    llm = LLM(model=path, dtype="float32", block_size=4, max_num_seqs=256, speculative_method="ngram",
-              num_speculative_tokens=2)
+    spec = {"method": method, "num_speculative_tokens": 2} | ({"model": path} if method == "draft_model" else {})
+    llm = LLM(model=path, dtype="float32", block_size=4, max_num_seqs=256, speculative_config=spec)
     params = SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": prompt}] * N, params, use_tqdm=False)
     counts = dict.fromkeys(joint, 0)
