@@ -78,7 +78,7 @@ def test_drafts_are_the_draft_models_greedy_continuation(tiny_llama, noisy_draft
     """Every proposal equals transformers' greedy continuation of the request's tokens by the draft
     model (or its start, when the draft's pool ran short): the draft's KV cache, rolled back after
     each verification, holds exactly the tokens it claims. Outputs equal plain decoding."""
-    llm = LLM(model=tiny_llama[0], dtype="float32", block_size=4,
+    llm = LLM(model=tiny_llama[0], dtype="float32", kv_cache_dtype="float32", block_size=4,
               speculative_config={"model": noisy_draft[0], "num_speculative_tokens": 4}, **kw)
     proposer = llm.engine.proposer
     propose, calls = proposer.propose, []
@@ -97,6 +97,7 @@ def test_drafts_are_the_draft_models_greedy_continuation(tiny_llama, noisy_draft
     stats = llm.engine.get_stats()
     print(f"\n{kw}: accepted {stats.spec_accepted_tokens_total} of {stats.spec_draft_tokens_total} drafts")
     assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total  # rejections roll back
+    assert ("kv_cache_memory" in kw) == (stats.num_preemptions_total > 0)
     assert_no_leak(llm)
     assert_draft_freed(llm)
 
