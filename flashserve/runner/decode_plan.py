@@ -5,10 +5,10 @@ A single-stream decode step of SmolLM2-135M spent about 8 of its 26 ms in Python
 dispatch (~15 module and op calls per layer, 30 layers), measured in benchmarks/RESULTS.md. The
 plan holds the same weights, caches and kernel choices as the modules and calls the same C++
 kernels in the same order, so its hidden states equal the module path's bit for bit; it only
-removes the per-call overhead. It applies to pure decode steps on the CPU, float32, with float or
-group-quantized weights (GroupQuantWeight) and fewer rows than any packed weight's large_m (where
-the modules would switch to dequantize + GEMM; with int8 activations they never do); anything else
-runs through the modules. The runner owns it: the model's forward stays the modules'.
+removes the per-call overhead. It applies to decode steps (with or without drafts to verify) on
+the CPU, float32, with float or group-quantized weights (GroupQuantWeight) and fewer rows than any
+packed weight's large_m (where the modules would switch to dequantize + GEMM; with int8 activations
+they never do); anything else runs through the modules. The runner owns it: the model's forward stays the modules'.
 """
 from __future__ import annotations
 
@@ -40,14 +40,27 @@ class DecodePlan:
         self.max_rows = max_rows
         self._model = model
 
-    def applies(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        return meta.is_pure_decode and num_tokens < self.max_rows
+    def applies(self, meta: AttentionMetadata, num_tokens: int, only_decodes: bool) -> bool:
+        """Pure decode steps, and steps whose every request decodes one token plus its drafts
+        (`only_decodes`: no prompt chunk), with fewer rows than max_rows."""
+        return (meta.is_pure_decode or only_decodes) and num_tokens < self.max_rows
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: (T,) → (T, d) hidden states after the final norm, as model(...) gives."""
+        """input_ids, positions: (T,) → (T, d) hidden states after the final norm, as model(...) gives.
+
+        A request verifying k drafts has k + 1 rows at consecutive positions. Each row becomes a decode
+        query of its own: the request's block table, and a length of its position + 1. Every layer
+        writes all rows' K/V before its attention reads, so a row sees the drafts before it and not
+        those after: causal attention, and the very computation a plain decode step at that position
+        makes (same kernel, same keys, same split), so greedy tokens cannot differ from plain decoding."""
         inner = self._model.model
-        return self._plan.forward(inner.embed(input_ids), positions, meta.slot_mapping, meta.block_table,
-                                  meta.seq_lens, inner.norm.weight)
+        seq_lens, block_table = meta.seq_lens, meta.block_table
+        if not meta.is_pure_decode:
+            seq_lens = (positions + 1).to(torch.int32)  # (T,)
+            rows = torch.tensor(meta.query_lens_cpu, device=block_table.device)
+            block_table = block_table.repeat_interleave(rows, dim=0)  # (T, max_blocks)
+        return self._plan.forward(inner.embed(input_ids), positions, meta.slot_mapping, block_table, seq_lens,
+                                  inner.norm.weight)
 
 
 def build_decode_plan(model) -> DecodePlan | None:

@@ -71,7 +71,9 @@ class ModelRunner:
             return RunnerOutput(request_ids, sampled_ids, logprobs)
 
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
-        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # (num_tokens, d)
+        only_decodes = all(r.num_scheduled_tokens == 1 + len(r.spec_token_ids) and r.samples_this_step
+                           for r in scheduled)
+        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, only_decodes)  # (T, d)
         prompt_lps = self._prompt_logprobs(scheduled, hidden, inputs.attn_metadata.query_start_loc_cpu)
         if not inputs.sampled_requests:
             return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
@@ -133,9 +135,9 @@ class ModelRunner:
                 pos += len(t)
         return out.token_ids, lps_of
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, only_decodes: bool) -> torch.Tensor:
         plan = self.decode_plan
-        if plan is not None and plan.applies(meta, len(input_ids)):
+        if plan is not None and plan.applies(meta, len(input_ids), only_decodes):
             return plan(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)
 

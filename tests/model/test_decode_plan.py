@@ -34,7 +34,7 @@ def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[s
     inputs = build_model_inputs(reqs, BLOCK, torch.device("cpu"))
     with torch.inference_mode():
         if plan is not None:
-            assert plan.applies(inputs.attn_metadata, len(inputs.input_ids))
+            assert plan.applies(inputs.attn_metadata, len(inputs.input_ids), only_decodes=False)
             return plan(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         return model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
 
@@ -68,6 +68,37 @@ def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_pa
         done = {rid: len(t) for rid, t in seqs.items()}
 
 
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("gemma3", "Q4_0")])
+def test_verifying_drafts_gives_the_rows_plain_decoding_gives(arch, qtype, tmp_path):
+    """A step that scores a token and its drafts (speculative decoding) runs through the plan with a
+    decode query per row; each row's hidden state must equal, bit for bit, what a plain one-token
+    decode step at that position computes, so that greedy tokens cannot depend on speculation."""
+    model = load(arch, qtype, tmp_path)
+    plan = build_decode_plan(model)
+    g = torch.Generator().manual_seed(1)
+    seqs = {rid: torch.randint(0, VOCAB, (n,), generator=g).tolist() for rid, n in {"a": 7, "b": 20}.items()}
+    tables = {rid: list(range(1 + 12 * i, 13 + 12 * i)) for i, rid in enumerate(seqs)}
+    step(model, seqs, dict.fromkeys(seqs, 0), tables)  # prefill both
+    drafts = {rid: torch.randint(0, VOCAB, (k,), generator=g).tolist() for rid, k in {"a": 3, "b": 1}.items()}
+    # one step: the last known token plus its drafts, every request at once
+    reqs = [ScheduledRequest(rid, toks, len(toks) - 1, 1 + len(drafts[rid]), tables[rid], None, [], drafts[rid])
+            for rid, toks in seqs.items()]
+    inputs = build_model_inputs(reqs, BLOCK, torch.device("cpu"))
+    assert not inputs.attn_metadata.is_pure_decode
+    assert plan.applies(inputs.attn_metadata, len(inputs.input_ids), only_decodes=True)
+    with torch.inference_mode():
+        verified = plan(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+    # the same positions one token at a time (the drafts appended as if they had been generated)
+    plain = {rid: [] for rid in seqs}
+    for j in range(1 + max(len(d) for d in drafts.values())):
+        active = {rid: seqs[rid][:-1] + [seqs[rid][-1]] + drafts[rid][:j] for rid in seqs if j <= len(drafts[rid])}
+        rows = step(model, active, {rid: len(t) - 1 for rid, t in active.items()}, tables, plan)
+        for i, rid in enumerate(active):
+            plain[rid].append(rows[i])
+    want = torch.stack([row for rid in seqs for row in plain[rid]])
+    assert torch.equal(verified, want)
+
 def test_plan_stands_aside_where_it_does_not_apply(tmp_path):
     assert build_decode_plan(load("llama", "Q4_0", tmp_path, dtype=torch.bfloat16)) is None
     assert build_decode_plan(load("gemma3", "F32", tmp_path, kv_cache_dtype="int8")) is None
@@ -82,7 +113,8 @@ def test_plan_stands_aside_where_it_does_not_apply(tmp_path):
     tables = {rid: [1 + (i % 30)] for i, rid in enumerate(seqs)}
     inputs = build_model_inputs([ScheduledRequest(r, t, 2, 1, tables[r], None, []) for r, t in seqs.items()],
                                 BLOCK, torch.device("cpu"))
-    assert inputs.attn_metadata.is_pure_decode and not plan.applies(inputs.attn_metadata, len(inputs.input_ids))
+    assert inputs.attn_metadata.is_pure_decode
+    assert not plan.applies(inputs.attn_metadata, len(inputs.input_ids), only_decodes=True)
 
 
 def greedy_with_and_without_the_plan(path: str, prompts: list[str], max_model_len: int = 512):
