@@ -21,7 +21,7 @@ from flashserve.kernels import ops
 from flashserve.model.layers.linear import Linear
 from flashserve.model.models.gemma3 import Gemma3DecoderLayer
 from flashserve.model.models.llama import LlamaDecoderLayer
-from flashserve.quantization.packed import GroupQuantWeight
+from flashserve.quantization.packed import GroupQuantWeight, RowSegments
 
 _GELU_ACTS = ("gelu_pytorch_tanh", "gelu")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float32 compute's cache, or a 2-byte one
@@ -91,19 +91,25 @@ def build_decode_plan(model) -> DecodePlan | None:
         plan.add_layer(norms, _linear(attn.qkv_proj), _linear(attn.o_proj), _linear(mlp.gate_up_proj),
                        _linear(mlp.down_proj), *attn.kv_cache, attn.rotary.cos, attn.rotary.sin,
                        attn.sliding_window or -1)
-    packed = [m.qweight.large_m for m in linears if m.qweight is not None]
+    packed = [w.large_m for m in linears if m.qweight is not None for w in _packed_parts(m)]
     return DecodePlan(plan, min(packed, default=1 << 30), model)
+
+
+def _packed_parts(m: Linear) -> list[GroupQuantWeight] | None:
+    """The GroupQuantWeights m multiplies with, stacked along its output rows; None for other forms."""
+    parts = list(m.qweight.parts) if isinstance(m.qweight, RowSegments) else [m.qweight]
+    return parts if all(type(p) is GroupQuantWeight for p in parts) else None
 
 
 def _supported(m: Linear) -> bool:
     if m.qweight is None:
         return m.weight.dtype == torch.float32
-    return type(m.qweight) is GroupQuantWeight
+    return _packed_parts(m) is not None
 
 
 def _linear(m: Linear) -> tuple:
-    """(codes, scale, zero, weight, bias, bits, group, int8_activations) as the C++ plan takes them."""
-    w = m.qweight
-    if w is None:
-        return None, None, None, m.weight, m.bias, 0, 0, False
-    return w.codes, w.scale, w.zero, None, m.bias, w.bits, w.group, w.int8_activations
+    """(weight, bias, parts) as the C++ plan takes them, each part (codes, scale, zero, bits, group,
+    int8_activations): a float weight and no parts, or no weight and the packed parts."""
+    if m.qweight is None:
+        return m.weight, m.bias, []
+    return None, m.bias, [(w.codes, w.scale, w.zero, w.bits, w.group, w.int8_activations) for w in _packed_parts(m)]

@@ -10,6 +10,7 @@ import torch
 
 from flashserve.core.sched_output import ScheduledRequest
 from flashserve.model.loader import load_model
+from flashserve.quantization.packed import RowSegments
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
 from flashserve.runner.kv_cache import allocate_kv_caches
@@ -21,7 +22,10 @@ BLOCK = 4
 
 def load(arch: str, qtype: str, tmp_path, dtype=torch.float32, quantization: str = "auto", blocks: int = 40,
          kv_cache_dtype: str = "auto"):
-    path = str(write_gguf(hf_tiny(arch), tmp_path / f"{arch}-{qtype}.gguf", qtype=qtype))
+    """qtype "A+v:B": type A, with the attention's v projection in type B (a merged q|k|v of two forms)."""
+    qtype, _, v_type = qtype.partition("+v:")
+    path = str(write_gguf(hf_tiny(arch), tmp_path / f"{arch}-{qtype}-{v_type}.gguf", qtype=qtype,
+                          qtype_of={"attn_v": v_type} if v_type else None))
     model, cfg = load_model(path, dtype, quantization=quantization)
     model.bind_kv_caches(allocate_kv_caches(cfg, num_blocks=blocks, block_size=BLOCK, dtype=dtype,
                                             device=torch.device("cpu"), kv_cache_dtype=kv_cache_dtype))
@@ -43,6 +47,7 @@ def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[s
     ("llama", "F32", "float32"), ("llama", "Q4_0", "auto"), ("llama", "Q8_0", "float32"), ("qwen2", "F32", "float32"),
     ("qwen2", "Q4_0", "auto"), ("qwen2", "Q8_0", "float32"), ("llama", "Q4_0", "float16"), ("qwen2", "Q8_0", "bfloat16"),
     ("gemma3", "F32", "float32"), ("gemma3", "Q4_0", "auto"), ("gemma3", "Q8_0", "float16"),
+    ("qwen2", "Q4_0+v:Q8_0", "auto"),  # q|k|v as two packed parts (Qwen2.5-Coder-1.5B's Q4_K beside Q6_K)
 ])
 def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_path):
     model = load(arch, qtype, tmp_path, kv_cache_dtype=kv_cache_dtype)
@@ -50,6 +55,8 @@ def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_pa
     assert model.model.layers[0].self_attn.kv_cache[0].dtype == want[kv_cache_dtype]
     plan = build_decode_plan(model)
     assert plan is not None
+    if "+v:" in qtype:
+        assert isinstance(model.model.layers[0].self_attn.qkv_proj.qweight, RowSegments)
     if qtype != "F32":
         assert any(getattr(m, "int8_activations", False) for m in model.modules())
     g = torch.Generator().manual_seed(0)

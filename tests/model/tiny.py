@@ -58,7 +58,7 @@ _GGUF_LAYER = {
 }
 
 
-def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
+def write_gguf(model, path: Path, qtype: str = "F32", qtype_of: dict[str, str] | None = None) -> Path:
     """GGUF per the spec (github.com/ggml-org/ggml/blob/master/docs/gguf.md) with llama.cpp's tensor names."""
     import gguf
 
@@ -110,8 +110,10 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
         base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         tensors["rope_freqs.weight"] = (base / inv_scaled.double()).float().numpy()
     for name, a in tensors.items():
-        if a.ndim == 2 and qtype != "F32" and not name.startswith("token_embd"):
-            q = gguf.GGMLQuantizationType[qtype]
+        # qtype_of: another type for the tensors whose name holds a key (e.g. {"attn_v": "Q8_0"})
+        this = next((t for key, t in (qtype_of or {}).items() if key in name), qtype)
+        if a.ndim == 2 and this != "F32" and not name.startswith("token_embd"):
+            q = gguf.GGMLQuantizationType[this]
             w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
         else:
             w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))

@@ -17,17 +17,35 @@
 
 namespace {
 
-// A linear layer as the Python modules hold it: packed group-quantized codes for the project's
-// kernel, or a float weight; an optional bias added after the product.
-struct PlanLinear {
-  at::Tensor codes, scale, zero, weight, bias;  // weight defined <=> not packed
+// One packed weight of the project's kernel: group-quantized codes with their scales and zeros.
+struct PackedPart {
+  at::Tensor codes, scale, zero;
   int64_t bits = 0, group = 0;
   bool int8_activations = false;
 
-  at::Tensor operator()(const at::Tensor& x) const {  // as Linear.forward: F.linear, or kernel + bias
+  at::Tensor operator()(const at::Tensor& x) const {
+    return group_quant_matmul(x, codes, scale, zero.defined() ? c10::optional<at::Tensor>(zero) : c10::nullopt, bits,
+                              group, int8_activations);
+  }
+};
+
+// A linear layer as the Python modules hold it: a float weight, or packed parts stacked along the
+// output rows (one, or several when merged projections differ in type: RowSegments); an optional
+// bias added after the product.
+struct PlanLinear {
+  at::Tensor weight, bias;  // weight defined <=> not packed
+  std::vector<PackedPart> parts;
+
+  at::Tensor operator()(const at::Tensor& x) const {  // as Linear.forward: F.linear, or kernel(s) + bias
     if (weight.defined()) return at::linear(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
-    const at::Tensor y = group_quant_matmul(x, codes, scale, zero.defined() ? c10::optional<at::Tensor>(zero) : c10::nullopt,
-                                            bits, group, int8_activations);
+    at::Tensor y;
+    if (parts.size() == 1) {
+      y = parts[0](x);
+    } else {  // as RowSegments.forward: each part's rows, concatenated
+      std::vector<at::Tensor> ys;
+      for (const PackedPart& part : parts) ys.push_back(part(x));
+      y = at::cat(ys, 1);
+    }
     return bias.defined() ? y + bias : y;
   }
 };
@@ -74,11 +92,16 @@ class DecodePlan {
       : Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), eps_(eps), scale_(attn_scale), softcap_(logit_softcap),
         gelu_tanh_(gelu_tanh), sandwich_(sandwich), split_tokens_(split_tokens) {}
 
-  static PlanLinear linear(py::tuple t) {  // (codes, scale, zero, weight, bias, bits, group, int8_activations)
+  // (weight, bias, parts), each part (codes, scale, zero, bits, group, int8_activations)
+  static PlanLinear linear(py::tuple t) {
+    auto opt = [](py::handle h) { return h.is_none() ? at::Tensor() : h.cast<at::Tensor>(); };
     PlanLinear l;
-    auto opt = [&](int i) { return t[i].is_none() ? at::Tensor() : t[i].cast<at::Tensor>(); };
-    l.codes = opt(0), l.scale = opt(1), l.zero = opt(2), l.weight = opt(3), l.bias = opt(4);
-    l.bits = t[5].cast<int64_t>(), l.group = t[6].cast<int64_t>(), l.int8_activations = t[7].cast<bool>();
+    l.weight = opt(t[0]), l.bias = opt(t[1]);
+    for (py::handle h : t[2].cast<py::list>()) {
+      const py::tuple p = h.cast<py::tuple>();
+      l.parts.push_back(PackedPart{opt(p[0]), opt(p[1]), opt(p[2]), p[3].cast<int64_t>(), p[4].cast<int64_t>(),
+                                   p[5].cast<bool>()});
+    }
     return l;
   }
 
