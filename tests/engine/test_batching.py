@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 12
 BLOCK_BYTES_FP32 = 2 * 30 * 16 * 3 * 64 * 4  # SmolLM2: layers * block * kv_heads * head_dim * fp32, K and V
+# (the default cache is float16, so a budget of 40 of these holds 80 blocks: still short enough to preempt)
 
 
 def _prompts(n=12, seed=0):

@@ -212,7 +212,7 @@ def test_metrics_report_reserved_and_touched_kv_bytes(server):
     r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200
     mc = load_model_config(model)
-    per_block = 2 * mc.num_layers * 16 * mc.num_kv_heads * mc.head_dim * 4  # K and V, 16 tokens, float32
+    per_block = 2 * mc.num_layers * 16 * mc.num_kv_heads * mc.head_dim * 2  # K and V, 16 tokens, float16 (default)
     reserved = metric(base, "flashserve_kv_cache_reserved_bytes")
     touched = metric(base, "flashserve_kv_cache_touched_bytes")
     assert reserved % per_block == 0 and reserved <= (32 * 1024 // 16 + 1) * per_block  # 32 contexts of 1024
