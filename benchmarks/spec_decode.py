@@ -1,0 +1,169 @@
+"""Speculative decoding beside plain decoding, flashserve and llama.cpp on the same GGUF file.
+
+    python benchmarks/spec_decode.py [--model qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
+        [--streams 1,4] [--k 4] [--max-tokens 128] [--repeats 2] [--threads 2]
+
+Configurations (each run a process of its own; the configurations alternate within every round):
+  flashserve plain, flashserve ngram (prompt lookup), flashserve draft (--draft drafting),
+  llama.cpp plain and llama.cpp prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding, one
+  stream only: its high-level API runs one sequence).
+Workloads: "open" (write new code from a one-line request) and "grounded" (return a source file
+given in the prompt with a small edit, where the output copies the input). Chat-formatted text,
+the same string for both engines, greedy, stopping at the model's end of turn.
+
+Per cell: end-to-end output tok/s (generated tokens / wall time from the request to the last token,
+prompt processing included, the same prompt for every engine), median (min-max) over repeats, and the
+ratio to llama.cpp plain of the same round (flashserve plain at 4 streams); for flashserve's speculative
+rows the drafts accepted / proposed, from the engine's own counters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import header
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUNDED_FILE = ROOT / "flashserve" / "spec_decode" / "ngram.py"
+WORKLOADS = {
+    "open": "Write a Python function that parses an ISO 8601 date string and returns a datetime, with a docstring.",
+    "grounded": "Here is a Python file:\n\n```python\n{file}```\n\nReturn the whole file unchanged except that the "
+                "function ngram_draft is renamed to draft_from_ngrams everywhere.",
+}
+
+
+def chat(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def prompts(workload: str, streams: int) -> list[str]:
+    text = WORKLOADS[workload].format(file=GROUNDED_FILE.read_text())
+    return [chat(text)] * streams
+
+
+def run_flashserve(a) -> dict:
+    from flashserve import LLM, SamplingParams
+
+    spec = None
+    if a.config == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": a.k}
+    elif a.config == "draft":
+        spec = {"method": "draft_model", "model": a.draft, "num_speculative_tokens": a.k}
+    llm = LLM(a.model, speculative_config=spec, max_model_len=2048, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
+    llm.generate(prompts("open", 1), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+    before = llm.engine.get_stats()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts(a.workload, a.streams), params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    after = llm.engine.get_stats()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    drafted = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+    accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
+    return {"tok_s": tokens / dt, "tokens": tokens, "drafted": drafted, "accepted": accepted}
+
+
+def run_llamacpp(a) -> dict:
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from flashserve.model.catalogue import resolve
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=a.k) if a.config == "lookup" else None
+    # prompt lookup verifies drafts against every position's logits, which Llama keeps only with logits_all
+    llm = Llama(str(resolve(a.model)), n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads, verbose=False,
+                draft_model=draft, logits_all=draft is not None)
+    llm(prompts("open", 1)[0], max_tokens=8, temperature=0)  # warm-up
+    t0 = time.perf_counter()
+    out = llm(prompts(a.workload, 1)[0], max_tokens=a.max_tokens, temperature=0)
+    dt = time.perf_counter() - t0
+    tokens = out["usage"]["completion_tokens"]
+    return {"tok_s": tokens / dt, "tokens": tokens}
+
+
+def one_run(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    result = run_llamacpp(a) if a.engine == "llamacpp" else run_flashserve(a)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+CONFIGS = [("flashserve", "plain"), ("flashserve", "ngram"), ("flashserve", "draft"),
+           ("llamacpp", "plain"), ("llamacpp", "lookup")]
+
+
+def spawn(a, engine: str, config: str, workload: str, streams: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", "--engine", engine, "--config", config, "--workload", workload,
+           "--streams", str(streams), "--model", a.model, "--draft", a.draft, "--k", str(a.k),
+           "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{engine} {config} {workload} x{streams} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3g} ({min(xs):.3g}-{max(xs):.3g})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--streams", default="1,4")
+    ap.add_argument("--k", type=int, default=4, help="tokens proposed per step")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workloads", default="open,grounded")
+    # one measurement in this process (what the driver spawns)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        a.streams = int(a.streams)
+        return one_run(a)
+
+    header("Speculative decoding: flashserve and llama.cpp", model=a.model, draft=a.draft,
+           k=a.k, max_tokens=a.max_tokens, threads=a.threads, repeats=a.repeats)
+    for streams in [int(s) for s in a.streams.split(",")]:
+        for workload in a.workloads.split(","):
+            configs = [c for c in CONFIGS if streams == 1 or c[0] == "flashserve"]
+            runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+            ratios: dict[tuple, list[float]] = {c: [] for c in configs}
+            for r in range(a.repeats):
+                order = configs if r % 2 == 0 else configs[::-1]  # alternate, and flip the order each round
+                got = {}
+                for engine, config in order:
+                    print(f"[{time.strftime('%H:%M:%S')}] {workload} x{streams}: {engine} {config}, round {r + 1}",
+                          file=sys.stderr, flush=True)
+                    got[(engine, config)] = spawn(a, engine, config, workload, streams)
+                base = got.get(("llamacpp", "plain"), got[("flashserve", "plain")])
+                for c in configs:
+                    runs[c].append(got[c])
+                    ratios[c].append(got[c]["tok_s"] / base["tok_s"])
+            base_name = "llama.cpp plain" if streams == 1 else "flashserve plain"
+            print(f"\n### {workload}, {streams} stream(s)\n")
+            print(f"| engine | tok/s | / {base_name} | accepted / drafted | tokens |")
+            print("|---|---|---|---|---|")
+            for c in configs:
+                rs = runs[c]
+                drafted = sum(x.get("drafted", 0) for x in rs)
+                accepted = sum(x.get("accepted", 0) for x in rs)
+                acc = f"{accepted}/{drafted} = {accepted / drafted:.2f}" if drafted else "-"
+                print(f"| {c[0]} {c[1]} | {fmt([x['tok_s'] for x in rs])} | {fmt(ratios[c])} | {acc} | "
+                      f"{rs[-1]['tokens']} |")
+
+
+if __name__ == "__main__":
+    main()
