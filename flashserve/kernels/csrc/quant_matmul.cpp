@@ -670,27 +670,32 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
     }
   }
 }
-// The tiled GEMM over all of y: parallel over tasks of 8 output rows.
-template <int kBits>
-void gemm_tiled(const Problem& p) {
+// The tiled GEMM over all of y, for either tile width: parallel over tasks of kLanes output rows (a
+// tile's lanes); a task with several passes of kPassRows activation rows builds its tile once (A/B at
+// M = 128: 9-16% faster), and asks for the next task's rows while this one computes (A/B at M = 32,
+// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without).
+template <typename Group, int64_t kLanes, int64_t kPassRows, typename Load, typename Pass>
+void over_tiles(const Problem& p, Load load, Pass pass) {
   const int64_t groups = p.K / 32;
-  at::parallel_for(0, (p.N + 7) / 8, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<TileGroup> tile;  // this worker's own
+  at::parallel_for(0, (p.N + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<Group> tile;  // this worker's own
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n0 = task * 8, rows = std::min<int64_t>(8, p.N - n0);
-      const std::vector<TileGroup>* built = nullptr;
-      if (p.M > kTileRows) {  // several passes: build the tile once (A/B at M=128: 9-16% faster)
+      const int64_t n0 = task * kLanes, rows = std::min<int64_t>(kLanes, p.N - n0);
+      const std::vector<Group>* built = nullptr;
+      if (p.M > kPassRows) {
         tile.resize(groups);
-        for (int64_t g = 0; g < groups; ++g) load_tile_group<kBits>(p, n0, rows, g, tile[g]);
+        for (int64_t g = 0; g < groups; ++g) load(p, n0, rows, g, tile[g]);
         built = &tile;
       }
-      // the next task's rows on their way while this one computes (A/B at M = 32, cycled
-      // weights: gate_up 0.88, down 0.98, head 0.97 of the time without)
-      if (task + 1 < end) prefetch_rows(p, n0 + 8, std::min<int64_t>(8, p.N - n0 - 8));
-      for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows)
-        gemm_tile<kBits>(p, built, n0, rows, m0, std::min(kTileRows, p.M - m0));
+      if (task + 1 < end) prefetch_rows(p, n0 + kLanes, std::min<int64_t>(kLanes, p.N - n0 - kLanes));
+      for (int64_t m0 = 0; m0 < p.M; m0 += kPassRows) pass(p, built, n0, rows, m0, std::min(kPassRows, p.M - m0));
     }
   });
+}
+
+template <int kBits>
+void gemm_tiled(const Problem& p) {
+  over_tiles<TileGroup, 8, kTileRows>(p, load_tile_group<kBits>, gemm_tile<kBits>);
 }
 
 #ifdef FS_AVX512
@@ -780,26 +785,10 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
   }
 }
 
-// The wide tiled GEMM over all of y: parallel over tasks of 16 output rows. Needs p.xq_sum for
-// 5- and 8-bit codes (the offset correction).
+// The wide tiled GEMM over all of y. Needs p.xq_sum for 5- and 8-bit codes (the offset correction).
 template <int kBits>
 void gemm_wide_tiled(const Problem& p) {
-  const int64_t groups = p.K / 32;
-  at::parallel_for(0, (p.N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<WideTileGroup> tile;  // this worker's own
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n0 = task * 16, rows = std::min<int64_t>(16, p.N - n0);
-      const std::vector<WideTileGroup>* built = nullptr;
-      if (p.M > kWideTileRows) {  // several passes: build the tile once
-        tile.resize(groups);
-        for (int64_t g = 0; g < groups; ++g) load_wide_tile_group<kBits>(p, n0, rows, g, tile[g]);
-        built = &tile;
-      }
-      if (task + 1 < end) prefetch_rows(p, n0 + 16, std::min<int64_t>(16, p.N - n0 - 16));
-      for (int64_t m0 = 0; m0 < p.M; m0 += kWideTileRows)
-        gemm_wide_tile<kBits>(p, built, n0, rows, m0, std::min(kWideTileRows, p.M - m0));
-    }
-  });
+  over_tiles<WideTileGroup, 16, kWideTileRows>(p, load_wide_tile_group<kBits>, gemm_wide_tile<kBits>);
 }
 #endif  // FS_AVX512
 #endif
