@@ -15,3 +15,7 @@ class ModelFormatError(FlashserveError):
 
 class InvalidRequestError(FlashserveError, ValueError):
     """A request the engine cannot run (prompt longer than the context, bad parameters)."""
+
+
+class WorkerError(FlashserveError, RuntimeError):
+    """A model worker process died, failed or hung; the engine cannot go on (its workers are stopped)."""

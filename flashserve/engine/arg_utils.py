@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashserve.config import HEAD_METHODS, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from flashserve.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
+                               SpeculativeConfig)
 from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -29,14 +30,17 @@ class EngineArgs:
     policy: str = "fcfs"
     seed: int = 0
     num_threads: int | None = None
-    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup) | "draft_model" | "medusa" | "eagle"
-    speculative_model: str | None = None  # the draft of "draft_model" (path or catalogue name), heads file of the others
+    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup) | "draft_model"
+    speculative_model: str | None = None  # the draft of "draft_model": a path or catalogue name
     num_speculative_tokens: int = 4  # k: drafts verified per request and step
     prompt_lookup_min: int = 1  # n-gram sizes tried, largest first
     prompt_lookup_max: int = 4
     # vLLM's spelling of the same knobs, instead of the flat ones above: {"method": ..., "model": ...,
     # "num_speculative_tokens": k, "prompt_lookup_min": n, "prompt_lookup_max": n}
     speculative_config: dict | None = None
+    tensor_parallel_size: int = 1  # ranks one model is split over (Megatron-style), each a worker process
+    distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
+    worker_timeout_s: float = 300.0  # a worker silent this long during start-up or a step counts as hung
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -72,6 +76,8 @@ class EngineArgs:
                 policy=self.policy,
             ),
             speculative=self.create_speculative_config(),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
+                                    self.worker_timeout_s),
         )
         config.validate()
         return config
@@ -94,11 +100,6 @@ class EngineArgs:
                                  f"known: {', '.join(SPECULATIVE_CONFIG_KEYS)}")
             if knobs.get("method") is None and knobs.get("model") is not None:
                 knobs["method"] = "draft_model"
-        if knobs.get("method") in HEAD_METHODS and knobs.get("model") is not None:
-            from flashserve.spec_decode.heads import read_heads_config
-
-            return SpeculativeConfig(**knobs, draft_model_path=str(knobs["model"]),
-                                     heads_config=read_heads_config(knobs["model"]))
         if knobs.get("method") != "draft_model" or knobs.get("model") is None:
             return SpeculativeConfig(**knobs)  # validate() names what is wrong, if anything
         from flashserve.model.catalogue import resolve

@@ -2,7 +2,8 @@
 
 step() is schedule → execute → update, then detokenize, then (speculative decoding) propose the
 next step's draft tokens; a request whose proposal fails ends with an error, the others go on.
-Data flows one way: Scheduler → SchedulerOutput → ModelRunner → RunnerOutput → Scheduler/OutputProcessor.
+Data flows one way: Scheduler → SchedulerOutput → Executor (ModelRunner in-process or on each
+tensor-parallel worker) → RunnerOutput → Scheduler/OutputProcessor.
 """
 from __future__ import annotations
 
@@ -16,14 +17,13 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.core.request import RequestStatus
 from flashserve.core.scheduler import Scheduler, SchedulerStats
+from flashserve.distributed.executor import make_executor
 from flashserve.engine.arg_utils import DEFAULT_KV_CACHE_CAP, EngineArgs
 from flashserve.engine.input_processor import InputProcessor, PromptType
 from flashserve.engine.output_processor import OutputProcessor
 from flashserve.errors import InvalidRequestError
-from flashserve.model.loader import load_model
 from flashserve.outputs import RequestOutput
-from flashserve.runner.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_budget
-from flashserve.runner.model_runner import ModelRunner
+from flashserve.runner.kv_cache import kv_bytes_per_block, num_blocks_for_budget
 from flashserve.sample.guided import GuidedDecoding
 from flashserve.spec_decode.proposer import make_proposer, propose_isolating_failures
 from flashserve.tokenizer.tokenizer import Tokenizer
@@ -68,16 +68,15 @@ class LLMEngine:
         self.num_blocks = num_blocks_for_budget(
             mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP
         )
-        model, _ = load_model(config.model_path, dtype=dtype, device=self.device, quantization=config.quantization)
+        # Before the target loads: a draft that does not fit the target fails start-up sooner.
+        self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer)  # None: no speculation
         self.kv_block_bytes = kv_bytes_per_block(mc, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
-        kv_caches = allocate_kv_caches(mc, self.num_blocks, config.cache.block_size, dtype, self.device,
-                                       config.cache.kv_cache_dtype)
         self.guided = GuidedDecoding(self.tokenizer, self.eos_token_ids)
-        self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.eos_token_ids, self.device,
-                                  self.guided)
+        # The model runs in this process or in one worker per tensor-parallel rank (distributed/).
+        self.executor = make_executor(config, self.num_blocks, self.device, self.tokenizer, self.guided,
+                                      self.eos_token_ids)
+        self.runner = self.executor.runner  # None when workers hold the model
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
-        # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
-        self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -130,7 +129,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out)
+        runner_out = self.executor.execute(sched_out)
         changed = self.scheduler.update_from_output(sched_out, runner_out)
         logprobs = {rid: lp for rid, lp in zip(runner_out.request_ids, runner_out.logprobs or []) if lp}
         prompt_lps = {rid: c for rid, c in zip(runner_out.request_ids, runner_out.prompt_logprobs or []) if c}
@@ -138,34 +137,25 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:  # drafts for the next step, verified in it
-            outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids, runner_out)
+            outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids)
         return outputs
 
-    def _propose(self, left_ids: set[str], runner_out) -> list[RequestOutput]:
+    def _propose(self, left_ids: set[str]) -> list[RequestOutput]:
         """Drafts for the requests that decode next. `left_ids`: requests gone since the previous step,
         whose proposer state goes. A request whose proposal raises ends with finish reason "error"
         (its outputs are returned); the others go on."""
         self.proposer.free(left_ids)
-        if self.config.speculative.uses_target_hidden_states:
-            self._observe_hidden_states(runner_out)
         drafts, failed = propose_isolating_failures(self.proposer, self.scheduler.spec_candidates())
-        self.scheduler.set_spec_tokens(drafts, {rid: self.proposer.draft_probs(rid) for rid in drafts})
+        self.scheduler.set_spec_tokens(drafts)
         if not failed:
             return []
         requests = [self.scheduler.requests[rid] for rid in failed]
         self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
         return self.output_processor.process(requests, {})[0]
 
-    def _observe_hidden_states(self, runner_out) -> None:
-        """Hand the proposer the hidden rows of the requests still running. Should it raise, their
-        proposer state goes (they decode without drafts until it has rows again); no request fails."""
-        pairs = [(req, rows) for rid, rows in zip(runner_out.request_ids, runner_out.hidden_states or [])
-                 if (req := self.scheduler.requests.get(rid)) is not None and req.status is RequestStatus.RUNNING]
-        try:
-            self.proposer.observe(pairs)
-        except Exception:
-            logger.exception("the proposer failed to take the step's hidden states; its requests go without drafts")
-            self.proposer.free([req.request_id for req, _ in pairs])
+    def shutdown(self) -> None:
+        """Stop the model's worker processes, if any (also done when the engine is collected or at exit)."""
+        self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

@@ -8,8 +8,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from flashserve.config import (KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES, SCHEDULING_CHOICES,
-                               SPECULATIVE_METHODS)
+from flashserve.config import (EXECUTOR_BACKENDS, KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES,
+                               SCHEDULING_CHOICES, SPECULATIVE_METHODS)
 from flashserve.engine.arg_utils import EngineArgs
 from flashserve.entrypoints.openai.tool_parsers import PARSERS
 from flashserve.errors import FlashserveError
@@ -48,6 +48,13 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="waiting-queue order; priority: a request's lower `priority` value goes first")
     p.add_argument("--threads", dest="num_threads", type=int, default=None, metavar="N", help="torch threads")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size, metavar="N",
+                   help="split the model over N worker processes (tensor parallelism)")
+    p.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
+                   help="where the model runs: uni (this process, one rank) or mp (a process per rank); "
+                        "default uni for one rank, else mp")
+    p.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=d.worker_timeout_s,
+                   metavar="SECONDS", help="a worker silent this long in start-up or a step counts as hung")
     p.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),
                    help="speculative decoding: ngram = prompt lookup (drafts copied from earlier in prompt + output); "
                         "draft_model = a smaller model with the same vocabulary (--speculative-model)")
@@ -180,13 +187,6 @@ def cmd_bench(a) -> None:
     sys.exit(subprocess.call([sys.executable, str(script), *(x for x in a.bench_args if x != "--startup")]))
 
 
-def cmd_train_heads(a) -> None:
-    """python -m flashserve.spec_decode.train with every argument after `train-heads`."""
-    from flashserve.spec_decode.train import main as train_main
-
-    train_main(a.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,18 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", add_help=False, help="the CPU benchmark table: flashserve beside llama.cpp and "
                                                      "transformers (--startup: start-up time and memory)")
     p.set_defaults(func=cmd_bench)
-
-    # Its options (see `flashserve train-heads --help`) belong to flashserve/spec_decode/train.py.
-    p = sub.add_parser("train-heads", add_help=False, help="train Medusa heads or an EAGLE layer on a model's own "
-                                                           "answers, for speculative decoding")
-    p.set_defaults(func=cmd_train_heads)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("bench", "train-heads"):
+    if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.bench_args = extra
     try:

@@ -1,0 +1,71 @@
+"""Executors: where the model runs, as seen from the engine. The engine hands each step's
+SchedulerOutput to execute() and gets one RunnerOutput back; the scheduler never leaves it.
+
+    UniProcExecutor    the model runner in the engine's own process (one rank)
+    MultiprocExecutor  one worker process per tensor-parallel rank (distributed/multiproc.py)
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from flashserve.config import EngineConfig
+from flashserve.core.sched_output import RunnerOutput, SchedulerOutput
+from flashserve.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Executor:
+    # The in-process ModelRunner when there is one (tests and benchmarks look inside it); None
+    # when worker processes hold the model.
+    runner: ModelRunner | None = None
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop the workers, if any; idempotent."""
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig, num_blocks: int, device: torch.device, guided,
+                 eos_token_ids: tuple[int, ...]):
+        self.runner = build_runner(config, num_blocks, device, guided, eos_token_ids)
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(sched)
+
+
+def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, guided,
+                 eos_token_ids: tuple[int, ...], tp_group=None) -> ModelRunner:
+    """The model (this rank's part of it under tensor parallelism), its KV cache and its runner.
+    Every rank allocates the same number of blocks, so the scheduler's block ids mean the same
+    slots on all of them; a rank's blocks hold its own KV heads."""
+    from flashserve.model.loader import load_model
+    from flashserve.runner.kv_cache import allocate_kv_caches
+
+    dtype = getattr(torch, config.dtype)
+    model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization)
+    if tp_group is not None:
+        from flashserve.distributed.partition import tp_shards
+        from flashserve.distributed.tensor_parallel import shard_model
+
+        cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
+    kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
+                                   config.cache.kv_cache_dtype)
+    # The C++ decode step runs all layers in one call, with no place for the all-reduces.
+    return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
+                       use_decode_plan=tp_group is None)
+
+
+def make_executor(config: EngineConfig, num_blocks: int, device: torch.device, tokenizer, guided,
+                  eos_token_ids: tuple[int, ...]) -> Executor:
+    """`guided`: the engine's GuidedDecoding, shared by an in-process runner; worker processes
+    build their own from `tokenizer`."""
+    if config.parallel.backend == "uni":
+        return UniProcExecutor(config, num_blocks, device, guided, eos_token_ids)
+    from flashserve.distributed.multiproc import MultiprocExecutor
+
+    return MultiprocExecutor(config, num_blocks, device, tokenizer, eos_token_ids)
