@@ -104,7 +104,27 @@ class SchedulerConfig:
             raise ValueError(f"unknown policy {self.policy!r}")
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "medusa", "eagle")
+HEAD_METHODS = ("medusa", "eagle")  # drafting from the target's own hidden states, with heads trained here
+
+
+@dataclass(frozen=True)
+class SpecHeadsConfig:
+    """What a heads file (spec_decode/heads.py: .safetensors plus a .json beside it) says about itself:
+    the method it was trained for and the target's sizes it fits. Medusa: num_heads residual blocks;
+    EAGLE: one decoder layer of the attention shape below (the target's, by default)."""
+
+    method: str  # "medusa" | "eagle"
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 1  # Medusa heads (EAGLE: 1 layer, drafting autoregressively)
+    num_attention_heads: int = 0  # EAGLE's layer
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    target: str = ""  # the model the heads were trained on, as the training run named it
 
 
 @dataclass(frozen=True)
@@ -119,9 +139,15 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
-    model: str | None = None  # the draft model as the user named it (path or catalogue name)
+    model: str | None = None  # the draft model (or heads file of medusa/eagle) as the user named it
     draft_model_path: str | None = None  # resolved file or directory
     draft_model_config: ModelConfig | None = None
+    heads_config: SpecHeadsConfig | None = None  # medusa/eagle: the heads file's own description
+
+    @property
+    def uses_target_hidden_states(self) -> bool:
+        """The proposer drafts from the target's last hidden states, which the runner then hands over."""
+        return self.method in HEAD_METHODS
 
     def validate(self) -> None:
         if self.method is None:
@@ -136,8 +162,21 @@ class SpeculativeConfig:
         if self.method == "draft_model" and self.draft_model_config is None:
             raise ValueError("speculative method 'draft_model' needs a draft model: speculative_config's 'model' "
                              "(or speculative_model, --speculative-model)")
-        if self.method != "draft_model" and self.model is not None:
+        if self.method in HEAD_METHODS:
+            self._validate_heads()
+        elif self.method != "draft_model" and self.model is not None:
             raise ValueError(f"a draft model is for method 'draft_model', not {self.method!r}")
+
+    def _validate_heads(self) -> None:
+        heads = self.heads_config
+        if heads is None:
+            raise ValueError(f"speculative method {self.method!r} needs its heads file: speculative_config's "
+                             "'model' (a .safetensors written by python -m flashserve.spec_decode.train)")
+        if heads.method != self.method:
+            raise ValueError(f"{self.model} holds {heads.method} heads, not {self.method} ones")
+        if self.method == "medusa" and self.num_speculative_tokens > heads.num_heads:
+            raise ValueError(f"{self.model} has {heads.num_heads} Medusa heads: num_speculative_tokens="
+                             f"{self.num_speculative_tokens} needs as many")
 
 
 EXECUTOR_BACKENDS = ("uni", "mp")
@@ -208,6 +247,12 @@ class EngineConfig:
         self.scheduler.validate()
         self.speculative.validate()
         self.parallel.validate(self.model_config, usable_cores())
+        heads, mc = self.speculative.heads_config, self.model_config
+        if heads is not None and (heads.hidden_size, heads.vocab_size) != (mc.hidden_size, mc.vocab_size):
+            raise ValueError(
+                f"the {heads.method} heads {self.speculative.model} were trained for hidden size {heads.hidden_size} "
+                f"and a vocabulary of {heads.vocab_size} tokens (target {heads.target or 'unnamed'}), but {self.model} "
+                f"has hidden size {mc.hidden_size} and {mc.vocab_size} tokens: train heads for this model")
         draft = self.speculative.draft_model_config
         if draft is not None and draft.vocab_size != self.model_config.vocab_size:
             raise ValueError(

@@ -55,6 +55,7 @@ class Request:
     # Speculative decoding: draft tokens proposed for the next step (the scheduler takes them into
     # that step's token budget and clears them), and the running count of drafts verified / accepted.
     spec_token_ids: list[int] = field(default_factory=list)
+    spec_token_probs: Any = None  # the drafts' proposal distribution when they were sampled (opaque here)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 

@@ -25,6 +25,8 @@ class ScheduledRequest:
     sampling_params: Any
     output_token_ids: list[int]  # generated so far (penalties read them)
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify (the last positions)
+    # The proposer's distribution q of sampled drafts, (>= k, vocab) tensor; None: deterministic drafts (one-hot q).
+    spec_token_probs: Any = None
 
     @property
     def samples_this_step(self) -> bool:
@@ -78,6 +80,16 @@ class SampledLogprobs:
 
 
 @dataclass
+class HiddenRows:
+    """The target's last hidden states (after the final norm, before the LM head) of the positions
+    first_position .. first_position + n - 1 that a step computed and that stay in the request's
+    sequence: a prompt chunk's rows, or a verification's rows up to the last accepted draft."""
+
+    first_position: int
+    rows: Any  # (n, d) tensor
+
+
+@dataclass
 class RunnerOutput:
     """Per scheduled request, in the order of SchedulerOutput.scheduled."""
 
@@ -89,3 +101,5 @@ class RunnerOutput:
     logprobs: list[list[SampledLogprobs] | None] | None = None
     # Optional per request: the prompt positions whose logprobs this step computed (prompt_logprobs).
     prompt_logprobs: list[PromptLogprobs | None] | None = None
+    # Optional per request: its HiddenRows, only for a runner asked to expose them (Medusa, EAGLE).
+    hidden_states: list[HiddenRows | None] | None = None

@@ -186,6 +186,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             need = req.num_tokens - req.num_computed_tokens
+            probs = req.spec_token_probs
             drafts = self._take_spec_tokens(req)[: max(0, budget - need)]
             n = min(need + len(drafts), budget)
             block_ids = self._allocate(req, n)
@@ -200,7 +201,7 @@ class Scheduler:
                 block_ids = self._allocate(req, n)
             if block_ids is None:
                 continue  # req itself was preempted; running[i] is now the next request
-            scheduled.append(self._scheduled(req, n, block_ids, drafts))
+            scheduled.append(self._scheduled(req, n, block_ids, drafts, probs if drafts else None))
             budget -= n
             i += 1
 
@@ -256,7 +257,7 @@ class Scheduler:
     def _take_spec_tokens(self, req: Request) -> list[int]:
         """The request's drafts for this step (cleared on the request): none unless it is decoding,
         and at most as many as leave room for the target's own token within max_tokens and the context."""
-        drafts, req.spec_token_ids = req.spec_token_ids, []
+        drafts, req.spec_token_ids, req.spec_token_probs = req.spec_token_ids, [], None
         if not drafts or req.num_tokens - req.num_computed_tokens != 1:
             return []
         return drafts[: self._spec_room(req)]
@@ -274,15 +275,19 @@ class Scheduler:
                 if r.num_tokens - r.num_computed_tokens == 1 and r.sampling_params.guided_decoding is None
                 and self._spec_room(r) > 0]
 
-    def set_spec_tokens(self, drafts: dict[str, list[int]]) -> None:
-        """Store proposed drafts for the next schedule(); unknown or finished ids are ignored."""
+    def set_spec_tokens(self, drafts: dict[str, list[int]], probs: dict | None = None) -> None:
+        """Store proposed drafts for the next schedule(); unknown or finished ids are ignored.
+        `probs`: the proposal distribution of sampled drafts by request id (passed on to the
+        rejection sampler untouched; drafts without one were chosen deterministically)."""
+        probs = probs or {}
         for rid, tokens in drafts.items():
             req = self.requests.get(rid)
             if req is not None and req.status is RequestStatus.RUNNING:
                 req.spec_token_ids = list(tokens)
+                req.spec_token_probs = probs.get(rid)
 
     def _preempt(self, req: Request) -> None:
-        req.spec_token_ids = []
+        req.spec_token_ids, req.spec_token_probs = [], None
         self.running.remove(req)
         self._free_blocks(req)
         req.num_computed_tokens = 0
@@ -292,10 +297,11 @@ class Scheduler:
         self._preempted_ids.add(req.request_id)
         self.waiting.add_front(req)
 
-    def _scheduled(self, req: Request, n: int, block_ids: list[int], drafts: list[int] = ()) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int, block_ids: list[int], drafts: list[int] = (),
+                   probs=None) -> ScheduledRequest:
         req.block_ids = block_ids
         return ScheduledRequest(req.request_id, req.all_token_ids, req.num_computed_tokens, n, block_ids,
-                                req.sampling_params, req.output_token_ids, list(drafts))
+                                req.sampling_params, req.output_token_ids, list(drafts), probs)
 
     # ---- results -------------------------------------------------------------------------
     def update_from_output(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashserve.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
+from flashserve.config import (HEAD_METHODS, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
                                SpeculativeConfig)
 from flashserve.errors import ModelNotFoundError
 
@@ -30,8 +30,8 @@ class EngineArgs:
     policy: str = "fcfs"
     seed: int = 0
     num_threads: int | None = None
-    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup) | "draft_model"
-    speculative_model: str | None = None  # the draft of "draft_model": a path or catalogue name
+    speculative_method: str | None = None  # None (off) | "ngram" (prompt lookup) | "draft_model" | "medusa" | "eagle"
+    speculative_model: str | None = None  # the draft of "draft_model" (path or catalogue name), heads file of the others
     num_speculative_tokens: int = 4  # k: drafts verified per request and step
     prompt_lookup_min: int = 1  # n-gram sizes tried, largest first
     prompt_lookup_max: int = 4
@@ -100,6 +100,11 @@ class EngineArgs:
                                  f"known: {', '.join(SPECULATIVE_CONFIG_KEYS)}")
             if knobs.get("method") is None and knobs.get("model") is not None:
                 knobs["method"] = "draft_model"
+        if knobs.get("method") in HEAD_METHODS and knobs.get("model") is not None:
+            from flashserve.spec_decode.heads import read_heads_config
+
+            return SpeculativeConfig(**knobs, draft_model_path=str(knobs["model"]),
+                                     heads_config=read_heads_config(knobs["model"]))
         if knobs.get("method") != "draft_model" or knobs.get("model") is None:
             return SpeculativeConfig(**knobs)  # validate() names what is wrong, if anything
         from flashserve.model.catalogue import resolve

@@ -68,8 +68,6 @@ class LLMEngine:
         self.num_blocks = num_blocks_for_budget(
             mc, config.cache, dtype, sc.max_num_seqs * sc.max_model_len + config.cache.block_size, DEFAULT_KV_CACHE_CAP
         )
-        # Before the target loads: a draft that does not fit the target fails start-up sooner.
-        self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer)  # None: no speculation
         self.kv_block_bytes = kv_bytes_per_block(mc, config.cache.block_size, dtype, config.cache.kv_cache_dtype)
         self.guided = GuidedDecoding(self.tokenizer, self.eos_token_ids)
         # The model runs in this process or in one worker per tensor-parallel rank (distributed/).
@@ -77,6 +75,8 @@ class LLMEngine:
                                       self.eos_token_ids)
         self.runner = self.executor.runner  # None when workers hold the model
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
+        # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
+        self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -137,21 +137,34 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:  # drafts for the next step, verified in it
-            outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids)
+            outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids, runner_out)
         return outputs
 
-    def _propose(self, left_ids: set[str]) -> list[RequestOutput]:
+    def _propose(self, left_ids: set[str], runner_out) -> list[RequestOutput]:
         """Drafts for the requests that decode next. `left_ids`: requests gone since the previous step,
         whose proposer state goes. A request whose proposal raises ends with finish reason "error"
         (its outputs are returned); the others go on."""
         self.proposer.free(left_ids)
+        if self.config.speculative.uses_target_hidden_states:
+            self._observe_hidden_states(runner_out)
         drafts, failed = propose_isolating_failures(self.proposer, self.scheduler.spec_candidates())
-        self.scheduler.set_spec_tokens(drafts)
+        self.scheduler.set_spec_tokens(drafts, {rid: self.proposer.draft_probs(rid) for rid in drafts})
         if not failed:
             return []
         requests = [self.scheduler.requests[rid] for rid in failed]
         self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
         return self.output_processor.process(requests, {})[0]
+
+    def _observe_hidden_states(self, runner_out) -> None:
+        """Hand the proposer the hidden rows of the requests still running. Should it raise, their
+        proposer state goes (they decode without drafts until it has rows again); no request fails."""
+        pairs = [(req, rows) for rid, rows in zip(runner_out.request_ids, runner_out.hidden_states or [])
+                 if (req := self.scheduler.requests.get(rid)) is not None and req.status is RequestStatus.RUNNING]
+        try:
+            self.proposer.observe(pairs)
+        except Exception:
+            logger.exception("the proposer failed to take the step's hidden states; its requests go without drafts")
+            self.proposer.free([req.request_id for req, _ in pairs])
 
     def shutdown(self) -> None:
         """Stop the model's worker processes, if any (also done when the engine is collected or at exit)."""

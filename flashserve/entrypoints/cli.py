@@ -187,6 +187,13 @@ def cmd_bench(a) -> None:
     sys.exit(subprocess.call([sys.executable, str(script), *(x for x in a.bench_args if x != "--startup")]))
 
 
+def cmd_train_heads(a) -> None:
+    """python -m flashserve.spec_decode.train with every argument after `train-heads`."""
+    from flashserve.spec_decode.train import main as train_main
+
+    train_main(a.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,13 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", add_help=False, help="the CPU benchmark table: flashserve beside llama.cpp and "
                                                      "transformers (--startup: start-up time and memory)")
     p.set_defaults(func=cmd_bench)
+
+    # Its options (see `flashserve train-heads --help`) belong to flashserve/spec_decode/train.py.
+    p = sub.add_parser("train-heads", add_help=False, help="train Medusa heads or an EAGLE layer on a model's own "
+                                                           "answers, for speculative decoding")
+    p.set_defaults(func=cmd_train_heads)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "bench":
+    if extra and args.command not in ("bench", "train-heads"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.bench_args = extra
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.attention import kv_quant
-from flashserve.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
+from flashserve.core.sched_output import HiddenRows, PromptLogprobs, RunnerOutput, SchedulerOutput
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
 from flashserve.sample.guided import GuidedDecoding
@@ -25,6 +25,9 @@ class ModelRunner:
     def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device,
                  guided: GuidedDecoding, use_decode_plan: bool = True):
         self.model = model
+        # Hand back each request's last hidden states (RunnerOutput.hidden_states): set by make_proposer
+        # for a proposer drafting from them (Medusa, EAGLE); off, a step costs nothing more.
+        self.expose_hidden_states = False
         self.kv_caches = kv_caches
         self.model.bind_kv_caches(kv_caches)
         # Pure decode steps run as one C++ call where the model allows (runner/decode_plan.py).
@@ -75,16 +78,24 @@ class ModelRunner:
                            for r in scheduled)
         hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, only_decodes)  # (T, d)
         prompt_lps = self._prompt_logprobs(scheduled, hidden, inputs.attn_metadata.query_start_loc_cpu)
-        if not inputs.sampled_requests:
-            return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
+        out = RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
+        if inputs.sampled_requests:
+            self._sample(hidden, inputs, scheduled, out)
+        if self.expose_hidden_states:
+            out.hidden_states = kept_hidden_rows(hidden, scheduled, sampled_ids,
+                                                 inputs.attn_metadata.query_start_loc_cpu)
+        return out
 
+    def _sample(self, hidden: torch.Tensor, inputs, scheduled, out: RunnerOutput) -> None:
+        """Fill out.sampled_token_ids (and logprobs) of the requests that reach their last token."""
+        sampled_ids, logprobs = out.sampled_token_ids, out.logprobs
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # (num_rows, vocab) float32
         rows = [scheduled[i] for i in inputs.sampled_requests]
         if any(r.spec_token_ids for r in rows):
             tokens_of, lps_of = self._verify(logits, rows)
             for j, i in enumerate(inputs.sampled_requests):
                 sampled_ids[i], logprobs[i] = tokens_of[j], lps_of[j]
-            return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
+            return
         metadata = SamplingMetadata.build(
             params=[r.sampling_params for r in rows],
             output_token_ids=[r.output_token_ids for r in rows],
@@ -101,7 +112,6 @@ class ModelRunner:
             sampled_ids[i] = [tokens[row]]
             if lps is not None and lps[row] is not None:
                 logprobs[i] = [lps[row]]
-        return RunnerOutput(request_ids, sampled_ids, logprobs, prompt_lps)
 
     def _verify(self, logits: torch.Tensor, rows) -> tuple[list[list[int]], list]:
         """Speculative steps: request r has k_r + 1 logits rows (k_r drafts, maybe 0). Row j of r
@@ -117,7 +127,8 @@ class ModelRunner:
             device=self.device,
             grammar=self.guided.masks([r for r, _ in expanded], logits.shape[1]),  # guided rows carry no drafts
         )
-        out = rejection_sample(logits, metadata, [r.spec_token_ids for r in rows], [None] * len(rows),
+        q = [None if r.spec_token_probs is None else r.spec_token_probs[: len(r.spec_token_ids)] for r in rows]
+        out = rejection_sample(logits, metadata, [r.spec_token_ids for r in rows], q,
                                [self._generator_for(r.request_id, r.sampling_params.seed) for r in rows])
         lps_of: list = [None] * len(rows)
         if out.logprobs is not None:  # the logprobs of the emitted tokens under the target
@@ -166,3 +177,15 @@ class ModelRunner:
             out = out or [None] * len(scheduled)
             out[i] = chunk
         return out
+
+
+def kept_hidden_rows(hidden: torch.Tensor, scheduled, sampled_ids: list[list[int]], starts: list[int]
+                     ) -> list[HiddenRows]:
+    """Per request, the rows of `hidden` (T, d) whose positions stay in its sequence: all it computed,
+    less the rows of rejected drafts (k drafts, a accepted: k + 1 rows scored, a + 1 kept)."""
+    out = []
+    for i, r in enumerate(scheduled):
+        k = len(r.spec_token_ids)
+        kept = r.num_scheduled_tokens - k + (len(sampled_ids[i]) - 1 if k else 0)
+        out.append(HiddenRows(r.num_computed_tokens, hidden[starts[i] : starts[i] + kept]))
+    return out

@@ -76,6 +76,10 @@ class DraftModelProposer:
         self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.sequences: dict[str, _DraftSequence] = {}
 
+    def draft_probs(self, request_id: str) -> None:
+        """Drafts are chosen deterministically (greedy): verified as one-hot."""
+        return None
+
     def free(self, request_ids) -> None:
         """Drop the draft state of requests that finished, were aborted or preempted."""
         for rid in request_ids:

@@ -40,5 +40,9 @@ class NgramProposer:
                 out[r.request_id] = draft
         return out
 
+    def draft_probs(self, request_id: str) -> None:
+        """Drafts are chosen deterministically (greedy): verified as one-hot."""
+        return None
+
     def free(self, request_ids) -> None:
         """Nothing to forget: drafts are read off the request's tokens each time."""

@@ -15,6 +15,7 @@ import torch
 
 from flashserve.config import EngineConfig
 from flashserve.core.request import Request
+from flashserve.core.sched_output import HiddenRows
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +25,38 @@ class Proposer(Protocol):
         """Up to k draft token ids per request id (requests left out get none)."""
         ...
 
+    def draft_probs(self, request_id: str) -> torch.Tensor | None:
+        """The distribution q (k, vocab) the request's latest drafts were sampled from, for the rejection
+        sampler; None when they were chosen deterministically (verified as one-hot q)."""
+        ...
+
     def free(self, request_ids) -> None:
         """Forget per-request state of requests that finished, were aborted or preempted."""
         ...
 
 
-def make_proposer(config: EngineConfig, num_blocks: int, device: torch.device, tokenizer) -> Proposer | None:
+class HiddenStateProposer(Proposer, Protocol):
+    """A proposer drafting from the target's last hidden states (SpeculativeConfig.uses_target_hidden_states):
+    after every step the engine hands it the rows each running request kept (RunnerOutput.hidden_states)."""
+
+    def observe(self, hidden: list[tuple[Request, HiddenRows]]) -> None:
+        ...
+
+
+def make_proposer(config: EngineConfig, num_blocks: int, device: torch.device, tokenizer, runner
+                  ) -> Proposer | None:
     """`num_blocks` and `tokenizer`: the target's KV pool size and tokenizer (a draft model sizes its
-    own pool from the first and must share the second)."""
+    own pool from the first and must share the second); `runner`: the target's in-process ModelRunner,
+    whose model's LM head (and embedding) Medusa and EAGLE heads share, and which then hands back
+    hidden states (None when the model runs in worker processes)."""
     spec = config.speculative
     if spec.method is None:
         return None
+    if spec.uses_target_hidden_states:
+        if runner is None:
+            raise ValueError(f"speculative method {spec.method!r} drafts from the target's hidden states, "
+                             "which only an in-process model hands over: use tensor_parallel_size=1")
+        runner.expose_hidden_states = True
     if spec.method == "ngram":
         from flashserve.spec_decode.ngram import NgramProposer
 
@@ -43,6 +65,14 @@ def make_proposer(config: EngineConfig, num_blocks: int, device: torch.device, t
         from flashserve.spec_decode.draft_model import DraftModelProposer
 
         return DraftModelProposer(config, num_blocks, device, tokenizer)
+    if spec.method == "medusa":
+        from flashserve.spec_decode.medusa import MedusaProposer
+
+        return MedusaProposer(config, runner.model, device)
+    if spec.method == "eagle":
+        from flashserve.spec_decode.eagle import EagleProposer
+
+        return EagleProposer(config, runner.model, device)
     raise ValueError(f"speculative method {spec.method!r} is not available")
 
 

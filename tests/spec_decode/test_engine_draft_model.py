@@ -163,7 +163,7 @@ def test_the_tokenizers_must_match():
     (dict(speculative_config={"method": "draft_model"}), ValueError, "needs a draft model"),
     (dict(speculative_method="draft_model"), ValueError, "needs a draft model"),
     (dict(speculative_config={"model": "TINY", "num_speculative_tokens": 0}), ValueError, "num_speculative_tokens"),
-    (dict(speculative_config={"method": "medusa"}), ValueError, "unknown speculative method"),
+    (dict(speculative_config={"method": "lookahead"}), ValueError, "unknown speculative method"),
     (dict(speculative_config={"method": "ngram", "model": "TINY"}), ValueError, "a draft model is for method"),
     (dict(speculative_config={"method": "ngram", "k": 3}), ValueError, r"unknown speculative_config keys \['k'\]"),
     (dict(speculative_config={"method": "ngram"}, speculative_method="ngram"), ValueError, "not both"),

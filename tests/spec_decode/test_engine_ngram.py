@@ -174,7 +174,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(speculative_method="medusa"), "unknown speculative method"),
+    (dict(speculative_method="lookahead"), "unknown speculative method"),
     (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
     (dict(speculative_method="ngram", prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min"),
 ])

@@ -1,0 +1,106 @@
+"""EAGLE-1 drafting (Li et al. 2024; the layer is heads.EagleLayer): one decoder layer of its own
+over the target's features, with a KV cache of its own, drafting k tokens autoregressively.
+
+Per request the layer keeps one entry per position j whose feature f_j the target computed (the
+rows the runner hands over through observe()) and whose next token t_{j+1} is known: its keys and
+values, and the layer's output at the last entry, the predicted feature of the request's last token.
+
+    tokens:    t_0 ... t_{N-2} t_{N-1}              features f_0 ... f_{N-2} (t_{N-1} not computed yet)
+    entries:   (f_0, t_1) ... (f_{N-2}, t_{N-1})  → f^_{N-1} → head → d_0
+    drafting:  (f^_{N-1}, d_0) → f^_N → d_1, ...   (k - 1 more layer steps on its own predictions)
+
+The draft entries are never kept: after verification the target's true features of the accepted
+tokens arrive and extend the cache from where it was. Positions the target did not compute (a
+prefix-cache hit) have no features: the layer's context then starts at the first position it saw,
+which can only lower acceptance, never change what the target emits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flashserve.config import EngineConfig
+from flashserve.core.request import Request
+from flashserve.core.sched_output import HiddenRows
+from flashserve.spec_decode.draw import DraftDrawer
+from flashserve.spec_decode.heads import load_heads
+
+
+@dataclass
+class _LayerState:
+    start: int  # the position of the first entry
+    past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values (1, kv_heads, n, hd)
+    num_entries: int = 0
+    next_feature: torch.Tensor | None = None  # (1, 1, d): the predicted feature after the last entry
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_entries
+
+
+class EagleProposer:
+    def __init__(self, config: EngineConfig, target, device: torch.device):
+        spec = config.speculative
+        self.k = spec.num_speculative_tokens
+        self.target = target  # its embedding and LM head, shared and frozen
+        self.layer = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
+        self.device = device
+        self.states: dict[str, _LayerState] = {}
+        self.drawer = DraftDrawer()
+
+    def _embed(self, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        return self.target.model.embed(ids)[None]  # (1, n, d)
+
+    def _step(self, features: torch.Tensor, token_ids: list[int], first: int, past):
+        """Layer over n consecutive entries from position `first`: (outputs (1, n, d), new keys/values)."""
+        positions = torch.arange(first, first + len(token_ids), device=self.device)
+        return self.layer(features, self._embed(token_ids), positions, past)
+
+    @torch.inference_mode()
+    def observe(self, hidden: list[tuple[Request, HiddenRows]]) -> None:
+        for req, h in hidden:
+            n = h.rows.shape[0]
+            if not n:
+                continue
+            state = self.states.get(req.request_id)
+            if state is None or state.end != h.first_position:  # new, or not the continuation it holds
+                state = self.states[req.request_id] = _LayerState(h.first_position)
+            nxt = req.all_token_ids[h.first_position + 1 : h.first_position + n + 1]  # t_{j+1} of each row
+            if not nxt:
+                continue
+            out, state.past = self._step(h.rows[None, : len(nxt)], nxt, h.first_position, state.past)
+            state.num_entries += len(nxt)
+            state.next_feature = out[:, -1:]
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request]) -> dict[str, list[int]]:
+        ready = [r for r in requests
+                 if (s := self.states.get(r.request_id)) is not None and s.end == r.num_tokens - 1]
+        if not ready:
+            return {}
+        feats = [self.states[r.request_id].next_feature for r in ready]  # (1, 1, d) each
+        pasts = [self.states[r.request_id].past for r in ready]
+        drafts: list[list[int]] = [[] for _ in ready]
+        qs: list[list[torch.Tensor]] = [[] for _ in ready]
+        for i in range(self.k):
+            logits = self.target.compute_logits(torch.cat(feats).view(len(ready), -1))  # (B, vocab)
+            for b, r in enumerate(ready):
+                (tok,), q = self.drawer.draw(r, logits[b : b + 1])
+                drafts[b].append(tok)
+                if q is not None:
+                    qs[b].append(q)
+                if i + 1 < self.k:  # the last draft is never fed back
+                    feats[b], pasts[b] = self._step(feats[b], [tok], r.num_tokens - 1 + i, pasts[b])
+        for b, r in enumerate(ready):
+            self.drawer.keep(r.request_id, qs[b])
+        return {r.request_id: drafts[b] for b, r in enumerate(ready)}
+
+    def draft_probs(self, request_id: str) -> torch.Tensor | None:
+        return self.drawer.probs.get(request_id)
+
+    def free(self, request_ids) -> None:
+        for rid in request_ids:
+            self.states.pop(rid, None)
+        self.drawer.free(request_ids)
