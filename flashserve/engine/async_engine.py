@@ -3,7 +3,9 @@
 Only the loop task touches engine state: new requests are validated at once (tokenizing
 is safe beside a running step) and queued; adds and aborts are applied between steps.
 A step runs in a worker thread so the event loop keeps serving HTTP meanwhile. If a step
-fails, the requests in it get the error and the loop goes on with everyone else.
+fails, the requests in it get the error and the loop goes on with everyone else; if the model's
+worker processes failed (WorkerError), the engine is dead: the loop ends, every request in
+flight gets the error, new ones get EngineDeadError (HTTP 503) and `on_dead` is called.
 HTTP handlers read `stats`, a snapshot the loop takes between steps, never the scheduler
 itself (its queues change under a running step).
 """
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 
 from flashserve.engine.llm_engine import LLMEngine, PreparedRequest
-from flashserve.errors import FlashserveError
+from flashserve.errors import FlashserveError, WorkerError
 from flashserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,10 @@ class EngineStepError(FlashserveError):
     pass
 
 
+class EngineDeadError(FlashserveError):
+    """The model's workers have stopped: no request can run any more (HTTP 503)."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int = 256):
         self.engine = engine
@@ -41,6 +47,8 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self.on_finished = None  # optional callback(RequestOutput) for metrics
         self.on_aborted = None  # optional callback() when a client goes away mid-request
+        self.on_dead = None  # optional callback() once the engine's workers have failed
+        self.dead: WorkerError | None = None
         self.stats = engine.get_stats()  # EngineStats as of the last step or applied add/abort
         # Every step on one and the same thread: OpenMP gives each calling thread a team of its own, so
         # steps hopping between the default executor's threads kept two teams of spinning workers on
@@ -69,6 +77,8 @@ class AsyncLLMEngine:
         """Yields the request's output each time it changes; the last one has finished=True.
         Closing the iterator early (client gone) aborts the request and frees its blocks."""
         rid = request_id or uuid.uuid4().hex
+        if self.dead is not None:
+            raise EngineDeadError(str(self.dead))
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"the server has {self.max_waiting} requests waiting; try again later")
         prep = self.engine.prepare_request(rid, prompt, params, priority)
@@ -109,6 +119,13 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.engine.step)
+            except WorkerError as exc:
+                logger.error("the model's workers failed; the engine stops: %s", exc)
+                self.dead = exc
+                self._fail_all(exc)
+                if self.on_dead:
+                    self.on_dead()
+                return
             except Exception as exc:  # a bug must not take the server down with it
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineStepError(f"internal error during generation: {exc}"))

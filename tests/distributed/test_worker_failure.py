@@ -89,3 +89,41 @@ def test_hung_worker_fails_after_the_timeout(tp_engine):
     err, took = _generate_until_failure(tp_engine, lambda: os.kill(victim, signal.SIGSTOP))
     assert TIMEOUT_S - 1 < took < TIMEOUT_S + 10
     assert "did not answer within worker_timeout_s=15 s" in str(err)
+
+
+def test_server_engine_turns_to_503_when_a_worker_dies(tp_engine):
+    """The server's engine loop: the request in flight gets the WorkerError, the loop stops, and a
+    new request gets EngineDeadError, which the app answers with 503 (as /health does)."""
+    import asyncio
+
+    from flashserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+
+    async def scenario():
+        eng = AsyncLLMEngine(tp_engine)
+        died = []
+        eng.on_dead = lambda: died.append(True)
+        eng.start()
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        stream = eng.generate({"prompt_token_ids": [1, 2, 3]}, params)
+        await stream.__anext__()  # under way
+        os.kill(tp_engine.executor.worker_pids[0], signal.SIGKILL)
+        with pytest.raises(WorkerError, match="killed by SIGKILL"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await eng.generate({"prompt_token_ids": [4, 5]}, params).__anext__()
+        await eng.stop()
+        return died
+
+    assert asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S + 10)) == [True]
+
+
+def test_cli_generate_with_two_ranks_prints_what_one_prints(smollm2_gguf, capsys):
+    from flashserve.entrypoints.cli import main
+
+    outs = []
+    for tp in ("1", "2"):
+        assert main(["generate", "--model", smollm2_gguf, "--prompt", "The capital of France is", "--max-tokens",
+                     "12", "-tp", tp]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()

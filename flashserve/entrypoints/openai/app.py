@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flashserve.engine.async_engine import AsyncLLMEngine, QueueFullError
+from flashserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from flashserve.entrypoints.metrics import ServerMetrics
 from flashserve.entrypoints.openai.disconnect import ClientGone, cancel_on_disconnect
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -81,6 +81,10 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
         metrics.observe_outcome("rejected_queue_full")
         return _error(429, str(exc), "rate_limit_error")
 
+    @app.exception_handler(EngineDeadError)
+    async def on_dead(request: Request, exc: EngineDeadError):
+        return _error(503, f"the engine has stopped: {exc}", "server_error")
+
     @app.exception_handler(ClientGone)
     async def on_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
@@ -107,6 +111,8 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
 
     @app.get("/health")
     async def health():
+        if async_engine.dead is not None:
+            return _error(503, f"the engine has stopped: {async_engine.dead}", "server_error")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -146,4 +152,12 @@ def run_server(engine_args, host: str = "127.0.0.1", port: int = 8000, api_key: 
         names.append(stem)
     app = build_app(engine, names, api_key=api_key, max_waiting=max_waiting, tool_call_parser=tool_call_parser)
     logger.info("serving %s on http://%s:%d/v1", names[0], host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
+    # Workers that failed leave nothing to serve: answer 503 while shutting down, then exit non-zero.
+    app.state.engine.on_dead = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    if app.state.engine.dead is not None:
+        raise app.state.engine.dead
