@@ -5,7 +5,7 @@ A B A B per cell, weights cycled beyond the L3 cache as a model's layers are. Al
 builds give bit-identical outputs (the kernels' integer arithmetic must not depend on the build).
 
     python benchmarks/kernel_ab.py [--baseline HEAD | --baseline-level LEVEL] [--model smollm2-135m]
-        [--ms 1,8,32,128] [--repeats 7]
+        [--ms 1,8,32,128] [--repeats 7] [--q4k]
 
 Prints µs per call, median (min-max) of the repeats, and the ratio new / baseline per cell.
 """
@@ -22,12 +22,16 @@ import torch
 
 from common import header, set_threads, table
 from flashserve.kernels.build import CSRC, SOURCES, best_level, build_cpu_kernels
+from flashserve.quantization.packed import factored_table, table_values
 
 L3_BYTES = 64 << 20
 SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding's 8-bit codes
     "smollm2-135m": [("qkv", 960, 576, 4), ("o", 576, 576, 4), ("gate_up", 3072, 576, 4), ("down", 576, 1536, 4),
                      ("head", 49152, 576, 8)],
     # Q4_K_M: q, k Q5_0 beside a Q8_0 v (8-bit), o and gate/up Q5_0 (5-bit), down Q6_K (8-bit requantized)
+    # Q4_K_M: most matrices Q4_K (4-bit), some down projections and the tied head Q6_K (8-bit requantized)
+    "qwen2.5-coder-1.5b": [("o", 1536, 1536, 4), ("gate_up", 17920, 1536, 4), ("down", 1536, 8960, 4),
+                           ("down", 1536, 8960, 8), ("head", 151936, 1536, 8)],
     "qwen2.5-coder-0.5b": [("qkv", 1152, 896, 8), ("o", 896, 896, 5), ("gate_up", 9728, 896, 5),
                            ("down", 896, 4864, 8), ("head", 151936, 896, 8)],
 }
@@ -53,9 +57,11 @@ def _show(rev: str, name: str) -> str:
     raise FileNotFoundError(f"{name} at {rev}")
 
 
-def weights(n: int, k: int, bits: int, gen: torch.Generator, table: torch.dtype) -> list[tuple]:
-    """Copies of one layer's weights filling L3 twice; scales and zeros of dtype `table` (float16 as
-    GGUF's legacy types keep them; float32 for a baseline revision that predates float16 tables)."""
+def weights(n: int, k: int, bits: int, gen: torch.Generator, table: torch.dtype, q4k: bool) -> list[tuple]:
+    """Copies of one layer's weights filling L3 twice, each (codes, scale, zero) for the new build and
+    (scale, zero) for the baseline; scales and zeros of dtype `table` (float16 as GGUF's legacy types
+    keep them; float32 for a baseline revision that predates float16 tables). q4k: 4-bit weights as
+    the engine holds Q4_K, factored tables for the new build, their float32 values for the baseline."""
     code_bytes = {4: k // 2, 5: k // 32 * 20, 8: k}[bits]
     per = n * code_bytes + 2 * n * (k // 32) * table.itemsize
     out = []
@@ -64,16 +70,25 @@ def weights(n: int, k: int, bits: int, gen: torch.Generator, table: torch.dtype)
             codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
         else:  # any bytes are valid 4- and 5-bit codes
             codes = torch.randint(0, 256, (n, code_bytes), dtype=torch.uint8, generator=gen)
+        if q4k and bits == 4:
+            scale, zero = (factored_table(torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=gen),
+                                          (torch.rand(n, k // 256, generator=gen) * 1e-3).half()) for _ in range(2))
+            out.append((codes, scale, zero, table_values(scale), table_values(zero)))
+            continue
         zero = (torch.randn(n, k // 32, generator=gen) * 0.01).to(table) if bits == 4 else None
-        out.append((codes, (torch.rand(n, k // 32, generator=gen) * 0.01).to(table), zero))
+        scale = (torch.rand(n, k // 32, generator=gen) * 0.01).to(table)
+        out.append((codes, scale, zero, scale, zero))
     return out
 
 
-def time_calls(kernels, x, ws, bits: int) -> float:
+def time_calls(kernels, x, ws, bits: int, baseline: bool) -> float:
     """µs per call over one pass through the weight copies."""
     t0 = time.perf_counter()
-    for codes, scale, zero in ws:
-        kernels.group_quant_matmul(x, codes, scale, zero, bits, 32, True)
+    for codes, scale, zero, old_scale, old_zero in ws:
+        if baseline:
+            kernels.group_quant_matmul(x, codes, old_scale, old_zero, bits, 32, True)
+        else:
+            kernels.group_quant_matmul(x, codes, scale, zero, bits, 32, True)
     return (time.perf_counter() - t0) / len(ws) * 1e6
 
 
@@ -86,6 +101,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,32,128", help="activation rows per call")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--q4k", action="store_true",
+                    help="4-bit weights with Q4_K's factored tables in this checkout, float32 ones in the baseline")
     a = ap.parse_args()
     set_threads(a.threads)
     new = build_cpu_kernels()
@@ -95,21 +112,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             old = baseline_build(a.baseline, Path(tmp))
     header(f"quantized matmul, this checkout ({best_level().name}) against {a.baseline}", model=a.model,
-           threads=a.threads, activations="int8 per group of 32 (the default engine's)")
+           threads=a.threads, activations="int8 per group of 32 (the default engine's)",
+           tables="Q4_K factored (new) vs float32 (baseline)" if a.q4k else "as the baseline takes them")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, n, k, bits in SHAPES[a.model]:
-        ws = weights(n, k, bits, gen, torch.float16 if a.baseline_level else torch.float32)
+        ws = weights(n, k, bits, gen, torch.float16 if a.baseline_level else torch.float32, a.q4k)
         for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k, generator=gen)
-            codes, scale, zero = ws[0]
+            codes, scale, zero, old_scale, old_zero = ws[0]
             same = torch.equal(new.group_quant_matmul(x, codes, scale, zero, bits, 32, True),
-                               old.group_quant_matmul(x, codes, scale, zero, bits, 32, True))
+                               old.group_quant_matmul(x, codes, old_scale, old_zero, bits, 32, True))
             t = {"new": [], "old": []}
-            time_calls(new, x, ws, bits), time_calls(old, x, ws, bits)  # warm-up
+            time_calls(new, x, ws, bits, False), time_calls(old, x, ws, bits, True)  # warm-up
             for _ in range(a.repeats):
-                t["new"].append(time_calls(new, x, ws, bits))
-                t["old"].append(time_calls(old, x, ws, bits))
+                t["new"].append(time_calls(new, x, ws, bits, False))
+                t["old"].append(time_calls(old, x, ws, bits, True))
             med = {key: statistics.median(v) for key, v in t.items()}
             rows.append({"layer": f"{name} {n}x{k} ({bits}-bit)", "M": m,
                          f"{a.baseline} µs": f"{med['old']:.1f} ({min(t['old']):.1f}-{max(t['old']):.1f})",

@@ -69,18 +69,26 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
     (GEMV, GEMM, tiled GEMM); the other kernels of that build match their torch twins."""
     import torch
 
+    from flashserve.quantization.packed import factored_table
+
     other = ck.build_cpu_kernels(level)
     gen = torch.Generator().manual_seed(0)
-    for bits, zero in ((4, True), (5, False), (8, False)):
-        n, k = 72, 320
+    for bits, zero, table in ((4, True, torch.float16), (4, True, torch.uint8), (5, False, torch.float16),
+                              (8, False, torch.float32)):
+        # float16 tables (as GGUF's own d and m are kept) for the 4- and 5-bit codes, float32 for 8-bit,
+        # factored ones (Q4_K's integers times float16 factors, packed.factored_table) over 256-value blocks
+        n, k = 72, 512 if table == torch.uint8 else 320
         if bits == 8:
             codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
         else:  # any bytes are valid 4-bit and 5-bit codes
             codes = torch.randint(0, 256, (n, k // 2 if bits == 4 else k // 32 * 20), dtype=torch.uint8, generator=gen)
-        # float16 tables (as GGUF's own d and m are kept) for the 4- and 5-bit codes, float32 for 8-bit
-        table = torch.float16 if bits != 8 else torch.float32
-        scale = torch.rand(n, k // 32, generator=gen).to(table)
-        z = torch.randn(n, k // 32, generator=gen).to(table) if zero else None
+        def values():
+            if table == torch.uint8:
+                return factored_table(torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=gen),
+                                      torch.randn(n, k // 256, generator=gen).half())
+            return torch.randn(n, k // 32, generator=gen).to(table)
+
+        scale, z = values(), values() if zero else None
         w = cpp_kernels.group_dequantize(codes, scale, z, bits, 32, 0, n)
         assert torch.equal(other.group_dequantize(codes, scale, z, bits, 32, 0, n), w)
         for m in (1, 3, 8, 20, 40, 130):

@@ -127,18 +127,38 @@ def int4_packed(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         packed, s, z = b[..., 4:20], d, m + 8.0 * d
     elif t.qtype == GGMLQuantizationType.Q4_K:
-        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
-        sc, mn = _q4k_scale_min(b[..., 4:16])
-        qs = b[..., 16:144].reshape(rows, -1, 4, 2, 16)  # 4 chunks of 32 bytes per super-block, in halves
-        first, second = qs[..., 0, :], qs[..., 1, :]  # chunk bytes j and j + 16
-        low = (first & 0x0F) | (second << 4)  # sub-block 2c: codes j, j + 16
-        high = (first >> 4) | (second & 0xF0)  # sub-block 2c + 1
-        packed = np.stack([low, high], axis=-2)  # (rows, superblocks, 4, 2, 16)
-        s, z = d * sc, 8.0 * d * sc - dmin * mn  # (rows, superblocks, 8)
+        packed, (sc, d), (mn, dmin) = _q4k_parts(t)
+        s, z = d[..., None] * sc, 8.0 * d[..., None] * sc - dmin[..., None] * mn  # (rows, superblocks, 8)
     else:
         raise ValueError(f"{t.qtype.name} is not a 4-bit affine block type")
     return np.ascontiguousarray(packed).reshape(rows, cols // 2), s.reshape(rows, cols // GROUP), \
         z.reshape(rows, cols // GROUP)
+
+
+def _q4k_parts(t: GGUFTensor) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A Q4_K tensor's codes in int4_packed's order (rows, superblocks, 4, 2, 16) uint8, and its
+    (6-bit sc, d) and (6-bit mn, dmin): sc, mn (rows, superblocks, 8) float64, d, dmin (rows, superblocks)."""
+    rows, _ = t.shape
+    b = _blocks(t)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _q4k_scale_min(b[..., 4:16])
+    qs = b[..., 16:144].reshape(rows, -1, 4, 2, 16)  # 4 chunks of 32 bytes per super-block, in halves
+    first, second = qs[..., 0, :], qs[..., 1, :]  # chunk bytes j and j + 16
+    low = (first & 0x0F) | (second << 4)  # sub-block 2c: codes j, j + 16
+    high = (first >> 4) | (second & 0xF0)  # sub-block 2c + 1
+    return np.stack([low, high], axis=-2), (sc, d), (mn, dmin)
+
+
+def q4k_factored(t: GGUFTensor) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A Q4_K tensor in its own factored form, w = q * s + z with q the unsigned codes 0..15 of
+    int4_packed and, per 32-value sub-block j of a super-block, s = d * sc_j and z = (-dmin) * mn_j:
+    codes (rows, cols / 2) uint8, (sc (rows, cols / 32) uint8, d (rows, cols / 256) float16) and
+    (mn, -dmin) likewise; the file's own integers and float16 factors, nothing rounded."""
+    rows, cols = t.shape
+    packed, (sc, d), (mn, dmin) = _q4k_parts(t)
+    ints = lambda a: a.astype(np.uint8).reshape(rows, cols // GROUP)  # noqa: E731
+    return (np.ascontiguousarray(packed).reshape(rows, cols // 2), (ints(sc), d.astype(np.float16)),
+            (ints(mn), (-dmin).astype(np.float16)))
 
 
 def int5_packed(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ With this project's C++ kernels built (the usual case on CPU), every quantized w
 GroupQuantWeight: codes with a float32 scale and zero per group, float32 activations.
 
     Q4_0, Q4_1, Q4_K             → 4-bit codes, groups of 32: the file's own codes and exact s, z
+                                   (Q4_K's as its own 6-bit integers times float16 factors: 4.625 bits)
     Q5_0                         → 5-bit codes, groups of 32: the file's own blocks and exact d
     Q8_0                         → 8-bit codes, groups of 32, exact
     Q5_1, Q5_K, Q6_K             → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254)
@@ -42,6 +43,7 @@ from flashserve.quantization.gguf_blocks import (
     int4_packed,
     int5_packed,
     int8_groups,
+    q4k_factored,
 )
 from flashserve.quantization.packed import (
     DenseWeight,
@@ -51,6 +53,7 @@ from flashserve.quantization.packed import (
     Int8Weight,
     PackedWeight,
     RowSegments,
+    factored_table,
     quantize_groups,
     quantize_rows,
 )
@@ -110,6 +113,9 @@ def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupW
 
 def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -> PackedWeight:
     if kind == "int4":
+        if own_kernels and all(p.qtype == Q.Q4_K for p in parts):  # the file's own factors (factored tables)
+            codes, scale, zero = zip(*(_q4k_weight(p) for p in parts))
+            return GroupQuantWeight(torch.cat(codes), torch.cat(scale), torch.cat(zero), bits=4, packed=True)
         if own_kernels:  # w = q s + (z - 8 s), computed in float64 where it is exact; codes as the file packs them
             codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_packed(p) for p in parts)))
             return GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(scale),
@@ -126,6 +132,13 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
         q, scale = zip(*(quantize_rows(_dense(chunk)) for p in parts for chunk in _row_chunks(p)))
         return Int8Weight(torch.cat(q), torch.cat(scale))
     return DenseWeight(torch.cat([_dense(p) for p in parts]).to(dtype))
+
+
+def _q4k_weight(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes and factored scale and zero tables of a Q4_K tensor (gguf_blocks.q4k_factored)."""
+    codes, scale, zero = q4k_factored(t)
+    table = lambda ints_factors: factored_table(*(torch.from_numpy(a) for a in ints_factors))  # noqa: E731
+    return torch.from_numpy(codes), table(scale), table(zero)
 
 
 def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@
                  group along K, 4-bit or 5-bit codes (groups of 32) or 8-bit codes, s and z float32;
                  x and y float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0. The default when the C++
                  build works. s and z are float16 where that is exact (the file's own d and m), so
-                 Q4_0/Q4_1 take 5 bits per weight, Q5_0 5.5 and Q8_0 8.5, as in the file; Q4_K 6.
+                 Q4_0/Q4_1 take 5 bits per weight, Q5_0 5.5 and Q8_0 8.5, as in the file; Q4_K 4.625
+                 (its own 6-bit integers and float16 factors: a factored table, below).
     Int4Weight   torch.ops.aten._weight_int4pack_mm_for_cpu:  w = (q - 8) * s + z, q in 0..15, one
                  (s, z) per group of 32 along K; codes packed by _convert_weight_to_int4pack_for_cpu,
                  scales_and_zeros (K/32, N, 2) in bfloat16. 5 bits per weight.
@@ -227,7 +228,7 @@ class GroupQuantWeight(PackedWeight):
         super().__init__()
         per_byte = {4: 2.0, 5: GROUP / 20, 8: 1.0}[bits] if packed else 1.0
         n, k = codes.shape[0], round(codes.shape[1] * per_byte)
-        if (bits not in (4, 5, 8) or k % group or scale.shape != (n, k // group) or (bits != 8 and group != GROUP)
+        if (bits not in (4, 5, 8) or k % group or table_shape(scale) != (n, k // group) or (bits != 8 and group != GROUP)
                 or (bits == 5 and not packed)):
             raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
         self.out_features, self.in_features = n, k
@@ -239,8 +240,8 @@ class GroupQuantWeight(PackedWeight):
             halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
             codes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
         self.codes = _param(codes.contiguous())  # (N, K/2), (N, K/32 * 20) or (N, K) uint8
-        self.scale = _param(_narrowest_exact(scale))  # (N, K/group)
-        self.zero = None if zero is None else _param(_narrowest_exact(zero))  # (N, K/group)
+        self.scale = _param(_narrowest_exact(scale))  # (N, K/group) float, or factored (table_values)
+        self.zero = None if zero is None else _param(_narrowest_exact(zero))  # as scale
 
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
@@ -278,10 +279,17 @@ class GroupQuantWeight(PackedWeight):
     def _weights(self, index) -> torch.Tensor:
         q = self.int_codes(index).float()  # (rows, K/group, group)
         rows = len(q)
-        w = q.mul_(self.scale[index][..., None].float())
+        w = q.mul_(table_values(self.scale[index])[..., None])
         if self.zero is not None:
-            w.add_(self.zero[index][..., None].float())
+            w.add_(table_values(self.zero[index])[..., None])
         return w.view(rows, self.in_features)
+
+    def scale_values(self) -> torch.Tensor:
+        """s as float32 (N, K/group), whatever form the kernel holds it in."""
+        return table_values(self.scale)
+
+    def zero_values(self) -> torch.Tensor | None:
+        return None if self.zero is None else table_values(self.zero)
 
 
 class DenseWeight(PackedWeight):
@@ -313,9 +321,42 @@ class RowSegments(PackedWeight):
         return torch.cat([p.dequantize() for p in self.parts])[start:end]
 
 
+# --- per-group tables (the kernel's scales and zeros) ---------------------------------------------
+# A table holds one value per (row, group): float32, float16, or factored. A factored table is a
+# K-quant's own form, value = integer (one byte per group) * float16 factor per super-block of 8
+# groups (Q4_K: s = d * sc, z = -dmin * mn, exact in float32), stored per row as the K/G bytes and
+# then the K/(8G) float16 factors: uint8 (N, K/G + K/(4G)). Rows slice like any table's.
+
+SUPER_GROUPS = 8  # groups per factor in a factored table (a K-quant's 256-value super-block)
+
+
+def factored_table(ints: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """ints (N, G) in 0..255, factors (N, G/8) float16 → the factored table (N, G + G/4) uint8."""
+    n, g = ints.shape
+    if g % SUPER_GROUPS or factors.shape != (n, g // SUPER_GROUPS) or factors.dtype != torch.float16:
+        raise ValueError(f"factored table: ints {tuple(ints.shape)}, factors {tuple(factors.shape)} {factors.dtype}")
+    return torch.cat([ints.to(torch.uint8), factors.contiguous().view(torch.uint8)], dim=1).contiguous()
+
+
+def table_shape(t: torch.Tensor) -> tuple[int, int]:
+    """(N, groups) of a table in any form."""
+    return (t.shape[0], t.shape[1] * 4 // 5) if t.dtype == torch.uint8 else tuple(t.shape)
+
+
+def table_values(t: torch.Tensor) -> torch.Tensor:
+    """A table's values as float32 (N, groups); a factored table's products are exact in float32."""
+    if t.dtype != torch.uint8:
+        return t.float()
+    n, g = table_shape(t)
+    ints, factors = t[:, :g].float(), t[:, g:].contiguous().view(torch.float16).float()  # (N, G), (N, G/8)
+    return (ints.view(n, -1, SUPER_GROUPS) * factors[..., None]).view(n, g)
+
+
 def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
     """float16 when it holds every value exactly (GGUF's own d and m are float16: Q4_0, Q4_1, Q5_0 and
-    Q8_0 scales, Q4_1 zeros), else float32 (K-quants' products of two scales, requantized groups)."""
+    Q8_0 scales, Q4_1 zeros), else float32 (requantized groups); a factored table as it is."""
+    if t.dtype == torch.uint8:
+        return t.contiguous()
     t = t.float().contiguous()
     half = t.half()
     return half if torch.equal(half.float(), t) else t

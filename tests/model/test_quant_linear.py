@@ -17,7 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from flashserve.model.loader.gguf_file import open_gguf
 from flashserve.quantization import packed
-from flashserve.quantization.gguf_blocks import GGUFTensor, int4_groups, int8_groups
+from flashserve.quantization.gguf_blocks import GGUFTensor, int4_groups, int4_packed, int8_groups
 from flashserve.quantization.gguf_method import pack_embedding, pack_linear
 from flashserve.quantization.packed import (
     DenseWeight,
@@ -132,6 +132,30 @@ def test_q5_0_keeps_its_own_five_bits():
     codes, d = int8_groups(t)
     assert torch.equal(w.int_codes(), torch.from_numpy(codes.astype(np.int32)).view(40, -1, 32))
     assert torch.equal(w.scale, torch.from_numpy(d))
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+def test_q4_k_keeps_its_own_factors():
+    """Q4_K runs from its own integers and float16 factors (4.625 bits per weight, not the 6 that
+    float32 scales and zeros per 32 took), and computes bit for bit what float32 tables of the same
+    values (the exact products d * sc and -dmin * mn) compute, at every M and either activation form."""
+    rows, cols = 40, 768
+    t = random_tensor(Q.Q4_K, rows, cols)
+    w = pack_linear([t], torch.float32, own_kernels=True)
+    assert w.scale.dtype == w.zero.dtype == torch.uint8
+    bits = 8 * (w.codes.nbytes + w.scale.nbytes + w.zero.nbytes) / (rows * cols)
+    assert bits == 4.625
+    codes, s, z = int4_packed(t)
+    plain = GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(s).float(),
+                             torch.from_numpy(z - 8.0 * s).float(), bits=4, packed=True)
+    assert plain.scale.dtype == torch.float32  # not float16: the products need more bits
+    assert torch.equal(w.scale_values(), plain.scale) and torch.equal(w.zero_values(), plain.zero)
+    x = torch.randn(45, cols, generator=torch.Generator().manual_seed(3))
+    for int8_activations in (True, False):
+        w.set_int8_activations(int8_activations)
+        plain.set_int8_activations(int8_activations)
+        for m in (1, 2, 6, 20, 45):
+            assert torch.equal(w(x[:m]), plain(x[:m])), (int8_activations, m)
 
 
 @pytest.mark.usefixtures("cpp_kernels")
@@ -266,8 +290,8 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
     x[0, :32] = 0  # an all-zero group has dx = 0
     xq, dx = int8_rounded(x)
     groups = k // 32
-    scale = w.scale.double().numpy()  # (N, K/32)
-    zero = w.zero.double().numpy() if w.zero is not None else np.zeros_like(scale)
+    scale = w.scale_values().double().numpy()  # (N, K/32)
+    zero = w.zero_values().double().numpy() if w.zero is not None else np.zeros_like(scale)
     codes = w.int_codes().double().numpy()  # (N, K/32, 32); checked against the file below
     w64 = codes * scale[..., None] + zero[..., None]
     assert np.allclose(w64.reshape(70, k), w.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
@@ -284,7 +308,7 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
 
 
 @pytest.mark.usefixtures("cpp_kernels")
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q8_0])
 def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
     """Each row's result is bit-identical whatever else is in the call: with int8 activations at
     every M (the GEMV, and both GEMM kernels on either side of their switch at 16 rows for 8-bit

@@ -18,6 +18,8 @@
 //                   its scale: 16 bytes of low nibbles as above, then 4 bytes (little-endian u32)
 //                   whose bit j is bit 4 of q[j]; the code is signed, q - 16 (Q5_0's w = d (q - 16)).
 //   bits 8, G % 16 == 0: codes (N, K) int8.
+// Scales and zeros: (N, K/G) float32 or float16, or factored (integer times float16 per 8 groups,
+// Q4_K's own form; see Table).
 //
 // Each output row is computed by the same instructions whatever M is and wherever it sits in
 // the batch, so a request's numbers do not depend on what it is batched with.
@@ -80,26 +82,54 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
-// Per (row, group) values, (N, K/G) row-major: float32, or float16 where that holds them exactly
-// (GGUF's own d and m are float16), which halves their bytes. Empty when absent (no zeros).
+// Per (row, group) values, (N, K/G): float32, float16 where that holds them exactly (GGUF's own d
+// and m are float16, which halves their bytes), or factored: a K-quant's values are a 6-bit
+// integer per group times a float16 per super-block of 8 groups (Q4_K: s = d * sc, z = -dmin * mn,
+// whose products are exact in float32), so each row holds its K/G integers as bytes and then its
+// K/(8G) float16 factors, 0.625 bits per weight where float32 took 1. Empty when absent (no zeros).
 struct Table {
-  const void* data = nullptr;
-  bool half = false;
+  enum Kind { kFloat, kHalf, kFactored };
+  const uint8_t* data = nullptr;
+  Kind kind = kFloat;
+  int64_t groups = 0;  // values per row
   explicit operator bool() const { return data != nullptr; }
-  float operator[](int64_t i) const {
-    return half ? half_to_float(static_cast<const uint16_t*>(data)[i]) : static_cast<const float*>(data)[i];
+  int64_t row_bytes() const { return kind == kFloat ? groups * 4 : kind == kHalf ? groups * 2 : groups + groups / 4; }
+  const uint8_t* row(int64_t n) const { return data + n * row_bytes(); }
+  float at(int64_t n, int64_t g) const {
+    const uint8_t* r = row(n);
+    if (kind == kFloat) return reinterpret_cast<const float*>(r)[g];
+    if (kind == kHalf) return half_to_float(reinterpret_cast<const uint16_t*>(r)[g]);
+    return half_to_float(reinterpret_cast<const uint16_t*>(r + groups)[g / 8]) * static_cast<float>(r[g]);
   }
-  int64_t elem_bytes() const { return half ? 2 : 4; }
-  const char* bytes_at(int64_t i) const { return static_cast<const char*>(data) + i * elem_bytes(); }
 #ifdef FS_AVX2
-  // Values [i, i + cnt) in lanes [0, cnt), zeros above; `mask` selects those lanes.
-  __m256 load8(int64_t i, int64_t cnt, __m256i mask) const {
-    if (!half) return _mm256_maskload_ps(static_cast<const float*>(data) + i, mask);
-    const uint16_t* h = static_cast<const uint16_t*>(data) + i;
-    if (cnt == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-    alignas(16) uint16_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(part, h, cnt * 2);
-    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
+  // Values of row n, groups [g0, g0 + cnt), in lanes [0, cnt), zeros above; `mask` selects those lanes.
+  __m256 load8(int64_t n, int64_t g0, int64_t cnt, __m256i mask) const {
+    const uint8_t* r = row(n);
+    if (kind == kFloat) return _mm256_maskload_ps(reinterpret_cast<const float*>(r) + g0, mask);
+    if (kind == kFactored && cnt == 8 && g0 % 8 == 0) {  // one super-block: its factor times 8 integers
+      const __m128i ints = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + g0));
+      const float factor = half_to_float(reinterpret_cast<const uint16_t*>(r + groups)[g0 / 8]);
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(ints)), _mm256_set1_ps(factor));
+    }
+    if (kind == kHalf && cnt == 8)
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(r) + g0)));
+    alignas(32) float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t i = 0; i < cnt; ++i) part[i] = at(n, g0 + i);
+    return _mm256_load_ps(part);
+  }
+#endif
+#ifdef FS_AVX512
+  // Group g of a factored table's rows [n0, n0 + 16) as one vector, rows past `live` zero: two 32-bit
+  // gathers, each read kept inside its row (the integer's 4 bytes run into the factors that follow
+  // it; the factor is read as the high half of the 4 bytes ending with it).
+  __m512 factored16(int64_t n0, __mmask16 live, int64_t g) const {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int32_t>(row_bytes())));
+    const uint8_t* base = row(n0);
+    const __m512i ints = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + g, 1);
+    const __m512i factors = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + groups + 2 * (g / 8) - 2, 1);
+    const __m512 f = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(factors, 16)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(ints, _mm512_set1_epi32(0xFF))), f);
   }
 #endif
 };
@@ -114,7 +144,7 @@ struct Problem {
   int64_t M, N, K, G, bits;
   const int8_t* xq = nullptr;  // (M, K) int8 codes of x, when activations are rounded to int8
   const float* dx = nullptr;   // (M, K/32) their scales
-  const int8_t* xq_pairs = nullptr;  // 4-bit GEMV: xq in the nibble order of two groups (pair_rows)
+  const int8_t* xq_nibbles = nullptr;  // 4-bit GEMV: xq in the nibble order of kNibbleRun groups (nibble_rows)
   const int32_t* xq_sum = nullptr;   // (M, K/32) integer sums of xq per group (the 5-bit GEMV)
 };
 
@@ -131,9 +161,9 @@ void finish_rows(const Problem& p, int64_t n, int64_t m0, const __m256* acc0, co
       __m256 zacc = _mm256_setzero_ps();
       int64_t g = 0;
       for (; g + 8 <= groups; g += 8)
-        zacc = _mm256_fmadd_ps(p.zero.load8(n * groups + g, 8, all), _mm256_loadu_ps(xs + g), zacc);
+        zacc = _mm256_fmadd_ps(p.zero.load8(n, g, 8, all), _mm256_loadu_ps(xs + g), zacc);
       total += hsum(zacc);
-      for (; g < groups; ++g) total += p.zero[n * groups + g] * xs[g];
+      for (; g < groups; ++g) total += p.zero.at(n, g) * xs[g];
     }
     p.y[(m0 + i) * p.N + n] = total;
   }
@@ -153,7 +183,7 @@ void row_int4(const Problem& p, int64_t n, int64_t m0) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
     const __m128i lo = _mm_and_si128(b, low4);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    const __m256 sg = _mm256_set1_ps(p.scale[n * groups + g]);
+    const __m256 sg = _mm256_set1_ps(p.scale.at(n, g));
     const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sg);
     const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sg);
     const __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sg);
@@ -176,7 +206,7 @@ void row_int8(const Problem& p, int64_t n, int64_t m0) {
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sg = _mm256_set1_ps(p.scale[n * groups + g]);
+    const __m256 sg = _mm256_set1_ps(p.scale.at(n, g));
     for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 16) {  // G % 16 == 0
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
       const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sg);
@@ -260,7 +290,7 @@ void row_int5(const Problem& p, int64_t n, int64_t m0) {
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sg = _mm256_set1_ps(p.scale[n * groups + g]);
+    const __m256 sg = _mm256_set1_ps(p.scale.at(n, g));
     alignas(32) int8_t c[32];
     _mm256_store_si256(reinterpret_cast<__m256i*>(c), group_codes<5>(p, n, g));
     for (int h = 0; h < 32; h += 16) {
@@ -305,8 +335,8 @@ struct GroupStep {
     const int64_t groups = p.K / 32;
     live = first_lanes(cnt);
     mask = _mm256_castps_si256(live);
-    sv = p.scale.load8(n * groups + g0, cnt, mask);
-    zv = p.zero ? p.zero.load8(n * groups + g0, cnt, mask) : _mm256_setzero_ps();
+    sv = p.scale.load8(n, g0, cnt, mask);
+    zv = p.zero ? p.zero.load8(n, g0, cnt, mask) : _mm256_setzero_ps();
   }
   __m256 apply(const Problem& p, __m256 acc, __m256i D, int64_t m, int64_t g0) const {
     const int64_t groups = p.K / 32;
@@ -326,13 +356,13 @@ struct GroupStep {
 // 0.88-0.99; the 8-bit LM head 0.75 (16) and 0.77 (32).
 // Codes, scales and zeros of weight rows [n0, n0 + rows) on their way to L1.
 inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
-  const int64_t groups = p.K / p.G, code_bytes = row_code_bytes(p.bits, p.K);
+  const int64_t code_bytes = row_code_bytes(p.bits, p.K);
   auto lines = [](const void* begin, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) prefetch_line(static_cast<const char*>(begin) + o);
   };
   lines(p.codes + n0 * code_bytes, rows * code_bytes);
-  lines(p.scale.bytes_at(n0 * groups), rows * groups * p.scale.elem_bytes());
-  if (p.zero) lines(p.zero.bytes_at(n0 * groups), rows * groups * p.zero.elem_bytes());
+  lines(p.scale.row(n0), rows * p.scale.row_bytes());
+  if (p.zero) lines(p.zero.row(n0), rows * p.zero.row_bytes());
 }
 
 inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
@@ -381,19 +411,19 @@ void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
   for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
 }
 
-// 4-bit GEMV: one 32-byte load holds the codes of groups g and g + 1; their low nibbles are
-// codes 0..15 of each group and the high nibbles codes 16..31. pair_rows stores each row of xq in
-// that order, per pair of groups: [x_g[0..15] | x_g+1[0..15]], [x_g[16..31] | x_g+1[16..31]]
-// (zeros for a missing last group), so each half-register product needs one plain load. `out` is
-// the caller's per-thread scratch (no allocation per call).
-void pair_rows(const Problem& p, std::vector<int8_t>& out) {
-  const int64_t groups = p.K / 32, pairs = (groups + 1) / 2;
-  out.assign(p.M * pairs * 64, 0);
+// 4-bit GEMV: one 32-byte load holds the codes of groups g and g + 1 (64 bytes: g .. g + 3 with
+// AVX-512); their low nibbles are codes 0..15 of each group and the high nibbles codes 16..31.
+// nibble_rows stores each row of xq in that order, per run of `per` groups: x_g[0..15] of each group
+// of the run, then x_g[16..31] of each (zeros for missing last groups), so each half-register
+// product needs one plain load. `out` is the caller's per-thread scratch (no allocation per call).
+void nibble_rows(const Problem& p, int64_t per, std::vector<int8_t>& out) {
+  const int64_t groups = p.K / 32, runs = (groups + per - 1) / per;
+  out.assign(p.M * runs * per * 32, 0);
   for (int64_t m = 0; m < p.M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
-      int8_t* dst = &out[(m * pairs + g / 2) * 64 + (g % 2) * 16];
+      int8_t* dst = &out[(m * runs + g / per) * per * 32 + (g % per) * 16];
       std::memcpy(dst, p.xq + m * p.K + g * 32, 16);
-      std::memcpy(dst + 32, p.xq + m * p.K + g * 32 + 16, 16);
+      std::memcpy(dst + per * 16, p.xq + m * p.K + g * 32 + 16, 16);
     }
 }
 
@@ -427,7 +457,7 @@ void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
         hi[r] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
       }
       for (int i = 0; i < MB; ++i) {
-        const int8_t* xp = p.xq_pairs + ((m0 + i) * pairs + g / 2) * 64;
+        const int8_t* xp = p.xq_nibbles + ((m0 + i) * pairs + g / 2) * 64;
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
         for (int r = 0; r < NR; ++r) {
@@ -452,6 +482,80 @@ void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
   }
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n + r] = hsum(acc[r][i]);
+}
+
+#ifdef FS_AVX512
+// gemv_q4 in 512-bit registers: one load holds the codes of four groups, each 128-bit lane one
+// group's, so a vpdpbusd covers 128 codes and a group's four partial sums stay in its own lane.
+// Integer sums as gemv_q4's, then the same float step: bit-identical rows.
+
+// Lane j of the result = the sum of 128-bit lane j of v0 (j < 4) or of lane j - 4 of v1.
+inline __m256i reduce_quads(__m512i v0, __m512i v1) {
+  const __m512i w0 = _mm512_add_epi32(v0, _mm512_shuffle_epi32(v0, _MM_PERM_BADC));
+  const __m512i w1 = _mm512_add_epi32(v1, _mm512_shuffle_epi32(v1, _MM_PERM_BADC));
+  const __m512i both = _mm512_mask_blend_epi32(0xCCCC, w0, w1);  // per lane: [v0 halves, v1 halves]
+  const __m512i t = _mm512_add_epi32(both, _mm512_shuffle_epi32(both, _MM_PERM_CDAB));  // [A, A, B, B]
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, t));
+}
+
+template <int MB, int NR = 1>
+void gemv_q4_wide(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t groups = p.K / 32, quads = (groups + 3) / 4;
+  if (m0 == 0) prefetch_ahead(p, n, NR);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m256 acc[NR][MB];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, groups - g0);
+    __m512i dots[NR][MB][2];  // 128-bit lane j of [h]: partial sums of group g0 + 4h + j
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t g = g0 + 4 * h;
+      if (g >= groups) {
+        for (int r = 0; r < NR; ++r)
+          for (int i = 0; i < MB; ++i) dots[r][i][h] = _mm512_setzero_si512();
+        continue;
+      }
+      const int64_t left = std::min<int64_t>(4, groups - g);
+      const __mmask64 bytes = left == 4 ? ~0ULL : (1ULL << (16 * left)) - 1;
+      __m512i lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) {
+        const __m512i b = _mm512_maskz_loadu_epi8(bytes, p.codes + (n + r) * (p.K / 2) + g * 16);
+        lo[r] = _mm512_and_si512(b, low4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xp = p.xq_nibbles + ((m0 + i) * quads + g / 4) * 128;
+        const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64);
+        for (int r = 0; r < NR; ++r)
+          dots[r][i][h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const GroupStep step(p, n + r, g0, cnt);
+      for (int i = 0; i < MB; ++i)
+        acc[r][i] = step.apply(p, acc[r][i], reduce_quads(dots[r][i][0], dots[r][i][1]), m0 + i, g0);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n + r] = hsum(acc[r][i]);
+}
+#endif
+
+// The 4-bit GEMV of the widest registers built for, and how many groups one of its code loads holds.
+#ifdef FS_AVX512
+constexpr int64_t kNibbleRun = 4;
+#else
+constexpr int64_t kNibbleRun = 2;
+#endif
+template <int MB, int NR = 1>
+inline void gemv_4bit(const Problem& p, int64_t n, int64_t m0) {
+#ifdef FS_AVX512
+  gemv_q4_wide<MB, NR>(p, n, m0);
+#else
+  gemv_q4<MB, NR>(p, n, m0);
+#endif
 }
 
 inline void transpose8x32(__m256i* r) {  // r[i] lane q -> r[q] lane i (32-bit lanes)
@@ -554,10 +658,10 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
     for (int i = 0; i < NB; ++i) {
       const int64_t n = n0 + i;
       const __m256i d32 = kSigned || kVnni ? isum[i] : _mm256_madd_epi16(isum[i], ones);
-      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(_mm256_set1_ps(p.scale[n * groups + g]), dxv),
+      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(_mm256_set1_ps(p.scale.at(n, g)), dxv),
                                  acc[i][j]);
       if (p.zero)
-        a = _mm256_fmadd_ps(_mm256_set1_ps(p.zero[n * groups + g]), _mm256_loadu_ps(&b.xsum[(blk * groups + g) * 8]), a);
+        a = _mm256_fmadd_ps(_mm256_set1_ps(p.zero.at(n, g)), _mm256_loadu_ps(&b.xsum[(blk * groups + g) * 8]), a);
       acc[i][j] = a;
     }
   }
@@ -596,8 +700,8 @@ inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t 
     for (int q = 0; q < 8; ++q) t.a[q] = _mm256_sign_epi8(t.w[q], t.w[q]);
   alignas(32) float sc[8] = {0.f}, ze[8] = {0.f};
   for (int64_t i = 0; i < rows; ++i) {
-    sc[i] = p.scale[(n0 + i) * groups + g];
-    if (p.zero) ze[i] = p.zero[(n0 + i) * groups + g];
+    sc[i] = p.scale.at(n0 + i, g);
+    if (p.zero) ze[i] = p.zero.at(n0 + i, g);
   }
   t.scale = _mm256_load_ps(sc);
   t.zero = _mm256_load_ps(ze);
@@ -738,10 +842,16 @@ inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int
   transpose8x32(lo);
   transpose8x32(hi);
   for (int q = 0; q < 8; ++q) t.w[q] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1);
+  if (p.scale.kind == Table::kFactored && (!p.zero || p.zero.kind == Table::kFactored)) {
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    t.scale = p.scale.factored16(n0, live, g);
+    t.zero = p.zero ? p.zero.factored16(n0, live, g) : _mm512_setzero_ps();
+    return;
+  }
   alignas(64) float sc[16] = {0.f}, ze[16] = {0.f};
   for (int64_t i = 0; i < rows; ++i) {
-    sc[i] = p.scale[(n0 + i) * groups + g];
-    if (p.zero) ze[i] = p.zero[(n0 + i) * groups + g];
+    sc[i] = p.scale.at(n0 + i, g);
+    if (p.zero) ze[i] = p.zero.at(n0 + i, g);
   }
   t.scale = _mm512_load_ps(sc);
   t.zero = _mm512_load_ps(ze);
@@ -812,10 +922,10 @@ void row_scalar(const Problem& p, int64_t n, int64_t m) {
     float d = 0.f;
     for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k) {
       const int q = code_at(p.codes, p.bits, p.K, n, k);
-      d += static_cast<float>(q) * p.scale[n * groups + g] * xr[k];
+      d += static_cast<float>(q) * p.scale.at(n, g) * xr[k];
     }
     total += d;
-    if (p.zero) total += p.zero[n * groups + g] * p.xsum[m * groups + g];
+    if (p.zero) total += p.zero.at(n, g) * p.xsum[m * groups + g];
   }
   p.y[m * p.N + n] = total;
 }
@@ -829,8 +939,8 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
     for (int64_t k = g * 32; k < (g + 1) * 32; ++k) {
       d += code_at(p.codes, p.bits, p.K, n, k) * p.xq[m * p.K + k];
     }
-    float a = std::fma(static_cast<float>(d), p.scale[n * groups + g] * p.dx[m * groups + g], acc[g % 8]);
-    if (p.zero) a = std::fma(p.zero[n * groups + g], p.xsum[m * groups + g], a);
+    float a = std::fma(static_cast<float>(d), p.scale.at(n, g) * p.dx[m * groups + g], acc[g % 8]);
+    if (p.zero) a = std::fma(p.zero.at(n, g), p.xsum[m * groups + g], a);
     acc[g % 8] = a;
   }
   p.y[m * p.N + n] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
@@ -839,7 +949,7 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
 template <int MB>
 void rows(const Problem& p, int64_t n, int64_t m0) {
 #ifdef FS_AVX2
-  if (p.xq) return p.bits == 4 ? gemv_q4<MB>(p, n, m0) : p.bits == 5 ? gemv_s8<MB, 5>(p, n, m0) : gemv_s8<MB, 8>(p, n, m0);
+  if (p.xq) return p.bits == 4 ? gemv_4bit<MB>(p, n, m0) : p.bits == 5 ? gemv_s8<MB, 5>(p, n, m0) : gemv_s8<MB, 8>(p, n, m0);
   if (p.bits == 4) return row_int4<MB>(p, n, m0);
   if (p.bits == 5) return row_int5<MB>(p, n, m0);
   return row_int8<MB>(p, n, m0);
@@ -909,12 +1019,20 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
 }
 
 // A scale or zero tensor as a Table, checked against the codes' (N, K/G).
+// A scale or zero tensor as a Table of (N, K/G) values: float32 or float16 (N, K/G), or factored,
+// uint8 (N, K/G + K/(4G)) in the layout described at Table.
 Table table_of(const at::Tensor& t, int64_t N, int64_t groups, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, "quantized matmul: ", what,
-              " must be float32 or float16, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == groups && t.is_contiguous(), "quantized matmul: ", what,
-              " must be contiguous (N, K/G) = (", N, ", ", groups, "), got ", t.sizes());
-  return Table{t.data_ptr(), t.scalar_type() == at::kHalf};
+  const auto type = t.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kByte, "quantized matmul: ", what,
+              " must be float32, float16 or factored (uint8), got ", type);
+  const bool factored = type == at::kByte;
+  TORCH_CHECK(!factored || groups % 8 == 0, "quantized matmul: a factored ", what, " needs K/G divisible by 8, got ",
+              groups);
+  const int64_t width = factored ? groups + groups / 4 : groups;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == width && t.is_contiguous(), "quantized matmul: ", what,
+              " must be contiguous (", N, ", ", width, ") for K/G = ", groups, ", got ", t.sizes());
+  return Table{static_cast<const uint8_t*>(t.data_ptr()),
+               factored ? Table::kFactored : type == at::kHalf ? Table::kHalf : Table::kFloat, groups};
 }
 
 Table optional_table(const c10::optional<at::Tensor>& t, int64_t N, int64_t groups, const char* what) {
@@ -998,10 +1116,10 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
     });
     return y;
   }
-  thread_local std::vector<int8_t> xq_pairs;
+  thread_local std::vector<int8_t> xq_nibbles;
   if (int8_activations && bits == 4) {
-    pair_rows(p, xq_pairs);
-    p.xq_pairs = xq_pairs.data();
+    nibble_rows(p, kNibbleRun, xq_nibbles);
+    p.xq_nibbles = xq_nibbles.data();
   }
 #endif
   at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
@@ -1017,7 +1135,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
       // dependency chains overlap (A/B on cycled weights: qkv, o, gate_up 6-7% faster at K=576;
       // down, K=1536, 8-30% slower, so not there).
       if (int8_activations && bits == 4 && mb == 1 && K <= 1024)
-        for (; n + 2 <= n_end; n += 2) gemv_q4<1, 2>(p, n, m0);
+        for (; n + 2 <= n_end; n += 2) gemv_4bit<1, 2>(p, n, m0);
 #endif
       for (; n < n_end; ++n) {
         switch (mb) {
@@ -1040,7 +1158,8 @@ at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, co
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "group_dequantize: bits must be 4, 5 or 8");
   TORCH_CHECK(bits == 8 ? group % 16 == 0 : group == 32, "group_dequantize: unsupported group size ", group);
   TORCH_CHECK(codes.is_contiguous(), "group_dequantize: contiguous codes expected");
-  const int64_t N = codes.size(0), groups = scale.size(1), K = groups * group;
+  const int64_t bytes = codes.size(1), N = codes.size(0);
+  const int64_t K = bits == 4 ? bytes * 2 : bits == 5 ? bytes / 20 * 32 : bytes, groups = K / group;
   TORCH_CHECK(0 <= start && start <= end && end <= N, "group_dequantize: rows [", start, ", ", end, ") out of ", N);
   const Table s = table_of(scale, N, groups, "scale"), z = optional_table(zero, N, groups, "zero");
   auto out = at::empty({end - start, K}, scale.options().dtype(at::kFloat));
@@ -1050,7 +1169,7 @@ at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, co
     for (int64_t n = begin; n < stop; ++n) {
       float* dst = o + (n - start) * K;
       for (int64_t g = 0; g < groups; ++g) {
-        const float sg = s[n * groups + g], zg = z ? z[n * groups + g] : 0.f;
+        const float sg = s.at(n, g), zg = z ? z.at(n, g) : 0.f;
         float* d = dst + g * group;
         if (bits == 4) {
           const uint8_t* b = c + n * (K / 2) + g * 16;
