@@ -179,14 +179,15 @@ class SpeculativeConfig:
                              f"{self.num_speculative_tokens} needs as many")
 
 
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """tensor_parallel_size ranks run one model (distributed/); the scheduler stays in the engine.
     distributed_executor_backend: "uni" runs the model in the engine's process (only for one rank),
-    "mp" in worker processes, one per rank; None picks "uni" for one rank, else "mp".
+    "mp" in worker processes, one per rank, "ray" in Ray actors, one per rank, placed over the nodes
+    of a Ray cluster; None picks "uni" for one rank, else "mp".
     worker_timeout_s: the longest the workers may take to start or to run one step before the
     engine declares one of them hung, stops them all and raises."""
 
@@ -209,7 +210,7 @@ class ParallelConfig:
                              f"choose from {', '.join(EXECUTOR_BACKENDS)}")
         if self.backend == "uni" and tp != 1:
             raise ValueError(f"distributed_executor_backend 'uni' runs one rank; tensor_parallel_size={tp} needs 'mp'")
-        if tp > cores:
+        if self.backend == "mp" and tp > cores:  # Ray's placement group checks the cluster's own
             raise ValueError(f"tensor_parallel_size={tp} exceeds the {cores} CPU cores this process may use: "
                              "each rank needs a core of its own")
         if self.worker_timeout_s <= 0:

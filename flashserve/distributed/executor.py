@@ -3,6 +3,7 @@ SchedulerOutput to execute() and gets one RunnerOutput back; the scheduler never
 
     UniProcExecutor    the model runner in the engine's own process (one rank)
     MultiprocExecutor  one worker process per tensor-parallel rank (distributed/multiproc.py)
+    RayExecutor        one Ray actor per rank, on the nodes of a Ray cluster (distributed/ray_executor.py)
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ def make_executor(config: EngineConfig, num_blocks: int, device: torch.device, t
     build their own from `tokenizer`."""
     if config.parallel.backend == "uni":
         return UniProcExecutor(config, num_blocks, device, guided, eos_token_ids)
+    if config.parallel.backend == "ray":
+        from flashserve.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(config, num_blocks, device, tokenizer, eos_token_ids)
     from flashserve.distributed.multiproc import MultiprocExecutor
 
     return MultiprocExecutor(config, num_blocks, device, tokenizer, eos_token_ids)

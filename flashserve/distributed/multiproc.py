@@ -142,7 +142,7 @@ def _stop_workers(procs, conns) -> None:
         conn.close()
 
 
-def _free_port() -> int:
+def _free_port(all_interfaces: bool = False) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("" if all_interfaces else "127.0.0.1", 0))
         return s.getsockname()[1]

@@ -36,7 +36,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle: it stops the workers
     group = None
     try:
-        group, runner = _start(spec)
+        group, runner = start_rank(spec)
         conn.send(("ready", None))
         while True:
             try:
@@ -59,7 +59,8 @@ def run_worker(spec: WorkerSpec, conn) -> None:
             group.destroy()
 
 
-def _start(spec: WorkerSpec):
+def start_rank(spec: WorkerSpec):
+    """Join the group and build this rank's runner (its part of the model and of the KV cache)."""
     from flashserve.distributed.executor import build_runner
     from flashserve.distributed.parallel_state import TPGroup
     from flashserve.sample.guided import GuidedDecoding

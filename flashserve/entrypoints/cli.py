@@ -51,8 +51,8 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size, metavar="N",
                    help="split the model over N worker processes (tensor parallelism)")
     p.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
-                   help="where the model runs: uni (this process, one rank) or mp (a process per rank); "
-                        "default uni for one rank, else mp")
+                   help="where the model runs: uni (this process, one rank), mp (a process per rank) or ray "
+                        "(a Ray actor per rank, over a Ray cluster's nodes); default uni for one rank, else mp")
     p.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=d.worker_timeout_s,
                    metavar="SECONDS", help="a worker silent this long in start-up or a step counts as hung")
     p.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),

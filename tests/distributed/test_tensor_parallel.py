@@ -96,8 +96,8 @@ def test_engine_args_refuse_more_ranks_than_cores(tiny_llama):
         EngineArgs(model=path, tensor_parallel_size=usable_cores() + 1).create_engine_config()
     with pytest.raises(ValueError, match="'uni' runs one rank"):
         EngineArgs(model=path, tensor_parallel_size=2, distributed_executor_backend="uni").create_engine_config()
-    with pytest.raises(ValueError, match="unknown distributed_executor_backend 'ray'"):
-        EngineArgs(model=path, distributed_executor_backend="ray").create_engine_config()
+    with pytest.raises(ValueError, match="unknown distributed_executor_backend 'slurm'"):
+        EngineArgs(model=path, distributed_executor_backend="slurm").create_engine_config()
 
 
 # --- shards of packed weights ---------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""RayExecutor: one Ray actor per tensor-parallel rank, placed by a placement group, so the ranks
+can sit on several machines of a Ray cluster (`ray start --head` on one, `ray start --address=...`
+on the others; the engine joins that cluster, or starts a local one when there is none).
+
+The actors run what worker.py's processes run (the same start-up and runner). A step is put in
+Ray's object store once and every actor reads it; rank 0's result is the RunnerOutput. While it
+waits the engine watches every rank's result: an actor that died, raised, or did not answer within
+worker_timeout_s stops them all and raises WorkerError. Ranks meet over torch.distributed at
+rank 0's node address (gloo, or NCCL on CUDA).
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+
+import torch
+
+from flashserve.config import EngineConfig, usable_cores
+from flashserve.core.sched_output import RunnerOutput, SchedulerOutput
+from flashserve.distributed.executor import Executor
+from flashserve.distributed.worker import WorkerSpec
+from flashserve.errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+
+class RayWorker:
+    """One rank, as a Ray actor."""
+
+    def __init__(self):
+        self.rank, self.runner, self.group = None, None, None
+
+    def meeting_point(self) -> str:
+        """tcp://this node's address:a free port, where the ranks rendezvous (asked of rank 0)."""
+        import ray
+
+        from flashserve.distributed.multiproc import _free_port
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port(all_interfaces=True)}"
+
+    def start(self, spec: WorkerSpec) -> int:
+        from flashserve.distributed.worker import start_rank
+
+        self.rank = spec.rank
+        self.group, self.runner = start_rank(spec)
+        import os
+
+        return os.getpid()
+
+    def execute(self, data: bytes) -> RunnerOutput | None:
+        out = self.runner.execute(pickle.loads(data))
+        return out if self.rank == 0 else None
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig, num_blocks: int, device: torch.device, tokenizer,
+                 eos_token_ids: tuple[int, ...]):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        par = config.parallel
+        tp, self.timeout_s = par.tensor_parallel_size, par.worker_timeout_s
+        threads = config.num_threads or max(1, usable_cores() // tp)  # as MultiprocExecutor: this node's view
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=False)  # the cluster `ray start` made, else a local one
+        self._pg = placement_group([{"CPU": threads}] * tp, strategy="PACK")
+        ready, _ = ray.wait([self._pg.ready()], timeout=self.timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self._pg)
+            raise WorkerError(f"the Ray cluster has no room for {tp} ranks of {threads} CPU(s) each within "
+                              f"worker_timeout_s={self.timeout_s:g} s (ray status shows its resources)")
+        actor = ray.remote(RayWorker)
+        self._actors = [actor.options(num_cpus=threads, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self._pg, placement_group_bundle_index=r)).remote() for r in range(tp)]
+        self._failure: str | None = None
+        init_method = self._wait([self._actors[0].meeting_point.remote()], "start-up")
+        specs = [WorkerSpec(config, num_blocks, str(device), eos_token_ids, tokenizer, r, tp, init_method, threads)
+                 for r in range(tp)]
+        self.worker_pids = self._wait([a.start.remote(s) for a, s in zip(self._actors, specs)], "start-up", all_of=True)
+        logger.info("%d tensor-parallel Ray actors up at %s, %d threads each", tp, init_method, threads)
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        import ray
+
+        if self._failure is not None:
+            raise WorkerError(f"the model workers have stopped: {self._failure}")
+        data = ray.put(pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL))  # stored once, read by every rank
+        return self._wait([a.execute.remote(data) for a in self._actors], "a step")
+
+    def _wait(self, refs: list, what: str, all_of: bool = False):
+        """Rank 0's result (every rank's with all_of), after every rank finished; WorkerError on a
+        rank that died or raised, or on the timeout."""
+        import ray
+
+        deadline, pending, results = time.monotonic() + self.timeout_s, list(refs), {}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                ranks = sorted(refs.index(r) for r in pending)
+                self._fail(f"tensor-parallel rank(s) {ranks} did not answer within worker_timeout_s="
+                           f"{self.timeout_s:g} s during {what} (a worker hung)")
+            try:
+                results[refs.index(done[0])] = ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                self._fail(f"tensor-parallel rank {refs.index(done[0])} died during {what}: {exc}")
+            except ray.exceptions.RayError as exc:
+                self._fail(f"tensor-parallel rank {refs.index(done[0])} failed during {what}:\n{exc}")
+        return [results[i] for i in range(len(refs))] if all_of else results[0]
+
+    def _fail(self, what: str) -> None:
+        self._failure = what
+        self.shutdown()
+        raise WorkerError(f"tensor-parallel inference failed: {what}")
+
+    def shutdown(self) -> None:
+        import ray
+
+        if not ray.is_initialized() or self._pg is None:
+            return
+        for a in self._actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(self._pg)
+        self._pg = None
