@@ -57,3 +57,31 @@ def test_killed_ray_actor_fails_loudly(local_ray, tiny_gguf, tokenizer):
                 engine.step()
     finally:
         engine.shutdown()
+
+
+def test_two_node_ray_cluster_on_one_machine(tiny_gguf, tokenizer):
+    """Two Ray nodes of one CPU each (ray.cluster_utils: a head and a second raylet, as two
+    `ray start` would make), so the two ranks land on different nodes and meet over TCP."""
+    from ray.cluster_utils import Cluster
+
+    from flashserve.engine.arg_utils import EngineArgs
+    from flashserve.engine.llm_engine import LLMEngine
+
+    one = run(tiny_gguf, tokenizer)
+    ray.shutdown()  # the module's one-node instance, if it runs
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        config = EngineArgs(model=tiny_gguf, **ENGINE, tensor_parallel_size=2, distributed_executor_backend="ray",
+                            num_threads=1, worker_timeout_s=120).create_engine_config()
+        engine = LLMEngine(config, tokenizer=tokenizer)
+        nodes = set(ray.util.placement_group_table(engine.executor._pg)["bundles_to_node_id"].values())
+        engine.shutdown()
+        assert len(nodes) == 2
+        two = run(tiny_gguf, tokenizer, tensor_parallel_size=2, distributed_executor_backend="ray", num_threads=1,
+                  worker_timeout_s=120)
+        assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
