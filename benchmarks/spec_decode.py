@@ -2,9 +2,11 @@
 
     python benchmarks/spec_decode.py [--model qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
         [--streams 1,4] [--k 4] [--max-tokens 128] [--repeats 2] [--threads 2]
+        [--medusa HEADS.safetensors] [--eagle HEAD.safetensors] [--configs flashserve:plain,...]
 
 Configurations (each run a process of its own; the configurations alternate within every round):
   flashserve plain, flashserve ngram (prompt lookup), flashserve draft (--draft drafting),
+  flashserve medusa / eagle (heads trained by `flashserve train-heads`, given by --medusa / --eagle),
   llama.cpp plain and llama.cpp prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding, one
   stream only: its high-level API runs one sequence).
 Workloads: "open" (write new code from a one-line request) and "grounded" (return a source file
@@ -55,6 +57,8 @@ def run_flashserve(a) -> dict:
         spec = {"method": "ngram", "num_speculative_tokens": a.k}
     elif a.config == "draft":
         spec = {"method": "draft_model", "model": a.draft, "num_speculative_tokens": a.k}
+    elif a.config in ("medusa", "eagle"):
+        spec = {"method": a.config, "model": getattr(a, a.config), "num_speculative_tokens": a.k}
     llm = LLM(a.model, speculative_config=spec, max_model_len=2048, enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
     llm.generate(prompts("open", 1), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
@@ -95,14 +99,16 @@ def one_run(a) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-CONFIGS = [("flashserve", "plain"), ("flashserve", "ngram"), ("flashserve", "draft"),
-           ("llamacpp", "plain"), ("llamacpp", "lookup")]
+CONFIGS = [("flashserve", "plain"), ("flashserve", "ngram"), ("flashserve", "draft"), ("flashserve", "medusa"),
+           ("flashserve", "eagle"), ("llamacpp", "plain"), ("llamacpp", "lookup")]
+DEFAULT_CONFIGS = "flashserve:plain,flashserve:ngram,flashserve:draft,llamacpp:plain,llamacpp:lookup"
 
 
 def spawn(a, engine: str, config: str, workload: str, streams: int) -> dict:
     cmd = [sys.executable, __file__, "--one", "--engine", engine, "--config", config, "--workload", workload,
            "--streams", str(streams), "--model", a.model, "--draft", a.draft, "--k", str(a.k),
-           "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
+           "--max-tokens", str(a.max_tokens), "--threads", str(a.threads),
+           "--medusa", str(a.medusa), "--eagle", str(a.eagle)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -124,6 +130,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workloads", default="open,grounded")
+    ap.add_argument("--medusa", default=None, help="Medusa heads file (for the flashserve:medusa configuration)")
+    ap.add_argument("--eagle", default=None, help="EAGLE layer file (for the flashserve:eagle configuration)")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help=f"engine:config pairs to run, of {', '.join(e + ':' + c for e, c in CONFIGS)}")
     # one measurement in this process (what the driver spawns)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -134,11 +144,19 @@ def main() -> None:
         a.streams = int(a.streams)
         return one_run(a)
 
+    wanted = [tuple(c.split(":")) for c in a.configs.split(",")]
+    unknown = [c for c in wanted if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configurations {unknown}")
+    for c in ("medusa", "eagle"):
+        if ("flashserve", c) in wanted and getattr(a, c) is None:
+            ap.error(f"flashserve:{c} needs --{c} HEADS_FILE")
     header("Speculative decoding: flashserve and llama.cpp", model=a.model, draft=a.draft,
-           k=a.k, max_tokens=a.max_tokens, threads=a.threads, repeats=a.repeats)
+           k=a.k, max_tokens=a.max_tokens, threads=a.threads, repeats=a.repeats, configs=a.configs,
+           medusa=a.medusa, eagle=a.eagle)
     for streams in [int(s) for s in a.streams.split(",")]:
         for workload in a.workloads.split(","):
-            configs = [c for c in CONFIGS if streams == 1 or c[0] == "flashserve"]
+            configs = [c for c in CONFIGS if c in wanted and (streams == 1 or c[0] == "flashserve")]
             runs: dict[tuple, list[dict]] = {c: [] for c in configs}
             ratios: dict[tuple, list[float]] = {c: [] for c in configs}
             for r in range(a.repeats):

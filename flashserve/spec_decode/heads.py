@@ -39,9 +39,10 @@ class MedusaHeads(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_heads, hidden_size, hidden_size))  # (heads, d_out, d_in)
         self.bias = nn.Parameter(torch.zeros(num_heads, hidden_size))  # (heads, d)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (N, d) features → (heads, N, d), each head's input to the LM head."""
-        z = torch.einsum("nd,hed->hne", h, self.weight) + self.bias[:, None, :]
+    def forward(self, h: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """h: (N, d) features → (heads, N, d), each head's input to the LM head (the first num_heads only)."""
+        w, b = self.weight[:num_heads], self.bias[:num_heads]
+        z = torch.einsum("nd,hed->hne", h, w) + b[:, None, :]
         return h + F.silu(z)
 
 

@@ -43,7 +43,7 @@ class MedusaProposer:
         if not ready:
             return {}
         h = torch.stack([self.last[r.request_id][1] for r in ready])  # (B, d)
-        x = self.heads(h)[: self.k]  # (k, B, d)
+        x = self.heads(h, self.k)  # (k, B, d)
         logits = self.target.compute_logits(x.reshape(-1, x.shape[-1])).view(self.k, len(ready), -1)
         out = {}
         for b, r in enumerate(ready):
