@@ -167,3 +167,23 @@ def test_missing_heads_file_is_a_clear_error(tiny_llama, tmp_path):
         engine(tiny_llama[0], str(tmp_path / "none.safetensors"), "medusa")
     with pytest.raises(ValueError, match="needs its heads file"):
         LLM(model=tiny_llama[0], speculative_config={"method": "eagle"})
+
+
+def test_a_failing_observe_costs_drafts_not_requests(tiny_llama, heads, plain_out):
+    """When the proposer cannot take a step's hidden states, its requests lose their drafts for a while
+    (their state is dropped and rebuilt from the next rows), and no request fails: outputs equal plain."""
+    llm = engine(tiny_llama[0], heads["eagle"], "eagle")
+    proposer, calls = llm.engine.proposer, []
+    observe = proposer.observe
+
+    def flaky(pairs):
+        calls.append(len(pairs))
+        if len(calls) % 3 == 2:
+            raise RuntimeError("observe failed")
+        observe(pairs)
+
+    proposer.observe = flaky
+    outs = generate(llm, prompts(), GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == plain_out
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert llm.engine.get_stats().spec_accepted_tokens_total > 0
