@@ -170,7 +170,7 @@ def main() -> None:
                 for c in configs:
                     runs[c].append(got[c])
                     ratios[c].append(got[c]["tok_s"] / base["tok_s"])
-            base_name = "llama.cpp plain" if streams == 1 else "flashserve plain"
+            base_name = "llama.cpp plain" if ("llamacpp", "plain") in configs else "flashserve plain"
             print(f"\n### {workload}, {streams} stream(s)\n")
             print(f"| engine | tok/s | / {base_name} | accepted / drafted | tokens |")
             print("|---|---|---|---|---|")
