@@ -96,12 +96,12 @@ class MultiprocExecutor(Executor):
                 try:
                     kind, payload = obj.recv()
                 except (EOFError, OSError):
-                    self._fail(f"during {what}")
+                    self._fail(f"noticed during {what}")
                 if kind == "error":
                     self._fail(f"tensor-parallel worker {rank} failed during {what}:\n{payload}")
                 got[rank] = payload
             if any(not p.is_alive() for p in self._procs):
-                self._fail(f"during {what}")
+                self._fail(f"noticed during {what}")
         return got
 
     def _fail(self, what: str) -> None:
