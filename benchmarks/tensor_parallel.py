@@ -1,12 +1,12 @@
-"""Tensor parallelism on this host: one process with T threads against T ranks of one thread each,
-same model, same requests, each configuration in its own process, alternated over rounds.
+"""Tensor and pipeline parallelism on this host: one process with T threads against T ranks of one
+thread each, same model, same requests, each configuration in its own process, alternated over rounds.
 
     python benchmarks/tensor_parallel.py [--model smollm2-135m] [--rounds 3] [--threads 2]
 
 Configurations: tp1 (one process, T threads, the C++ decode step on), tp1-modules (the same with
 the decode step off: TP runs without it, so this isolates what the collectives cost), tpT (T worker
-processes over gloo, one thread each). Workloads: prompt processing (32 prompts of 128 tokens,
-one output token each), decode of 1 and of 32 sequences (16-token prompts; time after every
+processes over gloo, one thread each), ppT (T pipeline stages, one thread each, no micro-batches).
+Workloads: prompt processing (32 prompts of 128 tokens, one output token each), decode of 1 and of 32 sequences (16-token prompts; time after every
 request has its first token). Also the cost of the collectives alone: an all-reduce of a hidden
 state and the all-gather of a vocabulary shard's logits between two processes over gloo.
 """
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ("tp1", "tp1-modules", "tpN")
+CONFIGS = ("tp1", "tp1-modules", "tpN", "ppN")
 WORKLOADS = {"prompt 32x128": (32, 128, 1), "decode 1 seq": (1, 16, 128), "decode 32 seqs": (32, 16, 64)}
 
 
@@ -28,8 +28,9 @@ def run_config(model: str, config: str, threads: int) -> dict:
     from flashserve import LLM, SamplingParams
 
     tp = threads if config == "tpN" else 1
+    pp = threads if config == "ppN" else 1
     llm = LLM(model=model, max_model_len=512, enable_prefix_caching=False, tensor_parallel_size=tp,
-              num_threads=threads if tp == 1 else 1)
+              pipeline_parallel_size=pp, num_threads=threads if tp * pp == 1 else 1)
     eng = llm.engine
     if config == "tp1-modules":
         eng.runner.decode_plan = None
@@ -115,7 +116,7 @@ def main() -> None:
             results[c].append(json.loads(line.strip().splitlines()[-1]))
             print(f"round {r} {c}: {results[c][-1]}", file=sys.stderr)
     names = {"tp1": f"TP=1 x {a.threads} threads", "tp1-modules": f"TP=1 x {a.threads} threads, no C++ decode step",
-             "tpN": f"TP={a.threads} x 1 thread"}
+             "tpN": f"TP={a.threads} x 1 thread", "ppN": f"PP={a.threads} x 1 thread"}
     print("\n| configuration | " + " | ".join(f"{w} tok/s" for w in WORKLOADS) + " |")
     print("|---|" + "---|" * len(WORKLOADS))
     for c in CONFIGS:

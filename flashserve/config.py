@@ -194,24 +194,44 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     worker_timeout_s: float = 300.0
+    pipeline_parallel_size: int = 1  # stages of layers, one rank each (not combined with tensor parallelism)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def answer_rank(self) -> int:
+        """The rank whose RunnerOutput the engine takes: the last pipeline stage (it has the logits)."""
+        return self.world_size - 1 if self.pipeline_parallel_size > 1 else 0
 
     @property
     def backend(self) -> str:
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
-        return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return "uni" if self.world_size == 1 else "mp"
 
     def validate(self, model: ModelConfig, cores: int) -> None:
         from flashserve.distributed.partition import tp_shards
 
-        tp = self.tensor_parallel_size
+        from flashserve.distributed.pipeline_parallel import PP_ARCHITECTURES
+
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
+        if pp > 1 and tp > 1:
+            raise ValueError("pipeline_parallel_size and tensor_parallel_size cannot both exceed 1 yet")
+        if pp > 1 and (model.architecture not in PP_ARCHITECTURES or pp > model.num_layers):
+            raise ValueError(f"pipeline_parallel_size={pp} needs a {' or '.join(PP_ARCHITECTURES)} model of at "
+                             f"least {pp} layers; this is {model.architecture} with {model.num_layers}")
         if self.backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"unknown distributed_executor_backend {self.backend!r}; "
                              f"choose from {', '.join(EXECUTOR_BACKENDS)}")
-        if self.backend == "uni" and tp != 1:
-            raise ValueError(f"distributed_executor_backend 'uni' runs one rank; tensor_parallel_size={tp} needs 'mp'")
-        if self.backend == "mp" and tp > cores:  # Ray's placement group checks the cluster's own
-            raise ValueError(f"tensor_parallel_size={tp} exceeds the {cores} CPU cores this process may use: "
+        if self.backend == "uni" and self.world_size != 1:
+            raise ValueError(f"distributed_executor_backend 'uni' runs one rank; {self.world_size} ranks need 'mp'")
+        if self.backend == "mp" and self.world_size > cores:  # Ray's placement group checks the cluster's own
+            what = f"tensor_parallel_size={tp}" if pp == 1 else f"pipeline_parallel_size={pp}"
+            raise ValueError(f"{what} exceeds the {cores} CPU cores this process may use: "
                              "each rank needs a core of its own")
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be positive, got {self.worker_timeout_s}")

@@ -41,7 +41,8 @@ class UniProcExecutor(Executor):
 
 def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, guided,
                  eos_token_ids: tuple[int, ...], tp_group=None) -> ModelRunner:
-    """The model (this rank's part of it under tensor parallelism), its KV cache and its runner.
+    """The model (this rank's part of it under tensor or pipeline parallelism; `tp_group` is the group
+    of all ranks either way), its KV cache and its runner.
     Every rank allocates the same number of blocks, so the scheduler's block ids mean the same
     slots on all of them; a rank's blocks hold its own KV heads."""
     from flashserve.model.loader import load_model
@@ -49,14 +50,18 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
 
     dtype = getattr(torch, config.dtype)
     model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization)
-    if tp_group is not None:
+    if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
+        from flashserve.distributed.pipeline_parallel import split_stages
+
+        cfg = split_stages(model, tp_group.rank, tp_group.world_size)
+    elif tp_group is not None:
         from flashserve.distributed.partition import tp_shards
         from flashserve.distributed.tensor_parallel import shard_model
 
         cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
                                    config.cache.kv_cache_dtype)
-    # The C++ decode step runs all layers in one call, with no place for the all-reduces.
+    # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers.
     return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
                        use_decode_plan=tp_group is None)
 

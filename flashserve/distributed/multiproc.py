@@ -2,7 +2,7 @@
 torch.distributed between them, pipes to the engine.
 
 A step's SchedulerOutput is pickled once and the same bytes go down every rank's pipe; the
-RunnerOutput comes back from rank 0. While it waits, the engine watches every worker's pipe and
+RunnerOutput comes back from rank 0 (from the last stage under pipeline parallelism). While it waits, the engine watches every worker's pipe and
 process: a worker that reports an error, exits or is killed, or a step (or start-up) that takes
 longer than worker_timeout_s, stops all workers and raises WorkerError naming what happened.
 Workers are daemons, stopped on shutdown(), when the executor is collected and at exit, and
@@ -37,7 +37,8 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, num_blocks: int, device: torch.device, tokenizer,
                  eos_token_ids: tuple[int, ...]):
         par = config.parallel
-        tp = par.tensor_parallel_size
+        tp = par.world_size  # ranks: tensor-parallel shards or pipeline stages
+        self._answer = par.answer_rank
         self.timeout_s = par.worker_timeout_s
         threads = config.num_threads or max(1, usable_cores() // tp)  # ranks share the cores, none oversubscribes
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -71,7 +72,7 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(data)
             except OSError:
                 self._fail(f"cannot reach tensor-parallel worker {rank}")
-        return self._receive({0}, "a step")[0]
+        return self._receive({self._answer}, "a step")[self._answer]
 
     def shutdown(self) -> None:
         self._stop()

@@ -62,7 +62,7 @@ def tp_shards(cfg: ModelConfig, tp: int) -> list[RankShard]:
 def _head_ranges(nq: int, nkv: int, tp: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     group = nq // nkv  # query heads per KV head
     if nkv >= tp:
-        counts = _even(nkv, tp)
+        counts = even_split(nkv, tp)
         starts = [sum(counts[:r]) for r in range(tp)]
         return [((s * group, (s + c) * group), (s, s + c)) for s, c in zip(starts, counts)]
     if tp % nkv:
@@ -79,12 +79,12 @@ def _unit_ranges(size: int, tp: int) -> list[tuple[int, int]]:
     unit = next((u for u in SPLIT_UNITS if size % u == 0 and size // u >= tp), None)
     if unit is None:
         raise ValueError(f"tensor_parallel_size={tp} exceeds the model's intermediate size {size}")
-    counts = _even(size // unit, tp)
+    counts = even_split(size // unit, tp)
     starts = [sum(counts[:r]) * unit for r in range(tp)]
     return [(s, s + c * unit) for s, c in zip(starts, counts)]
 
 
-def _even(n: int, parts: int) -> list[int]:
+def even_split(n: int, parts: int) -> list[int]:
     """n split into `parts` counts differing by at most one, larger first."""
     base, extra = divmod(n, parts)
     return [base + (r < extra) for r in range(parts)]

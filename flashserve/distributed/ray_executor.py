@@ -29,7 +29,7 @@ class RayWorker:
     """One rank, as a Ray actor."""
 
     def __init__(self):
-        self.rank, self.runner, self.group = None, None, None
+        self.answer, self.runner, self.group = False, None, None
 
     def meeting_point(self) -> str:
         """tcp://this node's address:a free port, where the ranks rendezvous (asked of rank 0)."""
@@ -42,7 +42,7 @@ class RayWorker:
     def start(self, spec: WorkerSpec) -> int:
         from flashserve.distributed.worker import start_rank
 
-        self.rank = spec.rank
+        self.answer = spec.rank == spec.config.parallel.answer_rank
         self.group, self.runner = start_rank(spec)
         import os
 
@@ -50,7 +50,7 @@ class RayWorker:
 
     def execute(self, data: bytes) -> RunnerOutput | None:
         out = self.runner.execute(pickle.loads(data))
-        return out if self.rank == 0 else None
+        return out if self.answer else None
 
 
 class RayExecutor(Executor):
@@ -61,7 +61,8 @@ class RayExecutor(Executor):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         par = config.parallel
-        tp, self.timeout_s = par.tensor_parallel_size, par.worker_timeout_s
+        tp, self.timeout_s = par.world_size, par.worker_timeout_s
+        self._answer = par.answer_rank
         threads = config.num_threads or max(1, usable_cores() // tp)  # as MultiprocExecutor: this node's view
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)  # the cluster `ray start` made, else a local one
@@ -75,10 +76,10 @@ class RayExecutor(Executor):
         self._actors = [actor.options(num_cpus=threads, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self._pg, placement_group_bundle_index=r)).remote() for r in range(tp)]
         self._failure: str | None = None
-        init_method = self._wait([self._actors[0].meeting_point.remote()], "start-up")
+        init_method = self._wait([self._actors[0].meeting_point.remote()], "start-up")[0]
         specs = [WorkerSpec(config, num_blocks, str(device), eos_token_ids, tokenizer, r, tp, init_method, threads)
                  for r in range(tp)]
-        self.worker_pids = self._wait([a.start.remote(s) for a, s in zip(self._actors, specs)], "start-up", all_of=True)
+        self.worker_pids = self._wait([a.start.remote(s) for a, s in zip(self._actors, specs)], "start-up")
         logger.info("%d tensor-parallel Ray actors up at %s, %d threads each", tp, init_method, threads)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -87,11 +88,11 @@ class RayExecutor(Executor):
         if self._failure is not None:
             raise WorkerError(f"the model workers have stopped: {self._failure}")
         data = ray.put(pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL))  # stored once, read by every rank
-        return self._wait([a.execute.remote(data) for a in self._actors], "a step")
+        return self._wait([a.execute.remote(data) for a in self._actors], "a step")[self._answer]
 
-    def _wait(self, refs: list, what: str, all_of: bool = False):
-        """Rank 0's result (every rank's with all_of), after every rank finished; WorkerError on a
-        rank that died or raised, or on the timeout."""
+    def _wait(self, refs: list, what: str) -> list:
+        """Every ref's result, in order, once all are done; WorkerError on a rank that died or
+        raised, or on the timeout."""
         import ray
 
         deadline, pending, results = time.monotonic() + self.timeout_s, list(refs), {}
@@ -107,7 +108,7 @@ class RayExecutor(Executor):
                 self._fail(f"tensor-parallel rank {refs.index(done[0])} died during {what}: {exc}")
             except ray.exceptions.RayError as exc:
                 self._fail(f"tensor-parallel rank {refs.index(done[0])} failed during {what}:\n{exc}")
-        return [results[i] for i in range(len(refs))] if all_of else results[0]
+        return [results[i] for i in range(len(refs))]
 
     def _fail(self, what: str) -> None:
         self._failure = what

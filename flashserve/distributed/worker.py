@@ -3,7 +3,7 @@ then runs every SchedulerOutput the engine sends, in order, until told to stop.
 
 Messages (multiprocessing pipes): engine → worker, the pickled SchedulerOutput of a step (the same
 bytes to every rank, pickled once) or None to stop; worker → engine, ("ready", None) after
-start-up, ("ok", RunnerOutput) from rank 0 after each step, ("error", traceback) from any rank
+start-up, ("ok", RunnerOutput) from rank 0 (the last pipeline stage) after each step, ("error", traceback) from any rank
 that fails, which then exits. Every rank samples from the same gathered logits; rank 0 answers.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
             if sched is None:
                 break
             out = runner.execute(sched)
-            if spec.rank == 0:
+            if spec.rank == spec.config.parallel.answer_rank:
                 conn.send(("ok", out))
     except BaseException:
         try:

@@ -41,6 +41,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks one model is split over (Megatron-style), each a worker process
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
     worker_timeout_s: float = 300.0  # a worker silent this long during start-up or a step counts as hung
+    pipeline_parallel_size: int = 1  # stages of layers, a worker process each (no micro-batch overlap)
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -77,7 +78,7 @@ class EngineArgs:
             ),
             speculative=self.create_speculative_config(),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
-                                    self.worker_timeout_s),
+                                    self.worker_timeout_s, self.pipeline_parallel_size),
         )
         config.validate()
         return config

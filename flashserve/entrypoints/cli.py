@@ -50,6 +50,8 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size, metavar="N",
                    help="split the model over N worker processes (tensor parallelism)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size, metavar="N",
+                   help="split the model's layers over N worker processes (pipeline parallelism)")
     p.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
                    help="where the model runs: uni (this process, one rank), mp (a process per rank) or ray "
                         "(a Ray actor per rank, over a Ray cluster's nodes); default uni for one rank, else mp")

@@ -1,0 +1,88 @@
+"""Pipeline parallelism wrapped around a loaded model: rank s of P keeps an even run of decoder
+layers (GPipe's split, Huang et al. 2019, without its micro-batches), the others become
+pass-throughs. Stage s > 0 receives the (hidden, residual) pair from stage s - 1 before its first
+layer; stage s < P - 1 sends its pair after its last. Every rank runs the same step (same
+SchedulerOutput); the last stage's logits are the real ones, so it samples and answers, and the
+others' LM head yields zeros instead of spending a vocabulary-sized product.
+
+No micro-batches are in flight: a step passes the stages one after another, so the stages do not
+overlap (the bubble is (P - 1) / P of each rank's time). What it buys is memory: each rank holds
+1 / P of the layers and of the KV cache. Llama-family blocks only (pre-norm with a residual
+stream); Gemma 3's sandwich blocks pass no residual and are refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flashserve.config import ModelConfig
+from flashserve.distributed.partition import even_split
+
+PP_ARCHITECTURES = ("llama", "qwen2")
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> tuple[int, int]:
+    """[first, stop) of the layers stage `stage` of `stages` runs."""
+    counts = even_split(num_layers, stages)
+    first = sum(counts[:stage])
+    return first, first + counts[stage]
+
+
+def split_stages(model: nn.Module, stage: int, stages: int) -> ModelConfig:
+    """Cut `model` (loaded whole) down to stage `stage`'s layers, in place, and hook the transfers.
+    Returns the stage's ModelConfig (its layer count) for its KV cache."""
+    cfg = model.config
+    if cfg.architecture not in PP_ARCHITECTURES:
+        raise ValueError(f"pipeline parallelism takes {', '.join(PP_ARCHITECTURES)} models, not {cfg.architecture}")
+    first, stop = stage_layers(cfg.num_layers, stages, stage)
+    layers = model.model.layers
+    for i in range(cfg.num_layers):
+        if not first <= i < stop:
+            layers[i] = PassThrough()
+    if stage > 0:
+        layers[first] = ReceiveBefore(layers[first], stage - 1, cfg.hidden_size)
+    if stage < stages - 1:
+        layers[stop - 1] = SendAfter(layers[stop - 1], stage + 1)
+        model.lm_head = ZeroLogits(cfg.vocab_size)  # only the last stage's logits are used
+    return dataclasses.replace(cfg, num_layers=stop - first)
+
+
+class PassThrough(nn.Module):
+    """A layer another stage runs."""
+
+    def forward(self, positions, x, residual, meta):
+        return x, residual
+
+
+class ReceiveBefore(nn.Module):
+    def __init__(self, layer: nn.Module, src: int, hidden_size: int):
+        super().__init__()
+        self.layer, self.src, self.hidden_size = layer, src, hidden_size
+
+    def forward(self, positions, x, residual, meta):
+        pair = torch.empty(2, x.shape[0], self.hidden_size, dtype=x.dtype)  # (hidden | residual, T, d)
+        dist.recv(pair, src=self.src)
+        return self.layer(positions, pair[0], pair[1], meta)
+
+
+class SendAfter(nn.Module):
+    def __init__(self, layer: nn.Module, dst: int):
+        super().__init__()
+        self.layer, self.dst = layer, dst
+
+    def forward(self, positions, x, residual, meta):
+        x, residual = self.layer(positions, x, residual, meta)
+        dist.send(torch.stack([x, residual]).contiguous(), dst=self.dst)  # (2, T, d)
+        return x, residual
+
+
+class ZeroLogits(nn.Module):
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(hidden.shape[0], self.vocab_size)

@@ -1,0 +1,58 @@
+"""Pipeline parallelism (distributed/pipeline_parallel.py): two stages of layers in two processes
+compute exactly what one process computes (the same ops on the same inputs, one stage after the
+other), and layouts it cannot run are refused at start-up."""
+from __future__ import annotations
+
+import pytest
+
+from flashserve import LLM, SamplingParams
+from flashserve.distributed.pipeline_parallel import stage_layers
+from flashserve.engine.arg_utils import EngineArgs
+from tests.distributed.test_tensor_parallel import run
+from tests.model.tiny import hf_tiny, write_gguf
+
+
+def test_stages_take_even_runs_of_layers():
+    assert [stage_layers(30, 2, s) for s in range(2)] == [(0, 15), (15, 30)]
+    assert [stage_layers(5, 2, s) for s in range(2)] == [(0, 3), (3, 5)]
+
+
+def test_refused_layouts(tmp_path, tiny_llama):
+    gemma = str(write_gguf(hf_tiny("gemma3"), tmp_path / "gemma.gguf"))
+    with pytest.raises(ValueError, match="needs a llama or qwen2 model of at least 2 layers; this is gemma3"):
+        EngineArgs(model=gemma, pipeline_parallel_size=2).create_engine_config()
+    with pytest.raises(ValueError, match="cannot both exceed 1"):
+        EngineArgs(model=tiny_llama[0], pipeline_parallel_size=2, tensor_parallel_size=2).create_engine_config()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_gguf):
+    from flashserve.tokenizer.tokenizer import Tokenizer
+
+    return Tokenizer.from_model_path(smollm2_gguf)
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("qwen2", "Q8_0")])
+def test_two_stages_give_one_process_tokens_and_logprobs(tmp_path, tokenizer, arch, qtype):
+    path = str(write_gguf(hf_tiny(arch), tmp_path / f"{arch}.gguf", qtype=qtype))
+    one = run(path, tokenizer)
+    two = run(path, tokenizer, pipeline_parallel_size=2)
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    for a, b in zip(one, two):
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert {t: lp.logprob for t, lp in la.items()} == {t: lp.logprob for t, lp in lb.items()}
+
+
+@pytest.mark.slow
+def test_smollm2_default_engine_two_stages(smollm2_gguf, smollm2_default_llm):
+    """The default engine (4-bit codes, int8 activations): each stage runs its layers as one process
+    would, so the greedy tokens are one process's, with no near-tie exception."""
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "List three primary colors:\n1."]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    one = smollm2_default_llm.generate(prompts, params, use_tqdm=False)
+    llm = LLM(model=smollm2_gguf, max_model_len=1024, enable_prefix_caching=False, pipeline_parallel_size=2)
+    try:
+        two = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
