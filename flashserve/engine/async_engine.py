@@ -1,21 +1,29 @@
-"""AsyncLLMEngine: one background task drives LLMEngine.step(); each request streams from its own queue.
+"""AsyncLLMEngine: one thread drives LLMEngine.step() back to back; each request streams from its own queue.
 
-Only the loop task touches engine state: new requests are validated at once (tokenizing
-is safe beside a running step) and queued; adds and aborts are applied between steps.
-A step runs in a worker thread so the event loop keeps serving HTTP meanwhile. If a step
-fails, the requests in it get the error and the loop goes on with everyone else; if the model's
-worker processes failed (WorkerError), the engine is dead: the loop ends, every request in
-flight gets the error, new ones get EngineDeadError (HTTP 503) and `on_dead` is called.
-HTTP handlers read `stats`, a snapshot the loop takes between steps, never the scheduler
+The step thread alone touches engine state: new requests are validated at once on the event loop
+(tokenizing is safe beside a running step) and handed over with aborts through a locked inbox,
+applied between steps. Outputs go back to the event loop by call_soon_threadsafe and the thread
+starts the next step at once: the loop's HTTP work (SSE chunks, JSON) runs beside the step,
+not between two steps. The steps run on the thread that built the engine when the caller
+gives it (run_server does): OpenMP (libgomp) gives each thread that enters a parallel region a
+team of workers that stays, and with two teams there are more OpenMP threads than cores on a
+small machine, so libgomp lets a waiting worker spin only briefly before it sleeps: every
+parallel region of a step then began with waking it (a SmolLM2 stream took ~15 ms a token
+through the server, ~8 ms offline). Only the event loop touches the streams. If a step
+fails, the requests in flight get the error and the thread goes on with everyone else; if the
+model's worker processes failed (WorkerError), the engine is dead: the thread ends, every request
+in flight gets the error, new ones get EngineDeadError (HTTP 503) and `on_dead` is called.
+HTTP handlers read `stats`, a snapshot the thread takes between steps, never the scheduler
 itself (its queues change under a running step).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from flashserve.engine.llm_engine import LLMEngine, PreparedRequest
 from flashserve.errors import FlashserveError, WorkerError
@@ -37,36 +45,37 @@ class EngineDeadError(FlashserveError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256):
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, engine_thread: ThreadPoolExecutor | None = None):
+        """engine_thread: the one-thread pool that built `engine`, to run its steps on too (see
+        run_server); without it the steps get a thread of their own."""
         self.engine = engine
+        self._engine_thread = engine_thread
         self.max_waiting = max_waiting
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # the event loop's alone
+        # handed from the event loop to the step thread under _pending
         self._inbox: list[PreparedRequest] = []
         self._aborts: list[str] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._pending = threading.Condition()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future | None = None  # the step thread's loop, once started
         self.on_finished = None  # optional callback(RequestOutput) for metrics
         self.on_aborted = None  # optional callback() when a client goes away mid-request
         self.on_dead = None  # optional callback() once the engine's workers have failed
         self.dead: WorkerError | None = None
         self.stats = engine.get_stats()  # EngineStats as of the last step or applied add/abort
-        # Every step on one and the same thread: OpenMP gives each calling thread a team of its own, so
-        # steps hopping between the default executor's threads kept two teams of spinning workers on
-        # the cores (a SmolLM2 stream: 19 ms a token through the server, 7 ms offline).
-        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-step")
 
     def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        pool = self._engine_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-step")
+        self._done = asyncio.wrap_future(pool.submit(self._run))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._step_thread.shutdown(wait=True)
+        with self._pending:
+            self._stopping = True
+            self._pending.notify()
+        if self._done is not None:
+            await self._done
 
     @property
     def num_waiting(self) -> int:
@@ -84,8 +93,9 @@ class AsyncLLMEngine:
         prep = self.engine.prepare_request(rid, prompt, params, priority)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = queue
-        self._inbox.append(prep)
-        self._wake.set()
+        with self._pending:
+            self._inbox.append(prep)
+            self._pending.notify()
         finished = False
         try:
             while True:
@@ -104,61 +114,82 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._aborts.append(request_id)
-        if self._wake:
-            self._wake.set()
+        with self._pending:
+            self._aborts.append(request_id)
+            self._pending.notify()
 
-    async def _run(self) -> None:
+    # --- the step thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
         while True:
-            if not (self._inbox or self._aborts or self.engine.has_unfinished_requests()):
-                self._wake.clear()
-                await self._wake.wait()
-            if self._apply_pending():
-                self.stats = self.engine.get_stats()
+            with self._pending:
+                while not (self._stopping or self._inbox or self._aborts or self.engine.has_unfinished_requests()):
+                    self._pending.wait()
+                if self._stopping:
+                    return
+                # Adds before aborts: an abort that came with (or after) its request's add finds it.
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            self._apply(inbox, aborts)
             if not self.engine.has_unfinished_requests():
+                self.stats = self.engine.get_stats()
                 continue
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.engine.step)
+                outputs = self.engine.step()
             except WorkerError as exc:
                 logger.error("the model's workers failed; the engine stops: %s", exc)
-                self.dead = exc
-                self._fail_all(exc)
-                if self.on_dead:
-                    self.on_dead()
+                self.dead = exc  # before the streams hear of it: a new request then sees a dead engine
+                self._loop.call_soon_threadsafe(self._die, exc)
                 return
             except Exception as exc:  # a bug must not take the server down with it
                 logger.exception("engine step failed; failing the requests in flight")
-                self._fail_all(EngineStepError(f"internal error during generation: {exc}"))
+                failed = asyncio.run_coroutine_threadsafe(
+                    self._fail_all(EngineStepError(f"internal error during generation: {exc}")), self._loop)
+                self.engine.abort_request(failed.result())
                 outputs = []
             self.stats = self.engine.get_stats()
-            for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
-                    if self.on_finished:
-                        self.on_finished(out)
-                if queue is not None:
-                    queue.put_nowait(out)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _apply_pending(self) -> bool:
-        """Adds and aborts queued since the last step; whether there were any."""
-        aborts, self._aborts = self._aborts, []
-        if aborts:
-            self.engine.abort_request(aborts)
-        inbox, self._inbox = self._inbox, []
+    def _apply(self, inbox: list[PreparedRequest], aborts: list[str]) -> None:
         for prep in inbox:
-            queue = self._streams.get(prep.request_id)
-            if queue is None:
-                continue  # aborted before it was added
             try:
                 self.engine.add_prepared(prep)
             except Exception as exc:
-                self._streams.pop(prep.request_id, None)
-                queue.put_nowait(exc)
-        return bool(aborts or inbox)
+                self._loop.call_soon_threadsafe(self._fail_one, prep.request_id, exc)
+        if aborts:
+            self.engine.abort_request(aborts)
+        if inbox or aborts:
+            self.stats = self.engine.get_stats()
 
-    def _fail_all(self, exc: Exception) -> None:
+    # --- on the event loop ------------------------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+                if self.on_finished:
+                    self.on_finished(out)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_one(self, request_id: str, exc: Exception) -> None:
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(exc)
+
+    def _fail_streams(self, exc: Exception) -> list[str]:
+        """Every stream gets `exc` and is closed; returns their ids."""
         streams, self._streams = self._streams, {}
-        self.engine.abort_request(list(streams))
         for queue in streams.values():
             queue.put_nowait(exc)
+        return list(streams)
+
+    async def _fail_all(self, exc: Exception) -> list[str]:
+        return self._fail_streams(exc)  # the ids, for the step thread to abort
+
+    def _die(self, exc: WorkerError) -> None:
+        self._fail_streams(exc)
+        if self.on_dead:
+            self.on_dead()

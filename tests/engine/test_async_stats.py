@@ -94,3 +94,30 @@ def test_an_abort_shows_in_the_snapshot_without_another_step():
         await eng.stop()
 
     asyncio.run(main())
+
+
+def test_steps_run_on_the_thread_that_built_the_engine():
+    """run_server builds the engine on a one-thread pool and steps it there (one OpenMP team per
+    process); the event loop's thread never steps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    built_on = pool.submit(threading.get_ident).result()
+    stepped_on = set()
+
+    class Recording(FakeEngine):
+        def step(self):
+            stepped_on.add(threading.get_ident())
+            return super().step()
+
+    async def main():
+        eng = AsyncLLMEngine(Recording(), engine_thread=pool)
+        eng.start()
+        outs = [o async for o in eng.generate("p", 3)]
+        await eng.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert [o.finished for o in outs] == [False, False, True]
+    assert stepped_on == {built_on} and threading.get_ident() not in stepped_on
+    pool.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,10 +32,11 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 
 
 def build_app(engine, model_names: list[str], api_key: str | None = None, max_waiting: int = 256,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, engine_thread: ThreadPoolExecutor | None = None) -> FastAPI:
     """`engine` is an LLMEngine; the first model name is the one reported; tool_call_parser
-    overrides the tool-call format read from the chat template."""
-    async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting)
+    overrides the tool-call format read from the chat template; engine_thread: the one-thread pool
+    that built the engine, to step it on (AsyncLLMEngine)."""
+    async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting, engine_thread=engine_thread)
     metrics = ServerMetrics()
     async_engine.on_finished = metrics.observe_finished
     async_engine.on_aborted = lambda: metrics.observe_outcome("abort")
@@ -145,12 +147,15 @@ def run_server(engine_args, host: str = "127.0.0.1", port: int = 8000, api_key: 
     from flashserve.engine.llm_engine import LLMEngine
 
     logging.basicConfig(level=logging.INFO)
-    engine = LLMEngine.from_engine_args(engine_args)
+    # Built and stepped on one thread, so that one OpenMP team does all its work (AsyncLLMEngine).
+    engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-engine")
+    engine = engine_thread.submit(LLMEngine.from_engine_args, engine_args).result()
     names = [engine_args.model]
     stem = Path(engine_args.model).name
     if stem not in names:
         names.append(stem)
-    app = build_app(engine, names, api_key=api_key, max_waiting=max_waiting, tool_call_parser=tool_call_parser)
+    app = build_app(engine, names, api_key=api_key, max_waiting=max_waiting, tool_call_parser=tool_call_parser,
+                    engine_thread=engine_thread)
     logger.info("serving %s on http://%s:%d/v1", names[0], host, port)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     # Workers that failed leave nothing to serve: answer 503 while shutting down, then exit non-zero.
