@@ -6,12 +6,12 @@ import os
 import signal
 
 import pytest
+import ray  # in the test extra: for users an optional one (pip install flashserve[ray])
 
 from flashserve.errors import WorkerError
 from tests.distributed.test_tensor_parallel import ENGINE, PROMPTS, run
 from tests.model.tiny import hf_tiny, write_gguf
 
-ray = pytest.importorskip("ray")  # optional: pip install flashserve[ray]
 pytestmark = pytest.mark.slow
 
 
