@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ class EngineStats(SchedulerStats):
 
     kv_cache_bytes_reserved: int
     kv_cache_bytes_touched: int
+    spec_propose_seconds_total: float = 0.0  # wall time the proposer spent drafting since start
 
 
 class LLMEngine:
@@ -77,6 +79,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
         # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
         self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
+        self._propose_seconds = 0.0
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -137,7 +140,9 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:  # drafts for the next step, verified in it
+            start = time.perf_counter()
             outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids, runner_out)
+            self._propose_seconds += time.perf_counter() - start
         return outputs
 
     def _propose(self, left_ids: set[str], runner_out) -> list[RequestOutput]:
@@ -176,4 +181,5 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         s = self.scheduler.get_stats()
         return EngineStats(**vars(s), kv_cache_bytes_reserved=self.num_blocks * self.kv_block_bytes,
-                           kv_cache_bytes_touched=s.kv_blocks_touched * self.kv_block_bytes)
+                           kv_cache_bytes_touched=s.kv_blocks_touched * self.kv_block_bytes,
+                           spec_propose_seconds_total=self._propose_seconds)

@@ -31,6 +31,9 @@ class ServerMetrics:
                                        "Speculative draft tokens verified since start", registry=r)
         self.spec_accepted_tokens = Gauge("flashserve_spec_decode_accepted_tokens",
                                           "Speculative draft tokens accepted since start", registry=r)
+        self.spec_propose_seconds = Gauge("flashserve_spec_decode_proposer_seconds",
+                                          "Wall seconds the speculative proposer spent drafting since start",
+                                          registry=r)
         self.prefix_hit_rate = Gauge("flashserve_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens)",
                                      registry=r)
 
@@ -63,3 +66,4 @@ class ServerMetrics:
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
         self.spec_draft_tokens.set(stats.spec_draft_tokens_total)
         self.spec_accepted_tokens.set(stats.spec_accepted_tokens_total)
+        self.spec_propose_seconds.set(stats.spec_propose_seconds_total)

@@ -181,3 +181,28 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama):
 def test_bad_configuration_fails_at_start_up(tiny_llama, bad, match):
     with pytest.raises(ValueError, match=match):
         LLM(model=tiny_llama[0], dtype="float32", **bad)
+
+
+def test_proposer_time_is_counted_and_exported(tiny_llama, plain):
+    """The engine adds up the wall time its proposer spends drafting (none without one), within the
+    generate call's own wall time, and the server's /metrics exports it."""
+    import time
+
+    from prometheus_client import generate_latest
+
+    from flashserve.entrypoints.metrics import ServerMetrics
+
+    spec = engine(tiny_llama[0], spec=True)
+    start = time.perf_counter()
+    generate(spec, prompts(), GREEDY)
+    took = time.perf_counter() - start
+    stats = spec.engine.get_stats()
+    assert stats.spec_draft_tokens_total > 0
+    assert 0 < stats.spec_propose_seconds_total < took
+    generate(plain, prompts(2), GREEDY)
+    assert plain.engine.get_stats().spec_propose_seconds_total == 0
+    metrics = ServerMetrics()
+    metrics.refresh(stats)
+    text = generate_latest(metrics.registry).decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith("flashserve_spec_decode_proposer_seconds "))
+    assert float(line.split()[1]) == stats.spec_propose_seconds_total
