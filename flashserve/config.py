@@ -71,8 +71,12 @@ class CacheConfig:
     # "float32" | "float16" | "bfloat16" (read as the compute dtype) | "int8"
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
+    # Bytes of host memory for the KV blocks of preempted requests (core/swap_space.py); 0 = none.
+    swap_space: int = 0
 
     def validate(self) -> None:
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 bytes, got {self.swap_space}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -85,6 +89,9 @@ class CacheConfig:
 
 SCHEDULING_CHOICES = ("continuous", "static")
 POLICY_CHOICES = ("fcfs", "priority")  # priority: lower value first, then arrival
+# What preemption does with a victim's KV: recompute it later, swap it to host memory (recompute
+# when the swap space is full), or "auto": swap when that costs less (core/swap_space.py).
+PREEMPTION_MODES = ("auto", "recompute", "swap")
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class SchedulerConfig:
     max_model_len: int = 2048  # longest prompt + output accepted
     scheduling: str = "continuous"  # "continuous" | "static"
     policy: str = "fcfs"  # "fcfs" | "priority"
+    preemption_mode: str = "auto"  # PREEMPTION_MODES
 
     def validate(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -102,6 +110,9 @@ class SchedulerConfig:
             raise ValueError(f"unknown scheduling {self.scheduling!r}")
         if self.policy not in POLICY_CHOICES:
             raise ValueError(f"unknown policy {self.policy!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"unknown preemption_mode {self.preemption_mode!r}; "
+                             f"choose from {', '.join(PREEMPTION_MODES)}")
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model", "medusa", "eagle")
@@ -266,6 +277,8 @@ class EngineConfig:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
         self.cache.validate()
         self.scheduler.validate()
+        if self.scheduler.preemption_mode == "swap" and self.cache.swap_space == 0:
+            raise ValueError("preemption_mode 'swap' needs a swap space: set swap_space (bytes)")
         self.speculative.validate()
         self.parallel.validate(self.model_config, usable_cores())
         heads, mc = self.speculative.heads_config, self.model_config

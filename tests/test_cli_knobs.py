@@ -23,16 +23,25 @@ def test_every_knob_reaches_the_engine_config(smollm2_gguf):
         "--max-model-len", "512", "--max-num-seqs", "3", "--max-num-batched-tokens", "256", "--block-size", "32",
         "--kv-cache-memory", "1000000", "--kv-cache-fraction", "0.5", "--kv-cache-dtype", "int8",
         "--no-enable-prefix-caching", "--scheduling", "static", "--policy", "priority", "--threads", "1",
-        "--seed", "7"])
+        "--seed", "7", "--swap-space", "5000000", "--preemption-mode", "swap"])
     args = _engine_args(a)
     assert {f.name for f in fields(EngineArgs)} <= set(vars(a))  # no field silently left at its default
     c = args.create_engine_config()
     assert (c.dtype, c.quantization, c.seed, c.num_threads) == ("float32", "weight-only", 7, 1)
     assert (c.cache.block_size, c.cache.kv_cache_memory, c.cache.kv_cache_fraction, c.cache.kv_cache_dtype,
-            c.cache.enable_prefix_caching) == (32, 1000000, 0.5, "int8", False)
+            c.cache.enable_prefix_caching, c.cache.swap_space) == (32, 1000000, 0.5, "int8", False, 5000000)
     s = c.scheduler
-    assert (s.max_model_len, s.max_num_seqs, s.max_num_batched_tokens, s.scheduling, s.policy) == (
-        512, 3, 256, "static", "priority")
+    assert (s.max_model_len, s.max_num_seqs, s.max_num_batched_tokens, s.scheduling, s.policy, s.preemption_mode) == (
+        512, 3, 256, "static", "priority", "swap")
+
+
+def test_swap_knobs_are_checked(smollm2_gguf):
+    with pytest.raises(ValueError, match="preemption_mode 'swap' needs a swap space"):
+        EngineArgs(model=smollm2_gguf, preemption_mode="swap").create_engine_config()
+    with pytest.raises(ValueError, match="unknown preemption_mode 'lazy'"):
+        EngineArgs(model=smollm2_gguf, preemption_mode="lazy").create_engine_config()
+    with pytest.raises(ValueError, match="swap_space must be >= 0"):
+        EngineArgs(model=smollm2_gguf, swap_space=-1).create_engine_config()
 
 
 def test_old_no_prefix_caching_spelling_still_works():

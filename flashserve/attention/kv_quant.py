@@ -41,13 +41,10 @@ class Int8KVCache:
         self.data.view(-1, *self.data.shape[2:]).index_copy_(0, slot_mapping, q)
         self.scale.view(-1, self.scale.shape[2]).index_copy_(0, slot_mapping, scale)
 
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        self.data[dst] = self.data[src]
-        self.scale[dst] = self.scale[src]
 
 
 # One side of a layer's cache is a plain tensor (num_blocks, block_size, heads, head_dim) of a float
-# dtype, or an Int8KVCache; the three functions below are the only places that tell them apart.
+# dtype, or an Int8KVCache; the functions below are the only places that tell them apart.
 def is_int8(cache) -> bool:
     return isinstance(cache, Int8KVCache)
 
@@ -60,12 +57,15 @@ def write(cache, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
-def copy_blocks(cache, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Blocks src → dst (copy-on-write of shared blocks)."""
-    if is_int8(cache):
-        cache.copy_blocks(src, dst)
+def copy_blocks(src_cache, src: torch.Tensor, dst_cache, dst: torch.Tensor) -> None:
+    """Blocks src of src_cache → blocks dst of dst_cache, two caches of one kind (the same one for
+    copy-on-write of shared blocks; a KV cache and its swap space, on any devices, for swapping).
+    An int8 cache's scales travel with its values."""
+    if is_int8(src_cache):
+        dst_cache.data[dst] = src_cache.data[src].to(dst_cache.data.device)
+        dst_cache.scale[dst] = src_cache.scale[src].to(dst_cache.scale.device)
     else:
-        cache[dst] = cache[src]
+        dst_cache[dst] = src_cache[src].to(dst_cache.device)
 
 
 FLOAT_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

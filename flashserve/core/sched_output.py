@@ -43,6 +43,10 @@ class SchedulerOutput:
     preempted_request_ids: set[str] = field(default_factory=set)
     # Copy-on-write of shared, partly filled blocks (src, dst), done before the forward.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # KV swap (core/swap_space.py): (block, slot) of preempted requests, copied out first;
+    # (slot, block) of resumed ones, copied in after the copy-on-write, before the forward.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

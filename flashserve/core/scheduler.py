@@ -3,7 +3,14 @@ Dynamic SplitFuse): each step, running requests' tokens first (decodes, unfinish
 chunks), then chunks of waiting prompts fill what is left of the budget.
 
 When blocks run out the newest running request is preempted: its blocks are freed and
-it is recomputed later from its tokens (prompt + output so far), so nothing is lost.
+it is recomputed later from its tokens (prompt + output so far), so nothing is lost; or, with a
+swap space (preemption_mode "swap", or "auto" when the cost rule says so: core/swap_space.py),
+its computed blocks are copied to host-memory slots and copied back into fresh blocks when it
+resumes, so it continues where it stopped. The runner does a step's copies in this order:
+
+    swap out (blocks of this step's victims → slots)   reads blocks before anyone reuses them
+    copy-on-write (shared block → private block)        reads a source a victim may have left
+    swap in (slots → the resumed requests' new blocks)  may overwrite blocks freed above
 "static" scheduling admits a batch only when nothing runs: the baseline to beat.
 
 Samples of one prompt (n > 1, best_of): only sample 0 computes the prompt. The others wait
@@ -49,6 +56,7 @@ from flashserve.core.kv_cache_manager import KVCacheManager
 from flashserve.core.policy import make_queue, preemption_victim
 from flashserve.core.request import Request, RequestStatus
 from flashserve.core.sched_output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from flashserve.core.swap_space import SwapSpace
 
 
 @dataclass
@@ -60,6 +68,9 @@ class SchedulerStats:
     kv_blocks_used: int
     kv_blocks_total: int
     kv_blocks_touched: int  # blocks ever handed out (never decreases)
+    num_swapped_out_total: int  # preemptions that swapped the victim's KV out instead of dropping it
+    swap_slots_used: int
+    swap_slots_total: int
     kv_usage: float
     prefix_cache_queries: int
     prefix_cache_hits: int
@@ -70,10 +81,19 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+    def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 num_swap_slots: int = 0, min_tokens_per_swapped_block: float = 0.0):
+        """`num_swap_slots`: KV blocks the swap space holds; `min_tokens_per_swapped_block`: the
+        cost rule of preemption_mode "auto" (core/swap_space.py)."""
         self.config = sched_config
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.swap = SwapSpace(num_swap_slots if sched_config.preemption_mode != "recompute" else 0)
+        self.min_tokens_per_swapped_block = (min_tokens_per_swapped_block
+                                             if sched_config.preemption_mode == "auto" else 0.0)
+        self._swap_out: list[tuple[int, int]] = []  # (block, slot) of this step's victims
+        self._swap_in: list[tuple[int, int]] = []  # (slot, block) of this step's resumed requests
+        self.num_swapped_out_total = 0
         self.waiting = make_queue(sched_config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -164,6 +184,7 @@ class Scheduler:
         for child in reversed(self.fork_waiting.pop(req.request_id, [])):
             self.waiting.add_front(child)  # the parent left before its prompt was computed
         del self.requests[req.request_id]
+        self.swap.release(req.request_id)  # a swapped-out request that ends while waiting
         self._finished_ids.add(req.request_id)
         ended_normally = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
         if req.hold_blocks and ended_normally:
@@ -209,8 +230,10 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled)
         self._last_num_tokens = self.config.max_num_batched_tokens - budget
         out = SchedulerOutput(scheduled, self._finished_ids, self._preempted_ids,
-                              blocks_to_copy=self.kv_cache_manager.take_copies())
+                              blocks_to_copy=self.kv_cache_manager.take_copies(),
+                              blocks_to_swap_out=self._swap_out, blocks_to_swap_in=self._swap_in)
         self._finished_ids, self._preempted_ids = set(), set()
+        self._swap_out, self._swap_in = [], []
         return out
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
@@ -218,8 +241,12 @@ class Scheduler:
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.peek()
             computed, num_cached = kvm.get_computed_blocks(req)
-            n = min(req.num_tokens - num_cached, budget)
-            block_ids = self._allocate(req, n, computed)
+            if self.swap.slots_of(req.request_id):
+                block_ids, num_cached = self._swap_in_blocks(req, computed, num_cached, budget)
+                n = min(req.num_tokens - num_cached, budget)
+            else:
+                n = min(req.num_tokens - num_cached, budget)
+                block_ids = self._allocate(req, n, computed)
             if block_ids is None:
                 break
             self.waiting.pop()
@@ -231,6 +258,28 @@ class Scheduler:
             scheduled.append(self._scheduled(req, n, block_ids))
             budget -= n
         return budget
+
+    def _swap_in_blocks(self, req: Request, computed, num_cached: int, budget: int
+                        ) -> tuple[list[int] | None, int]:
+        """Blocks for a swapped-out request: its prefix-cache hits, fresh blocks for the rest of its
+        swapped tokens (queued to be copied in from their slots) and for this step's new tokens.
+        Returns (block ids or None when the pool is short, tokens computed once the copies are done).
+
+            swapped 10 tokens (block_size 4) in slots [3, 4, 5]; a hit on the first block:
+            blocks [hit, fresh, fresh, ...]  slot 3 unused, slots 4 and 5 copied into the fresh two
+        """
+        slots, swapped = self.swap.slots_of(req.request_id), req.num_computed_tokens
+        resumed = max(swapped, num_cached)
+        n = min(req.num_tokens - resumed, budget)
+        req.num_computed_tokens = 0  # allocate_slots counts from the hits: fresh blocks cover the rest
+        block_ids = self._allocate(req, resumed - num_cached + n, computed)
+        req.num_computed_tokens = swapped
+        if block_ids is None:
+            return None, swapped
+        first = len(computed)  # the blocks before it came from the prefix cache
+        self._swap_in += [(slot, block_ids[j]) for j, slot in enumerate(slots) if j >= first]
+        self.swap.release(req.request_id)
+        return block_ids, resumed
 
     def _allocate(self, req: Request, n: int, computed=()) -> list[int] | None:
         """allocate_slots, giving back held blocks (oldest first) while the pool is short."""
@@ -251,7 +300,8 @@ class Scheduler:
             free -= need
             self.waiting.pop()
             req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = 0
+            req.num_computed_tokens = 0  # static batches recompute: any swapped blocks are dropped
+            self.swap.release(req.request_id)
             self.running.append(req)
 
     def _take_spec_tokens(self, req: Request) -> list[int]:
@@ -289,13 +339,27 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         req.spec_token_ids, req.spec_token_probs = [], None
         self.running.remove(req)
+        if not self._swap_out_blocks(req):
+            req.num_computed_tokens = 0
         self._free_blocks(req)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self._preempted_ids.add(req.request_id)
         self.waiting.add_front(req)
+
+    def _swap_out_blocks(self, req: Request) -> bool:
+        """Queue the copies of the blocks holding the victim's computed tokens into swap slots; False
+        (recompute) when the slots are short or the cost rule finds recomputing cheaper."""
+        blocks = self.kv_cache_manager.block_ids(req.request_id)[: -(-req.num_computed_tokens // self.block_size)]
+        if not blocks or req.num_computed_tokens < self.min_tokens_per_swapped_block * len(blocks):
+            return False
+        slots = self.swap.allocate(req.request_id, len(blocks))
+        if slots is None:
+            return False
+        self._swap_out += list(zip(blocks, slots))
+        self.num_swapped_out_total += 1
+        return True
 
     def _scheduled(self, req: Request, n: int, block_ids: list[int], drafts: list[int] = (),
                    probs=None) -> ScheduledRequest:
@@ -376,6 +440,9 @@ class Scheduler:
             kv_blocks_used=used,
             kv_blocks_total=kvm.num_blocks - 1,
             kv_blocks_touched=kvm.pool.num_touched,
+            num_swapped_out_total=self.num_swapped_out_total,
+            swap_slots_used=self.swap.num_slots - self.swap.num_free,
+            swap_slots_total=self.swap.num_slots,
             kv_usage=kvm.usage,
             prefix_cache_queries=q,
             prefix_cache_hits=h,

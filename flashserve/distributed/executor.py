@@ -47,6 +47,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     slots on all of them; a rank's blocks hold its own KV heads."""
     from flashserve.model.loader import load_model
     from flashserve.runner.kv_cache import allocate_kv_caches
+    from flashserve.runner.kv_swap import allocate_swap_space, num_swap_slots
 
     dtype = getattr(torch, config.dtype)
     model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization)
@@ -63,7 +64,8 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
                                    config.cache.kv_cache_dtype)
     # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers.
     return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
-                       use_decode_plan=tp_group is None)
+                       use_decode_plan=tp_group is None,
+                       swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)))
 
 
 def make_executor(config: EngineConfig, num_blocks: int, device: torch.device, tokenizer, guided,

@@ -26,6 +26,8 @@ class EngineArgs:
     kv_cache_fraction: float = 0.25  # cap of the default budget, as a fraction of available RAM
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
+    swap_space: int = 0  # bytes of host memory for preempted requests' KV blocks (0: none, always recompute)
+    preemption_mode: str = "auto"  # "auto" | "recompute" | "swap"
     scheduling: str = "continuous"
     policy: str = "fcfs"
     seed: int = 0
@@ -68,6 +70,7 @@ class EngineArgs:
                 kv_cache_fraction=self.kv_cache_fraction,
                 kv_cache_dtype=self.kv_cache_dtype,
                 enable_prefix_caching=self.enable_prefix_caching,
+                swap_space=self.swap_space,
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max(self.max_num_batched_tokens, 1),
@@ -75,6 +78,7 @@ class EngineArgs:
                 max_model_len=max_len,
                 scheduling=self.scheduling,
                 policy=self.policy,
+                preemption_mode=self.preemption_mode,
             ),
             speculative=self.create_speculative_config(),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,

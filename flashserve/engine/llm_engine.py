@@ -24,7 +24,9 @@ from flashserve.engine.input_processor import InputProcessor, PromptType
 from flashserve.engine.output_processor import OutputProcessor
 from flashserve.errors import InvalidRequestError
 from flashserve.outputs import RequestOutput
+from flashserve.core.swap_space import min_tokens_per_swapped_block
 from flashserve.runner.kv_cache import kv_bytes_per_block, num_blocks_for_budget
+from flashserve.runner.kv_swap import num_swap_slots
 from flashserve.sample.guided import GuidedDecoding
 from flashserve.spec_decode.proposer import make_proposer, propose_isolating_failures
 from flashserve.tokenizer.tokenizer import Tokenizer
@@ -76,7 +78,8 @@ class LLMEngine:
         self.executor = make_executor(config, self.num_blocks, self.device, self.tokenizer, self.guided,
                                       self.eos_token_ids)
         self.runner = self.executor.runner  # None when workers hold the model
-        self.scheduler = Scheduler(sc, config.cache, self.num_blocks)
+        self.scheduler = Scheduler(sc, config.cache, self.num_blocks, num_swap_slots(config),
+                                   min_tokens_per_swapped_block(mc, self.kv_block_bytes))
         # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
         self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
         self._propose_seconds = 0.0

@@ -8,8 +8,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from flashserve.config import (EXECUTOR_BACKENDS, KV_CACHE_DTYPES, POLICY_CHOICES, QUANTIZATION_CHOICES,
-                               SCHEDULING_CHOICES, SPECULATIVE_METHODS)
+from flashserve.config import (EXECUTOR_BACKENDS, KV_CACHE_DTYPES, POLICY_CHOICES, PREEMPTION_MODES,
+                               QUANTIZATION_CHOICES, SCHEDULING_CHOICES, SPECULATIVE_METHODS)
 from flashserve.engine.arg_utils import EngineArgs
 from flashserve.entrypoints.openai.tool_parsers import PARSERS
 from flashserve.errors import FlashserveError
@@ -42,6 +42,11 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV blocks of a shared prompt prefix")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--swap-space", type=int, default=d.swap_space, metavar="BYTES",
+                   help="host memory for the KV blocks of preempted requests, copied back when they resume")
+    p.add_argument("--preemption-mode", default=d.preemption_mode, choices=list(PREEMPTION_MODES),
+                   help="recompute a preempted request's KV, swap it out (recompute when the swap space is full), "
+                        "or auto: swap when copying costs less than recomputing")
     p.add_argument("--scheduling", default=d.scheduling, choices=list(SCHEDULING_CHOICES),
                    help="continuous batching, or the static baseline")
     p.add_argument("--policy", default=d.policy, choices=list(POLICY_CHOICES),

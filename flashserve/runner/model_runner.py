@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from flashserve.attention import kv_quant
 from flashserve.core.sched_output import HiddenRows, PromptLogprobs, RunnerOutput, SchedulerOutput
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
+from flashserve.runner.kv_swap import copy_kv_blocks
 from flashserve.sample.guided import GuidedDecoding
 from flashserve.sample.sampler import Sampler, SamplerOutput, SamplingMetadata, target_logprobs
 from flashserve.spec_decode.rejection_sampler import rejection_sample
@@ -23,12 +23,14 @@ PROMPT_LOGPROBS_ROWS = 256  # logits rows per slice: (256, vocab) float32 stays 
 
 class ModelRunner:
     def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device,
-                 guided: GuidedDecoding, use_decode_plan: bool = True):
+                 guided: GuidedDecoding, use_decode_plan: bool = True, swap_caches=()):
+        """`swap_caches`: the host swap space laid out like kv_caches (runner/kv_swap.py), or none."""
         self.model = model
         # Hand back each request's last hidden states (RunnerOutput.hidden_states): set by make_proposer
         # for a proposer drafting from them (Medusa, EAGLE); off, a step costs nothing more.
         self.expose_hidden_states = False
         self.kv_caches = kv_caches
+        self.swap_caches = swap_caches
         self.model.bind_kv_caches(kv_caches)
         # Pure decode steps run as one C++ call where the model allows (runner/decode_plan.py).
         self.decode_plan = build_decode_plan(model) if use_decode_plan else None
@@ -50,22 +52,15 @@ class ModelRunner:
             self.generators[request_id] = gen
         return gen
 
-    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write of shared blocks, in every layer, before this step writes into them."""
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            for cache in (k_cache, v_cache):
-                kv_quant.copy_blocks(cache, src, dst)
-
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
         self.guided.free(sched.finished_request_ids)
-        self._copy_blocks(sched.blocks_to_copy)
+        # Block copies before the forward, in the order core/scheduler.py explains.
+        copy_kv_blocks(self.kv_caches, self.swap_caches, sched.blocks_to_swap_out)
+        copy_kv_blocks(self.kv_caches, self.kv_caches, sched.blocks_to_copy)  # copy-on-write of shared blocks
+        copy_kv_blocks(self.swap_caches, self.kv_caches, sched.blocks_to_swap_in)
         scheduled = sched.scheduled
         request_ids = [r.request_id for r in scheduled]
         sampled_ids: list[list[int]] = [[] for _ in scheduled]
