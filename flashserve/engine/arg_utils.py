@@ -151,9 +151,12 @@ def resolve_dtype(dtype: str, model_path: str | None = None, quantization: str =
 
 def runs_on_quantized_kernels(model_path: str) -> bool:
     """True when most of the weights of a GGUF file's layers (by count) are of a type the packed
-    kernels take (the embedding is left out: it is read by row, not multiplied)."""
+    kernels take (the embedding is left out: it is read by row, not multiplied), and for a GPTQ/AWQ
+    checkpoint (its linears are 4-bit)."""
     if Path(model_path).is_dir():
-        return False
+        from flashserve.model.loader.hf import is_int4_checkpoint
+
+        return is_int4_checkpoint(model_path)
     from flashserve.model.loader.gguf_file import open_gguf
     from flashserve.quantization.gguf_method import KERNEL_TYPES
 

@@ -45,6 +45,8 @@ from flashserve.quantization.gguf_blocks import (
     int8_groups,
     q4k_factored,
 )
+from flashserve.quantization.int4_format import Int4Groups
+from flashserve.quantization.int4_method import pack_int4_groups
 from flashserve.quantization.packed import (
     DenseWeight,
     GroupQuantWeight,
@@ -62,10 +64,12 @@ INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})
 KERNEL_TYPES = INT4_TYPES | INT8_TYPES  # GGUF types that run packed rather than dequantized
 _ROWS = 4096  # rows dequantized at a time while requantizing (bounds the float32 copy)
 
-Part = GGUFTensor | torch.Tensor  # a dense part arrives as a float tensor
+Part = GGUFTensor | Int4Groups | torch.Tensor  # a dense part arrives as a float tensor
 
 
 def kind_of(part: Part, own_kernels: bool) -> str:
+    if isinstance(part, Int4Groups):  # a GPTQ/AWQ checkpoint's linear (int4_method.py)
+        return "int4_groups"
     if isinstance(part, GGUFTensor):
         if part.qtype in INT4_TYPES:
             return "int4"
@@ -85,9 +89,9 @@ def pack_linear(parts: list[Part], dtype: torch.dtype, own_kernels: bool | None 
     """One weight for parts stacked along the output rows (q|k|v, gate|up, or a single part);
     None when no part has a quantized kernel (the caller keeps its float weight).
     own_kernels: this project's C++ kernel (True) or torch's (False); None: ours when it built."""
-    if all(isinstance(p, torch.Tensor) or p.qtype not in KERNEL_TYPES for p in parts):
-        return None
     own = _own_kernels() if own_kernels is None else own_kernels
+    if all(kind_of(p, own) == "dense" for p in parts):
+        return None
     kinds = _merged_kinds([kind_of(p, own) for p in parts])
     segments = [_pack(kind, [p for _, p in run], dtype, own)
                 for kind, run in itertools.groupby(zip(kinds, parts), key=lambda kp: kp[0])]
@@ -112,6 +116,8 @@ def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupW
 
 
 def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -> PackedWeight:
+    if kind == "int4_groups":
+        return pack_int4_groups(parts, own_kernels)
     if kind == "int4":
         if own_kernels and all(p.qtype == Q.Q4_K for p in parts):  # the file's own factors (factored tables)
             codes, scale, zero = zip(*(_q4k_weight(p) for p in parts))

@@ -14,6 +14,7 @@
     Int8GroupWeight  the same kernel once per group of 32 along K (Q8_0's form), for embeddings.
     DenseWeight  F.linear on a float weight, for parts no kernel takes.
     RowSegments  several of the above stacked along N (a merged q|k|v whose parts differ in type).
+    PermutedInput  x's columns gathered into another order before one of the above (GPTQ act-order).
 
 torch's two kernels (the fallback without a C++ compiler) require the activation, the scales and
 the output in one dtype, and only their bfloat16 paths are vectorized: x is rounded to bfloat16
@@ -303,6 +304,26 @@ class DenseWeight(PackedWeight):
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self.weight[start:end].float()
+
+
+class PermutedInput(PackedWeight):
+    """x gathered into the column order `order` before the inner weight: a weight whose groups hold
+    scattered input columns (a GPTQ act-order checkpoint) runs as one whose groups are consecutive."""
+
+    def __init__(self, order: torch.Tensor, inner: PackedWeight):
+        super().__init__()
+        self.inner = inner
+        self.order = _param(order.to(torch.int64))  # (K,) checkpoint column of the inner weight's column j
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.index_select(-1, self.order))
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        inner = self.inner.dequantize(start, end)  # (rows, K), columns in the inner order
+        w = torch.empty_like(inner)
+        w[:, self.order] = inner
+        return w
 
 
 class RowSegments(PackedWeight):

@@ -27,10 +27,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                quantization: str = "none"):
     """Returns (model in eval mode on `device`, its ModelConfig).
 
-    quantization: "none" dequantizes every weight to `dtype`; "weight-only" keeps a GGUF file's
-    quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization) and multiplies
-    them with float activations; "auto" does too, but the project's kernel rounds activations to
-    int8 per group of 32 (llama.cpp's arithmetic; faster, see benchmarks/RESULTS.md)."""
+    quantization: "none" dequantizes every weight to `dtype`; "weight-only" keeps a GGUF file's (or a
+    GPTQ/AWQ checkpoint's) quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization)
+    and multiplies them with float activations; "auto" does too, but for a GGUF file the project's
+    kernel rounds activations to int8 per group of 32 (llama.cpp's arithmetic; faster, see
+    benchmarks/RESULTS.md). A GPTQ/AWQ checkpoint keeps float activations under "auto"."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
     cfg = load_model_config(path)
@@ -43,9 +44,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     finally:
         torch.set_default_dtype(previous)
     if Path(path).is_dir():
-        from flashserve.model.loader.hf import iter_safetensors
+        from flashserve.model.loader.hf import iter_hf_weights
 
-        model.load_weights(iter_safetensors(path), hf_checkpoint=True)
+        model.load_weights(iter_hf_weights(path, keep_quantized=quantization != "none"), hf_checkpoint=True)
     else:
         from flashserve.model.loader.gguf import iter_gguf_tensors
         from flashserve.model.loader.gguf_file import open_gguf

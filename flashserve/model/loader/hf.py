@@ -1,4 +1,7 @@
-"""Hugging Face model directory (config.json + *.safetensors) → ModelConfig and named tensors."""
+"""Hugging Face model directory (config.json + *.safetensors) → ModelConfig and named tensors.
+
+A GPTQ or AWQ checkpoint (config.json's quantization_config) has each linear as packed 4-bit tensors;
+they arrive gathered into one weight per linear (quantization/int4_format.py)."""
 from __future__ import annotations
 
 import json
@@ -10,17 +13,23 @@ import torch
 from flashserve.config import ModelConfig
 from flashserve.errors import ModelFormatError
 from flashserve.model.models.registry import SUPPORTED
+from flashserve.quantization.int4_format import Int4Groups, int4_format, read_int4
 
 # HF model_type → our architecture key
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
+def _read_config(path: str) -> dict:
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{f}: unreadable ({exc})") from None
+
+
 def hf_model_config(path: str) -> ModelConfig:
     d = Path(path)
-    try:
-        raw = json.loads((d / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{d / 'config.json'}: unreadable ({exc})") from None
+    raw = _read_config(path)
     c = raw.get("text_config", raw) if raw.get("model_type") == "gemma3" else raw
     model_type = c.get("model_type", raw.get("model_type"))
     arch = _ARCH.get(model_type)
@@ -113,3 +122,16 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 mapped = _text_name(name)
                 if mapped is not None:
                     yield mapped, handle.get_tensor(name)
+
+
+def iter_hf_weights(path: str, keep_quantized: bool) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
+    """The directory's tensors; a GPTQ/AWQ linear as one Int4Groups weight (keep_quantized) or dequantized."""
+    raw = _read_config(path)
+    fmt = int4_format(raw.get("quantization_config"), f"{path}/config.json")
+    tensors = iter_safetensors(path)
+    return tensors if fmt is None else read_int4(tensors, fmt, keep_quantized)
+
+
+def is_int4_checkpoint(path: str) -> bool:
+    """Whether config.json declares a GPTQ/AWQ checkpoint (one flashserve reads, or an error)."""
+    return int4_format(_read_config(path).get("quantization_config"), f"{path}/config.json") is not None

@@ -14,6 +14,10 @@ from flashserve.model.layers.embedding import VocabEmbedding
 from flashserve.model.layers.linear import Linear, MergedLinear
 from flashserve.quantization.gguf_blocks import GGUFTensor
 from flashserve.quantization.gguf_method import pack_embedding, pack_linear
+from flashserve.quantization.int4_format import Int4Groups
+
+# Weights that arrive quantized: GGUF blocks, or a GPTQ/AWQ checkpoint's 4-bit linear
+Quantized = GGUFTensor | Int4Groups
 
 # checkpoint projection name → (fused module name, part)
 _FUSED = {
@@ -62,15 +66,15 @@ class CausalLM(nn.Module):
         """Hook for HF-checkpoint conventions that differ from our parameters (Gemma's norms)."""
         return tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFTensor]], hf_checkpoint: bool) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Quantized]], hf_checkpoint: bool) -> None:
         """Copy (HF-style name, tensor) pairs into the parameters; every parameter must be filled.
-        A GGUFTensor (quantized blocks, when quantized execution is on) becomes a packed weight
-        of the Linear or embedding it belongs to; merged parts are packed together at the end."""
+        A quantized weight (GGUF blocks or a GPTQ/AWQ linear, when quantized execution is on) becomes
+        a packed weight of the Linear or embedding it belongs to; merged parts are packed together at the end."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         dtype = self.dtype
         filled: set[str] = set()
-        quantized_parts: dict[str, dict[str, GGUFTensor]] = {}  # merged module → part → blocks
+        quantized_parts: dict[str, dict[str, Quantized]] = {}  # merged module → part → blocks
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -85,14 +89,14 @@ class CausalLM(nn.Module):
                 target = modules.get(f"{parent}.{fused}")
                 if not isinstance(target, MergedLinear):
                     raise ModelFormatError(f"checkpoint tensor {name!r} has no place in this model")
-                if isinstance(tensor, GGUFTensor) and kind == "weight":
+                if isinstance(tensor, Quantized) and kind == "weight":
                     _check_shape(name, (target.part_offsets[part][1], target.in_features), tensor.shape)
                     quantized_parts.setdefault(f"{parent}.{fused}", {})[part] = tensor
                 else:
                     target.load_part(part, kind, _as_float(tensor))
                 filled.add(f"{parent}.{fused}.{kind}:{part}")
                 continue
-            if isinstance(tensor, GGUFTensor):
+            if isinstance(tensor, Quantized):
                 if kind == "weight" and _load_quantized(modules.get(module_name), name, tensor, dtype):
                     tensor.release_pages()
                     filled.add(name)
@@ -134,8 +138,8 @@ class CausalLM(nn.Module):
             raise ModelFormatError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def _as_float(tensor: torch.Tensor | GGUFTensor) -> torch.Tensor:
-    return torch.from_numpy(tensor.dequantize()) if isinstance(tensor, GGUFTensor) else tensor
+def _as_float(tensor: torch.Tensor | Quantized) -> torch.Tensor:
+    return torch.from_numpy(tensor.dequantize()) if isinstance(tensor, Quantized) else tensor
 
 
 def _check_shape(name: str, expected: tuple, got: tuple) -> None:
@@ -143,9 +147,9 @@ def _check_shape(name: str, expected: tuple, got: tuple) -> None:
         raise ModelFormatError(f"{name}: expected shape {tuple(expected)}, file has {tuple(got)}")
 
 
-def _load_quantized(module, name: str, tensor: GGUFTensor, dtype: torch.dtype) -> bool:
+def _load_quantized(module, name: str, tensor: Quantized, dtype: torch.dtype) -> bool:
     """Pack `tensor` into `module` if it is a Linear or the embedding; False if it stays a float weight."""
-    if isinstance(module, VocabEmbedding):
+    if isinstance(module, VocabEmbedding) and isinstance(tensor, GGUFTensor):
         _check_shape(name, (module.num_embeddings, module.embedding_dim), tensor.shape)
         module.set_quantized(pack_embedding(tensor))
         return True
