@@ -1,4 +1,4 @@
-"""Command line: flashserve fetch | generate | chat | serve | bench."""
+"""Command line: flashserve fetch | generate | chat | serve | bench | quantize."""
 from __future__ import annotations
 
 import argparse
@@ -201,6 +201,20 @@ def cmd_train_heads(a) -> None:
     train_main(a.bench_args)
 
 
+def cmd_quantize(a) -> None:
+    from tqdm import tqdm
+
+    from flashserve.quantization.quantize import QuantizeArgs, quantize_model
+
+    args = QuantizeArgs(method=a.method, model=a.model, out=a.out, group_size=a.group_size, calib=a.calib,
+                        act_order=a.act_order)
+    summary = quantize_model(args, progress=lambda layers: tqdm(layers, desc=f"{a.method}", unit="layer"))
+    for note in summary["notes"]:
+        print(note)
+    print(f"wrote {a.out} ({a.method}, group size {a.group_size}, {summary['calibration_tokens']} calibration "
+          f"tokens); peak memory {summary['peak_rss_mib']:.0f} MiB")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                    help="the format of the model's tool calls (default: read from its chat template)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="write a 4-bit GPTQ or AWQ checkpoint (Hugging Face format) of a float "
+                                        "model, calibrated on a text file")
+    p.add_argument("--method", required=True, choices=["gptq", "awq", "rtn", "rtn-sym"],
+                   help="rtn / rtn-sym: round-to-nearest baselines in the AWQ / GPTQ format")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the float model: an HF directory, or a .gguf file or built-in name (dequantized)")
+    p.add_argument("--out", required=True, help="the checkpoint directory to create (must not exist)")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text (default: the GNU GPL v3 text Debian ships in its common licences)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation (desc_act)")
+    p.set_defaults(func=cmd_quantize)
 
     # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed;
     # `flashserve bench --startup [--help]` runs benchmarks/startup.py instead.
