@@ -60,7 +60,10 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future | None = None  # the step thread's loop, once started
         self.on_finished = None  # optional callback(RequestOutput) for metrics
-        self.on_aborted = None  # optional callback() when a client goes away mid-request
+        self._ended: set[str] = set()  # requests the caller ended (end()), not left
+        # optional callback(outcome) when a request stops before it finished: "abort" when its
+        # client went away, "ended" when the caller ended it (end())
+        self.on_aborted = None
         self.on_dead = None  # optional callback() once the engine's workers have failed
         self.dead: WorkerError | None = None
         self.stats = engine.get_stats()  # EngineStats as of the last step or applied add/abort
@@ -108,9 +111,19 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
+                outcome = "abort"
+                if rid in self._ended:
+                    self._ended.discard(rid)
+                    outcome = "ended"
                 self.abort(rid)
                 if self.on_aborted:
-                    self.on_aborted()
+                    self.on_aborted(outcome)
+
+    def end(self, request_id: str) -> None:
+        """The caller has what it wants of a request the model has not finished (a tool call under
+        parallel_tool_calls=false). The caller then closes its stream, which aborts the request (its
+        tokens stop, its KV blocks are freed), counted as ended rather than as a client gone."""
+        self._ended.add(request_id)
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

@@ -51,6 +51,7 @@ class EngineStats(SchedulerStats):
     kv_cache_bytes_reserved: int
     kv_cache_bytes_touched: int
     spec_propose_seconds_total: float = 0.0  # wall time the proposer spent drafting since start
+    tokens_sampled_total: int = 0  # tokens the model sampled since start, aborted requests' included
 
 
 class LLMEngine:
@@ -83,6 +84,7 @@ class LLMEngine:
         # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
         self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
         self._propose_seconds = 0.0
+        self._tokens_sampled = 0
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -136,6 +138,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         runner_out = self.executor.execute(sched_out)
+        self._tokens_sampled += sum(map(len, runner_out.sampled_token_ids))
         changed = self.scheduler.update_from_output(sched_out, runner_out)
         logprobs = {rid: lp for rid, lp in zip(runner_out.request_ids, runner_out.logprobs or []) if lp}
         prompt_lps = {rid: c for rid, c in zip(runner_out.request_ids, runner_out.prompt_logprobs or []) if c}
@@ -185,4 +188,5 @@ class LLMEngine:
         s = self.scheduler.get_stats()
         return EngineStats(**vars(s), kv_cache_bytes_reserved=self.num_blocks * self.kv_block_bytes,
                            kv_cache_bytes_touched=s.kv_blocks_touched * self.kv_block_bytes,
-                           spec_propose_seconds_total=self._propose_seconds)
+                           spec_propose_seconds_total=self._propose_seconds,
+                           tokens_sampled_total=self._tokens_sampled)

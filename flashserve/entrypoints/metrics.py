@@ -34,6 +34,9 @@ class ServerMetrics:
         self.spec_propose_seconds = Gauge("flashserve_spec_decode_proposer_seconds",
                                           "Wall seconds the speculative proposer spent drafting since start",
                                           registry=r)
+        self.tokens_sampled = Gauge("flashserve_engine_sampled_tokens",
+                                    "Tokens the model sampled since start, those of aborted requests included",
+                                    registry=r)
         self.prefix_hit_rate = Gauge("flashserve_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens)",
                                      registry=r)
 
@@ -67,3 +70,4 @@ class ServerMetrics:
         self.spec_draft_tokens.set(stats.spec_draft_tokens_total)
         self.spec_accepted_tokens.set(stats.spec_accepted_tokens_total)
         self.spec_propose_seconds.set(stats.spec_propose_seconds_total)
+        self.tokens_sampled.set(stats.tokens_sampled_total)

@@ -8,7 +8,10 @@ bad tools or tool_choice get a 400 naming the problem."""
 from __future__ import annotations
 
 import json
+import re
+import time
 
+import httpx
 import jsonschema_rs
 import openai
 import pytest
@@ -130,6 +133,59 @@ def test_parallel_tool_calls_false_makes_one_call(server):
     s = streamed(c, **kw)
     assert [(t.function.name, t.function.arguments) for t in s.message.tool_calls] == \
         [(t.function.name, t.function.arguments) for t in r.message.tool_calls]
+
+
+# Under "auto", a regex that makes SmolLM2 write two Hermes calls and then a run of text: the
+# output the model would give without parallel_tool_calls=false.
+FIRST_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TWO_CALLS_AND_TEXT = (FIRST_CALL + '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}'
+                      '\n</tool_call>\n' + "Both calls are on their way, with their answers to follow. " * 4)
+
+
+def literal_regex(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\.^$*+?{}[]|()" else "\\n" if ch == "\n" else ch for ch in text)
+
+
+def metric(base, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", httpx.get(f"{base}/metrics", timeout=10).text, re.M).group(1))
+
+
+def sampled_by(base, ask) -> tuple[object, float]:
+    """(ask()'s result, tokens the engine sampled for it): read once no request is left running,
+    so that the steps in flight when it was ended are counted too."""
+    before = metric(base, "flashserve_engine_sampled_tokens")
+    result = ask()
+    deadline = time.time() + 30
+    while metric(base, "flashserve_num_requests_running") and time.time() < deadline:
+        time.sleep(0.05)
+    return result, metric(base, "flashserve_engine_sampled_tokens") - before
+
+
+def test_parallel_tool_calls_false_ends_the_request_after_the_first_call(server):
+    """The model would write two calls and more text (the regex); with parallel_tool_calls=false
+    the reply holds the first call alone, finish_reason "tool_calls", and the engine stops
+    sampling within a few tokens of that call's closing brace, streamed or not."""
+    from flashserve.tokenizer.tokenizer import Tokenizer
+
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, messages=TWO_CITIES, tools=TOOLS, temperature=0, max_tokens=200,
+              extra_body={"guided_regex": literal_regex(TWO_CALLS_AND_TEXT)})
+    both, sampled_both = sampled_by(base, lambda: c.chat.completions.create(**kw))
+    assert [t.function.name for t in both.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+    first_call_tokens = len(Tokenizer.from_model_path(model).encode(FIRST_CALL, add_special_tokens=False))
+    assert sampled_both >= both.usage.completion_tokens > first_call_tokens + 40
+    slack = 4  # steps that ran between the call's last token and the abort
+    for ask in (lambda: c.chat.completions.create(parallel_tool_calls=False, **kw),
+                lambda: streamed(c, parallel_tool_calls=False, stream_options={"include_usage": True}, **kw)):
+        one, sampled = sampled_by(base, ask)
+        choice = one.choices[0] if hasattr(one, "choices") else one
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls] == \
+            [("get_weather", {"city": "Paris"})]
+        assert first_call_tokens <= sampled <= first_call_tokens + slack, (sampled, first_call_tokens)
+    usage = c.chat.completions.create(parallel_tool_calls=False, **kw).usage
+    assert first_call_tokens <= usage.completion_tokens <= first_call_tokens + slack
 
 
 def test_tool_choice_none_renders_and_reads_no_tools(server):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from flashserve.entrypoints.openai.json_scan import BAD, END, REST, JsonScan
 from flashserve.entrypoints.openai.tool_choice import NamedCallReader
 from flashserve.entrypoints.openai.tool_parsers import (HERMES, LLAMA3_JSON, REQUIRED, Event, ToolCall, ToolCallReader,
-                                                        merged, parser_name_for_template, read_whole)
+                                                        joined, merged, parser_name_for_template, read_whole)
 
 
 def calls(*pairs) -> list[ToolCall]:
@@ -145,13 +145,27 @@ def test_no_call_is_given_out_before_its_name_and_arguments_begin():
         [Event("call", 0, "get_time"), Event("args", 0, "{")]
 
 
-def test_parallel_tool_calls_false_keeps_the_first_call():
+def test_parallel_tool_calls_false_reads_up_to_the_end_of_the_first_call():
+    """With max_calls=1 a reader is complete once its call has ended, and reads nothing after it
+    (the server ends the request there); before that it is not."""
     text = f"Both:\n<tool_call>\n{PARIS_CALL}\n</tool_call>\n<tool_call>\n{TOKYO_CALL}\n</tool_call>\nDone."
-    assert read_whole(ToolCallReader(HERMES, max_calls=1), text) == ("Both:\nDone.", calls(WEATHER_PARIS))
+    assert read_whole(ToolCallReader(HERMES, max_calls=1), text) == ("Both:", calls(WEATHER_PARIS))
     assert read_whole(ToolCallReader(REQUIRED, max_calls=1), f"[{PARIS_CALL}, {TOKYO_CALL}]") == \
         ("", calls(WEATHER_PARIS))
+    end = text.index(PARIS_CALL) + len(PARIS_CALL)  # where the first call's JSON closes
+    for cut in range(len(text) + 1):
+        r = ToolCallReader(HERMES, max_calls=1)
+        r.feed(text[:cut], final=False)
+        assert r.complete == (cut >= end), cut
+    unbounded = ToolCallReader(HERMES)
+    unbounded.feed(text, final=False)
+    assert not unbounded.complete
     whole = ToolCallReader(HERMES, max_calls=1).feed(text, final=True)
     assert streamed(ToolCallReader(HERMES, max_calls=1), text, range(1, len(text))) == whole
+    # a call that breaks after its name ends the reading too: its arguments end where they got to
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call> ok'
+    r = ToolCallReader(HERMES, max_calls=1)
+    assert joined(r.feed(broken, final=False)) == ("", [ToolCall("get_weather", '{"city":')]) and r.complete
 
 
 def test_named_call_reader():

@@ -39,7 +39,7 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting, engine_thread=engine_thread)
     metrics = ServerMetrics()
     async_engine.on_finished = metrics.observe_finished
-    async_engine.on_aborted = lambda: metrics.observe_outcome("abort")
+    async_engine.on_aborted = metrics.observe_outcome
     serving = Serving(async_engine, model_names[0], tool_call_parser)
 
     @asynccontextmanager

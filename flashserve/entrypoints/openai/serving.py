@@ -12,7 +12,7 @@ from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
-from flashserve.entrypoints.openai.tool_parsers import ToolCall, read_whole
+from flashserve.entrypoints.openai.tool_parsers import ToolCall, joined
 from flashserve.entrypoints.openai.tool_prompt import template_messages
 from flashserve.sampling_params import GuidedDecodingParams, SamplingParams
 
@@ -253,45 +253,67 @@ class Serving:
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                  guided=plan.guided)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        readers = [plan.new_reader() for _ in range(req.n)]
         if req.stream:
-            return self._stream_chat(req, ids, params, rid, created, plan.new_reader)
-        (out,) = await self._run([ids], params, req.priority)
+            return self._stream_chat(req, ids, params, rid, created, readers)
+        events: list[list] = [[] for _ in readers]
+        out = None
+        async for out, new in self._read_chat(rid, ids, params, req.priority, readers):
+            for i, e in new.items():
+                events[i] += e
         choices = []
         for c in out.outputs:
-            content, calls = read_whole(plan.new_reader(), c.text)
+            content, calls = joined(events[c.index])
             message, finish = {"role": "assistant", "content": content}, c.finish_reason
             if calls:
                 message["content"] = content or None
                 message["tool_calls"] = [tool_call_json(call) for call in calls]
-                finish = tool_finish_reason(finish)
+                finish = tool_finish_reason(finish, readers[c.index].complete)
             choices.append({"index": c.index, "message": message, "finish_reason": finish,
                             "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self._usage([out])}
 
-    async def _stream_chat(self, req, ids, params, rid, created, new_reader) -> AsyncIterator[str]:
+    async def _read_chat(self, rid, ids, params, priority, readers) -> AsyncIterator[tuple]:
+        """(output, {sample index: events its reader read}) each time the engine gives an output.
+        Once every reader is complete (parallel_tool_calls=false: it has its one call) the request
+        ends there: the model spends no more tokens on it and its KV blocks are freed."""
+        gen = self.engine.generate({"prompt_token_ids": ids}, params, request_id=rid, priority=priority)
+        try:
+            async for out in gen:
+                yield out, {c.index: readers[c.index].feed(c.text, c.finish_reason is not None) for c in out.outputs}
+                if not out.finished and all(r.complete for r in readers):
+                    self.engine.end(rid)
+                    return
+        finally:
+            await gen.aclose()
+
+    async def _stream_chat(self, req, ids, params, rid, created, readers) -> AsyncIterator[str]:
         def chunk(choices, usage=None):
             return sse_chunk(rid, "chat.completion.chunk", created, self.model_name, choices, usage)
 
-        gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
-        readers = [new_reader() for _ in range(req.n)]
         called = [False] * req.n  # the output holds a tool call
+        ended = [False] * req.n  # its finish reason was sent
         toks = [0] * req.n  # tokens whose logprobs were sent
         final = None
+        reading = self._read_chat(rid, ids, params, req.priority, readers)
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(req.n)])
-            async for out in gen:
+            async for out, events in reading:
                 final = out
                 rounds: list[list[dict]] = []  # rounds[k]: the k-th delta of each output that has one
                 for c in out.outputs:
                     i, finish = c.index, c.finish_reason
-                    deltas = stream_deltas(readers[i].feed(c.text, finish is not None))
+                    if ended[i]:
+                        continue
+                    deltas = stream_deltas(events[i])
                     called[i] = called[i] or any("tool_calls" in d for d in deltas)
                     if called[i]:
-                        finish = tool_finish_reason(finish)
+                        finish = tool_finish_reason(finish, readers[i].complete)
                     if not deltas and finish is None:
                         continue  # nothing settled: the logprobs wait for the next delta
+                    ended[i] = finish is not None
                     lp = None
                     if c.logprobs is not None and len(c.token_ids) > toks[i]:
                         lp = self._chat_logprobs(c.token_ids[toks[i]:], c.logprobs[toks[i]:], req.top_logprobs or 0)
@@ -310,7 +332,7 @@ class Serving:
         except Exception as exc:
             yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
         finally:
-            await gen.aclose()
+            await reading.aclose()
 
 
 def stream_deltas(events) -> list[dict]:
@@ -334,10 +356,11 @@ def tool_call_json(call) -> dict:
             "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def tool_finish_reason(engine_reason: str | None) -> str | None:
+def tool_finish_reason(engine_reason: str | None, complete: bool) -> str | None:
     """The finish reason of an output that holds tool calls: "tool_calls" when the model ended
-    its turn, "length" when it was cut short (its calls may be incomplete)."""
-    return "tool_calls" if engine_reason == "stop" else engine_reason
+    its turn or the reader has all the calls it takes (complete), "length" when it was cut short
+    (its calls may be incomplete)."""
+    return "tool_calls" if engine_reason == "stop" or complete else engine_reason
 
 
 def sse_chunk(rid: str, kind: str, created: int, model: str, choices: list, usage: dict | None = None) -> str:

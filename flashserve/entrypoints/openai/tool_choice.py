@@ -6,7 +6,8 @@ parser: text that is no call stays content. "required" and a named function use 
 output so that the model cannot answer without a valid call: "required" constrains the output
 to a JSON array of calls (each a declared name with arguments valid for that tool's schema), a
 named function to that function's arguments object. parallel_tool_calls=false allows one call:
-"auto" keeps the first the model writes, "required" constrains the array to one item.
+"auto" keeps the first the model writes and the request ends as soon as it has ended, "required"
+constrains the array to one item (and ends the same way, before the array's closing bracket).
 """
 from __future__ import annotations
 
@@ -40,12 +41,15 @@ class ToolSupport:
 class ToolPlan:
     tools: list[dict] | None  # for the prompt; None: no tools
     guided: GuidedDecodingParams | None  # the forcing constraint of "required" or a named function
-    new_reader: Callable[[], object]  # a reader per output (tool_parsers.py): .feed(text, final) → events
+    # a reader per output (tool_parsers.py): .feed(text, final) → events; .complete: it wants no more text
+    new_reader: Callable[[], object]
 
 
 class NamedCallReader:
     """Output under a named function's constraint: its arguments object, a call from the first
     character on. If it breaks off (max_tokens), the arguments end where they had got to."""
+
+    complete = False  # the constraint ends the output after the one object
 
     def __init__(self, name: str):
         self.name = name
@@ -75,6 +79,8 @@ class NamedCallReader:
 
 class PlainTextReader:
     """No tools: the output is content as written."""
+
+    complete = False
 
     def __init__(self):
         self.fed = 0

@@ -19,8 +19,10 @@ later text can take it back:
   `</tool_call>`, or to the end of the message for calls written without tags.
 
 Content around calls loses the blanks next to them, and the runs of content on either side of a
-call are joined by a newline. Calls beyond `max_calls` (parallel_tool_calls=false) are read and
-dropped: neither calls nor content.
+call are joined by a newline. A reader with `max_calls` (1 under parallel_tool_calls=false) reads
+no further once it has given out that many calls and the last of them has ended (its JSON closed
+or broken): it is then `complete`, and the server ends the request there, so that the model
+spends no tokens on text nobody reads and a stream and a reply read the same text.
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ class _CallObject:
         self.args_keys = args_keys
         self.name: str | None = None
         self.string_args: str | None = None  # arguments written as a JSON string, decoded
-        self.index: int | None = None  # None: not (yet) a call, or one beyond max_calls
+        self.index: int | None = None  # None: not (yet) a call
         self.committed = False
         self.sent = 0  # characters of the arguments given out
 
@@ -167,9 +169,16 @@ class ToolCallReader:
         self.array_expect = ""  # in an array: first | item | after
         self.obj: _CallObject | None = None
 
+    @property
+    def complete(self) -> bool:
+        """The output needs no more text: max_calls calls are out and the last has ended."""
+        return self.max_calls is not None and self.calls >= self.max_calls and self.obj is None
+
     def feed(self, text: str, final: bool) -> list[Event]:
         assert len(text) >= self.fed, "the output text only grows"
         for ch in text[self.fed:]:
+            if self.complete:
+                break
             self._char(ch)
         self.fed = len(text)
         if final:
@@ -316,9 +325,8 @@ class ToolCallReader:
         obj.committed = True
         self.attempt_calls += 1
         self.pending, self.blank, self.after_call = [], "", True
-        if self.max_calls is None or self.calls < self.max_calls:
-            obj.index, self.calls = self.calls, self.calls + 1
-            self.events.append(Event("call", obj.index, obj.name))
+        obj.index, self.calls = self.calls, self.calls + 1
+        self.events.append(Event("call", obj.index, obj.name))
 
     def _take_args(self) -> None:
         obj = self.obj
@@ -395,8 +403,13 @@ def merged(events: list[Event]) -> list[Event]:
 
 def read_whole(reader, text: str) -> tuple[str, list[ToolCall]]:
     """The whole output at once: (content, calls)."""
+    return joined(reader.feed(text, final=True))
+
+
+def joined(events: list[Event]) -> tuple[str, list[ToolCall]]:
+    """A reader's events, all of them: (content, calls)."""
     content, names, args = "", [], []
-    for e in reader.feed(text, final=True):
+    for e in events:
         if e.kind == "content":
             content += e.text
         elif e.kind == "call":
