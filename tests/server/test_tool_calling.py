@@ -270,13 +270,20 @@ def qwen_server(qwen05_gguf):
         yield s
 
 
+SEARCH = {"type": "function", "function": {
+    "name": "search_web", "description": "Search the web for a query",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}
+
+
 @pytest.mark.slow
-def test_auto_qwen_calls_get_weather_for_paris(qwen_server):
-    """At temperature 0 Qwen2.5-Coder-0.5B answers this with a get_weather call (measured); the
-    server must hand it back as a parsed call, streamed or not."""
+@pytest.mark.parametrize("tools", [TOOLS, [*TOOLS, SEARCH]], ids=["bare-json", "fenced-json"])
+def test_auto_qwen_calls_get_weather_for_paris(qwen_server, tools):
+    """At temperature 0 Qwen2.5-Coder-0.5B answers this with a get_weather call (measured): a bare
+    JSON object with two tools offered, a fenced ```json block with three; the server must hand
+    it back as a parsed call, streamed or not."""
     base, model = qwen_server
     c = client(base)
-    kw = dict(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=40)
+    kw = dict(model=model, messages=ASK, tools=tools, temperature=0, max_tokens=60)
     for choice in (c.chat.completions.create(**kw).choices[0], streamed(c, **kw)):
         assert choice.finish_reason == "tool_calls" and not choice.message.content
         assert_valid_calls(choice.message.tool_calls, ["get_weather"])

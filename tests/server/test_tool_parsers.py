@@ -85,10 +85,48 @@ REQUIRED_CASES = [
     ('[{"name": "get_weather", "arguments": {"city": "Par', "", [ToolCall("get_weather", '{"city": "Par')]),
 ]
 
-CASES = ([(HERMES, *c) for c in HERMES_CASES] + [(LLAMA3_JSON, *c) for c in LLAMA3_CASES] +
-         [(REQUIRED, *c) for c in REQUIRED_CASES])
-IDS = [f"{'hermes' if f is HERMES else 'llama3' if f is LLAMA3_JSON else 'required'}-{i}"
-       for i, (f, *_) in enumerate(CASES)]
+# Qwen2.5-Coder-0.5B (Q4_K_M) at temperature 0 with the tools get_weather, get_time and search_web
+# offered through its own chat template: its literal outputs, fenced ```json blocks instead of tags.
+OFFERED = ("get_weather", "get_time", "search_web")
+QWEN_PARIS = ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n    "unit": "celsius"\n'
+              '  }\n}\n```')  # "What is the weather like in Paris today?"
+QWEN_SEARCH = ('```json\n{\n  "name": "search_web",\n  "arguments": {\n    "query": "latest python release"\n  }\n}'
+               '\n```')  # "Search the web for the latest Python release."
+QWEN_CITIES = ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": ["Paris", "London", "Rome"]\n'
+               '  }\n}\n```')  # "Get the weather for each of these cities: Paris, London, Rome."
+# tools it was not offered (only get_weather and get_time were): content, as written
+QWEN_ADD = ('```json\n{\n  "name": "add_numbers",\n  "arguments": {\n    "a": 5,\n    "b": 3\n  }\n}\n```')
+QWEN_FLIGHTS = ('```json\n{\n  "name": "get_flights",\n  "arguments": {\n    "city": "Paris",\n    "unit": "celsius"\n'
+                '  }\n}\n```')
+PARIS_ARGS = '{\n    "city": "Paris",\n    "unit": "celsius"\n  }'
+
+FENCED_CASES = [
+    (QWEN_PARIS, "", [ToolCall("get_weather", PARIS_ARGS)]),
+    (QWEN_SEARCH, "", [ToolCall("search_web", '{\n    "query": "latest python release"\n  }')]),
+    (QWEN_CITIES, "", [ToolCall("get_weather", '{\n    "city": ["Paris", "London", "Rome"]\n  }')]),
+    (QWEN_ADD, QWEN_ADD, []),
+    (QWEN_FLIGHTS, QWEN_FLIGHTS, []),
+    # several blocks, text around them, an array in one block
+    (f"{QWEN_PARIS}\n{QWEN_SEARCH}", "", [ToolCall("get_weather", PARIS_ARGS),
+                                          ToolCall("search_web", '{\n    "query": "latest python release"\n  }')]),
+    (f"Sure, let me check.\n\n{QWEN_PARIS}\n\nOne moment.", "Sure, let me check.\nOne moment.",
+     [ToolCall("get_weather", PARIS_ARGS)]),
+    (f"```json\n[{PARIS_CALL}, {TOKYO_CALL}]\n```", "", calls(WEATHER_PARIS, TIME_TOKYO)),
+    # one offered name does not make a block of others a call; JSON that is no call, code, inline code
+    (f"{QWEN_ADD}\n{QWEN_PARIS}", QWEN_ADD, [ToolCall("get_weather", PARIS_ARGS)]),
+    ('```json\n{"city": "Paris", "population": 2102650}\n```', '```json\n{"city": "Paris", "population": 2102650}\n```',
+     []),
+    ("```python\nprint(1)\n```", "```python\nprint(1)\n```", []),
+    ("Call `get_weather` with ``city``.", "Call `get_weather` with ``city``.", []),
+    ("```json\nnot json\n```", "```json\nnot json\n```", []),
+    # cut short inside the block (max_tokens): the arguments as far as they are settled
+    ('```json\n{"name": "get_time", "arguments": {"city": "Tok', "", [ToolCall("get_time", '{"city": "Tok')]),
+]
+
+CASES = ([(HERMES, (), *c) for c in HERMES_CASES] + [(LLAMA3_JSON, (), *c) for c in LLAMA3_CASES] +
+         [(REQUIRED, (), *c) for c in REQUIRED_CASES] + [(HERMES, OFFERED, *c) for c in FENCED_CASES])
+IDS = [f"{'llama3' if f is LLAMA3_JSON else 'required' if f is REQUIRED else 'fenced' if names else 'hermes'}-{i}"
+       for i, (f, names, *_) in enumerate(CASES)]
 
 
 def streamed(reader, text: str, cuts) -> list[Event]:
@@ -109,17 +147,26 @@ def chunkings(text: str, rng: random.Random):
         yield sorted(rng.sample(range(n + 1), rng.randint(1, min(n + 1, 12))))
 
 
-@pytest.mark.parametrize("fmt, text, content, expected", CASES, ids=IDS)
-def test_whole_output(fmt, text, content, expected):
-    assert read_whole(ToolCallReader(fmt), text) == (content, expected)
+@pytest.mark.parametrize("fmt, names, text, content, expected", CASES, ids=IDS)
+def test_whole_output(fmt, names, text, content, expected):
+    assert read_whole(ToolCallReader(fmt, tool_names=names), text) == (content, expected)
 
 
-@pytest.mark.parametrize("fmt, text, content, expected", CASES, ids=IDS)
-def test_every_chunking_gives_the_pieces_of_the_whole(fmt, text, content, expected):
-    whole = ToolCallReader(fmt).feed(text, final=True)
+@pytest.mark.parametrize("fmt, names, text, content, expected", CASES, ids=IDS)
+def test_every_chunking_gives_the_pieces_of_the_whole(fmt, names, text, content, expected):
+    whole = ToolCallReader(fmt, tool_names=names).feed(text, final=True)
     rng = random.Random(text)
     for cuts in chunkings(text, rng):
-        assert streamed(ToolCallReader(fmt), text, cuts) == whole, list(cuts)
+        assert streamed(ToolCallReader(fmt, tool_names=names), text, cuts) == whole, list(cuts)
+
+
+def test_fenced_calls_need_offered_tools():
+    """Without the offered names a fenced block is content; with max_calls=1 the reading ends at
+    the block's first call."""
+    assert read_whole(ToolCallReader(HERMES), QWEN_PARIS) == (QWEN_PARIS, [])
+    r = ToolCallReader(HERMES, max_calls=1, tool_names=OFFERED)
+    assert joined(r.feed(f"{QWEN_PARIS}\n{QWEN_SEARCH}", final=False)) == ("", [ToolCall("get_weather", PARIS_ARGS)])
+    assert r.complete
 
 
 def test_pieces_are_given_out_as_they_settle():
@@ -195,7 +242,7 @@ JSON_VALUES = st.recursive(
 ARGS = st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4)
 STYLES = st.sampled_from([{}, {"indent": 2}, {"separators": (",", ":")}, {"ensure_ascii": False}])
 # content that is no call but looks like the start of markup now and then
-CONTENT = st.lists(st.sampled_from(["Sure", " ", "\n", "a < b", "<tool_", "</tool_call", "x.", "é"]),
+CONTENT = st.lists(st.sampled_from(["Sure", " ", "\n", "a < b", "<tool_", "</tool_call", "x.", "é", "`", "```json"]),
                    max_size=5).map("".join)
 
 

@@ -137,7 +137,7 @@ def plan_tools(req, support: ToolSupport) -> ToolPlan:
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
     max_calls = 1 if req.parallel_tool_calls is False else None
     if choice is None or choice == "auto":
-        return ToolPlan(tools, None, partial(ToolCallReader, PARSERS[support.parser_name], max_calls))
+        return ToolPlan(tools, None, partial(ToolCallReader, PARSERS[support.parser_name], max_calls, names))
     if _has_output_constraint(req):
         raise InvalidRequestError("tool_choice 'required' or a named function cannot be combined with "
                                   "response_format or guided decoding: both constrain the whole output")

@@ -49,24 +49,36 @@ class Event(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Block:
+    """Markup around calls: `open` ... `close`, holding one or more calls (objects or arrays)."""
+
+    open: str
+    close: str
+    # a call here only if its name is one of the offered tools: for markup that also holds
+    # other things (a fenced JSON block may be an answer); otherwise the block stays content
+    offered_names_only: bool = False
+
+
+@dataclass(frozen=True)
 class ToolFormat:
     """Where a model writes its calls: JSON objects `{"name": ..., <args key>: {...}}`, or arrays of
-    them, inside tags or bare at the start of the message and right after another call."""
+    them, inside blocks or bare at the start of the message and right after another call."""
 
-    open_tag: str | None  # a block of calls: <tool_call> ... </tool_call>
-    close_tag: str | None
+    blocks: tuple[Block, ...]
     prefix: str | None  # a tag that may stand before bare calls
     args_keys: tuple[str, ...]  # the first of these keys in an object holds its arguments
 
 
 # Hermes / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, any number, with
-# text around them. Qwen2.5-Coder-0.5B writes the bare object without the tags (measured at
-# temperature 0), so bare objects at the start of the message are read as calls too.
-HERMES = ToolFormat("<tool_call>", "</tool_call>", None, ("arguments", "parameters"))
+# text around them. Qwen2.5-Coder-0.5B writes the bare object without the tags, or (more often, with
+# three tools offered) a fenced ```json block of it (measured at temperature 0), so bare objects at
+# the start of the message, and fenced ones anywhere that name an offered tool, are read as calls too.
+HERMES = ToolFormat((Block("<tool_call>", "</tool_call>"), Block("```json", "```", offered_names_only=True)),
+                    None, ("arguments", "parameters"))
 # Llama 3.x: `{"name": ..., "parameters": {...}}`, several separated by ';', optionally after <|python_tag|>.
-LLAMA3_JSON = ToolFormat(None, None, "<|python_tag|>", ("parameters", "arguments"))
+LLAMA3_JSON = ToolFormat((), "<|python_tag|>", ("parameters", "arguments"))
 # tool_choice "required" (structured output): [{"name": ..., "arguments": {...}}, ...]
-REQUIRED = ToolFormat(None, None, None, ("arguments",))
+REQUIRED = ToolFormat((), None, ("arguments",))
 
 PARSERS = {"hermes": HERMES, "llama3_json": LLAMA3_JSON}
 
@@ -83,9 +95,10 @@ def parser_name_for_template(template: str | None) -> str:
 class _CallObject:
     """One JSON object that may be a call, keys in any order. `index` is set once it is one."""
 
-    def __init__(self, args_keys: tuple[str, ...]):
+    def __init__(self, args_keys: tuple[str, ...], names: frozenset[str] | None):
         self.scan = JsonScan()
         self.args_keys = args_keys
+        self.names = names  # the names it may call; None: any
         self.name: str | None = None
         self.string_args: str | None = None  # arguments written as a JSON string, decoded
         self.index: int | None = None  # None: not (yet) a call
@@ -109,7 +122,7 @@ class _CallObject:
                 return False
             if name[2] is not None:
                 self.name = json.loads(self.scan.text(name[1], name[2]))
-                if not self.name:
+                if not self.name or (self.names is not None and self.name not in self.names):
                     return False
         args = self._member(self.args_keys)
         if args is not None and args[1] is not None and self.string_args is None:
@@ -149,9 +162,11 @@ class _CallObject:
 class ToolCallReader:
     """Reads one output in a ToolFormat; feed() it the whole text so far after every step."""
 
-    def __init__(self, fmt: ToolFormat, max_calls: int | None = None):
+    def __init__(self, fmt: ToolFormat, max_calls: int | None = None, tool_names=()):
+        """tool_names: the offered tools, the only names a block with offered_names_only may call."""
         self.fmt = fmt
         self.max_calls = max_calls
+        self.tool_names = frozenset(tool_names)
         self.fed = 0  # characters of the text read
         self.events: list[Event] = []
         self.calls = 0  # calls given out
@@ -160,11 +175,11 @@ class ToolCallReader:
         self.blank = ""  # blanks held: given out before more content, dropped next to a call
         self.after_call = False  # a call since the last content: the next content starts a new run
         self.tag = ""  # what may be the start of a tag
-        # the attempt at calls under way: a tagged block, or a bare object or array
+        # the attempt at calls under way: a block, or a bare object or array
         self.state = "content"  # content | tag | prefixed | block | close | array | object | drop
         self.pending: list[str] = []  # its text, content after all if it holds no call
         self.attempt_calls = 0
-        self.in_block = False
+        self.block: Block | None = None
         self.in_array = False
         self.array_expect = ""  # in an array: first | item | after
         self.obj: _CallObject | None = None
@@ -201,16 +216,16 @@ class ToolCallReader:
         self.blank, self.after_call, self.emitted = "", False, True
 
     def _tags(self) -> list[str]:
-        tags = [self.fmt.open_tag] + ([self.fmt.prefix] if self._at_call_start() else [])
-        return [t for t in tags if t]
+        tags = [b.open for b in self.fmt.blocks]
+        return tags + [self.fmt.prefix] if self.fmt.prefix and self._at_call_start() else tags
 
     def _char(self, ch: str) -> None:
         state = self.state
         if state == "content":
-            if ch == "<" and self._tags():
+            if any(t.startswith(ch) for t in self._tags()):
                 self.state, self.tag = "tag", ch
             elif ch in "{[" and self._at_call_start():
-                self._begin([], False)
+                self._begin([], None)
                 self._value_start(ch)
             else:
                 self._content(ch)
@@ -231,18 +246,19 @@ class ToolCallReader:
             self._array_char(ch)
         elif state == "object":
             self._object_char(ch)
-        else:  # drop: the rest of a broken block
-            self.tag = (self.tag + ch)[-len(self.fmt.close_tag or " "):]
-            if self.in_block and self.tag == self.fmt.close_tag:
-                self.state, self.tag, self.after_call = "content", "", True
+        else:  # drop: the rest of a broken block (to its close), or of the message
+            if self.block is not None:
+                self.tag = (self.tag + ch)[-len(self.block.close):]
+                if self.tag == self.block.close:
+                    self.state, self.tag, self.after_call = "content", "", True
 
     def _tag_char(self, ch: str) -> None:
         held = self.tag + ch
         tags = self._tags()
         if held in tags:
             self.tag = ""
-            self._begin(list(held), held == self.fmt.open_tag)
-            self.state = "block" if self.in_block else "prefixed"
+            self._begin(list(held), next((b for b in self.fmt.blocks if b.open == held), None))
+            self.state = "prefixed" if self.block is None else "block"
         elif any(t.startswith(held) for t in tags):
             self.tag = held
         else:  # no tag: its first character is content, the rest is read again
@@ -252,15 +268,16 @@ class ToolCallReader:
                 self._char(c)
 
     # ---- attempts at calls -------------------------------------------------------------------
-    def _begin(self, pending: list[str], in_block: bool) -> None:
-        self.pending, self.attempt_calls, self.in_block = pending, 0, in_block
+    def _begin(self, pending: list[str], block: Block | None) -> None:
+        self.pending, self.attempt_calls, self.block = pending, 0, block
 
     def _value_start(self, ch: str) -> None:
         self.pending.append(ch)
         if ch == "[":
             self.state, self.in_array, self.array_expect = "array", True, "first"
         else:
-            self.state, self.obj = "object", _CallObject(self.fmt.args_keys)
+            names = self.tool_names if self.block is not None and self.block.offered_names_only else None
+            self.state, self.obj = "object", _CallObject(self.fmt.args_keys, names)
             self.obj.feed(ch)
 
     def _between(self, ch: str) -> None:
@@ -269,7 +286,7 @@ class ToolCallReader:
             self._value_start(ch)
         elif ch in BLANK or ch == ";":
             self.pending.append(ch)
-        elif ch == "<":
+        elif ch == self.block.close[0]:
             self.pending.append(ch)
             self.state, self.tag = "close", ch
         else:
@@ -277,11 +294,11 @@ class ToolCallReader:
 
     def _close_char(self, ch: str) -> None:
         held = self.tag + ch
-        if held == self.fmt.close_tag:
+        if held == self.block.close:
             self.tag = ""
             self.pending.append(ch)
             self._attempt_over()
-        elif self.fmt.close_tag.startswith(held):
+        elif self.block.close.startswith(held):
             self.tag = held
             self.pending.append(ch)
         else:
@@ -339,7 +356,7 @@ class ToolCallReader:
         """An object or array is complete: back to what holds it."""
         if self.in_array:
             self.state, self.array_expect = "array", "after"
-        elif self.in_block:
+        elif self.block is not None:
             self.state = "block"
         else:
             self._attempt_over()
