@@ -113,6 +113,16 @@ def test_unconstrained_rows_unchanged_beside_guided_ones(smollm2_llm):
     assert re.fullmatch("[a-z]+", outs[1].outputs[0].text)
 
 
+def test_a_grammar_that_admits_everything_leaves_greedy_output_unchanged(smollm2_llm):
+    """A regex every text matches masks no token (EOS included): the greedy tokens are those of
+    the unconstrained run, through the masking path of the sampler."""
+    free = SamplingParams(temperature=0, max_tokens=24)
+    (want,) = texts(smollm2_llm, free)
+    (got,) = texts(smollm2_llm, SamplingParams(temperature=0, max_tokens=24,
+                                               guided_decoding=GuidedDecodingParams(regex="(.|\\n)*")))
+    assert got.token_ids == want.token_ids and got.text == want.text
+
+
 def test_max_tokens_cuts_a_grammar_short(smollm2_llm):
     (c,) = texts(smollm2_llm, SamplingParams(temperature=0, max_tokens=3,
                                              guided_decoding=GuidedDecodingParams(json=PERSON)))

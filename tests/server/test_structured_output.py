@@ -3,12 +3,15 @@ json_schema) and vLLM's guided_* fields on chat and completions, streamed and no
 get an OpenAI-style 400 and the server keeps serving."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
 import jsonschema_rs
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +86,51 @@ def test_completions_guided_regex_json_and_grammar(server):
     r = c.completions.create(model=model, prompt="Is the sky blue? ", max_tokens=10, temperature=0,
                              extra_body={"guided_grammar": 'root ::= ("Yes" | "No") "."'})
     assert r.choices[0].text in ("Yes.", "No.")
+
+
+# Random JSON schemas of the kinds a caller writes: objects of named members, nested objects and
+# arrays, bounded strings and integers, enums, booleans, nulls. Bounded, so that every answer
+# fits in max_tokens and a cut-short text is a failure of the test, not of the grammar.
+KEYS = st.from_regex(r"[a-z]{1,8}", fullmatch=True)
+LEAVES = st.one_of(
+    st.integers(1, 12).map(lambda n: {"type": "string", "maxLength": n}),
+    st.tuples(st.integers(-50, 50), st.integers(0, 100)).map(
+        lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
+    st.just({"type": "boolean"}), st.just({"type": "null"}),
+    st.lists(st.from_regex(r"[a-z]{1,6}", fullmatch=True), min_size=1, max_size=4, unique=True).map(
+        lambda v: {"enum": v}),
+)
+
+
+def objects(members):
+    return st.dictionaries(KEYS, members, min_size=1, max_size=4).map(
+        lambda p: {"type": "object", "properties": p, "required": sorted(p), "additionalProperties": False})
+
+
+MEMBERS = st.recursive(LEAVES, lambda inner: objects(inner) | st.tuples(inner, st.integers(0, 3)).map(
+    lambda t: {"type": "array", "items": t[0], "maxItems": t[1]}), max_leaves=6)
+
+
+@settings(max_examples=1, derandomize=True, deadline=None, database=None)
+@given(st.lists(objects(MEMBERS), min_size=20, max_size=20, unique_by=json.dumps))
+def test_20_random_schemas_get_valid_json(server, schemas):
+    """20 hypothesis-made schemas sent at once as response_format json_schema (strict) through the
+    openai client, sampled at temperature 0.8: every answer ends by itself and validates."""
+    base, model = server
+
+    async def ask(c, i, schema):
+        r = await c.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"Answer as JSON for this schema: {json.dumps(schema)}"}],
+            max_tokens=300, temperature=0.8, seed=i, response_format=json_schema_format(schema))
+        return r.choices[0]
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120) as c:
+            return await asyncio.gather(*(ask(c, i, s) for i, s in enumerate(schemas)))
+
+    for schema, choice in zip(schemas, asyncio.run(ask_all())):
+        assert choice.finish_reason == "stop", (schema, choice.message.content)
+        jsonschema_rs.validate(schema, json.loads(choice.message.content))
 
 
 @pytest.mark.parametrize("name, extra, problem", [
