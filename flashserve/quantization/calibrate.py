@@ -50,13 +50,11 @@ def load_float_model(path: str):
         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings, hidden_act=cfg.hidden_act,
         attention_bias=cfg.attention_bias, bos_token_id=cfg.bos_token_id,
         eos_token_id=list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else next(iter(cfg.eos_token_ids), None))
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = dict(iter_gguf_tensors(path, cfg))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    model.load_state_dict(state, strict=True)
     return model.eval(), _build_hf(p)
 
 
@@ -96,7 +94,7 @@ def walk_layers(model, ids: torch.Tensor, quantize_layer: Callable[[int, nn.Modu
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        model(ids)
+        model(ids, use_cache=False)  # a KV cache would make run()'s second call attend to its first call's keys
     except _Stop:
         pass
     finally:

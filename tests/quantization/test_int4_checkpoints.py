@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from flashserve.entrypoints.cli import main
 from flashserve.model.loader import load_model
+from flashserve.quantization.calibrate import load_float_model, walk_layers
 from flashserve.quantization.gptq import Hessian, gptq_quantize
 from flashserve.quantization.int4_format import Int4Groups, pack, unpack
 from flashserve.quantization.packed import GroupQuantWeight, PermutedInput
@@ -125,6 +126,27 @@ def tiny_dir(tmp_path_factory):
     save_hf(hf_tiny("llama"), d)
     _byte_tokenizer().save_pretrained(d)
     return d
+
+
+def test_layer_walk_carries_each_quantized_layer_on(tiny_dir):
+    """A method looks at a layer's outputs (run), then changes its weights: the next layer's inputs are the
+    changed layer's outputs, as the model's own forward computes them afterwards."""
+    model, _ = load_float_model(str(tiny_dir))
+    ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    outs = []
+
+    def method(i, layer, run):
+        outs.append(run())
+        if i == 0:
+            layer.self_attn.v_proj.weight.data.mul_(2.0)
+
+    walk_layers(model, ids, method, lambda layers: layers)
+    seen = {}
+    hook = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    torch.testing.assert_close(outs[1], seen["out"])
 
 
 def _reference(out: Path, fmt: str, group: int):
