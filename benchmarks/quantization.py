@@ -1,0 +1,104 @@
+"""Perplexity of 4-bit weight quantizations on held-out text (issue 17's table).
+
+Rows, all computed by flashserve on the same held-out chunks:
+    float     the GGUF model dequantized to float32 (the float reference the methods start from)
+    gguf      the shipped GGUF file on flashserve's kernels (weight-only: float activations)
+    rtn       round-to-nearest 4-bit with zero points (AWQ's grid)   } `flashserve quantize`
+    rtn-sym   round-to-nearest 4-bit symmetric (GPTQ's grid)         } checkpoints, loaded
+    gptq, awq the two methods, calibrated on --calib                 } weight-only
+    gptq-act  GPTQ with act-order (desc_act)                         }
+Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
+memory recorded); perplexity = exp(mean NLL of every token after the first of each chunk).
+
+    python benchmarks/quantization.py --model smollm2-135m --group-size 64 \
+        --calib /usr/share/common-licenses/GPL-3 \
+        --heldout /usr/share/common-licenses/Apache-2.0 /usr/share/common-licenses/MPL-2.0 --work DIR
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "awq")  # gptq-act: GPTQ with --act-order
+
+
+def quantize(model: str, method: str, group: int, calib: str, out: Path) -> dict:
+    """Writes `out` unless it exists; (seconds, peak MiB) of the quantize process, or {} when reused."""
+    if out.exists():
+        return {}
+    t0 = time.perf_counter()
+    flags = ["--method", "gptq", "--act-order"] if method == "gptq-act" else ["--method", method]
+    proc = subprocess.run([sys.executable, "-m", "flashserve.entrypoints.cli", "quantize", *flags, "--model", model,
+                           "--group-size", str(group), "--calib", calib, "--out", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"quantize {method} failed:\n{proc.stderr[-2000:]}")
+    peak = re.search(r"peak memory (\d+) MiB", proc.stdout)
+    return {"seconds": time.perf_counter() - t0, "peak_mib": int(peak.group(1)) if peak else None}
+
+
+def perplexity(model: str, quantization: str, chunks: list[list[int]]) -> float:
+    from flashserve import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", kv_cache_dtype="float32", quantization=quantization,
+              max_model_len=max(map(len, chunks)) + 1, enable_prefix_caching=False)
+    outs = llm.generate([{"prompt_token_ids": c} for c in chunks], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                        use_tqdm=False)
+    nll = [-out.prompt_logprobs[p][c[p]].logprob for out, c in zip(outs, chunks) for p in range(1, len(c))]
+    return math.exp(sum(nll) / len(nll))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a GGUF file or built-in name")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--heldout", nargs="+", required=True)
+    ap.add_argument("--chunk", type=int, default=512, help="tokens per held-out chunk")
+    ap.add_argument("--work", required=True, help="directory for the checkpoints (reused when present)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    a = ap.parse_args()
+
+    from flashserve.model.catalogue import resolve
+    from flashserve.tokenizer.tokenizer import Tokenizer
+
+    gguf = str(resolve(a.model))
+    text = "\n\n".join(Path(f).read_text() for f in a.heldout)
+    ids = Tokenizer.from_model_path(gguf).encode(text, add_special_tokens=False)
+    chunks = [ids[i : i + a.chunk] for i in range(0, len(ids) - a.chunk + 1, a.chunk)]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"model {a.model}, group size {a.group_size}, calibration {a.calib}, held-out {len(chunks)} x {a.chunk} "
+          f"tokens from {', '.join(Path(f).name for f in a.heldout)}", flush=True)
+    rows = [("float (GGUF dequantized)", gguf, "none", {}), ("shipped GGUF", gguf, "weight-only", {})]
+    for method in a.methods:
+        out = work / f"{Path(gguf).stem}-{method}-g{a.group_size}"
+        rows.append((f"{method} g{a.group_size}", str(out), "weight-only",
+                     quantize(gguf, method, a.group_size, a.calib, out)))
+    results = []
+    for name, path, quantization, cost in rows:
+        ppl = perplexity(path, quantization, chunks)
+        results.append((name, ppl, cost))
+        print(f"{name}: {ppl:.4f}", flush=True)
+    ref = results[0][1]
+    gap = {n: p - ref for n, p, _ in results}
+    print("\n| weights | perplexity | vs float | quantize time | quantize peak RSS |")
+    print("|---|---|---|---|---|")
+    for name, ppl, cost in results:
+        spent = f"{cost['seconds']:.0f} s" if cost else ""
+        peak = f"{cost['peak_mib']} MiB" if cost.get("peak_mib") else ""
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {spent} | {peak} |")
+    for method, base in (("gptq", "rtn-sym"), ("gptq-act", "rtn-sym"), ("awq", "rtn")):
+        m, b = f"{method} g{a.group_size}", f"{base} g{a.group_size}"
+        if m in gap and b in gap and gap[b] > 0:
+            print(f"{method}: closes {100 * (1 - gap[m] / gap[b]):.0f}% of {base}'s gap to float "
+                  f"(target >= 50%)")
+
+
+if __name__ == "__main__":
+    main()
