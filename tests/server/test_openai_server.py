@@ -90,6 +90,26 @@ def test_n_samples_and_stop_strings(server):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_streamed_samples_end_once_each(server):
+    """n=3 samples that stop at different points (a stop string at temperature 1): each index has
+    one chunk with a finish reason, and nothing after it, on completions and on chat."""
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, max_tokens=40, n=3, temperature=1.0, seed=5, stop=["."], stream=True)
+    for stream in (c.completions.create(prompt="Tell me about cats", **kw),
+                   c.chat.completions.create(messages=[{"role": "user", "content": "Tell me about cats"}], **kw)):
+        ends, after_end, lengths = {}, [], {}
+        for chunk in stream:
+            for ch in chunk.choices:
+                if ends.get(ch.index):
+                    after_end.append(ch)
+                ends[ch.index] = ends.get(ch.index, 0) + (ch.finish_reason is not None)
+                text = ch.text if hasattr(ch, "text") else ch.delta.content
+                lengths[ch.index] = lengths.get(ch.index, 0) + len(text or "")
+        assert ends == {0: 1, 1: 1, 2: 1} and not after_end, (ends, after_end)
+        assert len(set(lengths.values())) > 1, lengths  # the samples did stop at different points
+
+
 def test_logprobs_equal_offline(server, smollm2_default_llm):
     base, model = server
     prompt = "Once upon a time"

@@ -187,6 +187,7 @@ class Serving:
         sent: dict[tuple[int, int], int] = {}  # (prompt, sample) → chars sent
         toks_sent: dict[tuple[int, int], int] = {}
         echo_len: dict[int, int] = {}  # prompt → length of its echoed text (offsets continue after it)
+        ended: set[tuple[int, int]] = set()  # samples whose finish reason was sent
         try:
             while len(finals) < len(prompts):
                 pi, out = await queue.get()
@@ -200,6 +201,8 @@ class Serving:
                 choices = []
                 for c in out.outputs:
                     key = (pi, c.index)
+                    if key in ended:
+                        continue
                     delta = c.text[sent.get(key, 0):]
                     new_toks = len(c.token_ids) - toks_sent.get(key, 0)
                     if not delta and c.finish_reason is None:
@@ -210,6 +213,8 @@ class Serving:
                         lp = self._completion_logprobs(c.token_ids[start:], c.logprobs[start:],
                                                       echo_len.get(pi, 0) + sent.get(key, 0))
                     sent[key], toks_sent[key] = len(c.text), len(c.token_ids)
+                    if c.finish_reason is not None:
+                        ended.add(key)
                     choices.append({"index": pi * req.n + c.index, "text": delta, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
                 if choices:
