@@ -53,6 +53,9 @@ HERMES_CASES = [
     ('<tool_call>\n{"name": "f", "arguments": [1]}', '<tool_call>\n{"name": "f", "arguments": [1]}', []),
     ('<tool_call>\n{"name": "get_wea', '<tool_call>\n{"name": "get_wea', []),
     ('{"city": "Paris", "population": 2102650}', '{"city": "Paris", "population": 2102650}', []),
+    # a bare object naming no offered tool is an answer, not a call (tagged, any name is a call)
+    ('{"name": "John", "age": 30}', '{"name": "John", "age": 30}', []),
+    ('{"name": "add_numbers", "arguments": {"a": 5}}', '{"name": "add_numbers", "arguments": {"a": 5}}', []),
     ("It is sunny in Paris today.\n", "It is sunny in Paris today.\n", []),
     ("a < b and <tool_ or </tool_call> <tool_call", "a < b and <tool_ or </tool_call> <tool_call", []),
     ("The call is {\"name\": \"f\"}", "The call is {\"name\": \"f\"}", []),
@@ -123,9 +126,9 @@ FENCED_CASES = [
     ('```json\n{"name": "get_time", "arguments": {"city": "Tok', "", [ToolCall("get_time", '{"city": "Tok')]),
 ]
 
-CASES = ([(HERMES, (), *c) for c in HERMES_CASES] + [(LLAMA3_JSON, (), *c) for c in LLAMA3_CASES] +
+CASES = ([(HERMES, OFFERED, *c) for c in HERMES_CASES] + [(LLAMA3_JSON, (), *c) for c in LLAMA3_CASES] +
          [(REQUIRED, (), *c) for c in REQUIRED_CASES] + [(HERMES, OFFERED, *c) for c in FENCED_CASES])
-IDS = [f"{'llama3' if f is LLAMA3_JSON else 'required' if f is REQUIRED else 'fenced' if names else 'hermes'}-{i}"
+IDS = [f"{'llama3' if f is LLAMA3_JSON else 'required' if f is REQUIRED else 'hermes'}-{i}"
        for i, (f, names, *_) in enumerate(CASES)]
 
 
@@ -160,10 +163,12 @@ def test_every_chunking_gives_the_pieces_of_the_whole(fmt, names, text, content,
         assert streamed(ToolCallReader(fmt, tool_names=names), text, cuts) == whole, list(cuts)
 
 
-def test_fenced_calls_need_offered_tools():
-    """Without the offered names a fenced block is content; with max_calls=1 the reading ends at
-    the block's first call."""
+def test_unmarked_calls_need_offered_tools():
+    """Without the offered names a fenced block or a bare object is content, a tagged call is not;
+    with max_calls=1 the reading ends at the block's first call."""
     assert read_whole(ToolCallReader(HERMES), QWEN_PARIS) == (QWEN_PARIS, [])
+    assert read_whole(ToolCallReader(HERMES), PARIS_CALL) == (PARIS_CALL, [])
+    assert read_whole(ToolCallReader(HERMES), f"<tool_call>{PARIS_CALL}</tool_call>") == ("", calls(WEATHER_PARIS))
     r = ToolCallReader(HERMES, max_calls=1, tool_names=OFFERED)
     assert joined(r.feed(f"{QWEN_PARIS}\n{QWEN_SEARCH}", final=False)) == ("", [ToolCall("get_weather", PARIS_ARGS)])
     assert r.complete
@@ -269,15 +274,15 @@ def test_generated_hermes_outputs(call_list, runs, bare_first, rng):
         blocks[0] = blocks[0].removeprefix("<tool_call>\n").removesuffix("\n</tool_call>")
         runs[0] = ""
     text = runs[0] + "".join(b + r for b, r in zip(blocks, runs[1:]))
-    content, got = read_whole(ToolCallReader(HERMES), text)
+    content, got = read_whole(ToolCallReader(HERMES, tool_names=OFFERED), text)
     assert got == [ToolCall(n, a) for n, a in written]
     assert [json.loads(c.arguments) for c in got] == [args for _, args, _ in call_list]
     assert content == expected_content(runs)
-    whole = ToolCallReader(HERMES).feed(text, final=True)
+    whole = ToolCallReader(HERMES, tool_names=OFFERED).feed(text, final=True)
     for _ in range(5):
         cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(1, min(len(text) + 1, 20))))
-        assert streamed(ToolCallReader(HERMES), text, cuts) == whole
-    assert streamed(ToolCallReader(HERMES), text, range(1, len(text))) == whole
+        assert streamed(ToolCallReader(HERMES, tool_names=OFFERED), text, cuts) == whole
+    assert streamed(ToolCallReader(HERMES, tool_names=OFFERED), text, range(1, len(text))) == whole
 
 
 # ---- the JSON scanner against json.loads ---------------------------------------------------------

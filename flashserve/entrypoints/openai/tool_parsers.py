@@ -67,14 +67,18 @@ class ToolFormat:
     blocks: tuple[Block, ...]
     prefix: str | None  # a tag that may stand before bare calls
     args_keys: tuple[str, ...]  # the first of these keys in an object holds its arguments
+    # a bare object (no block, no prefix) is a call only if it names an offered tool: where the
+    # format's calls are marked, a bare {"name": "John", "age": 30} is more likely an answer
+    bare_offered_names_only: bool = False
 
 
 # Hermes / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, any number, with
 # text around them. Qwen2.5-Coder-0.5B writes the bare object without the tags, or (more often, with
 # three tools offered) a fenced ```json block of it (measured at temperature 0), so bare objects at
-# the start of the message, and fenced ones anywhere that name an offered tool, are read as calls too.
+# the start of the message, and fenced ones anywhere, are read as calls too when they name an
+# offered tool.
 HERMES = ToolFormat((Block("<tool_call>", "</tool_call>"), Block("```json", "```", offered_names_only=True)),
-                    None, ("arguments", "parameters"))
+                    None, ("arguments", "parameters"), bare_offered_names_only=True)
 # Llama 3.x: `{"name": ..., "parameters": {...}}`, several separated by ';', optionally after <|python_tag|>.
 LLAMA3_JSON = ToolFormat((), "<|python_tag|>", ("parameters", "arguments"))
 # tool_choice "required" (structured output): [{"name": ..., "arguments": {...}}, ...]
@@ -163,7 +167,8 @@ class ToolCallReader:
     """Reads one output in a ToolFormat; feed() it the whole text so far after every step."""
 
     def __init__(self, fmt: ToolFormat, max_calls: int | None = None, tool_names=()):
-        """tool_names: the offered tools, the only names a block with offered_names_only may call."""
+        """tool_names: the offered tools, the only names a call may have where the format says
+        offered_names_only (fenced blocks, Hermes' bare objects)."""
         self.fmt = fmt
         self.max_calls = max_calls
         self.tool_names = frozenset(tool_names)
@@ -180,6 +185,7 @@ class ToolCallReader:
         self.pending: list[str] = []  # its text, content after all if it holds no call
         self.attempt_calls = 0
         self.block: Block | None = None
+        self.names: frozenset[str] | None = None  # the names a call in it may have; None: any
         self.in_array = False
         self.array_expect = ""  # in an array: first | item | after
         self.obj: _CallObject | None = None
@@ -225,7 +231,7 @@ class ToolCallReader:
             if any(t.startswith(ch) for t in self._tags()):
                 self.state, self.tag = "tag", ch
             elif ch in "{[" and self._at_call_start():
-                self._begin([], None)
+                self._begin([], None, self.fmt.bare_offered_names_only)
                 self._value_start(ch)
             else:
                 self._content(ch)
@@ -257,7 +263,8 @@ class ToolCallReader:
         tags = self._tags()
         if held in tags:
             self.tag = ""
-            self._begin(list(held), next((b for b in self.fmt.blocks if b.open == held), None))
+            block = next((b for b in self.fmt.blocks if b.open == held), None)
+            self._begin(list(held), block, block is not None and block.offered_names_only)
             self.state = "prefixed" if self.block is None else "block"
         elif any(t.startswith(held) for t in tags):
             self.tag = held
@@ -268,16 +275,16 @@ class ToolCallReader:
                 self._char(c)
 
     # ---- attempts at calls -------------------------------------------------------------------
-    def _begin(self, pending: list[str], block: Block | None) -> None:
+    def _begin(self, pending: list[str], block: Block | None, offered_names_only: bool) -> None:
         self.pending, self.attempt_calls, self.block = pending, 0, block
+        self.names = self.tool_names if offered_names_only else None  # what a call here may name
 
     def _value_start(self, ch: str) -> None:
         self.pending.append(ch)
         if ch == "[":
             self.state, self.in_array, self.array_expect = "array", True, "first"
         else:
-            names = self.tool_names if self.block is not None and self.block.offered_names_only else None
-            self.state, self.obj = "object", _CallObject(self.fmt.args_keys, names)
+            self.state, self.obj = "object", _CallObject(self.fmt.args_keys, self.names)
             self.obj.feed(ch)
 
     def _between(self, ch: str) -> None:
