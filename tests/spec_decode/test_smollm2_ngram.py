@@ -56,3 +56,26 @@ def test_greedy_with_prompt_lookup_equals_plain_decoding(smollm2_gguf, quantizat
               f"{len(g.outputs[0].token_ids)} tokens")
     stats = spec.engine.get_stats()
     assert stats.spec_accepted_tokens_total > 0
+
+
+def test_guided_rows_beside_speculating_rows(smollm2_gguf, smollm2_llm):
+    """Structured output under prompt lookup: a JSON-schema row (which takes no drafts) batched with
+    a row that speculates gives the plain engine's guided tokens, valid for its schema."""
+    import json
+
+    import jsonschema_rs
+
+    from flashserve.sampling_params import GuidedDecodingParams
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "args": {"type": "array", "items": {"type": "string", "maxLength": 4},
+                                                        "maxItems": 2}},
+              "required": ["name", "args"], "additionalProperties": False}
+    guided = SamplingParams(temperature=0.0, max_tokens=64, guided_decoding=GuidedDecodingParams(json=schema))
+    spec = LLM(model=smollm2_gguf, dtype="float32", kv_cache_dtype="float32", quantization="none", max_model_len=2048,
+               speculative_method="ngram", num_speculative_tokens=4)
+    want = smollm2_llm.generate([PROMPTS[0]], guided, use_tqdm=False)[0].outputs[0]
+    got, free = spec.generate([PROMPTS[0], PROMPTS[1]], [guided, PARAMS], use_tqdm=False)
+    assert got.outputs[0].token_ids == want.token_ids and got.metrics["spec_draft_tokens"] == 0
+    jsonschema_rs.validate(schema, json.loads(got.outputs[0].text))
+    assert free.metrics["spec_accepted_tokens"] > 0
