@@ -269,6 +269,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Bytes of weights resident at once; None: all. Decoder layers beyond it stream (offload/).
+    max_weight_memory: int | None = None
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -277,6 +279,8 @@ class EngineConfig:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
         self.cache.validate()
         self.scheduler.validate()
+        if self.max_weight_memory is not None:
+            self._validate_weight_budget()
         if self.scheduler.preemption_mode == "swap" and self.cache.swap_space == 0:
             raise ValueError("preemption_mode 'swap' needs a swap space: set swap_space (bytes)")
         self.speculative.validate()
@@ -293,6 +297,19 @@ class EngineConfig:
                 f"the draft model {self.speculative.model} has a vocabulary of {draft.vocab_size} tokens but the "
                 f"target {self.model} has {self.model_config.vocab_size}: a draft must share the target's vocabulary"
             )
+
+
+    def _validate_weight_budget(self) -> None:
+        from pathlib import Path
+
+        if self.max_weight_memory <= 0:
+            raise ValueError(f"max_weight_memory must be a positive number of bytes, got {self.max_weight_memory}")
+        if Path(self.model_path).is_dir():
+            raise ValueError("max_weight_memory streams layers from a GGUF file; "
+                             f"{self.model_path} is a checkpoint directory")
+        if self.parallel.world_size > 1:
+            raise ValueError("max_weight_memory runs in one process: it cannot be combined with tensor or "
+                             "pipeline parallelism yet")
 
 
 def usable_cores() -> int:

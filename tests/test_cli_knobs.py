@@ -23,11 +23,12 @@ def test_every_knob_reaches_the_engine_config(smollm2_gguf):
         "--max-model-len", "512", "--max-num-seqs", "3", "--max-num-batched-tokens", "256", "--block-size", "32",
         "--kv-cache-memory", "1000000", "--kv-cache-fraction", "0.5", "--kv-cache-dtype", "int8",
         "--no-enable-prefix-caching", "--scheduling", "static", "--policy", "priority", "--threads", "1",
-        "--seed", "7", "--swap-space", "5000000", "--preemption-mode", "swap"])
+        "--seed", "7", "--swap-space", "5000000", "--preemption-mode", "swap", "--max-weight-memory", "300000000"])
     args = _engine_args(a)
     assert {f.name for f in fields(EngineArgs)} <= set(vars(a))  # no field silently left at its default
     c = args.create_engine_config()
-    assert (c.dtype, c.quantization, c.seed, c.num_threads) == ("float32", "weight-only", 7, 1)
+    assert (c.dtype, c.quantization, c.seed, c.num_threads, c.max_weight_memory) == (
+        "float32", "weight-only", 7, 1, 300000000)
     assert (c.cache.block_size, c.cache.kv_cache_memory, c.cache.kv_cache_fraction, c.cache.kv_cache_dtype,
             c.cache.enable_prefix_caching, c.cache.swap_space) == (32, 1000000, 0.5, "int8", False, 5000000)
     s = c.scheduler

@@ -50,7 +50,8 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     from flashserve.runner.kv_swap import allocate_swap_space, num_swap_slots
 
     dtype = getattr(torch, config.dtype)
-    model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization)
+    model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization,
+                            max_weight_memory=config.max_weight_memory)
     if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
         from flashserve.distributed.pipeline_parallel import split_stages
 
@@ -62,9 +63,10 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
         cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
                                    config.cache.kv_cache_dtype)
-    # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers.
+    # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers,
+    # nor for layer streaming's hooks (it would hold the weights of every layer).
     return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
-                       use_decode_plan=tp_group is None,
+                       use_decode_plan=tp_group is None and config.max_weight_memory is None,
                        swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)))
 
 

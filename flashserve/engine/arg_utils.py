@@ -44,6 +44,7 @@ class EngineArgs:
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
     worker_timeout_s: float = 300.0  # a worker silent this long during start-up or a step counts as hung
     pipeline_parallel_size: int = 1  # stages of layers, a worker process each (no micro-batch overlap)
+    max_weight_memory: int | None = None  # bytes of weights resident at once; the other layers stream
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -83,6 +84,7 @@ class EngineArgs:
             speculative=self.create_speculative_config(),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
                                     self.worker_timeout_s, self.pipeline_parallel_size),
+            max_weight_memory=self.max_weight_memory,
         )
         config.validate()
         return config

@@ -60,6 +60,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
                    help="where the model runs: uni (this process, one rank), mp (a process per rank) or ray "
                         "(a Ray actor per rank, over a Ray cluster's nodes); default uni for one rank, else mp")
+    p.add_argument("--max-weight-memory", type=int, default=None, metavar="BYTES",
+                   help="weights resident at once; the decoder layers beyond stream from a file of packed layers "
+                        "(written beside the model cache on the first run)")
     p.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=d.worker_timeout_s,
                    metavar="SECONDS", help="a worker silent this long in start-up or a step counts as hung")
     p.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),

@@ -24,8 +24,11 @@ def load_model_config(path: str) -> ModelConfig:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               quantization: str = "none"):
+               quantization: str = "none", max_weight_memory: int | None = None):
     """Returns (model in eval mode on `device`, its ModelConfig).
+
+    max_weight_memory: bytes of weights resident at once; the decoder layers beyond what it holds
+    stream from a file of packed layers (offload/layer_streaming.py; GGUF files on the CPU).
 
     quantization: "none" dequantizes every weight to `dtype`; "weight-only" keeps a GGUF file's (or a
     GPTQ/AWQ checkpoint's) quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization)
@@ -47,6 +50,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         from flashserve.model.loader.hf import iter_hf_weights
 
         model.load_weights(iter_hf_weights(path, keep_quantized=quantization != "none"), hf_checkpoint=True)
+    elif max_weight_memory is not None:
+        from flashserve.model.loader.gguf_file import open_gguf
+        from flashserve.offload.layer_streaming import load_streamed
+
+        if torch.device(device).type != "cpu":
+            raise ValueError("max_weight_memory streams layers on the CPU only")
+        model.layer_streamer = load_streamed(model, path, cfg, quantization, max_weight_memory)
+        open_gguf.cache_clear()
     else:
         from flashserve.model.loader.gguf import iter_gguf_tensors
         from flashserve.model.loader.gguf_file import open_gguf
@@ -55,10 +66,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         # The cached reader holds the file's memory map (now paged in) and its parsed metadata (the
         # vocabulary as numpy arrays): 220 MiB resident for SmolLM2, measured. No weight views it.
         open_gguf.cache_clear()
-        if quantization == "auto":
-            for module in model.modules():
-                if isinstance(module, GroupQuantWeight):
-                    module.set_int8_activations(True)
+    if quantization == "auto" and not Path(path).is_dir():
+        for module in model.modules():
+            if isinstance(module, GroupQuantWeight):
+                module.set_int8_activations(True)
     logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
                 quantization)
     return model.eval(), cfg

@@ -172,10 +172,11 @@ def dequantize_tensor(t) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def iter_gguf_tensors(path: str, cfg: ModelConfig, keep_quantized: bool = False
+def iter_gguf_tensors(path: str, cfg: ModelConfig, keep_quantized: bool = False, skip=None
                       ) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
     """With keep_quantized, 2-D block-quantized tensors come as GGUFTensor (raw blocks, rows
-    still permuted like the float rows would be) for the model to pack; the rest as float32."""
+    still permuted like the float rows would be) for the model to pack; the rest as float32.
+    `skip`: a predicate on the HF-style name; tensors it accepts are left unread."""
     reader = open_gguf(path)
     arch = cfg.architecture
     for t in reader.tensors:
@@ -186,6 +187,8 @@ def iter_gguf_tensors(path: str, cfg: ModelConfig, keep_quantized: bool = False
             name = f"model.layers.{t.name.split('.')[1]}.{_ffn_norm_name(arch)}.weight"
         if name is None:
             raise ModelFormatError(f"{path}: unexpected tensor {t.name!r} for architecture {arch}")
+        if skip is not None and skip(name):
+            continue
         raw = keep_quantized and len(t.shape) == 2 and t.tensor_type not in _FLOAT_TYPES
         w = t.data if raw else dequantize_tensor(t)  # raw: (rows, bytes per row) uint8 blocks
         if arch in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name):

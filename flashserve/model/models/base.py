@@ -66,8 +66,10 @@ class CausalLM(nn.Module):
         """Hook for HF-checkpoint conventions that differ from our parameters (Gemma's norms)."""
         return tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Quantized]], hf_checkpoint: bool) -> None:
-        """Copy (HF-style name, tensor) pairs into the parameters; every parameter must be filled.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Quantized]], hf_checkpoint: bool,
+                     complete: bool = True) -> None:
+        """Copy (HF-style name, tensor) pairs into the parameters; every parameter must be filled,
+        unless `complete` is False (a part of the checkpoint: layer streaming loads one layer at a time).
         A quantized weight (GGUF blocks or a GPTQ/AWQ linear, when quantized execution is on) becomes
         a packed weight of the Linear or embedding it belongs to; merged parts are packed together at the end."""
         params = dict(self.named_parameters())
@@ -120,7 +122,8 @@ class CausalLM(nn.Module):
                 target.set_quantized(packed)
             for t in parts.values():
                 t.release_pages()
-        self._check_all_filled(params, modules, filled)
+        if complete:
+            self._check_all_filled(params, modules, filled)
 
     def _check_all_filled(self, params, modules, filled: set[str]) -> None:
         missing = []

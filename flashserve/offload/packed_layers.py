@@ -1,0 +1,152 @@
+"""A file of the decoder layers' packed weights, written once per model and read one layer at a time
+by layer streaming (offload/layer_streaming.py).
+
+Packing a GGUF layer into the kernels' layout costs far more than reading it: on Qwen2.5-Coder-1.5B
+(Q4_K_M, 2 cores) 0.26-0.74 s a layer (0.74 where Q6_K tensors are requantized to 8 bits) against
+9-31 ms to read its 26-33 MiB of packed bytes (page cache warm / cold), so streaming repacked
+layers would cost seconds a step. The packed bytes are therefore written here on the first run and
+read back as they are on every pass.
+
+    <cache>/packed/<model stem>-<key>/
+        layers.bin     layer 0's tensors | layer 1's | ...   each layer page-aligned, tensors 64-aligned
+        index.json     per layer: start, bytes, and (parameter name, dtype, shape, offset) of each tensor
+        skeleton.pt    per layer: each Linear's packed-weight module with empty tensors (its structure)
+
+The key covers what decides the packing: the file (path, size, mtime), quantization, compute dtype,
+and whether this project's C++ kernels built. index.json is written last, so a directory without it
+is an unfinished write and is written again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flashserve.model.layers.linear import Linear
+
+FORMAT_VERSION = 1
+_PAGE = 4096
+_ALIGN = 64
+
+
+def streamed_params(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that stream: those of the layer's Linear modules (packed or float), biases aside.
+    Norms and biases stay resident: a few KiB a layer."""
+    return [(f"{mname}.{pname}", p) for mname, m in layer.named_modules() if isinstance(m, Linear)
+            for pname, p in m.named_parameters() if pname != "bias"]
+
+
+def drop_streamed(layer: nn.Module) -> None:
+    """Free the layer's streamed tensors (their modules stay, holding empty tensors)."""
+    for _, p in streamed_params(layer):
+        p.data = torch.empty(0, dtype=p.dtype)
+
+
+class PackedLayerStore:
+    def __init__(self, model_path: str, quantization: str, dtype: torch.dtype, own_kernels: bool):
+        from flashserve.model.catalogue import cache_dir
+
+        st = os.stat(model_path)
+        key = json.dumps([FORMAT_VERSION, os.path.abspath(model_path), st.st_size, st.st_mtime_ns, quantization,
+                          str(dtype), own_kernels])
+        self.dir = cache_dir() / "packed" / f"{Path(model_path).stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        self.index: list[dict] = []
+        self._file = None
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "index.json").exists()
+
+    # ---- writing (first run) -----------------------------------------------------------------
+    def write_layer(self, i: int, layer: nn.Module, num_layers: int) -> None:
+        """Append layer i's streamed tensors (in the file's order of layers: 0, 1, 10, 11, ... is
+        common) and free them."""
+        if not self.index:
+            self.index = [None] * num_layers
+        if self.index[i] is not None:
+            raise ValueError(f"layer streaming needs a file that stores each layer's tensors together; "
+                             f"layer {i}'s come in two runs")
+        if self._file is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.dir / "layers.bin", "wb")
+        f = self._file
+        start = -(-f.tell() // _PAGE) * _PAGE
+        f.seek(start)
+        tensors = []
+        for name, p in streamed_params(layer):
+            offset = -(-(f.tell() - start) // _ALIGN) * _ALIGN
+            f.seek(start + offset)
+            f.write(memoryview(p.data.contiguous().view(-1).view(torch.uint8).numpy()))
+            tensors.append([name, str(p.dtype).removeprefix("torch."), list(p.shape), offset])
+        self.index[i] = {"start": start, "nbytes": f.tell() - start, "tensors": tensors}
+        drop_streamed(layer)
+
+    def finish(self, layers: nn.ModuleList) -> None:
+        """Write the skeleton and then the index, which marks the store complete."""
+        missing = [i for i, entry in enumerate(self.index) if entry is None]
+        if missing or len(self.index) != len(layers):
+            raise ValueError(f"the file lacks the tensors of layers {missing or list(range(len(layers)))}")
+        self._file.close()
+        self._file = None
+        torch.save(_skeleton(layers), self.dir / "skeleton.pt")
+        tmp = self.dir / "index.json.tmp"
+        tmp.write_text(json.dumps({"layers": self.index}))
+        tmp.rename(self.dir / "index.json")
+
+    # ---- reading -----------------------------------------------------------------------------
+    def open(self, layers: nn.ModuleList) -> None:
+        """Read the index and give every Linear of `layers` its packed module, with empty tensors."""
+        self.index = json.loads((self.dir / "index.json").read_text())["layers"]
+        if len(self.index) != len(layers):
+            raise ValueError(f"{self.dir} holds {len(self.index)} layers, the model has {len(layers)}")
+        # Our own file, written above: it holds our packed-weight classes, so a full unpickle.
+        skeleton = torch.load(self.dir / "skeleton.pt", weights_only=False)
+        for layer, linears in zip(layers, skeleton):
+            modules = dict(layer.named_modules())
+            for name, qweight in linears.items():
+                linear = modules[name]
+                if qweight is not None:
+                    linear.weight, linear.qweight = None, qweight
+            drop_streamed(layer)
+
+    def layer_bytes(self, i: int) -> int:
+        return self.index[i]["nbytes"]
+
+    def read(self, fd: int, i: int, into: torch.Tensor) -> None:
+        """Layer i's bytes into the uint8 buffer `into` (os.preadv: the GIL is released while it
+        reads), then drop them from the page cache: the file's pages count against the machine's
+        memory too, and a layer is read again only one pass later."""
+        entry = self.index[i]
+        start, n = entry["start"], entry["nbytes"]
+        view, done = memoryview(into.numpy())[:n], 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got == 0:
+                raise OSError(f"{self.dir / 'layers.bin'} ends inside layer {i}")
+            done += got
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
+
+    def attach(self, i: int, layer: nn.Module, buffer: torch.Tensor) -> None:
+        """Point layer i's streamed parameters at their bytes in `buffer` (no copy)."""
+        params = dict(streamed_params(layer))
+        for name, dtype, shape, offset in self.index[i]["tensors"]:
+            dt = getattr(torch, dtype)
+            size = dt.itemsize * _numel(shape)
+            params[name].data = buffer[offset : offset + size].view(dt).view(shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _skeleton(layers: nn.ModuleList) -> list[dict]:
+    """Per layer: Linear name → its packed module (or None for a float weight), tensors already empty."""
+    return [{name: m.qweight for name, m in layer.named_modules() if isinstance(m, Linear)} for layer in layers]
