@@ -4,13 +4,14 @@ only a window of decoder layers resident and reading the others, packed, from a 
 
 Everything outside the decoder layers' Linear weights stays resident (embedding, LM head, norms,
 biases, rotary tables); what the budget leaves for layers, w = (budget - resident) // largest layer,
-is a ring of w buffers. Layer i computes from its buffer while a prefetch thread reads layers
-i+1 .. i+w-1 into the others; when i is done its buffer takes layer i+w (mod the layer count: the
-next forward pass starts again at layer 0). One pass over the layers serves the whole batch, so a
-step of 32 sequences reads the weights once, as a step of one does.
+w layers' worth of buffers: the first w - 2 layers are read once and stay, the others pass through
+two buffers (one when w = 1). Layer i computes from its buffer while a prefetch thread reads the next
+streamed layer into the other; when i is done its buffer takes the layer after that (wrapping to the
+first streamed layer: the next forward pass starts again at layer 0). One pass over the layers serves
+the whole batch, so a step of 32 sequences reads the weights once, as a step of one does.
 
-    w = 3, 8 layers, computing layer 2:   buffers [L2 computing] [L3 read] [L4 reading]
-    layer 2 done:                          buffers [L5 reading]   [L3 computing] [L4 ...]
+    w = 4, 8 layers: L0 L1 pinned; computing L3:   buffers [L3 computing] [L4 reading]
+    L3 done:                                        buffers [L5 reading]   [L4 computing]
 
 Resident memory is the resident part plus w buffers, whatever the model's size: the buffers are
 allocated once and reused, reads bypass the process (os.preadv into them) and their pages are
@@ -50,33 +51,47 @@ def window_for_budget(budget: int, resident: int, layer_bytes: list[int]) -> int
 
 
 class LayerStreamer:
-    """Hooks on the decoder layers: before layer i, wait for its bytes and attach them; after it,
-    detach them and read layer i + w into its buffer."""
+    """The first w - 2 layers are read once and stay (pinned: a ring wider than two buffers would
+    only read every layer again each pass, measured no faster); the others pass through a ring of
+    the remaining buffers (two, or one when w = 1). Hooks on those: before layer i, wait for its
+    bytes and attach them; after it, detach them and read the layer `ring` places on into its buffer."""
 
     def __init__(self, layers: nn.ModuleList, store: PackedLayerStore, window: int):
         self.layers, self.store, self.window = layers, store, window
-        self.num_layers = len(layers)
-        largest = max(store.layer_bytes(i) for i in range(self.num_layers))
-        self.buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(window)]  # (bytes,) each
         self.fd = os.open(store.dir / "layers.bin", os.O_RDONLY)
+        self.pinned = max(window - 2, 0)  # layers 0 .. pinned - 1, resident for good
+        self.ring = window - self.pinned
+        self.num_streamed = len(layers) - self.pinned
+        self.pinned_buffers = []
+        for i in range(self.pinned):
+            buf = torch.empty(store.layer_bytes(i), dtype=torch.uint8)
+            store.read(self.fd, i, buf)
+            store.attach(i, layers[i], buf)
+            self.pinned_buffers.append(buf)
+        largest = max(store.layer_bytes(i) for i in range(self.pinned, len(layers)))
+        self.buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(self.ring)]  # (bytes,) each
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="flashserve-layer-prefetch")
         self.buffer_of: dict[int, int] = {}  # layer → buffer it is (being) read into
         self.pending: dict[int, Future] = {}
         self.attached: int | None = None
-        self._start(0)
-        for i, layer in enumerate(layers):
-            layer.register_forward_pre_hook(lambda _m, _a, i=i: self._before(i))
-            layer.register_forward_hook(lambda _m, _a, _o, i=i: self._after(i))
+        self._start(self.pinned)
+        for i in range(self.pinned, len(layers)):
+            layers[i].register_forward_pre_hook(lambda _m, _a, i=i: self._before(i))
+            layers[i].register_forward_hook(lambda _m, _a, _o, i=i: self._after(i))
+
+    def _later(self, i: int, k: int) -> int:
+        """The streamed layer k places after layer i (wrapping to the first streamed layer)."""
+        return self.pinned + (i - self.pinned + k) % self.num_streamed
 
     def _start(self, first: int) -> None:
-        """(Re)fill the ring with layers first .. first + w - 1."""
+        """(Re)fill the ring with the streamed layers from `first` on."""
         for f in self.pending.values():
             f.result()
         self.pending.clear()
         if self.attached is not None:
             drop_streamed(self.layers[self.attached])
             self.attached = None
-        self.buffer_of = {(first + k) % self.num_layers: k for k in range(self.window)}
+        self.buffer_of = {self._later(first, k): k for k in range(self.ring)}
         for layer, b in self.buffer_of.items():
             self.pending[layer] = self.reader.submit(self.store.read, self.fd, layer, self.buffers[b])
 
@@ -90,7 +105,7 @@ class LayerStreamer:
     def _after(self, i: int) -> None:
         drop_streamed(self.layers[i])
         self.attached = None
-        nxt = (i + self.window) % self.num_layers
+        nxt = self._later(i, self.ring)
         buffer = self.buffer_of.pop(i)  # free now: with a window of one, the next layer waits for this read
         self.buffer_of[nxt] = buffer
         self.pending[nxt] = self.reader.submit(self.store.read, self.fd, nxt, self.buffers[buffer])
