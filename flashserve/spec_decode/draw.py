@@ -49,3 +49,20 @@ class DraftDrawer:
         for rid in request_ids:
             self.generators.pop(rid, None)
             self.probs.pop(rid, None)
+
+
+class DrawingProposer:
+    """What Medusa's and EAGLE's proposers share: drafts drawn by a DraftDrawer, and what each keeps
+    per request (`state`), forgotten with its drafts' q when the request ends."""
+
+    def __init__(self):
+        self.drawer = DraftDrawer()
+        self.state: dict = {}  # request id → the proposer's own per-request record
+
+    def draft_probs(self, request_id: str) -> torch.Tensor | None:
+        return self.drawer.probs.get(request_id)
+
+    def free(self, request_ids) -> None:
+        for rid in request_ids:
+            self.state.pop(rid, None)
+        self.drawer.free(request_ids)

@@ -23,7 +23,7 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.core.request import Request
 from flashserve.core.sched_output import HiddenRows
-from flashserve.spec_decode.draw import DraftDrawer
+from flashserve.spec_decode.draw import DrawingProposer
 from flashserve.spec_decode.heads import load_heads
 
 
@@ -39,15 +39,15 @@ class _LayerState:
         return self.start + self.num_entries
 
 
-class EagleProposer:
+class EagleProposer(DrawingProposer):
     def __init__(self, config: EngineConfig, target, device: torch.device):
+        super().__init__()
         spec = config.speculative
         self.k = spec.num_speculative_tokens
         self.target = target  # its embedding and LM head, shared and frozen
         self.layer = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
         self.device = device
-        self.states: dict[str, _LayerState] = {}
-        self.drawer = DraftDrawer()
+        self.state: dict[str, _LayerState] = {}
 
     def _embed(self, token_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
@@ -64,9 +64,9 @@ class EagleProposer:
             n = h.rows.shape[0]
             if not n:
                 continue
-            state = self.states.get(req.request_id)
+            state = self.state.get(req.request_id)
             if state is None or state.end != h.first_position:  # new, or not the continuation it holds
-                state = self.states[req.request_id] = _LayerState(h.first_position)
+                state = self.state[req.request_id] = _LayerState(h.first_position)
             nxt = req.all_token_ids[h.first_position + 1 : h.first_position + n + 1]  # t_{j+1} of each row
             if not nxt:
                 continue
@@ -77,11 +77,11 @@ class EagleProposer:
     @torch.inference_mode()
     def propose(self, requests: list[Request]) -> dict[str, list[int]]:
         ready = [r for r in requests
-                 if (s := self.states.get(r.request_id)) is not None and s.end == r.num_tokens - 1]
+                 if (s := self.state.get(r.request_id)) is not None and s.end == r.num_tokens - 1]
         if not ready:
             return {}
-        feats = [self.states[r.request_id].next_feature for r in ready]  # (1, 1, d) each
-        pasts = [self.states[r.request_id].past for r in ready]
+        feats = [self.state[r.request_id].next_feature for r in ready]  # (1, 1, d) each
+        pasts = [self.state[r.request_id].past for r in ready]
         drafts: list[list[int]] = [[] for _ in ready]
         qs: list[list[torch.Tensor]] = [[] for _ in ready]
         for i in range(self.k):
@@ -96,11 +96,3 @@ class EagleProposer:
         for b, r in enumerate(ready):
             self.drawer.keep(r.request_id, qs[b])
         return {r.request_id: drafts[b] for b, r in enumerate(ready)}
-
-    def draft_probs(self, request_id: str) -> torch.Tensor | None:
-        return self.drawer.probs.get(request_id)
-
-    def free(self, request_ids) -> None:
-        for rid in request_ids:
-            self.states.pop(rid, None)
-        self.drawer.free(request_ids)

@@ -18,31 +18,31 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.core.request import Request
 from flashserve.core.sched_output import HiddenRows
-from flashserve.spec_decode.draw import DraftDrawer
+from flashserve.spec_decode.draw import DrawingProposer
 from flashserve.spec_decode.heads import load_heads
 
 
-class MedusaProposer:
+class MedusaProposer(DrawingProposer):
     def __init__(self, config: EngineConfig, target, device: torch.device):
+        super().__init__()
         spec = config.speculative
         self.k = spec.num_speculative_tokens
         self.target = target  # its compute_logits is the heads' shared, frozen LM head
         self.heads = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
-        self.last: dict[str, tuple[int, torch.Tensor]] = {}  # request id → (position, its hidden row (d,))
-        self.drawer = DraftDrawer()
+        self.state: dict[str, tuple[int, torch.Tensor]] = {}  # request id → (position, its hidden row (d,))
 
     def observe(self, hidden: list[tuple[Request, HiddenRows]]) -> None:
         for req, h in hidden:
             n = h.rows.shape[0]
             if n:
-                self.last[req.request_id] = (h.first_position + n - 1, h.rows[-1].clone())
+                self.state[req.request_id] = (h.first_position + n - 1, h.rows[-1].clone())
 
     @torch.inference_mode()
     def propose(self, requests: list[Request]) -> dict[str, list[int]]:
-        ready = [r for r in requests if self.last.get(r.request_id, (-1,))[0] == r.num_tokens - 2]
+        ready = [r for r in requests if self.state.get(r.request_id, (-1,))[0] == r.num_tokens - 2]
         if not ready:
             return {}
-        h = torch.stack([self.last[r.request_id][1] for r in ready])  # (B, d)
+        h = torch.stack([self.state[r.request_id][1] for r in ready])  # (B, d)
         x = self.heads(h, self.k)  # (k, B, d)
         logits = self.target.compute_logits(x.reshape(-1, x.shape[-1])).view(self.k, len(ready), -1)
         out = {}
@@ -50,11 +50,3 @@ class MedusaProposer:
             out[r.request_id], q = self.drawer.draw(r, logits[:, b])
             self.drawer.keep(r.request_id, [] if q is None else [q])
         return out
-
-    def draft_probs(self, request_id: str) -> torch.Tensor | None:
-        return self.drawer.probs.get(request_id)
-
-    def free(self, request_ids) -> None:
-        for rid in request_ids:
-            self.last.pop(rid, None)
-        self.drawer.free(request_ids)
