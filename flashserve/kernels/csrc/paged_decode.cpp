@@ -23,7 +23,9 @@ namespace {
 // Keys scored together: one running-max update, one rescale of the partial output and one
 // vectorized exp pass per tile instead of per key.
 constexpr int64_t kTile = 64;
-
+// How far ahead of the rows computing the kernel asks for K/V rows (see prefetch_rows; 32, 96 and
+// 192 measured alike within the noise).
+constexpr int64_t kAheadRows = 192;
 
 // Eight cached values from p as float32 lanes: a plain load for a float32 cache, converted in
 // registers for a float16 (F16C) or bfloat16 (the high half of a float32) one, so a 2-byte cache
@@ -55,38 +57,11 @@ inline __m256 reduce8_ps(const __m256* v) {
 }
 #endif
 
-// s[j] = q . k_j for the tile's keys (eight keys per pass share each load of q, and their eight
-// sums come out of one reduction tree).
+// s[j] = q . k_j for the tile's keys, one head at a time: the portable path (the grouped kernels
+// below take every head dimension that fills whole vectors).
 template <typename C>
 inline void tile_scores(const float* q, const C* const* k, int64_t nt, int64_t D, float* s) {
-  int64_t j = 0;
-#ifdef FS_AVX2
-  if constexpr (kLoads8<C>) {
-    if (D % 8 == 0) {
-      for (; j + 8 <= nt; j += 8) {
-        __m256 a[8];
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + d);
-          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(k[j + i] + d), a[i]);
-        }
-        _mm256_storeu_ps(s + j, reduce8_ps(a));
-      }
-      for (; j + 4 <= nt; j += 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + d);
-          a0 = _mm256_fmadd_ps(qv, load8(k[j] + d), a0);
-          a1 = _mm256_fmadd_ps(qv, load8(k[j + 1] + d), a1);
-          a2 = _mm256_fmadd_ps(qv, load8(k[j + 2] + d), a2);
-          a3 = _mm256_fmadd_ps(qv, load8(k[j + 3] + d), a3);
-        }
-        s[j] = hsum(a0), s[j + 1] = hsum(a1), s[j + 2] = hsum(a2), s[j + 3] = hsum(a3);
-      }
-    }
-  }
-#endif
-  for (; j < nt; ++j) {
+  for (int64_t j = 0; j < nt; ++j) {
     float dot = 0.f;
     for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[j][d]);
     s[j] = dot;
@@ -111,38 +86,156 @@ inline float tile_exp(float* s, int64_t nt, float m) {
   return sum;
 }
 
-// o += sum_j p[j] v_j, 32 columns at a time held in registers across the tile's keys.
+// o += sum_j p[j] v_j, one head at a time (the portable path, as tile_scores).
 template <typename C>
 inline void tile_accumulate(const float* p, const C* const* v, int64_t nt, int64_t D, float* o) {
-  int64_t d = 0;
-#ifdef FS_AVX2
-  if constexpr (kLoads8<C>) {
-    for (; d + 32 <= D; d += 32) {
-      __m256 o0 = _mm256_loadu_ps(o + d), o1 = _mm256_loadu_ps(o + d + 8);
-      __m256 o2 = _mm256_loadu_ps(o + d + 16), o3 = _mm256_loadu_ps(o + d + 24);
-      for (int64_t j = 0; j < nt; ++j) {
-        const __m256 pj = _mm256_broadcast_ss(p + j);
-        o0 = _mm256_fmadd_ps(pj, load8(v[j] + d), o0);
-        o1 = _mm256_fmadd_ps(pj, load8(v[j] + d + 8), o1);
-        o2 = _mm256_fmadd_ps(pj, load8(v[j] + d + 16), o2);
-        o3 = _mm256_fmadd_ps(pj, load8(v[j] + d + 24), o3);
-      }
-      _mm256_storeu_ps(o + d, o0), _mm256_storeu_ps(o + d + 8, o1);
-      _mm256_storeu_ps(o + d + 16, o2), _mm256_storeu_ps(o + d + 24, o3);
-    }
-    for (; d + 8 <= D; d += 8) {
-      __m256 o0 = _mm256_loadu_ps(o + d);
-      for (int64_t j = 0; j < nt; ++j) o0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), load8(v[j] + d), o0);
-      _mm256_storeu_ps(o + d, o0);
-    }
-  }
-#endif
-  for (; d < D; ++d) {
+  for (int64_t d = 0; d < D; ++d) {
     float acc = o[d];
     for (int64_t j = 0; j < nt; ++j) acc += p[j] * static_cast<float>(v[j][d]);
     o[d] = acc;
   }
 }
+
+#ifdef FS_AVX2
+// The grouped kernels below are written once over a vector of float lanes: eight (AVX2) or sixteen
+// (AVX-512). kMaxHeads and kChunks size their register blocks so that accumulators, the loaded cache
+// chunks and a broadcast fit the register file (16 ymm, 32 zmm).
+struct Lanes8 {
+  using R = __m256;
+  static constexpr int64_t kWidth = 8;
+  static constexpr int kMaxHeads = 2;  // scores: 2 heads x 4 keys accumulators + 4 keys' chunks
+  static constexpr int kChunks = 4;    // values: 2 heads x 4 chunks of 8 columns
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  template <typename C>
+  static R load_cache(const C* p) { return load8(p); }
+  static void sums8(const R* v, float* s) { _mm256_storeu_ps(s, reduce8_ps(v)); }  // s[i] = v[i]'s lane sum
+};
+
+#ifdef FS_AVX512
+struct Lanes16 {
+  using R = __m512;
+  static constexpr int64_t kWidth = 16;
+  static constexpr int kMaxHeads = 4;  // 16 accumulators + 4 chunks of 32 zmm
+  static constexpr int kChunks = 4;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  template <typename C>
+  static R load_cache(const C* p) {
+    if constexpr (std::is_same_v<C, float>) {
+      return _mm512_loadu_ps(p);
+    } else {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      if constexpr (std::is_same_v<C, at::Half>) return _mm512_cvtph_ps(h);
+      else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+  static void sums8(const R* v, float* s) {  // fold each to eight lanes, then one hadd tree
+    __m256 h[8];
+    for (int i = 0; i < 8; ++i)
+      h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[i]), 1)));
+    _mm256_storeu_ps(s, reduce8_ps(h));
+  }
+};
+#endif
+
+// GQA's query heads share their KV head's keys and values: the grouped kernels load (and convert)
+// each cache chunk once for GB heads instead of once per head.
+// s[g * s_stride + j] = q_g . k_j for heads g < GB (rows of q, stride D) and the tile's nt keys,
+// four keys per pass (a short last pass repeats its last key and drops the extra sums).
+template <typename V, typename C, int GB>
+inline void scores_grouped(const float* q, int64_t D, const C* const* k, int64_t nt, float* s, int64_t s_stride) {
+  constexpr int KB = 4, NA = GB * KB, NR = (NA + 7) / 8 * 8;
+  for (int64_t j = 0; j < nt; j += KB) {
+    const int kb = static_cast<int>(std::min<int64_t>(KB, nt - j));
+    const C* kr[KB];
+    for (int i = 0; i < KB; ++i) kr[i] = k[j + std::min(i, kb - 1)];
+    typename V::R acc[NR];
+    for (int i = 0; i < NR; ++i) acc[i] = V::zero();
+    for (int64_t d = 0; d < D; d += V::kWidth) {
+      typename V::R kv[KB];
+      for (int i = 0; i < KB; ++i) kv[i] = V::template load_cache<C>(kr[i] + d);
+      for (int g = 0; g < GB; ++g) {
+        const typename V::R qv = V::load(q + g * D + d);
+        for (int i = 0; i < KB; ++i) acc[g * KB + i] = V::fma(qv, kv[i], acc[g * KB + i]);
+      }
+    }
+    alignas(32) float sums[NR];
+    for (int r = 0; r < NR; r += 8) V::sums8(acc + r, sums + r);
+    for (int g = 0; g < GB; ++g)
+      for (int i = 0; i < kb; ++i) s[g * s_stride + j + i] = sums[g * KB + i];
+  }
+}
+
+// o_g[d0 .. d0 + NC lanes) += sum_j p_g[j] v_j for heads g < GB (rows of o, stride D; weights p, stride
+// p_stride), the columns held in registers across the tile's keys.
+template <typename V, typename C, int GB, int NC>
+inline void accumulate_grouped(const float* p, int64_t p_stride, const C* const* v, int64_t nt, int64_t d0,
+                               float* o, int64_t D) {
+  constexpr int64_t W = V::kWidth;
+  typename V::R acc[GB][NC];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < NC; ++c) acc[g][c] = V::load(o + g * D + d0 + c * W);
+  for (int64_t j = 0; j < nt; ++j) {
+    typename V::R vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = V::template load_cache<C>(v[j] + d0 + c * W);
+    for (int g = 0; g < GB; ++g) {
+      const typename V::R pj = V::set1(p[g * p_stride + j]);
+      for (int c = 0; c < NC; ++c) acc[g][c] = V::fma(pj, vv[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < NC; ++c) V::store(o + g * D + d0 + c * W, acc[g][c]);
+}
+
+// All G heads of one KV head over a tile, in passes of at most V::kMaxHeads heads.
+template <typename V, typename C>
+struct Grouped {
+  template <int GB>
+  static void scores_pass(const float* q, int64_t D, const C* const* k, int64_t nt, float* s, int64_t stride) {
+    scores_grouped<V, C, GB>(q, D, k, nt, s, stride);
+  }
+  static void scores(const float* q, int64_t G, int64_t D, const C* const* k, int64_t nt, float* s, int64_t stride) {
+    for (int64_t g0 = 0; g0 < G; g0 += V::kMaxHeads) {
+      const float* qg = q + g0 * D;
+      float* sg = s + g0 * stride;
+      switch (std::min<int64_t>(V::kMaxHeads, G - g0)) {
+        case 1: scores_pass<1>(qg, D, k, nt, sg, stride); break;
+        case 2: scores_pass<2>(qg, D, k, nt, sg, stride); break;
+        case 3: if constexpr (V::kMaxHeads >= 3) scores_pass<3>(qg, D, k, nt, sg, stride); break;
+        default: if constexpr (V::kMaxHeads >= 4) scores_pass<4>(qg, D, k, nt, sg, stride); break;
+      }
+    }
+  }
+  template <int GB>
+  static void accumulate_heads(const float* p, int64_t stride, const C* const* v, int64_t nt, float* o, int64_t D) {
+    constexpr int64_t wide = V::kWidth * V::kChunks;
+    int64_t d0 = 0;
+    for (; d0 + wide <= D; d0 += wide) accumulate_grouped<V, C, GB, V::kChunks>(p, stride, v, nt, d0, o, D);
+    for (; d0 < D; d0 += V::kWidth) accumulate_grouped<V, C, GB, 1>(p, stride, v, nt, d0, o, D);
+  }
+  static void accumulate(const float* p, int64_t stride, const C* const* v, int64_t nt, int64_t G, int64_t D,
+                         float* o) {
+    for (int64_t g0 = 0; g0 < G; g0 += V::kMaxHeads) {
+      const float* pg = p + g0 * stride;
+      float* og = o + g0 * D;
+      switch (std::min<int64_t>(V::kMaxHeads, G - g0)) {
+        case 1: accumulate_heads<1>(pg, stride, v, nt, og, D); break;
+        case 2: accumulate_heads<2>(pg, stride, v, nt, og, D); break;
+        case 3: if constexpr (V::kMaxHeads >= 3) accumulate_heads<3>(pg, stride, v, nt, og, D); break;
+        default: if constexpr (V::kMaxHeads >= 4) accumulate_heads<4>(pg, stride, v, nt, og, D); break;
+      }
+    }
+  }
+};
+#endif
 
 // T: the query's and output's dtype; C: the caches' (the compute dtype, or a 2-byte float cache).
 template <typename T, typename C>
@@ -170,49 +263,96 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   std::vector<float> part_o(N * Hk * num_splits * G * D);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
+  // The grouped kernels where the head dimension fills whole vectors (every model we know of);
+  // the per-head loops otherwise.
+  void (*grouped_scores)(const float*, int64_t, int64_t, const C* const*, int64_t, float*, int64_t) = nullptr;
+  void (*grouped_accumulate)(const float*, int64_t, const C* const*, int64_t, int64_t, int64_t, float*) = nullptr;
+#ifdef FS_AVX2
+  if constexpr (kLoads8<C>) {
+#ifdef FS_AVX512
+    if (D % Lanes16::kWidth == 0) {
+      grouped_scores = &Grouped<Lanes16, C>::scores;
+      grouped_accumulate = &Grouped<Lanes16, C>::accumulate;
+    }
+#endif
+    if (grouped_scores == nullptr && D % Lanes8::kWidth == 0) {
+      grouped_scores = &Grouped<Lanes8, C>::scores;
+      grouped_accumulate = &Grouped<Lanes8, C>::accumulate;
+    }
+  }
+#endif
+
+  // Item = (sequence n, KV head h, split): its keys are positions [t0, t1) of sequence n.
+  struct Span { int64_t n, h, t0, t1; };
+  auto span_of = [&](int64_t item) {
+    const int64_t n = item / (Hk * num_splits), h = (item / num_splits) % Hk, sp = item % num_splits;
+    const int64_t len = lens[n];
+    int64_t t0 = sp * split_tokens, t1 = std::min<int64_t>(len, t0 + split_tokens);
+    if (sliding_window > 0) t0 = std::max<int64_t>(t0, len - sliding_window);  // the query sits at len - 1
+    // Keys past the block table's end are not there to read (a table cut short by its caller).
+    return Span{n, h, t0, std::min<int64_t>(t1, max_blocks * bs)};
+  };
+  auto row_offset = [&](const Span& sp, int64_t t) {
+    return int64_t(bt[sp.n * max_blocks + t / bs]) * kv_stride_block + (t % bs) * kv_stride_tok + sp.h * kv_stride_h;
+  };
+
   at::parallel_for(0, N * Hk * num_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), s(kTile);
+    std::vector<float> qf(G * D), s(G * kTile);
     const C* krow[kTile];
     const C* vrow[kTile];
+    // The rows are scattered over blocks and heads, which the hardware prefetcher does not follow:
+    // a cursor asks for the rows kAheadRows ahead of the ones computing, on into this thread's next
+    // items, a few rows at a time between the pieces of work. Asked for a tile at once (as this kernel
+    // did) the requests fill the core's miss buffers and the work waits behind them: 32 sequences of
+    // SmolLM2 read the cache at ~7 GB/s that way, ~10 spread out (benchmarks/RESULTS.md).
+    int64_t ahead_item = begin;
+    Span ahead = span_of(begin);
+    int64_t ahead_t = ahead.t0;
+    auto prefetch_rows = [&](int64_t rows) {
+      while (rows > 0 && ahead_item < end) {
+        if (ahead_t >= ahead.t1) {
+          if (++ahead_item < end) ahead = span_of(ahead_item), ahead_t = ahead.t0;
+          continue;
+        }
+        const int64_t off = row_offset(ahead, ahead_t++);
+        const char* kr = reinterpret_cast<const char*>(kp + off);
+        const char* vr = reinterpret_cast<const char*>(vp + off);
+        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64) {
+          __builtin_prefetch(kr + b, 0, 3);
+          __builtin_prefetch(vr + b, 0, 3);
+        }
+        --rows;
+      }
+    };
+    prefetch_rows(kAheadRows);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / (Hk * num_splits);
-      const int64_t h = (item / num_splits) % Hk;
-      const int64_t sp = item % num_splits;
+      const Span span = span_of(item);
+      const int64_t n = span.n, h = span.h;
       float* m = &part_m[item * G];
       float* l = &part_l[item * G];
       float* o = &part_o[item * G * D];
       for (int64_t g = 0; g < G; ++g) { m[g] = neg_inf; l[g] = 0.f; }
       std::fill(o, o + G * D, 0.f);
-      const int64_t len = lens[n];
-      const int64_t last = len - 1;  // the query's own position
-      int64_t t0 = sp * split_tokens, t1 = std::min<int64_t>(len, t0 + split_tokens);
-      if (sliding_window > 0) t0 = std::max<int64_t>(t0, last - sliding_window + 1);
-      // Keys past the block table's end are not there to read (a table cut short by its caller).
-      t1 = std::min<int64_t>(t1, max_blocks * bs);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[n * q_stride_n + (h * G + g) * q_stride_h + d]);
-      auto row_offset = [&](int64_t t) {
-        return int64_t(bt[n * max_blocks + t / bs]) * kv_stride_block + (t % bs) * kv_stride_tok + h * kv_stride_h;
-      };
-      for (int64_t tt = t0; tt < t1; tt += kTile) {
-        const int64_t nt = std::min<int64_t>(kTile, t1 - tt);
+      for (int64_t tt = span.t0; tt < span.t1; tt += kTile) {
+        const int64_t nt = std::min<int64_t>(kTile, span.t1 - tt);
         for (int64_t j = 0; j < nt; ++j) {
-          krow[j] = kp + row_offset(tt + j);
-          vrow[j] = vp + row_offset(tt + j);
+          const int64_t off = row_offset(span, tt + j);
+          krow[j] = kp + off;
+          vrow[j] = vp + off;
         }
-        // The next tile's rows are scattered over blocks and heads, which the hardware prefetcher
-        // does not follow: ask for them while this tile computes.
-        for (int64_t t = tt + kTile; t < std::min<int64_t>(t1, tt + 2 * kTile); ++t) {
-          const char* kr = reinterpret_cast<const char*>(kp + row_offset(t));
-          const char* vr = reinterpret_cast<const char*>(vp + row_offset(t));
-          for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64) {
-            __builtin_prefetch(kr + b, 0, 3);
-            __builtin_prefetch(vr + b, 0, 3);
+        if (grouped_scores != nullptr) {
+          for (int64_t c = 0; c < nt; c += 8) {  // 4 rows asked for per 8 keys, here and below
+            prefetch_rows(std::min<int64_t>(4, nt - c));
+            grouped_scores(qf.data(), G, D, krow + c, std::min<int64_t>(8, nt - c), s.data() + c, kTile);
           }
+        } else {
+          prefetch_rows(nt);
+          for (int64_t g = 0; g < G; ++g) tile_scores(&qf[g * D], krow, nt, D, &s[g * kTile]);
         }
         for (int64_t g = 0; g < G; ++g) {
-          float* sg = s.data();
-          tile_scores(&qf[g * D], krow, nt, D, sg);
+          float* sg = &s[g * kTile];
           float tile_max = neg_inf;
           for (int64_t j = 0; j < nt; ++j) {
             float sc = sg[j] * fscale;
@@ -228,7 +368,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             m[g] = tile_max;
           }
           l[g] += tile_exp(sg, nt, m[g]);
-          tile_accumulate(sg, vrow, nt, D, og);
+        }
+        if (grouped_accumulate != nullptr) {
+          for (int64_t c = 0; c < nt; c += 8) {
+            prefetch_rows(std::min<int64_t>(4, nt - c));
+            grouped_accumulate(s.data() + c, kTile, vrow + c, std::min<int64_t>(8, nt - c), G, D, o);
+          }
+        } else {
+          for (int64_t g = 0; g < G; ++g) tile_accumulate(&s[g * kTile], vrow, nt, D, o + g * D);
         }
       }
     }
