@@ -195,44 +195,39 @@ inline void accumulate_grouped(const float* p, int64_t p_stride, const C* const*
     for (int c = 0; c < NC; ++c) V::store(o + g * D + d0 + c * W, acc[g][c]);
 }
 
+// f(std::integral_constant<int, GB>, g0) for passes over heads [g0, g0 + GB) that cover G heads,
+// GB at most kMax (<= 4): the head count becomes a template argument, so the register blocks are sized
+// at compile time.
+template <int kMax, typename F>
+inline void head_passes(int64_t G, F&& f) {
+  for (int64_t g0 = 0; g0 < G; g0 += kMax) {
+    switch (std::min<int64_t>(kMax, G - g0)) {
+      case 1: f(std::integral_constant<int, 1>{}, g0); break;
+      case 2: if constexpr (kMax >= 2) f(std::integral_constant<int, 2>{}, g0); break;
+      case 3: if constexpr (kMax >= 3) f(std::integral_constant<int, 3>{}, g0); break;
+      default: if constexpr (kMax >= 4) f(std::integral_constant<int, 4>{}, g0); break;
+    }
+  }
+}
+
 // All G heads of one KV head over a tile, in passes of at most V::kMaxHeads heads.
 template <typename V, typename C>
 struct Grouped {
-  template <int GB>
-  static void scores_pass(const float* q, int64_t D, const C* const* k, int64_t nt, float* s, int64_t stride) {
-    scores_grouped<V, C, GB>(q, D, k, nt, s, stride);
-  }
   static void scores(const float* q, int64_t G, int64_t D, const C* const* k, int64_t nt, float* s, int64_t stride) {
-    for (int64_t g0 = 0; g0 < G; g0 += V::kMaxHeads) {
-      const float* qg = q + g0 * D;
-      float* sg = s + g0 * stride;
-      switch (std::min<int64_t>(V::kMaxHeads, G - g0)) {
-        case 1: scores_pass<1>(qg, D, k, nt, sg, stride); break;
-        case 2: scores_pass<2>(qg, D, k, nt, sg, stride); break;
-        case 3: if constexpr (V::kMaxHeads >= 3) scores_pass<3>(qg, D, k, nt, sg, stride); break;
-        default: if constexpr (V::kMaxHeads >= 4) scores_pass<4>(qg, D, k, nt, sg, stride); break;
-      }
-    }
-  }
-  template <int GB>
-  static void accumulate_heads(const float* p, int64_t stride, const C* const* v, int64_t nt, float* o, int64_t D) {
-    constexpr int64_t wide = V::kWidth * V::kChunks;
-    int64_t d0 = 0;
-    for (; d0 + wide <= D; d0 += wide) accumulate_grouped<V, C, GB, V::kChunks>(p, stride, v, nt, d0, o, D);
-    for (; d0 < D; d0 += V::kWidth) accumulate_grouped<V, C, GB, 1>(p, stride, v, nt, d0, o, D);
+    head_passes<V::kMaxHeads>(G, [&](auto gb, int64_t g0) {
+      scores_grouped<V, C, decltype(gb)::value>(q + g0 * D, D, k, nt, s + g0 * stride, stride);
+    });
   }
   static void accumulate(const float* p, int64_t stride, const C* const* v, int64_t nt, int64_t G, int64_t D,
                          float* o) {
-    for (int64_t g0 = 0; g0 < G; g0 += V::kMaxHeads) {
-      const float* pg = p + g0 * stride;
-      float* og = o + g0 * D;
-      switch (std::min<int64_t>(V::kMaxHeads, G - g0)) {
-        case 1: accumulate_heads<1>(pg, stride, v, nt, og, D); break;
-        case 2: accumulate_heads<2>(pg, stride, v, nt, og, D); break;
-        case 3: if constexpr (V::kMaxHeads >= 3) accumulate_heads<3>(pg, stride, v, nt, og, D); break;
-        default: if constexpr (V::kMaxHeads >= 4) accumulate_heads<4>(pg, stride, v, nt, og, D); break;
-      }
-    }
+    constexpr int64_t wide = V::kWidth * V::kChunks;
+    head_passes<V::kMaxHeads>(G, [&](auto gb, int64_t g0) {
+      constexpr int GB = decltype(gb)::value;
+      int64_t d0 = 0;
+      for (; d0 + wide <= D; d0 += wide)
+        accumulate_grouped<V, C, GB, V::kChunks>(p + g0 * stride, stride, v, nt, d0, o + g0 * D, D);
+      for (; d0 < D; d0 += V::kWidth) accumulate_grouped<V, C, GB, 1>(p + g0 * stride, stride, v, nt, d0, o + g0 * D, D);
+    });
   }
 };
 #endif
