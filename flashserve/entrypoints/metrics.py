@@ -37,6 +37,13 @@ class ServerMetrics:
         self.tokens_sampled = Gauge("flashserve_engine_sampled_tokens",
                                     "Tokens the model sampled since start, those of aborted requests included",
                                     registry=r)
+        self.preemptions = Gauge("flashserve_num_preemptions", "Preemptions since start", registry=r)
+        self.swapped_out = Gauge("flashserve_num_swapped_out",
+                                 "Preemptions that copied the victim's KV blocks to swap space since start",
+                                 registry=r)
+        self.swap_slots_used = Gauge("flashserve_swap_slots_used", "Swap space slots holding KV blocks", registry=r)
+        self.swap_slots_total = Gauge("flashserve_swap_slots_total", "Swap space slots, one KV block each",
+                                      registry=r)
         self.prefix_hit_rate = Gauge("flashserve_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens)",
                                      registry=r)
 
@@ -71,3 +78,7 @@ class ServerMetrics:
         self.spec_accepted_tokens.set(stats.spec_accepted_tokens_total)
         self.spec_propose_seconds.set(stats.spec_propose_seconds_total)
         self.tokens_sampled.set(stats.tokens_sampled_total)
+        self.preemptions.set(stats.num_preemptions_total)
+        self.swapped_out.set(stats.num_swapped_out_total)
+        self.swap_slots_used.set(stats.swap_slots_used)
+        self.swap_slots_total.set(stats.swap_slots_total)

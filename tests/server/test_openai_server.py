@@ -292,3 +292,32 @@ def test_api_key_and_bounded_queue(guarded_server):
 
     outcomes = asyncio.run(main())
     assert "429" in outcomes and "ok" in outcomes
+
+
+def test_swap_preemption_over_http_keeps_greedy_tokens_and_frees_its_slots(server, smollm2_gguf):
+    """A server whose KV pool holds 8 blocks (128 tokens) gets 4 requests of ~60 tokens at once: some
+    are preempted with their blocks copied to swap space and back. Each answer equals the roomy
+    server's, the swap counters say it happened, and every slot is free after."""
+    from tests.server.conftest import serving
+
+    base, model = server
+    block_bytes = 2 * 30 * 16 * 3 * 64 * 2  # SmolLM2: K and V, 30 layers, 16 tokens, 3 KV heads x 64, float16
+    prompts = [f"Count from {i} to {i + 40}, one number a line:" for i in range(4)]
+    body = {"model": model, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+
+    def answers(url) -> list[str]:
+        async def run():
+            async with httpx.AsyncClient(timeout=300) as c:
+                rs = await asyncio.gather(*(c.post(f"{url}/v1/completions", json={**body, "prompt": p})
+                                            for p in prompts))
+            return [r.json()["choices"][0]["text"] for r in rs]
+        return asyncio.run(run())
+
+    want = answers(base)
+    with serving(smollm2_gguf, "--kv-cache-memory", str(8 * block_bytes), "--swap-space", str(8 * block_bytes),
+                 "--preemption-mode", "swap", "--max-num-seqs", "4") as (tight, _):
+        assert answers(tight) == want
+        assert metric(tight, "flashserve_num_swapped_out") > 0
+        assert metric(tight, "flashserve_swap_slots_total") == 8
+        assert metric(tight, "flashserve_swap_slots_used") == 0
+        assert metric(tight, "flashserve_kv_cache_blocks_used") == 0
