@@ -243,10 +243,9 @@ class Scheduler:
             computed, num_cached = kvm.get_computed_blocks(req)
             if self.swap.slots_of(req.request_id):
                 block_ids, num_cached = self._swap_in_blocks(req, computed, num_cached, budget)
-                n = min(req.num_tokens - num_cached, budget)
             else:
-                n = min(req.num_tokens - num_cached, budget)
-                block_ids = self._allocate(req, n, computed)
+                block_ids = self._allocate(req, min(req.num_tokens - num_cached, budget), computed)
+            n = min(req.num_tokens - num_cached, budget)
             if block_ids is None:
                 break
             self.waiting.pop()
