@@ -253,7 +253,30 @@ class ParallelConfig:
 # kernel takes their type (flashserve/quantization/gguf_method.py), activations stay float;
 # "auto": the same, and the project's kernel rounds activations to int8 per group of 32 for integer
 # dot products (llama.cpp's arithmetic); "none": dequantize every weight to dtype.
-QUANTIZATION_CHOICES = ("auto", "weight-only", "none")
+# "smoothquant", "llm.int8": a float model (GGUF dequantized, or an HF directory) whose decoder linears
+# become int8 weights times int8-rounded activations at load (flashserve/quantization/activation_methods.py).
+ACTIVATION_METHODS = ("smoothquant", "llm.int8")
+QUANTIZATION_CHOICES = ("auto", "weight-only", "none", *ACTIVATION_METHODS)
+
+
+@dataclass(frozen=True)
+class ActivationQuantConfig:
+    """Options of the ACTIVATION_METHODS; each method reads only its own."""
+    smoothquant_alpha: float = 0.5  # migration strength (SmoothQuant eq. 4)
+    calibration_text: str | None = None  # SmoothQuant's activation maxima: a text file; None: GPL-3's text
+    llm_int8_threshold: float = 6.0  # |x| from which an input column takes LLM.int8()'s float path
+
+    def validate(self, quantization: str) -> None:
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
+        if not self.llm_int8_threshold > 0:
+            raise ValueError(f"llm_int8_threshold must be positive, got {self.llm_int8_threshold}")
+        default = ActivationQuantConfig()
+        mine = {"smoothquant": ("smoothquant_alpha", "calibration_text"), "llm.int8": ("llm_int8_threshold",)}
+        for method, names in mine.items():
+            for name in names:
+                if quantization != method and getattr(self, name) != getattr(default, name):
+                    raise ValueError(f"{name} is an option of quantization={method!r}, not of {quantization!r}")
 
 
 @dataclass(frozen=True)
@@ -263,6 +286,7 @@ class EngineConfig:
     model_config: ModelConfig
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     quantization: str = "auto"  # QUANTIZATION_CHOICES
+    activation_quant: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
     seed: int = 0
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -277,6 +301,11 @@ class EngineConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
+        self.activation_quant.validate(self.quantization)
+        if self.quantization in ACTIVATION_METHODS and (self.max_weight_memory is not None
+                                                        or self.parallel.world_size > 1):
+            raise ValueError(f"quantization={self.quantization!r} runs in one process with every weight resident: "
+                             "it cannot be combined with max_weight_memory or tensor/pipeline parallelism yet")
         self.cache.validate()
         self.scheduler.validate()
         if self.max_weight_memory is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashserve.config import (HEAD_METHODS, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
-                               SpeculativeConfig)
+from flashserve.config import (HEAD_METHODS, ActivationQuantConfig, CacheConfig, EngineConfig, ParallelConfig,
+                               SchedulerConfig, SpeculativeConfig)
 from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -17,7 +17,10 @@ SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_
 class EngineArgs:
     model: str = "smollm2-135m"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
-    quantization: str = "auto"  # QUANTIZATION_CHOICES: "auto" | "weight-only" | "none"
+    quantization: str = "auto"  # QUANTIZATION_CHOICES: "auto" | "weight-only" | "none" | "smoothquant" | "llm.int8"
+    smoothquant_alpha: float = 0.5  # ActivationQuantConfig's options
+    calibration_text: str | None = None
+    llm_int8_threshold: float = 6.0
     max_model_len: int | None = None  # default: min(model context, 4096)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -63,6 +66,8 @@ class EngineArgs:
             model_config=model_config,
             dtype=resolve_dtype(self.dtype, str(path), self.quantization).dtype,
             quantization=self.quantization,
+            activation_quant=ActivationQuantConfig(self.smoothquant_alpha, self.calibration_text,
+                                                   self.llm_int8_threshold),
             seed=self.seed,
             num_threads=self.num_threads,
             cache=CacheConfig(

@@ -21,13 +21,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", default="auto", choices=list(QUANTIZATION_CHOICES),
                    help="auto: run a GGUF file's quantized weights on int4/int8 kernels with int8-rounded "
-                        "activations; weight-only: the same kernels on float activations; none: dequantize them")
+                        "activations; weight-only: the same kernels on float activations; none: dequantize them; "
+                        "smoothquant: int8 weights and activations after SmoothQuant's smoothing (Xiao et al. 2022); "
+                        "llm.int8: int8 weights and activations, outlier input columns in float (Dettmers et al. 2022)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     """Every EngineArgs field as a flag whose dest is the field's name (_engine_args relies on it)."""
     d = EngineArgs()
     _add_model_args(p)
+    p.add_argument("--smoothquant-alpha", type=float, default=d.smoothquant_alpha,
+                   help="smoothquant: migration strength alpha in s = max|X|^alpha / max|W|^(1 - alpha)")
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="smoothquant: text whose activation maxima set the scales (default: Debian's GPL-3 text)")
+    p.add_argument("--llm-int8-threshold", type=float, default=d.llm_int8_threshold,
+                   help="llm.int8: |activation| from which an input column takes the float path")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output; default: the model's context, at most 4096")
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs,

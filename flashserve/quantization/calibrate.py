@@ -8,6 +8,9 @@ of what was written (the dequantized checkpoint).
 
 GPTQ (section 5) and AWQ (section 3.3) quantize one layer at a time: the calibration sequences run
 through layers 0..i-1 already quantized, so layer i is fitted to the inputs it will really see.
+
+SmoothQuant, applied when flashserve loads a model, takes its activation maxima from flashserve's own
+model instead (engine_input_maxima), on the same calibration tokens.
 """
 from __future__ import annotations
 
@@ -68,6 +71,11 @@ def calibration_ids(tokenizer, text: str, seq_len: int, max_seqs: int, where: st
     """The text's tokens cut into up to `max_seqs` sequences of `seq_len` (one shorter sequence when the
     text is shorter): (S, L) int64."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+    return cut_sequences(ids, seq_len, max_seqs, where)
+
+
+def cut_sequences(ids: list[int], seq_len: int, max_seqs: int, where: str) -> torch.Tensor:
+    """Token ids cut as calibration_ids cuts them."""
     if len(ids) < 2:
         raise FlashserveError(f"{where}: the calibration text is empty (it needs at least 2 tokens)")
     length = min(seq_len, len(ids))
@@ -108,3 +116,36 @@ def walk_layers(model, ids: torch.Tensor, quantize_layer: Callable[[int, nn.Modu
 
         quantize_layer(i, layer, run)
         hidden = run()
+
+
+@torch.inference_mode()
+def engine_input_maxima(model, cfg, ids: torch.Tensor, linears: list[nn.Module], block_size: int = 16) -> dict:
+    """max_t |x_tk| (K,) float32 of the input of each module in `linears`, over the calibration
+    sequences ids (S, L) prefilled one at a time by flashserve's own model on a KV cache of its own
+    (released afterwards; the runner binds the engine's)."""
+    from flashserve.core.sched_output import ScheduledRequest
+    from flashserve.model.layers.attention import Attention
+    from flashserve.runner.input_batch import build_model_inputs
+    from flashserve.runner.kv_cache import allocate_kv_caches
+
+    blocks = -(-ids.shape[1] // block_size)
+    model.bind_kv_caches(allocate_kv_caches(cfg, blocks + 1, block_size, model.dtype, torch.device("cpu"), "auto"))
+    maxima: dict = {}
+
+    def record(module, args):
+        x = args[0].reshape(-1, module.in_features).abs().amax(0).float()  # (K,)
+        maxima[module] = torch.maximum(maxima[module], x) if module in maxima else x
+
+    handles = [m.register_forward_pre_hook(record) for m in linears]
+    try:
+        for seq in ids.tolist():
+            req = ScheduledRequest("calibration", seq, 0, len(seq), list(range(1, blocks + 1)), None, [])
+            inputs = build_model_inputs([req], block_size, torch.device("cpu"))
+            model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.kv_cache = None
+    return maxima

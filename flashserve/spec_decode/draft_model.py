@@ -67,7 +67,8 @@ class DraftModelProposer:
         self.max_batch_tokens = config.scheduler.max_num_batched_tokens
         self.max_len = spec.draft_model_config.max_position_embeddings
         dtype = getattr(torch, config.dtype)
-        model, mc = load_model(spec.draft_model_path, dtype=dtype, device=device, quantization=config.quantization)
+        model, mc = load_model(spec.draft_model_path, dtype=dtype, device=device, quantization=config.quantization,
+                               activation_quant=config.activation_quant)
         cache = config.cache
         kv_caches = allocate_kv_caches(mc, num_blocks, cache.block_size, dtype, device, cache.kv_cache_dtype)
         eos = target_tokenizer.eos_token_ids

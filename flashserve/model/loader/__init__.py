@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from flashserve.config import QUANTIZATION_CHOICES, ModelConfig
+from flashserve.config import ACTIVATION_METHODS, QUANTIZATION_CHOICES, ActivationQuantConfig, ModelConfig
 from flashserve.model.models.registry import model_class
 from flashserve.quantization.packed import GroupQuantWeight
 
@@ -24,7 +24,8 @@ def load_model_config(path: str) -> ModelConfig:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               quantization: str = "none", max_weight_memory: int | None = None):
+               quantization: str = "none", max_weight_memory: int | None = None,
+               activation_quant: ActivationQuantConfig | None = None):
     """Returns (model in eval mode on `device`, its ModelConfig).
 
     max_weight_memory: bytes of weights resident at once; the decoder layers beyond what it holds
@@ -34,10 +35,18 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     GPTQ/AWQ checkpoint's) quantized weights packed for the int4/int8 CPU kernels (flashserve/quantization)
     and multiplies them with float activations; "auto" does too, but for a GGUF file the project's
     kernel rounds activations to int8 per group of 32 (llama.cpp's arithmetic; faster, see
-    benchmarks/RESULTS.md). A GPTQ/AWQ checkpoint keeps float activations under "auto"."""
+    benchmarks/RESULTS.md). A GPTQ/AWQ checkpoint keeps float activations under "auto".
+    "smoothquant" and "llm.int8" load the weights as floats, then turn the decoder linears into int8
+    weights with int8-rounded activations (quantization/activation_methods.py; options: activation_quant)."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
     cfg = load_model_config(path)
+    int8_method = quantization in ACTIVATION_METHODS
+    if int8_method:
+        from flashserve.quantization import activation_methods
+
+        activation_methods.check_source(path, cfg, quantization)
+    keep_quantized = quantization != "none" and not int8_method
     cls = model_class(cfg.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created directly in the compute dtype
@@ -49,7 +58,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     if Path(path).is_dir():
         from flashserve.model.loader.hf import iter_hf_weights
 
-        model.load_weights(iter_hf_weights(path, keep_quantized=quantization != "none"), hf_checkpoint=True)
+        model.load_weights(iter_hf_weights(path, keep_quantized=keep_quantized), hf_checkpoint=True)
     elif max_weight_memory is not None:
         from flashserve.model.loader.gguf_file import open_gguf
         from flashserve.offload.layer_streaming import load_streamed
@@ -62,7 +71,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         from flashserve.model.loader.gguf import iter_gguf_tensors
         from flashserve.model.loader.gguf_file import open_gguf
 
-        model.load_weights(iter_gguf_tensors(path, cfg, keep_quantized=quantization != "none"), hf_checkpoint=False)
+        model.load_weights(iter_gguf_tensors(path, cfg, keep_quantized=keep_quantized), hf_checkpoint=False)
         # The cached reader holds the file's memory map (now paged in) and its parsed metadata (the
         # vocabulary as numpy arrays): 220 MiB resident for SmolLM2, measured. No weight views it.
         open_gguf.cache_clear()
@@ -70,6 +79,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         for module in model.modules():
             if isinstance(module, GroupQuantWeight):
                 module.set_int8_activations(True)
+    if int8_method:
+        activation_methods.apply(model, cfg, path, quantization, activation_quant or ActivationQuantConfig())
     logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
                 quantization)
     return model.eval(), cfg
