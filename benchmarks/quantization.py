@@ -7,6 +7,9 @@ Rows, all computed by flashserve on the same held-out chunks:
     rtn-sym   round-to-nearest 4-bit symmetric (GPTQ's grid)         } checkpoints, loaded
     gptq, awq the two methods, calibrated on --calib                 } weight-only
     gptq-act  GPTQ with act-order (desc_act)                         }
+    smoothquant  quantization="smoothquant": W8A8 after smoothing (alpha 0.5), maxima from --calib
+    llm.int8     quantization="llm.int8": outlier columns (|x| >= 6) float, the rest W8A8
+    w8a8         the same W8A8 matmul with no smoothing and no outlier path (llm.int8, threshold inf)
 Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
 memory recorded); perplexity = exp(mean NLL of every token after the first of each chunk).
 
@@ -25,6 +28,11 @@ import time
 from pathlib import Path
 
 METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "awq")  # gptq-act: GPTQ with --act-order
+INT8_ROWS = {  # run-time int8 methods on the float model: (row name, quantization, its options)
+    "smoothquant": ("SmoothQuant W8A8, alpha 0.5", "smoothquant", {"smoothquant_alpha": 0.5}),
+    "llm.int8": ("LLM.int8(), threshold 6.0", "llm.int8", {"llm_int8_threshold": 6.0}),
+    "w8a8": ("W8A8 per token x per channel, no smoothing", "llm.int8", {"llm_int8_threshold": math.inf}),
+}
 
 
 def quantize(model: str, method: str, group: int, calib: str, out: Path) -> dict:
@@ -42,11 +50,11 @@ def quantize(model: str, method: str, group: int, calib: str, out: Path) -> dict
     return {"seconds": time.perf_counter() - t0, "peak_mib": int(peak.group(1)) if peak else None}
 
 
-def perplexity(model: str, quantization: str, chunks: list[list[int]]) -> float:
+def perplexity(model: str, quantization: str, chunks: list[list[int]], options: dict | None = None) -> float:
     from flashserve import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", kv_cache_dtype="float32", quantization=quantization,
-              max_model_len=max(map(len, chunks)) + 1, enable_prefix_caching=False)
+              max_model_len=max(map(len, chunks)) + 1, enable_prefix_caching=False, **(options or {}))
     outs = llm.generate([{"prompt_token_ids": c} for c in chunks], SamplingParams(max_tokens=1, prompt_logprobs=0),
                         use_tqdm=False)
     nll = [-out.prompt_logprobs[p][c[p]].logprob for out, c in zip(outs, chunks) for p in range(1, len(c))]
@@ -61,7 +69,7 @@ def main() -> None:
     ap.add_argument("--heldout", nargs="+", required=True)
     ap.add_argument("--chunk", type=int, default=512, help="tokens per held-out chunk")
     ap.add_argument("--work", required=True, help="directory for the checkpoints (reused when present)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=[*METHODS, *INT8_ROWS], choices=[*METHODS, *INT8_ROWS])
     a = ap.parse_args()
 
     from flashserve.model.catalogue import resolve
@@ -76,13 +84,19 @@ def main() -> None:
     print(f"model {a.model}, group size {a.group_size}, calibration {a.calib}, held-out {len(chunks)} x {a.chunk} "
           f"tokens from {', '.join(Path(f).name for f in a.heldout)}", flush=True)
     rows = [("float (GGUF dequantized)", gguf, "none", {}), ("shipped GGUF", gguf, "weight-only", {})]
+    options = {"float (GGUF dequantized)": {}, "shipped GGUF": {}}
     for method in a.methods:
+        if method in INT8_ROWS:
+            name, quantization, opts = INT8_ROWS[method]
+            rows.append((name, gguf, quantization, {}))
+            options[name] = opts | ({"calibration_text": a.calib} if quantization == "smoothquant" else {})
+            continue
         out = work / f"{Path(gguf).stem}-{method}-g{a.group_size}"
         rows.append((f"{method} g{a.group_size}", str(out), "weight-only",
                      quantize(gguf, method, a.group_size, a.calib, out)))
     results = []
     for name, path, quantization, cost in rows:
-        ppl = perplexity(path, quantization, chunks)
+        ppl = perplexity(path, quantization, chunks, options.get(name))
         results.append((name, ppl, cost))
         print(f"{name}: {ppl:.4f}", flush=True)
     ref = results[0][1]
