@@ -59,6 +59,26 @@ HERMES_CASES = [
     ("It is sunny in Paris today.\n", "It is sunny in Paris today.\n", []),
     ("a < b and <tool_ or </tool_call> <tool_call", "a < b and <tool_ or </tool_call> <tool_call", []),
     ("The call is {\"name\": \"f\"}", "The call is {\"name\": \"f\"}", []),
+    # a bare call after prose, when it names an offered tool and begins with its name
+    (f"Let me check. {PARIS_CALL}", "Let me check.", calls(WEATHER_PARIS)),
+    (f"Sure!\n\n{TOKYO_CALL}\nOne moment.", "Sure!\nOne moment.", calls(TIME_TOKYO)),
+    (f"First {PARIS_CALL} then {TOKYO_CALL}", "First\nthen", calls(WEATHER_PARIS, TIME_TOKYO)),
+    ('Done: {"name": "get_time"}', "Done:", [ToolCall("get_time", "{}")]),
+    # after prose, JSON that is no call of an offered tool stays content as written
+    ('John is here: {"name": "John", "age": 30}', 'John is here: {"name": "John", "age": 30}', []),
+    ('Like this: {"arguments": {"city": "Tokyo"}, "name": "get_time"}',
+     'Like this: {"arguments": {"city": "Tokyo"}, "name": "get_time"}', []),
+    ('It is {"city": "Paris", "name": "get_weather"}', 'It is {"city": "Paris", "name": "get_weather"}', []),
+    ('Nested {"a": {"name": "get_time", "arguments": {}}}', 'Nested {"a": {"name": "get_time", "arguments": {}}}', []),
+    ('Write {"name": "get_weather", "arguments": [1]} or {"name": "get_time", "arguments": "x"}',
+     'Write {"name": "get_weather", "arguments": [1]} or {"name": "get_time", "arguments": "x"}', []),
+    ("Code: function f() { return {a: 1}; }", "Code: function f() { return {a: 1}; }", []),
+    ('Cut short {"name": "get_wea', 'Cut short {"name": "get_wea', []),
+    ('A set {1, 2} and [{"name": "get_time", "arguments": {}}]', "A set {1, 2} and", [ToolCall("get_time", "{}")]),
+    ('A list [{"a": 1}, {"name": "get_time", "arguments": {}}] [x](y)',
+     'A list [{"a": 1}, {"name": "get_time", "arguments": {}}] [x](y)', []),
+    ('<tool_call>{"a": {"name": "get_time", "arguments": {}}}</tool_call>',
+     '<tool_call>{"a": {"name": "get_time", "arguments": {}}}</tool_call>', []),
     # a broken block keeps its text, the good one after it is a call
     (f'<tool_call>\n{{"name": 1}}\n</tool_call> then <tool_call>\n{TOKYO_CALL}\n</tool_call>',
      '<tool_call>\n{"name": 1}\n</tool_call> then', calls(TIME_TOKYO)),
@@ -172,6 +192,15 @@ def test_unmarked_calls_need_offered_tools():
     r = ToolCallReader(HERMES, max_calls=1, tool_names=OFFERED)
     assert joined(r.feed(f"{QWEN_PARIS}\n{QWEN_SEARCH}", final=False)) == ("", [ToolCall("get_weather", PARIS_ARGS)])
     assert r.complete
+
+
+def test_prose_before_a_bare_object_is_given_out_at_once_and_a_non_call_released_at_its_first_key():
+    r = ToolCallReader(HERMES, tool_names=OFFERED)
+    assert r.feed("Let me check. {", final=False) == [Event("content", 0, "Let me check.")]
+    assert r.feed('Let me check. {"name": "get_time", "arguments": {', final=False) == \
+        [Event("call", 0, "get_time"), Event("args", 0, "{")]
+    r = ToolCallReader(HERMES, tool_names=OFFERED)
+    assert r.feed('It is {"city"', final=False) == [Event("content", 0, 'It is {"city"')]
 
 
 def test_pieces_are_given_out_as_they_settle():

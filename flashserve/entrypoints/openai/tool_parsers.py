@@ -9,6 +9,10 @@ later text can take it back:
 
 - content is held while it may still turn out to be markup (a half-written `<tool_call>`), and
   a blank while it may still turn out to lie next to a call;
+- a bare JSON object (no tags) is read as a call at the start of the message or right after a
+  call, and after prose ("Let me check. {"name": ...}") if it names an offered tool and "name"
+  is its first key (every family writes the name first; a JSON answer in prose that begins with
+  another key is content as soon as that key is read, so its text is not held to its end);
 - a JSON object becomes a call once its function name is complete and its arguments have begun
   as an object (or ended, as a JSON string holding one; or the object closed without any);
   until then all of it is held, and if it proves to be no call, it is content as written;
@@ -30,7 +34,7 @@ import json
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from flashserve.entrypoints.openai.json_scan import BAD, END, JsonScan
+from flashserve.entrypoints.openai.json_scan import BAD, END, REST, JsonScan
 
 BLANK = " \t\n\r"
 NOT_A_CALL = "not a call"
@@ -62,7 +66,8 @@ class Block:
 @dataclass(frozen=True)
 class ToolFormat:
     """Where a model writes its calls: JSON objects `{"name": ..., <args key>: {...}}`, or arrays of
-    them, inside blocks or bare at the start of the message and right after another call."""
+    them, inside blocks or bare: at the start of the message, right after another call, or after
+    prose when they name an offered tool."""
 
     blocks: tuple[Block, ...]
     prefix: str | None  # a tag that may stand before bare calls
@@ -99,10 +104,11 @@ def parser_name_for_template(template: str | None) -> str:
 class _CallObject:
     """One JSON object that may be a call, keys in any order. `index` is set once it is one."""
 
-    def __init__(self, args_keys: tuple[str, ...], names: frozenset[str] | None):
+    def __init__(self, args_keys: tuple[str, ...], names: frozenset[str] | None, name_first: bool = False):
         self.scan = JsonScan()
         self.args_keys = args_keys
         self.names = names  # the names it may call; None: any
+        self.name_first = name_first  # a call only if "name" is its first key
         self.name: str | None = None
         self.string_args: str | None = None  # arguments written as a JSON string, decoded
         self.index: int | None = None  # None: not (yet) a call
@@ -120,6 +126,8 @@ class _CallObject:
 
     def _may_be_call(self) -> bool:
         raw = self.scan.raw
+        if self.name_first and self.scan.members and self.scan.members[0][0] != "name":
+            return False
         name = self._member(("name",))
         if name is not None and name[1] is not None and self.name is None:
             if raw[name[1]] != '"':
@@ -181,14 +189,17 @@ class ToolCallReader:
         self.after_call = False  # a call since the last content: the next content starts a new run
         self.tag = ""  # what may be the start of a tag
         # the attempt at calls under way: a block, or a bare object or array
-        self.state = "content"  # content | tag | prefixed | block | close | array | object | drop
+        self.state = "content"  # content | tag | prefixed | block | close | array | object | drop | json
         self.pending: list[str] = []  # its text, content after all if it holds no call
         self.attempt_calls = 0
         self.block: Block | None = None
         self.names: frozenset[str] | None = None  # the names a call in it may have; None: any
+        self.name_first = False  # a call in it must begin with its "name" key
         self.in_array = False
         self.array_expect = ""  # in an array: first | item | after
         self.obj: _CallObject | None = None
+        self.value_at = 0  # where in pending its outermost JSON value starts
+        self.rest: JsonScan | None = None  # state "json": the value that proved no call, read to its end
 
     @property
     def complete(self) -> bool:
@@ -233,6 +244,9 @@ class ToolCallReader:
             elif ch in "{[" and self._at_call_start():
                 self._begin([], None, self.fmt.bare_offered_names_only)
                 self._value_start(ch)
+            elif ch in "{[" and self.tool_names:  # perhaps a bare call after prose
+                self._begin([], None, offered_names_only=True, name_first=True)
+                self._value_start(ch)
             else:
                 self._content(ch)
         elif state == "tag":
@@ -252,6 +266,8 @@ class ToolCallReader:
             self._array_char(ch)
         elif state == "object":
             self._object_char(ch)
+        elif state == "json":
+            self._json_content_char(ch)
         else:  # drop: the rest of a broken block (to its close), or of the message
             if self.block is not None:
                 self.tag = (self.tag + ch)[-len(self.block.close):]
@@ -275,16 +291,20 @@ class ToolCallReader:
                 self._char(c)
 
     # ---- attempts at calls -------------------------------------------------------------------
-    def _begin(self, pending: list[str], block: Block | None, offered_names_only: bool) -> None:
+    def _begin(self, pending: list[str], block: Block | None, offered_names_only: bool,
+               name_first: bool = False) -> None:
         self.pending, self.attempt_calls, self.block = pending, 0, block
         self.names = self.tool_names if offered_names_only else None  # what a call here may name
+        self.name_first = name_first
 
     def _value_start(self, ch: str) -> None:
+        if self.state != "array":
+            self.value_at = len(self.pending)
         self.pending.append(ch)
         if ch == "[":
             self.state, self.in_array, self.array_expect = "array", True, "first"
         else:
-            self.state, self.obj = "object", _CallObject(self.fmt.args_keys, self.names)
+            self.state, self.obj = "object", _CallObject(self.fmt.args_keys, self.names, self.name_first)
             self.obj.feed(ch)
 
     def _between(self, ch: str) -> None:
@@ -387,7 +407,10 @@ class ToolCallReader:
             self._take_args()
         self.obj, self.in_array = None, False
         if not self.attempt_calls:
+            rest = self._value_scan() if taken else None  # taken: the text is JSON still, and no call
             self._revert()
+            if rest is not None and not rest.done:
+                self.state, self.rest = "json", rest
             if not taken:
                 self._char(ch)
             return
@@ -395,12 +418,31 @@ class ToolCallReader:
         if not taken:
             self._char(ch)
 
+    def _value_scan(self) -> JsonScan:
+        """A scanner that has read the attempt's outermost value so far."""
+        scan = JsonScan()
+        for c in self.pending[self.value_at:]:
+            scan.feed(c)
+        return scan
+
+    def _json_content_char(self, ch: str) -> None:
+        """The rest of a JSON value that proved no call is content, and nothing inside it is a call
+        (`{"a": {"name": "get_time", ...}}` is an answer holding a call's shape, not a call)."""
+        status = self.rest.feed(ch)
+        if status in (BAD, REST):
+            self.state, self.rest = "content", None
+            self._char(ch)
+            return
+        self._content(ch)
+        if status == END:
+            self.state, self.rest = "content", None
+
     def _end(self) -> None:
         if self.state == "tag":
             self.state, held, self.tag = "content", self.tag, ""
             for c in held:
                 self._content(c)
-        elif self.state not in ("content", "drop"):
+        elif self.state not in ("content", "drop", "json"):
             if self.obj is not None and self.obj.committed:
                 self._take_args()
             if not self.attempt_calls:
