@@ -19,7 +19,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     # Per generated token: {token_id: Logprob} holding the sampled token and the top-N.
     logprobs: tuple[dict[int, Logprob], ...] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "ended" | "error" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
     def finished(self) -> bool:

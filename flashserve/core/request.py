@@ -17,6 +17,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, stop token or stop string
     FINISHED_LENGTH = "length"  # max_tokens or context limit
     FINISHED_ABORTED = "abort"
+    FINISHED_ENDED = "ended"  # the caller has what it wants of it (LLMEngine.end_sample)
     FINISHED_ERROR = "error"
 
     @property

@@ -55,6 +55,9 @@ class AsyncLLMEngine:
         # handed from the event loop to the step thread under _pending
         self._inbox: list[PreparedRequest] = []
         self._aborts: list[str] = []
+        self._sample_ends: list[tuple[str, int]] = []  # (request id, sample index): end_sample()
+        self._releases: list[str] = []  # held requests whose blocks go: release_held()
+        self._uncounted: set[str] = set()  # beam search's steps: no finished request of their own
         self._pending = threading.Condition()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,16 +92,9 @@ class AsyncLLMEngine:
         """Yields the request's output each time it changes; the last one has finished=True.
         Closing the iterator early (client gone) aborts the request and frees its blocks."""
         rid = request_id or uuid.uuid4().hex
-        if self.dead is not None:
-            raise EngineDeadError(str(self.dead))
-        if self.num_waiting >= self.max_waiting:
-            raise QueueFullError(f"the server has {self.max_waiting} requests waiting; try again later")
+        self.check_room()
         prep = self.engine.prepare_request(rid, prompt, params, priority)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = queue
-        with self._pending:
-            self._inbox.append(prep)
-            self._pending.notify()
+        queue = self._submit(prep)
         finished = False
         try:
             while True:
@@ -119,11 +115,66 @@ class AsyncLLMEngine:
                 if self.on_aborted:
                     self.on_aborted(outcome)
 
+    def check_room(self) -> None:
+        """EngineDeadError or QueueFullError if a new request cannot be taken now."""
+        if self.dead is not None:
+            raise EngineDeadError(str(self.dead))
+        if self.num_waiting >= self.max_waiting:
+            raise QueueFullError(f"the server has {self.max_waiting} requests waiting; try again later")
+
+    def _submit(self, prep: PreparedRequest) -> asyncio.Queue:
+        """Hand a prepared request to the step thread; its outputs come on the returned queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[prep.request_id] = queue
+        with self._pending:
+            self._inbox.append(prep)
+            self._pending.notify()
+        return queue
+
+    async def run_round(self, preps: list[PreparedRequest], release: list[str]) -> list[RequestOutput]:
+        """Beam search's round (beam_search_async): run prepared requests to their end, together, and
+        return their final outputs in order. `release`: held requests (the previous round) whose
+        blocks are freed once these, which fork them, are added. Unfinished ones are aborted if this
+        is cancelled. Their outputs are not counted as finished requests (on_finished)."""
+        queues = [self._submit(prep) for prep in preps]
+        self._uncounted.update(prep.request_id for prep in preps)
+        self.release_held(release)  # queued after the adds: the step thread applies it after them
+        finals: list[RequestOutput] = []
+        try:
+            for queue in queues:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        finals.append(item)
+                        break
+            return finals
+        finally:
+            for prep in preps[len(finals):]:
+                self.abort(prep.request_id)
+            self._uncounted.difference_update(prep.request_id for prep in preps)
+
+    def release_held(self, request_ids: list[str]) -> None:
+        """Free the blocks of finished hold_blocks requests (LLMEngine.release_held), between steps."""
+        if request_ids:
+            with self._pending:
+                self._releases += request_ids
+                self._pending.notify()
+
     def end(self, request_id: str) -> None:
         """The caller has what it wants of a request the model has not finished (a tool call under
         parallel_tool_calls=false). The caller then closes its stream, which aborts the request (its
         tokens stop, its KV blocks are freed), counted as ended rather than as a client gone."""
         self._ended.add(request_id)
+
+    def end_sample(self, request_id: str, index: int) -> None:
+        """As end(), for one sample of an n > 1 request while the others go on: its tokens stop and
+        its blocks are freed between steps; the stream goes on with the other samples (the ended
+        one's finish reason is "ended": the caller keeps what it had of it)."""
+        with self._pending:
+            self._sample_ends.append((request_id, index))
+            self._pending.notify()
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -136,14 +187,17 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         while True:
             with self._pending:
-                while not (self._stopping or self._inbox or self._aborts or self.engine.has_unfinished_requests()):
+                while not (self._stopping or self._inbox or self._aborts or self._sample_ends or self._releases
+                           or self.engine.has_unfinished_requests()):
                     self._pending.wait()
                 if self._stopping:
                     return
                 # Adds before aborts: an abort that came with (or after) its request's add finds it.
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
-            self._apply(inbox, aborts)
+                sample_ends, self._sample_ends = self._sample_ends, []
+                releases, self._releases = self._releases, []
+            self._apply(inbox, aborts, sample_ends, releases)
             if not self.engine.has_unfinished_requests():
                 self.stats = self.engine.get_stats()
                 continue
@@ -164,7 +218,9 @@ class AsyncLLMEngine:
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _apply(self, inbox: list[PreparedRequest], aborts: list[str]) -> None:
+    def _apply(self, inbox: list[PreparedRequest], aborts: list[str], sample_ends: list[tuple[str, int]],
+               releases: list[str]) -> None:
+        """Adds first, then aborts, ended samples and released blocks (which the adds may fork)."""
         for prep in inbox:
             try:
                 self.engine.add_prepared(prep)
@@ -172,7 +228,11 @@ class AsyncLLMEngine:
                 self._loop.call_soon_threadsafe(self._fail_one, prep.request_id, exc)
         if aborts:
             self.engine.abort_request(aborts)
-        if inbox or aborts:
+        outputs = [out for rid, index in sample_ends for out in self.engine.end_sample(rid, index)]
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+        self.engine.release_held(releases)
+        if inbox or aborts or sample_ends or releases:
             self.stats = self.engine.get_stats()
 
     # --- on the event loop ------------------------------------------------------------------------
@@ -182,7 +242,7 @@ class AsyncLLMEngine:
             queue = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
-                if self.on_finished:
+                if self.on_finished and out.request_id not in self._uncounted:
                     self.on_finished(out)
             if queue is not None:
                 queue.put_nowait(out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flashserve.outputs import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
 
@@ -67,36 +68,102 @@ def _done(finished: list[BeamSequence], best_running: float, cur_len: int, p: Be
     return worst >= bound
 
 
+class BeamSearch:
+    """The search itself, apart from any engine: which beams to extend next (each a greedy step
+    with its top-2k logprobs) and what those logprobs make of them. A driver runs the rounds."""
+
+    def __init__(self, p: BeamSearchParams, eos_token_ids):
+        self.p, self.eos_token_ids = p, eos_token_ids
+        self.beams: list[_Beam] = [_Beam([], 0.0, None)]
+        self.finished: list[BeamSequence] = []
+        self.cur_len = 0
+        self.over = False
+
+    def next_round(self) -> list[_Beam]:
+        """The beams the next round extends; none once the search is over."""
+        return [] if self.over else self.beams
+
+    def take(self, request_ids: list[str], outputs: list[dict[int, float]]) -> None:
+        """The round's result: per beam of next_round(), the request that computed it (the next
+        round's beams fork it) and its {token: logprob} over the top 2k."""
+        self.cur_len += 1
+        k, p = self.p.beam_width, self.p
+        self.beams = _next_beams(self.beams, request_ids, outputs, k, self.eos_token_ids, self._add_hypothesis)
+        if not self.beams or _done(self.finished, self.beams[0].cum_logprob, self.cur_len, p):
+            self.over = True
+        elif self.cur_len == p.max_tokens:
+            for beam in self.beams:  # out of tokens: the live beams compete as they are
+                self._add_hypothesis(BeamSequence(beam.tokens, beam.cum_logprob), len(beam.tokens))
+            self.over = True
+
+    def _add_hypothesis(self, seq: BeamSequence, length: int) -> None:
+        seq.score = seq.cum_logprob / (max(length, 1) ** self.p.length_penalty)
+        self.finished.append(seq)
+        if len(self.finished) > self.p.beam_width:
+            self.finished.remove(min(self.finished, key=lambda s: s.score))
+
+    def result(self) -> BeamSearchOutput:
+        return BeamSearchOutput(sorted(self.finished, key=lambda s: -s.score))
+
+
+def beam_request_output(engine, request_id: str, prompt: str | None, prompt_ids: list[int], result: BeamSearchOutput,
+                        n: int, skip_special_tokens: bool = True) -> RequestOutput:
+    """The n best sequences, best first, as one finished RequestOutput (no logprobs: a beam's
+    tokens were not sampled from one distribution each)."""
+    eos = engine.eos_token_ids
+    outputs = tuple(
+        CompletionOutput(
+            index=i,
+            text=engine.tokenizer.decode(seq.tokens, skip_special_tokens=skip_special_tokens),
+            token_ids=tuple(seq.tokens),
+            cumulative_logprob=seq.cum_logprob,
+            finish_reason="stop" if seq.tokens and seq.tokens[-1] in eos else "length",
+        )
+        for i, seq in enumerate(result.sequences[:n])
+    )
+    return RequestOutput(request_id, prompt, tuple(prompt_ids), outputs, finished=True)
+
+
+def step_params(p: BeamSearchParams) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * p.beam_width, ignore_eos=True)
+
+
 def beam_search(engine, prompt_ids: list[int], p: BeamSearchParams, eos_token_ids) -> BeamSearchOutput:
-    k = p.beam_width
-    step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * k, ignore_eos=True)
-    beams = [_Beam([], 0.0, None)]
-    finished: list[BeamSequence] = []
+    """The search on an idle LLMEngine, stepping it here."""
+    search, params = BeamSearch(p, eos_token_ids), step_params(p)
     held: list[str] = []  # this round's requests: their blocks stay for the next round's forks
     prev: list[str] = []
-
-    def add_hypothesis(seq: BeamSequence, length: int) -> None:
-        seq.score = seq.cum_logprob / (max(length, 1) ** p.length_penalty)
-        finished.append(seq)
-        if len(finished) > k:
-            finished.remove(min(finished, key=lambda s: s.score))
-
     try:
-        for cur_len in range(1, p.max_tokens + 1):
+        while beams := search.next_round():
             prev, held = held, []
             for beam in beams:
-                held.append(_add_step(engine, prompt_ids + beam.tokens, beam.parent_id, step_params))
+                prep = step_request(engine, prompt_ids + beam.tokens, beam.parent_id, params)
+                engine.add_prepared(prep)
+                held.append(prep.request_id)
             engine.release_held(prev)  # the new requests hold references to what they share
-            beams = _next_beams(beams, held, _wait(engine, held), k, eos_token_ids, add_hypothesis)
-            if not beams or _done(finished, beams[0].cum_logprob, cur_len, p):
-                break
-        else:
-            for beam in beams:  # out of tokens: the live beams compete as they are
-                add_hypothesis(BeamSequence(beam.tokens, beam.cum_logprob), len(beam.tokens))
+            search.take(held, _wait(engine, held))
     finally:  # also on an error: nothing of this search may keep blocks
         engine.abort_request(held)
         engine.release_held(prev + held)
-    return BeamSearchOutput(sorted(finished, key=lambda s: -s.score))
+    return search.result()
+
+
+async def beam_search_async(engine, prompt_ids: list[int], p: BeamSearchParams, eos_token_ids,
+                            priority: int = 0) -> BeamSearchOutput:
+    """The search through an AsyncLLMEngine, beside the requests it serves; each round's steps
+    are batched with theirs. Cancelled (client gone), it aborts its steps and frees their blocks."""
+    search, params = BeamSearch(p, eos_token_ids), step_params(p)
+    held: list[str] = []
+    prev: list[str] = []
+    try:
+        while beams := search.next_round():
+            preps = [step_request(engine.engine, prompt_ids + b.tokens, b.parent_id, params, priority) for b in beams]
+            prev, held = held, [prep.request_id for prep in preps]
+            outputs = await engine.run_round(preps, release=prev)
+            search.take(held, [top_logprobs(out) for out in outputs])
+    finally:
+        engine.release_held(prev + held)
+    return search.result()
 
 
 def _next_beams(beams: list[_Beam], request_ids: list[str], outputs: list[dict[int, float]], k: int,
@@ -120,14 +187,17 @@ def _next_beams(beams: list[_Beam], request_ids: list[str], outputs: list[dict[i
     return next_beams
 
 
-def _add_step(engine, tokens: list[int], parent_id: str | None, params: SamplingParams) -> str:
-    """Queue one greedy step of a beam that forks its parent's blocks and keeps its own when done."""
-    rid = engine.next_request_id()
-    prep = engine.prepare_request(rid, {"prompt_token_ids": tokens}, params)
+def step_request(engine, tokens: list[int], parent_id: str | None, params: SamplingParams, priority: int = 0):
+    """One greedy step of a beam, prepared to fork its parent's blocks and keep its own when done."""
+    prep = engine.prepare_request(engine.next_request_id(), {"prompt_token_ids": tokens}, params, priority)
     (req,) = prep.requests
     req.parent_id, req.hold_blocks = parent_id, True
-    engine.add_prepared(prep)
-    return rid
+    return prep
+
+
+def top_logprobs(out) -> dict[int, float]:
+    """A finished step's {token: logprob} over its top 2k."""
+    return {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
 
 
 def _wait(engine, ids: list[str]) -> list[dict[int, float]]:
@@ -137,4 +207,4 @@ def _wait(engine, ids: list[str]) -> list[dict[int, float]]:
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
-    return [{t: lp.logprob for t, lp in done[rid].outputs[0].logprobs[0].items()} for rid in ids]
+    return [top_logprobs(done[rid]) for rid in ids]

@@ -131,6 +131,18 @@ class LLMEngine:
         for rid in request_ids:
             self.scheduler.abort_requests(self.output_processor.abort(rid))
 
+    def end_sample(self, request_id: str, index: int) -> list[RequestOutput]:
+        """Stop sample `index` of a request whose caller has what it wants of that sample (its
+        tool call under parallel_tool_calls=false) while the other samples go on: its tokens stop,
+        its KV blocks are freed, its finish reason is "ended". Returns the request's output (finished
+        once every sample is); nothing for a request or sample that has already finished."""
+        core_id = self.output_processor.sample_id(request_id, index)
+        req = self.scheduler.requests.get(core_id) if core_id is not None else None
+        if req is None:
+            return []
+        self.scheduler.finish_requests([core_id], RequestStatus.FINISHED_ENDED)
+        return self.output_processor.process([req], {})[0]
+
     def release_held(self, request_ids) -> None:
         """Free the KV blocks kept by finished hold_blocks requests (beam search's previous round)."""
         self.scheduler.release_held(request_ids)

@@ -76,6 +76,16 @@ class OutputProcessor:
             self.sample_of.pop(rid, None)
         return ids
 
+    def sample_id(self, request_id: str, index: int) -> str | None:
+        """The core request id of sample `index` (as CompletionOutput.index numbers it) of a
+        request in flight; None once the request has finished or when it has no such sample."""
+        state = self.states.get(request_id)
+        if state is None or not 0 <= index < len(state.samples):
+            return None
+        if state.params.num_samples > state.params.n:
+            raise ValueError("best_of > n: an output's index is its rank, known only at the end")
+        return state.samples[index].request.request_id
+
     def process(self, changed: list[Request], logprobs_by_id: dict[str, list],
                 prompt_logprobs_by_id: dict[str, PromptLogprobs] | None = None
                 ) -> tuple[list[RequestOutput], list[str]]:

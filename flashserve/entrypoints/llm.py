@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from flashserve.engine.arg_utils import EngineArgs
 from flashserve.engine.llm_engine import LLMEngine
-from flashserve.outputs import CompletionOutput, RequestOutput
+from flashserve.outputs import RequestOutput
 from flashserve.sampling_params import SamplingParams
 
 
@@ -49,25 +49,15 @@ class LLM:
     def _beam_output(self, prompt, p: SamplingParams) -> RequestOutput:
         """SamplingParams(use_beam_search=True): beam width max(n, best_of); the n best finished
         sequences, best first, as one RequestOutput (stop strings and logprobs do not apply)."""
-        from flashserve.engine.beam_search import BeamSearchParams, beam_search
+        from flashserve.engine.beam_search import BeamSearchParams, beam_request_output, beam_search
 
         text, ids = self.engine.input_processor.tokenize(prompt)
         room = self.engine.config.scheduler.max_model_len - len(ids)
         width = max(p.n, p.best_of or 1)
         bp = BeamSearchParams(width, min(p.max_tokens or room, room), p.length_penalty, p.early_stopping)
-        eos = self.engine.eos_token_ids
-        result = beam_search(self.engine, ids, bp, eos)
-        outputs = tuple(
-            CompletionOutput(
-                index=i,
-                text=self.engine.tokenizer.decode(seq.tokens, skip_special_tokens=p.skip_special_tokens),
-                token_ids=tuple(seq.tokens),
-                cumulative_logprob=seq.cum_logprob,
-                finish_reason="stop" if seq.tokens and seq.tokens[-1] in eos else "length",
-            )
-            for i, seq in enumerate(result.sequences[: p.n])
-        )
-        return RequestOutput(self.engine.next_request_id(), text, tuple(ids), outputs, finished=True)
+        result = beam_search(self.engine, ids, bp, self.engine.eos_token_ids)
+        return beam_request_output(self.engine, self.engine.next_request_id(), text, ids, result, p.n,
+                                   p.skip_special_tokens)
 
     def beam_search(self, prompts, params) -> list:
         """Beam search (see engine/beam_search.py): one BeamSearchOutput per prompt, best sequence first."""

@@ -57,6 +57,19 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # Lark, or GBNF as llama.cpp takes it
+    # Beam search (vLLM's fields): greedy beams, max(n, best_of) wide; the n best are returned
+    use_beam_search: bool = False
+    length_penalty: float = Field(default=1.0, ge=-16.0, le=16.0)  # beyond any use; keeps len ** it finite
+    early_stopping: bool | Literal["never"] = False
+
+    def output_constraint(self) -> str | None:
+        """The field that constrains the output (response_format or a guided_* field), if any."""
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            return f"response_format {rf.type!r}"
+        given = {"guided_json": self.guided_json, "guided_regex": self.guided_regex,
+                 "guided_choice": self.guided_choice, "guided_grammar": self.guided_grammar}
+        return next((name for name, value in given.items() if value is not None), None)
 
 
 class CompletionRequest(_SamplingFields):

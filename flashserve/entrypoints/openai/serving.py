@@ -7,13 +7,16 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
+from flashserve.entrypoints.openai.beams import check_beam_request, forced_call_text, run_beam_search
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
 from flashserve.entrypoints.openai.tool_parsers import ToolCall, joined
 from flashserve.entrypoints.openai.tool_prompt import template_messages
+from flashserve.outputs import CompletionOutput
 from flashserve.sampling_params import GuidedDecodingParams, SamplingParams
 
 
@@ -27,14 +30,16 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, prompt_lo
             raise InvalidRequestError("logit_bias keys must be token ids") from None
     try:
         return SamplingParams(
-            n=req.n, best_of=best_of, temperature=1.0 if req.temperature is None else req.temperature,
+            n=req.n, best_of=best_of,
+            temperature=(0.0 if req.use_beam_search else 1.0) if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or -1, min_p=req.min_p or 0.0,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty or 1.0, logit_bias=bias, seed=req.seed,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
             stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
-            guided_decoding=guided or guided_decoding(req),
+            guided_decoding=guided or guided_decoding(req), use_beam_search=req.use_beam_search,
+            length_penalty=req.length_penalty, early_stopping=req.early_stopping,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
@@ -143,6 +148,8 @@ class Serving:
         return {k: head[k] + tail[k] for k in head}
 
     async def completions(self, req: CompletionRequest):
+        if req.use_beam_search:
+            check_beam_request(req, logprobs=req.logprobs is not None)
         if req.stream and req.best_of is not None and req.best_of > req.n:
             raise InvalidRequestError("best_of > n cannot stream: the n best are known only at the end")
         prompts = self._completion_prompts(req)
@@ -152,7 +159,11 @@ class Serving:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_completions(req, prompts, params, rid, created)
-        outputs = await self._run(prompts, params, req.priority)
+        if req.use_beam_search:
+            outputs = await run_beam_search(self.engine, prompts, params.beam_width, req.n, max_tokens, req,
+                                            req.skip_special_tokens)
+        else:
+            outputs = await self._run(prompts, params, req.priority)
         choices = []
         for pi, out in enumerate(outputs):
             head = self._echo_choice(out, pi, req.logprobs is not None) if req.echo else None
@@ -253,6 +264,8 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest):
         plan = plan_tools(req, self.tool_support)
+        if req.use_beam_search:
+            check_beam_request(req, req.logprobs, forced_call_text(req.tool_choice) if plan.guided else None)
         ids = self._chat_prompt(req, plan)
         max_tokens = self._check_lengths(ids, req.max_completion_tokens or req.max_tokens)
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
@@ -262,10 +275,14 @@ class Serving:
         if req.stream:
             return self._stream_chat(req, ids, params, rid, created, readers)
         events: list[list] = [[] for _ in readers]
-        out = None
-        async for out, new in self._read_chat(rid, ids, params, req.priority, readers):
-            for i, e in new.items():
-                events[i] += e
+        if req.use_beam_search:
+            (out,) = await run_beam_search(self.engine, [ids], req.n, req.n, max_tokens, req, req.skip_special_tokens)
+            for c in out.outputs:
+                events[c.index] = readers[c.index].feed(c.text, final=True)
+        else:
+            async for out, new in self._read_chat(rid, ids, params, req.priority, readers):
+                for i, e in new.items():
+                    events[i] += e
         choices = []
         for c in out.outputs:
             content, calls = joined(events[c.index])
@@ -281,13 +298,26 @@ class Serving:
 
     async def _read_chat(self, rid, ids, params, priority, readers) -> AsyncIterator[tuple]:
         """(output, {sample index: events its reader read}) each time the engine gives an output.
-        Once every reader is complete (parallel_tool_calls=false: it has its one call) the request
-        ends there: the model spends no more tokens on it and its KV blocks are freed."""
+        A sample whose reader is complete (parallel_tool_calls=false: it has its one call) ends
+        there on its own (the others go on): the model spends no more tokens on it, its KV
+        blocks are freed, and every later output holds it as it was then (text, tokens, logprobs).
+        Once every reader is complete the request ends."""
         gen = self.engine.generate({"prompt_token_ids": ids}, params, request_id=rid, priority=priority)
+        settled: dict[int, CompletionOutput] = {}  # sample → its output when its reader completed
         try:
             async for out in gen:
-                yield out, {c.index: readers[c.index].feed(c.text, c.finish_reason is not None) for c in out.outputs}
-                if not out.finished and all(r.complete for r in readers):
+                events = {c.index: [] for c in out.outputs}
+                for c in out.outputs:
+                    if c.index in settled:
+                        continue
+                    events[c.index] = readers[c.index].feed(c.text, c.finish_reason is not None)
+                    if readers[c.index].complete:
+                        settled[c.index] = c
+                        if not out.finished and c.finish_reason is None and len(settled) < len(readers):
+                            self.engine.end_sample(rid, c.index)
+                out = replace(out, outputs=tuple(settled.get(c.index, c) for c in out.outputs))
+                yield out, events
+                if not out.finished and len(settled) == len(readers):
                     self.engine.end(rid)
                     return
         finally:

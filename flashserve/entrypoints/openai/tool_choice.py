@@ -114,12 +114,6 @@ def _closed(schema: dict) -> dict:
     return schema
 
 
-def _has_output_constraint(req) -> bool:
-    rf = req.response_format
-    return (rf is not None and rf.type != "text") or any(
-        v is not None for v in (req.guided_json, req.guided_regex, req.guided_choice, req.guided_grammar))
-
-
 def plan_tools(req, support: ToolSupport) -> ToolPlan:
     """The request's ToolPlan; InvalidRequestError (HTTP 400) naming what is wrong."""
     choice = req.tool_choice
@@ -138,7 +132,7 @@ def plan_tools(req, support: ToolSupport) -> ToolPlan:
     max_calls = 1 if req.parallel_tool_calls is False else None
     if choice is None or choice == "auto":
         return ToolPlan(tools, None, partial(ToolCallReader, PARSERS[support.parser_name], max_calls, names))
-    if _has_output_constraint(req):
+    if req.output_constraint() is not None:
         raise InvalidRequestError("tool_choice 'required' or a named function cannot be combined with "
                                   "response_format or guided decoding: both constrain the whole output")
     if choice == "required":
