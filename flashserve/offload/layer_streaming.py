@@ -2,8 +2,9 @@
 only a window of decoder layers resident and reading the others, packed, from a file
 (offload/packed_layers.py) while earlier layers compute.
 
-Everything outside the decoder layers' Linear weights stays resident (embedding, LM head, norms,
-biases, rotary tables); what the budget leaves for layers, w = (budget - resident) // largest layer,
+The embedding and the LM head stream too (offload/vocab_streaming.py: rows looked up from the GGUF
+file, the head read in chunks through two buffers); what stays resident is the norms, biases, rotary
+tables and the head's two chunk buffers. What the budget leaves for layers, w = (budget - resident) // largest layer,
 w layers' worth of buffers: the first w - 2 layers are read once and stay, the others pass through
 two buffers (one when w = 1). Layer i computes from its buffer while a prefetch thread reads the next
 streamed layer into the other; when i is done its buffer takes the layer after that (wrapping to the
@@ -19,6 +20,7 @@ dropped from the page cache (posix_fadvise DONTNEED) once read.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +29,15 @@ import torch
 from torch import nn
 
 from flashserve.offload.packed_layers import PackedLayerStore, drop_streamed, streamed_params
+from flashserve.offload.vocab_streaming import (
+    EMBEDDING_NAME,
+    HEAD_NAME,
+    GGUFRows,
+    StreamedEmbedding,
+    StreamedHead,
+    head_chunks,
+    pack_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +56,8 @@ def window_for_budget(budget: int, resident: int, layer_bytes: list[int]) -> int
         mib = 2**20
         raise ValueError(
             f"max_weight_memory={budget} bytes ({budget / mib:.1f} MiB) is smaller than the weights that stay "
-            f"resident ({resident / mib:.1f} MiB: embedding, LM head, norms) plus one decoder layer "
-            f"({largest / mib:.1f} MiB); give at least {resident + largest} bytes")
+            f"resident ({resident / mib:.1f} MiB: norms, biases, rotary tables, the LM head's chunk buffers) "
+            f"plus one decoder layer ({largest / mib:.1f} MiB); give at least {resident + largest} bytes")
     return min(window, len(layer_bytes))
 
 
@@ -112,29 +123,47 @@ class LayerStreamer:
 
 
 def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: int) -> LayerStreamer | None:
-    """Fill `model` from the GGUF file at `path` one layer at a time (packing each and writing it to
-    the packed-layer store on the first run, reading only the resident weights on later ones), and
-    start streaming. None when the budget holds every layer (then all are loaded and stay)."""
+    """Fill `model` from the GGUF file at `path` one layer at a time (packing each and writing it, and
+    the LM head in chunks, to the packed-layer store on the first run; reading only the norms and
+    biases on later ones), put the streamed embedding and head (offload/vocab_streaming.py) in place of
+    the resident ones, and start streaming. None when the budget holds every layer (then all are
+    loaded and stay; the embedding and head still stream)."""
     from itertools import groupby
 
     from flashserve.kernels import ops
     from flashserve.model.loader.gguf import iter_gguf_tensors
+    from flashserve.model.loader.gguf_file import open_gguf
 
     _return_freed_memory_to_the_os()
     store = PackedLayerStore(path, quantization, model.dtype, ops.available())
     layers = model.model.layers
     keep = quantization != "none"
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    embedding = tensors["token_embd.weight"]
+    head_info = embedding if model.lm_head is None else tensors["output.weight"]
     if store.complete:
-        model.load_weights(iter_gguf_tensors(path, cfg, keep, skip=_is_streamed), hf_checkpoint=False, complete=False)
-        store.open(layers)
+        skip = lambda name: _is_streamed(name) or _is_vocab_table(name)  # noqa: E731
+        model.load_weights(iter_gguf_tensors(path, cfg, keep, skip=skip), hf_checkpoint=False, complete=False)
     else:
         logger.info("writing the packed layers of %s to %s (once)", path, store.dir)
-        for i, group in groupby(iter_gguf_tensors(path, cfg, keep), key=lambda nt: _layer_of(nt[0])):
+        for i, group in groupby(iter_gguf_tensors(path, cfg, keep, skip=_is_vocab_table),
+                                key=lambda nt: _layer_of(nt[0])):
             model.load_weights(group, hf_checkpoint=False, complete=False)
             if i is not None:
                 store.write_layer(i, layers[i], len(layers))
+                _return_freed_memory_to_the_os(trim=True)  # packing's small temporaries left the heap fragmented
+        for start, end, chunk in head_chunks(head_info, model.lm_head is None, keep, model.dtype):
+            store.write_head_chunk(start, end, chunk)
+            _return_freed_memory_to_the_os(trim=True)
         store.finish(layers)
-        store.open(layers)
+    store.open(layers)
+    head = StreamedHead(store)
+    pack = functools.partial(pack_rows, info=embedding, as_embedding=True, quantized=keep, dtype=model.dtype)
+    tied = model.lm_head is None
+    model.model.embed_tokens = StreamedEmbedding(GGUFRows(path, embedding), pack, model.dtype, head if tied else None)
+    if not tied:
+        model.lm_head = head
+    del tensors, embedding, head_info  # their views of the file's memory map
     _return_freed_memory_to_the_os(trim=True)
     sizes = [store.layer_bytes(i) for i in range(len(layers))]
     window = window_for_budget(budget, resident_bytes(model), sizes)
@@ -152,6 +181,11 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
     logger.info("layer streaming: %d of %d layers resident (%.1f MiB each at most), %.1f MiB resident besides",
                 window, len(layers), max(sizes) / 2**20, resident_bytes(model) / 2**20)
     return LayerStreamer(layers, store, window)
+
+
+def _is_vocab_table(name: str) -> bool:
+    """The embedding and the LM head: never loaded whole (offload/vocab_streaming.py)."""
+    return name in (EMBEDDING_NAME, HEAD_NAME)
 
 
 def _layer_of(name: str) -> int | None:

@@ -1,5 +1,6 @@
-"""A file of the decoder layers' packed weights, written once per model and read one layer at a time
-by layer streaming (offload/layer_streaming.py).
+"""A file of the decoder layers' packed weights and of the LM head's, written once per model and read
+one layer (or one chunk of the head's vocabulary rows) at a time by layer streaming
+(offload/layer_streaming.py, offload/vocab_streaming.py).
 
 Packing a GGUF layer into the kernels' layout costs far more than reading it: on Qwen2.5-Coder-1.5B
 (Q4_K_M, 2 cores) 0.26-0.74 s a layer (0.74 where Q6_K tensors are requantized to 8 bits) against
@@ -8,9 +9,12 @@ layers would cost seconds a step. The packed bytes are therefore written here on
 read back as they are on every pass.
 
     <cache>/packed/<model stem>-<key>/
-        layers.bin     layer 0's tensors | layer 1's | ...   each layer page-aligned, tensors 64-aligned
-        index.json     per layer: start, bytes, and (parameter name, dtype, shape, offset) of each tensor
-        skeleton.pt    per layer: each Linear's packed-weight module with empty tensors (its structure)
+        layers.bin     layer 0's tensors | layer 1's | ... | head chunk 0's | ...   each entry page-aligned,
+                       tensors 64-aligned
+        index.json     per layer and per head chunk: start, bytes, and (parameter name, dtype, shape,
+                       offset) of each tensor; a chunk also its vocabulary rows [start, end)
+        skeleton.pt    per layer: each Linear's packed-weight module with empty tensors (its structure);
+                       per head chunk: its packed-weight module, likewise
 
 The key covers what decides the packing: the file (path, size, mtime), quantization, compute dtype,
 and whether this project's C++ kernels built. index.json is written last, so a directory without it
@@ -28,7 +32,7 @@ from torch import nn
 
 from flashserve.model.layers.linear import Linear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the LM head's chunks
 _PAGE = 4096
 _ALIGN = 64
 
@@ -54,7 +58,9 @@ class PackedLayerStore:
         key = json.dumps([FORMAT_VERSION, os.path.abspath(model_path), st.st_size, st.st_mtime_ns, quantization,
                           str(dtype), own_kernels])
         self.dir = cache_dir() / "packed" / f"{Path(model_path).stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-        self.index: list[dict] = []
+        self.index: list[dict] = []  # per layer
+        self.head: list[dict] = []  # per chunk of the head's rows
+        self.head_modules: list[nn.Module] = []  # per chunk: its packed module, tensors empty once written
         self._file = None
 
     @property
@@ -70,6 +76,19 @@ class PackedLayerStore:
         if self.index[i] is not None:
             raise ValueError(f"layer streaming needs a file that stores each layer's tensors together; "
                              f"layer {i}'s come in two runs")
+        self.index[i] = self._append(streamed_params(layer))
+        drop_streamed(layer)
+
+    def write_head_chunk(self, start: int, end: int, module: nn.Module) -> None:
+        """Append the packed module of the head's vocabulary rows [start, end) and free its tensors."""
+        entry = self._append(list(module.named_parameters()))
+        entry["rows"] = [start, end]
+        self.head.append(entry)
+        drop_tensors(module)
+        self.head_modules.append(module)
+
+    def _append(self, named: list[tuple[str, torch.Tensor]]) -> dict:
+        """Write the tensors from the next page on; their index entry."""
         if self._file is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.dir / "layers.bin", "wb")
@@ -77,13 +96,12 @@ class PackedLayerStore:
         start = -(-f.tell() // _PAGE) * _PAGE
         f.seek(start)
         tensors = []
-        for name, p in streamed_params(layer):
+        for name, p in named:
             offset = -(-(f.tell() - start) // _ALIGN) * _ALIGN
             f.seek(start + offset)
             f.write(memoryview(p.data.contiguous().view(-1).view(torch.uint8).numpy()))
             tensors.append([name, str(p.dtype).removeprefix("torch."), list(p.shape), offset])
-        self.index[i] = {"start": start, "nbytes": f.tell() - start, "tensors": tensors}
-        drop_streamed(layer)
+        return {"start": start, "nbytes": f.tell() - start, "tensors": tensors}
 
     def finish(self, layers: nn.ModuleList) -> None:
         """Write the skeleton and then the index, which marks the store complete."""
@@ -92,20 +110,23 @@ class PackedLayerStore:
             raise ValueError(f"the file lacks the tensors of layers {missing or list(range(len(layers)))}")
         self._file.close()
         self._file = None
-        torch.save(_skeleton(layers), self.dir / "skeleton.pt")
+        torch.save({"layers": _skeleton(layers), "head": self.head_modules}, self.dir / "skeleton.pt")
         tmp = self.dir / "index.json.tmp"
-        tmp.write_text(json.dumps({"layers": self.index}))
+        tmp.write_text(json.dumps({"layers": self.index, "head": self.head}))
         tmp.rename(self.dir / "index.json")
 
     # ---- reading -----------------------------------------------------------------------------
     def open(self, layers: nn.ModuleList) -> None:
-        """Read the index and give every Linear of `layers` its packed module, with empty tensors."""
-        self.index = json.loads((self.dir / "index.json").read_text())["layers"]
+        """Read the index and give every Linear of `layers` its packed module, with empty tensors (and
+        the head's chunks theirs, in head_modules)."""
+        index = json.loads((self.dir / "index.json").read_text())
+        self.index, self.head = index["layers"], index["head"]
         if len(self.index) != len(layers):
             raise ValueError(f"{self.dir} holds {len(self.index)} layers, the model has {len(layers)}")
         # Our own file, written above: it holds our packed-weight classes, so a full unpickle.
         skeleton = torch.load(self.dir / "skeleton.pt", weights_only=False)
-        for layer, linears in zip(layers, skeleton):
+        self.head_modules = skeleton["head"]
+        for layer, linears in zip(layers, skeleton["layers"]):
             modules = dict(layer.named_modules())
             for name, qweight in linears.items():
                 linear = modules[name]
@@ -117,27 +138,40 @@ class PackedLayerStore:
         return self.index[i]["nbytes"]
 
     def read(self, fd: int, i: int, into: torch.Tensor) -> None:
-        """Layer i's bytes into the uint8 buffer `into` (os.preadv: the GIL is released while it
+        """Layer i's bytes into the uint8 buffer `into` (read_entry)."""
+        self.read_entry(fd, self.index[i], into)
+
+    def read_entry(self, fd: int, entry: dict, into: torch.Tensor) -> None:
+        """An entry's bytes into the uint8 buffer `into` (os.preadv: the GIL is released while it
         reads), then drop them from the page cache: the file's pages count against the machine's
-        memory too, and a layer is read again only one pass later."""
-        entry = self.index[i]
+        memory too, and an entry is read again only one pass later."""
         start, n = entry["start"], entry["nbytes"]
         view, done = memoryview(into.numpy())[:n], 0
         while done < n:
             got = os.preadv(fd, [view[done:]], start + done)
             if got == 0:
-                raise OSError(f"{self.dir / 'layers.bin'} ends inside layer {i}")
+                raise OSError(f"{self.dir / 'layers.bin'} ends inside the entry at byte {start}")
             done += got
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
 
     def attach(self, i: int, layer: nn.Module, buffer: torch.Tensor) -> None:
         """Point layer i's streamed parameters at their bytes in `buffer` (no copy)."""
-        params = dict(streamed_params(layer))
-        for name, dtype, shape, offset in self.index[i]["tensors"]:
-            dt = getattr(torch, dtype)
-            size = dt.itemsize * _numel(shape)
-            params[name].data = buffer[offset : offset + size].view(dt).view(shape)
+        attach_entry(self.index[i], dict(streamed_params(layer)), buffer)
+
+
+def attach_entry(entry: dict, params: dict[str, nn.Parameter], buffer: torch.Tensor) -> None:
+    """Point the entry's parameters (by name) at their bytes in `buffer` (no copy)."""
+    for name, dtype, shape, offset in entry["tensors"]:
+        dt = getattr(torch, dtype)
+        size = dt.itemsize * _numel(shape)
+        params[name].data = buffer[offset : offset + size].view(dt).view(shape)
+
+
+def drop_tensors(module: nn.Module) -> None:
+    """Free every parameter of `module` (it stays, holding empty tensors)."""
+    for p in module.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
 
 
 def _numel(shape) -> int:

@@ -62,7 +62,11 @@ from flashserve.quantization.packed import (
 
 INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})
 KERNEL_TYPES = INT4_TYPES | INT8_TYPES  # GGUF types that run packed rather than dequantized
-_ROWS = 4096  # rows dequantized at a time while requantizing (bounds the float32 copy)
+# Rows dequantized at a time while requantizing: gguf-py's dequantization and the requantization each
+# hold several float copies of a piece (Q6_K, 4096 rows of 1536: dequantizing alone +50 MiB transient;
+# a process loading Qwen2.5-Coder-1.5B under layer streaming, which writes its packed-layer file, peaked
+# 708 MiB with 4096, 481 with 1024 and the heap trimmed after each layer, measured)
+_ROWS = 1024
 
 Part = GGUFTensor | Int4Groups | torch.Tensor  # a dense part arrives as a float tensor
 

@@ -305,6 +305,10 @@ class DenseWeight(PackedWeight):
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self.weight[start:end].float()
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Embedding lookup: (T,) ids → (T, K) in `dtype`."""
+        return self.weight[ids].to(dtype)
+
 
 class PermutedInput(PackedWeight):
     """x gathered into the column order `order` before the inner weight: a weight whose groups hold
