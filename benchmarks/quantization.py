@@ -12,6 +12,9 @@ Rows, all computed by flashserve on the same held-out chunks:
     w8a8         the same W8A8 matmul with no smoothing and no outlier path (llm.int8, threshold inf)
 Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
 memory recorded); perplexity = exp(mean NLL of every token after the first of each chunk).
+With --speed-rounds R, each row's engine is also timed in a process of its own, rows alternated over R
+rounds (median and range): one 512-token prompt (prompt tok/s) and 64 greedy tokens after it, one
+sequence (decode tok/s from the first token on), the engine's default float16 KV cache.
 
     python benchmarks/quantization.py --model smollm2-135m --group-size 64 \
         --calib /usr/share/common-licenses/GPL-3 \
@@ -20,8 +23,10 @@ memory recorded); perplexity = exp(mean NLL of every token after the first of ea
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -61,7 +66,52 @@ def perplexity(model: str, quantization: str, chunks: list[list[int]], options: 
     return math.exp(sum(nll) / len(nll))
 
 
+def speed(model: str, quantization: str, options: dict, prompt_len: int = 512, gen: int = 64) -> dict:
+    """Prompt and single-stream decode tok/s of one engine (run in a process of its own)."""
+    import random
+
+    from flashserve import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", quantization=quantization, max_num_seqs=1,
+              max_model_len=prompt_len + gen + 8, enable_prefix_caching=False, **options)
+    prompt = random.Random(0).choices(range(1000, 20000), k=prompt_len)
+    llm.generate([{"prompt_token_ids": prompt[:64]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    eng = llm.engine
+    eng.add_request("bench", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=gen,
+                                                                           ignore_eos=True))
+    t0, first = time.perf_counter(), None
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        if first is None and outs and outs[0].outputs[0].token_ids:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"prompt_tok_s": prompt_len / (first - t0), "decode_tok_s": (gen - 1) / (end - first)}
+
+
+def timed_rows(rows: list[tuple[str, str, str, dict]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """{row name: {measure: [one value per round]}}, each row's engine in its own process, rows alternated."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in range(rounds):
+        for name, path, quantization, options in rows:
+            job = json.dumps({"model": path, "quantization": quantization, "options": options})
+            proc = subprocess.run([sys.executable, __file__, "--speed-worker", job], capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"speed of {name} failed:\n{proc.stderr[-2000:]}")
+            for key, value in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                out.setdefault(name, {}).setdefault(key, []).append(value)
+            print(f"round {r + 1} {name}: {proc.stdout.strip().splitlines()[-1]}", flush=True)
+    return out
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--speed-worker"]:
+        job = json.loads(sys.argv[2])
+        print(json.dumps(speed(job["model"], job["quantization"], job["options"])))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="a GGUF file or built-in name")
     ap.add_argument("--group-size", type=int, default=128)
@@ -70,6 +120,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="tokens per held-out chunk")
     ap.add_argument("--work", required=True, help="directory for the checkpoints (reused when present)")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *INT8_ROWS], choices=[*METHODS, *INT8_ROWS])
+    ap.add_argument("--speed-rounds", type=int, default=0, help="also time each row's engine this many rounds")
     a = ap.parse_args()
 
     from flashserve.model.catalogue import resolve
@@ -99,14 +150,18 @@ def main() -> None:
         ppl = perplexity(path, quantization, chunks, options.get(name))
         results.append((name, ppl, cost))
         print(f"{name}: {ppl:.4f}", flush=True)
+    times = timed_rows([(n, p, q, options.get(n, {})) for n, p, q, _ in rows], a.speed_rounds) if a.speed_rounds else {}
     ref = results[0][1]
     gap = {n: p - ref for n, p, _ in results}
-    print("\n| weights | perplexity | vs float | quantize time | quantize peak RSS |")
-    print("|---|---|---|---|---|")
+    speed_head = " prompt tok/s | decode tok/s |" if times else ""
+    print(f"\n| weights | perplexity | vs float | quantize time | quantize peak RSS |{speed_head}")
+    print("|---|---|---|---|---|" + ("---|---|" if times else ""))
     for name, ppl, cost in results:
         spent = f"{cost['seconds']:.0f} s" if cost else ""
         peak = f"{cost['peak_mib']} MiB" if cost.get("peak_mib") else ""
-        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {spent} | {peak} |")
+        timed = (f" {_median_range(times[name]['prompt_tok_s'])} | {_median_range(times[name]['decode_tok_s'])} |"
+                 if times else "")
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {spent} | {peak} |{timed}")
     for method, base in (("gptq", "rtn-sym"), ("gptq-act", "rtn-sym"), ("awq", "rtn")):
         m, b = f"{method} g{a.group_size}", f"{base} g{a.group_size}"
         if m in gap and b in gap and gap[b] > 0:
