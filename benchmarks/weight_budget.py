@@ -1,11 +1,13 @@
 """Layer streaming under a weight budget: decode tok/s and peak resident memory of one model at
-budgets of 100% (nothing streams, the C++ decode step on), 50%, 25% of its decoder layers and one
-layer, for 1 and for 32 sequences; each configuration in its own process, alternated over rounds.
+budgets of 100% (nothing streams, the C++ decode step on), 50%, 25% of its decoder layers, one
+layer, and a fixed 300 MB (300e6 bytes), for 1 and for 32 sequences; each configuration in its own
+process, alternated over rounds.
 
     python benchmarks/weight_budget.py [--model qwen2.5-coder-1.5b] [--rounds 3] [--tokens 12]
+                                       [--budgets "300 MB,100%"]
 
-A budget of p% is the weights that always stay (embedding, LM head, norms) plus p% of the decoder
-layers' packed bytes. Decode tok/s counts generated tokens over the time after every request has its
+A budget of p% is the weights that always stay (norms, biases, rotary tables, the LM head's two chunk
+buffers: the embedding and head stream too) plus p% of the decoder layers' packed bytes. Decode tok/s counts generated tokens over the time after every request has its
 first one; peak RSS is the child's VmHWM (loading included). The packed-layer file is written before
 the first round (its first run packs every layer).
 """
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 
-BUDGETS = ("100%", "50%", "25%", "1 layer")
+BUDGETS = ("100%", "50%", "25%", "1 layer", "300 MB")
 SEQS = (1, 32)
 
 
@@ -58,7 +60,7 @@ def budgets_for(model: str) -> dict[str, int | None]:
     layers = [sum(p.nbytes + 64 for _, p in streamed_params(x)) for x in m.model.layers]
     resident = resident_bytes(m)
     return {"100%": None, "50%": resident + sum(layers) // 2, "25%": resident + sum(layers) // 4,
-            "1 layer": resident + max(layers)}
+            "1 layer": resident + max(layers), "300 MB": 300 * 10**6}
 
 
 def main() -> None:
@@ -66,18 +68,22 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=12)
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="which budgets, comma-separated")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         budget, seqs = json.loads(a.child)
         print(json.dumps(run_config(a.model, budget, seqs, a.tokens)))
         return
+    unknown = set(a.budgets.split(",")) - set(BUDGETS)
+    if unknown:
+        ap.error(f"unknown budgets {sorted(unknown)}; choose from {', '.join(BUDGETS)}")
     budgets = budgets_for(a.model)  # also writes the packed-layer file, once
     print(f"model {a.model}, {a.tokens} tokens per sequence after the first, 16-token prompts, "
           f"budgets (MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" if v else f"{k} all" for k, v in budgets.items()))
     results: dict[tuple[str, int], list[dict]] = {}
     for _ in range(a.rounds):
-        for name in BUDGETS:
+        for name in a.budgets.split(","):
             for seqs in SEQS:
                 out = subprocess.run([sys.executable, __file__, "--model", a.model, "--tokens", str(a.tokens),
                                       "--child", json.dumps([budgets[name], seqs])],
