@@ -58,6 +58,10 @@ class SamplingParams:
     early_stopping: bool | str = False
     # Structured output: the sampler allows only tokens that keep the text inside the grammar.
     guided_decoding: GuidedDecodingParams | None = None
+    # Set by beam search on its steps under a grammar, never by a user: the beam's tokens so far,
+    # which the grammar reads before this request's output; the step's top-N logprobs are then of
+    # tokens the grammar allows (the others -inf).
+    beam_grammar_prefix: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -125,8 +129,8 @@ class SamplingParams:
             # A finished grammar allows only EOS: a request that ignores it would never end.
             if self.ignore_eos:
                 fail("ignore_eos cannot be combined with guided decoding")
-            if self.use_beam_search:
-                fail("beam search does not support guided decoding")
+        if self.beam_grammar_prefix is not None and self.guided_decoding is None:
+            fail("beam_grammar_prefix needs guided_decoding")
 
     @property
     def is_greedy(self) -> bool:

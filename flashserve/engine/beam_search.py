@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flashserve.outputs import CompletionOutput, RequestOutput
-from flashserve.sampling_params import SamplingParams
+from flashserve.sampling_params import GuidedDecodingParams, SamplingParams
 
 
 @dataclass
@@ -28,6 +28,9 @@ class BeamSearchParams:
     max_tokens: int
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True | False | "never", as in transformers
+    # a grammar every sequence follows: each step's candidates are the tokens it allows after the
+    # beam's tokens, scored by the model's own logprobs (transformers' prefix_allowed_tokens_fn)
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         if self.beam_width < 1 or self.max_tokens < 1:
@@ -124,20 +127,24 @@ def beam_request_output(engine, request_id: str, prompt: str | None, prompt_ids:
     return RequestOutput(request_id, prompt, tuple(prompt_ids), outputs, finished=True)
 
 
-def step_params(p: BeamSearchParams) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * p.beam_width, ignore_eos=True)
+def step_params(p: BeamSearchParams, beam: _Beam) -> SamplingParams:
+    """One greedy step of a beam with its top-2k logprobs (under the grammar, if any)."""
+    if p.guided_decoding is None:
+        return SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * p.beam_width, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * p.beam_width,
+                          guided_decoding=p.guided_decoding, beam_grammar_prefix=tuple(beam.tokens))
 
 
 def beam_search(engine, prompt_ids: list[int], p: BeamSearchParams, eos_token_ids) -> BeamSearchOutput:
     """The search on an idle LLMEngine, stepping it here."""
-    search, params = BeamSearch(p, eos_token_ids), step_params(p)
+    search = BeamSearch(p, eos_token_ids)
     held: list[str] = []  # this round's requests: their blocks stay for the next round's forks
     prev: list[str] = []
     try:
         while beams := search.next_round():
             prev, held = held, []
             for beam in beams:
-                prep = step_request(engine, prompt_ids + beam.tokens, beam.parent_id, params)
+                prep = step_request(engine, prompt_ids, beam, p)
                 engine.add_prepared(prep)
                 held.append(prep.request_id)
             engine.release_held(prev)  # the new requests hold references to what they share
@@ -152,12 +159,12 @@ async def beam_search_async(engine, prompt_ids: list[int], p: BeamSearchParams, 
                             priority: int = 0) -> BeamSearchOutput:
     """The search through an AsyncLLMEngine, beside the requests it serves; each round's steps
     are batched with theirs. Cancelled (client gone), it aborts its steps and frees their blocks."""
-    search, params = BeamSearch(p, eos_token_ids), step_params(p)
+    search = BeamSearch(p, eos_token_ids)
     held: list[str] = []
     prev: list[str] = []
     try:
         while beams := search.next_round():
-            preps = [step_request(engine.engine, prompt_ids + b.tokens, b.parent_id, params, priority) for b in beams]
+            preps = [step_request(engine.engine, prompt_ids, beam, p, priority) for beam in beams]
             prev, held = held, [prep.request_id for prep in preps]
             outputs = await engine.run_round(preps, release=prev)
             search.take(held, [top_logprobs(out) for out in outputs])
@@ -173,7 +180,8 @@ def _next_beams(beams: list[_Beam], request_ids: list[str], outputs: list[dict[i
     candidates = []
     for beam, rid, out in zip(beams, request_ids, outputs):
         for tok, lp in out.items():
-            candidates.append((beam.cum_logprob + lp, beam, tok, rid))
+            if lp > float("-inf"):  # -inf: a token the grammar does not allow (fewer than 2k do)
+                candidates.append((beam.cum_logprob + lp, beam, tok, rid))
     candidates.sort(key=lambda c: -c[0])
     next_beams = []
     for rank, (score, beam, tok, rid) in enumerate(candidates[: 2 * k]):
@@ -187,11 +195,12 @@ def _next_beams(beams: list[_Beam], request_ids: list[str], outputs: list[dict[i
     return next_beams
 
 
-def step_request(engine, tokens: list[int], parent_id: str | None, params: SamplingParams, priority: int = 0):
-    """One greedy step of a beam, prepared to fork its parent's blocks and keep its own when done."""
-    prep = engine.prepare_request(engine.next_request_id(), {"prompt_token_ids": tokens}, params, priority)
+def step_request(engine, prompt_ids: list[int], beam: _Beam, p: BeamSearchParams, priority: int = 0):
+    """A beam's next step, prepared to fork its parent's blocks and keep its own when done."""
+    prep = engine.prepare_request(engine.next_request_id(), {"prompt_token_ids": prompt_ids + beam.tokens},
+                                  step_params(p, beam), priority)
     (req,) = prep.requests
-    req.parent_id, req.hold_blocks = parent_id, True
+    req.parent_id, req.hold_blocks = beam.parent_id, True
     return prep
 
 

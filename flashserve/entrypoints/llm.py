@@ -54,7 +54,8 @@ class LLM:
         text, ids = self.engine.input_processor.tokenize(prompt)
         room = self.engine.config.scheduler.max_model_len - len(ids)
         width = max(p.n, p.best_of or 1)
-        bp = BeamSearchParams(width, min(p.max_tokens or room, room), p.length_penalty, p.early_stopping)
+        bp = BeamSearchParams(width, min(p.max_tokens or room, room), p.length_penalty, p.early_stopping,
+                              p.guided_decoding)
         result = beam_search(self.engine, ids, bp, self.engine.eos_token_ids)
         return beam_request_output(self.engine, self.engine.next_request_id(), text, ids, result, p.n,
                                    p.skip_special_tokens)

@@ -5,9 +5,10 @@ Owned by the model runner: per-request state keyed by request id (like the seede
 dropped when the scheduler reports the request finished or aborted; the scheduler never sees a
 matcher. A matcher follows its request's output tokens lazily: before each mask it consumes the
 tokens appended since the previous one, so a preempted (recomputed) request or a forked sample
-needs no special case. Compiled grammars are cached per grammar text and each request gets a
-copy; the engine compiles at admission, so a grammar that does not fit the vocabulary is an
-error before the request is queued and the step finds it compiled.
+needs no special case; a beam search step first reads its beam's tokens (beam_grammar_prefix).
+Compiled grammars are cached per grammar text and each request gets a copy; the engine compiles
+at admission, so a grammar that does not fit the vocabulary is an error before the request is
+queued and the step finds it compiled.
 """
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ class GuidedDecoding:
         f = self._followers.get(r.request_id)
         if f is None:
             f = self._followers[r.request_id] = _Follower(self.compile(r.sampling_params.guided_decoding))
+            prefix = r.sampling_params.beam_grammar_prefix  # a beam's tokens before this step
+            if prefix and not f.matcher.consume_tokens(list(prefix)):
+                logger.warning("request %s: its beam left the grammar: %s", r.request_id, f.matcher.get_error())
         new = r.output_token_ids[f.consumed:]
         if new and not f.matcher.is_error() and not f.matcher.consume_tokens(new):
             # Cannot happen through our masks; from here the matcher allows only EOS.

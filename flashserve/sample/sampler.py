@@ -5,7 +5,10 @@ the rest of the batch).
 Per row, in order: logit bias → min_tokens mask of EOS/stop tokens → penalties →
 [logprobs are taken here: log_softmax of these processed logits, before temperature]
 → grammar mask (structured output: tokens outside the row's grammar get -inf; after the
-logprobs, which stay the model's own and finite) → greedy argmax if temperature == 0,
+logprobs, which stay the model's own and finite, except on a beam search step under a grammar,
+whose top-N must be tokens the grammar allows: there the same mask sets the others' logprobs to
+-inf, the model's own logprobs of the allowed ones unchanged, as transformers' constrained beam
+search scores them) → greedy argmax if temperature == 0,
 else temperature → top-k → top-p (nucleus, Holtzman et al. 2019: the smallest set of most
 likely tokens whose mass reaches p, computed after top-k) → min-p (tokens with p >= min_p * p_max) → draw.
 Drawing uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with
@@ -36,6 +39,7 @@ class SamplingMetadata:
     generators: list[torch.Generator | None]
     num_logprobs: list[int | None]
     grammar: tuple | None = None  # (rows int64 (k,), allowed bool (k, vocab)) of rows with guided decoding
+    grammar_logprobs: tuple | None = None  # the same for the rows whose logprobs it masks (beam steps)
 
     @classmethod
     def build(cls, params, output_token_ids, prompt_token_ids, generators, eos_token_ids, device,
@@ -73,13 +77,18 @@ class SamplingMetadata:
                     continue  # the grammar is complete and allows only stopping: it wins over min_tokens
                 banned_pairs += [(i, t, 0.0) for t in stops]
         banned = _sparse(banned_pairs, device)
+        grammar_t = grammar_logprobs = None
+        if grammar:
+            grammar_t = (torch.tensor(grammar[0], dtype=torch.int64, device=device), grammar[1].to(device))
+            beam_steps = [j for j, i in enumerate(grammar[0]) if params[i].beam_grammar_prefix is not None]
+            if beam_steps:
+                grammar_logprobs = (grammar_t[0][beam_steps], grammar_t[1][beam_steps])
         return cls(
             temperature=temperature, greedy=torch.tensor(greedy, device=device), all_greedy=all(greedy),
             top_k=top_k, top_p=top_p, min_p=min_p, penalties=penalties,
             bias=bias, banned=banned[:2] if banned else None,
             generators=list(generators), num_logprobs=[p.logprobs for p in params],
-            grammar=(torch.tensor(grammar[0], dtype=torch.int64, device=device), grammar[1].to(device))
-            if grammar else None,
+            grammar=grammar_t, grammar_logprobs=grammar_logprobs,
         )
 
 
@@ -119,6 +128,8 @@ class Sampler:
         logits = process_logits(logits, md)
         want_logprobs = any(k is not None for k in md.num_logprobs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if logprobs is not None and md.grammar_logprobs is not None:
+            logprobs = apply_grammar(logprobs, *md.grammar_logprobs)
         if md.grammar is not None:
             logits = apply_grammar(logits, *md.grammar)
         greedy_ids = ops.argmax_rows(logits)

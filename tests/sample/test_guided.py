@@ -195,5 +195,6 @@ def test_params_that_cannot_combine_with_a_grammar():
     gd = GuidedDecodingParams(json_object=True)
     with pytest.raises(ValueError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, guided_decoding=gd)
-    with pytest.raises(ValueError, match="beam search"):
-        SamplingParams(use_beam_search=True, temperature=0, guided_decoding=gd)
+    with pytest.raises(ValueError, match="beam_grammar_prefix needs guided_decoding"):
+        SamplingParams(temperature=0, max_tokens=1, beam_grammar_prefix=(1, 2))
+    SamplingParams(use_beam_search=True, temperature=0, guided_decoding=gd)  # beams follow the grammar

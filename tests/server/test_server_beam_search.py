@@ -1,9 +1,12 @@
 """Beam search over real HTTP (vLLM's use_beam_search) with the official openai client: the
-server's beams equal the offline engine's (a second code path, LLM.generate), a client that
-leaves mid-search leaves no KV block held, and beams with a grammar or with what a beam request
-cannot give (a stream, logprobs, stop strings) get a 400 naming both."""
+server's beams equal the offline engine's (a second code path, LLM.generate), also under a
+grammar (guided_regex, response_format, a forced tool call), a client that leaves mid-search
+leaves no KV block held, and what a beam request cannot give (a stream, logprobs, stop strings)
+gets a 400 naming it."""
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import httpx
@@ -64,27 +67,64 @@ def test_client_leaving_a_beam_search_leaves_no_block_held(server):
     assert r.choices[0].finish_reason == "length"
 
 
+REGEX = r"The answer is [0-9]{1,3}\.( Yes| Indeed)?"
+COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "blue", "green", "yellow"]}},
+         "required": ["color"], "additionalProperties": False}
+
+
+def test_beams_under_a_grammar_equal_offline_beams_and_follow_it(server, smollm2_default_llm):
+    """guided_regex on completions, a json_schema response_format and a forced tool call on chat:
+    every beam follows the grammar, and the beams are the offline engine's (whose search under a
+    grammar tests/engine/test_beam_search.py checks against transformers' constrained beams)."""
+    import jsonschema_rs
+
+    from flashserve.sampling_params import GuidedDecodingParams
+    from tests.server.test_tool_calling import assert_valid_calls
+
+    base, model = server
+    c = client(base)
+    prompt = "Q: What is 2+2?\nA:"
+    r = c.completions.create(model=model, prompt=prompt, n=2, best_of=3, max_tokens=10,
+                             extra_body={"use_beam_search": True, "guided_regex": REGEX})
+    (ref,) = smollm2_default_llm.generate([prompt], SamplingParams(
+        use_beam_search=True, n=2, best_of=3, temperature=0, max_tokens=10,
+        guided_decoding=GuidedDecodingParams(regex=REGEX)), use_tqdm=False)
+    assert [(ch.text, ch.finish_reason) for ch in r.choices] == [(o.text, o.finish_reason) for o in ref.outputs]
+    assert all(re.fullmatch(REGEX, ch.text) for ch in r.choices if ch.finish_reason == "stop")
+    assert r.choices[0].finish_reason == "stop"
+
+    ask = [{"role": "user", "content": "Name a color."}]
+    r = c.chat.completions.create(model=model, messages=ask, n=2, max_tokens=20, extra_body=BEAM, response_format={
+        "type": "json_schema", "json_schema": {"name": "color", "schema": COLOR}})
+    tok = smollm2_default_llm.get_tokenizer()
+    ids = tok.encode(tok.apply_chat_template(ask, add_generation_prompt=True), add_special_tokens=False)
+    (ref,) = smollm2_default_llm.generate([{"prompt_token_ids": ids}], SamplingParams(
+        use_beam_search=True, n=2, temperature=0, max_tokens=20, guided_decoding=GuidedDecodingParams(json=COLOR)),
+        use_tqdm=False)
+    assert [ch.message.content for ch in r.choices] == [o.text for o in ref.outputs]
+    for ch in r.choices:
+        assert ch.finish_reason == "stop"
+        jsonschema_rs.validate(COLOR, json.loads(ch.message.content))
+
+    r = c.chat.completions.create(model=model, messages=ASK, n=2, max_tokens=60, tools=TOOLS, tool_choice="required",
+                                  extra_body=BEAM)
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls"
+        assert_valid_calls(ch.message.tool_calls, ["get_weather", "get_time"])
+    assert metric(base, "flashserve_kv_cache_blocks_used") == 0
+
+
 BEAM = {"use_beam_search": True}
-NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.mark.parametrize("endpoint, body, named", [
-    ("chat", dict(response_format={"type": "json_object"}), "response_format 'json_object'"),
-    ("chat", dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-     "response_format 'json_schema'"),
-    ("chat", dict(extra_body={**BEAM, "guided_regex": "[ab]+"}), "guided_regex"),
-    ("chat", dict(extra_body={**BEAM, "guided_choice": ["yes", "no"]}), "guided_choice"),
-    ("chat", dict(tools=TOOLS, tool_choice="required"), "tool_choice 'required'"),
-    ("chat", dict(tools=TOOLS, tool_choice=NAMED), "tool_choice naming the function 'get_weather'"),
-    ("completions", dict(extra_body={**BEAM, "guided_json": {"type": "object"}}), "guided_json"),
-    ("completions", dict(extra_body={**BEAM, "guided_grammar": 'root ::= "a"'}), "guided_grammar"),
     ("chat", dict(stream=True), "cannot stream"),
     ("chat", dict(logprobs=True), "no logprobs"),
     ("completions", dict(logprobs=1), "no logprobs"),
     ("completions", dict(stop=["."]), "stop strings"),
     ("completions", dict(extra_body={**BEAM, "temperature": 0.7}), "temperature=0"),
 ])
-def test_beams_with_a_grammar_or_what_beams_cannot_give_get_400(server, endpoint, body, named):
+def test_beams_with_what_beams_cannot_give_get_400(server, endpoint, body, named):
     base, model = server
     c = client(base)
     body = {"extra_body": BEAM, **body}

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
-from flashserve.entrypoints.openai.beams import check_beam_request, forced_call_text, run_beam_search
+from flashserve.entrypoints.openai.beams import check_beam_request, run_beam_search
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
 from flashserve.entrypoints.openai.tool_parsers import ToolCall, joined
@@ -160,8 +160,7 @@ class Serving:
         if req.stream:
             return self._stream_completions(req, prompts, params, rid, created)
         if req.use_beam_search:
-            outputs = await run_beam_search(self.engine, prompts, params.beam_width, req.n, max_tokens, req,
-                                            req.skip_special_tokens)
+            outputs = await run_beam_search(self.engine, prompts, params, req.priority)
         else:
             outputs = await self._run(prompts, params, req.priority)
         choices = []
@@ -265,7 +264,7 @@ class Serving:
     async def chat(self, req: ChatCompletionRequest):
         plan = plan_tools(req, self.tool_support)
         if req.use_beam_search:
-            check_beam_request(req, req.logprobs, forced_call_text(req.tool_choice) if plan.guided else None)
+            check_beam_request(req, req.logprobs)
         ids = self._chat_prompt(req, plan)
         max_tokens = self._check_lengths(ids, req.max_completion_tokens or req.max_tokens)
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
@@ -276,7 +275,7 @@ class Serving:
             return self._stream_chat(req, ids, params, rid, created, readers)
         events: list[list] = [[] for _ in readers]
         if req.use_beam_search:
-            (out,) = await run_beam_search(self.engine, [ids], req.n, req.n, max_tokens, req, req.skip_special_tokens)
+            (out,) = await run_beam_search(self.engine, [ids], params, req.priority)
             for c in out.outputs:
                 events[c.index] = readers[c.index].feed(c.text, final=True)
         else:
