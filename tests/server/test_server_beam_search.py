@@ -21,6 +21,7 @@ PROMPT = "The three most important inventions in history are"
 
 def test_completions_beams_equal_offline_beams(server, smollm2_default_llm):
     base, model = server
+    generated = metric(base, "flashserve_generation_tokens_total")
     r = client(base).completions.create(model=model, prompt=PROMPT, n=2, best_of=3, max_tokens=10,
                                         extra_body={"use_beam_search": True, "length_penalty": 0.8})
     (ref,) = smollm2_default_llm.generate([PROMPT], SamplingParams(use_beam_search=True, n=2, best_of=3, temperature=0,
@@ -29,6 +30,8 @@ def test_completions_beams_equal_offline_beams(server, smollm2_default_llm):
         [(c.index, c.text, c.finish_reason) for c in ref.outputs]
     assert r.usage.completion_tokens == sum(len(c.token_ids) for c in ref.outputs)
     assert metric(base, "flashserve_kv_cache_blocks_used") == 0  # every round's held blocks were released
+    # counted once, as the returned beams (not as 10 rounds of one-token steps)
+    assert metric(base, "flashserve_generation_tokens_total") - generated == r.usage.completion_tokens
 
 
 def test_chat_beams_equal_offline_beams_and_read_tool_calls(server, smollm2_default_llm):

@@ -37,7 +37,10 @@ async def run_beam_search(engine, prompts: list[list[int]], params: SamplingPara
 
     async def one(ids: list[int]) -> RequestOutput:
         result = await beam_search_async(engine, ids, bp, core.eos_token_ids, priority)
-        return beam_request_output(core, core.next_request_id(), None, ids, result, params.n,
-                                   params.skip_special_tokens)
+        out = beam_request_output(core, core.next_request_id(), None, ids, result, params.n,
+                                  params.skip_special_tokens)
+        if engine.on_finished:  # one finished request for the metrics (its steps are not counted)
+            engine.on_finished(out)
+        return out
 
     return list(await asyncio.gather(*(one(ids) for ids in prompts)))
