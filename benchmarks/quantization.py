@@ -8,6 +8,7 @@ Rows, all computed by flashserve on the same held-out chunks:
     gptq, awq the two methods, calibrated on --calib                 } weight-only
     gptq-act  GPTQ with act-order (desc_act)                         }
     smoothquant  quantization="smoothquant": W8A8 after smoothing (alpha 0.5), maxima from --calib
+    smoothquant-down  the same, down_proj's input smoothed too (folded into up_proj's rows)
     llm.int8     quantization="llm.int8": outlier columns (|x| >= 6) float, the rest W8A8
     w8a8         the same W8A8 matmul with no smoothing and no outlier path (llm.int8, threshold inf)
 Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
@@ -35,6 +36,8 @@ from pathlib import Path
 METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "awq")  # gptq-act: GPTQ with --act-order
 INT8_ROWS = {  # run-time int8 methods on the float model: (row name, quantization, its options)
     "smoothquant": ("SmoothQuant W8A8, alpha 0.5", "smoothquant", {"smoothquant_alpha": 0.5}),
+    "smoothquant-down": ("SmoothQuant W8A8, alpha 0.5, down_proj smoothed too", "smoothquant",
+                         {"smoothquant_alpha": 0.5, "smoothquant_down_proj": True}),
     "llm.int8": ("LLM.int8(), threshold 6.0", "llm.int8", {"llm_int8_threshold": 6.0}),
     "w8a8": ("W8A8 per token x per channel, no smoothing", "llm.int8", {"llm_int8_threshold": math.inf}),
 }

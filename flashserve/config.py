@@ -264,6 +264,7 @@ class ActivationQuantConfig:
     """Options of the ACTIVATION_METHODS; each method reads only its own."""
     smoothquant_alpha: float = 0.5  # migration strength (SmoothQuant eq. 4)
     calibration_text: str | None = None  # SmoothQuant's activation maxima: a text file; None: GPL-3's text
+    smoothquant_down_proj: bool = False  # also smooth down_proj's input, folded into up_proj's rows
     llm_int8_threshold: float = 6.0  # |x| from which an input column takes LLM.int8()'s float path
 
     def validate(self, quantization: str) -> None:
@@ -272,7 +273,8 @@ class ActivationQuantConfig:
         if not self.llm_int8_threshold > 0:
             raise ValueError(f"llm_int8_threshold must be positive, got {self.llm_int8_threshold}")
         default = ActivationQuantConfig()
-        mine = {"smoothquant": ("smoothquant_alpha", "calibration_text"), "llm.int8": ("llm_int8_threshold",)}
+        mine = {"smoothquant": ("smoothquant_alpha", "calibration_text", "smoothquant_down_proj"),
+                "llm.int8": ("llm_int8_threshold",)}
         for method, names in mine.items():
             for name in names:
                 if quantization != method and getattr(self, name) != getattr(default, name):

@@ -20,6 +20,7 @@ class EngineArgs:
     quantization: str = "auto"  # QUANTIZATION_CHOICES: "auto" | "weight-only" | "none" | "smoothquant" | "llm.int8"
     smoothquant_alpha: float = 0.5  # ActivationQuantConfig's options
     calibration_text: str | None = None
+    smoothquant_down_proj: bool = False
     llm_int8_threshold: float = 6.0
     max_model_len: int | None = None  # default: min(model context, 4096)
     max_num_seqs: int = 64
@@ -67,7 +68,7 @@ class EngineArgs:
             dtype=resolve_dtype(self.dtype, str(path), self.quantization).dtype,
             quantization=self.quantization,
             activation_quant=ActivationQuantConfig(self.smoothquant_alpha, self.calibration_text,
-                                                   self.llm_int8_threshold),
+                                                   self.smoothquant_down_proj, self.llm_int8_threshold),
             seed=self.seed,
             num_threads=self.num_threads,
             cache=CacheConfig(

@@ -34,6 +34,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="smoothquant: migration strength alpha in s = max|X|^alpha / max|W|^(1 - alpha)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="smoothquant: text whose activation maxima set the scales (default: Debian's GPL-3 text)")
+    p.add_argument("--smoothquant-down-proj", action="store_true",
+                   help="smoothquant: also smooth down_proj's input, folding the scales into up_proj's rows "
+                        "(beyond the paper, which smooths only the inputs that follow a norm)")
     p.add_argument("--llm-int8-threshold", type=float, default=d.llm_int8_threshold,
                    help="llm.int8: |activation| from which an input column takes the float path")
     p.add_argument("--max-model-len", type=int, default=None,

@@ -2,7 +2,8 @@
 round their activations to int8 on every call. The embedding, the LM head and the norms stay float.
 
     smoothquant  activation maxima from calibration text run through this model (calibrate.py), the
-                 scales folded into the norms and weights (smoothquant.py), then W8A8Weight (w8a8.py)
+                 scales folded into the norms (and optionally up_proj's rows) and weights
+                 (smoothquant.py), then W8A8Weight (w8a8.py)
     llm.int8     OutlierInt8Weight (int8_outlier.py): outlier input columns float, the rest int8
 """
 from __future__ import annotations
@@ -46,8 +47,9 @@ def apply(model: nn.Module, cfg: ModelConfig, path: str, method: str, options: A
         ids = cut_sequences(_calibration_tokens(path, options.calibration_text),
                             min(CALIBRATION_SEQ_LEN, cfg.max_position_embeddings), CALIBRATION_SEQS,
                             options.calibration_text or DEFAULT_CALIBRATION_TEXT)
-        linears = [linear for layer in layers for _, linear in smoothed_pairs(layer)]
-        smooth(layers, engine_input_maxima(model, cfg, ids, linears), options.smoothquant_alpha)
+        down = options.smoothquant_down_proj
+        linears = [linear for layer in layers for _, linear in smoothed_pairs(layer, down)]
+        smooth(layers, engine_input_maxima(model, cfg, ids, linears), options.smoothquant_alpha, down)
         make = W8A8Weight
     else:
         make = lambda w: OutlierInt8Weight(w, options.llm_int8_threshold)  # noqa: E731

@@ -84,30 +84,31 @@ def tiny_dirs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_smoothing_leaves_the_float_model_unchanged(tiny_dirs, arch):
+@pytest.mark.parametrize("arch,down_proj", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_smoothing_leaves_the_float_model_unchanged(tiny_dirs, arch, down_proj):
     """Maxima taken through flashserve's model equal the inputs transformers' linears see; the scales
-    follow eq. 4 computed here from those; folding them changes no logit beyond float rounding."""
+    follow eq. 4 computed here from those (down_proj's folded into up_proj's rows when asked); folding
+    them changes no logit beyond float rounding."""
     path, hf = tiny_dirs[arch]
     model, cfg = load_model(path, torch.float32, quantization="none")
     tokens = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(5)).tolist()
     before = run_incremental(model, cfg, tokens, [10] + [1] * 14)
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(6))
-    linears = [lin for layer in model.model.layers for _, lin in smoothed_pairs(layer)]
+    linears = [lin for layer in model.model.layers for _, lin in smoothed_pairs(layer, down_proj)]
     maxima = engine_input_maxima(model, cfg, ids, linears)
 
     seen: dict[str, np.ndarray] = {}
     hooks = [m.register_forward_pre_hook(
         lambda mod, args, name=name: seen.__setitem__(name, np.maximum(
             seen.get(name, 0), args[0].abs().reshape(-1, args[0].shape[-1]).amax(0).numpy())))
-        for name, m in hf.named_modules() if name.endswith(("q_proj", "gate_proj"))]
+        for name, m in hf.named_modules() if name.endswith(("q_proj", "gate_proj", "down_proj"))]
     with torch.no_grad():
         for row in ids:
             hf(row[None])
     for h in hooks:
         h.remove()
     alpha = 0.5
-    want_norms = []
+    want_norms, want_up = [], []
     for i, layer in enumerate(model.model.layers):
         hl = hf.model.layers[i]
         for (norm, lin), (hf_norm, hf_in, parts) in zip(smoothed_pairs(layer), [
@@ -119,13 +120,19 @@ def test_smoothing_leaves_the_float_model_unchanged(tiny_dirs, arch):
             w = np.concatenate([p.weight.detach().numpy() for p in parts]).astype(np.float64)
             s = seen[hf_in].astype(np.float64) ** alpha / np.abs(w).max(axis=0) ** (1 - alpha)
             want_norms.append(hf_norm.weight.detach().numpy() / s)
-    smooth(model.model.layers, maxima, alpha)
+        down = hl.mlp.down_proj.weight.detach().numpy().astype(np.float64)
+        s_down = seen[f"model.layers.{i}.mlp.down_proj"].astype(np.float64) ** alpha / np.abs(down).max(0) ** (1 - alpha)
+        want_up.append(hl.mlp.up_proj.weight.detach().numpy() * s[None, :] / s_down[:, None])  # s: gate|up's
+    smooth(model.model.layers, maxima, alpha, down_proj)
     got_norms = [norm.weight.numpy() for layer in model.model.layers for norm, _ in smoothed_pairs(layer)]
     for got, want in zip(got_norms, want_norms):
         np.testing.assert_allclose(got, want, rtol=2e-4)
     hf_norms = [n.weight.detach().numpy() for hl in hf.model.layers for n in (hl.input_layernorm,
                                                                                hl.post_attention_layernorm)]
     assert max(np.abs(np.log(g / n)).max() for g, n in zip(got_norms, hf_norms)) > 0.5  # the scales do move
+    if down_proj:
+        for layer, want in zip(model.model.layers, want_up):
+            np.testing.assert_allclose(layer.mlp.gate_up_proj.part_weight("up").numpy(), want, rtol=5e-4, atol=1e-7)
     after = run_incremental(model, cfg, tokens, [10] + [1] * 14)
     torch.testing.assert_close(after, before, atol=2e-5, rtol=2e-5)
 
@@ -165,8 +172,14 @@ def test_bad_combinations_are_refused(tiny_dirs, tmp_path):
     config = EngineArgs(model=path, quantization="llm.int8", llm_int8_threshold=4.0).create_engine_config()
     assert isinstance(config, EngineConfig) and config.activation_quant.llm_int8_threshold == 4.0
     args = build_parser().parse_args(["serve", "--model", path, "--quantization", "smoothquant",
-                                      "--smoothquant-alpha", "0.8", "--calibration-text", str(README)])
-    assert _engine_args(args).smoothquant_alpha == 0.8 and _engine_args(args).calibration_text == str(README)
+                                      "--smoothquant-alpha", "0.8", "--calibration-text", str(README),
+                                      "--smoothquant-down-proj"])
+    engine_args = _engine_args(args)
+    assert (engine_args.smoothquant_alpha, engine_args.calibration_text, engine_args.smoothquant_down_proj) == (
+        0.8, str(README), True)
+    assert engine_args.create_engine_config().activation_quant.smoothquant_down_proj
+    with pytest.raises(ValueError, match="smoothquant_down_proj is an option of quantization='smoothquant'"):
+        EngineArgs(model=path, quantization="llm.int8", smoothquant_down_proj=True).create_engine_config()
 
     gptq = tmp_path / "gptq"
     shutil.copytree(path, gptq)
