@@ -102,3 +102,29 @@ def test_bare_call_after_prose_is_a_call_and_the_prose_its_content(server):
     plain = c.chat.completions.create(extra_body={"guided_regex": literal_regex(PROSE_THEN_JSON)}, **kw).choices[0]
     assert plain.finish_reason == "stop" and plain.message.tool_calls is None
     assert plain.message.content == PROSE_THEN_JSON
+
+
+def test_required_with_parallel_tool_calls_false_gives_each_choice_one_call(server):
+    """tool_choice "required" under parallel_tool_calls=false (a one-item array grammar): n=3 sampled
+    choices each end with exactly one valid call, streamed with the same calls per choice."""
+    from tests.server.test_tool_calling import assert_valid_calls
+
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, messages=TWO_CITIES, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+              temperature=1.0, seed=3, n=3, max_tokens=60)
+    r = c.chat.completions.create(**kw)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        assert_valid_calls(choice.message.tool_calls, ["get_weather", "get_time"])
+    got: dict[int, list] = {}
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or ():
+                got.setdefault(ch.index, []).append(d)
+    for choice in r.choices:
+        (call,) = choice.message.tool_calls
+        deltas = got[choice.index]
+        assert {d.index for d in deltas} == {0}
+        assert (deltas[0].function.name, "".join(d.function.arguments for d in deltas)) == \
+            (call.function.name, call.function.arguments)
