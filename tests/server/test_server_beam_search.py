@@ -1,8 +1,8 @@
 """Beam search over real HTTP (vLLM's use_beam_search) with the official openai client: the
 server's beams equal the offline engine's (a second code path, LLM.generate), also under a
 grammar (guided_regex, response_format, a forced tool call), a client that leaves mid-search
-leaves no KV block held, and what a beam request cannot give (a stream, logprobs, stop strings)
-gets a 400 naming it."""
+leaves no KV block held, a stream sends the beams at the end, and what a beam request cannot
+give (logprobs, stop strings) gets a 400 naming it."""
 from __future__ import annotations
 
 import json
@@ -120,8 +120,32 @@ def test_beams_under_a_grammar_equal_offline_beams_and_follow_it(server, smollm2
 BEAM = {"use_beam_search": True}
 
 
+def test_streamed_beams_come_at_the_end_as_the_reply_has_them(server):
+    """A stream of beams sends each choice's whole text (or tool call) and finish reason once the
+    search ends: the same as the reply not streamed, read by the openai client's stream helpers."""
+    base, model = server
+    c = client(base)
+    kw = dict(model=model, prompt=PROMPT, n=2, best_of=3, max_tokens=8, extra_body=BEAM)
+    whole = c.completions.create(**kw)
+    texts, finish = {}, {}
+    for chunk in c.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+    assert [(texts[ch.index], finish[ch.index]) for ch in whole.choices] == \
+        [(ch.text, ch.finish_reason) for ch in whole.choices]
+    kw = dict(model=model, messages=ASK, max_tokens=60, tools=TOOLS, tool_choice="required", extra_body=BEAM)
+    reply = c.chat.completions.create(**kw).choices[0]
+    with c.chat.completions.stream(**kw) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == reply.finish_reason == "tool_calls"
+    assert [(t.function.name, t.function.arguments) for t in streamed.message.tool_calls] == \
+        [(t.function.name, t.function.arguments) for t in reply.message.tool_calls]
+
+
 @pytest.mark.parametrize("endpoint, body, named", [
-    ("chat", dict(stream=True), "cannot stream"),
     ("chat", dict(logprobs=True), "no logprobs"),
     ("completions", dict(logprobs=1), "no logprobs"),
     ("completions", dict(stop=["."]), "stop strings"),

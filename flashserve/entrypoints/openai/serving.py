@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from flashserve.engine.async_engine import AsyncLLMEngine
 from flashserve.errors import InvalidRequestError
-from flashserve.entrypoints.openai.beams import check_beam_request, run_beam_search
+from flashserve.entrypoints.openai.beams import beam_outputs, check_beam_request
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
 from flashserve.entrypoints.openai.tool_parsers import ToolCall, joined
@@ -90,11 +90,17 @@ class Serving:
     def _token_str(self, tok: int) -> str:
         return self.tokenizer.decode([tok], skip_special_tokens=False)
 
+    def _outputs(self, ids, params, priority, request_id: str | None = None) -> AsyncIterator:
+        """A prompt's RequestOutputs as they change: the engine's, or a beam search's one at its end."""
+        if params.use_beam_search:
+            return beam_outputs(self.engine, ids, params, priority)
+        return self.engine.generate({"prompt_token_ids": ids}, params, request_id=request_id, priority=priority)
+
     async def _run(self, prompts_ids, params, priority) -> list:
         """Run several prompts concurrently; returns their final RequestOutputs."""
         async def one(ids):
             final = None
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params, priority=priority):
+            async for out in self._outputs(ids, params, priority):
                 final = out
             return final
         return await asyncio.gather(*(one(ids) for ids in prompts_ids))
@@ -150,7 +156,7 @@ class Serving:
     async def completions(self, req: CompletionRequest):
         if req.use_beam_search:
             check_beam_request(req, logprobs=req.logprobs is not None)
-        if req.stream and req.best_of is not None and req.best_of > req.n:
+        if req.stream and req.best_of is not None and req.best_of > req.n and not req.use_beam_search:
             raise InvalidRequestError("best_of > n cannot stream: the n best are known only at the end")
         prompts = self._completion_prompts(req)
         max_tokens = min(self._check_lengths(ids, req.max_tokens) for ids in prompts)
@@ -159,10 +165,7 @@ class Serving:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_completions(req, prompts, params, rid, created)
-        if req.use_beam_search:
-            outputs = await run_beam_search(self.engine, prompts, params, req.priority)
-        else:
-            outputs = await self._run(prompts, params, req.priority)
+        outputs = await self._run(prompts, params, req.priority)
         choices = []
         for pi, out in enumerate(outputs):
             head = self._echo_choice(out, pi, req.logprobs is not None) if req.echo else None
@@ -184,7 +187,7 @@ class Serving:
         finals: dict[int, object] = {}
 
         async def pump(pi, ids):
-            gen = self.engine.generate({"prompt_token_ids": ids}, params, priority=req.priority)
+            gen = self._outputs(ids, params, req.priority)
             try:
                 async for out in gen:
                     await queue.put((pi, out))
@@ -274,14 +277,9 @@ class Serving:
         if req.stream:
             return self._stream_chat(req, ids, params, rid, created, readers)
         events: list[list] = [[] for _ in readers]
-        if req.use_beam_search:
-            (out,) = await run_beam_search(self.engine, [ids], params, req.priority)
-            for c in out.outputs:
-                events[c.index] = readers[c.index].feed(c.text, final=True)
-        else:
-            async for out, new in self._read_chat(rid, ids, params, req.priority, readers):
-                for i, e in new.items():
-                    events[i] += e
+        async for out, new in self._read_chat(rid, ids, params, req.priority, readers):
+            for i, e in new.items():
+                events[i] += e
         choices = []
         for c in out.outputs:
             content, calls = joined(events[c.index])
@@ -301,7 +299,7 @@ class Serving:
         there on its own (the others go on): the model spends no more tokens on it, its KV
         blocks are freed, and every later output holds it as it was then (text, tokens, logprobs).
         Once every reader is complete the request ends."""
-        gen = self.engine.generate({"prompt_token_ids": ids}, params, request_id=rid, priority=priority)
+        gen = self._outputs(ids, params, priority, request_id=rid)
         settled: dict[int, CompletionOutput] = {}  # sample → its output when its reader completed
         try:
             async for out in gen:
