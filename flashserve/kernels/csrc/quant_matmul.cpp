@@ -131,6 +131,20 @@ struct Table {
     const __m512 f = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(factors, 16)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(ints, _mm512_set1_epi32(0xFF))), f);
   }
+
+  // Group g of rows [n0, n0 + 16) as one vector, rows past `live` zero, for any kind: one 32-bit
+  // gather where a per-row loop took 16 scalar loads and conversions. Reads stay inside the table:
+  // a float16 past the first is read as the high half of the 4 bytes ending with it.
+  __m512 column16(int64_t n0, __mmask16 live, int64_t g) const {
+    if (kind == kFactored) return factored16(n0, live, g);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int32_t>(row_bytes())));
+    const uint8_t* base = row(n0);
+    if (kind == kFloat) return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows, base + 4 * g, 1);
+    const bool first = g == 0;  // groups >= 2 (checked by the caller): its 4 bytes stay in the row
+    const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + (first ? 0 : 2 * g - 2), 1);
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(first ? words : _mm512_srli_epi32(words, 16)));
+  }
 #endif
 };
 
@@ -363,6 +377,27 @@ inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
   lines(p.codes + n0 * code_bytes, rows * code_bytes);
   lines(p.scale.row(n0), rows * p.scale.row_bytes());
   if (p.zero) lines(p.zero.row(n0), rows * p.zero.row_bytes());
+}
+
+// The lines of rows [n0, n0 + rows) that group g is the first to reach (codes; at g = 0 the rows'
+// tables as well): a tiled GEMM asks for the next task's group while computing its own, so that the
+// requests are spread over the work instead of issued in one burst that the cache's miss queue drops
+// or stalls on.
+inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g) {
+  const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
+  const int64_t last = (g + 1) * group_bytes - 1;
+  const bool new_line = g == 0 || last / 64 != (g * group_bytes - 1) / 64;
+  for (int64_t r = n0; r < n0 + rows; ++r) {
+    const uint8_t* row = p.codes + r * code_bytes;
+    if (g == 0) prefetch_line(row);
+    if (new_line) prefetch_line(row + last);
+  }
+  if (g != 0) return;
+  for (const Table* t : {&p.scale, &p.zero}) {
+    if (!*t) continue;
+    const uint8_t* begin = t->row(n0);
+    for (int64_t o = 0; o < rows * t->row_bytes(); o += 64) prefetch_line(begin + o);
+  }
 }
 
 inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
@@ -743,7 +778,8 @@ inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp) {
 // group is built here, for the one pass of a smaller call.
 constexpr int64_t kTileRows = 32;
 template <int kBits>
-void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0, int64_t rows, int64_t m0, int64_t mb) {
+void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0, int64_t rows, int64_t m0, int64_t mb,
+               int64_t, int64_t) {
   const int64_t groups = p.K / 32;
   __m256 acc[kTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
@@ -777,29 +813,36 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
 // The tiled GEMM over all of y, for either tile width: parallel over tasks of kLanes output rows (a
 // tile's lanes); a task with several passes of kPassRows activation rows builds its tile once (A/B at
 // M = 128: 9-16% faster), and asks for the next task's rows while this one computes (A/B at M = 32,
-// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without).
-template <typename Group, int64_t kLanes, int64_t kPassRows, typename Load, typename Pass>
+// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without): in one burst at the
+// task's start for 8-lane tiles, spread over the groups (prefetch_group) for 16-lane ones, which
+// waited on their loads with the burst; spread was slower for the 8-lane tiles (RESULTS.md, issue 24).
+template <typename Group, int64_t kLanes, int64_t kPassRows, bool kSpread, typename Load, typename Pass>
 void over_tiles(const Problem& p, Load load, Pass pass) {
   const int64_t groups = p.K / 32;
   at::parallel_for(0, (p.N + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<Group> tile;  // this worker's own
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task * kLanes, rows = std::min<int64_t>(kLanes, p.N - n0);
+      const int64_t next_rows = task + 1 < end ? std::min<int64_t>(kLanes, p.N - n0 - kLanes) : 0;
       const std::vector<Group>* built = nullptr;
       if (p.M > kPassRows) {
         tile.resize(groups);
-        for (int64_t g = 0; g < groups; ++g) load(p, n0, rows, g, tile[g]);
+        for (int64_t g = 0; g < groups; ++g) {
+          if (kSpread) prefetch_group(p, n0 + kLanes, next_rows, g);
+          load(p, n0, rows, g, tile[g]);
+        }
         built = &tile;
       }
-      if (task + 1 < end) prefetch_rows(p, n0 + kLanes, std::min<int64_t>(kLanes, p.N - n0 - kLanes));
-      for (int64_t m0 = 0; m0 < p.M; m0 += kPassRows) pass(p, built, n0, rows, m0, std::min(kPassRows, p.M - m0));
+      if (!kSpread && next_rows) prefetch_rows(p, n0 + kLanes, next_rows);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kPassRows)
+        pass(p, built, n0, rows, m0, std::min(kPassRows, p.M - m0), n0 + kLanes, built ? 0 : next_rows);
     }
   });
 }
 
 template <int kBits>
 void gemm_tiled(const Problem& p) {
-  over_tiles<TileGroup, 8, kTileRows>(p, load_tile_group<kBits>, gemm_tile<kBits>);
+  over_tiles<TileGroup, 8, kTileRows, false>(p, load_tile_group<kBits>, gemm_tile<kBits>);
 }
 
 #ifdef FS_AVX512
@@ -831,9 +874,87 @@ struct WideTileGroup {
   __m512 scale, zero;
 };
 
+// Full tiles (16 rows) of 4- and 8-bit codes are transposed in 512-bit registers: the rows' group
+// bytes are loaded four (4-bit) or two (8-bit) to a vector, then moved into place by two-source
+// dword permutes, a third of the instructions of transposing 256-bit halves row by row.
+inline __m512i load_rows128(const uint8_t* b, int64_t stride) {  // 16 bytes of 4 rows, one per lane
+  __m512i t = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + stride)), 1);
+  t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 * stride)), 2);
+  return _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 3 * stride)), 3);
+}
+
+// 4-bit: v[r] dword 4i + d = dword d of row 4r + i's group (codes 4d..4d+3 in its low nibbles,
+// 16+4d.. in its high ones). Out: w[d] and w[d + 4], lane n = those nibbles of row n.
+inline void wide_codes_u4(const Problem& p, int64_t n0, int64_t g, __m512i* w) {
+  const int64_t stride = p.K / 2;
+  const uint8_t* c = p.codes + n0 * stride + g * 16;
+  __m512i v[4];
+  for (int r = 0; r < 4; ++r) v[r] = load_rows128(c + 4 * r * stride, stride);
+  // lane j of a pair's output: dword d0 + j / 8 of row j % 8 (rows 0-3 in the first source, 4-7 in the second)
+  const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
+  const __m512i d01_lo = _mm512_permutex2var_epi32(v[0], first, v[1]), d23_lo = _mm512_permutex2var_epi32(v[0], second, v[1]);
+  const __m512i d01_hi = _mm512_permutex2var_epi32(v[2], first, v[3]), d23_hi = _mm512_permutex2var_epi32(v[2], second, v[3]);
+  const __m512i words[4] = {_mm512_shuffle_i64x2(d01_lo, d01_hi, _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_i64x2(d01_lo, d01_hi, _MM_SHUFFLE(3, 2, 3, 2)),
+                            _mm512_shuffle_i64x2(d23_lo, d23_hi, _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_i64x2(d23_lo, d23_hi, _MM_SHUFFLE(3, 2, 3, 2))};
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int d = 0; d < 4; ++d) {
+    w[d] = _mm512_and_si512(words[d], low4);
+    w[d + 4] = _mm512_and_si512(_mm512_srli_epi32(words[d], 4), low4);
+  }
+}
+
+// 8-bit: v[r] dword 8i + d = dword d of row 2r + i's group; three rounds of permutes gather dword d
+// of every row into w[d], the sign bit flipped (unsigned codes q + 128).
+inline void wide_codes_u8(const Problem& p, int64_t n0, int64_t g, __m512i* w) {
+  const int64_t stride = p.K;
+  const uint8_t* c = p.codes + n0 * stride + g * 32;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i v[8];
+  for (int r = 0; r < 8; ++r) {
+    const uint8_t* b = c + 2 * r * stride;
+    const __m512i t = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    v[r] = _mm512_xor_si512(_mm512_inserti64x4(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + stride)), 1), flip);
+  }
+  // round 1, four rows: x[a][h] lane j = dword 4h + j / 4 of row 4a + j % 4
+  // round 2, eight rows: y[b][k] lane j = dword 2k + j / 8 of row 8b + j % 8
+  // round 3: w[d] lanes 0-7 from y[0], 8-15 from y[1]
+  __m512i x[4][2], y[2][4];
+  alignas(64) int32_t i1[2][16], i2[2][16];
+  for (int j = 0; j < 16; ++j) {
+    for (int h = 0; h < 2; ++h) {
+      const int d = 4 * h + j / 4, row = j % 4;  // rows 0-1 in the first source, 2-3 in the second
+      i1[h][j] = (row / 2) * 16 + (row % 2) * 8 + d;
+    }
+    for (int k = 0; k < 2; ++k) {  // within x[a][h] of the same h: dword 2k' + j / 8 where k = 2h + k'
+      const int dd = 2 * k + j / 8, row = j % 8;  // rows 0-3 from x[2b], 4-7 from x[2b + 1]
+      i2[k][j] = (row / 4) * 16 + dd * 4 + row % 4;
+    }
+  }
+  const __m512i idx1[2] = {_mm512_load_si512(i1[0]), _mm512_load_si512(i1[1])};
+  const __m512i idx2[2] = {_mm512_load_si512(i2[0]), _mm512_load_si512(i2[1])};
+  for (int a = 0; a < 4; ++a)
+    for (int h = 0; h < 2; ++h) x[a][h] = _mm512_permutex2var_epi32(v[2 * a], idx1[h], v[2 * a + 1]);
+  for (int b = 0; b < 2; ++b)
+    for (int k = 0; k < 4; ++k) y[b][k] = _mm512_permutex2var_epi32(x[2 * b][k / 2], idx2[k % 2], x[2 * b + 1][k / 2]);
+  for (int d = 0; d < 8; ++d)
+    w[d] = d % 2 == 0 ? _mm512_shuffle_i64x2(y[0][d / 2], y[1][d / 2], _MM_SHUFFLE(1, 0, 1, 0))
+                      : _mm512_shuffle_i64x2(y[0][d / 2], y[1][d / 2], _MM_SHUFFLE(3, 2, 3, 2));
+}
+
 template <int kBits>
 inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, WideTileGroup& t) {
   const int64_t groups = p.K / 32;
+  if (rows == 16 && kBits != 5 && groups >= 2) {
+    if constexpr (kBits == 4) wide_codes_u4(p, n0, g, t.w);
+    if constexpr (kBits == 8) wide_codes_u8(p, n0, g, t.w);
+    t.scale = p.scale.column16(n0, 0xFFFF, g);
+    t.zero = p.zero ? p.zero.column16(n0, 0xFFFF, g) : _mm512_setzero_ps();
+    return;
+  }
   __m256i lo[8], hi[8];
   for (int64_t i = 0; i < 8; ++i) {
     lo[i] = i < rows ? unsigned_codes<kBits>(p, n0 + i, g) : _mm256_setzero_si256();
@@ -859,14 +980,17 @@ inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int
 
 template <int kBits>
 void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, int64_t n0, int64_t rows, int64_t m0,
-                    int64_t mb) {
+                    int64_t mb, int64_t next_n0, int64_t next_rows) {
   const int64_t groups = p.K / 32;
   __m512 acc[kWideTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
   WideTileGroup here;
   for (int64_t g = 0; g < groups; ++g) {
-    if (!built) load_wide_tile_group<kBits>(p, n0, rows, g, here);
+    if (!built) {
+      prefetch_group(p, next_n0, next_rows, g);
+      load_wide_tile_group<kBits>(p, n0, rows, g, here);
+    }
     const WideTileGroup& t = built ? (*built)[g] : here;
     const int64_t j = g % 8;
     for (int64_t i = 0; i < mb; ++i) {
@@ -898,7 +1022,7 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
 // The wide tiled GEMM over all of y. Needs p.xq_sum for 5- and 8-bit codes (the offset correction).
 template <int kBits>
 void gemm_wide_tiled(const Problem& p) {
-  over_tiles<WideTileGroup, 16, kWideTileRows>(p, load_wide_tile_group<kBits>, gemm_wide_tile<kBits>);
+  over_tiles<WideTileGroup, 16, kWideTileRows, true>(p, load_wide_tile_group<kBits>, gemm_wide_tile<kBits>);
 }
 #endif  // FS_AVX512
 #endif
