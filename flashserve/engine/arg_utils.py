@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashserve.config import (HEAD_METHODS, ActivationQuantConfig, CacheConfig, EngineConfig, ParallelConfig,
-                               SchedulerConfig, SpeculativeConfig)
+from flashserve.config import (ACTIVATION_METHODS, HEAD_METHODS, ActivationQuantConfig, CacheConfig, EngineConfig,
+                               ParallelConfig, SchedulerConfig, SpeculativeConfig)
 from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -140,7 +140,8 @@ def resolve_dtype(dtype: str, model_path: str | None = None, quantization: str =
                   device: str = "cpu") -> DtypeChoice:
     """The compute dtype. 'auto' takes float32 when the model's linear weights run on the project's
     quantized kernels (their arithmetic is integer or float32 whatever the dtype, and the C++ decode
-    step is float32: faster than bfloat16 on an AVX512-BF16 host, benchmarks/RESULTS.md), else
+    step is float32: faster than bfloat16 on an AVX512-BF16 host, benchmarks/RESULTS.md) or when they
+    are int8 with int8 activations (smoothquant, llm.int8: the integer GEMM's result is float32), else
     bfloat16 where the CPU multiplies it natively, else float32.
     Norm statistics, softmax and sampling stay in float32 either way."""
     aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
@@ -148,6 +149,8 @@ def resolve_dtype(dtype: str, model_path: str | None = None, quantization: str =
         return DtypeChoice(aliases.get(dtype, dtype), "asked for")
     if device != "cpu":
         return DtypeChoice("bfloat16", f"auto: {device} device")
+    if quantization in ACTIVATION_METHODS:  # from any source, so a folded norm is never rounded to bfloat16
+        return DtypeChoice("float32", f"auto: {quantization}'s int8 matmuls return float32")
     if quantization != "none" and model_path is not None and runs_on_quantized_kernels(model_path):
         return DtypeChoice("float32", "auto: the weights run on the quantized kernels, whose float side is float32")
     from flashserve.cpu_info import cpu_info

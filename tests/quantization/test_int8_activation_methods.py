@@ -178,6 +178,9 @@ def test_bad_combinations_are_refused(tiny_dirs, tmp_path):
     assert (engine_args.smoothquant_alpha, engine_args.calibration_text, engine_args.smoothquant_down_proj) == (
         0.8, str(README), True)
     assert engine_args.create_engine_config().activation_quant.smoothquant_down_proj
+    from flashserve.engine.arg_utils import resolve_dtype
+
+    assert resolve_dtype("auto", path, "llm.int8").dtype == "float32"  # whatever the CPU's bfloat16
     with pytest.raises(ValueError, match="smoothquant_down_proj is an option of quantization='smoothquant'"):
         EngineArgs(model=path, quantization="llm.int8", smoothquant_down_proj=True).create_engine_config()
 
