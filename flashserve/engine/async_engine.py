@@ -231,7 +231,8 @@ class AsyncLLMEngine:
         outputs = [out for rid, index in sample_ends for out in self.engine.end_sample(rid, index)]
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
-        self.engine.release_held(releases)
+        if releases:
+            self.engine.release_held(releases)
         if inbox or aborts or sample_ends or releases:
             self.stats = self.engine.get_stats()
 
