@@ -61,15 +61,21 @@ constexpr int64_t kAheadRows = 32;  // GEMV software prefetch distance, in weigh
 
 // int8 activations: rows from which the tiled GEMM (output rows in the lanes, weights transposed
 // per call) beats the one with activation rows in the lanes; the transposition is paid per call,
-// so it needs rows to amortize it. A/B builds alternated, 2 threads, weights cycled beyond L3,
-// time tiled / time lanes-over-rows:
+// so it needs rows to amortize it. The 8-lane tiles (AVX2), A/B builds alternated, 2 threads,
+// weights cycled beyond L3, time tiled / time lanes-over-rows:
 //            M:    8     16     32     48    128
 //   qkv   576   1.51  1.06   0.93   0.92   0.77
 //   o     576   1.43  1.02   0.91   0.95   0.75
 //   gate_up 576 1.52  1.00   0.90   0.87   0.79
 //   down  1536  1.42   -     0.83   0.97   0.79
 //   head (8-bit) 1.31  0.97   0.78   0.73   0.66
+#ifdef FS_AVX512
+// The 16-lane tiles (one multiply-add per four k of 16 rows, the next task's groups prefetched as
+// this one's are used) beat the lanes-over-rows GEMM from its first row count (RESULTS.md, issue 24).
+inline int64_t tile_min_rows(int64_t) { return kGemmMinRows; }
+#else
 inline int64_t tile_min_rows(int64_t bits) { return bits == 4 ? 24 : 16; }  // 5-bit codes go the signed way
+#endif
 
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
