@@ -929,19 +929,13 @@ inline void wide_codes_u8(const Problem& p, int64_t n0, int64_t g, __m512i* w) {
   // round 2, eight rows: y[b][k] lane j = dword 2k + j / 8 of row 8b + j % 8
   // round 3: w[d] lanes 0-7 from y[0], 8-15 from y[1]
   __m512i x[4][2], y[2][4];
-  alignas(64) int32_t i1[2][16], i2[2][16];
-  for (int j = 0; j < 16; ++j) {
-    for (int h = 0; h < 2; ++h) {
-      const int d = 4 * h + j / 4, row = j % 4;  // rows 0-1 in the first source, 2-3 in the second
-      i1[h][j] = (row / 2) * 16 + (row % 2) * 8 + d;
-    }
-    for (int k = 0; k < 2; ++k) {  // within x[a][h] of the same h: dword 2k' + j / 8 where k = 2h + k'
-      const int dd = 2 * k + j / 8, row = j % 8;  // rows 0-3 from x[2b], 4-7 from x[2b + 1]
-      i2[k][j] = (row / 4) * 16 + dd * 4 + row % 4;
-    }
-  }
-  const __m512i idx1[2] = {_mm512_load_si512(i1[0]), _mm512_load_si512(i1[1])};
-  const __m512i idx2[2] = {_mm512_load_si512(i2[0]), _mm512_load_si512(i2[1])};
+  // Permute indices (0-15 the first source, 16-31 the second), constants rather than built per call:
+  // idx1[h] lane j = dword 4h + j / 4 of row j % 4 (rows 0-1 in the first source, 8 dwords a row);
+  // idx2[k'] lane j = lane 4 (2k' + j / 8) + j % 4 of x (rows 0-3 in the first source, 4-7 the second).
+  const __m512i idx1[2] = {_mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27),
+                           _mm512_setr_epi32(4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31)};
+  const __m512i idx2[2] = {_mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                           _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31)};
   for (int a = 0; a < 4; ++a)
     for (int h = 0; h < 2; ++h) x[a][h] = _mm512_permutex2var_epi32(v[2 * a], idx1[h], v[2 * a + 1]);
   for (int b = 0; b < 2; ++b)
