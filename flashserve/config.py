@@ -282,6 +282,30 @@ class ActivationQuantConfig:
 
 
 @dataclass(frozen=True)
+class HotNeuronConfig:
+    """Hot/cold FFN neurons (offload/hot_cold.py): a profile written by `flashserve profile-neurons`,
+    and whether its predictor skips the cold neurons it predicts inactive (exact or off)."""
+    profile: str | None = None  # the profile file; None: off
+    hot_fraction: float = 0.2  # of each layer's neurons, always computed
+    predictor: bool = False
+    max_disagreement: float = 0.0  # fraction of greedy check tokens skipping may change before the model runs dense
+
+    def validate(self, quantization: str) -> None:
+        if self.profile is None:
+            if (self.hot_fraction, self.predictor, self.max_disagreement) != (0.2, False, 0.0):
+                raise ValueError("hot_neuron_fraction, neuron_predictor and neuron_predictor_max_disagreement "
+                                 "are options of hot_neuron_profile, which is not set")
+            return
+        if not 0.0 <= self.hot_fraction <= 1.0:
+            raise ValueError(f"hot_neuron_fraction must be in [0, 1], got {self.hot_fraction}")
+        if not 0.0 <= self.max_disagreement <= 1.0:
+            raise ValueError(f"neuron_predictor_max_disagreement must be in [0, 1], got {self.max_disagreement}")
+        if quantization != "none":
+            raise ValueError(f"hot_neuron_profile reorders float MLP rows: it needs quantization='none', "
+                             f"not {quantization!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str  # what the user passed (path or catalogue name)
     model_path: str  # resolved file or directory
@@ -297,6 +321,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Bytes of weights resident at once; None: all. Decoder layers beyond it stream (offload/).
     max_weight_memory: int | None = None
+    hot_neurons: HotNeuronConfig = field(default_factory=HotNeuronConfig)
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -308,6 +333,11 @@ class EngineConfig:
                                                         or self.parallel.world_size > 1):
             raise ValueError(f"quantization={self.quantization!r} runs in one process with every weight resident: "
                              "it cannot be combined with max_weight_memory or tensor/pipeline parallelism yet")
+        self.hot_neurons.validate(self.quantization)
+        if self.hot_neurons.profile is not None and (self.max_weight_memory is not None
+                                                     or self.parallel.world_size > 1):
+            raise ValueError("hot_neuron_profile runs in one process with every weight resident: it cannot be "
+                             "combined with max_weight_memory or tensor/pipeline parallelism yet")
         self.cache.validate()
         self.scheduler.validate()
         if self.max_weight_memory is not None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashserve.config import (ACTIVATION_METHODS, HEAD_METHODS, ActivationQuantConfig, CacheConfig, EngineConfig,
-                               ParallelConfig, SchedulerConfig, SpeculativeConfig)
+                               HotNeuronConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig)
 from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -49,6 +49,10 @@ class EngineArgs:
     worker_timeout_s: float = 300.0  # a worker silent this long during start-up or a step counts as hung
     pipeline_parallel_size: int = 1  # stages of layers, a worker process each (no micro-batch overlap)
     max_weight_memory: int | None = None  # bytes of weights resident at once; the other layers stream
+    hot_neuron_profile: str | None = None  # HotNeuronConfig's options: `flashserve profile-neurons` output
+    hot_neuron_fraction: float = 0.2
+    neuron_predictor: bool = False
+    neuron_predictor_max_disagreement: float = 0.0
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -91,6 +95,8 @@ class EngineArgs:
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
                                     self.worker_timeout_s, self.pipeline_parallel_size),
             max_weight_memory=self.max_weight_memory,
+            hot_neurons=HotNeuronConfig(self.hot_neuron_profile, self.hot_neuron_fraction, self.neuron_predictor,
+                                        self.neuron_predictor_max_disagreement),
         )
         config.validate()
         return config

@@ -1,4 +1,4 @@
-"""Command line: flashserve fetch | generate | chat | serve | bench | quantize."""
+"""Command line: flashserve fetch | generate | chat | serve | bench | quantize | profile-neurons."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,16 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--max-weight-memory", type=int, default=None, metavar="BYTES",
                    help="weights resident at once; the decoder layers beyond stream from a file of packed layers "
                         "(written beside the model cache on the first run)")
+    p.add_argument("--hot-neuron-profile", default=None, metavar="FILE",
+                   help="a neuron profile (flashserve profile-neurons; needs --quantization none): with "
+                        "--neuron-predictor, cold FFN neurons predicted inactive are skipped, exact or off")
+    p.add_argument("--hot-neuron-fraction", type=float, default=d.hot_neuron_fraction, metavar="F",
+                   help="fraction of each layer's FFN neurons, most often active first, always computed")
+    p.add_argument("--neuron-predictor", action="store_true",
+                   help="skip the cold neurons the profile's low-rank predictor calls inactive, unless that changes "
+                        "greedy tokens on check prompts (then the model runs dense, with a warning)")
+    p.add_argument("--neuron-predictor-max-disagreement", type=float, default=d.neuron_predictor_max_disagreement,
+                   metavar="F", help="fraction of greedy check tokens skipping may change (default 0: none)")
     p.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=d.worker_timeout_s,
                    metavar="SECONDS", help="a worker silent this long in start-up or a step counts as hung")
     p.add_argument("--speculative-method", default=None, choices=list(SPECULATIVE_METHODS),
@@ -229,6 +239,21 @@ def cmd_quantize(a) -> None:
           f"tokens); peak memory {summary['peak_rss_mib']:.0f} MiB")
 
 
+def cmd_profile_neurons(a) -> None:
+    from flashserve.model.catalogue import resolve
+    from flashserve.offload.neuron_profile import profile_model
+
+    given = {k: getattr(a, k) for k in ("threshold", "seq_len", "max_seqs") if getattr(a, k) is not None}
+    profile = profile_model(str(resolve(a.model)), a.calib, predictor_rank=a.predictor_rank, **given)
+    profile.save(a.out)
+    print(profile.table())
+    if profile.predictor is not None:
+        p = profile.predictor
+        print(f"predictor rank {p['rank']}: held-out recall {p['recall'].mean():.3f} "
+              f"(min {p['recall'].min():.3f}), neurons predicted active {p['predicted_active'].mean():.3f}")
+    print(f"wrote {a.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description="LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -275,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text (default: the GNU GPL v3 text Debian ships in its common licences)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation (desc_act)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("profile-neurons", help="how often each FFN neuron is active on calibration text (per layer "
+                                               "sparsity; optionally a low-rank activity predictor), for "
+                                               "--hot-neuron-profile")
+    p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text (default: the GNU GPL v3 text Debian ships in its common licences)")
+    p.add_argument("--out", required=True, help="the profile file to write")
+    # Defaults (None here) are profile_model's, so the parser needs no torch import.
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a neuron is active at a token when its contribution |a_j| ||down[:, j]|| exceeds this "
+                        "fraction of the token's largest (default 0.01)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--max-seqs", type=int, default=None, help="calibration sequences (default 4)")
+    p.add_argument("--predictor-rank", type=int, default=None, metavar="R",
+                   help="also train a rank-R activity predictor per layer (needed by --neuron-predictor)")
+    p.set_defaults(func=cmd_profile_neurons)
 
     # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed;
     # `flashserve bench --startup [--help]` runs benchmarks/startup.py instead.

@@ -44,7 +44,7 @@ def apply(model: nn.Module, cfg: ModelConfig, path: str, method: str, options: A
         from flashserve.quantization.calibrate import cut_sequences, engine_input_maxima
         from flashserve.quantization.smoothquant import smooth, smoothed_pairs
 
-        ids = cut_sequences(_calibration_tokens(path, options.calibration_text),
+        ids = cut_sequences(calibration_tokens(path, options.calibration_text),
                             min(CALIBRATION_SEQ_LEN, cfg.max_position_embeddings), CALIBRATION_SEQS,
                             options.calibration_text or DEFAULT_CALIBRATION_TEXT)
         down = options.smoothquant_down_proj
@@ -59,7 +59,7 @@ def apply(model: nn.Module, cfg: ModelConfig, path: str, method: str, options: A
                 m.set_quantized(make(m.weight.data))
 
 
-def _calibration_tokens(path: str, text_file: str | None) -> list[int]:
+def calibration_tokens(path: str, text_file: str | None) -> list[int]:
     from flashserve.errors import FlashserveError
     from flashserve.tokenizer.tokenizer import Tokenizer
 

@@ -15,6 +15,7 @@ model instead (engine_input_maxima), on the same calibration tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,15 +122,7 @@ def walk_layers(model, ids: torch.Tensor, quantize_layer: Callable[[int, nn.Modu
 @torch.inference_mode()
 def engine_input_maxima(model, cfg, ids: torch.Tensor, linears: list[nn.Module], block_size: int = 16) -> dict:
     """max_t |x_tk| (K,) float32 of the input of each module in `linears`, over the calibration
-    sequences ids (S, L) prefilled one at a time by flashserve's own model on a KV cache of its own
-    (released afterwards; the runner binds the engine's)."""
-    from flashserve.core.sched_output import ScheduledRequest
-    from flashserve.model.layers.attention import Attention
-    from flashserve.runner.input_batch import build_model_inputs
-    from flashserve.runner.kv_cache import allocate_kv_caches
-
-    blocks = -(-ids.shape[1] // block_size)
-    model.bind_kv_caches(allocate_kv_caches(cfg, blocks + 1, block_size, model.dtype, torch.device("cpu"), "auto"))
+    sequences ids (S, L) prefilled one at a time by flashserve's own model (engine_prefill)."""
     maxima: dict = {}
 
     def record(module, args):
@@ -138,14 +131,40 @@ def engine_input_maxima(model, cfg, ids: torch.Tensor, linears: list[nn.Module],
 
     handles = [m.register_forward_pre_hook(record) for m in linears]
     try:
-        for seq in ids.tolist():
-            req = ScheduledRequest("calibration", seq, 0, len(seq), list(range(1, blocks + 1)), None, [])
-            inputs = build_model_inputs([req], block_size, torch.device("cpu"))
-            model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        with own_kv_cache(model, cfg, ids.shape[1], block_size):
+            for seq in ids.tolist():
+                engine_prefill(model, seq, block_size)
     finally:
         for h in handles:
             h.remove()
+    return maxima
+
+
+@contextmanager
+def own_kv_cache(model, cfg, max_tokens: int, block_size: int = 16):
+    """Bind a KV cache of its own holding one sequence of up to `max_tokens` to flashserve's model for
+    the duration (released afterwards: the runner binds the engine's)."""
+    from flashserve.model.layers.attention import Attention
+    from flashserve.runner.kv_cache import allocate_kv_caches
+
+    blocks = -(-max_tokens // block_size)
+    model.bind_kv_caches(allocate_kv_caches(cfg, blocks + 1, block_size, model.dtype, torch.device("cpu"), "auto"))
+    try:
+        yield
+    finally:
         for m in model.modules():
             if isinstance(m, Attention):
                 m.kv_cache = None
-    return maxima
+
+
+@torch.inference_mode()
+def engine_prefill(model, seq: list[int], block_size: int = 16) -> torch.Tensor:
+    """Hidden states (L, d) after the final norm of one whole sequence prefilled by flashserve's own
+    model, inside own_kv_cache (block 0 is left as the pad block)."""
+    from flashserve.core.sched_output import ScheduledRequest
+    from flashserve.runner.input_batch import build_model_inputs
+
+    blocks = list(range(1, -(-len(seq) // block_size) + 1))
+    req = ScheduledRequest("calibration", seq, 0, len(seq), blocks, None, [])
+    inputs = build_model_inputs([req], block_size, torch.device("cpu"))
+    return model(inputs.input_ids, inputs.positions, inputs.attn_metadata)

@@ -20,7 +20,7 @@ from flashserve.attention.metadata import AttentionMetadata
 from flashserve.kernels import ops
 from flashserve.model.layers.linear import Linear
 from flashserve.model.models.gemma3 import Gemma3DecoderLayer
-from flashserve.model.models.llama import LlamaDecoderLayer
+from flashserve.model.models.llama import GatedMLP, LlamaDecoderLayer
 from flashserve.quantization.packed import GroupQuantWeight, RowSegments
 
 _GELU_ACTS = ("gelu_pytorch_tanh", "gelu")
@@ -70,6 +70,7 @@ def build_decode_plan(model) -> DecodePlan | None:
     layers = model.model.layers
     kinds = {type(layer) for layer in layers}
     if (kernels is None or len(kinds) != 1 or next(iter(kinds)) not in _LAYER_NORMS
+            or any(type(layer.mlp) is not GatedMLP for layer in layers)  # e.g. hot/cold neurons with skipping
             or model.dtype != torch.float32 or model.model.norm.weight.device.type != "cpu"):
         return None
     norm_names = _LAYER_NORMS[next(iter(kinds))]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from flashserve.config import ACTIVATION_METHODS, QUANTIZATION_CHOICES, ActivationQuantConfig, ModelConfig
+from flashserve.config import (ACTIVATION_METHODS, QUANTIZATION_CHOICES, ActivationQuantConfig, HotNeuronConfig,
+                               ModelConfig)
 from flashserve.model.models.registry import model_class
 from flashserve.quantization.packed import GroupQuantWeight
 
@@ -25,7 +26,7 @@ def load_model_config(path: str) -> ModelConfig:
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                quantization: str = "none", max_weight_memory: int | None = None,
-               activation_quant: ActivationQuantConfig | None = None):
+               activation_quant: ActivationQuantConfig | None = None, hot_neurons: HotNeuronConfig | None = None):
     """Returns (model in eval mode on `device`, its ModelConfig).
 
     max_weight_memory: bytes of weights resident at once; the decoder layers beyond what it holds
@@ -37,7 +38,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     kernel rounds activations to int8 per group of 32 (llama.cpp's arithmetic; faster, see
     benchmarks/RESULTS.md). A GPTQ/AWQ checkpoint keeps float activations under "auto".
     "smoothquant" and "llm.int8" load the weights as floats, then turn the decoder linears into int8
-    weights with int8-rounded activations (quantization/activation_methods.py; options: activation_quant)."""
+    weights with int8-rounded activations (quantization/activation_methods.py; options: activation_quant).
+
+    hot_neurons: a neuron profile whose predictor skips cold FFN neurons, exact or off (offload/hot_cold.py)."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
     cfg = load_model_config(path)
@@ -81,6 +84,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                 module.set_int8_activations(True)
     if int8_method:
         activation_methods.apply(model, cfg, path, quantization, activation_quant or ActivationQuantConfig())
+    if hot_neurons is not None and hot_neurons.profile is not None:
+        from flashserve.offload.hot_cold import apply_hot_neurons
+
+        apply_hot_neurons(model, hot_neurons)
     logger.info("loaded %s (%s, %d layers) as %s, quantization=%s", path, cfg.architecture, cfg.num_layers, dtype,
                 quantization)
     return model.eval(), cfg
