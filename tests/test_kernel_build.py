@@ -124,6 +124,13 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
     got = other.paged_decode_attention(q, kc, vc, table, lens, 0.17, -1, 0.0, 64)
     want = reference.paged_decode_attention(q, kc, vc, table, lens, 200, 5, 0.17, None, None, 64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # paged prefill: a 70-token chunk after 130 cached tokens of the second sequence, causal and windowed
+    q = torch.randn(70, 4, 32, generator=gen)
+    for window, cap in ((-1, 0.0), (50, 3.0)):
+        got = other.paged_prefill_attention(q, kc, vc, table[1], 200, 0.17, window, cap)
+        want = reference.paged_prefill_attention(q, kc, vc, table[1].long(), 200, 0.17, None if window < 0 else window,
+                                                 cap or None)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_killed_builds_marker_does_not_hang_the_next_start(cpp_kernels):

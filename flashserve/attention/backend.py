@@ -1,7 +1,7 @@
 """Paged attention entry point used by every attention layer.
 
 Writes this step's K/V into the paged cache, then runs decode rows (query_len == 1)
-together through Flash-Decoding and each prefill chunk through the SDPA kernel.
+together through Flash-Decoding and each prefill chunk through the tiled prefill kernel.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from flashserve.attention.decode import decode_attention
 from flashserve.attention import kv_quant
 from flashserve.attention.metadata import AttentionMetadata
-from flashserve.attention.prefill import prefill_attention
+from flashserve.kernels import ops
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -37,7 +37,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if ql == 1:
             continue
         blocks = meta.block_table[i, : -(-sl // block_size)].long()
-        out[starts[i] : starts[i + 1]] = prefill_attention(
+        out[starts[i] : starts[i + 1]] = ops.paged_prefill_attention(
             q[starts[i] : starts[i + 1]], k_cache, v_cache, blocks, sl, scale, sliding_window, logit_softcap
         )
     if decode_rows:

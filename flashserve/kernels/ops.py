@@ -86,6 +86,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_table: torch
                                             scale, sliding_window, logit_softcap, split_tokens)
 
 
+def paged_prefill_attention(q: torch.Tensor, k_cache, v_cache, block_ids: torch.Tensor, seq_len: int, scale: float,
+                            sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
+    """One sequence's chunk q (ql, Hq, D) at positions seq_len - ql .. against its blocks' keys. The kernel
+    reads a plain-tensor cache in place; an int8 cache (attention/kv_quant.py) goes to the twin, which
+    gathers and dequantizes the context."""
+    kernels = _kernels_for(q)
+    if kernels is not None and isinstance(k_cache, torch.Tensor):
+        return kernels.paged_prefill_attention(q, k_cache, v_cache, block_ids, seq_len, scale, sliding_window or -1,
+                                               logit_softcap or 0.0)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_ids, seq_len, scale, sliding_window,
+                                             logit_softcap)
+
+
 def group_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                        bits: int, group: int, int8_activations: bool) -> torch.Tensor:
     """x @ W^T for W = q * s + z per group (quant_matmul.cpp). The packed form exists only where the

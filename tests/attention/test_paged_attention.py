@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from flashserve.attention import decode as decode_mod
-from flashserve.attention import prefill as prefill_mod
 from flashserve.attention.backend import paged_attention, write_kv
 from flashserve.attention.metadata import AttentionMetadata
 from flashserve.attention.reference import paged_attention_reference
-from flashserve.kernels import reference
+from flashserve.kernels import ops, reference
 
 
 def make_batch(rng: random.Random, specs, block_size, hk, d, hq, dtype, num_blocks=None):
@@ -167,9 +166,11 @@ def test_decode_survives_empty_split_before_very_negative_scores(monkeypatch):
 @pytest.mark.parametrize("group,hk", [(1, 2), (4, 2), (8, 1)])
 def test_tiled_softcap_prefill_with_small_tiles(monkeypatch, dtype, tol, window, group, hk):
     """Soft-capped prefill chunks over a cached prefix, tiles forced small so many
-    query and KV tiles (and skipped ones) are exercised, next to decodes."""
-    monkeypatch.setattr(prefill_mod, "Q_TILE", 4)
-    monkeypatch.setattr(prefill_mod, "KV_TILE", 8)
+    query and KV tiles (and skipped ones) are exercised, next to decodes: the torch twin of the prefill
+    kernel (the path without the C++ kernels)."""
+    monkeypatch.setattr(ops, "_kernels_for", lambda t: None)
+    monkeypatch.setattr(reference, "Q_TILE", 4)
+    monkeypatch.setattr(reference, "KV_TILE", 8)
     rng = random.Random(group * 10 + hk)
     specs = [(23, 13), (0, 11), (40, 1), (7, 2)]
     q, k, v, kc, vc, meta, _ = make_batch(rng, specs, 4, hk, 16, hk * group, dtype)
@@ -273,3 +274,46 @@ def test_cpp_decode_kernel_softmax_weights_span_the_float_range():
         for i, (K, V) in enumerate(dense):
             want = dense_attention(q[i : i + 1], K, V, scale)[0]
             torch.testing.assert_close(got[i].double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+@pytest.mark.parametrize("seed", range(10))
+def test_cpp_prefill_kernel_equals_torch_twin(seed):
+    """The C++ prefill kernel (in-place reads, rows in the lanes) against its torch twin (gather + SDPA or
+    the tiled soft-cap path) on random chunks over cached prefixes: GQA ratios, block sizes, head sizes
+    on and off the vector widths, chunks crossing the 64-key tiles and the kernel's row items, windows,
+    soft caps, two-byte caches under float32 queries, bfloat16 queries."""
+    rng = random.Random(3000 + seed)
+    group, hk = rng.choice(SHAPES + [(7, 2)])
+    block_size, d = rng.choice([1, 4, 16]), rng.choice([12, 64, 72, 128])
+    dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
+    cache_dtype = rng.choice([dtype, torch.float16, torch.bfloat16])
+    cached, ql = rng.choice([0, rng.randint(1, 150)]), rng.randint(2, 170)
+    window, softcap = rng.choice([None, rng.randint(1, 90)]), rng.choice([None, None, 4.0])
+    q, k, v, kc, vc, meta, _ = make_batch(rng, [(cached, ql)], block_size, hk, d, hk * group, dtype)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    blocks = meta.block_table[0].long()
+    got = ops.paged_prefill_attention(q, kc, vc, blocks, cached + ql, d**-0.5, window, softcap)
+    want = reference.paged_prefill_attention(q, kc, vc, blocks, cached + ql, d**-0.5, window, softcap)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+@pytest.mark.parametrize("window", [None, 50])
+def test_cpp_prefill_rows_do_not_depend_on_the_chunking(window):
+    """A 200-token prompt prefilled at once, or in chunks of 37 each over the cache the earlier chunks
+    wrote (chunked prefill, prefix-cache hits), gives bit-identical rows: key tiles sit at absolute
+    positions and each row runs the same instructions in whichever item it lands."""
+    rng = random.Random(9)
+    q, k, v, kc, vc, meta, _ = make_batch(rng, [(0, 200)], 16, 2, 64, 6, torch.float32)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    blocks = meta.block_table[0].long()
+    whole = ops.paged_prefill_attention(q, kc, vc, blocks, 200, 0.125, window, None)
+    for start in range(0, 200, 37):
+        end = min(start + 37, 200)
+        part = ops.paged_prefill_attention(q[start:end], kc, vc, blocks, end, 0.125, window, None)
+        assert torch.equal(part, whole[start:end]), start
+

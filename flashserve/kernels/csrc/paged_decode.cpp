@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cache_loads.h"
 #include "simd.h"
 
 namespace {
@@ -26,27 +27,6 @@ constexpr int64_t kTile = 64;
 // How far ahead of the rows computing the kernel asks for K/V rows (see prefetch_rows; 32, 96 and
 // 192 measured alike within the noise).
 constexpr int64_t kAheadRows = 192;
-
-// Eight cached values from p as float32 lanes: a plain load for a float32 cache, converted in
-// registers for a float16 (F16C) or bfloat16 (the high half of a float32) one, so a 2-byte cache
-// costs half the memory traffic and no extra pass.
-template <typename C>
-constexpr bool kLoads8 = std::is_same_v<C, float> || std::is_same_v<C, at::Half> || std::is_same_v<C, at::BFloat16>;
-
-#ifdef FS_AVX2
-template <typename C>
-inline __m256 load8(const C* p) {
-  if constexpr (std::is_same_v<C, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<C, at::Half>) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else {
-    static_assert(std::is_same_v<C, at::BFloat16>);
-    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-  }
-}
-#endif
 
 #ifdef FS_AVX2
 // Lane i of the result = the sum of v[i]'s eight lanes (one hadd tree for eight sums).
@@ -127,15 +107,7 @@ struct Lanes16 {
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   template <typename C>
-  static R load_cache(const C* p) {
-    if constexpr (std::is_same_v<C, float>) {
-      return _mm512_loadu_ps(p);
-    } else {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      if constexpr (std::is_same_v<C, at::Half>) return _mm512_cvtph_ps(h);
-      else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-  }
+  static R load_cache(const C* p) { return load16(p); }
   static void sums8(const R* v, float* s) {  // fold each to eight lanes, then one hadd tree
     __m256 h[8];
     for (int i = 0; i < 8; ++i)
