@@ -1,0 +1,120 @@
+"""`flashserve quantize --method gguf`: a GGUF file → a GGUF file of another type, written with gguf-py.
+
+The source's key/value metadata (architecture, hyper-parameters, tokenizer, chat template) is copied
+as it is, except the file type, which names the new one. Each tensor is dequantized to float32 and:
+
+    1-D (norms, biases)                         → F32, as llama.cpp keeps them
+    token_embd / output (the head)              → --output-type (llama.cpp's default: Q6_K)
+    every other 2-D weight (the linears)        → --type
+    a K-quant asked for on rows not a multiple of 256 → llama.cpp's fallback (gguf_encode.fitted_type)
+
+With an importance matrix (imatrix.py) each weight's fit is weighted by its columns' importance
+(gguf_encode.py). Tensors keep the source's names, layouts and order, so Q/K rows stay permuted
+as llama.cpp expects. The file is written under a temporary name and renamed at the end.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf.constants import GGMLQuantizationType as Q
+
+from flashserve.errors import FlashserveError, ModelFormatError
+from flashserve.quantization.gguf_encode import TYPES, encode, fitted_type
+
+_HEAD_TENSORS = ("token_embd.weight", "output.weight")
+_FILE_TYPES = {Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S, Q.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
+               Q.Q6_K: LlamaFileType.MOSTLY_Q6_K, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+               Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+               Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1}
+_NOT_COPIED = ("GGUF.", "general.architecture", "general.file_type")  # the writer sets these
+
+
+@dataclass(frozen=True)
+class GGUFQuantizeArgs:
+    model: str  # a .gguf file or a catalogue name
+    out: str
+    qtype: str = "Q4_K"
+    output_type: str = "Q6_K"
+    imatrix: str | None = None
+
+
+def quantize_gguf(args: GGUFQuantizeArgs, progress=None) -> dict:
+    """Writes args.out; returns {"types": Counter of tensor types written, "notes": [...], "peak_rss_mib"}."""
+    from flashserve.model.catalogue import resolve
+    from flashserve.model.loader.gguf import dequantize_tensor
+    from flashserve.quantization.imatrix import load_imatrix
+
+    qtype, head_type = _type(args.qtype, "--type"), _type(args.output_type, "--output-type")
+    out = Path(args.out)
+    if out.exists():
+        raise FlashserveError(f"{out} exists; choose a new output path")
+    src = Path(resolve(args.model))
+    if src.is_dir() or src.suffix != ".gguf":
+        raise FlashserveError(f"{src}: --method gguf reads a GGUF file (an HF directory is not supported yet)")
+    reader = GGUFReader(str(src))
+    importance = load_imatrix(args.imatrix) if args.imatrix else None
+    arch = reader.fields["general.architecture"].contents()
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    written: Counter = Counter()
+    notes: list[str] = []
+    try:
+        writer = GGUFWriter(str(tmp), arch)
+        _copy_metadata(reader, writer)
+        writer.add_file_type(int(_FILE_TYPES[qtype]))
+        for t in (progress or (lambda ts: ts))(reader.tensors):
+            w = dequantize_tensor(t)
+            if w.ndim == 1:
+                writer.add_tensor(t.name, w.astype(np.float32))
+                written["F32"] += 1
+                continue
+            if w.ndim != 2:
+                raise ModelFormatError(f"{src}: tensor {t.name} has {w.ndim} dimensions")
+            want = head_type if t.name in _HEAD_TENSORS else qtype
+            kind = fitted_type(want, w.shape[1], t.name)
+            imp = _importance(importance, t.name, w.shape[1], notes)
+            writer.add_tensor(t.name, encode(w, kind, imp), raw_dtype=kind)
+            written[kind.name] += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"types": written, "notes": notes, "peak_rss_mib": peak}
+
+
+def _type(name: str, flag: str) -> Q:
+    if name not in TYPES:
+        raise FlashserveError(f"{flag} {name!r} is not written by flashserve; choose from {', '.join(TYPES)}")
+    return TYPES[name]
+
+
+def _importance(imatrix: dict | None, name: str, cols: int, notes: list[str]) -> np.ndarray | None:
+    if imatrix is None:
+        return None
+    imp = imatrix.get(name)
+    if imp is None:
+        notes.append(f"{name}: no importance in the matrix, quantized without one")
+        return None
+    if imp.shape != (cols,):
+        raise FlashserveError(f"the importance matrix has {imp.shape[0]} columns for {name}, whose rows hold "
+                              f"{cols} weights: it was computed for another model")
+    return imp
+
+
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
+    for key, field in reader.fields.items():
+        if key.startswith(_NOT_COPIED):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
