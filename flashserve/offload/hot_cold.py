@@ -172,6 +172,9 @@ def apply_hot_neurons(model, options) -> float | None:
         raise FlashserveError(f"{options.profile} has no trained predictor: write the profile with "
                               "flashserve profile-neurons --predictor-rank R")
     prompts = profile.check_prompts
+    if not prompts:
+        raise FlashserveError(f"{options.profile} has no check prompts for the exactness check: write it again "
+                              "with flashserve profile-neurons")
     dense = [greedy_tokens(model, p, CHECK_TOKENS) for p in prompts]
     place(model, profile, options.hot_fraction, use_predictor=True)
     agreed = agreement(dense, [greedy_tokens(model, p, CHECK_TOKENS) for p in prompts])

@@ -143,6 +143,10 @@ def test_bad_profiles_are_refused(tiny_llama, tmp_path):
     other.save(tmp_path / "other.pt")
     with pytest.raises(FlashserveError, match="3 layers of 7 neurons"):
         _llm(tiny_llama[0], hot_neuron_profile=str(tmp_path / "other.pt"))
+    fits = NeuronProfile("llama", 0.05, 1, torch.zeros(2, 96, dtype=torch.int64), torch.zeros(2), torch.zeros(2))
+    fits.save(tmp_path / "fits.pt")
+    with pytest.raises(FlashserveError, match="no trained predictor"):
+        _llm(tiny_llama[0], hot_neuron_profile=str(tmp_path / "fits.pt"), neuron_predictor=True)
 
 
 def test_cli_writes_a_profile_and_its_flags_reach_the_engine_config(smollm2_gguf, tmp_path, capsys):
