@@ -11,8 +11,15 @@ Rows, all computed by flashserve on the same held-out chunks:
     smoothquant-down  the same, down_proj's input smoothed too (folded into up_proj's rows)
     llm.int8     quantization="llm.int8": outlier columns (|x| >= 6) float, the rest W8A8
     w8a8         the same W8A8 matmul with no smoothing and no outlier path (llm.int8, threshold inf)
+    gguf-q4k     `flashserve quantize --method gguf --type Q4_K` of the shipped file (llama.cpp's
+                 fallback: Q5_0 on rows not a multiple of 256), no importance matrix   } perplexity of
+    gguf-q4k-imatrix  the same with `flashserve imatrix` on --calib                 } the file's weights
+    gguf-q4k-flat  the same weighted fits with every importance 1 (the search alone)   } dequantized
+    gguf-q5k, gguf-q6k (-imatrix, -flat)  likewise for Q5_K and Q6_K                    }
 Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
-memory recorded); perplexity = exp(mean NLL of every token after the first of each chunk).
+memory recorded); perplexity = exp(mean NLL of every token after the first of each chunk). The GGUF
+rows (but the float one) also get llama.cpp's perplexity of the same file on the same chunks, through
+llama-cpp-python when it is installed.
 With --speed-rounds R, each row's engine is also timed in a process of its own, rows alternated over R
 rounds (median and range): one 512-token prompt (prompt tok/s) and 64 greedy tokens after it, one
 sequence (decode tok/s from the first token on), the engine's default float16 KV cache.
@@ -34,6 +41,8 @@ import time
 from pathlib import Path
 
 METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "awq")  # gptq-act: GPTQ with --act-order
+GGUF_ROWS = {f"gguf-{t.lower().replace('_', '')}{s}": (t, s[1:]) for t in ("Q4_K", "Q5_K", "Q6_K")
+             for s in ("", "-imatrix", "-flat")}  # row → (--type, importance: "imatrix", "flat" or "")
 INT8_ROWS = {  # run-time int8 methods on the float model: (row name, quantization, its options)
     "smoothquant": ("SmoothQuant W8A8, alpha 0.5", "smoothquant", {"smoothquant_alpha": 0.5}),
     "smoothquant-down": ("SmoothQuant W8A8, alpha 0.5, down_proj smoothed too", "smoothquant",
@@ -47,15 +56,55 @@ def quantize(model: str, method: str, group: int, calib: str, out: Path) -> dict
     """Writes `out` unless it exists; (seconds, peak MiB) of the quantize process, or {} when reused."""
     if out.exists():
         return {}
-    t0 = time.perf_counter()
     flags = ["--method", "gptq", "--act-order"] if method == "gptq-act" else ["--method", method]
-    proc = subprocess.run([sys.executable, "-m", "flashserve.entrypoints.cli", "quantize", *flags, "--model", model,
-                           "--group-size", str(group), "--calib", calib, "--out", str(out)],
-                          capture_output=True, text=True)
+    return _cli(["quantize", *flags, "--model", model, "--group-size", str(group), "--calib", calib, "--out", str(out)],
+                f"quantize {method}")
+
+
+def _cli(args: list[str], what: str) -> dict:
+    """Runs `flashserve <args>`; (seconds, the peak memory it printed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flashserve.entrypoints.cli", *args], capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"quantize {method} failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-2000:]}")
     peak = re.search(r"peak memory (\d+) MiB", proc.stdout)
     return {"seconds": time.perf_counter() - t0, "peak_mib": int(peak.group(1)) if peak else None}
+
+
+def gguf_file(model: str, row: str, calib: str, work: Path) -> tuple[Path, dict]:
+    """The row's GGUF file (written unless it exists; the importance matrix too) and the cost of writing it."""
+    qtype, importance = GGUF_ROWS[row]
+    out = work / f"{Path(model).stem}-{row}.gguf"
+    if out.exists():
+        return out, {}
+    flags = []
+    if importance:
+        imatrix = work / f"{Path(model).stem}-{Path(calib).name}.imatrix"
+        if not imatrix.exists():
+            _cli(["imatrix", "--model", model, "--calib", calib, "--out", str(imatrix)], "imatrix")
+        if importance == "flat":
+            imatrix = _flat_imatrix(imatrix)
+        flags = ["--imatrix", str(imatrix)]
+    return out, _cli(["quantize", "--method", "gguf", "--type", qtype, "--model", model, "--out", str(out), *flags],
+                     f"quantize {row}")
+
+
+def _flat_imatrix(imatrix: Path) -> Path:
+    """An importance matrix of ones for the same weights."""
+    import numpy as np
+
+    from flashserve.quantization.imatrix import load_imatrix, save_imatrix
+
+    flat = imatrix.with_suffix(".flat.imatrix")
+    if not flat.exists():
+        save_imatrix(str(flat), {k: np.ones_like(v) for k, v in load_imatrix(str(imatrix)).items()}, 0, "ones")
+    return flat
+
+
+def size_mib(path: str) -> float:
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 2**20
 
 
 def perplexity(model: str, quantization: str, chunks: list[list[int]], options: dict | None = None) -> float:
@@ -66,6 +115,29 @@ def perplexity(model: str, quantization: str, chunks: list[list[int]], options: 
     outs = llm.generate([{"prompt_token_ids": c} for c in chunks], SamplingParams(max_tokens=1, prompt_logprobs=0),
                         use_tqdm=False)
     nll = [-out.prompt_logprobs[p][c[p]].logprob for out, c in zip(outs, chunks) for p in range(1, len(c))]
+    return math.exp(sum(nll) / len(nll))
+
+
+def llamacpp_perplexity(path: str, chunks: list[list[int]]) -> float | None:
+    """llama.cpp's perplexity of a GGUF file on the same chunks (all-token logits through
+    llama-cpp-python, no BOS added, as ours), or None without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import numpy as np
+
+    n = max(map(len, chunks))
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n + 1, n_batch=n, logits_all=True, verbose=False)
+    nll = []
+    for c in chunks:
+        llm.reset()
+        llm.eval(c)
+        logits = np.asarray(llm.scores[: len(c) - 1], dtype=np.float64)  # (L-1, vocab): predicts c[1:]
+        top = logits.max(1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+        nll += list(logz - logits[np.arange(len(c) - 1), c[1:]])
+    llm.close()
     return math.exp(sum(nll) / len(nll))
 
 
@@ -122,7 +194,8 @@ def main() -> None:
     ap.add_argument("--heldout", nargs="+", required=True)
     ap.add_argument("--chunk", type=int, default=512, help="tokens per held-out chunk")
     ap.add_argument("--work", required=True, help="directory for the checkpoints (reused when present)")
-    ap.add_argument("--methods", nargs="+", default=[*METHODS, *INT8_ROWS], choices=[*METHODS, *INT8_ROWS])
+    ap.add_argument("--methods", nargs="+", default=[*METHODS, *INT8_ROWS, "gguf-q4k", "gguf-q4k-imatrix"],
+                    choices=[*METHODS, *INT8_ROWS, *GGUF_ROWS])
     ap.add_argument("--speed-rounds", type=int, default=0, help="also time each row's engine this many rounds")
     a = ap.parse_args()
 
@@ -145,31 +218,47 @@ def main() -> None:
             rows.append((name, gguf, quantization, {}))
             options[name] = opts | ({"calibration_text": a.calib} if quantization == "smoothquant" else {})
             continue
+        if method in GGUF_ROWS:  # the file's weights dequantized: the same numbers on any kernel build
+            path, cost = gguf_file(gguf, method, a.calib, work)
+            rows.append((method, str(path), "none", cost))
+            continue
         out = work / f"{Path(gguf).stem}-{method}-g{a.group_size}"
         rows.append((f"{method} g{a.group_size}", str(out), "weight-only",
                      quantize(gguf, method, a.group_size, a.calib, out)))
     results = []
+    peer: dict[str, float | None] = {}  # llama.cpp's perplexity of each GGUF row's file
     for name, path, quantization, cost in rows:
         ppl = perplexity(path, quantization, chunks, options.get(name))
         results.append((name, ppl, cost))
-        print(f"{name}: {ppl:.4f}", flush=True)
+        if path.endswith(".gguf") and quantization in ("none", "weight-only") and name != rows[0][0]:
+            peer[name] = llamacpp_perplexity(path, chunks)
+        print(f"{name}: {ppl:.4f}" + (f" (llama.cpp {peer[name]:.4f})" if peer.get(name) else ""), flush=True)
     times = timed_rows([(n, p, q, options.get(n, {})) for n, p, q, _ in rows], a.speed_rounds) if a.speed_rounds else {}
     ref = results[0][1]
     gap = {n: p - ref for n, p, _ in results}
     speed_head = " prompt tok/s | decode tok/s |" if times else ""
-    print(f"\n| weights | perplexity | vs float | quantize time | quantize peak RSS |{speed_head}")
-    print("|---|---|---|---|---|" + ("---|---|" if times else ""))
+    print(f"\n| weights | perplexity | vs float | llama.cpp perplexity | file MiB | quantize time | quantize peak RSS |"
+          f"{speed_head}")
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if times else ""))
+    sizes = {name: size_mib(path) for name, path, _, _ in rows}
     for name, ppl, cost in results:
         spent = f"{cost['seconds']:.0f} s" if cost else ""
         peak = f"{cost['peak_mib']} MiB" if cost.get("peak_mib") else ""
         timed = (f" {_median_range(times[name]['prompt_tok_s'])} | {_median_range(times[name]['decode_tok_s'])} |"
                  if times else "")
-        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {spent} | {peak} |{timed}")
+        theirs = f"{peer[name]:.3f} ({100 * (peer[name] / ppl - 1):+.2f}%)" if peer.get(name) else ""
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {theirs} | {sizes[name]:.1f} | {spent} | {peak} |"
+              f"{timed}")
     for method, base in (("gptq", "rtn-sym"), ("gptq-act", "rtn-sym"), ("awq", "rtn")):
         m, b = f"{method} g{a.group_size}", f"{base} g{a.group_size}"
         if m in gap and b in gap and gap[b] > 0:
             print(f"{method}: closes {100 * (1 - gap[m] / gap[b]):.0f}% of {base}'s gap to float "
                   f"(target >= 50%)")
+    for row in GGUF_ROWS:
+        plain = row.removesuffix("-imatrix")
+        if row != plain and row in gap and plain in gap:
+            print(f"{row}: perplexity {gap[row] + ref:.3f} against {gap[plain] + ref:.3f} without "
+                  f"(target: lower)")
 
 
 if __name__ == "__main__":
