@@ -32,6 +32,10 @@ SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding
     # Q4_K_M: most matrices Q4_K (4-bit), some down projections and the tied head Q6_K (8-bit requantized)
     "qwen2.5-coder-1.5b": [("o", 1536, 1536, 4), ("gate_up", 17920, 1536, 4), ("down", 1536, 8960, 4),
                            ("down", 1536, 8960, 8), ("head", 151936, 1536, 8)],
+    # Q4_K_M: rows of 640 are no whole K-quant blocks, so q, k, gate and up are Q5_0 (5-bit), v Q8_0 and
+    # down Q6_K (8-bit), o Q4_K (4-bit); the tied head Q8_0
+    "gemma3-270m": [("qk", 1280, 640, 5), ("v", 256, 640, 8), ("o", 640, 1024, 4), ("gate_up", 4096, 640, 5),
+                    ("down", 640, 2048, 8), ("head", 262144, 640, 8)],
     "qwen2.5-coder-0.5b": [("qkv", 1152, 896, 8), ("o", 896, 896, 5), ("gate_up", 9728, 896, 5),
                            ("down", 896, 4864, 8), ("head", 151936, 896, 8)],
 }
