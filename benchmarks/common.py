@@ -35,6 +35,20 @@ def measure_ceilings(seconds: float = 1.0) -> dict[str, float]:
     return out
 
 
+def decode_tok_s(eng, prompts: list[list[int]], params) -> float:
+    """Decode tok/s of the token-id prompts run together on an idle LLMEngine: the tokens generated
+    after every request has its first one, over the time that took (params.ignore_eos, so all run
+    params.max_tokens)."""
+    for i, p in enumerate(prompts):
+        eng.add_request(f"decode-{i}", {"prompt_token_ids": p}, params)
+    while any(r.num_output_tokens == 0 for r in eng.scheduler.requests.values()):
+        eng.step()
+    start, done = time.perf_counter(), sum(r.num_output_tokens for r in eng.scheduler.requests.values())
+    while eng.has_unfinished_requests():
+        eng.step()
+    return (len(prompts) * params.max_tokens - done) / (time.perf_counter() - start)
+
+
 def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

@@ -18,7 +18,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+
+from common import decode_tok_s
 
 BUDGETS = ("100%", "50%", "25%", "1 layer", "300 MB")
 SEQS = (1, 32)
@@ -32,18 +33,10 @@ def run_config(model: str, budget: int | None, seqs: int, tokens: int) -> dict:
               enable_prefix_caching=False, kv_cache_memory=256 << 20)
     eng = llm.engine
     prompts = [[100 + 7 * i + j for j in range(16)] for i in range(seqs)]
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        eng.add_request(str(i), {"prompt_token_ids": p}, params)
-    while any(r.num_output_tokens == 0 for r in eng.scheduler.requests.values()):
-        eng.step()
-    start, done = time.perf_counter(), sum(r.num_output_tokens for r in eng.scheduler.requests.values())
-    while eng.has_unfinished_requests():
-        eng.step()
-    seconds = time.perf_counter() - start
+    tok_s = decode_tok_s(eng, prompts, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     streamer = getattr(eng.runner.model, "layer_streamer", None)
-    return {"tok_s": (seqs * tokens - done) / seconds, "peak_mib": int(status["VmHWM"].split()[0]) / 1024,
+    return {"tok_s": tok_s, "peak_mib": int(status["VmHWM"].split()[0]) / 1024,
             "window": streamer.window if streamer is not None else eng.runner.model.config.num_layers}
 
 
