@@ -4,8 +4,8 @@ The source's key/value metadata (architecture, hyper-parameters, tokenizer, chat
 as it is, except the file type, which names the new one. Each tensor is dequantized to float32 and:
 
     1-D (norms, biases)                         → F32, as llama.cpp keeps them
-    token_embd / output (the head)              → --output-type (llama.cpp's default: Q6_K)
-    every other 2-D weight (the linears)        → --type
+    the LM head (output, or token_embd if tied)  → --output-type (llama.cpp's default: Q6_K)
+    every other 2-D weight (the linears, an untied token_embd) → --type
     a K-quant asked for on rows not a multiple of 256 → llama.cpp's fallback (gguf_encode.fitted_type)
 
 With an importance matrix (imatrix.py) each weight's fit is weighted by its columns' importance
@@ -27,7 +27,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from flashserve.errors import FlashserveError, ModelFormatError
 from flashserve.quantization.gguf_encode import TYPES, encode, fitted_type
 
-_HEAD_TENSORS = ("token_embd.weight", "output.weight")
+_EMBEDDING, _HEAD = "token_embd.weight", "output.weight"
 _FILE_TYPES = {Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S, Q.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
                Q.Q6_K: LlamaFileType.MOSTLY_Q6_K, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
                Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
@@ -60,6 +60,7 @@ def quantize_gguf(args: GGUFQuantizeArgs, progress=None) -> dict:
     reader = GGUFReader(str(src))
     importance = load_imatrix(args.imatrix) if args.imatrix else None
     arch = reader.fields["general.architecture"].contents()
+    head = _HEAD if any(t.name == _HEAD for t in reader.tensors) else _EMBEDDING
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     written: Counter = Counter()
@@ -76,7 +77,7 @@ def quantize_gguf(args: GGUFQuantizeArgs, progress=None) -> dict:
                 continue
             if w.ndim != 2:
                 raise ModelFormatError(f"{src}: tensor {t.name} has {w.ndim} dimensions")
-            want = head_type if t.name in _HEAD_TENSORS else qtype
+            want = head_type if t.name == head else qtype
             kind = fitted_type(want, w.shape[1], t.name)
             imp = _importance(importance, t.name, w.shape[1], notes)
             writer.add_tensor(t.name, encode(w, kind, imp), raw_dtype=kind)
@@ -102,6 +103,8 @@ def _importance(imatrix: dict | None, name: str, cols: int, notes: list[str]) ->
     if imatrix is None:
         return None
     imp = imatrix.get(name)
+    if imp is None and name == _EMBEDDING:  # an untied embedding is looked up, never multiplied
+        return None
     if imp is None:
         notes.append(f"{name}: no importance in the matrix, quantized without one")
         return None

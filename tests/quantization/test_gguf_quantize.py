@@ -85,8 +85,8 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 
 def test_writer_copies_metadata_and_types(tiny_gguf, tmp_path):
-    """Every key/value but the file type is copied; norms stay F32; linears (rows of 64 and 96: Q4_K
-    falls back to Q5_0) and the head (Q8_0) decode close to the source."""
+    """Every key/value but the file type is copied; norms stay F32; linears and the untied embedding
+    (rows of 64 and 96: Q4_K falls back to Q5_0) and the head (Q8_0) decode close to the source."""
     out = tmp_path / "q.gguf"
     summary = quantize_gguf(GGUFQuantizeArgs(model=str(tiny_gguf), out=str(out), qtype="Q4_K", output_type="Q8_0"))
     src, dst = GGUFReader(str(tiny_gguf)), GGUFReader(str(out))
@@ -101,11 +101,11 @@ def test_writer_copies_metadata_and_types(tiny_gguf, tmp_path):
             assert t.tensor_type == Q.F32
             np.testing.assert_array_equal(t.data, want.data)
             continue
-        assert t.tensor_type == (Q.Q8_0 if t.name in ("token_embd.weight", "output.weight") else Q.Q5_0)
+        assert t.tensor_type == (Q.Q8_0 if t.name == "output.weight" else Q.Q5_0)
         a = quants.dequantize(t.data, t.tensor_type)
         b = np.asarray(want.data, np.float32).reshape(a.shape)
         assert np.abs(a - b).max() < 0.07 * np.abs(b).max(), t.name
-    assert summary["types"]["Q5_0"] == 14
+    assert summary["types"]["Q5_0"] == 15  # 2 layers x 7 linears and the (untied) embedding
     assert [p.name for p in tmp_path.iterdir()] == ["q.gguf"]  # no temporary left
 
 
