@@ -245,7 +245,8 @@ def cmd_profile_neurons(a) -> None:
     from flashserve.model.catalogue import resolve
     from flashserve.offload.neuron_profile import profile_model
 
-    given = {k: getattr(a, k) for k in ("threshold", "seq_len", "max_seqs") if getattr(a, k) is not None}
+    options = ("threshold", "seq_len", "max_seqs", "target_recall")
+    given = {k: getattr(a, k) for k in options if getattr(a, k) is not None}
     profile = profile_model(str(resolve(a.model)), a.calib, predictor_rank=a.predictor_rank, **given)
     profile.save(a.out)
     print(profile.table())
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=int, default=None, help="calibration sequences (default 4)")
     p.add_argument("--predictor-rank", type=int, default=None, metavar="R",
                    help="also train a rank-R activity predictor per layer (needed by --neuron-predictor)")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="the predictor's cutoff: this fraction of the active neurons of the training tokens predicted "
+                        "active (default 0.99; lower skips more and changes more)")
     p.set_defaults(func=cmd_profile_neurons)
 
     # Its options (see `flashserve bench --help`) belong to benchmarks/bench.py and pass through unparsed;

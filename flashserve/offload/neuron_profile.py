@@ -158,9 +158,10 @@ def profile_neurons(model, cfg, ids: torch.Tensor, threshold: float = DEFAULT_TH
 
 def profile_model(model_path: str, calibration_text: str | None = None, threshold: float = DEFAULT_THRESHOLD,
                   seq_len: int = PROFILE_SEQ_LEN, max_seqs: int = PROFILE_SEQS,
-                  predictor_rank: int | None = None) -> NeuronProfile:
+                  predictor_rank: int | None = None, target_recall: float | None = None) -> NeuronProfile:
     """Load the model (float32, weights dequantized), profile it on the calibration text (default: the
-    one SmoothQuant calibrates on), and with predictor_rank train the activity predictors too."""
+    one SmoothQuant calibrates on), and with predictor_rank train the activity predictors too (their
+    cutoffs for target_recall, default neuron_predictor.TARGET_RECALL)."""
     from flashserve.model.loader import load_model
     from flashserve.quantization.activation_methods import DEFAULT_CALIBRATION_TEXT, calibration_tokens
     from flashserve.quantization.calibrate import cut_sequences
@@ -171,7 +172,7 @@ def profile_model(model_path: str, calibration_text: str | None = None, threshol
     profile, samples = profile_neurons(model, cfg, ids, threshold, keep_samples=predictor_rank is not None)
     profile.meta = {"model": str(model_path), "calibration_text": calibration_text or DEFAULT_CALIBRATION_TEXT}
     if predictor_rank is not None:
-        from flashserve.offload.neuron_predictor import train_predictors
+        from flashserve.offload.neuron_predictor import TARGET_RECALL, train_predictors
 
-        profile.predictor = train_predictors(samples, predictor_rank)
+        profile.predictor = train_predictors(samples, predictor_rank, target_recall=target_recall or TARGET_RECALL)
     return profile

@@ -155,11 +155,12 @@ def test_cli_writes_a_profile_and_its_flags_reach_the_engine_config(smollm2_gguf
     out, text = tmp_path / "p.pt", tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     assert main(["profile-neurons", "--model", smollm2_gguf, "--calib", str(text), "--out", str(out),
-                 "--seq-len", "16", "--max-seqs", "2", "--predictor-rank", "2"]) in (0, None)
+                 "--seq-len", "16", "--max-seqs", "2", "--predictor-rank", "2", "--target-recall", "0.9"]) in (0, None)
     printed = capsys.readouterr().out
     profile = NeuronProfile.load(out)
     assert (profile.architecture, profile.num_tokens, profile.intermediate_size) == ("llama", 32, 1536)
     assert profile.predictor["a"].shape == (30, 576, 2) and len(profile.check_prompts) == 3
+    assert profile.predictor["target_recall"] == 0.9
     assert "held-out recall" in printed and "   29  " in printed
     a = build_parser().parse_args(["generate", "--prompt", "x", "--model", smollm2_gguf, "--quantization", "none",
                                    "--hot-neuron-profile", str(out), "--hot-neuron-fraction", "0.3",
