@@ -46,9 +46,9 @@ class GGUFTensor:
     shape: tuple[int, int]
 
     def dequantize(self) -> np.ndarray:
-        """float32 (rows, cols), as gguf-py's reference dequantization gives it (bit for bit): Q5_K and
-        Q6_K, which the loader dequantizes to re-round as int8 groups, in torch on every thread, about
-        2x gguf-py's numpy on Qwen2.5-Coder-1.5B's down projections; every other type through gguf-py."""
+        """float32 (rows, cols), as gguf-py's reference dequantization gives it (bit for bit): the K-quants
+        the loader dequantizes (Q5_K and Q6_K to re-round as int8 groups, a Q4_K embedding) in torch on
+        every thread, about 2x gguf-py's numpy; every other type through gguf-py."""
         fast = _TORCH_DEQUANTIZE.get(self.qtype)
         if fast is not None:
             with warnings.catch_warnings():  # a read-only file mapping, which is only read here
@@ -208,7 +208,8 @@ def int8_groups(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray]:
     return codes.reshape(rows, cols), d
 
 
-# ---- Q5_K and Q6_K in torch, the same float32 operations in the same order as gguf-py's ----
+# ---- Q4_K, Q5_K and Q6_K in torch, the same float32 operations in the same order as gguf-py's ----
+# Q4_K (144 B / 256): as Q5_K without qh, q = nibble
 # Q5_K (176 B / 256): d:f16, dmin:f16, 8 x (6-bit sc, 6-bit mn) in 12 B, qh[32], qs[128]
 #                     w = (d sc_j) q - (dmin mn_j), q = nibble | bit j of qh << 4 (sub-block j of 32)
 # Q6_K (210 B / 256): ql[128], qh[64], 16 int8 scales, d:f16     w = (d sc_j) (q - 32) (sub-block j of 16)
@@ -217,16 +218,27 @@ def _half(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-def _q5k_dequantize(b: torch.Tensor) -> torch.Tensor:
+def _kquant_affine(b: torch.Tensor, qs: torch.Tensor, high: torch.Tensor | None) -> torch.Tensor:
+    """Q4_K/Q5_K: w = (d sc_j) q - (dmin mn_j) per sub-block j of 32, q the nibbles (| the high bits)."""
     n = b.shape[0]
     sc, mn = (torch.from_numpy(a.astype(np.float32)) for a in _q4k_scale_min(b[:, 4:16].numpy()))
     d = (_half(b[:, 0:2]) * sc).reshape(n, 8, 1)
     dm = (_half(b[:, 2:4]) * mn).reshape(n, 8, 1)
-    qs = b[:, 48:176].reshape(n, 4, 1, 32)
-    low = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32)  # chunk c: sub-blocks 2c, 2c + 1
-    qh = b[:, 16:48].reshape(n, 1, 32)
-    high = torch.stack([(qh[:, 0] >> j) & 1 for j in range(8)], dim=1)  # (n, 8, 32): bit j, sub-block j
-    return (d * (low | (high << 4)).float() - dm).reshape(n, 256)
+    qs = qs.reshape(n, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32)  # chunk c: sub-blocks 2c, 2c + 1
+    if high is not None:
+        q = q | (high << 4)
+    return (d * q.float() - dm).reshape(n, 256)
+
+
+def _q4k_dequantize(b: torch.Tensor) -> torch.Tensor:
+    return _kquant_affine(b, b[:, 16:144], None)
+
+
+def _q5k_dequantize(b: torch.Tensor) -> torch.Tensor:
+    qh = b[:, 16:48]
+    high = torch.stack([(qh >> j) & 1 for j in range(8)], dim=1)  # (n, 8, 32): bit j, sub-block j
+    return _kquant_affine(b, b[:, 48:176], high)
 
 
 def _q6k_dequantize(b: torch.Tensor) -> torch.Tensor:
@@ -240,5 +252,6 @@ def _q6k_dequantize(b: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, 256)
 
 
-_TORCH_DEQUANTIZE = {GGMLQuantizationType.Q5_K: _q5k_dequantize, GGMLQuantizationType.Q6_K: _q6k_dequantize}
+_TORCH_DEQUANTIZE = {GGMLQuantizationType.Q4_K: _q4k_dequantize, GGMLQuantizationType.Q5_K: _q5k_dequantize,
+                     GGMLQuantizationType.Q6_K: _q6k_dequantize}
 

@@ -1,4 +1,4 @@
-"""Q5_K and Q6_K dequantized in torch (quantization/gguf_blocks.py) against gguf-py's numpy reference,
+"""Q4_K, Q5_K and Q6_K dequantized in torch (quantization/gguf_blocks.py) against gguf-py's numpy reference,
 bit for bit: random blocks with every bit pattern of codes and scales, and a real Q6_K tensor."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType, GGML_QUANT_SIZES, quants
 from flashserve.quantization.gguf_blocks import GGUFTensor
 
 # Byte offsets of each type's float16 factors within a block (random bytes there could be NaN or inf).
-HALF_FIELDS = {GGMLQuantizationType.Q5_K: (0, 2), GGMLQuantizationType.Q6_K: (208,)}
+HALF_FIELDS = {GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q5_K: (0, 2), GGMLQuantizationType.Q6_K: (208,)}
 
 
 @pytest.mark.parametrize("qtype", list(HALF_FIELDS))
