@@ -82,7 +82,25 @@ class _Cursor:
             values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
             self.pos = end
             return values
+        if itype == _STRING:
+            return self.strings(count)
         return [self.value(itype) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in one loop with no method call per element: a vocabulary and its merges are
+        ~300k strings (0.6 s of Qwen2.5-Coder's start through string(), cProfile)."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        length = struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            (n,) = length(buf, pos)
+            pos += 8
+            if pos + n > end:
+                raise struct.error(f"a string of {n} bytes runs past the end of the file")
+            out.append(str(buf[pos:pos + n], "utf-8"))
+            pos += n
+        self.pos = pos
+        return out
 
 
 def _read(path: str) -> GGUFFile:
