@@ -51,9 +51,7 @@ class GGUFTensor:
         every thread, about 2x gguf-py's numpy; every other type through gguf-py."""
         fast = _TORCH_DEQUANTIZE.get(self.qtype)
         if fast is not None:
-            with warnings.catch_warnings():  # a read-only file mapping, which is only read here
-                warnings.simplefilter("ignore", UserWarning)
-                blocks = torch.from_numpy(_blocks(self).reshape(-1, GGML_QUANT_SIZES[self.qtype][1]))
+            blocks = _torch_view(_blocks(self).reshape(-1, GGML_QUANT_SIZES[self.qtype][1]))
             return fast(blocks).reshape(self.shape).numpy()
         from gguf import quants
 
@@ -96,6 +94,13 @@ def _blocks(t: GGUFTensor) -> np.ndarray:
     block, size = GGML_QUANT_SIZES[t.qtype]
     rows, cols = t.shape
     return np.ascontiguousarray(t.raw).reshape(rows, cols // block, size)
+
+
+def _torch_view(a: np.ndarray) -> torch.Tensor:
+    """A torch tensor over the same bytes, which are only read (often a read-only file mapping)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -152,11 +157,13 @@ def _q4k_parts(t: GGUFTensor) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]
     b = _blocks(t)
     d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
     sc, mn = _q4k_scale_min(b[..., 4:16])
-    qs = b[..., 16:144].reshape(rows, -1, 4, 2, 16)  # 4 chunks of 32 bytes per super-block, in halves
+    # 4 chunks of 32 bytes per super-block, in halves; torch's threads rearrange them (the codes are
+    # most of a file's bytes)
+    qs = _torch_view(b)[..., 16:144].reshape(rows, -1, 4, 2, 16)
     first, second = qs[..., 0, :], qs[..., 1, :]  # chunk bytes j and j + 16
     low = (first & 0x0F) | (second << 4)  # sub-block 2c: codes j, j + 16
     high = (first >> 4) | (second & 0xF0)  # sub-block 2c + 1
-    return np.stack([low, high], axis=-2), (sc, d), (mn, dmin)
+    return torch.stack([low, high], dim=-2).numpy(), (sc, d), (mn, dmin)
 
 
 def q4k_factored(t: GGUFTensor) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
