@@ -36,7 +36,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for i, (ql, sl) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if ql == 1:
             continue
-        blocks = meta.block_table[i, : -(-sl // block_size)].long()
+        blocks = meta.block_table[i, : -(-sl // block_size)]  # int32, as the kernel reads it
         out[starts[i] : starts[i + 1]] = ops.paged_prefill_attention(
             q[starts[i] : starts[i + 1]], k_cache, v_cache, blocks, sl, scale, sliding_window, logit_softcap
         )
