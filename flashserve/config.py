@@ -144,7 +144,9 @@ class SpeculativeConfig:
     earlier matches of the last prompt_lookup_min..prompt_lookup_max tokens; "draft_model" = a
     smaller model with the target's vocabulary (`model`, resolved to draft_model_path) drafting
     greedily. Up to num_speculative_tokens drafts per request and step, verified losslessly by the
-    target."""
+    target. `adaptive`: each request drafts as many as pay off at its own acceptance rate, none when
+    none do (spec_decode/draft_length.py); `draft_cost` overrides the estimated cost of a draft as a
+    fraction of a plain step; `disable_by_batch_size`: no drafts while that many requests run."""
 
     method: str | None = None
     num_speculative_tokens: int = 4
@@ -154,6 +156,9 @@ class SpeculativeConfig:
     draft_model_path: str | None = None  # resolved file or directory
     draft_model_config: ModelConfig | None = None
     heads_config: SpecHeadsConfig | None = None  # medusa/eagle: the heads file's own description
+    adaptive: bool = True
+    draft_cost: float | None = None  # None: estimated per method (draft_length.estimate_draft_cost)
+    disable_by_batch_size: int | None = None
 
     @property
     def uses_target_hidden_states(self) -> bool:
@@ -167,6 +172,10 @@ class SpeculativeConfig:
             raise ValueError(f"unknown speculative method {self.method!r}; choose from {', '.join(SPECULATIVE_METHODS)}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.draft_cost is not None and not self.draft_cost >= 0:
+            raise ValueError(f"draft_cost must be >= 0, got {self.draft_cost}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")

@@ -10,7 +10,8 @@ from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes; never reserve more than this unless asked
-SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                           "adaptive", "draft_cost", "disable_by_batch_size")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class EngineArgs:
     prompt_lookup_min: int = 1  # n-gram sizes tried, largest first
     prompt_lookup_max: int = 4
     # vLLM's spelling of the same knobs, instead of the flat ones above: {"method": ..., "model": ...,
-    # "num_speculative_tokens": k, "prompt_lookup_min": n, "prompt_lookup_max": n}
+    # "num_speculative_tokens": k, "prompt_lookup_min": n, "prompt_lookup_max": n}, and the keys only this
+    # spelling has: "adaptive" (default True), "draft_cost", "disable_by_batch_size" (SpeculativeConfig)
     speculative_config: dict | None = None
     tensor_parallel_size: int = 1  # ranks one model is split over (Megatron-style), each a worker process
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"

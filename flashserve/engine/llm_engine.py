@@ -28,6 +28,7 @@ from flashserve.core.swap_space import min_tokens_per_swapped_block
 from flashserve.runner.kv_cache import kv_bytes_per_block, num_blocks_for_budget
 from flashserve.runner.kv_swap import num_swap_slots
 from flashserve.sample.guided import GuidedDecoding
+from flashserve.spec_decode.draft_length import DraftLength, estimate_draft_cost
 from flashserve.spec_decode.proposer import make_proposer, propose_isolating_failures
 from flashserve.tokenizer.tokenizer import Tokenizer
 
@@ -83,6 +84,7 @@ class LLMEngine:
                                    min_tokens_per_swapped_block(mc, self.kv_block_bytes))
         # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
         self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
+        self.draft_length = DraftLength(config.speculative, estimate_draft_cost(config))
         self._propose_seconds = 0.0
         self._tokens_sampled = 0
         self.input_processor = InputProcessor(self.tokenizer, sc.max_model_len, mc.vocab_size, self.eos_token_ids)
@@ -159,18 +161,26 @@ class LLMEngine:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:  # drafts for the next step, verified in it
             start = time.perf_counter()
-            outputs += self._propose(sched_out.finished_request_ids | sched_out.preempted_request_ids, runner_out)
+            outputs += self._propose(sched_out, runner_out)
             self._propose_seconds += time.perf_counter() - start
         return outputs
 
-    def _propose(self, left_ids: set[str], runner_out) -> list[RequestOutput]:
-        """Drafts for the requests that decode next. `left_ids`: requests gone since the previous step,
-        whose proposer state goes. A request whose proposal raises ends with finish reason "error"
-        (its outputs are returned); the others go on."""
+    def _propose(self, sched_out, runner_out) -> list[RequestOutput]:
+        """Drafts for the requests that decode next, as many as each request's acceptance pays for.
+        Requests gone since the previous step lose their proposer state. A request whose proposal
+        raises ends with finish reason "error" (its outputs are returned); the others go on."""
+        left_ids = sched_out.finished_request_ids | sched_out.preempted_request_ids
         self.proposer.free(left_ids)
+        self.draft_length.free(left_ids)
+        for sr, tokens in zip(sched_out.scheduled, runner_out.sampled_token_ids):
+            if sr.spec_token_ids:
+                self.draft_length.observe(sr.request_id, len(sr.spec_token_ids), len(tokens) - 1)
         if self.config.speculative.uses_target_hidden_states:
             self._observe_hidden_states(runner_out)
-        drafts, failed = propose_isolating_failures(self.proposer, self.scheduler.spec_candidates())
+        candidates = self.scheduler.spec_candidates()
+        num_drafts = self.draft_length.choose([r.request_id for r in candidates], len(self.scheduler.running))
+        requests = [r for r in candidates if r.request_id in num_drafts]
+        drafts, failed = propose_isolating_failures(self.proposer, requests, num_drafts)
         self.scheduler.set_spec_tokens(drafts, {rid: self.proposer.draft_probs(rid) for rid in drafts})
         if not failed:
             return []

@@ -63,7 +63,6 @@ class DraftModelProposer:
         spec = config.speculative
         draft_tokenizer = Tokenizer.from_model_path(spec.draft_model_path)
         check_same_tokens(config.model, target_tokenizer, spec.model, draft_tokenizer)
-        self.k = spec.num_speculative_tokens
         self.max_batch_tokens = config.scheduler.max_num_batched_tokens
         self.max_len = spec.draft_model_config.max_position_embeddings
         dtype = getattr(torch, config.dtype)
@@ -88,11 +87,11 @@ class DraftModelProposer:
             if ds is not None:
                 self.kv_cache_manager.free(ds.seq)
 
-    def propose(self, requests: list[Request]) -> dict[str, list[int]]:
+    def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
         active = []
         try:
             for req in requests:
-                ds = self._prepare(req)
+                ds = self._prepare(req, num_drafts[req.request_id])
                 if ds is not None:
                     active.append(ds)
             self._draft(active)
@@ -105,10 +104,10 @@ class DraftModelProposer:
                 self.free([ds.seq.request_id])
         return {ds.seq.request_id: ds.drafts for ds in active if ds.drafts}
 
-    def _prepare(self, req: Request) -> _DraftSequence | None:
+    def _prepare(self, req: Request, want: int) -> _DraftSequence | None:
         """The request's draft state, rolled back to what its tokens confirm (new: with its prefix-cache
-        hits); None when the draft's context has no room for a draft."""
-        want = min(self.k, self.max_len - req.num_tokens)
+        hits), to propose `want` drafts or fewer; None when the draft's context has no room for a draft."""
+        want = min(want, self.max_len - req.num_tokens)
         ds = self.sequences.get(req.request_id)
         if ds is not None and ds.source is not req:
             self.free([req.request_id])

@@ -43,7 +43,6 @@ class EagleProposer(DrawingProposer):
     def __init__(self, config: EngineConfig, target, device: torch.device):
         super().__init__()
         spec = config.speculative
-        self.k = spec.num_speculative_tokens
         self.target = target  # its embedding and LM head, shared and frozen
         self.layer = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
         self.device = device
@@ -75,23 +74,26 @@ class EagleProposer(DrawingProposer):
             state.next_feature = out[:, -1:]
 
     @torch.inference_mode()
-    def propose(self, requests: list[Request]) -> dict[str, list[int]]:
+    def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
         ready = [r for r in requests
                  if (s := self.state.get(r.request_id)) is not None and s.end == r.num_tokens - 1]
         if not ready:
             return {}
         feats = [self.state[r.request_id].next_feature for r in ready]  # (1, 1, d) each
         pasts = [self.state[r.request_id].past for r in ready]
+        wants = [num_drafts[r.request_id] for r in ready]
         drafts: list[list[int]] = [[] for _ in ready]
         qs: list[list[torch.Tensor]] = [[] for _ in ready]
-        for i in range(self.k):
-            logits = self.target.compute_logits(torch.cat(feats).view(len(ready), -1))  # (B, vocab)
-            for b, r in enumerate(ready):
-                (tok,), q = self.drawer.draw(r, logits[b : b + 1])
+        for i in range(max(wants)):
+            drafting = [b for b in range(len(ready)) if i < wants[b]]
+            logits = self.target.compute_logits(torch.cat([feats[b] for b in drafting]).view(len(drafting), -1))
+            for row, b in enumerate(drafting):  # logits: (len(drafting), vocab)
+                r = ready[b]
+                (tok,), q = self.drawer.draw(r, logits[row : row + 1])
                 drafts[b].append(tok)
                 if q is not None:
                     qs[b].append(q)
-                if i + 1 < self.k:  # the last draft is never fed back
+                if i + 1 < wants[b]:  # the last draft is never fed back
                     feats[b], pasts[b] = self._step(feats[b], [tok], r.num_tokens - 1 + i, pasts[b])
         for b, r in enumerate(ready):
             self.drawer.keep(r.request_id, qs[b])

@@ -26,7 +26,6 @@ class MedusaProposer(DrawingProposer):
     def __init__(self, config: EngineConfig, target, device: torch.device):
         super().__init__()
         spec = config.speculative
-        self.k = spec.num_speculative_tokens
         self.target = target  # its compute_logits is the heads' shared, frozen LM head
         self.heads = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
         self.state: dict[str, tuple[int, torch.Tensor]] = {}  # request id → (position, its hidden row (d,))
@@ -38,15 +37,16 @@ class MedusaProposer(DrawingProposer):
                 self.state[req.request_id] = (h.first_position + n - 1, h.rows[-1].clone())
 
     @torch.inference_mode()
-    def propose(self, requests: list[Request]) -> dict[str, list[int]]:
+    def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
         ready = [r for r in requests if self.state.get(r.request_id, (-1,))[0] == r.num_tokens - 2]
         if not ready:
             return {}
+        k = max(num_drafts[r.request_id] for r in ready)  # heads run batched; each request keeps its own
         h = torch.stack([self.state[r.request_id][1] for r in ready])  # (B, d)
-        x = self.heads(h, self.k)  # (k, B, d)
-        logits = self.target.compute_logits(x.reshape(-1, x.shape[-1])).view(self.k, len(ready), -1)
+        x = self.heads(h, k)  # (k, B, d)
+        logits = self.target.compute_logits(x.reshape(-1, x.shape[-1])).view(k, len(ready), -1)
         out = {}
         for b, r in enumerate(ready):
-            out[r.request_id], q = self.drawer.draw(r, logits[:, b])
+            out[r.request_id], q = self.drawer.draw(r, logits[: num_drafts[r.request_id], b])
             self.drawer.keep(r.request_id, [] if q is None else [q])
         return out

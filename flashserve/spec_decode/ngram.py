@@ -29,13 +29,13 @@ def ngram_draft(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
 
 
 class NgramProposer:
-    def __init__(self, k: int, n_min: int, n_max: int):
-        self.k, self.n_min, self.n_max = k, n_min, n_max
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, requests: list[Request]) -> dict[str, list[int]]:
+    def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
         out = {}
         for r in requests:
-            draft = ngram_draft(r.all_token_ids, self.k, self.n_min, self.n_max)
+            draft = ngram_draft(r.all_token_ids, num_drafts[r.request_id], self.n_min, self.n_max)
             if draft:
                 out[r.request_id] = draft
         return out

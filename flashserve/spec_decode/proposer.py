@@ -1,8 +1,9 @@
 """The proposer interface of speculative decoding, and the one place that builds a proposer.
 
 Owned by the engine: after each step it hands the proposer the requests that decode next
-(Scheduler.spec_candidates) and stores what comes back (Scheduler.set_spec_tokens). A proposer
-only reads a request's tokens and parameters; it may propose fewer than k tokens, or none.
+(Scheduler.spec_candidates), each with its own number of drafts (draft_length.py), and stores
+what comes back (Scheduler.set_spec_tokens). A proposer only reads a request's tokens and
+parameters; it may propose fewer tokens than asked, or none.
 The drafts are verified by the target in the next step (runner + rejection_sampler.py), so a
 proposer can change speed, never the output distribution.
 """
@@ -21,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class Proposer(Protocol):
-    def propose(self, requests: list[Request]) -> dict[str, list[int]]:
-        """Up to k draft token ids per request id (requests left out get none)."""
+    def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
+        """Up to num_drafts[request id] (>= 1) draft token ids per request id (requests left out get none)."""
         ...
 
     def draft_probs(self, request_id: str) -> torch.Tensor | None:
@@ -60,7 +61,7 @@ def make_proposer(config: EngineConfig, num_blocks: int, device: torch.device, t
     if spec.method == "ngram":
         from flashserve.spec_decode.ngram import NgramProposer
 
-        return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
     if spec.method == "draft_model":
         from flashserve.spec_decode.draft_model import DraftModelProposer
 
@@ -76,18 +77,18 @@ def make_proposer(config: EngineConfig, num_blocks: int, device: torch.device, t
     raise ValueError(f"speculative method {spec.method!r} is not available")
 
 
-def propose_isolating_failures(proposer: Proposer, requests: list[Request]
+def propose_isolating_failures(proposer: Proposer, requests: list[Request], num_drafts: dict[str, int]
                                ) -> tuple[dict[str, list[int]], list[str]]:
     """(drafts, ids of the requests whose proposal raised). When the batch raises, each request is
     tried alone, so that only those failing on their own are failed and the others keep drafting."""
     try:
-        return proposer.propose(requests), []
+        return proposer.propose(requests, num_drafts), []
     except Exception:
         logger.exception("proposer failed on a batch of %d requests; trying each alone", len(requests))
     drafts, failed = {}, []
     for r in requests:
         try:
-            drafts.update(proposer.propose([r]))
+            drafts.update(proposer.propose([r], num_drafts))
         except Exception:
             logger.exception("proposer failed for request %s; it ends with an error", r.request_id)
             failed.append(r.request_id)

@@ -42,7 +42,8 @@ def test_first_two_tokens_follow_the_target(tiny_llama, method):
         for t1, q1 in p1.items():
             for t2, q2 in top_k_probs(hf(torch.tensor([prompt + [t1]])).logits[0, -1].float()).items():
                 joint[(t1, t2)] = q1 * q2
-    spec = {"method": method, "num_speculative_tokens": 2} | ({"model": path} if method == "draft_model" else {})
+    spec = {"method": method, "num_speculative_tokens": 2, "adaptive": False} | (
+        {"model": path} if method == "draft_model" else {})
     llm = LLM(model=path, dtype="float32", block_size=4, max_num_seqs=256, speculative_config=spec)
     params = SamplingParams(temperature=1.0, top_k=TOP_K, max_tokens=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": prompt}] * N, params, use_tqdm=False)

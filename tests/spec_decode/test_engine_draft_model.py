@@ -29,7 +29,8 @@ NOISE = 0.1  # of each weight tensor's standard deviation
 
 def engine(path, **kw):
     kw = {"dtype": "float32", "kv_cache_dtype": "float32", "block_size": 4, **kw}  # budgets below count fp32 blocks
-    return LLM(model=path, speculative_config={"model": path, "num_speculative_tokens": 4}, **kw)
+    # k pinned: a draft as large as its target would never pay off, and adaptive k would stop it drafting.
+    return LLM(model=path, speculative_config={"model": path, "num_speculative_tokens": 4, "adaptive": False}, **kw)
 
 
 def assert_draft_freed(llm):
@@ -79,12 +80,12 @@ def test_drafts_are_the_draft_models_greedy_continuation(tiny_llama, noisy_draft
     model (or its start, when the draft's pool ran short): the draft's KV cache, rolled back after
     each verification, holds exactly the tokens it claims. Outputs equal plain decoding."""
     llm = LLM(model=tiny_llama[0], dtype="float32", kv_cache_dtype="float32", block_size=4,
-              speculative_config={"model": noisy_draft[0], "num_speculative_tokens": 4}, **kw)
+              speculative_config={"model": noisy_draft[0], "num_speculative_tokens": 4, "adaptive": False}, **kw)
     proposer = llm.engine.proposer
     propose, calls = proposer.propose, []
 
-    def recording(requests):
-        drafts = propose(requests)
+    def recording(requests, num_drafts):
+        drafts = propose(requests, num_drafts)
         calls.extend((list(r.all_token_ids), drafts.get(r.request_id, [])) for r in requests)
         return drafts
 

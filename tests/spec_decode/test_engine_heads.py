@@ -46,8 +46,8 @@ def heads(tiny_llama, tmp_path_factory):
 
 def engine(path, heads_file, method, **kw):
     kw = {"dtype": "float32", "kv_cache_dtype": "float32", "block_size": 4, **kw}  # budgets below count fp32 blocks
-    return LLM(model=path, speculative_config={"method": method, "model": heads_file, "num_speculative_tokens": K},
-               **kw)
+    spec = {"method": method, "model": heads_file, "num_speculative_tokens": K, "adaptive": False}  # k pinned
+    return LLM(model=path, speculative_config=spec, **kw)
 
 
 def test_runner_hands_over_the_targets_hidden_states(tiny_llama, heads):
