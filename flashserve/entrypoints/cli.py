@@ -11,7 +11,7 @@ from pathlib import Path
 from flashserve.config import (EXECUTOR_BACKENDS, KV_CACHE_DTYPES, POLICY_CHOICES, PREEMPTION_MODES,
                                QUANTIZATION_CHOICES, SCHEDULING_CHOICES, SPECULATIVE_METHODS)
 from flashserve.engine.arg_utils import EngineArgs
-from flashserve.entrypoints.openai.tool_parsers import PARSERS
+from flashserve.entrypoints.openai.tool_formats import PARSERS
 from flashserve.errors import FlashserveError
 
 

@@ -14,7 +14,7 @@ from flashserve.errors import InvalidRequestError
 from flashserve.entrypoints.openai.beams import beam_outputs, check_beam_request
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from flashserve.entrypoints.openai.tool_choice import ToolPlan, ToolSupport, plan_tools
-from flashserve.entrypoints.openai.tool_parsers import ToolCall, joined
+from flashserve.entrypoints.openai.tool_call_events import ToolCall, joined
 from flashserve.entrypoints.openai.tool_prompt import template_messages
 from flashserve.outputs import CompletionOutput
 from flashserve.sampling_params import GuidedDecodingParams, SamplingParams

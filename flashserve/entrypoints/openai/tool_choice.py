@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import partial
 
 from flashserve.entrypoints.openai.json_scan import BAD, REST, JsonScan
-from flashserve.entrypoints.openai.tool_parsers import (BLANK, PARSERS, REQUIRED, Event, ToolCallReader,
-                                                        parser_name_for_template)
+from flashserve.entrypoints.openai.tool_call_events import Event
+from flashserve.entrypoints.openai.tool_call_reader import BLANK, ToolCallReader
+from flashserve.entrypoints.openai.tool_formats import PARSERS, REQUIRED, parser_name_for_template
 from flashserve.entrypoints.openai.tool_prompt import renders_tools
 from flashserve.errors import InvalidRequestError
 from flashserve.sampling_params import GuidedDecodingParams
@@ -41,7 +42,7 @@ class ToolSupport:
 class ToolPlan:
     tools: list[dict] | None  # for the prompt; None: no tools
     guided: GuidedDecodingParams | None  # the forcing constraint of "required" or a named function
-    # a reader per output (tool_parsers.py): .feed(text, final) → events; .complete: it wants no more text
+    # a reader per output (tool_call_reader.py): .feed(text, final) → events; .complete: it wants no more text
     new_reader: Callable[[], object]
 
 

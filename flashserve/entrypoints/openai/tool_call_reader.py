@@ -1,10 +1,11 @@
-"""Model output text → content and tool calls, read as the model writes it.
+"""Model output text → content and tool calls, read as the model writes it, in one ToolFormat
+(tool_formats.py). The chat endpoint makes a reader per output through tool_choice.ToolPlan.
 
 A reader is made per output and fed the text generated so far after every step; it answers with
 the events that text settles, in order: a piece of content, the start of a call (its index and
 function name), a piece of a call's arguments. A stream sends each event once, and a reply that
 does not stream feeds the whole text at once; both join the same pieces, whatever the chunking
-(tests/server/test_tool_parsers.py feeds every split). So an event is given out only when no
+(tests/server/test_tool_call_reader.py feeds every split). So an event is given out only when no
 later text can take it back:
 
 - content is held while it may still turn out to be markup (a half-written `<tool_call>`), and
@@ -30,145 +31,12 @@ spends no tokens on text nobody reads and a stream and a reply read the same tex
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import NamedTuple
-
 from flashserve.entrypoints.openai.json_scan import BAD, END, REST, JsonScan
+from flashserve.entrypoints.openai.tool_call_events import Event, merged
+from flashserve.entrypoints.openai.tool_call_object import NOT_A_CALL, CallObject
+from flashserve.entrypoints.openai.tool_formats import Block, ToolFormat
 
 BLANK = " \t\n\r"
-NOT_A_CALL = "not a call"
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: str  # a JSON object's text, as OpenAI sends it
-
-
-class Event(NamedTuple):
-    kind: str  # "content" | "call" (text: the function's name) | "args" (text: a piece of its arguments)
-    index: int  # the call's index; 0 for content
-    text: str
-
-
-@dataclass(frozen=True)
-class Block:
-    """Markup around calls: `open` ... `close`, holding one or more calls (objects or arrays)."""
-
-    open: str
-    close: str
-    # a call here only if its name is one of the offered tools: for markup that also holds
-    # other things (a fenced JSON block may be an answer); otherwise the block stays content
-    offered_names_only: bool = False
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """Where a model writes its calls: JSON objects `{"name": ..., <args key>: {...}}`, or arrays of
-    them, inside blocks or bare: at the start of the message, right after another call, or after
-    prose when they name an offered tool."""
-
-    blocks: tuple[Block, ...]
-    prefix: str | None  # a tag that may stand before bare calls
-    args_keys: tuple[str, ...]  # the first of these keys in an object holds its arguments
-    # a bare object (no block, no prefix) is a call only if it names an offered tool: where the
-    # format's calls are marked, a bare {"name": "John", "age": 30} is more likely an answer
-    bare_offered_names_only: bool = False
-
-
-# Hermes / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, any number, with
-# text around them. Qwen2.5-Coder-0.5B writes the bare object without the tags, or (more often, with
-# three tools offered) a fenced ```json block of it (measured at temperature 0), so bare objects at
-# the start of the message, and fenced ones anywhere, are read as calls too when they name an
-# offered tool.
-HERMES = ToolFormat((Block("<tool_call>", "</tool_call>"), Block("```json", "```", offered_names_only=True)),
-                    None, ("arguments", "parameters"), bare_offered_names_only=True)
-# Llama 3.x: `{"name": ..., "parameters": {...}}`, several separated by ';', optionally after <|python_tag|>.
-LLAMA3_JSON = ToolFormat((), "<|python_tag|>", ("parameters", "arguments"))
-# tool_choice "required" (structured output): [{"name": ..., "arguments": {...}}, ...]
-REQUIRED = ToolFormat((), None, ("arguments",))
-
-PARSERS = {"hermes": HERMES, "llama3_json": LLAMA3_JSON}
-
-
-def parser_name_for_template(template: str | None) -> str:
-    """The format a chat template teaches its model. Templates that do not render tools get
-    flashserve's Hermes-style tool prompt (tool_prompt.py), so Hermes is the default."""
-    if template and "<tool_call>" not in template and ("<|python_tag|>" in template or
-                                                      '"parameters": dictionary' in template):
-        return "llama3_json"
-    return "hermes"
-
-
-class _CallObject:
-    """One JSON object that may be a call, keys in any order. `index` is set once it is one."""
-
-    def __init__(self, args_keys: tuple[str, ...], names: frozenset[str] | None, name_first: bool = False):
-        self.scan = JsonScan()
-        self.args_keys = args_keys
-        self.names = names  # the names it may call; None: any
-        self.name_first = name_first  # a call only if "name" is its first key
-        self.name: str | None = None
-        self.string_args: str | None = None  # arguments written as a JSON string, decoded
-        self.index: int | None = None  # None: not (yet) a call
-        self.committed = False
-        self.sent = 0  # characters of the arguments given out
-
-    def feed(self, ch: str) -> str:
-        status = self.scan.feed(ch)
-        if status == BAD or self.committed:
-            return status
-        return status if self._may_be_call() else NOT_A_CALL
-
-    def _member(self, keys) -> list | None:
-        return next((m for m in self.scan.members if m[0] in keys), None)
-
-    def _may_be_call(self) -> bool:
-        raw = self.scan.raw
-        if self.name_first and self.scan.members and self.scan.members[0][0] != "name":
-            return False
-        name = self._member(("name",))
-        if name is not None and name[1] is not None and self.name is None:
-            if raw[name[1]] != '"':
-                return False
-            if name[2] is not None:
-                self.name = json.loads(self.scan.text(name[1], name[2]))
-                if not self.name or (self.names is not None and self.name not in self.names):
-                    return False
-        args = self._member(self.args_keys)
-        if args is not None and args[1] is not None and self.string_args is None:
-            if raw[args[1]] not in '{"':
-                return False
-            if raw[args[1]] == '"' and args[2] is not None:
-                self.string_args = json.loads(self.scan.text(args[1], args[2]))
-                try:
-                    if not isinstance(json.loads(self.string_args), dict):
-                        return False
-                except json.JSONDecodeError:
-                    return False
-        return not (self.scan.done and self.name is None)
-
-    def ready(self) -> bool:
-        """A call for certain: the name is complete and it is known how the arguments begin."""
-        if self.name is None:
-            return False
-        args = self._member(self.args_keys)
-        if args is None:
-            return self.scan.done
-        return args[1] is not None and (self.scan.raw[args[1]] == "{" or self.string_args is not None)
-
-    def take_args(self) -> str:
-        """The arguments' text settled since the last take."""
-        args = self._member(self.args_keys)
-        if args is None or self.string_args is not None:
-            text = self.string_args if args is not None else "{}" if self.scan.done else ""
-            piece, self.sent = text[self.sent:], len(text)
-            return piece
-        end = args[2] if args[2] is not None else self.scan.certain
-        piece = self.scan.text(args[1] + self.sent, end)
-        self.sent = end - args[1]
-        return piece
 
 
 class ToolCallReader:
@@ -197,7 +65,7 @@ class ToolCallReader:
         self.name_first = False  # a call in it must begin with its "name" key
         self.in_array = False
         self.array_expect = ""  # in an array: first | item | after
-        self.obj: _CallObject | None = None
+        self.obj: CallObject | None = None
         self.value_at = 0  # where in pending its outermost JSON value starts
         self.rest: JsonScan | None = None  # state "json": the value that proved no call, read to its end
 
@@ -304,7 +172,7 @@ class ToolCallReader:
         if ch == "[":
             self.state, self.in_array, self.array_expect = "array", True, "first"
         else:
-            self.state, self.obj = "object", _CallObject(self.fmt.args_keys, self.names, self.name_first)
+            self.state, self.obj = "object", CallObject(self.fmt.args_keys, self.names, self.name_first)
             self.obj.feed(ch)
 
     def _between(self, ch: str) -> None:
@@ -365,7 +233,7 @@ class ToolCallReader:
             self.obj = None
             self._value_over()
 
-    def _commit(self, obj: _CallObject) -> None:
+    def _commit(self, obj: CallObject) -> None:
         obj.committed = True
         self.attempt_calls += 1
         self.pending, self.blank, self.after_call = [], "", True
@@ -455,32 +323,3 @@ class ToolCallReader:
             self.events.append(Event("content", 0, self.blank))
             self.blank = ""
 
-
-def merged(events: list[Event]) -> list[Event]:
-    """Neighbouring pieces of one kind and call joined."""
-    out: list[Event] = []
-    for e in events:
-        if out and e.kind != "call" and out[-1].kind == e.kind and out[-1].index == e.index:
-            out[-1] = Event(e.kind, e.index, out[-1].text + e.text)
-        else:
-            out.append(e)
-    return out
-
-
-def read_whole(reader, text: str) -> tuple[str, list[ToolCall]]:
-    """The whole output at once: (content, calls)."""
-    return joined(reader.feed(text, final=True))
-
-
-def joined(events: list[Event]) -> tuple[str, list[ToolCall]]:
-    """A reader's events, all of them: (content, calls)."""
-    content, names, args = "", [], []
-    for e in events:
-        if e.kind == "content":
-            content += e.text
-        elif e.kind == "call":
-            names.append(e.text)
-            args.append("")
-        else:
-            args[e.index] += e.text
-    return content, [ToolCall(n, a) for n, a in zip(names, args)]

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from flashserve.entrypoints.openai.json_scan import BAD, END, REST, JsonScan
 from flashserve.entrypoints.openai.tool_choice import NamedCallReader
-from flashserve.entrypoints.openai.tool_parsers import (HERMES, LLAMA3_JSON, REQUIRED, Event, ToolCall, ToolCallReader,
-                                                        joined, merged, parser_name_for_template, read_whole)
+from flashserve.entrypoints.openai.tool_call_events import Event, ToolCall, joined, merged, read_whole
+from flashserve.entrypoints.openai.tool_call_reader import ToolCallReader
+from flashserve.entrypoints.openai.tool_formats import HERMES, LLAMA3_JSON, REQUIRED, parser_name_for_template
 
 
 def calls(*pairs) -> list[ToolCall]:
