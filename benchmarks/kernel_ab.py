@@ -22,7 +22,7 @@ import torch
 
 from common import header, set_threads, table
 from flashserve.kernels.build import CSRC, SOURCES, best_level, build_cpu_kernels
-from flashserve.quantization.packed import factored_table, table_values
+from flashserve.quantization.group_quant_weight import factored_table, table_values
 
 L3_BYTES = 64 << 20
 SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding's 8-bit codes

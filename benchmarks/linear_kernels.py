@@ -31,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flashserve.quantization.packed import GroupQuantWeight, Int4Weight, Int8GroupWeight, Int8Weight
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.torch_int_weights import Int4Weight, Int8GroupWeight, Int8Weight
 
 L3_BYTES = 64 << 20  # cycle through at least this many weight bytes per cell
 

@@ -69,14 +69,14 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
     (GEMV, GEMM, tiled GEMM); the other kernels of that build match their torch twins."""
     import torch
 
-    from flashserve.quantization.packed import factored_table
+    from flashserve.quantization.group_quant_weight import factored_table
 
     other = ck.build_cpu_kernels(level)
     gen = torch.Generator().manual_seed(0)
     for bits, zero, table in ((4, True, torch.float16), (4, True, torch.uint8), (5, False, torch.float16),
                               (8, False, torch.float32)):
         # float16 tables (as GGUF's own d and m are kept) for the 4- and 5-bit codes, float32 for 8-bit,
-        # factored ones (Q4_K's integers times float16 factors, packed.factored_table) over 256-value blocks
+        # factored ones (Q4_K's integers times float16 factors, group_quant_weight.factored_table) over 256-value blocks
         n, k = 72, 512 if table == torch.uint8 else 320
         if bits == 8:
             codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)

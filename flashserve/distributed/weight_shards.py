@@ -16,7 +16,9 @@ from functools import singledispatch
 import torch
 from torch import nn
 
-from flashserve.quantization.packed import DenseWeight, GroupQuantWeight, Int8GroupWeight, RowSegments
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.packed import DenseWeight, RowSegments
+from flashserve.quantization.torch_int_weights import Int8GroupWeight
 
 FACTOR_GROUPS = 8  # groups per float16 factor in a factored (uint8) scale table: a K-quant super-block
 

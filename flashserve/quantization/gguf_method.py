@@ -1,4 +1,4 @@
-"""Which packed form (packed.py) a GGUF weight gets when quantized execution is on.
+"""Which packed form (packed.py and its kinds) a GGUF weight gets when quantized execution is on.
 
 With this project's C++ kernels built (the usual case on CPU), every quantized weight becomes a
 GroupQuantWeight: codes with a float32 scale and zero per group, float32 activations.
@@ -45,20 +45,12 @@ from flashserve.quantization.gguf_blocks import (
     int8_groups,
     q4k_factored,
 )
+from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.int4_format import Int4Groups
 from flashserve.quantization.int4_method import pack_int4_groups
-from flashserve.quantization.packed import (
-    DenseWeight,
-    GroupQuantWeight,
-    Int4Weight,
-    Int8GroupWeight,
-    Int8Weight,
-    PackedWeight,
-    RowSegments,
-    factored_table,
-    quantize_groups,
-    quantize_rows,
-)
+from flashserve.quantization.packed import DenseWeight, PackedWeight, RowSegments
+from flashserve.quantization.torch_int_weights import (Int4Weight, Int8GroupWeight, Int8Weight, quantize_groups,
+                                                       quantize_rows)
 
 INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})
 KERNEL_TYPES = INT4_TYPES | INT8_TYPES  # GGUF types that run packed rather than dequantized

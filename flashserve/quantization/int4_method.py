@@ -1,4 +1,4 @@
-"""Which packed form (packed.py) a GPTQ or AWQ linear (int4_format.Int4Groups) gets.
+"""Which packed form (packed.py and its kinds) a GPTQ or AWQ linear (int4_format.Int4Groups) gets.
 
 With this project's C++ kernels: a GroupQuantWeight of 4-bit codes in groups of 32, each of the
 checkpoint's groups of 32/64/128 repeated as 1/2/4 kernel groups with s and z = -zero * s, so
@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from flashserve.errors import ModelFormatError
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
 from flashserve.quantization.int4_format import Int4Groups
-from flashserve.quantization.packed import GroupQuantWeight, Int4Weight, PackedWeight, PermutedInput, RowSegments
+from flashserve.quantization.packed import PackedWeight, PermutedInput, RowSegments
+from flashserve.quantization.torch_int_weights import Int4Weight
 
 
 def pack_int4_groups(parts: list[Int4Groups], own_kernels: bool) -> PackedWeight:

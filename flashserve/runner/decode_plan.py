@@ -21,7 +21,8 @@ from flashserve.kernels import ops
 from flashserve.model.layers.linear import Linear
 from flashserve.model.models.gemma3 import Gemma3DecoderLayer
 from flashserve.model.models.llama import GatedMLP, LlamaDecoderLayer
-from flashserve.quantization.packed import GroupQuantWeight, RowSegments
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.packed import RowSegments
 
 _GELU_ACTS = ("gelu_pytorch_tanh", "gelu")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float32 compute's cache, or a 2-byte one

@@ -16,17 +16,12 @@ from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 
 from flashserve.model.loader.gguf_file import open_gguf
-from flashserve.quantization import packed
+from flashserve.quantization import torch_int_weights
 from flashserve.quantization.gguf_blocks import GGUFTensor, int4_groups, int4_packed, int8_groups
 from flashserve.quantization.gguf_method import pack_embedding, pack_linear
-from flashserve.quantization.packed import (
-    DenseWeight,
-    GroupQuantWeight,
-    Int4Weight,
-    Int8GroupWeight,
-    Int8Weight,
-    RowSegments,
-)
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.packed import DenseWeight, RowSegments
+from flashserve.quantization.torch_int_weights import Int4Weight, Int8GroupWeight, Int8Weight
 
 BF16_HALF_ULP = 2.0**-8  # bfloat16 keeps 8 significant bits
 
@@ -218,7 +213,7 @@ def test_other_embeddings_are_requantized_per_group(qtype):
 
 def test_int4_layout_unpacks_every_row_block():
     """Dequantize (the large-M path) unpacks torch's packed layout, including short last blocks."""
-    assert packed._int4_layout() is not None, "this machine's torch packs int4 in an unknown layout"
+    assert torch_int_weights._int4_layout() is not None, "this machine's torch packs int4 in an unknown layout"
     g = torch.Generator().manual_seed(0)
     for n in (16, 49, 80, 200, 4200):
         codes = torch.randint(0, 16, (n, 64), dtype=torch.uint8, generator=g)

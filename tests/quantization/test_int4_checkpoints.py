@@ -17,7 +17,8 @@ from flashserve.model.loader import load_model
 from flashserve.quantization.calibrate import load_float_model, walk_layers
 from flashserve.quantization.gptq import Hessian, gptq_quantize
 from flashserve.quantization.int4_format import Int4Groups, pack, unpack
-from flashserve.quantization.packed import GroupQuantWeight, PermutedInput
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.packed import PermutedInput
 from flashserve.quantization.quantize import QuantizeArgs, quantize_model
 from flashserve.quantization.rtn import rtn_quantize
 from tests.model.test_models_vs_hf import run_incremental

@@ -9,7 +9,7 @@ import torch
 from flashserve.config import (ACTIVATION_METHODS, QUANTIZATION_CHOICES, ActivationQuantConfig, HotNeuronConfig,
                                ModelConfig)
 from flashserve.model.models.registry import model_class
-from flashserve.quantization.packed import GroupQuantWeight
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
 
 logger = logging.getLogger(__name__)
 

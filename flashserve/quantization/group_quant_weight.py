@@ -1,0 +1,146 @@
+"""GroupQuantWeight: w = q * s + z per group along K, run by this project's C++ kernel
+(kernels/csrc/quant_matmul.cpp): 4-bit or 5-bit codes (groups of 32) or 8-bit codes, s and z
+float32; x and y float32. Exact for GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0. The default packed form when
+the C++ build works (gguf_method.py, int4_method.py choose it). s and z are float16 where that is
+exact (the file's own d and m), so Q4_0/Q4_1 take 5 bits per weight, Q5_0 5.5 and Q8_0 8.5, as in
+the file; Q4_K 4.625 (its own 6-bit integers and float16 factors: a factored table, below).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from flashserve.kernels import ops
+from flashserve.quantization.packed import GROUP, PackedWeight, _param
+
+
+class GroupQuantWeight(PackedWeight):
+    """w = q * s + z per group of `group` values along K, q of 4, 5 or 8 bits, s and z float32 (or
+    float16 where exact):
+    the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit), Q5_0 (5-bit) and Q8_0 (8-bit) blocks, run by this
+    project's C++ kernel (kernels/csrc/quant_matmul.cpp) on float32 activations, so neither x
+    nor the output is rounded to bfloat16 and each row's result does not depend on M.
+    With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8 and
+    computes every M itself (no large-M path), so a row's result never depends on its step.
+    Also an embedding table: rows() looks rows up exactly."""
+
+    act_dtype = torch.float32
+    kernel_dtype = torch.float32
+    # The C++ dequantization is cheap enough to run per L2-sized chunk, so the GEMM reads each
+    # chunk's float32 rows from L2 (gate_up at M=512: ~13.3 -> ~12.8 ms, 2 threads; noisy host).
+    chunk_rows = 256
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 group: int = GROUP, int8_activations: bool = False, packed: bool = False):
+        """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group).
+        packed: codes already in the kernel's layout (quant_matmul.cpp): 4-bit (N, K/2) (GGUF's Q4_0/Q4_1
+        bytes), 5-bit (N, K/32 * 20) (Q5_0's blocks without d; always packed).
+        int8_activations: round x per group of 32 to int8 and take integer dot products (group 32 only)."""
+        super().__init__()
+        per_byte = {4: 2.0, 5: GROUP / 20, 8: 1.0}[bits] if packed else 1.0
+        n, k = codes.shape[0], round(codes.shape[1] * per_byte)
+        if (bits not in (4, 5, 8) or k % group or table_shape(scale) != (n, k // group) or (bits != 8 and group != GROUP)
+                or (bits == 5 and not packed)):
+            raise ValueError(f"{bits}-bit weight: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}")
+        self.out_features, self.in_features = n, k
+        self.bits, self.group = bits, group
+        self.set_int8_activations(int8_activations)
+        if bits == 8:
+            codes = codes.to(torch.int8).view(torch.uint8)
+        elif not packed:  # byte j of a group: code j (low nibble) and code j + 16 (high), as in GGUF
+            halves = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+            codes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+        self.codes = _param(codes.contiguous())  # (N, K/2), (N, K/32 * 20) or (N, K) uint8
+        self.scale = _param(_narrowest_exact(scale))  # (N, K/group) float, or factored (table_values)
+        self.zero = None if zero is None else _param(_narrowest_exact(zero))  # as scale
+
+    def set_int8_activations(self, on: bool) -> None:
+        """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
+        self.int8_activations = on and self.group == GROUP
+        # Rows from which dequantize + float32 GEMM is faster (module docstring): never with int8
+        # activations, so a row's result is the same in a prompt of any length as in a decode step.
+        self.large_m = sys.maxsize if self.int8_activations else 64 if self.bits == 4 else 128
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
+                                      self.int8_activations)
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        stop = self.out_features if end is None else min(end, self.out_features)
+        w = ops.group_dequantize(self.codes, self.scale, self.zero, self.bits, self.group, start, stop)
+        return self._weights(slice(start, end)) if w is None else w
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Embedding lookup: (T,) ids → (T, K) in `dtype`, exactly q * s + z."""
+        return self._weights(ids).to(dtype)
+
+    def int_codes(self, index=slice(None)) -> torch.Tensor:
+        """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
+        c = self.codes[index]  # (rows, code bytes per row)
+        if self.bits == 8:
+            return c.view(torch.int8).view(len(c), -1, self.group).to(torch.int32)
+        if self.bits == 4:
+            c = c.view(len(c), -1, GROUP // 2)
+            return torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.int32)  # (rows, K/32, 32)
+        c = c.view(len(c), -1, 20)  # 5-bit: nibbles as above, then bit j of a u32 is bit 4 of code j
+        low = torch.cat([c[..., :16] & 0x0F, c[..., :16] >> 4], dim=-1).to(torch.int32)
+        high = (c[..., 16:].to(torch.int32)[..., :, None] >> torch.arange(8)) & 1  # (rows, K/32, 4, 8)
+        return (low | (high.flatten(-2) << 4)) - 16
+
+    def _weights(self, index) -> torch.Tensor:
+        q = self.int_codes(index).float()  # (rows, K/group, group)
+        rows = len(q)
+        w = q.mul_(table_values(self.scale[index])[..., None])
+        if self.zero is not None:
+            w.add_(table_values(self.zero[index])[..., None])
+        return w.view(rows, self.in_features)
+
+    def scale_values(self) -> torch.Tensor:
+        """s as float32 (N, K/group), whatever form the kernel holds it in."""
+        return table_values(self.scale)
+
+    def zero_values(self) -> torch.Tensor | None:
+        return None if self.zero is None else table_values(self.zero)
+
+
+# --- per-group tables (the kernel's scales and zeros) ---------------------------------------------
+# A table holds one value per (row, group): float32, float16, or factored. A factored table is a
+# K-quant's own form, value = integer (one byte per group) * float16 factor per super-block of 8
+# groups (Q4_K: s = d * sc, z = -dmin * mn, exact in float32), stored per row as the K/G bytes and
+# then the K/(8G) float16 factors: uint8 (N, K/G + K/(4G)). Rows slice like any table's.
+
+SUPER_GROUPS = 8  # groups per factor in a factored table (a K-quant's 256-value super-block)
+
+
+def factored_table(ints: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """ints (N, G) in 0..255, factors (N, G/8) float16 → the factored table (N, G + G/4) uint8."""
+    n, g = ints.shape
+    if g % SUPER_GROUPS or factors.shape != (n, g // SUPER_GROUPS) or factors.dtype != torch.float16:
+        raise ValueError(f"factored table: ints {tuple(ints.shape)}, factors {tuple(factors.shape)} {factors.dtype}")
+    return torch.cat([ints.to(torch.uint8), factors.contiguous().view(torch.uint8)], dim=1).contiguous()
+
+
+def table_shape(t: torch.Tensor) -> tuple[int, int]:
+    """(N, groups) of a table in any form."""
+    return (t.shape[0], t.shape[1] * 4 // 5) if t.dtype == torch.uint8 else tuple(t.shape)
+
+
+def table_values(t: torch.Tensor) -> torch.Tensor:
+    """A table's values as float32 (N, groups); a factored table's products are exact in float32."""
+    if t.dtype != torch.uint8:
+        return t.float()
+    n, g = table_shape(t)
+    ints, factors = t[:, :g].float(), t[:, g:].contiguous().view(torch.float16).float()  # (N, G), (N, G/8)
+    return (ints.view(n, -1, SUPER_GROUPS) * factors[..., None]).view(n, g)
+
+
+def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """float16 when it holds every value exactly (GGUF's own d and m are float16: Q4_0, Q4_1, Q5_0 and
+    Q8_0 scales, Q4_1 zeros), else float32 (requantized groups); a factored table as it is."""
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    t = t.float().contiguous()
+    half = t.half()
+    return half if torch.equal(half.float(), t) else t
+
