@@ -117,6 +117,17 @@ class SchedulerConfig:
 
 SPECULATIVE_METHODS = ("ngram", "draft_model", "medusa", "eagle")
 HEAD_METHODS = ("medusa", "eagle")  # drafting from the target's own hidden states, with heads trained here
+ACCEPTANCE_RULES = ("rejection", "typical")  # how drafts of sampling requests are verified (rejection_sampler.py)
+
+
+@dataclass(frozen=True)
+class TypicalAcceptance:
+    """Medusa's typical acceptance (Cai et al. 2024, section 2.3.1): a draft d is accepted when the
+    target's p(d) > min(posterior_threshold, posterior_alpha * exp(-H(p))). Defaults: the Medusa
+    authors' own settings (epsilon 0.09, delta 0.3)."""
+
+    posterior_threshold: float = 0.09  # epsilon: the hard threshold
+    posterior_alpha: float = 0.3  # delta: scales the entropy-dependent threshold
 
 
 @dataclass(frozen=True)
@@ -143,10 +154,14 @@ class SpeculativeConfig:
     """Speculative decoding (spec_decode/): None = off; "ngram" = prompt lookup, drafting from
     earlier matches of the last prompt_lookup_min..prompt_lookup_max tokens; "draft_model" = a
     smaller model with the target's vocabulary (`model`, resolved to draft_model_path) drafting
-    greedily. Up to num_speculative_tokens drafts per request and step, verified losslessly by the
-    target. `adaptive`: each request drafts as many as pay off at its own acceptance rate, none when
-    none do (spec_decode/draft_length.py); `draft_cost` overrides the estimated cost of a draft as a
-    fraction of a plain step; `disable_by_batch_size`: no drafts while that many requests run."""
+    greedily. Up to num_speculative_tokens drafts per request and step, verified by the target
+    (losslessly, unless acceptance="typical"). `adaptive`: each request drafts as many as pay off at
+    its own acceptance rate, none when none do (spec_decode/draft_length.py); `draft_cost` overrides the estimated cost of a draft as a
+    fraction of a plain step; `disable_by_batch_size`: no drafts while that many requests run.
+    `acceptance`: how the drafts of sampling requests (temperature > 0) are verified: "rejection"
+    (lossless rejection sampling) or "typical" (Medusa's typical acceptance with posterior_threshold
+    and posterior_alpha, TypicalAcceptance: NOT lossless, the output distribution changes, in
+    exchange for more accepted drafts). Greedy requests are verified exactly either way."""
 
     method: str | None = None
     num_speculative_tokens: int = 4
@@ -159,6 +174,26 @@ class SpeculativeConfig:
     adaptive: bool = True
     draft_cost: float | None = None  # None: estimated per method (draft_length.estimate_draft_cost)
     disable_by_batch_size: int | None = None
+    acceptance: str = "rejection"
+    posterior_threshold: float | None = None  # typical acceptance only; None: TypicalAcceptance's default
+    posterior_alpha: float | None = None
+
+    @property
+    def typical_acceptance(self) -> TypicalAcceptance | None:
+        """The typical-acceptance rule when chosen, else None (lossless rejection sampling)."""
+        if self.acceptance != "typical":
+            return None
+        given = {k: v for k, v in (("posterior_threshold", self.posterior_threshold),
+                                   ("posterior_alpha", self.posterior_alpha)) if v is not None}
+        return TypicalAcceptance(**given)
+
+    @property
+    def samples_drafts(self) -> bool:
+        """Whether Medusa and EAGLE draw the drafts of sampling requests from their heads' q (which
+        rejection sampling takes into account, keeping the target's distribution). Typical acceptance
+        judges a draft by the target's p alone, so there the heads' most likely token is drafted, as
+        Medusa does."""
+        return self.acceptance == "rejection"
 
     @property
     def uses_target_hidden_states(self) -> bool:
@@ -166,6 +201,7 @@ class SpeculativeConfig:
         return self.method in HEAD_METHODS
 
     def validate(self) -> None:
+        self._validate_acceptance()
         if self.method is None:
             return
         if self.method not in SPECULATIVE_METHODS:
@@ -186,6 +222,21 @@ class SpeculativeConfig:
             self._validate_heads()
         elif self.method != "draft_model" and self.model is not None:
             raise ValueError(f"a draft model is for method 'draft_model', not {self.method!r}")
+
+    def _validate_acceptance(self) -> None:
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"unknown speculative acceptance {self.acceptance!r}; "
+                             f"choose from {', '.join(ACCEPTANCE_RULES)}")
+        tuned = [k for k in ("posterior_threshold", "posterior_alpha") if getattr(self, k) is not None]
+        if tuned and self.acceptance != "typical":
+            raise ValueError(f"{' and '.join(tuned)} set the typical acceptance rule: add acceptance='typical'")
+        if self.method is None and self.acceptance != "rejection":
+            raise ValueError(f"acceptance {self.acceptance!r} verifies drafts: it needs a speculative method")
+        if self.posterior_threshold is not None and not 0.0 <= self.posterior_threshold <= 1.0:
+            raise ValueError(f"posterior_threshold (epsilon, a probability) must be in [0, 1], "
+                             f"got {self.posterior_threshold}")
+        if self.posterior_alpha is not None and not 0.0 <= self.posterior_alpha < float("inf"):
+            raise ValueError(f"posterior_alpha (delta) must be a finite number >= 0, got {self.posterior_alpha}")
 
     def _validate_heads(self) -> None:
         heads = self.heads_config

@@ -68,7 +68,8 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     # nor for layer streaming's hooks (it would hold the weights of every layer).
     return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
                        use_decode_plan=tp_group is None and config.max_weight_memory is None,
-                       swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)))
+                       swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)),
+                       typical_acceptance=config.speculative.typical_acceptance)
 
 
 def make_executor(config: EngineConfig, num_blocks: int, device: torch.device, tokenizer, guided,

@@ -10,8 +10,10 @@ from flashserve.errors import ModelNotFoundError
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes; never reserve more than this unless asked
+# "acceptance": "rejection" (lossless) | "typical" (Medusa's, not lossless; posterior_threshold, posterior_alpha)
 SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-                           "adaptive", "draft_cost", "disable_by_batch_size")
+                           "adaptive", "draft_cost", "disable_by_batch_size",
+                           "acceptance", "posterior_threshold", "posterior_alpha")
 
 
 @dataclass

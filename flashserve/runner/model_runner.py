@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.config import TypicalAcceptance
 from flashserve.core.sched_output import HiddenRows, PromptLogprobs, RunnerOutput, SchedulerOutput
 from flashserve.runner.decode_plan import build_decode_plan
 from flashserve.runner.input_batch import build_model_inputs
@@ -23,9 +24,13 @@ PROMPT_LOGPROBS_ROWS = 256  # logits rows per slice: (256, vocab) float32 stays 
 
 class ModelRunner:
     def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device,
-                 guided: GuidedDecoding, use_decode_plan: bool = True, swap_caches=()):
-        """`swap_caches`: the host swap space laid out like kv_caches (runner/kv_swap.py), or none."""
+                 guided: GuidedDecoding, use_decode_plan: bool = True, swap_caches=(),
+                 typical_acceptance: TypicalAcceptance | None = None):
+        """`swap_caches`: the host swap space laid out like kv_caches (runner/kv_swap.py), or none;
+        `typical_acceptance`: verify drafts of sampling requests by Medusa's typical acceptance, not
+        lossless rejection sampling (SpeculativeConfig.typical_acceptance)."""
         self.model = model
+        self.typical_acceptance = typical_acceptance
         # Hand back each request's last hidden states (RunnerOutput.hidden_states): set by make_proposer
         # for a proposer drafting from them (Medusa, EAGLE); off, a step costs nothing more.
         self.expose_hidden_states = False
@@ -124,7 +129,8 @@ class ModelRunner:
         )
         q = [None if r.spec_token_probs is None else r.spec_token_probs[: len(r.spec_token_ids)] for r in rows]
         out = rejection_sample(logits, metadata, [r.spec_token_ids for r in rows], q,
-                               [self._generator_for(r.request_id, r.sampling_params.seed) for r in rows])
+                               [self._generator_for(r.request_id, r.sampling_params.seed) for r in rows],
+                               self.typical_acceptance)
         lps_of: list = [None] * len(rows)
         if out.logprobs is not None:  # the logprobs of the emitted tokens under the target
             starts = [0]

@@ -5,6 +5,9 @@ exactly while the target's argmax agrees. A sampling request draws d ~ q = softm
 hands q to the rejection sampler (Leviathan et al. 2023, Algorithm 1), whose accept-or-resample
 rule keeps the target's distribution exactly whatever q is; q only sets the acceptance rate. A
 seeded request draws from a generator of its own, so its drafts, hence its tokens, follow its seed.
+Under typical acceptance (SpeculativeConfig.samples_drafts false) every request takes the argmax,
+as Medusa does: that rule judges a draft by the target's p alone, so the best draft to offer is the
+heads' best guess at the target's most likely token, and no randomness is spent on drafting.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ _DRAFT_SEED_SALT = 0x5EED  # the draft generator must not replay the runner's dr
 
 
 class DraftDrawer:
-    def __init__(self):
+    def __init__(self, sample: bool):
+        """`sample`: sampling requests draw their drafts from q (else every request takes the argmax)."""
+        self.sample = sample
         self.generators: dict[str, torch.Generator] = {}
         self.probs: dict[str, torch.Tensor] = {}  # request id → q (k, vocab) of its latest sampled drafts
 
@@ -30,7 +35,7 @@ class DraftDrawer:
     def draw(self, req: Request, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """logits: (n, vocab) float32 for n draft positions → (n drafts, q (n, vocab) or None for argmax)."""
         params = req.sampling_params
-        if params.is_greedy:
+        if params.is_greedy or not self.sample:
             return logits.argmax(dim=-1).tolist(), None
         q = torch.softmax(logits / params.temperature, dim=-1)  # (n, vocab)
         drafts = torch.multinomial(q, 1, generator=self._generator(req)).squeeze(1)
@@ -55,8 +60,8 @@ class DrawingProposer:
     """What Medusa's and EAGLE's proposers share: drafts drawn by a DraftDrawer, and what each keeps
     per request (`state`), forgotten with its drafts' q when the request ends."""
 
-    def __init__(self):
-        self.drawer = DraftDrawer()
+    def __init__(self, sample_drafts: bool):
+        self.drawer = DraftDrawer(sample_drafts)
         self.state: dict = {}  # request id → the proposer's own per-request record
 
     def draft_probs(self, request_id: str) -> torch.Tensor | None:

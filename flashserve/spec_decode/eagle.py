@@ -41,8 +41,8 @@ class _LayerState:
 
 class EagleProposer(DrawingProposer):
     def __init__(self, config: EngineConfig, target, device: torch.device):
-        super().__init__()
         spec = config.speculative
+        super().__init__(spec.samples_drafts)
         self.target = target  # its embedding and LM head, shared and frozen
         self.layer = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
         self.device = device

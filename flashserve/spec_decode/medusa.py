@@ -7,9 +7,11 @@ that token, all k heads in one batched call of the target's LM head.
     drafts:   head_0(h) → t_N,  head_1(h) → t_{N+1}, ...   (a chain of the heads' top-1 or samples)
 
 Only the chain is verified: Medusa's tree of several candidates per head (its section 2.1.2) is not
-built here, since one chain fits the engine's k-drafts-per-request verification as it is. The row
-comes from the runner (RunnerOutput.hidden_states, through observe()); a request whose latest row is
-not that of its last token (a prefix-cache hit it has not computed since) gets no drafts.
+built here, since one chain fits the engine's k-drafts-per-request verification as it is. That
+verification is lossless rejection sampling or, with acceptance="typical", Medusa's typical
+acceptance (its section 2.3.1; rejection_sampler.py), for which the drafts are the heads' top-1.
+The row comes from the runner (RunnerOutput.hidden_states, through observe()); a request whose
+latest row is not that of its last token (a prefix-cache hit it has not computed since) gets no drafts.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from flashserve.spec_decode.heads import load_heads
 
 class MedusaProposer(DrawingProposer):
     def __init__(self, config: EngineConfig, target, device: torch.device):
-        super().__init__()
         spec = config.speculative
+        super().__init__(spec.samples_drafts)
         self.target = target  # its compute_logits is the heads' shared, frozen LM head
         self.heads = load_heads(spec.draft_model_path, spec.heads_config, target.dtype, device)
         self.state: dict[str, tuple[int, torch.Tensor]] = {}  # request id → (position, its hidden row (d,))

@@ -19,6 +19,20 @@ p is what the plain sampler draws from: logits after bias, min_tokens, penalties
 temperature, top-k, top-p and min-p (sample/sampler.py). A seeded request draws its k uniforms and
 then one row of exponential noise (the sampler's exponential race) from its own generator, a fixed
 amount per step whatever is accepted, so its tokens depend only on its seed and its own sequence.
+
+Typical acceptance (speculative_config acceptance="typical"; Cai et al. 2024, "Medusa: Simple LLM
+Inference Acceleration Framework with Multiple Decoding Heads", section 2.3.1) is the other rule for
+sampling rows. It is NOT lossless: it trades the exact distribution for more accepted drafts. With
+H(p_j) = -sum_v p_j(v) log p_j(v), the entropy of the row's processed distribution:
+
+    accept d_j  iff  p_j(d_j) > min(epsilon, delta * exp(-H(p_j)))     (no random draw)
+    on the first failure emit t ~ p_j and stop; if all k pass, emit a bonus t ~ p_k
+
+A peaked p (low entropy) demands up to epsilon of a draft, a flat p (high entropy) much less, since
+there many continuations are plausible. The paper always accepts its first token, the base model's
+own greedy one; here that role falls to the target's own token after the accepted drafts, drawn
+from p as plain sampling draws it, so each step still emits at least one token and every draft is
+tested. A seeded request draws one row of exponential noise per step from its own generator.
 """
 from __future__ import annotations
 
@@ -26,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.config import TypicalAcceptance
 from flashserve.sample.sampler import SamplingMetadata, apply_grammar, process_logits, sampling_probs
 
 
@@ -37,11 +52,12 @@ class VerifyOutput:
 
 
 def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, drafts: list[list[int]],
-                     draft_probs: list[torch.Tensor | None], generators: list[torch.Generator | None]
-                     ) -> VerifyOutput:
+                     draft_probs: list[torch.Tensor | None], generators: list[torch.Generator | None],
+                     typical: TypicalAcceptance | None = None) -> VerifyOutput:
     """logits: (rows, vocab) float32, request r's len(drafts[r]) + 1 rows contiguous, in order;
     md: one row per logits row; draft_probs[r]: (k_r, vocab) proposer probabilities or None (one-hot);
-    generators: one per request."""
+    generators: one per request; typical: verify sampling rows by typical acceptance (draft_probs
+    unused) instead of rejection sampling."""
     logits = process_logits(logits, md)
     want_logprobs = any(k is not None for k in md.num_logprobs)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -55,6 +71,8 @@ def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, drafts: list[li
         k = len(d)
         if greedy[lo]:
             out = greedy_verify(argmax[lo : lo + k + 1], d)
+        elif typical is not None:
+            out = typical_verify(probs[lo : lo + k + 1], d, typical, gen)
         else:
             out = sample_verify(probs[lo : lo + k + 1], d, q, gen)
         tokens.append(out)
@@ -94,6 +112,32 @@ def sample_verify(p: torch.Tensor, draft: list[int], q: torch.Tensor | None,
         dist = residual if residual.sum() > 0 else p[a]  # p == q to rounding: nothing to correct
     else:
         dist = p[k]  # every draft accepted: the bonus token from the last row
+    return draft[:a] + [draw(dist, gen)]
+
+
+def typical_verify(p: torch.Tensor, draft: list[int], rule: TypicalAcceptance,
+                   gen: torch.Generator | None) -> list[int]:
+    """p: (k + 1, vocab) target probabilities. Accept while p_j(d_j) clears the row's typical
+    threshold, then draw the target's own token from p at the first failing row (or the last)."""
+    k = len(draft)
+    a = k
+    if k:
+        d = torch.tensor(draft, dtype=torch.int64, device=p.device)
+        p_d = p[torch.arange(k, device=p.device), d]  # (k,)
+        passed = (p_d > typical_thresholds(p[:k], rule)).tolist()
+        a = passed.index(False) if False in passed else k
+    return draft[:a] + [draw(p[a], gen)]
+
+
+def typical_thresholds(p: torch.Tensor, rule: TypicalAcceptance) -> torch.Tensor:
+    """p: (n, vocab) probabilities → (n,) min(epsilon, delta * exp(-H(p))) (Cai et al. 2024, eq. in
+    section 2.3.1); 0 log 0 counts as 0, so tokens outside top-k/top-p add no entropy."""
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # (n,) nats
+    return (rule.posterior_alpha * torch.exp(-entropy)).clamp_max(rule.posterior_threshold)
+
+
+def draw(dist: torch.Tensor, gen: torch.Generator | None) -> int:
+    """One token from dist (vocab,), unnormalized is fine, with one row of the generator's noise."""
     noise = torch.empty_like(dist).exponential_(generator=gen)  # (vocab,)
-    # Exponential race: argmax dist_i / E_i picks i with probability dist_i / sum(dist) (unnormalized is fine).
-    return draft[:a] + [int((dist / noise).argmax())]
+    # Exponential race: argmax dist_i / E_i picks i with probability dist_i / sum(dist).
+    return int((dist / noise).argmax())
