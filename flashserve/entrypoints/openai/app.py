@@ -19,7 +19,9 @@ from flashserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, Queu
 from flashserve.entrypoints.metrics import ServerMetrics
 from flashserve.entrypoints.openai.disconnect import ClientGone, cancel_on_disconnect
 from flashserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from flashserve.entrypoints.openai.serving import Serving, error_body
+from flashserve.entrypoints.openai.serving_base import error_body
+from flashserve.entrypoints.openai.serving_chat import ChatServing
+from flashserve.entrypoints.openai.serving_completions import CompletionServing
 from flashserve.errors import FlashserveError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
     metrics = ServerMetrics()
     async_engine.on_finished = metrics.observe_finished
     async_engine.on_aborted = metrics.observe_outcome
-    serving = Serving(async_engine, model_names[0], tool_call_parser)
+    completion_serving = CompletionServing(async_engine, model_names[0])
+    chat_serving = ChatServing(async_engine, model_names[0], tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -125,12 +128,12 @@ def build_app(engine, model_names: list[str], api_key: str | None = None, max_wa
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        return respond(await cancel_on_disconnect(request, serving.completions(req)))
+        return respond(await cancel_on_disconnect(request, completion_serving.completions(req)))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        return respond(await cancel_on_disconnect(request, serving.chat(req)))
+        return respond(await cancel_on_disconnect(request, chat_serving.chat(req)))
 
     @app.get("/metrics")
     async def prometheus():
