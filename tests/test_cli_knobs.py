@@ -6,13 +6,14 @@ from dataclasses import fields
 import pytest
 
 from flashserve.engine.arg_utils import EngineArgs
-from flashserve.entrypoints.cli import _engine_args, build_parser
+from flashserve.entrypoints.cli import build_parser
+from flashserve.entrypoints.cli_flags import engine_args_from
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 def test_defaults_are_engine_args_defaults(command):
     extra = ["--prompt", "x"] if command == "generate" else []
-    args = _engine_args(build_parser().parse_args([command, *extra]))
+    args = engine_args_from(build_parser().parse_args([command, *extra]))
     want = EngineArgs(max_num_seqs=1 if command != "serve" else EngineArgs().max_num_seqs)
     assert args == want
 
@@ -24,7 +25,7 @@ def test_every_knob_reaches_the_engine_config(smollm2_gguf):
         "--kv-cache-memory", "1000000", "--kv-cache-fraction", "0.5", "--kv-cache-dtype", "int8",
         "--no-enable-prefix-caching", "--scheduling", "static", "--policy", "priority", "--threads", "1",
         "--seed", "7", "--swap-space", "5000000", "--preemption-mode", "swap", "--max-weight-memory", "300000000"])
-    args = _engine_args(a)
+    args = engine_args_from(a)
     assert {f.name for f in fields(EngineArgs)} <= set(vars(a))  # no field silently left at its default
     c = args.create_engine_config()
     assert (c.dtype, c.quantization, c.seed, c.num_threads, c.max_weight_memory) == (
@@ -47,8 +48,8 @@ def test_swap_knobs_are_checked(smollm2_gguf):
 
 def test_old_no_prefix_caching_spelling_still_works():
     a = build_parser().parse_args(["serve", "--no-prefix-caching"])
-    assert _engine_args(a).enable_prefix_caching is False
-    assert _engine_args(build_parser().parse_args(["serve"])).enable_prefix_caching is True
+    assert engine_args_from(a).enable_prefix_caching is False
+    assert engine_args_from(build_parser().parse_args(["serve"])).enable_prefix_caching is True
 
 
 def test_unknown_policy_is_refused(capsys):

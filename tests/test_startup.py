@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 
-from flashserve.entrypoints.cli import _engine_args, build_parser, one_shot_engine
+from flashserve.entrypoints.cli import build_parser
+from flashserve.entrypoints.cli_flags import engine_args_from
+from flashserve.entrypoints.cli_run import one_shot_engine
 
 PROMPT = "The capital of France is"
 BLOCK = 16  # the engine's default block size
@@ -38,9 +40,9 @@ def test_one_shot_generate_reserves_only_what_its_request_can_use(smollm2_gguf, 
 
 def test_chat_runs_one_sequence_and_serve_keeps_its_batch():
     parser = build_parser()
-    assert _engine_args(parser.parse_args(["chat"])).max_num_seqs == 1
-    assert _engine_args(parser.parse_args(["generate", "--prompt", "x"])).max_num_seqs == 1
-    assert _engine_args(parser.parse_args(["serve"])).max_num_seqs == 64
+    assert engine_args_from(parser.parse_args(["chat"])).max_num_seqs == 1
+    assert engine_args_from(parser.parse_args(["generate", "--prompt", "x"])).max_num_seqs == 1
+    assert engine_args_from(parser.parse_args(["serve"])).max_num_seqs == 64
 
 
 def run_python(code: str, env_cache, *args: str) -> dict:

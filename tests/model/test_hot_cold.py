@@ -150,7 +150,8 @@ def test_bad_profiles_are_refused(tiny_llama, tmp_path):
 
 
 def test_cli_writes_a_profile_and_its_flags_reach_the_engine_config(smollm2_gguf, tmp_path, capsys):
-    from flashserve.entrypoints.cli import _engine_args, build_parser, main
+    from flashserve.entrypoints.cli import build_parser, main
+    from flashserve.entrypoints.cli_flags import engine_args_from
 
     out, text = tmp_path / "p.pt", tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
@@ -165,5 +166,5 @@ def test_cli_writes_a_profile_and_its_flags_reach_the_engine_config(smollm2_gguf
     a = build_parser().parse_args(["generate", "--prompt", "x", "--model", smollm2_gguf, "--quantization", "none",
                                    "--hot-neuron-profile", str(out), "--hot-neuron-fraction", "0.3",
                                    "--neuron-predictor", "--neuron-predictor-max-disagreement", "0.1"])
-    hot = _engine_args(a).create_engine_config().hot_neurons
+    hot = engine_args_from(a).create_engine_config().hot_neurons
     assert (hot.profile, hot.hot_fraction, hot.predictor, hot.max_disagreement) == (str(out), 0.3, True, 0.1)

@@ -160,7 +160,8 @@ def test_tiny_models_load_with_int8_linears(tiny_dirs, method, tmp_path):
 def test_bad_combinations_are_refused(tiny_dirs, tmp_path):
     from flashserve.config import EngineConfig
     from flashserve.engine.arg_utils import EngineArgs
-    from flashserve.entrypoints.cli import _engine_args, build_parser
+    from flashserve.entrypoints.cli import build_parser
+    from flashserve.entrypoints.cli_flags import engine_args_from
 
     path, _ = tiny_dirs["llama"]
     with pytest.raises(ValueError, match="llm_int8_threshold is an option of quantization='llm.int8'"):
@@ -174,7 +175,7 @@ def test_bad_combinations_are_refused(tiny_dirs, tmp_path):
     args = build_parser().parse_args(["serve", "--model", path, "--quantization", "smoothquant",
                                       "--smoothquant-alpha", "0.8", "--calibration-text", str(README),
                                       "--smoothquant-down-proj"])
-    engine_args = _engine_args(args)
+    engine_args = engine_args_from(args)
     assert (engine_args.smoothquant_alpha, engine_args.calibration_text, engine_args.smoothquant_down_proj) == (
         0.8, str(README), True)
     assert engine_args.create_engine_config().activation_quant.smoothquant_down_proj

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from flashserve.entrypoints.cli import _engine_args, build_parser
+from flashserve.entrypoints.cli import build_parser
+from flashserve.entrypoints.cli_flags import engine_args_from
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
@@ -12,13 +13,13 @@ def test_spec_flags_reach_the_engine_config(command, smollm2_gguf):
     a = build_parser().parse_args([command, *extra, "--model", smollm2_gguf, "--speculative-method", "ngram",
                                    "--num-speculative-tokens", "6", "--prompt-lookup-min", "2",
                                    "--prompt-lookup-max", "5"])
-    s = _engine_args(a).create_engine_config().speculative
+    s = engine_args_from(a).create_engine_config().speculative
     assert (s.method, s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 6, 2, 5)
 
 
 def test_off_by_default():
     a = build_parser().parse_args(["serve"])
-    assert _engine_args(a).speculative_method is None
+    assert engine_args_from(a).speculative_method is None
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])
@@ -29,7 +30,7 @@ def test_draft_model_flags_and_json_reach_the_engine_config(command, smollm2_ggu
                                       "--speculative-model", smollm2_gguf, "--num-speculative-tokens", "3"])
     nested = build_parser().parse_args([command, *extra, "--model", smollm2_gguf, "--speculative-config",
                                         f'{{"model": "{smollm2_gguf}", "num_speculative_tokens": 3}}'])
-    a, b = (_engine_args(x).create_engine_config().speculative for x in (flat, nested))
+    a, b = (engine_args_from(x).create_engine_config().speculative for x in (flat, nested))
     assert a == b
     assert (a.method, a.num_speculative_tokens, a.draft_model_path) == ("draft_model", 3, smollm2_gguf)
 
