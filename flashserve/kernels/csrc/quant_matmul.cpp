@@ -55,7 +55,14 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 8;  // output rows per parallel work item
 constexpr int kMaxMB = 4;            // activation rows sharing one widening of the codes
-constexpr int kMaxMBInt8 = 2;        // the same for the int8 GEMV (more rows spill its registers)
+#ifdef FS_AVX512
+// The same for the int8 GEMV. With 32 vector registers 4 rows fit; a call of 3 or 4 rows then passes
+// the codes once instead of twice: A/B on cycled weights, 4 rows / 2 rows per pass, M = 3 and 4:
+// Qwen2.5 1.5B gate_up 0.66 0.69, down 0.84 0.82; SmolLM2 qkv 0.68 0.67, gate_up 0.69 0.73.
+constexpr int kMaxMBInt8 = 4;
+#else
+constexpr int kMaxMBInt8 = 2;  // more rows spill the 16 AVX2 registers
+#endif
 constexpr int64_t kGemmMinRows = 5;  // int8 activations: from this many rows the GEMM kernels (measured)
 constexpr int64_t kAheadRows = 32;  // GEMV software prefetch distance, in weight rows (prefetch_ahead)
 
@@ -72,8 +79,19 @@ constexpr int64_t kAheadRows = 32;  // GEMV software prefetch distance, in weigh
 #ifdef FS_AVX512
 // The 16-lane tiles (one multiply-add per four k of 16 rows, the next task's groups prefetched as
 // this one's are used) beat the lanes-over-rows GEMM from its first row count (RESULTS.md, issue 24).
-inline int64_t tile_min_rows(int64_t) { return kGemmMinRows; }
+// For 5- and 8-bit codes they also beat the GEMV from 3 rows, where the GEMV's second pass over
+// the codes (2 rows per pass) costs about a whole one-row call: A/B on cycled weights, GEMM / GEMV,
+//                        M:  2     3     4
+//   Qwen2.5 1.5B down 8-bit 0.81  0.59  0.51   (K = 8960)
+//   Qwen2.5 1.5B head 8-bit 1.00  0.58  0.68
+//   Gemma 3 gate_up 5-bit   1.34  0.87  0.80   (K = 640)
+//   Gemma 3 head 8-bit      1.25  0.76  0.73
+// 4-bit codes keep the GEMV below kGemmMinRows (Qwen gate_up 1.78 1.23 1.11). Speculative
+// verification steps (a token and its k drafts) are these row counts.
+inline int64_t gemm_min_rows(int64_t bits) { return bits == 4 ? kGemmMinRows : 3; }
+inline int64_t tile_min_rows(int64_t bits) { return gemm_min_rows(bits); }
 #else
+inline int64_t gemm_min_rows(int64_t) { return kGemmMinRows; }
 inline int64_t tile_min_rows(int64_t bits) { return bits == 4 ? 24 : 16; }  // 5-bit codes go the signed way
 #endif
 
@@ -1207,7 +1225,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   }
   if (want_xq_sum) p.xq_sum = xq_sum.data();
 #ifdef FS_AVX2
-  if (int8_activations && M >= kGemmMinRows) {
+  if (int8_activations && M >= gemm_min_rows(bits)) {
     if (M >= tile_min_rows(bits)) {
 #ifdef FS_AVX512
       bits == 4 ? gemm_wide_tiled<4>(p) : bits == 5 ? gemm_wide_tiled<5>(p) : gemm_wide_tiled<8>(p);
