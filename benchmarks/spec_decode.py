@@ -7,6 +7,7 @@
 Configurations (each run a process of its own; the configurations alternate within every round):
   flashserve plain, flashserve ngram (prompt lookup), flashserve draft (--draft drafting),
   flashserve medusa / eagle (heads trained by `flashserve train-heads`, given by --medusa / --eagle),
+  each speculative one also as "-pinned" (ngram-pinned, ...: k drafts every step, adaptive k off),
   llama.cpp plain and llama.cpp prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding, one
   stream only: its high-level API runs one sequence).
 Workloads: "open" (write new code from a one-line request) and "grounded" (return a source file
@@ -52,13 +53,16 @@ def prompts(workload: str, streams: int) -> list[str]:
 def run_flashserve(a) -> dict:
     from flashserve import LLM, SamplingParams
 
+    method, _, pinned = a.config.partition("-")
     spec = None
-    if a.config == "ngram":
-        spec = {"method": "ngram", "num_speculative_tokens": a.k}
-    elif a.config == "draft":
-        spec = {"method": "draft_model", "model": a.draft, "num_speculative_tokens": a.k}
-    elif a.config in ("medusa", "eagle"):
-        spec = {"method": a.config, "model": getattr(a, a.config), "num_speculative_tokens": a.k}
+    if method == "ngram":
+        spec = {"method": "ngram"}
+    elif method == "draft":
+        spec = {"method": "draft_model", "model": a.draft}
+    elif method in ("medusa", "eagle"):
+        spec = {"method": method, "model": getattr(a, method)}
+    if spec is not None:
+        spec.update(num_speculative_tokens=a.k, adaptive=pinned != "pinned")
     llm = LLM(a.model, speculative_config=spec, max_model_len=2048, enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
     llm.generate(prompts("open", 1), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
@@ -99,8 +103,9 @@ def one_run(a) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-CONFIGS = [("flashserve", "plain"), ("flashserve", "ngram"), ("flashserve", "draft"), ("flashserve", "medusa"),
-           ("flashserve", "eagle"), ("llamacpp", "plain"), ("llamacpp", "lookup")]
+SPECULATIVE = ("ngram", "draft", "medusa", "eagle")
+CONFIGS = [("flashserve", "plain"), *(("flashserve", m + pin) for m in SPECULATIVE for pin in ("", "-pinned")),
+           ("llamacpp", "plain"), ("llamacpp", "lookup")]
 DEFAULT_CONFIGS = "flashserve:plain,flashserve:ngram,flashserve:draft,llamacpp:plain,llamacpp:lookup"
 
 
@@ -149,7 +154,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown configurations {unknown}")
     for c in ("medusa", "eagle"):
-        if ("flashserve", c) in wanted and getattr(a, c) is None:
+        if any(w[0] == "flashserve" and w[1].partition("-")[0] == c for w in wanted) and getattr(a, c) is None:
             ap.error(f"flashserve:{c} needs --{c} HEADS_FILE")
     header("Speculative decoding: flashserve and llama.cpp", model=a.model, draft=a.draft,
            k=a.k, max_tokens=a.max_tokens, threads=a.threads, repeats=a.repeats, configs=a.configs,

@@ -156,8 +156,9 @@ class SpeculativeConfig:
     smaller model with the target's vocabulary (`model`, resolved to draft_model_path) drafting
     greedily. Up to num_speculative_tokens drafts per request and step, verified by the target
     (losslessly, unless acceptance="typical"). `adaptive`: each request drafts as many as pay off at
-    its own acceptance rate, none when none do (spec_decode/draft_length.py); `draft_cost` overrides the estimated cost of a draft as a
-    fraction of a plain step; `disable_by_batch_size`: no drafts while that many requests run.
+    its own acceptance rate, none when none do (spec_decode/draft_length.py); `draft_cost`
+    overrides the estimated cost of a draft as a fraction of a plain step; `disable_by_batch_size`:
+    no drafts while that many requests run.
     `acceptance`: how the drafts of sampling requests (temperature > 0) are verified: "rejection"
     (lossless rejection sampling) or "typical" (Medusa's typical acceptance with posterior_threshold
     and posterior_alpha, TypicalAcceptance: NOT lossless, the output distribution changes, in

@@ -10,8 +10,9 @@ at a cost of 1 + c*k plain steps, where c is one draft's cost as a fraction of a
 (their eq. 2 calls it c for a draft model). The k in 0..k_max with the largest E(k) / (1 + c*k) is
 chosen; k = 0 (plain decoding) whenever no k beats 1.
 
-    alpha = 0.29, c = 0.15:   k=0: 1.00   k=1: 1.12   k=2: 1.06   -> 1 draft
-    alpha = 0.11, c = 0.30:   k=0: 1.00   k=1: 0.85               -> none
+    alpha = 0.29, c = 0.25:   k=0: 1.00   k=1: 1.03   k=2: 0.92   -> 1 draft
+    alpha = 0.60, c = 0.25:   k=1: 1.28   k=2: 1.31   k=3: 1.25   -> 2 drafts
+    alpha = 0.11, c = 0.50:   k=0: 1.00   k=1: 0.74               -> none
 
 alpha is estimated per request from its own verifications only, so the choice (hence a seeded
 request's random draws) depends on its own sequence, not on what it is batched with. A step with k
@@ -37,7 +38,9 @@ PROBE_INTERVAL = 8  # steps a non-drafting request waits before trying one draft
 
 # One draft's cost as a fraction of a plain decode step, by method, when the draft model's weights
 # do not say it: the target scoring one more row (and sampling it), plus the proposer's own work.
-DRAFT_COST = {"ngram": 0.15, "medusa": 0.3, "eagle": 0.5}
+# Measured on 2 cores (benchmarks/RESULTS.md, adaptive k) and rounded up: where a model's rows are
+# cheaper the engine drafts a little less than it could, never much more than pays.
+DRAFT_COST = {"ngram": 0.25, "medusa": 0.5, "eagle": 0.8}
 VERIFY_COST = DRAFT_COST["ngram"]  # what a draft costs when proposing it is free
 
 

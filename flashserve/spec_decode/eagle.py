@@ -13,10 +13,15 @@ The draft entries are never kept: after verification the target's true features 
 tokens arrive and extend the cache from where it was. Positions the target did not compute (a
 prefix-cache hit) have no features: the layer's context then starts at the first position it saw,
 which can only lower acceptance, never change what the target emits.
+
+Features are entered lazily: observe() only keeps the rows, and the layer runs over all rows kept
+since its last entry, in one call, when the request is next asked for drafts. A request that
+adaptive k has stopped drafting (draft_length.py) then costs no layer call per step, and when it
+probes again the layer catches up over its whole context at the cost of about one call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,12 +32,17 @@ from flashserve.spec_decode.draw import DrawingProposer
 from flashserve.spec_decode.heads import load_heads
 
 
+MAX_PENDING_ROWS = 1024  # rows kept for a request not drafting; past this its context restarts
+
+
 @dataclass
 class _LayerState:
     start: int  # the position of the first entry
     past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values (1, kv_heads, n, hd)
     num_entries: int = 0
     next_feature: torch.Tensor | None = None  # (1, 1, d): the predicted feature after the last entry
+    pending: list[torch.Tensor] = field(default_factory=list)  # rows (n_i, d) from position `end` on
+    num_pending: int = 0
 
     @property
     def end(self) -> int:
@@ -57,24 +67,36 @@ class EagleProposer(DrawingProposer):
         positions = torch.arange(first, first + len(token_ids), device=self.device)
         return self.layer(features, self._embed(token_ids), positions, past)
 
-    @torch.inference_mode()
     def observe(self, hidden: list[tuple[Request, HiddenRows]]) -> None:
         for req, h in hidden:
             n = h.rows.shape[0]
             if not n:
                 continue
             state = self.state.get(req.request_id)
-            if state is None or state.end != h.first_position:  # new, or not the continuation it holds
+            if (state is None or state.end + state.num_pending != h.first_position  # new, or not its continuation
+                    or state.num_pending + n > MAX_PENDING_ROWS):
                 state = self.state[req.request_id] = _LayerState(h.first_position)
-            nxt = req.all_token_ids[h.first_position + 1 : h.first_position + n + 1]  # t_{j+1} of each row
-            if not nxt:
-                continue
-            out, state.past = self._step(h.rows[None, : len(nxt)], nxt, h.first_position, state.past)
-            state.num_entries += len(nxt)
-            state.next_feature = out[:, -1:]
+            state.pending.append(h.rows.clone())  # the runner's buffer is reused by the next step
+            state.num_pending += n
+
+    def _catch_up(self, req: Request, state: _LayerState) -> None:
+        """Enter the kept rows whose next token is known, in one layer call."""
+        if not state.pending:
+            return
+        rows, first = torch.cat(state.pending), state.end  # (n, d)
+        state.pending, state.num_pending = [], 0
+        nxt = req.all_token_ids[first + 1 : first + rows.shape[0] + 1]  # t_{j+1} of each row
+        if not nxt:
+            return  # a row without its next token breaks the chain: the next observe() restarts it
+        out, state.past = self._step(rows[None, : len(nxt)], nxt, first, state.past)
+        state.num_entries += len(nxt)
+        state.next_feature = out[:, -1:]
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
+        for r in requests:
+            if (s := self.state.get(r.request_id)) is not None:
+                self._catch_up(r, s)
         ready = [r for r in requests
                  if (s := self.state.get(r.request_id)) is not None and s.end == r.num_tokens - 1]
         if not ready:

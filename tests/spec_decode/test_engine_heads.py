@@ -76,6 +76,39 @@ def test_runner_hands_over_the_targets_hidden_states(tiny_llama, heads):
         assert positions == list(range(len(positions))) and len(positions) > len(tokens[rid]) - 40
 
 
+def test_eagle_drafts_are_its_layer_over_the_whole_context(tiny_llama, heads):
+    """Adaptive k leaves steps without drafts, and the layer then enters the rows it kept in one call
+    when asked again: every draft chain equals the layer run once from position 0 over transformers'
+    hidden states and the request's tokens, then fed its own predictions."""
+    path, hf = tiny_llama
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="float32", block_size=4, enable_prefix_caching=False,
+              speculative_config={"method": "eagle", "model": heads["eagle"], "num_speculative_tokens": K})
+    proposer = llm.engine.proposer
+    propose, calls = proposer.propose, []
+
+    def recording(requests, num_drafts):
+        drafts = propose(requests, num_drafts)
+        calls.extend((list(r.all_token_ids), drafts[r.request_id]) for r in requests if r.request_id in drafts)
+        return drafts
+
+    proposer.propose = recording
+    outs = generate(llm, prompts()[:4], GREEDY)
+    decoded = sum(len(o.outputs[0].token_ids) for o in outs) - llm.engine.get_stats().spec_accepted_tokens_total
+    assert 4 < len(calls) < 0.5 * decoded  # most decode steps went without drafts
+    layer, embed = proposer.layer, hf.model.embed_tokens
+    with torch.no_grad():
+        for tokens, drafts in calls:
+            n = len(tokens) - 1
+            feats = hf(torch.tensor([tokens[:n]]), output_hidden_states=True).hidden_states[-1]  # (1, n, d)
+            out, past = layer(feats, embed(torch.tensor([tokens[1:]])), torch.arange(n))
+            want, f = [], out[:, -1:]
+            for i in range(len(drafts)):
+                want.append(int(hf.lm_head(f)[0, -1].argmax()))
+                f, past = layer(f, embed(torch.tensor([want[-1:]])), torch.tensor([n + i]), past)
+            assert drafts == want
+    assert_no_leak(llm)
+
+
 @pytest.mark.parametrize("method", ["medusa", "eagle"])
 @pytest.mark.parametrize("kw,rounds", [
     (dict(), 1),  # batched, in one step
