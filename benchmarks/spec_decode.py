@@ -7,7 +7,8 @@
 Configurations (each run a process of its own; the configurations alternate within every round):
   flashserve plain, flashserve ngram (prompt lookup), flashserve draft (--draft drafting),
   flashserve medusa / eagle (heads trained by `flashserve train-heads`, given by --medusa / --eagle),
-  each speculative one also as "-pinned" (ngram-pinned, ...: k drafts every step, adaptive k off),
+  each speculative one also as "-pinned" (ngram-pinned, ...: k drafts every step, adaptive k off) and
+  "-typical" (Medusa's typical acceptance instead of rejection sampling; differs at --temperature > 0),
   llama.cpp plain and llama.cpp prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding, one
   stream only: its high-level API runs one sequence).
 Workloads: "open" (write new code from a one-line request) and "grounded" (return a source file
@@ -53,7 +54,7 @@ def prompts(workload: str, streams: int) -> list[str]:
 def run_flashserve(a) -> dict:
     from flashserve import LLM, SamplingParams
 
-    method, _, pinned = a.config.partition("-")
+    method, _, variant = a.config.partition("-")
     spec = None
     if method == "ngram":
         spec = {"method": "ngram"}
@@ -62,9 +63,11 @@ def run_flashserve(a) -> dict:
     elif method in ("medusa", "eagle"):
         spec = {"method": method, "model": getattr(a, method)}
     if spec is not None:
-        spec.update(num_speculative_tokens=a.k, adaptive=pinned != "pinned")
+        spec.update(num_speculative_tokens=a.k, adaptive=variant != "pinned")
+        if variant == "typical":
+            spec["acceptance"] = "typical"
     llm = LLM(a.model, speculative_config=spec, max_model_len=2048, enable_prefix_caching=False)
-    params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
+    params = SamplingParams(temperature=a.temperature, seed=0, max_tokens=a.max_tokens)
     llm.generate(prompts("open", 1), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
     before = llm.engine.get_stats()
     t0 = time.perf_counter()
@@ -104,7 +107,8 @@ def one_run(a) -> None:
 
 
 SPECULATIVE = ("ngram", "draft", "medusa", "eagle")
-CONFIGS = [("flashserve", "plain"), *(("flashserve", m + pin) for m in SPECULATIVE for pin in ("", "-pinned")),
+CONFIGS = [("flashserve", "plain"),
+           *(("flashserve", m + variant) for m in SPECULATIVE for variant in ("", "-pinned", "-typical")),
            ("llamacpp", "plain"), ("llamacpp", "lookup")]
 DEFAULT_CONFIGS = "flashserve:plain,flashserve:ngram,flashserve:draft,llamacpp:plain,llamacpp:lookup"
 
@@ -112,7 +116,7 @@ DEFAULT_CONFIGS = "flashserve:plain,flashserve:ngram,flashserve:draft,llamacpp:p
 def spawn(a, engine: str, config: str, workload: str, streams: int) -> dict:
     cmd = [sys.executable, __file__, "--one", "--engine", engine, "--config", config, "--workload", workload,
            "--streams", str(streams), "--model", a.model, "--draft", a.draft, "--k", str(a.k),
-           "--max-tokens", str(a.max_tokens), "--threads", str(a.threads),
+           "--max-tokens", str(a.max_tokens), "--threads", str(a.threads), "--temperature", str(a.temperature),
            "--medusa", str(a.medusa), "--eagle", str(a.eagle)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0, help="flashserve only (seed 0); llama.cpp runs greedy")
     ap.add_argument("--workloads", default="open,grounded")
     ap.add_argument("--medusa", default=None, help="Medusa heads file (for the flashserve:medusa configuration)")
     ap.add_argument("--eagle", default=None, help="EAGLE layer file (for the flashserve:eagle configuration)")
@@ -157,8 +162,8 @@ def main() -> None:
         if any(w[0] == "flashserve" and w[1].partition("-")[0] == c for w in wanted) and getattr(a, c) is None:
             ap.error(f"flashserve:{c} needs --{c} HEADS_FILE")
     header("Speculative decoding: flashserve and llama.cpp", model=a.model, draft=a.draft,
-           k=a.k, max_tokens=a.max_tokens, threads=a.threads, repeats=a.repeats, configs=a.configs,
-           medusa=a.medusa, eagle=a.eagle)
+           k=a.k, max_tokens=a.max_tokens, threads=a.threads, temperature=a.temperature, repeats=a.repeats,
+           configs=a.configs, medusa=a.medusa, eagle=a.eagle)
     for streams in [int(s) for s in a.streams.split(",")]:
         for workload in a.workloads.split(","):
             configs = [c for c in CONFIGS if c in wanted and (streams == 1 or c[0] == "flashserve")]
