@@ -38,8 +38,9 @@ PROBE_INTERVAL = 8  # steps a non-drafting request waits before trying one draft
 
 # One draft's cost as a fraction of a plain decode step, by method, when the draft model's weights
 # do not say it: the target scoring one more row (and sampling it), plus the proposer's own work.
-# Measured on 2 cores (benchmarks/RESULTS.md, adaptive k) and rounded up: where a model's rows are
-# cheaper the engine drafts a little less than it could, never much more than pays.
+# Measured on 2 cores with benchmarks/draft_cost.py (RESULTS.md, adaptive k): prompt lookup 0.22-0.32
+# on SmolLM2-135M and Qwen2.5-Coder-1.5B, EAGLE 0.85-0.88 on SmolLM2; a draft priced a little low or
+# high moves the break-even acceptance by as much, so speculation stays near plain speed either way.
 DRAFT_COST = {"ngram": 0.25, "medusa": 0.5, "eagle": 0.8}
 VERIFY_COST = DRAFT_COST["ngram"]  # what a draft costs when proposing it is free
 
