@@ -32,7 +32,7 @@ from torch import nn
 
 from flashserve.model.layers.linear import Linear
 
-FORMAT_VERSION = 2  # 2: the LM head's chunks
+FORMAT_VERSION = 3  # 2: the LM head's chunks; 3: packed-weight classes in their own modules (the skeleton pickles their paths)
 _PAGE = 4096
 _ALIGN = 64
 
