@@ -304,7 +304,8 @@ def test_int8_activations_are_integer_dot_products(qtype, m, k):
 
 @pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q8_0])
-def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
+@pytest.mark.parametrize("cols", [512, 1536])  # 4-bit rows of 1536 keep the GEMV to 6 rows (AVX-512)
+def test_own_kernel_rows_do_not_depend_on_the_batch(qtype, cols):
     """Each row's result is bit-identical whatever else is in the call: with int8 activations at
     every M (the GEMV, and both GEMM kernels on either side of their switch at 16 rows for 8-bit
     codes and 24 for 4-bit ones, the tiled one building its tile per pass up to 32 rows and once
@@ -312,14 +313,14 @@ def test_own_kernel_rows_do_not_depend_on_the_batch(qtype):
     (dequantize + float32 GEMM) it differs by float32 summation order only."""
     # 163 output rows: the last task's 3 rows take the GEMV's two-row form and its one-row tail,
     # and fill part of the tiled GEMM's last 8-row tile
-    w = pack_linear([random_tensor(qtype, 163, 512)], torch.float32, own_kernels=True)
-    x = torch.randn(203, 512, generator=torch.Generator().manual_seed(1))
+    w = pack_linear([random_tensor(qtype, 163, cols)], torch.float32, own_kernels=True)
+    x = torch.randn(203, cols, generator=torch.Generator().manual_seed(1))
     for int8_activations in (True, False):
         w.set_int8_activations(int8_activations)
         assert (w.large_m > len(x)) == int8_activations
         rows = x if int8_activations else x[: w.large_m + 3]
         alone = torch.cat([w(r[None]) for r in rows])
-        sizes = (2, 3, 5, 15, 16, 23, 24, 32, 33, len(rows)) if int8_activations else (2, 3, 5, w.large_m - 1)
+        sizes = (2, 3, 5, 6, 7, 15, 16, 23, 24, 32, 33, len(rows)) if int8_activations else (2, 3, 5, w.large_m - 1)
         for size in sizes:
             batched = torch.cat([w(rows[i : i + size]) for i in range(0, len(rows), size)])
             assert torch.equal(batched, alone), (size, int8_activations)

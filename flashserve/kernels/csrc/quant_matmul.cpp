@@ -59,7 +59,8 @@ constexpr int kMaxMB = 4;            // activation rows sharing one widening of 
 // The same for the int8 GEMV. With 32 vector registers 4 rows fit; a call of 3 or 4 rows then passes
 // the codes once instead of twice: A/B on cycled weights, 4 rows / 2 rows per pass, M = 3 and 4:
 // Qwen2.5 1.5B gate_up 0.66 0.69, down 0.84 0.82; SmolLM2 qkv 0.68 0.67, gate_up 0.69 0.73.
-constexpr int kMaxMBInt8 = 4;
+// Up to 6 for the long rows of gemm_min_rows below.
+constexpr int kMaxMBInt8 = 6;
 #else
 constexpr int kMaxMBInt8 = 2;  // more rows spill the 16 AVX2 registers
 #endif
@@ -86,13 +87,17 @@ constexpr int64_t kAheadRows = 32;  // GEMV software prefetch distance, in weigh
 //   Qwen2.5 1.5B head 8-bit 1.00  0.58  0.68
 //   Gemma 3 gate_up 5-bit   1.34  0.87  0.80   (K = 640)
 //   Gemma 3 head 8-bit      1.25  0.76  0.73
-// 4-bit codes keep the GEMV below kGemmMinRows (Qwen gate_up 1.78 1.23 1.11). Speculative
-// verification steps (a token and its k drafts) are these row counts.
-inline int64_t gemm_min_rows(int64_t bits) { return bits == 4 ? kGemmMinRows : 3; }
-inline int64_t tile_min_rows(int64_t bits) { return gemm_min_rows(bits); }
+// 4-bit codes keep the GEMV below kGemmMinRows (Qwen gate_up 1.78 1.23 1.11), and on rows of at least
+// 1536 values below 7 (GEMV of up to 6 rows a pass / GEMM, M = 5 and 6: Qwen gate_up 0.69 0.76, o 0.86
+// 0.97, down (K 8960) 0.83 0.96, SmolLM2 down 0.87 1.01; on K = 576 the GEMM wins, 1.28-1.54).
+// Speculative verification steps (a token and its k drafts) are these row counts.
+inline int64_t gemm_min_rows(int64_t bits, int64_t K) {
+  return bits != 4 ? 3 : K >= 1536 ? 7 : kGemmMinRows;
+}
+inline int64_t tile_min_rows(int64_t bits, int64_t K) { return gemm_min_rows(bits, K); }
 #else
-inline int64_t gemm_min_rows(int64_t) { return kGemmMinRows; }
-inline int64_t tile_min_rows(int64_t bits) { return bits == 4 ? 24 : 16; }  // 5-bit codes go the signed way
+inline int64_t gemm_min_rows(int64_t, int64_t) { return kGemmMinRows; }
+inline int64_t tile_min_rows(int64_t bits, int64_t) { return bits == 4 ? 24 : 16; }  // 5-bit codes go the signed way
 #endif
 
 // Bytes of codes per weight row (layouts above).
@@ -1225,8 +1230,8 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   }
   if (want_xq_sum) p.xq_sum = xq_sum.data();
 #ifdef FS_AVX2
-  if (int8_activations && M >= gemm_min_rows(bits)) {
-    if (M >= tile_min_rows(bits)) {
+  if (int8_activations && M >= gemm_min_rows(bits, K)) {
+    if (M >= tile_min_rows(bits, K)) {
 #ifdef FS_AVX512
       bits == 4 ? gemm_wide_tiled<4>(p) : bits == 5 ? gemm_wide_tiled<5>(p) : gemm_wide_tiled<8>(p);
 #else
@@ -1281,6 +1286,8 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 #endif
       for (; n < n_end; ++n) {
         switch (mb) {
+          case 6: rows<6>(p, n, m0); break;
+          case 5: rows<5>(p, n, m0); break;
           case 4: rows<4>(p, n, m0); break;
           case 3: rows<3>(p, n, m0); break;
           case 2: rows<2>(p, n, m0); break;
