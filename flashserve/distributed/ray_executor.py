@@ -107,8 +107,31 @@ class RayExecutor(Executor):
             except ray.exceptions.RayActorError as exc:
                 self._fail(f"tensor-parallel rank {refs.index(done[0])} died during {what}: {exc}")
             except ray.exceptions.RayError as exc:
+                dead = self._dead_rank(refs, pending)
+                if dead is not None:  # a peer's death broke this rank's collective: name the cause
+                    self._fail(f"tensor-parallel rank {dead} died during {what} (rank {refs.index(done[0])} "
+                               f"then failed in a collective with it)")
                 self._fail(f"tensor-parallel rank {refs.index(done[0])} failed during {what}:\n{exc}")
         return [results[i] for i in range(len(refs))]
+
+    @staticmethod
+    def _dead_rank(refs: list, pending: list, grace_s: float = 5.0) -> int | None:
+        """The rank among `pending` whose actor died, if one shows within grace_s: when a rank
+        dies, its peers' collectives fail too, often before Ray reports the death itself."""
+        import ray
+
+        deadline = time.monotonic() + grace_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                return None
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError:
+                return refs.index(done[0])
+            except ray.exceptions.RayError:
+                pass
+        return None
 
     def _fail(self, what: str) -> None:
         self._failure = what
