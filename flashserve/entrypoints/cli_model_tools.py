@@ -19,7 +19,9 @@ def add_model_tool_commands(sub) -> None:
                                                   "Q5_1); K-quants on rows not a multiple of 256 fall back as "
                                                   "llama.cpp's do (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0)")
     p.add_argument("--output-type", default="Q6_K", help="gguf: the type of the embedding and LM head")
-    p.add_argument("--imatrix", default=None, metavar="FILE", help="gguf: an importance matrix (flashserve imatrix)")
+    p.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="gguf: an importance matrix: flashserve imatrix's, or llama-imatrix's (imatrix.gguf or "
+                        "legacy .dat), told apart by content")
     p.add_argument("--model", default="smollm2-135m",
                    help="the float model: an HF directory, or a .gguf file or built-in name (dequantized)")
     p.add_argument("--out", required=True, help="the checkpoint directory to create (must not exist)")
@@ -33,7 +35,9 @@ def add_model_tool_commands(sub) -> None:
                                        "linear weight) of a model on calibration text, for quantize --method gguf")
     p.add_argument("--model", default="smollm2-135m", help="a .gguf file, a local HF directory, or a built-in name")
     p.add_argument("--calib", required=True, metavar="FILE", help="calibration text")
-    p.add_argument("--out", required=True, help="the .imatrix file to write (safetensors; must not exist)")
+    p.add_argument("--out", required=True, help="the file to write (must not exist): *.gguf and *.dat in "
+                                                "llama.cpp's formats (for llama-quantize --imatrix), any other "
+                                                "name flashserve's safetensors")
     p.add_argument("--max-seqs", type=int, default=32, help="calibration sequences of 512 tokens at most")
     p.set_defaults(func=cmd_imatrix)
 
@@ -113,9 +117,9 @@ def cmd_imatrix(a) -> None:
 
     if Path(a.out).exists():
         raise FlashserveError(f"{a.out} exists; choose a new output path")
-    imatrix, tokens = compute_imatrix(a.model, a.calib, max_seqs=a.max_seqs,
-                                      progress=lambda s: tqdm(s, desc="imatrix", unit="seq"))
-    save_imatrix(a.out, imatrix, tokens, a.calib)
+    imatrix, tokens, seq_len = compute_imatrix(a.model, a.calib, max_seqs=a.max_seqs,
+                                               progress=lambda s: tqdm(s, desc="imatrix", unit="seq"))
+    save_imatrix(a.out, imatrix, tokens, a.calib, chunk_size=seq_len)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"wrote {a.out} ({len(imatrix)} weights, {tokens} calibration tokens); peak memory {peak:.0f} MiB")
 

@@ -59,6 +59,8 @@ def quantize_gguf(args: GGUFQuantizeArgs, progress=None) -> dict:
         raise FlashserveError(f"{src}: --method gguf reads a GGUF file (an HF directory is not supported yet)")
     reader = GGUFReader(str(src))
     importance = load_imatrix(args.imatrix) if args.imatrix else None
+    if importance is not None:
+        _check_names(importance, {t.name for t in reader.tensors}, args.imatrix)
     arch = reader.fields["general.architecture"].contents()
     head = _HEAD if any(t.name == _HEAD for t in reader.tensors) else _EMBEDDING
 
@@ -109,9 +111,20 @@ def _importance(imatrix: dict | None, name: str, cols: int, notes: list[str]) ->
         notes.append(f"{name}: no importance in the matrix, quantized without one")
         return None
     if imp.shape != (cols,):
-        raise FlashserveError(f"the importance matrix has {imp.shape[0]} columns for {name}, whose rows hold "
-                              f"{cols} weights: it was computed for another model")
+        experts = (f", or {imp.size // cols} experts' columns of a 3-D tensor, which flashserve does not quantize"
+                   if imp.size > cols and imp.size % cols == 0 else "")
+        raise FlashserveError(f"the importance matrix has {imp.size} columns for {name}, whose rows hold {cols} "
+                              f"weights: it was computed for another model{experts}")
     return imp
+
+
+def _check_names(imatrix: dict, tensors: set[str], path: str) -> None:
+    """Every weight the matrix names must be in the model: a name that is not means another model."""
+    stray = sorted(set(imatrix) - tensors)
+    if stray:
+        raise FlashserveError(f"{path}: {len(stray)} of the importance matrix's {len(imatrix)} weights are not "
+                              f"tensors of the model ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}): "
+                              "it was computed for another model")
 
 
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:

@@ -10,9 +10,11 @@ The activations come from flashserve's own model (float32 weights, dequantized f
 read from an HF directory) prefilling the calibration sequences (calibrate.py). The importance of
 fused projections (q|k|v, gate|up) is that of their shared input, stored under each part's name.
 
-File format (safetensors): one float32 (K,) tensor per weight, named as the GGUF tensor it weighs
-("blk.0.attn_q.weight", "output.weight", or "token_embd.weight" for a head tied to the embedding);
-metadata {"format": "flashserve-imatrix", "tokens": <calibration tokens>, "calibration": <file>}.
+File format (safetensors, the default): one float32 (K,) tensor per weight, named as the GGUF tensor it
+weighs ("blk.0.attn_q.weight", "output.weight", or "token_embd.weight" for a head tied to the
+embedding); metadata {"format": "flashserve-imatrix", "tokens": <calibration tokens>, "calibration":
+<file>}. llama.cpp's imatrix GGUF and legacy .dat are written and read too (llama_imatrix.py), so a
+matrix made here serves llama-quantize and one made by llama-imatrix serves `flashserve quantize`.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ _GGUF_PARTS = {
 
 
 def compute_imatrix(model_path: str, calib: str, seq_len: int = SEQ_LEN, max_seqs: int = MAX_SEQS,
-                    progress=None) -> tuple[dict[str, np.ndarray], int]:
-    """({GGUF weight name: E[x^2] (K,) float32}, calibration tokens) for the model at `model_path`."""
+                    progress=None) -> tuple[dict[str, np.ndarray], int, int]:
+    """({GGUF weight name: E[x^2] (K,) float32}, calibration tokens, tokens per sequence) for the
+    model at `model_path`."""
     from flashserve.model.catalogue import resolve
     from flashserve.model.loader import load_model
     from flashserve.quantization.activation_methods import calibration_tokens
@@ -67,32 +70,70 @@ def compute_imatrix(model_path: str, calib: str, seq_len: int = SEQ_LEN, max_seq
         for h in handles:
             h.remove()
     tokens = ids.numel()
-    return {name: (total / tokens).float().numpy() for names, total in sums.items() for name in names}, tokens
+    means = {name: (total / tokens).float().numpy() for names, total in sums.items() for name in names}
+    return means, tokens, ids.shape[1]
 
 
-def save_imatrix(path: str, imatrix: dict[str, np.ndarray], tokens: int, calib: str) -> None:
+def save_imatrix(path: str, imatrix: dict[str, np.ndarray], tokens: int, calib: str,
+                 chunk_size: int = SEQ_LEN) -> None:
+    """Writes by the suffix: .gguf → llama.cpp's imatrix GGUF, .dat → its legacy binary (both for
+    llama-quantize --imatrix; llama_imatrix.py), anything else → flashserve's safetensors.
+    chunk_size: the tokens per calibration sequence (llama.cpp's chunk)."""
     from safetensors.numpy import save_file
+
+    from flashserve.quantization import llama_imatrix
 
     out = Path(path)
     if out.exists():
         raise FlashserveError(f"{out} exists; choose a new output path")
     tmp = out.parent / f".{out.name}.partial"
     try:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}, str(tmp),
-                  metadata={"format": FORMAT, "tokens": str(tokens), "calibration": Path(calib).name})
+        if out.suffix in (".gguf", ".dat"):
+            write = llama_imatrix.write_gguf if out.suffix == ".gguf" else llama_imatrix.write_dat
+            write(tmp, imatrix, tokens, chunk_size, Path(calib).name)
+        else:
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}, str(tmp),
+                      metadata={"format": FORMAT, "tokens": str(tokens), "calibration": Path(calib).name})
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_imatrix(path: str) -> dict[str, np.ndarray]:
+    """{weight name: per-column importance (K,) float32} from any of the three formats, told apart by
+    their first bytes: "GGUF" (llama.cpp's GGUF), a little-endian header length and "{" (safetensors),
+    otherwise llama.cpp's legacy .dat, which has no magic and is checked entry by entry."""
+    from flashserve.quantization import llama_imatrix
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            if head[:4] == llama_imatrix.GGUF_MAGIC:
+                return llama_imatrix.read_gguf(path)
+            if head[8:9] == b"{":
+                return _load_safetensors(path)
+            f.seek(0)
+            data = f.read()
+    except OSError as exc:
+        raise FlashserveError(f"{path}: cannot read the importance matrix ({exc.strerror})") from None
+    except llama_imatrix.ImatrixFormatError as exc:
+        raise FlashserveError(f"{path}: cannot read the importance matrix: {exc}") from None
+    try:
+        return llama_imatrix.read_dat(data)
+    except llama_imatrix.ImatrixFormatError as exc:
+        raise FlashserveError(f"{path}: cannot read the importance matrix: no GGUF or safetensors header, "
+                              f"and not llama.cpp's legacy .dat either ({exc})") from None
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     try:
         f = safe_open(path, "np")
-    except Exception as exc:  # missing, or not safetensors at all (safetensors raises its own type)
+    except Exception as exc:  # not safetensors after all (safetensors raises its own type)
         raise FlashserveError(f"{path}: cannot read the importance matrix ({exc})") from None
     with f:
         if (f.metadata() or {}).get("format") != FORMAT:
-            raise FlashserveError(f"{path}: not an importance matrix written by `flashserve imatrix`")
+            raise FlashserveError(f"{path}: a safetensors file, but not an importance matrix written by "
+                                  "`flashserve imatrix`")
         return {k: f.get_tensor(k) for k in f.keys()}

@@ -133,8 +133,8 @@ def test_bad_inputs(tiny_gguf, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_imatrix(smollm2_gguf, tmp_path_factory):
     path = tmp_path_factory.mktemp("imatrix") / "smollm2.imatrix"
-    imatrix, tokens = compute_imatrix(smollm2_gguf, CALIB, seq_len=96, max_seqs=2)
-    save_imatrix(str(path), imatrix, tokens, CALIB)
+    imatrix, tokens, seq_len = compute_imatrix(smollm2_gguf, CALIB, seq_len=96, max_seqs=2)
+    save_imatrix(str(path), imatrix, tokens, CALIB, chunk_size=seq_len)
     return path
 
 
