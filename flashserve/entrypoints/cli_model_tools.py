@@ -14,7 +14,7 @@ def add_model_tool_commands(sub) -> None:
                                         "model, calibrated on a text file, or a GGUF file of another type")
     p.add_argument("--method", required=True, choices=["gptq", "awq", "rtn", "rtn-sym", "gguf"],
                    help="rtn / rtn-sym: round-to-nearest baselines in the AWQ / GPTQ format; "
-                        "gguf: a GGUF file (from a GGUF file) of --type, weighted by --imatrix")
+                        "gguf: a GGUF file of --type (from a GGUF file or an HF directory), weighted by --imatrix")
     p.add_argument("--type", default="Q4_K", help="gguf: the linears' type (Q4_K Q5_K Q6_K Q8_0 Q4_0 Q4_1 Q5_0 "
                                                   "Q5_1); K-quants on rows not a multiple of 256 fall back as "
                                                   "llama.cpp's do (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0)")

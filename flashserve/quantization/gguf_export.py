@@ -1,7 +1,9 @@
-"""`flashserve quantize --method gguf`: a GGUF file → a GGUF file of another type, written with gguf-py.
+"""`flashserve quantize --method gguf`: a GGUF file or a Hugging Face directory → a GGUF file of another
+type, written with gguf-py.
 
-The source's key/value metadata (architecture, hyper-parameters, tokenizer, chat template) is copied
-as it is, except the file type, which names the new one. Each tensor is dequantized to float32 and:
+A GGUF source's key/value metadata (architecture, hyper-parameters, tokenizer, chat template) is copied
+as it is, except the file type, which names the new one; an HF directory's is made from its config and
+tokenizer (gguf_source.py). Each tensor is read as float32 and:
 
     1-D (norms, biases)                         → F32, as llama.cpp keeps them
     the LM head (output, or token_embd if tied)  → --output-type (llama.cpp's default: Q6_K)
@@ -9,7 +11,7 @@ as it is, except the file type, which names the new one. Each tensor is dequanti
     a K-quant asked for on rows not a multiple of 256 → llama.cpp's fallback (gguf_encode.fitted_type)
 
 With an importance matrix (imatrix.py) each weight's fit is weighted by its columns' importance
-(gguf_encode.py). Tensors keep the source's names, layouts and order, so Q/K rows stay permuted
+(gguf_encode.py). Tensors keep a GGUF source's names, layouts and order, so Q/K rows stay permuted
 as llama.cpp expects. The file is written under a temporary name and renamed at the end.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGUFWriter, LlamaFileType
 from gguf.constants import GGMLQuantizationType as Q
 
 from flashserve.errors import FlashserveError, ModelFormatError
@@ -32,12 +34,11 @@ _FILE_TYPES = {Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S, Q.Q5_K: LlamaFileType.MOSTLY
                Q.Q6_K: LlamaFileType.MOSTLY_Q6_K, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
                Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
                Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1}
-_NOT_COPIED = ("GGUF.", "general.architecture", "general.file_type")  # the writer sets these
 
 
 @dataclass(frozen=True)
 class GGUFQuantizeArgs:
-    model: str  # a .gguf file or a catalogue name
+    model: str  # a .gguf file, a catalogue name, or a Hugging Face directory (gguf_source.py)
     out: str
     qtype: str = "Q4_K"
     output_type: str = "Q6_K"
@@ -47,7 +48,7 @@ class GGUFQuantizeArgs:
 def quantize_gguf(args: GGUFQuantizeArgs, progress=None) -> dict:
     """Writes args.out; returns {"types": Counter of tensor types written, "notes": [...], "peak_rss_mib"}."""
     from flashserve.model.catalogue import resolve
-    from flashserve.model.loader.gguf import dequantize_tensor
+    from flashserve.quantization.gguf_source import open_source
     from flashserve.quantization.imatrix import load_imatrix
 
     qtype, head_type = _type(args.qtype, "--type"), _type(args.output_type, "--output-type")
@@ -55,34 +56,32 @@ def quantize_gguf(args: GGUFQuantizeArgs, progress=None) -> dict:
     if out.exists():
         raise FlashserveError(f"{out} exists; choose a new output path")
     src = Path(resolve(args.model))
-    if src.is_dir() or src.suffix != ".gguf":
-        raise FlashserveError(f"{src}: --method gguf reads a GGUF file (an HF directory is not supported yet)")
-    reader = GGUFReader(str(src))
+    source = open_source(src)
+    names = {name for name, _ in source.tensors}
     importance = load_imatrix(args.imatrix) if args.imatrix else None
     if importance is not None:
-        _check_names(importance, {t.name for t in reader.tensors}, args.imatrix)
-    arch = reader.fields["general.architecture"].contents()
-    head = _HEAD if any(t.name == _HEAD for t in reader.tensors) else _EMBEDDING
+        _check_names(importance, names, args.imatrix)
+    head = _HEAD if _HEAD in names else _EMBEDDING
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     written: Counter = Counter()
-    notes: list[str] = []
+    notes: list[str] = list(source.notes)
     try:
-        writer = GGUFWriter(str(tmp), arch)
-        _copy_metadata(reader, writer)
+        writer = GGUFWriter(str(tmp), source.arch)
+        source.write_metadata(writer)
         writer.add_file_type(int(_FILE_TYPES[qtype]))
-        for t in (progress or (lambda ts: ts))(reader.tensors):
-            w = dequantize_tensor(t)
+        for name, read in (progress or (lambda ts: ts))(source.tensors):
+            w = read()
             if w.ndim == 1:
-                writer.add_tensor(t.name, w.astype(np.float32))
+                writer.add_tensor(name, w.astype(np.float32))
                 written["F32"] += 1
                 continue
             if w.ndim != 2:
-                raise ModelFormatError(f"{src}: tensor {t.name} has {w.ndim} dimensions")
-            want = head_type if t.name == head else qtype
-            kind = fitted_type(want, w.shape[1], t.name)
-            imp = _importance(importance, t.name, w.shape[1], notes)
-            writer.add_tensor(t.name, encode(w, kind, imp), raw_dtype=kind)
+                raise ModelFormatError(f"{src}: tensor {name} has {w.ndim} dimensions")
+            want = head_type if name == head else qtype
+            kind = fitted_type(want, w.shape[1], name)
+            imp = _importance(importance, name, w.shape[1], notes)
+            writer.add_tensor(name, encode(w, kind, imp), raw_dtype=kind)
             written[kind.name] += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -125,12 +124,3 @@ def _check_names(imatrix: dict, tensors: set[str], path: str) -> None:
         raise FlashserveError(f"{path}: {len(stray)} of the importance matrix's {len(imatrix)} weights are not "
                               f"tensors of the model ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}): "
                               "it was computed for another model")
-
-
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
-    for key, field in reader.fields.items():
-        if key.startswith(_NOT_COPIED):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
