@@ -72,13 +72,17 @@ def _fit_context(config, num_tokens: int):
 
 
 def one_shot_engine(a):
-    """(engine, sampling params) of `generate`: a KV pool for the prompt and max_tokens, no more."""
-    from flashserve.engine.llm_engine import LLMEngine
+    """(engine, sampling params) of `generate`: a KV pool for the prompt and max_tokens, no more.
+    The tokenizer comes first, before torch is imported: its parse's transient garbage (returned to
+    the OS once it is built) then never stacks on torch's own memory in the process's peak."""
+    from flashserve.model.catalogue import resolve
     from flashserve.tokenizer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_model_path(str(resolve(a.model)))
+    from flashserve.engine.llm_engine import LLMEngine
 
     params = sampling_params_from(a)
     config = engine_args_from(a).create_engine_config()
-    tokenizer = Tokenizer.from_model_path(config.model_path)
     config = _fit_context(config, len(tokenizer.encode(a.prompt)) + params.max_tokens)
     return LLMEngine(config, tokenizer=tokenizer), params
 

@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from flashserve.heap import return_freed_memory_to_the_os
 from flashserve.offload.packed_layers import PackedLayerStore, drop_streamed, streamed_params
 from flashserve.offload.vocab_streaming import (
     EMBEDDING_NAME,
@@ -134,7 +135,7 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
     from flashserve.model.loader.gguf import iter_gguf_tensors
     from flashserve.model.loader.gguf_file import open_gguf
 
-    _return_freed_memory_to_the_os()
+    return_freed_memory_to_the_os(trim=False)
     store = PackedLayerStore(path, quantization, model.dtype, ops.available())
     layers = model.model.layers
     keep = quantization != "none"
@@ -151,10 +152,10 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
             model.load_weights(group, hf_checkpoint=False, complete=False)
             if i is not None:
                 store.write_layer(i, layers[i], len(layers))
-                _return_freed_memory_to_the_os(trim=True)  # packing's small temporaries left the heap fragmented
+                return_freed_memory_to_the_os()  # packing's small temporaries left the heap fragmented
         for start, end, chunk in head_chunks(head_info, model.lm_head is None, keep, model.dtype):
             store.write_head_chunk(start, end, chunk)
-            _return_freed_memory_to_the_os(trim=True)
+            return_freed_memory_to_the_os()
         store.finish(layers)
     store.open(layers)
     head = StreamedHead(store)
@@ -164,7 +165,7 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
     if not tied:
         model.lm_head = head
     del tensors, embedding, head_info  # their views of the file's memory map
-    _return_freed_memory_to_the_os(trim=True)
+    return_freed_memory_to_the_os()
     sizes = [store.layer_bytes(i) for i in range(len(layers))]
     window = window_for_budget(budget, resident_bytes(model), sizes)
     if window == len(layers):
@@ -196,23 +197,3 @@ def _layer_of(name: str) -> int | None:
 def _is_streamed(name: str) -> bool:
     """A decoder layer's projection weight (q/k/v/o, gate/up/down): the tensors the store holds."""
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-def _return_freed_memory_to_the_os(trim: bool = False) -> None:
-    """glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in the heap, where
-    packing's temporaries (row chunks of 25 MiB, lists of codes before a cat) left ~0.9 GiB resident
-    and a 2 GiB peak for Qwen2.5-Coder-1.5B, measured; from 1 MiB up, blocks get their own mappings,
-    unmapped when freed. `trim`: also hand back the free heap that smaller blocks left (~0.25 GiB
-    there, after loading). Elsewhere nothing to do."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "mallopt"):
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    if trim and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)

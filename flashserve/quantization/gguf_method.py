@@ -44,6 +44,7 @@ from flashserve.quantization.gguf_blocks import (
     int5_packed,
     int8_groups,
     q4k_factored,
+    release_mapped,
 )
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.int4_format import Int4Groups
@@ -59,6 +60,7 @@ KERNEL_TYPES = INT4_TYPES | INT8_TYPES  # GGUF types that run packed rather than
 # a process loading Qwen2.5-Coder-1.5B under layer streaming, which writes its packed-layer file, peaked
 # 708 MiB with 4096, 481 with 1024 and the heap trimmed after each layer, measured)
 _ROWS = 1024
+_FOLIO_BYTES = 2 << 20  # the largest page-cache folio on x86-64 (a PMD)
 
 Part = GGUFTensor | Int4Groups | torch.Tensor  # a dense part arrives as a float tensor
 
@@ -100,12 +102,8 @@ def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupW
     Q5_0 at its own 5 bits, Q8_0/Q4_0 exactly in 8, other types requantized per group of 32."""
     own = _own_kernels() if own_kernels is None else own_kernels
     if own and t.qtype == Q.Q5_0:
-        codes, scale = (torch.from_numpy(a) for a in int5_packed(t))
-        return GroupQuantWeight(codes, scale, None, bits=5, packed=True)
-    if t.qtype in INT8_GROUP_TYPES:
-        codes, scale = (torch.from_numpy(a) for a in int8_groups(t))
-    else:
-        codes, scale = (torch.cat(a) for a in zip(*(quantize_groups(_dense(chunk)) for chunk in _row_chunks(t))))
+        return GroupQuantWeight(*_rows_converted([t], _int5_codes), None, bits=5, packed=True)
+    codes, scale = _rows_converted([t], _int8_group_codes)
     if own:
         return GroupQuantWeight(codes, scale, None, bits=8)
     return Int8GroupWeight(codes, scale)
@@ -125,14 +123,11 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
         codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
         return Int4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero))
     if kind == "int5":  # the file's own blocks less their scale (gguf_blocks.int5_packed)
-        codes, scale = (np.concatenate(x) for x in zip(*(int5_packed(p) for p in parts)))
-        return GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(scale), None, bits=5, packed=True)
+        return GroupQuantWeight(*_rows_converted(parts, _int5_codes), None, bits=5, packed=True)
     if kind == "int8":
         if own_kernels:
-            q, scale = zip(*(_int8_group_codes(chunk) for p in parts for chunk in _row_chunks(p)))
-            return GroupQuantWeight(torch.cat(q), torch.cat(scale), None, bits=8)
-        q, scale = zip(*(quantize_rows(_dense(chunk)) for p in parts for chunk in _row_chunks(p)))
-        return Int8Weight(torch.cat(q), torch.cat(scale))
+            return GroupQuantWeight(*_rows_converted(parts, _int8_group_codes), None, bits=8)
+        return Int8Weight(*_rows_converted(parts, lambda chunk: quantize_rows(_dense(chunk))))
     return DenseWeight(torch.cat([_dense(p) for p in parts]).to(dtype))
 
 
@@ -150,6 +145,10 @@ def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_groups(_dense(t))
 
 
+def _int5_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.from_numpy(a) for a in int5_packed(t))
+
+
 def _own_kernels() -> bool:
     """This project's C++ kernel (float32 activations, exact scales) when it built; else torch's."""
     from flashserve.kernels import ops
@@ -159,6 +158,30 @@ def _own_kernels() -> bool:
 
 def _dense(part: Part) -> torch.Tensor:
     return part if isinstance(part, torch.Tensor) else torch.from_numpy(part.dequantize())
+
+
+def _rows_converted(parts: list[Part], convert) -> tuple[torch.Tensor, ...]:
+    """convert(chunk) of every row chunk of the parts, stacked along the rows into tensors made once,
+    each chunk's file pages released as soon as it is converted: the peak is the result and one chunk
+    (not the result, a list of chunk results for torch.cat, and the tensor's whole file range: Gemma 3's
+    170 MiB Q8_0 embedding raised the start-up peak by ~2x its size, measured)."""
+    total, outs, row = sum(p.shape[0] for p in parts), None, 0
+    for part in parts:
+        for index, chunk in enumerate(_row_chunks(part)):
+            pieces = convert(chunk)
+            if outs is None:
+                outs = tuple(torch.empty((total, *x.shape[1:]), dtype=x.dtype) for x in pieces)
+            for out, x in zip(outs, pieces):
+                out[row:row + x.shape[0]] = x
+            row += pieces[0].shape[0]
+            if isinstance(part, GGUFTensor):
+                # From a little before the chunk: the kernel maps a file folio (up to 2 MiB) whole on a
+                # fault, so reading this chunk mapped the tail of the one before again (measured: half
+                # of the embedding stayed resident when only each chunk's own range was released).
+                first = index * _ROWS
+                back = -(-_FOLIO_BYTES // max(1, part.raw.strides[0]))
+                release_mapped(part.raw[max(0, first - back):first + chunk.shape[0]])
+    return outs
 
 
 def _row_chunks(part: Part) -> Iterator[Part]:

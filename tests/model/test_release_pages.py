@@ -4,6 +4,7 @@ kernel's own accounting in /proc/self/smaps) and reads back the same bytes; an a
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf.constants import GGMLQuantizationType as Q
 
 from flashserve.quantization.gguf_blocks import GGUFTensor
@@ -44,3 +45,24 @@ def test_heap_arrays_are_left_alone():
     heap = np.arange(272 * 1000, dtype=np.uint8).reshape(1000, 272)
     GGUFTensor(heap, Q.Q8_0, (1000, 256)).release_pages()
     assert np.array_equal(heap.reshape(-1), np.arange(272 * 1000, dtype=np.uint8))
+
+
+def test_packing_a_large_table_leaves_little_of_the_file_resident(tmp_path):
+    """pack_embedding converts a table a chunk of rows at a time and releases what it read as it
+    goes (from a little before each chunk: the kernel maps a file folio whole on a fault), so the
+    file's pages do not stack on the packed copy; the codes and scales are the whole tensor's."""
+    from flashserve.quantization.gguf_blocks import int8_groups
+    from flashserve.quantization.gguf_method import pack_embedding
+
+    rows, cols = 4096, 2048
+    row_bytes = cols // 32 * 34
+    blocks = np.random.default_rng(1).integers(0, 256, (rows, cols // 32, 34), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)  # finite scales d
+    path = tmp_path / "table.bin"
+    blocks.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r").reshape(rows, row_bytes)
+    packed = pack_embedding(GGUFTensor(mapped, Q.Q8_0, (rows, cols)), own_kernels=True)
+    assert resident_kib(mapped) <= (rows * row_bytes // 1024) // 8
+    codes, scale = int8_groups(GGUFTensor(np.array(mapped), Q.Q8_0, (rows, cols)))
+    assert np.array_equal(packed.codes.view(torch.int8).numpy(), codes)
+    assert np.array_equal(packed.scale.float().numpy(), scale)

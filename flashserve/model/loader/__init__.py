@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from flashserve.config import (ACTIVATION_METHODS, QUANTIZATION_CHOICES, ActivationQuantConfig, HotNeuronConfig,
                                ModelConfig)
-from flashserve.model.models.registry import model_class
-from flashserve.quantization.group_quant_weight import GroupQuantWeight
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def load_model_config(path: str) -> ModelConfig:
     return gguf_model_config(path)
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                quantization: str = "none", max_weight_memory: int | None = None,
                activation_quant: ActivationQuantConfig | None = None, hot_neurons: HotNeuronConfig | None = None):
     """Returns (model in eval mode on `device`, its ModelConfig).
@@ -40,7 +40,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     "smoothquant" and "llm.int8" load the weights as floats, then turn the decoder linears into int8
     weights with int8-rounded activations (quantization/activation_methods.py; options: activation_quant).
 
-    hot_neurons: a neuron profile whose predictor skips cold FFN neurons, exact or off (offload/hot_cold.py)."""
+    hot_neurons: a neuron profile whose predictor skips cold FFN neurons, exact or off (offload/hot_cold.py).
+    dtype: the compute dtype, float32 when None."""
+    import torch  # here, not at the top: the package's torch-free parts (GGUF metadata) are read before it
+
+    from flashserve.model.models.registry import model_class
+    from flashserve.quantization.group_quant_weight import GroupQuantWeight
+
+    dtype = dtype or torch.float32
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
     cfg = load_model_config(path)
