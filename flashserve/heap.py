@@ -1,5 +1,6 @@
 """Handing freed heap memory back to the operating system (glibc), where start-up's temporaries
-would otherwise stay in the process's resident set for its whole life."""
+would otherwise stay in the process's resident set for its whole life. Elsewhere than glibc both
+calls do nothing."""
 from __future__ import annotations
 
 import ctypes
@@ -15,17 +16,20 @@ def _libc():
     return ctypes.CDLL(name) if name is not None else None
 
 
-def return_freed_memory_to_the_os(trim: bool = True) -> None:
+def release_free_heap() -> None:
+    """malloc_trim: hand back the free heap that freed blocks left (packing's temporaries, or the
+    tokenizers library's parse of a large vocabulary, whose garbage is ~3x the tokenizer it builds)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def map_large_blocks() -> None:
     """glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in the heap, where
     packing's temporaries (row chunks of 25 MiB, lists of codes before a cat) left ~0.9 GiB resident
     and a 2 GiB peak for Qwen2.5-Coder-1.5B, measured; from 1 MiB up, blocks get their own mappings,
-    unmapped when freed. `trim`: also hand back the free heap that smaller blocks left (packing's, or
-    the tokenizers library's parse of a large vocabulary, whose garbage is ~3x the tokenizer it builds).
-    Elsewhere than glibc nothing to do."""
+    unmapped when freed. The price: every such allocation faults its pages in anew, so only layer
+    streaming, which loads layers all its life, asks for it."""
     libc = _libc()
-    if libc is None:
-        return
-    if hasattr(libc, "mallopt"):
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    if trim and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)

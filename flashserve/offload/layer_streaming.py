@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from flashserve.heap import return_freed_memory_to_the_os
+from flashserve.heap import map_large_blocks, release_free_heap
 from flashserve.offload.packed_layers import PackedLayerStore, drop_streamed, streamed_params
 from flashserve.offload.vocab_streaming import (
     EMBEDDING_NAME,
@@ -135,7 +135,7 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
     from flashserve.model.loader.gguf import iter_gguf_tensors
     from flashserve.model.loader.gguf_file import open_gguf
 
-    return_freed_memory_to_the_os(trim=False)
+    map_large_blocks()
     store = PackedLayerStore(path, quantization, model.dtype, ops.available())
     layers = model.model.layers
     keep = quantization != "none"
@@ -152,10 +152,10 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
             model.load_weights(group, hf_checkpoint=False, complete=False)
             if i is not None:
                 store.write_layer(i, layers[i], len(layers))
-                return_freed_memory_to_the_os()  # packing's small temporaries left the heap fragmented
+                release_free_heap()  # packing's small temporaries left the heap fragmented
         for start, end, chunk in head_chunks(head_info, model.lm_head is None, keep, model.dtype):
             store.write_head_chunk(start, end, chunk)
-            return_freed_memory_to_the_os()
+            release_free_heap()
         store.finish(layers)
     store.open(layers)
     head = StreamedHead(store)
@@ -165,7 +165,7 @@ def load_streamed(model: nn.Module, path: str, cfg, quantization: str, budget: i
     if not tied:
         model.lm_head = head
     del tensors, embedding, head_info  # their views of the file's memory map
-    return_freed_memory_to_the_os()
+    release_free_heap()
     sizes = [store.layer_bytes(i) for i in range(len(layers))]
     window = window_for_budget(budget, resident_bytes(model), sizes)
     if window == len(layers):

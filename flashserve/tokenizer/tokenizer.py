@@ -14,7 +14,7 @@ from pathlib import Path
 from flashserve.errors import ModelFormatError
 from flashserve.tokenizer import cache
 from flashserve.tokenizer.chat_template import render_chat
-from flashserve.heap import return_freed_memory_to_the_os
+from flashserve.heap import release_free_heap
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Tokenizer:
     def from_model_path(cls, path: str) -> "Tokenizer":
         """The model's tokenizer: a GGUF file's from the cache when it holds this exact file."""
         tok = cls._load_or_build(Path(path))
-        return_freed_memory_to_the_os()  # the parse's garbage: ~0.28 GiB for Gemma 3's 262k vocabulary
+        release_free_heap()  # the parse's garbage: ~0.28 GiB for Gemma 3's 262k vocabulary
         return tok
 
     @classmethod
