@@ -52,7 +52,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     dtype = getattr(torch, config.dtype)
     model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization,
                             max_weight_memory=config.max_weight_memory, activation_quant=config.activation_quant,
-                            hot_neurons=config.hot_neurons)
+                            hot_neurons=config.hot_neurons, max_positions=config.scheduler.max_model_len)
     if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
         from flashserve.distributed.pipeline_parallel import split_stages
 

@@ -48,6 +48,34 @@ def test_per_head_norm_and_rotary_on_strided_views(dtype):
     torch.testing.assert_close(got_k, want_k, **TOL[dtype])
 
 
+@pytest.mark.parametrize("position", [64, 1 << 20, -1])
+def test_rotary_refuses_a_position_past_its_tables(position):
+    """The engine sizes the tables to its context (load_model's max_positions): a position outside
+    them is an error in the C++ kernel, never a read past the end (the torch twin's indexing raises
+    on its own past the end)."""
+    rope = RotaryEmbedding(16, 64, 10000.0)
+    q, k = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
+    with pytest.raises(RuntimeError, match=f"position {position} is outside the tables' 64 positions"):
+        rope(torch.tensor([3, position]), q, k)
+
+
+def test_load_model_sizes_rotary_tables_to_max_positions(tmp_path):
+    """Tables of max_positions rows, each row the full table's (Gemma 3: both of its bases); the
+    config returned still names the model's own context."""
+    from flashserve.model.loader import load_model
+    from tests.model.tiny import hf_tiny, write_gguf
+
+    path = str(write_gguf(hf_tiny("gemma3"), tmp_path / "gemma3.gguf"))
+    full, cfg = load_model(path)
+    short, short_cfg = load_model(path, max_positions=40)
+    tables = lambda m: [t for t in m.modules() if isinstance(t, RotaryEmbedding)]  # noqa: E731
+    assert len(tables(short)) == len(tables(full)) >= 2
+    for got, want in zip(tables(short), tables(full)):
+        assert got.cos.shape[0] == 40 < want.cos.shape[0] == cfg.max_position_embeddings
+        assert torch.equal(got.cos, want.cos[:40]) and torch.equal(got.sin, want.sin[:40])
+    assert short_cfg == cfg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["silu", "gelu_pytorch_tanh"])
 def test_act_and_mul(dtype, name):

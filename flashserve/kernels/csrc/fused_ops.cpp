@@ -196,6 +196,13 @@ void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, 
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
               cos.size(1) * 2 == x.size(2), "rotary_: float32 (max_pos, D/2) tables expected");
   auto pos = positions.to(at::kLong).contiguous();
+  // The tables cover the engine's context, not always the model's: a position past them must fail
+  // here rather than read past the end.
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < pos.numel(); ++t) {
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < cos.size(0), "rotary_: position ", pp[t], " is outside the tables' ",
+                cos.size(0), " positions");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
     rotary_rows<scalar_t>(x, pos, cos, sin);
   });

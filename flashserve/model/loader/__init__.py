@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,8 @@ def load_model_config(path: str) -> ModelConfig:
 
 def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                quantization: str = "none", max_weight_memory: int | None = None,
-               activation_quant: ActivationQuantConfig | None = None, hot_neurons: HotNeuronConfig | None = None):
+               activation_quant: ActivationQuantConfig | None = None, hot_neurons: HotNeuronConfig | None = None,
+               max_positions: int | None = None):
     """Returns (model in eval mode on `device`, its ModelConfig).
 
     max_weight_memory: bytes of weights resident at once; the decoder layers beyond what it holds
@@ -41,7 +43,9 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
     weights with int8-rounded activations (quantization/activation_methods.py; options: activation_quant).
 
     hot_neurons: a neuron profile whose predictor skips cold FFN neurons, exact or off (offload/hot_cold.py).
-    dtype: the compute dtype, float32 when None."""
+    dtype: the compute dtype, float32 when None.
+    max_positions: the positions the rotary tables cover (an engine's max_model_len), the model's own
+    context when None: Gemma 3's two tables for 32k positions are 64 MiB."""
     import torch  # here, not at the top: the package's torch-free parts (GGUF metadata) are read before it
 
     from flashserve.model.models.registry import model_class
@@ -58,11 +62,13 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
         activation_methods.check_source(path, cfg, quantization)
     keep_quantized = quantization != "none" and not int8_method
     cls = model_class(cfg.architecture)
+    built_cfg = cfg if max_positions is None else replace(
+        cfg, max_position_embeddings=min(cfg.max_position_embeddings, max_positions))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created directly in the compute dtype
     try:
         with torch.device(device):
-            model = cls(cfg)
+            model = cls(built_cfg)
     finally:
         torch.set_default_dtype(previous)
     if Path(path).is_dir():
