@@ -6,14 +6,24 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q4_0, Q4_1, Q4_K             → 4-bit codes, groups of 32: the file's own codes and exact s, z
                                    (Q4_K's as its own 6-bit integers times float16 factors: 4.625 bits)
     Q5_0                         → 5-bit codes, groups of 32: the file's own blocks and exact d
-    Q8_0                         → 8-bit codes, groups of 32, exact
-    Q5_1, Q5_K, Q6_K             → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254)
-    token embedding (row lookups, tied head) → 5-bit codes for Q5_0, else 8-bit codes as above
-                                   (Q8_0/Q4_0 exactly)
+    Q8_0, IQ4_NL                 → 8-bit codes, groups of 32, exact (float16 d)
+    Q5_1                         → 8-bit codes, groups of 32, exact: float16 d and m as scale and zero
+    Q5_K                         → 8-bit codes, groups of 32, exact: factored scale and zero (8.625 bits)
+    Q3_K, IQ4_XS                 → 8-bit codes, groups of 32, exact: sub-block scale folded into the
+                                   codes (Q3_K) or a factored scale (IQ4_XS) (8.3125 bits)
+    Q6_K                         → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254):
+                                   its exact form has groups of 16, without int8 activations
+                                   (REQUANTIZED_IN_LINEARS)
+    token embedding (row lookups, tied head) → 5-bit codes for Q5_0, the exact 8-bit forms above
+                                   (Q6_K's too: groups of 16, 8.625 bits) and Q4_0 exactly in 8,
+                                   other types (Q4_1, Q4_K, ...) requantized per group of 32
+    Exact means codes * scale (+ zero) in float32 is gguf-py's dequantization bit for bit
+    (gguf_int8_forms.py gives the layouts).
 
 Parts merged into one weight (q|k|v, gate|up) take one form when one holds them all exactly: a Q5_0
-part beside Q8_0 ones goes 8-bit (Gemma 3's and Qwen2's v is Q8_0 beside Q5_0 q and k), so the merged
-weight stays one kernel call, which the C++ decode step needs.
+part beside Q8_0 ones goes 8-bit (Gemma 3's and Qwen2's v is Q8_0 beside Q5_0 q and k), and 8-bit parts
+of different types share one form, still exact (gguf_int8_forms.merged), so the merged weight stays
+one kernel call, which the C++ decode step needs.
 
 Without them, torch's bfloat16 kernels take over:
 
@@ -23,7 +33,9 @@ Without them, torch's bfloat16 kernels take over:
                                    adds |Δw| <= max|w_row| / 254 to the file's own error
     token embedding              → Int8GroupWeight: Q8_0/Q5_0/Q4_0 exactly, others per group of 32
 
-Anything else (F16, Q2_K, Q3_K, i-quants) → DenseWeight in the compute dtype, as without quantization.
+Anything else (F16, Q2_K, the other i-quants; Q3_K, IQ4_NL and IQ4_XS without this project's
+kernels) → DenseWeight in the compute dtype, as without quantization. Q2_K would need zeros with
+groups of 16, which the kernel lacks.
 Speeds per shape: benchmarks/linear_kernels.py.
 """
 from __future__ import annotations
@@ -36,6 +48,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as Q
 
 from flashserve.quantization.gguf_blocks import (
+    GROUP,
     INT4_TYPES,
     INT8_GROUP_TYPES,
     GGUFTensor,
@@ -46,6 +59,7 @@ from flashserve.quantization.gguf_blocks import (
     q4k_factored,
     release_mapped,
 )
+from flashserve.quantization.gguf_int8_forms import EXACT_INT8_TYPES, GROUPS, Int8Form, exact_int8, merged
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.int4_format import Int4Groups
 from flashserve.quantization.int4_method import pack_int4_groups
@@ -53,13 +67,17 @@ from flashserve.quantization.packed import DenseWeight, PackedWeight, RowSegment
 from flashserve.quantization.torch_int_weights import (Int4Weight, Int8GroupWeight, Int8Weight, quantize_groups,
                                                        quantize_rows)
 
-INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})
-KERNEL_TYPES = INT4_TYPES | INT8_TYPES  # GGUF types that run packed rather than dequantized
+INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})  # 8-bit on either kernel
+KERNEL_TYPES = INT4_TYPES | INT8_TYPES | EXACT_INT8_TYPES  # GGUF types that run packed rather than dequantized
 # Rows dequantized at a time while requantizing: gguf-py's dequantization and the requantization each
 # hold several float copies of a piece (Q6_K, 4096 rows of 1536: dequantizing alone +50 MiB transient;
 # a process loading Qwen2.5-Coder-1.5B under layer streaming, which writes its packed-layer file, peaked
 # 708 MiB with 4096, 481 with 1024 and the heap trimmed after each layer, measured)
 _ROWS = 1024
+# Q6_K's exact form has groups of 16, which the kernel runs on float activations only; its linears
+# (ffn_down, attn_v, often the LM head) keep codes requantized per group of 32, which take int8
+# activations, the default ("auto") and much the faster path for them. Embedding rows stay exact.
+REQUANTIZED_IN_LINEARS = frozenset({Q.Q6_K})
 _FOLIO_BYTES = 2 << 20  # the largest page-cache folio on x86-64 (a PMD)
 
 Part = GGUFTensor | Int4Groups | torch.Tensor  # a dense part arrives as a float tensor
@@ -73,7 +91,7 @@ def kind_of(part: Part, own_kernels: bool) -> str:
             return "int4"
         if part.qtype == Q.Q5_0 and own_kernels:
             return "int5"
-        if part.qtype in INT8_TYPES:
+        if part.qtype in INT8_TYPES or (own_kernels and part.qtype in EXACT_INT8_TYPES):
             return "int8"
     return "dense"
 
@@ -91,8 +109,10 @@ def pack_linear(parts: list[Part], dtype: torch.dtype, own_kernels: bool | None 
     if all(kind_of(p, own) == "dense" for p in parts):
         return None
     kinds = _merged_kinds([kind_of(p, own) for p in parts])
-    segments = [_pack(kind, [p for _, p in run], dtype, own)
-                for kind, run in itertools.groupby(zip(kinds, parts), key=lambda kp: kp[0])]
+    segments = []
+    for kind, run in itertools.groupby(zip(kinds, parts), key=lambda kp: kp[0]):
+        packed = _pack(kind, [p for _, p in run], dtype, own)
+        segments += packed.parts if isinstance(packed, RowSegments) else [packed]
     return segments[0] if len(segments) == 1 else RowSegments(segments)
 
 
@@ -103,6 +123,8 @@ def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupW
     own = _own_kernels() if own_kernels is None else own_kernels
     if own and t.qtype == Q.Q5_0:
         return GroupQuantWeight(*_rows_converted([t], _int5_codes), None, bits=5, packed=True)
+    if own and t.qtype in EXACT_INT8_TYPES:
+        return _exact_int8_weight([t], linear=False)
     codes, scale = _rows_converted([t], _int8_group_codes)
     if own:
         return GroupQuantWeight(codes, scale, None, bits=8)
@@ -126,7 +148,7 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
         return GroupQuantWeight(*_rows_converted(parts, _int5_codes), None, bits=5, packed=True)
     if kind == "int8":
         if own_kernels:
-            return GroupQuantWeight(*_rows_converted(parts, _int8_group_codes), None, bits=8)
+            return _exact_int8_weight(parts)
         return Int8Weight(*_rows_converted(parts, lambda chunk: quantize_rows(_dense(chunk))))
     return DenseWeight(torch.cat([_dense(p) for p in parts]).to(dtype))
 
@@ -138,8 +160,31 @@ def _q4k_weight(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.from_numpy(codes), table(scale), table(zero)
 
 
+def _exact_int8_weight(parts: list[GGUFTensor], linear: bool = True) -> GroupQuantWeight | RowSegments:
+    """Parts of EXACT_INT8_TYPES as 8-bit codes exactly (gguf_int8_forms.py), but for a linear's Q6_K
+    (REQUANTIZED_IN_LINEARS): one weight; parts of different types merged into one form where the
+    kernel holds it, else one weight per run of a type."""
+    runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.qtype)]
+    forms = [_int8_form(run, linear) for run in runs]
+    one = forms[0] if len(forms) == 1 else merged(forms)
+    return _int8_weight(one) if one is not None else RowSegments([_int8_weight(f) for f in forms])
+
+
+def _int8_form(parts: list[GGUFTensor], linear: bool) -> Int8Form:
+    """Parts of one type, converted a chunk of rows at a time into tensors made once."""
+    if linear and parts[0].qtype in REQUANTIZED_IN_LINEARS:
+        return Int8Form(*_rows_converted(parts, _int8_group_codes), None, GROUP)
+    codes, scale, *zero = _rows_converted(parts, exact_int8)
+    return Int8Form(codes, scale, zero[0] if zero else None, GROUPS[parts[0].qtype])
+
+
+def _int8_weight(form: Int8Form) -> GroupQuantWeight:
+    return GroupQuantWeight(form.codes, form.scale, form.zero, bits=8, group=form.group)
+
+
 def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0/Q5_0 exactly; Q5_1/Q5_K/Q6_K requantized per group of 32 (|Δw| <= max|w_group| / 254)."""
+    """Q8_0/Q5_0/Q4_0 exactly, other types requantized per group of 32 (|Δw| <= max|w_group| / 254):
+    torch's per-group embedding table, and this project's for types without an exact 8-bit form."""
     if t.qtype in INT8_GROUP_TYPES:
         return tuple(torch.from_numpy(a) for a in int8_groups(t))
     return quantize_groups(_dense(t))

@@ -58,8 +58,11 @@ _GGUF_LAYER = {
 }
 
 
-def write_gguf(model, path: Path, qtype: str = "F32", qtype_of: dict[str, str] | None = None) -> Path:
-    """GGUF per the spec (github.com/ggml-org/ggml/blob/master/docs/gguf.md) with llama.cpp's tensor names."""
+def write_gguf(model, path: Path, qtype: str = "F32", qtype_of: dict[str, str] | None = None,
+               encode=None) -> Path:
+    """GGUF per the spec (github.com/ggml-org/ggml/blob/master/docs/gguf.md) with llama.cpp's tensor names.
+    encode(array, qtype) → the tensor's blocks as bytes; gguf-py's quantizer by default (it has none
+    for some types: a test may write random valid blocks instead)."""
     import gguf
 
     cfg = model.config
@@ -114,7 +117,7 @@ def write_gguf(model, path: Path, qtype: str = "F32", qtype_of: dict[str, str] |
         this = next((t for key, t in (qtype_of or {}).items() if key in name), qtype)
         if a.ndim == 2 and this != "F32" and not name.startswith("token_embd"):
             q = gguf.GGMLQuantizationType[this]
-            w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+            w.add_tensor(name, (encode or gguf.quants.quantize)(a, q), raw_dtype=q)
         else:
             w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
     w.write_header_to_file()
