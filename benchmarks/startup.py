@@ -2,7 +2,9 @@
 Llama(...).create_completion on the same GGUF, and `python -c "import torch"` as the floor
 flashserve cannot go below. Each run is a fresh process; the commands alternate (in a rotated
 order each round) so that a busy host slows them alike. Reported per command: median and
-min-max wall time, median and max peak RSS (the child's own ru_maxrss, from wait4).
+min-max wall time, median and max peak RSS (the child's own ru_maxrss, from wait4); then where
+flashserve's start goes, phase by phase, from the marks it writes (flashserve/startup_phases.py).
+`flashserve bench --startup [options]` runs this script.
 
     python benchmarks/startup.py [--model smollm2-135m] [--prompt "The capital of France is"]
         [--max-tokens 8] [--repeats 5] [--warmup 1] [--threads N] [--serve]
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from common import have, header, table
+from flashserve import startup_phases
 from load_test import find_llama_server, free_port
 
 LLAMA_CPP = """
@@ -37,32 +40,64 @@ print(llm.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]["
 """
 
 
+FLASHSERVE = "flashserve generate"
+
+
 def commands(model_path: str, a) -> dict[str, list[str]]:
     py = sys.executable
     fs = [py, "-m", "flashserve.entrypoints.cli", "generate", "--model", model_path, "--prompt", a.prompt,
           "--max-tokens", str(a.max_tokens), "--temperature", "0"]
     cmds = {"python -c 'import torch' (floor)": [py, "-c", "import torch"],
-            "flashserve generate": fs + (["--threads", str(a.threads)] if a.threads else [])}
+            FLASHSERVE: fs + (["--threads", str(a.threads)] if a.threads else [])}
     if have("llama_cpp"):
         cmds["llama-cpp-python create_completion"] = [py, "-c", LLAMA_CPP, model_path, a.prompt, str(a.max_tokens),
                                                       str(a.threads or "")]
     return cmds
 
 
-def run_once(cmd: list[str]) -> tuple[float, int, str]:
+def run_once(cmd: list[str], phases: list | None = None) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, stdout) of one child process, its rusage taken by wait4
-    (RUSAGE_CHILDREN would give the maximum over every child so far, not this one's)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+    (RUSAGE_CHILDREN would give the maximum over every child so far, not this one's). `phases`: a
+    flashserve command's start phases (flashserve/startup_phases.py) are appended to it, as
+    (phase, seconds, RSS MiB at its end, peak MiB so far), the process's exit last."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".jsonl") as marks:
+        env = {**os.environ, startup_phases.ENV: marks.name} if phases is not None else None
+        t0 = time.monotonic()  # the clock the child's marks use
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
+        wall = time.monotonic() - t0
+        if phases is not None:
+            phases.extend(_durations(startup_phases.read(marks.name), t0, t0 + wall, usage.ru_maxrss / 1024))
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n{err.read()[-2000:]}")
         return wall, usage.ru_maxrss * 1024, out.read().strip()
+
+
+def _durations(marks: list[dict], start: float, end: float, peak_mib: float) -> list[tuple[str, float, float, float]]:
+    """Each mark's phase with the time since the mark before (the first since the process began)."""
+    out, before = [], start
+    for m in marks:
+        out.append((m["phase"], m["t"] - before, m["rss_mib"], m["peak_mib"]))
+        before = m["t"]
+    out.append(("exit", end - before, float("nan"), peak_mib))
+    return out
+
+
+def phase_table(runs: list[list[tuple[str, float, float, float]]]) -> list[dict]:
+    """Median over runs of each phase's seconds, RSS at its end and peak so far."""
+    names = [p for p, *_ in runs[0]]
+    rows = []
+    for i, name in enumerate(names):
+        if not all(len(r) > i and r[i][0] == name for r in runs):
+            raise RuntimeError(f"runs marked different phases: {[[p for p, *_ in r] for r in runs]}")
+        rows.append({"phase (in order)": name, "s (median)": statistics.median(r[i][1] for r in runs),
+                     "RSS MiB at its end": statistics.median(r[i][2] for r in runs),
+                     "peak MiB so far": statistics.median(r[i][3] for r in runs)})
+    return rows
 
 
 def server_commands(model_path: str, a) -> dict[str, list[str]]:
@@ -167,14 +202,17 @@ def main(argv=None) -> None:
     names = list(cmds)
     walls = {n: [] for n in names}
     rss = {n: [] for n in names}
-    texts = {}
+    texts, phases = {}, []
     for r in range(a.warmup + a.repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:  # rotated: no command always runs first
-            wall, peak, text = run_once(cmds[n])
+            marks = [] if n == FLASHSERVE else None
+            wall, peak, text = run_once(cmds[n], marks)
             texts[n] = text
             if r >= a.warmup:
                 walls[n].append(wall)
                 rss[n].append(peak)
+                if marks is not None:
+                    phases.append(marks)
     rows = [{"command": n, "wall s (median)": statistics.median(walls[n]),
              "wall s (min-max)": f"{min(walls[n]):.3g}-{max(walls[n]):.3g}",
              "peak RSS MiB (median)": statistics.median(rss[n]) / 2**20, "peak RSS MiB (max)": max(rss[n]) / 2**20}
@@ -183,6 +221,9 @@ def main(argv=None) -> None:
     for n in names:
         if texts[n]:
             print(f"{n} printed: {texts[n]!r}")
+    rows = phase_table(phases)
+    print(f"\nWhere {FLASHSERVE}'s start goes (the same runs; each phase from the end of the one before):")
+    print(table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from flashserve import startup_phases
 from flashserve.config import EngineConfig
 from flashserve.core.sched_output import RunnerOutput, SchedulerOutput
 from flashserve.runner.model_runner import ModelRunner
@@ -64,6 +65,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
         cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
                                    config.cache.kv_cache_dtype)
+    startup_phases.mark("KV cache reserved")
     # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers,
     # nor for layer streaming's hooks (it would hold the weights of every layer).
     return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve import startup_phases
 from flashserve.config import EngineConfig
 from flashserve.core.request import RequestStatus
 from flashserve.core.scheduler import Scheduler, SchedulerStats
@@ -95,6 +96,7 @@ class LLMEngine:
         # 32-sequence step, perf).
         gc.collect()
         gc.freeze()
+        startup_phases.mark("engine ready (scheduler, sampler, collector frozen)")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+from flashserve import startup_phases
 from flashserve.entrypoints.cli_flags import (add_engine_args, add_model_args, add_sampling_args, engine_args_from,
                                               sampling_params_from)
 from flashserve.entrypoints.openai.tool_formats import PARSERS
@@ -47,13 +48,17 @@ def _stream(engine, prompt, params) -> str:
     """Run one request, printing text as it arrives; returns the whole text."""
     rid = engine.next_request_id()
     engine.add_request(rid, prompt, params)
-    shown = ""
+    shown, first = "", True
     while engine.has_unfinished_requests():
         for out in engine.step():
+            if first and out.outputs[0].token_ids:
+                startup_phases.mark("first token (prompt's prefill)")
+                first = False
             text = out.outputs[0].text
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text
+    startup_phases.mark("the other tokens")
     sys.stdout.write("\n")
     return shown
 
@@ -78,18 +83,25 @@ def one_shot_engine(a):
     from flashserve.model.catalogue import resolve
     from flashserve.tokenizer.tokenizer import Tokenizer
 
+    startup_phases.mark("interpreter and CLI imports")
     tokenizer = Tokenizer.from_model_path(str(resolve(a.model)))
+    startup_phases.mark("tokenizer (GGUF header check, cached vocabulary)")
     from flashserve.engine.llm_engine import LLMEngine
 
+    startup_phases.mark("torch and engine imports")
     params = sampling_params_from(a)
     config = engine_args_from(a).create_engine_config()
     config = _fit_context(config, len(tokenizer.encode(a.prompt)) + params.max_tokens)
+    startup_phases.mark("engine config (GGUF metadata)")
     return LLMEngine(config, tokenizer=tokenizer), params
 
 
 def cmd_generate(a) -> None:
     engine, params = one_shot_engine(a)
-    _stream(engine, a.prompt, params)
+    try:
+        _stream(engine, a.prompt, params)
+    finally:
+        engine.shutdown()  # workers, if any, stopped here: the `flashserve` command then exits at once (cli.run)
 
 
 def cmd_chat(a) -> None:

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flashserve import startup_phases
 from flashserve.config import (ACTIVATION_METHODS, QUANTIZATION_CHOICES, ActivationQuantConfig, HotNeuronConfig,
                                ModelConfig)
 
@@ -61,6 +62,11 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
 
         activation_methods.check_source(path, cfg, quantization)
     keep_quantized = quantization != "none" and not int8_method
+    if torch.device(device).type == "cpu":
+        from flashserve.kernels import ops
+
+        ops.available()  # loads (or builds) the C++ kernels: here, so that a start's phases show it alone
+        startup_phases.mark("C++ kernels loaded")
     cls = model_class(cfg.architecture)
     built_cfg = cfg if max_positions is None else replace(
         cfg, max_position_embeddings=min(cfg.max_position_embeddings, max_positions))
@@ -71,6 +77,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
             model = cls(built_cfg)
     finally:
         torch.set_default_dtype(previous)
+    startup_phases.mark("model built (modules, rotary tables)")
     if Path(path).is_dir():
         from flashserve.model.loader.hf import iter_hf_weights
 
@@ -91,6 +98,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
         # The cached reader holds the file's memory map (now paged in) and its parsed metadata (the
         # vocabulary as numpy arrays): 220 MiB resident for SmolLM2, measured. No weight views it.
         open_gguf.cache_clear()
+    startup_phases.mark("weights read and packed")
     if quantization == "auto" and not Path(path).is_dir():
         for module in model.modules():
             if isinstance(module, GroupQuantWeight):
