@@ -103,6 +103,11 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
     logits = torch.randn(5, 1003, generator=gen)
     logits[1, 7] = float("nan")
     assert torch.equal(other.argmax_rows(logits), logits.argmax(dim=-1))
+    q6k = torch.randint(0, 256, (9, 2, 210), dtype=torch.uint8, generator=gen)
+    q6k[..., 208:210] = (torch.rand(9, 2, 1, generator=gen) * 0.01).half().view(torch.uint8)  # finite d
+    q6k = q6k.view(9, 420)
+    for got, want in zip(other.q6k_requantize_int8(q6k), cpp_kernels.q6k_requantize_int8(q6k)):
+        assert torch.equal(got, want)
     x, w = torch.randn(7, 96, generator=gen), torch.randn(96, generator=gen)
     torch.testing.assert_close(other.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), atol=1e-5, rtol=1e-5)
     gate_up = torch.randn(9, 2 * 83, generator=gen) * 4

@@ -57,6 +57,11 @@ class GGUFTensor:
 
         return np.asarray(quants.dequantize(self.raw, self.qtype), dtype=np.float32).reshape(self.shape)
 
+    def block_bytes(self) -> torch.Tensor:
+        """The raw bytes as a (rows, bytes per row) uint8 torch tensor, the file's own where they are
+        contiguous (only read)."""
+        return _torch_view(np.ascontiguousarray(self.raw))
+
     def release_pages(self) -> None:
         """Once packed, the file's bytes need not stay resident: while the model loads, every page read
         would otherwise count in the process's memory beside the packed copy until the end."""

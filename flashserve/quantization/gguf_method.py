@@ -187,6 +187,10 @@ def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
     torch's per-group embedding table, and this project's for types without an exact 8-bit form."""
     if t.qtype in INT8_GROUP_TYPES:
         return tuple(torch.from_numpy(a) for a in int8_groups(t))
+    if t.qtype == Q.Q6_K and _own_kernels():  # one C++ pass, bit for bit the two torch passes below
+        from flashserve.kernels import ops
+
+        return ops.native().q6k_requantize_int8(t.block_bytes())
     return quantize_groups(_dense(t))
 
 

@@ -1,5 +1,6 @@
 """Q4_K, Q5_K and Q6_K dequantized in torch (quantization/gguf_blocks.py) against gguf-py's numpy reference,
-bit for bit: random blocks with every bit pattern of codes and scales, and a real Q6_K tensor."""
+bit for bit: random blocks with every bit pattern of codes and scales, and a real Q6_K tensor; and Q6_K
+requantized to 8-bit groups in C++ against the same requantization in torch."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +38,35 @@ def test_a_real_q6k_tensor(gemma3_gguf):
     shape = (int(t.shape[1]), int(t.shape[0]))
     got = GGUFTensor(raw, t.tensor_type, shape).dequantize()
     np.testing.assert_array_equal(got, np.asarray(quants.dequantize(raw, t.tensor_type), np.float32).reshape(shape))
+
+
+def _random_q6k(rng, rows: int, blocks: int) -> np.ndarray:
+    raw = rng.integers(0, 256, (rows, blocks, 210), dtype=np.uint8)
+    halves = (rng.standard_normal((rows, blocks)) * 10.0 ** rng.integers(-4, 2, (rows, blocks))).astype(np.float16)
+    raw[..., 208:210] = halves.view(np.uint8).reshape(rows, blocks, 2)
+    raw[0, 0, 192:194] = 0  # sub-blocks 0 and 1 scaled by zero: an all-zero group of 32 (its scale is 1)
+    return raw.reshape(rows, blocks * 210)
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+def test_q6k_requantized_in_one_cpp_pass_equals_the_torch_passes(gemma3_gguf):
+    """The loader's C++ Q6_K -> 8-bit groups of 32 (kernels/csrc/gguf_repack.cpp) against gguf-py's
+    dequantization requantized by torch (torch_int_weights.quantize_groups), bit for bit: random blocks
+    over every bit pattern (rows enough for several threads' shares) and a real tensor."""
+    import gguf
+    import torch
+
+    from flashserve.kernels import ops
+    from flashserve.quantization.torch_int_weights import quantize_groups
+
+    reader = gguf.GGUFReader(gemma3_gguf)
+    real = next(t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q6_K)
+    cases = [(_random_q6k(np.random.default_rng(7), 70, 3), 70, 3 * 256),
+             (np.asarray(real.data), int(real.shape[1]), int(real.shape[0]))]
+    for raw, rows, cols in cases:
+        codes, scale = ops.native().q6k_requantize_int8(GGUFTensor(raw, GGMLQuantizationType.Q6_K, (rows, cols)).block_bytes())
+        want = torch.from_numpy(np.asarray(quants.dequantize(raw, GGMLQuantizationType.Q6_K), np.float32)).reshape(rows, cols)
+        want_codes, want_scale = quantize_groups(want)
+        assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
+        if rows == 70:
+            assert scale[0, 0] == 1.0 and not codes[0, :32].any()  # the all-zero group

@@ -19,5 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_dequantize", &group_dequantize, "rows [start, end) of W = q * s + z as float32",
         py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"), py::arg("start"),
         py::arg("end"));
+  m.def("q6k_requantize_int8", &q6k_requantize_int8, "Q6_K blocks -> int8 codes and float32 scales per group of 32");
   bind_decode_plan(m);
 }
