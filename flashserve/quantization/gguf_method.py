@@ -216,28 +216,29 @@ def _rows_converted(parts: list[Part], convert) -> tuple[torch.Tensor, ...]:
     170 MiB Q8_0 embedding raised the start-up peak by ~2x its size, measured)."""
     total, outs, row = sum(p.shape[0] for p in parts), None, 0
     for part in parts:
-        for index, chunk in enumerate(_row_chunks(part)):
+        mapped = isinstance(part, GGUFTensor)
+        # Released from a little before each chunk: the kernel maps a file folio (up to 2 MiB) whole on
+        # a fault, so reading a chunk mapped the tail of the one before again (measured: half of the
+        # embedding stayed resident when only each chunk's own range was released).
+        back = -(-_FOLIO_BYTES // max(1, part.raw.strides[0])) if mapped else 0
+        for start, end, chunk in _row_chunks(part):
             pieces = convert(chunk)
             if outs is None:
                 outs = tuple(torch.empty((total, *x.shape[1:]), dtype=x.dtype) for x in pieces)
             for out, x in zip(outs, pieces):
                 out[row:row + x.shape[0]] = x
             row += pieces[0].shape[0]
-            if isinstance(part, GGUFTensor):
-                # From a little before the chunk: the kernel maps a file folio (up to 2 MiB) whole on a
-                # fault, so reading this chunk mapped the tail of the one before again (measured: half
-                # of the embedding stayed resident when only each chunk's own range was released).
-                first = index * _ROWS
-                back = -(-_FOLIO_BYTES // max(1, part.raw.strides[0]))
-                release_mapped(part.raw[max(0, first - back):first + chunk.shape[0]])
+            if mapped:
+                release_mapped(part.raw[max(0, start - back):end])
     return outs
 
 
-def _row_chunks(part: Part) -> Iterator[Part]:
-    """The part in pieces of _ROWS rows, so a float copy never holds more than one piece."""
+def _row_chunks(part: Part) -> Iterator[tuple[int, int, Part]]:
+    """(start, end, rows [start, end) of the part) in pieces of _ROWS rows, so a float copy never holds
+    more than one piece."""
     for start in range(0, part.shape[0], _ROWS):
         end = min(start + _ROWS, part.shape[0])
         if isinstance(part, GGUFTensor):
-            yield GGUFTensor(part.raw[start:end], part.qtype, (end - start, part.shape[1]))
+            yield start, end, GGUFTensor(part.raw[start:end], part.qtype, (end - start, part.shape[1]))
         else:
-            yield part[start:end]
+            yield start, end, part[start:end]
