@@ -6,7 +6,7 @@ MODEL ?= smollm2-135m
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model browser test test-fast serve bench llama-server loadtest-tools load-test clean
+.PHONY: install model browser test test-fast serve bench llama-server llama-quantize loadtest-tools load-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -97,7 +97,12 @@ $(LLAMA_SRC)/CMakeLists.txt: | $(BIN)/python
 	tar -xzf $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(PEERS)
 	touch $@
 
-$(LLAMA_SERVER): | $(LLAMA_SRC)/CMakeLists.txt
+# llama-quantize: the peer that writes the GGUF types flashserve does not (i-quants, Q2_K), and reads
+# the importance matrices flashserve writes (benchmarks/low_bit_types.py).
+LLAMA_QUANTIZE := $(PEERS)/llama-quantize-$(LLAMA_CPP_PY)-$(LLAMA_WIDTH)/bin/llama-quantize
+
+# $(call llama_tool,target): build one llama.cpp tool for this CPU and copy it to $@.
+define llama_tool
 	@if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake g++ make; \
@@ -106,12 +111,22 @@ $(LLAMA_SERVER): | $(LLAMA_SRC)/CMakeLists.txt
 	PATH="$$PATH:$(CURDIR)/$(BIN)" cmake -S $(LLAMA_SRC) -B $(PEERS)/build-$(LLAMA_WIDTH) -DCMAKE_BUILD_TYPE=Release \
 		$(LLAMA_CMAKE_ARGS) -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
-	PATH="$$PATH:$(CURDIR)/$(BIN)" cmake --build $(PEERS)/build-$(LLAMA_WIDTH) --target llama-server -j2
+	PATH="$$PATH:$(CURDIR)/$(BIN)" cmake --build $(PEERS)/build-$(LLAMA_WIDTH) --target $(1) -j2
 	mkdir -p $(dir $@)
-	cp $(PEERS)/build-$(LLAMA_WIDTH)/bin/llama-server $@
+	cp $(PEERS)/build-$(LLAMA_WIDTH)/bin/$(1) $@
+endef
+
+$(LLAMA_SERVER): | $(LLAMA_SRC)/CMakeLists.txt
+	$(call llama_tool,llama-server)
+
+$(LLAMA_QUANTIZE): | $(LLAMA_SRC)/CMakeLists.txt
+	$(call llama_tool,llama-quantize)
 
 llama-server: $(LLAMA_SERVER)
 	@echo $(LLAMA_SERVER)
+
+llama-quantize: $(LLAMA_QUANTIZE)
+	@echo $(LLAMA_QUANTIZE)
 
 # The load generator of benchmarks/load_test.py, pinned, in a venv of its own. aiperf rather than
 # guidellm: guidellm requires torch outright (a venv of its own would pull another torch build, and

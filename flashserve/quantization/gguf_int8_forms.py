@@ -25,12 +25,16 @@ c sc' = q sc, both round the same real number once (and Q5_1/Q5_K add their zero
     IQ4_XS (136 B / 256): d:f16, scales_h:u16, scales_l[4], qs[128]
             w = (d (ls_j - 32)) kvalues[nibble] per 32  c = ±kvalues[nibble], s = d * |ls_j - 32|
                                                         (factored)                  group 32, 8.3125 bits
+    Q2_K    (84 B / 256): sc[16] (4-bit sc, 4-bit mn), qs[64], d, dmin:f16
+            w = (d sc_j) q - dmin mn_j per 16, q 0..3   c = q, s = d * sc_j, z = -dmin * mn_j
+                                                        (factored)                  group 16, 9.25 bits
+    IQ3_*, IQ2_*, IQ1_*, TQ1_0, TQ2_0: gguf_codebook_forms.py
 
 A factored table's integers are unsigned (group_quant_weight.factored_table), so a negative
 per-group integer moves its sign into that group's codes: float rounding is symmetric, so
 (d |sc|) (-c) = (d sc) c exactly. Q6_K's scales change every 16 values and no 8-bit code holds
-(q - 32) sc_j, so it keeps groups of 16, which the kernel runs with float activations only.
-Q2_K (w = d sc q - dmin mn per 16) would need zeros with groups of 16, which the kernel lacks.
+(q - 32) sc_j, so it keeps groups of 16, which the kernel runs with float activations only (so do
+Q2_K's, whose zeros change every 16 values, and the codebook types' of 16).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from flashserve.quantization import gguf_codebook_forms
 from flashserve.quantization.gguf_blocks import INT8_GROUP_TYPES, GGUFTensor, _q4k_scale_min, _torch_view, int8_groups
 from flashserve.quantization.group_quant_weight import SUPER_GROUPS, factored_table, table_values
 
@@ -49,7 +54,7 @@ IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 
                           dtype=torch.int8)
 
 GROUPS = {Q.Q8_0: 32, Q.Q5_0: 32, Q.Q4_0: 32, Q.Q5_1: 32, Q.Q5_K: 32, Q.Q6_K: 16, Q.Q3_K: 32,
-          Q.IQ4_NL: 32, Q.IQ4_XS: 32}
+          Q.IQ4_NL: 32, Q.IQ4_XS: 32, Q.Q2_K: 16} | {Q[name]: g for name, g in gguf_codebook_forms.GROUPS.items()}
 EXACT_INT8_TYPES = frozenset(GROUPS)
 
 
@@ -141,6 +146,14 @@ def _q3_k(b: torch.Tensor):
     return codes, (torch.ones(n, 8, dtype=torch.uint8), -_half(b[:, 108:110]))
 
 
+def _q2_k(b: torch.Tensor):
+    n = len(b)
+    q = (b[:, 16:80].reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    sc = b[:, 0:16]  # (n, 16): sc_j in the low nibble, mn_j in the high one
+    return (q.to(torch.int8).reshape(n, 16, 16), (sc & 0x0F, _half(b[:, 80:82])),
+            (sc >> 4, -_half(b[:, 82:84])))
+
+
 def _iq4_nl(b: torch.Tensor):
     return IQ4_LEVELS[_nibbles(b[:, 2:18]).long()], _half(b[:, 0:2])
 
@@ -155,23 +168,22 @@ def _iq4_xs(b: torch.Tensor):
     return codes, (ints, _half(b[:, 0:2]))
 
 
-_CONVERT = {Q.Q5_1: _q5_1, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k, Q.Q3_K: _q3_k, Q.IQ4_NL: _iq4_nl, Q.IQ4_XS: _iq4_xs}
+_CONVERT = {Q.Q5_1: _q5_1, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k, Q.Q3_K: _q3_k, Q.IQ4_NL: _iq4_nl, Q.IQ4_XS: _iq4_xs,
+            Q.Q2_K: _q2_k} | {Q[name]: convert for name, convert in gguf_codebook_forms.CONVERT.items()}
 
 
 # --- parts of one merged weight ------------------------------------------------------------------
 
-def merged(forms: list[Int8Form]) -> Int8Form | None:
+def merged(forms: list[Int8Form]) -> Int8Form:
     """One form for parts stacked along the rows (q|k|v of different types), still exact: the smallest
     group, each table repeated to it, factored tables kept where every part has one (else float32 values,
-    exact), absent zeros as zero; None where the kernel cannot hold it (zeros with groups of 16)."""
+    exact), absent zeros as zero."""
     group = min(f.group for f in forms)
-    has_zero = any(f.zero is not None for f in forms)
-    if has_zero and group != 32:
-        return None
     scale = _stacked([_regrouped(f.scale, f.group // group) for f in forms])
     zero = None
-    if has_zero:
-        zero = _stacked([_regrouped(f.zero, 1) if f.zero is not None else _zero_table(f.scale) for f in forms])
+    if any(f.zero is not None for f in forms):
+        zero = _stacked([_regrouped(f.zero if f.zero is not None else _zero_table(f.scale), f.group // group)
+                         for f in forms])
     return Int8Form(torch.cat([f.codes for f in forms]), scale, zero, group)
 
 

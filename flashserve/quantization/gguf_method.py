@@ -14,6 +14,9 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q6_K                         → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254):
                                    its exact form has groups of 16, without int8 activations
                                    (REQUANTIZED_IN_LINEARS)
+    Q2_K, IQ3_XXS/S, IQ2_XXS/XS/S, IQ1_S/M, TQ1_0, TQ2_0
+                                 → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
+                                   (Q2_K, IQ2_XS, IQ2_S, IQ1_M), which take float activations only
     token embedding (row lookups, tied head) → 5-bit codes for Q5_0, the exact 8-bit forms above
                                    (Q6_K's too: groups of 16, 8.625 bits) and Q4_0 exactly in 8,
                                    other types (Q4_1, Q4_K, ...) requantized per group of 32
@@ -33,9 +36,8 @@ Without them, torch's bfloat16 kernels take over:
                                    adds |Δw| <= max|w_row| / 254 to the file's own error
     token embedding              → Int8GroupWeight: Q8_0/Q5_0/Q4_0 exactly, others per group of 32
 
-Anything else (F16, Q2_K, the other i-quants; Q3_K, IQ4_NL and IQ4_XS without this project's
-kernels) → DenseWeight in the compute dtype, as without quantization. Q2_K would need zeros with
-groups of 16, which the kernel lacks.
+Anything else (F16, BF16, MXFP4; without this project's kernels Q2_K, Q3_K and every i-quant) →
+DenseWeight in the compute dtype, as without quantization.
 Speeds per shape: benchmarks/linear_kernels.py.
 """
 from __future__ import annotations
@@ -160,14 +162,12 @@ def _q4k_weight(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.from_numpy(codes), table(scale), table(zero)
 
 
-def _exact_int8_weight(parts: list[GGUFTensor], linear: bool = True) -> GroupQuantWeight | RowSegments:
+def _exact_int8_weight(parts: list[GGUFTensor], linear: bool = True) -> GroupQuantWeight:
     """Parts of EXACT_INT8_TYPES as 8-bit codes exactly (gguf_int8_forms.py), but for a linear's Q6_K
-    (REQUANTIZED_IN_LINEARS): one weight; parts of different types merged into one form where the
-    kernel holds it, else one weight per run of a type."""
+    (REQUANTIZED_IN_LINEARS): one weight, parts of different types merged into one form."""
     runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.qtype)]
     forms = [_int8_form(run, linear) for run in runs]
-    one = forms[0] if len(forms) == 1 else merged(forms)
-    return _int8_weight(one) if one is not None else RowSegments([_int8_weight(f) for f in forms])
+    return _int8_weight(forms[0] if len(forms) == 1 else merged(forms))
 
 
 def _int8_form(parts: list[GGUFTensor], linear: bool) -> Int8Form:

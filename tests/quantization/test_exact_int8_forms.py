@@ -14,17 +14,22 @@ from flashserve.quantization.gguf_blocks import GGUFTensor
 from flashserve.quantization.gguf_int8_forms import GROUPS, Int8Form, exact_int8, merged
 from flashserve.quantization.gguf_method import REQUANTIZED_IN_LINEARS, pack_embedding, pack_linear
 from flashserve.quantization.group_quant_weight import GroupQuantWeight
-from flashserve.quantization.packed import RowSegments
 from tests.model.test_quant_linear import check_matmul
 
 # Byte offsets of each block's float16 factors (ggml-common.h: block_q5_1, block_q5_K, block_q6_K,
-# block_q3_K, block_iq4_nl, block_iq4_xs, block_q8_0), the rest of a block being any bytes.
+# block_q3_K, block_iq4_nl, block_iq4_xs, block_q8_0, block_q2_K, block_tq*, block_iq3/2/1_*), the rest
+# of a block being any bytes (every grid index, sign pattern and sub-block scale); IQ1_M's d is the top
+# nibbles of its four u16 scales (random_blocks puts it there).
 HALF_FIELDS = {Q.Q5_1: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q3_K: (108,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
-               Q.Q8_0: (0,)}
-NEW = [Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS]
-# group, and bits per weight: 8-bit codes, the scale table (and zero table) per group
+               Q.Q8_0: (0,), Q.Q2_K: (80, 82), Q.TQ2_0: (64,), Q.TQ1_0: (52,), Q.IQ1_M: ()} | {
+               q: (0,) for q in (Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S)}
+# group, and bits per weight: 8-bit codes, the scale table (and zero table) per group; scales of
+# d / 4, d / 2 or d / 8 times an integer are float32 (a float16 factor d / 8 would round)
 LAYOUT = {Q.Q5_1: (32, 9.0), Q.Q5_K: (32, 8.625), Q.Q6_K: (16, 8.625), Q.Q3_K: (32, 8.3125),
-          Q.IQ4_NL: (32, 8.5), Q.IQ4_XS: (32, 8.3125)}
+          Q.IQ4_NL: (32, 8.5), Q.IQ4_XS: (32, 8.3125), Q.Q2_K: (16, 9.25), Q.IQ3_S: (32, 8.3125),
+          Q.IQ3_XXS: (32, 9.0), Q.IQ2_XXS: (32, 9.0), Q.IQ2_XS: (16, 10.0), Q.IQ2_S: (16, 10.0),
+          Q.IQ1_S: (32, 9.0), Q.IQ1_M: (16, 10.0), Q.TQ2_0: (32, 8.5), Q.TQ1_0: (32, 8.5)}
+NEW = list(LAYOUT)
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0, magnitude: float | None = None) -> GGUFTensor:
@@ -34,12 +39,20 @@ def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0, magnitude: floa
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rows * cols // block
     raw = rng.integers(0, 256, (blocks, size), dtype=np.uint8)
-    for offset in HALF_FIELDS[qtype]:
+
+    def factors() -> np.ndarray:
         if magnitude is None:
-            halves = rng.standard_normal(blocks) * 10.0 ** rng.integers(-4, 2, blocks)
-        else:
-            halves = rng.uniform(0.5, 1.5, blocks) * magnitude
-        raw[:, offset : offset + 2] = halves.astype(np.float16).view(np.uint8).reshape(blocks, 2)
+            return (rng.standard_normal(blocks) * 10.0 ** rng.integers(-4, 2, blocks)).astype(np.float16)
+        return (rng.uniform(0.5, 1.5, blocks) * magnitude).astype(np.float16)
+
+    for offset in HALF_FIELDS[qtype]:
+        raw[:, offset : offset + 2] = factors().view(np.uint8).reshape(blocks, 2)
+    if qtype == Q.IQ1_M:  # d's nibble i is the top nibble of scale i (bytes 48..55)
+        d = factors().view(np.uint16)
+        scales = raw[:, 48:56].copy().view(np.uint16)
+        for i in range(4):
+            scales[:, i] = (scales[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
+        raw[:, 48:56] = scales.view(np.uint8)
     return GGUFTensor(raw.reshape(rows, -1), qtype, (rows, cols))
 
 
@@ -114,9 +127,8 @@ def test_int8_activations_take_the_exact_weight(qtype, m):
 
 @pytest.mark.usefixtures("cpp_kernels")
 def test_merged_parts_of_different_types():
-    """q|k|v of different 8-bit types: one weight where one form holds them all exactly (the smallest
-    group, tables repeated; factored where all are, else float32; absent zeros as zero), else one
-    weight per run of a type (zeros with groups of 16 are not a kernel form)."""
+    """q|k|v of different 8-bit types: one weight, one form holding them all exactly (the smallest
+    group, tables and zeros repeated; factored where all are, else float32; absent zeros as zero)."""
     def parts(*qtypes):
         return [random_blocks(q, 32 * (i + 1), 512, seed=i) for i, q in enumerate(qtypes)]
 
@@ -124,7 +136,7 @@ def test_merged_parts_of_different_types():
         return torch.cat([gguf_py(p) for p in ps])
 
     def forms(ps):
-        return [Int8Form(*exact_int8(p), GROUPS[p.qtype]) if p.qtype in (Q.Q5_K, Q.Q5_1) else
+        return [Int8Form(*exact_int8(p), GROUPS[p.qtype]) if p.qtype in (Q.Q5_K, Q.Q5_1, Q.Q2_K) else
                 Int8Form(*exact_int8(p), None, GROUPS[p.qtype]) for p in ps]
 
     q3_q3_xs = parts(Q.Q3_K, Q.Q3_K, Q.IQ4_XS)  # factored tables throughout
@@ -143,10 +155,15 @@ def test_merged_parts_of_different_types():
     assert one.group == 16 and one.scale.dtype == torch.uint8
     w = GroupQuantWeight(one.codes, one.scale, one.zero, bits=8, group=16)
     assert torch.equal(w.dequantize(), want(q3_q6))
-    assert merged(forms(parts(Q.Q5_K, Q.Q6_K))) is None  # zeros need groups of 32
+    # zeros of groups of 32 (Q5_K) and of 16 (Q2_K) beside a part without zeros, through the kernel
+    q5k_q2k_xxs = parts(Q.Q5_K, Q.Q2_K, Q.IQ2_XXS)
+    w = pack_linear(q5k_q2k_xxs, torch.float32, own_kernels=True)
+    assert isinstance(w, GroupQuantWeight) and w.group == 16 and w.zero is not None
+    assert torch.equal(w.dequantize(), want(q5k_q2k_xxs))
+    check_matmul(w, want(q5k_q2k_xxs).double(), 3)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS])
+@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS, Q.Q2_K, Q.IQ2_XS, Q.TQ1_0])
 def test_types_without_a_torch_kernel_stay_float_there(qtype):
     """Without this project's kernels these types stay dense, as before (torch has no exact form)."""
     assert pack_linear([random_blocks(qtype, 8, 256)], torch.float32, own_kernels=False) is None
@@ -164,10 +181,23 @@ def test_a_real_q6k_tensor(qwen05_gguf):
     check_matmul(w, want.double(), 2)
 
 
-def test_tiny_model_of_these_types_matches_transformers(tmp_path):
-    """A 2-layer Qwen2 whose linears are random valid blocks of every type exact in linears: our
-    logits, packed and with float activations, equal those of transformers loading the same file (it
-    dequantizes with gguf-py) up to float32 summation order."""
+K_AND_IQ4 = {"blk.0.attn_q": "Q3_K", "blk.0.attn_k": "Q3_K", "blk.0.attn_v": "Q5_K", "blk.0.attn_output": "IQ4_XS",
+             "blk.0.ffn_gate": "Q5_K", "blk.0.ffn_up": "Q5_K", "blk.0.ffn_down": "IQ4_NL",
+             "blk.1.attn_q": "IQ4_NL", "blk.1.attn_k": "IQ4_NL", "blk.1.attn_v": "Q5_1", "blk.1.attn_output": "Q5_1",
+             "blk.1.ffn_gate": "IQ4_XS", "blk.1.ffn_up": "IQ4_XS", "blk.1.ffn_down": "Q3_K", "output": "Q5_K"}
+LOW_BIT = {"blk.0.attn_q": "IQ2_XXS", "blk.0.attn_k": "IQ2_XXS", "blk.0.attn_v": "IQ3_S", "blk.0.attn_output": "IQ1_S",
+           "blk.0.ffn_gate": "IQ3_XXS", "blk.0.ffn_up": "IQ3_XXS", "blk.0.ffn_down": "TQ1_0",
+           "blk.1.attn_q": "Q2_K", "blk.1.attn_k": "Q2_K", "blk.1.attn_v": "IQ2_S", "blk.1.attn_output": "IQ2_XS",
+           "blk.1.ffn_gate": "IQ1_M", "blk.1.ffn_up": "IQ1_M", "blk.1.ffn_down": "TQ2_0", "output": "Q2_K"}
+
+
+# factors for weights of a few thousandths: the low-bit types' integers are smaller
+@pytest.mark.parametrize("types, magnitude", [(K_AND_IQ4, 2e-3 / 64), (LOW_BIT, 2e-3 / 8)],
+                         ids=["k-and-iq4", "2-and-3-bit"])
+def test_tiny_model_of_these_types_matches_transformers(tmp_path, types, magnitude):
+    """A 2-layer Qwen2 whose linears are random valid blocks of the types exact in linears: our
+    logits, packed and with float activations, equal those of
+    transformers loading the same file (it dequantizes with gguf-py) up to float32 summation order."""
     import transformers as tf
     from transformers import AutoModelForCausalLM
 
@@ -179,20 +209,17 @@ def test_tiny_model_of_these_types_matches_transformers(tmp_path):
     cfg = tf.Qwen2Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
-    types = {"blk.0.attn_q": "Q3_K", "blk.0.attn_k": "Q3_K", "blk.0.attn_v": "Q5_K", "blk.0.attn_output": "IQ4_XS",
-             "blk.0.ffn_gate": "Q5_K", "blk.0.ffn_up": "Q5_K", "blk.0.ffn_down": "IQ4_NL",
-             "blk.1.attn_q": "IQ4_NL", "blk.1.attn_k": "IQ4_NL", "blk.1.attn_v": "Q5_1", "blk.1.attn_output": "Q5_1",
-             "blk.1.ffn_gate": "IQ4_XS", "blk.1.ffn_up": "IQ4_XS", "blk.1.ffn_down": "Q3_K", "output": "Q5_K"}
     seeds = iter(range(1000))
 
     def encode(a: np.ndarray, qtype: Q) -> np.ndarray:  # random valid blocks of the tensor's shape
-        return random_blocks(qtype, a.shape[0], a.shape[1], seed=next(seeds), magnitude=2e-3 / 64).raw
+        return random_blocks(qtype, a.shape[0], a.shape[1], seed=next(seeds), magnitude=magnitude).raw
 
     path = write_gguf(tf.Qwen2ForCausalLM(cfg).eval(), tmp_path / "m.gguf", qtype="F32", qtype_of=types,
                       encode=encode)
     model, mcfg = load_model(str(path), torch.float32, quantization="weight-only")
     packed = [m for m in model.modules() if isinstance(m, GroupQuantWeight)]
-    assert len(packed) == 9 and all(m.group == 32 for m in packed)  # q|k|v and gate|up merged
+    assert len(packed) == 9  # q|k|v and gate|up merged
+    assert {m.group for m in packed} == ({32} if types is K_AND_IQ4 else {16, 32})
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
                                               vocab_size=VOCAB).eval()  # the file has no vocabulary
     tokens = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -1105,21 +1105,27 @@ void rows(const Problem& p, int64_t n, int64_t m0) {
 #endif
 }
 
-// Per group of 32 values of x, for the zero term (xsum may be null): the float sum of x, or with
-// xq given, the int8 rounding dx = max|x| / 127, xq = round-half-even(x / dx) in [-127, 127], and
-// the sum of the rounded values, dx * sum(xq).
+// Float activations: the zero term's float sums of x per group of `group` values (16 or 32).
+void group_sums(const float* x, int64_t M, int64_t K, int64_t group, float* xsum) {
+  at::parallel_for(0, M * (K / group), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t mg = begin; mg < end; ++mg) {
+      const float* xp = x + mg * group;  // rows are contiguous, so group mg of the flat array
+      float sum = 0.f;
+      for (int64_t k = 0; k < group; ++k) sum += xp[k];
+      xsum[mg] = sum;
+    }
+  });
+}
+
+// Int8 activations, per group of 32 values of x: the rounding dx = max|x| / 127, xq =
+// round-half-even(x / dx) in [-127, 127], and for the zero term (xsum may be null) the sum of the
+// rounded values, dx * sum(xq).
 void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx,
                          int32_t* xq_sum = nullptr) {
   const int64_t groups = K / 32;
   at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
       const float* xp = x + mg * 32;  // rows are contiguous, so group mg of the flat array
-      if (!xq) {  // float activations: only the zero term's sums
-        float sum = 0.f;
-        for (int k = 0; k < 32; ++k) sum += xp[k];
-        xsum[mg] = sum;
-        continue;
-      }
 #ifdef FS_AVX2
       // The same arithmetic as the scalar loop below, eight lanes at a time (round_ps to nearest
       // even is nearbyint's rounding; the scalar nearbyint is a libm call per value).
@@ -1202,8 +1208,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   const Table scales = table_of(scale, N, K / group, "scale"), zeros = optional_table(zero, N, K / group, "zero");
   const bool has_zero = static_cast<bool>(zeros);
   auto y = at::empty({M, N}, xc.options());
-  // The zero term needs per-group sums of x; only the 4-bit form has zeros, and its groups are 32.
-  TORCH_CHECK(!has_zero || group == 32, "group_quant_matmul: zeros need groups of 32");
+  // The zero term needs per-group sums of x (of the rounded x with int8 activations, whose groups are 32).
   TORCH_CHECK(!int8_activations || group == 32, "group_quant_matmul: int8 activations need groups of 32, got ", group);
   // Scratch for the prepared activations, kept per calling thread: a decode step makes a few
   // hundred calls, and allocating these each time was a measurable part of the small ones.
@@ -1212,16 +1217,17 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   thread_local std::vector<int32_t> xq_sum;
   // the integer correction of unsigned 5-bit codes (GEMV) and of the wide tiles' 5- and 8-bit ones
   const bool want_xq_sum = int8_activations && bits != 4;
-  if (has_zero) xsum.resize(M * (K / 32));
+  if (has_zero) xsum.resize(M * (K / group));
   if (int8_activations) {
     xq.resize(M * K);
     dx.resize(M * (K / 32));
   }
   if (want_xq_sum) xq_sum.resize(M * (K / 32));
-  if (has_zero || int8_activations)
-    prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data() : nullptr,
-                        int8_activations ? xq.data() : nullptr, int8_activations ? dx.data() : nullptr,
+  if (int8_activations)
+    prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data() : nullptr, xq.data(), dx.data(),
                         want_xq_sum ? xq_sum.data() : nullptr);
+  else if (has_zero)
+    group_sums(xc.data_ptr<float>(), M, K, group, xsum.data());
   Problem p{xc.data_ptr<float>(), has_zero ? xsum.data() : nullptr, codes.data_ptr<uint8_t>(), scales, zeros,
             y.data_ptr<float>(), M, N, K, group, bits};
   if (int8_activations) {

@@ -1,0 +1,185 @@
+"""The i-quants built on codebooks (IQ3_*, IQ2_*, IQ1_*) and the ternary types (TQ1_0, TQ2_0) as
+exact 8-bit codes with per-group scales (the forms gguf_int8_forms.py describes): float32 c * s equals
+gguf-py's dequantization (gguf/quants.py) bit for bit.
+
+Block layouts are ggml's (llama.cpp ggml/src/ggml-common.h, block_iq*/block_tq*; element order as in
+dequantize_row_* of ggml-quants.c, which gguf-py follows). The codebooks ("grids": each index names 4
+or 8 small integers) and the 128 sign patterns are gguf-py's tables, read, not copied. Each value is
+a sub-block scale times a grid integer (and a sign), so the code is that signed grid integer and the
+scale the sub-block's, computed as gguf-py computes it; the product rounds the same real number once.
+
+    IQ2_XXS  (66 B / 256): d, 8 x (4 grid bytes, u32: 4 x 7-bit sign index, 4-bit ls)
+             w = d (ls + 1/2) / 4 · ±grid, grid in {8, 25, 43}             group 32
+    IQ2_XS   (74 B / 256): d, 32 x u16 (9-bit grid index, 7-bit sign index), 8 x 2 nibbles ls
+             w = d (ls + 1/2) / 4 · ±grid per 16                           group 16
+    IQ2_S    (82 B / 256): d, 32 grid bytes, 32 sign bytes, 8 qh (2 high index bits each), 8 x 2 ls
+             as IQ2_XS with a 10-bit index                                 group 16
+    IQ3_XXS  (98 B / 256): d, 64 grid bytes (4 values each), 8 x u32 (4 x 7-bit sign index, 4-bit ls)
+             w = d (ls + 1/2) / 2 · ±grid, grid in {4, 12, ..., 62}        group 32
+    IQ3_S   (110 B / 256): d, 64 grid bytes, 8 qh (9th index bit), 32 sign bytes, 4 x 2 nibbles ls
+             w = d (2 ls + 1) · ±grid, grid odd in 1..15                   group 32 (factored tables)
+    IQ1_S    (50 B / 256): d, 32 grid bytes, 8 x u16 (4 x 3 high index bits, 3-bit ls, delta sign)
+             w = d (2 ls + 1) (grid ± 1/8), grid in {-1, 0, 1}:  c = 8 grid ± 1, s = d (2 ls + 1) / 8
+                                                                           group 32
+    IQ1_M    (56 B / 256): 32 grid bytes, 16 qh (per 8 values: 3 high index bits, delta sign),
+             4 x u16 (4 x 3-bit ls; their top nibbles together are d)
+             as IQ1_S with ls per 16 and the delta's sign per 8             group 16
+    TQ2_0    (66 B / 256): 64 bytes of 2-bit q, d         w = d (q - 1)    group 32 (d repeated)
+    TQ1_0    (54 B / 256): 48 + 4 bytes of base-3 digits, d   w = d (q - 1)  group 32 (d repeated)
+
+The scales of the types whose factor is d / 4, d / 2 or d / 8 are float32 tables (a float16 factor
+d / 8 would round for small d); IQ3_S's are d times an integer, held factored.
+"""
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from gguf import quants
+
+_SHIFTS_2BIT = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+@cache
+def _grid(name: str) -> torch.Tensor:
+    """gguf-py's codebook of `name` as (entries, 4 or 8) int16 integers."""
+    kind = getattr(quants, name)
+    kind.init_grid()
+    return torch.from_numpy(kind.grid.reshape(kind.grid.shape[-2:])).to(torch.int16)
+
+
+@cache
+def _sign_patterns() -> torch.Tensor:
+    """The 128 sign bytes (ksigns: 7 sign bits and an even-parity eighth) gguf-py's IQ2_XXS holds."""
+    return torch.frombuffer(bytearray(quants.IQ2_XXS.ksigns), dtype=torch.uint8)
+
+
+def _signs(sign_bytes: torch.Tensor) -> torch.Tensor:
+    """Bytes (...) → (..., 8) of ±1: bit i set makes value i negative."""
+    return 1 - 2 * ((sign_bytes[..., None] >> _BITS) & 1).to(torch.int16)
+
+
+def _u16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def _u32(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()  # (blocks, 1)
+
+
+def _nibble_pairs(b: torch.Tensor) -> torch.Tensor:
+    """(n, j) bytes → (n, 2 j): the low nibble of byte i, then its high one."""
+    return torch.stack([b & 0x0F, b >> 4], dim=2).reshape(len(b), -1)
+
+
+def _codes(values: torch.Tensor, groups: int) -> torch.Tensor:
+    return values.to(torch.int8).reshape(len(values), groups, -1)
+
+
+def _iq2_xxs(b: torch.Tensor):
+    n = len(b)
+    index = b[:, 2:66].reshape(n, 8, 8)[:, :, 0:4].long()  # (n, 8, 4): the first u32's bytes
+    aux = _u32(b[:, 2:66]).reshape(n, 8, 2)[:, :, 1]
+    sign_index = (aux[..., None] >> torch.tensor([0, 7, 14, 21])) & 0x7F  # (n, 8, 4)
+    values = _grid("IQ2_XXS")[index] * _signs(_sign_patterns()[sign_index])
+    scale = _half(b[:, 0:2]) * (0.5 + (aux >> 28).float()) * 0.25
+    return _codes(values, 8), scale
+
+
+def _iq2_ls_scales(d: torch.Tensor, ls_bytes: torch.Tensor) -> torch.Tensor:
+    """Per 16 values: d (ls + 1/2) / 4 with ls the nibbles of 8 bytes."""
+    return d * (0.5 + _nibble_pairs(ls_bytes).float()) * 0.25
+
+
+def _iq2_xs(b: torch.Tensor):
+    q = _u16(b[:, 2:66])  # (n, 32)
+    values = _grid("IQ2_XS")[q & 511] * _signs(_sign_patterns()[q >> 9])
+    return _codes(values, 16), _iq2_ls_scales(_half(b[:, 0:2]), b[:, 66:74])
+
+
+def _iq2_s(b: torch.Tensor):
+    n = len(b)
+    high = ((b[:, 66:74, None] >> _SHIFTS_2BIT) & 3).reshape(n, 32)
+    index = b[:, 2:34].long() | (high.long() << 8)
+    values = _grid("IQ2_S")[index] * _signs(b[:, 34:66])
+    return _codes(values, 16), _iq2_ls_scales(_half(b[:, 0:2]), b[:, 74:82])
+
+
+def _iq3_xxs(b: torch.Tensor):
+    n = len(b)
+    aux = _u32(b[:, 66:98])  # (n, 8)
+    sign_index = (aux[..., None] >> torch.tensor([0, 7, 14, 21])) & 0x7F
+    values = _grid("IQ3_XXS")[b[:, 2:66].long()].reshape(n, 8, 4, 8) * _signs(_sign_patterns()[sign_index])
+    scale = _half(b[:, 0:2]) * (0.5 + (aux >> 28).float()) * 0.5
+    return _codes(values, 8), scale
+
+
+def _iq3_s(b: torch.Tensor):
+    n = len(b)
+    high = ((b[:, 66:74, None] >> _BITS) & 1).reshape(n, 64)
+    index = b[:, 2:66].long() | (high.long() << 8)
+    values = _grid("IQ3_S")[index].reshape(n, 32, 8) * _signs(b[:, 74:106])
+    ints = (1 + 2 * _nibble_pairs(b[:, 106:110])).to(torch.uint8)  # (n, 8), at most 31
+    return _codes(values, 8), (ints, b[:, 0:2].contiguous().view(torch.float16)[:, 0])
+
+
+def _iq1_codes(grid_index: torch.Tensor, delta_negative: torch.Tensor) -> torch.Tensor:
+    """8 (grid ± 1/8): the grid's rows (..., 8) in {-1, 0, 1}, the delta's sign per row."""
+    return 8 * _grid("IQ1_S")[grid_index] + (1 - 2 * delta_negative.to(torch.int16))[..., None]
+
+
+def _iq1_s(b: torch.Tensor):
+    n = len(b)
+    qh = _u16(b[:, 34:50])  # (n, 8)
+    high = ((qh[..., None] >> torch.tensor([0, 3, 6, 9])) & 7).reshape(n, 32)
+    delta_negative = (qh >> 15).repeat_interleave(4, dim=1)  # one sign per sub-block of 4 rows
+    values = _iq1_codes(b[:, 2:34].long() | (high.long() << 8), delta_negative)
+    scale = _half(b[:, 0:2]) * (2 * ((qh >> 12) & 7) + 1).float() * 0.125
+    return _codes(values, 8), scale
+
+
+def _iq1_m(b: torch.Tensor):
+    n = len(b)
+    packed = _u16(b[:, 48:56])  # (n, 4): 4 x 3-bit ls below, a nibble of d on top
+    d_bits = ((packed >> 12) << torch.tensor([0, 4, 8, 12])).sum(dim=1, keepdim=True)
+    d = torch.where(d_bits >= 1 << 15, d_bits - (1 << 16), d_bits).to(torch.int16).view(torch.float16).float()
+    ls = ((packed[..., None] >> torch.tensor([0, 3, 6, 9])) & 7).reshape(n, 16)
+    qh = torch.stack([b[:, 32:48] & 0x0F, b[:, 32:48] >> 4], dim=2).reshape(n, 32)  # per row of 8 values
+    values = _iq1_codes(b[:, 0:32].long() | ((qh & 7).long() << 8), (qh >> 3) & 1)
+    return _codes(values, 16), d * (2 * ls + 1).float() * 0.125
+
+
+def _per_group(d: torch.Tensor) -> torch.Tensor:
+    """A super-block's float16 d (blocks, 2 bytes) as the scale of each of its 8 groups of 32."""
+    return d.contiguous().view(torch.float16).repeat(1, 8)
+
+
+def _tq2_0(b: torch.Tensor):
+    n = len(b)
+    q = (b[:, 0:64].reshape(n, 2, 1, 32) >> _SHIFTS_2BIT[:, None]) & 3  # (n, 2, 4, 32)
+    return _codes(q.to(torch.int16) - 1, 8), _per_group(b[:, 64:66])
+
+
+def _tq1_0(b: torch.Tensor):
+    """Five base-3 digits a byte (four in the last 4 bytes), stored as byte = ceil(value * 256 / 243):
+    digit k is the top base-3 digit of byte * 3^k mod 256, i.e. (that * 3) >> 8."""
+    n = len(b)
+
+    def digits(bytes_: torch.Tensor, powers: list[int]) -> torch.Tensor:
+        shifted = (bytes_.to(torch.int32)[:, None, :] * torch.tensor(powers, dtype=torch.int32)[:, None]) & 0xFF
+        return ((shifted * 3) >> 8).reshape(n, -1)
+
+    q = torch.cat([digits(b[:, 0:32], [1, 3, 9, 27, 81]), digits(b[:, 32:48], [1, 3, 9, 27, 81]),
+                   digits(b[:, 48:52], [1, 3, 9, 27])], dim=1)
+    return _codes(q - 1, 8), _per_group(b[:, 52:54])
+
+
+CONVERT = {"IQ2_XXS": _iq2_xxs, "IQ2_XS": _iq2_xs, "IQ2_S": _iq2_s, "IQ3_XXS": _iq3_xxs, "IQ3_S": _iq3_s,
+           "IQ1_S": _iq1_s, "IQ1_M": _iq1_m, "TQ2_0": _tq2_0, "TQ1_0": _tq1_0}
+GROUPS = {"IQ2_XXS": 32, "IQ2_XS": 16, "IQ2_S": 16, "IQ3_XXS": 32, "IQ3_S": 32, "IQ1_S": 32, "IQ1_M": 16,
+          "TQ2_0": 32, "TQ1_0": 32}
