@@ -16,6 +16,11 @@ Rows, all computed by flashserve on the same held-out chunks:
     gguf-q4k-imatrix  the same with `flashserve imatrix` on --calib                 } the file's weights
     gguf-q4k-flat  the same weighted fits with every importance 1 (the search alone)   } dequantized
     gguf-q5k, gguf-q6k (-imatrix, -flat)  likewise for Q5_K and Q6_K                    }
+    llama-q2k, llama-iq3s, llama-iq2xs-imatrix, ...  written by llama.cpp's own llama-quantize
+                 (`make llama-quantize`) from the shipped file, --imatrix the one `flashserve imatrix`
+                 writes on --calib (llama.cpp reads it); run on flashserve's kernels (weight-only: the
+                 exact 8-bit forms of gguf_codebook_forms.py), the dequantized weights' perplexity
+                 printed beside as a check
 Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
 memory recorded); perplexity = exp(mean NLL of every token after the first of each chunk). The GGUF
 rows (but the float one) also get llama.cpp's perplexity of the same file on the same chunks, through
@@ -43,6 +48,11 @@ from pathlib import Path
 METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "awq")  # gptq-act: GPTQ with --act-order
 GGUF_ROWS = {f"gguf-{t.lower().replace('_', '')}{s}": (t, s[1:]) for t in ("Q4_K", "Q5_K", "Q6_K")
              for s in ("", "-imatrix", "-flat")}  # row → (--type, importance: "imatrix", "flat" or "")
+# row → llama-quantize's type and whether it gets the importance matrix (IQ2_XXS, IQ2_XS, IQ1_S and
+# IQ1_M need one in llama.cpp)
+LLAMA_ROWS = {f"llama-{t.lower().replace('_', '')}{s}": (t, bool(s)) for t in
+              ("Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ2_0", "TQ1_0")
+              for s in ("", "-imatrix")}
 INT8_ROWS = {  # run-time int8 methods on the float model: (row name, quantization, its options)
     "smoothquant": ("SmoothQuant W8A8, alpha 0.5", "smoothquant", {"smoothquant_alpha": 0.5}),
     "smoothquant-down": ("SmoothQuant W8A8, alpha 0.5, down_proj smoothed too", "smoothquant",
@@ -79,14 +89,39 @@ def gguf_file(model: str, row: str, calib: str, work: Path) -> tuple[Path, dict]
         return out, {}
     flags = []
     if importance:
-        imatrix = work / f"{Path(model).stem}-{Path(calib).name}.imatrix"
-        if not imatrix.exists():
-            _cli(["imatrix", "--model", model, "--calib", calib, "--out", str(imatrix)], "imatrix")
+        imatrix = _imatrix(model, calib, work)
         if importance == "flat":
             imatrix = _flat_imatrix(imatrix)
         flags = ["--imatrix", str(imatrix)]
     return out, _cli(["quantize", "--method", "gguf", "--type", qtype, "--model", model, "--out", str(out), *flags],
                      f"quantize {row}")
+
+
+def _imatrix(model: str, calib: str, work: Path, suffix: str = ".imatrix") -> Path:
+    """`flashserve imatrix` of the model on the calibration text (written once): flashserve's own file,
+    or with suffix ".imatrix.gguf" llama.cpp's GGUF form."""
+    imatrix = work / f"{Path(model).stem}-{Path(calib).name}{suffix}"
+    if not imatrix.exists():
+        _cli(["imatrix", "--model", model, "--calib", calib, "--out", str(imatrix)], "imatrix")
+    return imatrix
+
+
+def llama_quantized(model: str, row: str, calib: str, work: Path) -> tuple[Path, dict]:
+    """The row's file written by llama.cpp's llama-quantize (unless it exists) and the time it took."""
+    qtype, with_imatrix = LLAMA_ROWS[row]
+    out = work / f"{Path(model).stem}-{row}.gguf"
+    if out.exists():
+        return out, {}
+    tool = sorted(Path(__file__).resolve().parent.parent.glob(".peers/llama-quantize-*/bin/llama-quantize"))
+    if not tool:
+        raise SystemExit("llama-quantize is not built: run `make llama-quantize`")
+    flags = ["--imatrix", str(_imatrix(model, calib, work, ".imatrix.gguf"))] if with_imatrix else []
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(tool[-1]), "--allow-requantize", *flags, model, str(out), qtype, "2"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"llama-quantize {row} failed:\n{proc.stderr[-2000:]}")
+    return out, {"seconds": time.perf_counter() - t0}
 
 
 def _flat_imatrix(imatrix: Path) -> Path:
@@ -195,7 +230,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="tokens per held-out chunk")
     ap.add_argument("--work", required=True, help="directory for the checkpoints (reused when present)")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *INT8_ROWS, "gguf-q4k", "gguf-q4k-imatrix"],
-                    choices=[*METHODS, *INT8_ROWS, *GGUF_ROWS])
+                    choices=[*METHODS, *INT8_ROWS, *GGUF_ROWS, *LLAMA_ROWS])
     ap.add_argument("--speed-rounds", type=int, default=0, help="also time each row's engine this many rounds")
     a = ap.parse_args()
 
@@ -222,6 +257,10 @@ def main() -> None:
             path, cost = gguf_file(gguf, method, a.calib, work)
             rows.append((method, str(path), "none", cost))
             continue
+        if method in LLAMA_ROWS:  # on the kernels' exact forms; the dequantized figure printed as a check
+            path, cost = llama_quantized(gguf, method, a.calib, work)
+            rows.append((method, str(path), "weight-only", cost))
+            continue
         out = work / f"{Path(gguf).stem}-{method}-g{a.group_size}"
         rows.append((f"{method} g{a.group_size}", str(out), "weight-only",
                      quantize(gguf, method, a.group_size, a.calib, out)))
@@ -232,7 +271,8 @@ def main() -> None:
         results.append((name, ppl, cost))
         if path.endswith(".gguf") and quantization in ("none", "weight-only") and name != rows[0][0]:
             peer[name] = llamacpp_perplexity(path, chunks)
-        print(f"{name}: {ppl:.4f}" + (f" (llama.cpp {peer[name]:.4f})" if peer.get(name) else ""), flush=True)
+        check = f", dequantized {perplexity(path, 'none', chunks):.4f}" if name in LLAMA_ROWS else ""
+        print(f"{name}: {ppl:.4f}{check}" + (f" (llama.cpp {peer[name]:.4f})" if peer.get(name) else ""), flush=True)
     times = timed_rows([(n, p, q, options.get(n, {})) for n, p, q, _ in rows], a.speed_rounds) if a.speed_rounds else {}
     ref = results[0][1]
     gap = {n: p - ref for n, p, _ in results}

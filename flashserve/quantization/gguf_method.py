@@ -14,9 +14,12 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q6_K                         → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254):
                                    its exact form has groups of 16, without int8 activations
                                    (REQUANTIZED_IN_LINEARS)
-    Q2_K, IQ3_XXS/S, IQ2_XXS/XS/S, IQ1_S/M, TQ1_0, TQ2_0
+    Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
                                    (Q2_K, IQ2_XS, IQ2_S, IQ1_M), which take float activations only
+    IQ3_S, IQ1_S, TQ1_0, TQ2_0   → 4-bit codes, groups of 32, exact: codes affine in the grid's
+                                   (gguf_codebook_forms.affine4), float32 scale and zero (6 bits);
+                                   an embedding's rows take their exact 8-bit form
     token embedding (row lookups, tied head) → 5-bit codes for Q5_0, the exact 8-bit forms above
                                    (Q6_K's too: groups of 16, 8.625 bits) and Q4_0 exactly in 8,
                                    other types (Q4_1, Q4_K, ...) requantized per group of 32
@@ -61,6 +64,7 @@ from flashserve.quantization.gguf_blocks import (
     q4k_factored,
     release_mapped,
 )
+from flashserve.quantization.gguf_codebook_forms import AFFINE4, affine4
 from flashserve.quantization.gguf_int8_forms import EXACT_INT8_TYPES, GROUPS, Int8Form, exact_int8, merged
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.int4_format import Int4Groups
@@ -70,6 +74,7 @@ from flashserve.quantization.torch_int_weights import (Int4Weight, Int8GroupWeig
                                                        quantize_rows)
 
 INT8_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0})  # 8-bit on either kernel
+AFFINE4_TYPES = frozenset(Q[name] for name in AFFINE4)  # 4-bit on this project's kernel
 KERNEL_TYPES = INT4_TYPES | INT8_TYPES | EXACT_INT8_TYPES  # GGUF types that run packed rather than dequantized
 # Rows dequantized at a time while requantizing: gguf-py's dequantization and the requantization each
 # hold several float copies of a piece (Q6_K, 4096 rows of 1536: dequantizing alone +50 MiB transient;
@@ -93,6 +98,8 @@ def kind_of(part: Part, own_kernels: bool) -> str:
             return "int4"
         if part.qtype == Q.Q5_0 and own_kernels:
             return "int5"
+        if part.qtype in AFFINE4_TYPES and own_kernels:
+            return "affine4"
         if part.qtype in INT8_TYPES or (own_kernels and part.qtype in EXACT_INT8_TYPES):
             return "int8"
     return "dense"
@@ -146,6 +153,8 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
                                     torch.from_numpy(zero - 8.0 * scale), bits=4, packed=True)
         codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
         return Int4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero))
+    if kind == "affine4":  # parts of different types too: the same codes and float32 tables
+        return GroupQuantWeight(*_rows_converted(parts, _affine4_codes), bits=4)
     if kind == "int5":  # the file's own blocks less their scale (gguf_blocks.int5_packed)
         return GroupQuantWeight(*_rows_converted(parts, _int5_codes), None, bits=5, packed=True)
     if kind == "int8":
@@ -192,6 +201,10 @@ def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
         return ops.native().q6k_requantize_int8(t.block_bytes())
     return quantize_groups(_dense(t))
+
+
+def _affine4_codes(t: GGUFTensor) -> tuple[torch.Tensor, ...]:
+    return affine4(t.qtype.name, *exact_int8(t))
 
 
 def _int5_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:

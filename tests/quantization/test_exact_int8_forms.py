@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 
 from flashserve.quantization.gguf_blocks import GGUFTensor
 from flashserve.quantization.gguf_int8_forms import GROUPS, Int8Form, exact_int8, merged
-from flashserve.quantization.gguf_method import REQUANTIZED_IN_LINEARS, pack_embedding, pack_linear
+from flashserve.quantization.gguf_method import AFFINE4_TYPES, REQUANTIZED_IN_LINEARS, pack_embedding, pack_linear
 from flashserve.quantization.group_quant_weight import GroupQuantWeight
 from tests.model.test_quant_linear import check_matmul
 
@@ -66,7 +66,7 @@ def test_packed_weight_is_the_file_bit_for_bit(qtype):
     """codes * scale (+ zero) in float32 equals gguf-py's dequantization: the C++ dequantization (the
     large-M path), the torch one (embedding rows) and a slice of rows; the file's own integers
     and factors, in the bits per weight the layout gives. A linear takes the same form, but Q6_K's
-    (requantized per group of 32, for int8 activations)."""
+    (requantized per group of 32, for int8 activations) and the affine4 types' (4-bit, exact too)."""
     rows, cols = 24, 768
     t = random_blocks(qtype, rows, cols, seed=int(qtype))
     want = gguf_py(t)
@@ -81,7 +81,10 @@ def test_packed_weight_is_the_file_bit_for_bit(qtype):
     if qtype == Q.Q3_K:  # (sc - 32) q = 128 (sc = 0, q = -4) is held negated: the code -128
         assert int(w.int_codes().min()) == -128
     linear = pack_linear([t], torch.float32, own_kernels=True)
-    if qtype in REQUANTIZED_IN_LINEARS:
+    if qtype in AFFINE4_TYPES:  # 4-bit codes affine in the 8-bit ones, float32 scale and zero
+        assert linear.bits == 4 and linear.group == 32 and torch.equal(linear.dequantize(), want)
+        assert 8 * sum(x.nbytes for x in (linear.codes, linear.scale, linear.zero)) / (rows * cols) <= 6
+    elif qtype in REQUANTIZED_IN_LINEARS:
         assert linear.group == 32
         err = (linear.dequantize() - want).view(rows, -1, 32).abs().amax(dim=2)
         assert (err <= want.view(rows, -1, 32).abs().amax(dim=2) / 254 * (1 + 1e-5)).all()
@@ -218,8 +221,10 @@ def test_tiny_model_of_these_types_matches_transformers(tmp_path, types, magnitu
                       encode=encode)
     model, mcfg = load_model(str(path), torch.float32, quantization="weight-only")
     packed = [m for m in model.modules() if isinstance(m, GroupQuantWeight)]
-    assert len(packed) == 9  # q|k|v and gate|up merged
-    assert {m.group for m in packed} == ({32} if types is K_AND_IQ4 else {16, 32})
+    if types is K_AND_IQ4:  # q|k|v and gate|up merged
+        assert len(packed) == 9 and {(m.bits, m.group) for m in packed} == {(8, 32)}
+    else:  # and layer 0's IQ3_S v, TQ1_0 down and IQ1_S o 4-bit (affine4)
+        assert len(packed) == 10 and {(m.bits, m.group) for m in packed} == {(8, 16), (8, 32), (4, 32)}
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
                                               vocab_size=VOCAB).eval()  # the file has no vocabulary
     tokens = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(1)).tolist()
