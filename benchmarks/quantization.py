@@ -17,8 +17,9 @@ Rows, all computed by flashserve on the same held-out chunks:
     gguf-q4k-flat  the same weighted fits with every importance 1 (the search alone)   } dequantized
     gguf-q5k, gguf-q6k (-imatrix, -flat)  likewise for Q5_K and Q6_K                    }
     llama-q2k, llama-iq3s, llama-iq2xs-imatrix, ...  written by llama.cpp's own llama-quantize
-                 (`make llama-quantize`) from the shipped file, --imatrix the one `flashserve imatrix`
-                 writes on --calib (llama.cpp reads it); run on flashserve's kernels (weight-only: the
+                 (`make llama-quantize`) from the shipped file, the type on every tensor that can take
+                 it (--pure: not llama.cpp's mixes), --imatrix the one `flashserve imatrix` writes on
+                 --calib (llama.cpp reads it); run on flashserve's kernels (weight-only: the
                  exact 8-bit forms of gguf_codebook_forms.py), the dequantized weights' perplexity
                  printed beside as a check
 Each checkpoint is written by its own `flashserve quantize` process (wall time and its printed peak
@@ -117,7 +118,7 @@ def llama_quantized(model: str, row: str, calib: str, work: Path) -> tuple[Path,
         raise SystemExit("llama-quantize is not built: run `make llama-quantize`")
     flags = ["--imatrix", str(_imatrix(model, calib, work, ".imatrix.gguf"))] if with_imatrix else []
     t0 = time.perf_counter()
-    proc = subprocess.run([str(tool[-1]), "--allow-requantize", *flags, model, str(out), qtype, "2"],
+    proc = subprocess.run([str(tool[-1]), "--allow-requantize", "--pure", *flags, model, str(out), qtype, "2"],
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"llama-quantize {row} failed:\n{proc.stderr[-2000:]}")
