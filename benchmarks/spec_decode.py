@@ -9,8 +9,10 @@ Configurations (each run a process of its own; the configurations alternate with
   flashserve medusa / eagle (heads trained by `flashserve train-heads`, given by --medusa / --eagle),
   each speculative one also as "-pinned" (ngram-pinned, ...: k drafts every step, adaptive k off) and
   "-typical" (Medusa's typical acceptance instead of rejection sampling; differs at --temperature > 0),
-  llama.cpp plain and llama.cpp prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding, one
-  stream only: its high-level API runs one sequence).
+  llama.cpp plain, llama.cpp prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding) and llama.cpp
+  draft (the --draft model in a llama.cpp context of its own proposing k greedy tokens through
+  llama-cpp-python's draft-model interface, which the target verifies): one stream only, as its
+  high-level API runs one sequence.
 Workloads: "open" (write new code from a one-line request) and "grounded" (return a source file
 given in the prompt with a small edit, where the output copies the input). Chat-formatted text,
 the same string for both engines, greedy, stopping at the model's end of turn.
@@ -80,14 +82,47 @@ def run_flashserve(a) -> dict:
     return {"tok_s": tokens / dt, "tokens": tokens, "drafted": drafted, "accepted": accepted}
 
 
+def llamacpp_draft_model(path: str, k: int, threads: int):
+    """A LlamaDraftModel that runs a smaller model in a llama.cpp context of its own: k greedy tokens
+    after the target's tokens, its KV cache kept over their common prefix from call to call."""
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaDraftModel
+
+    class DraftModel(LlamaDraftModel):
+        def __init__(self):
+            self.llm = Llama(path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+        def _next(self) -> int:
+            return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
+
+        def __call__(self, input_ids, **kwargs):
+            d, ids = self.llm, input_ids.tolist()
+            have = d.input_ids[: d.n_tokens].tolist()
+            common = next((i for i, (x, y) in enumerate(zip(have, ids)) if x != y), min(len(have), len(ids)))
+            d.n_tokens = min(common, len(ids) - 1)  # eval drops the cache past n_tokens; the last token gives logits
+            d.eval(ids[d.n_tokens:])
+            drafts = [self._next()]
+            for _ in range(k - 1):
+                d.eval(drafts[-1:])
+                drafts.append(self._next())
+            return np.array(drafts, dtype=np.intc)
+
+    return DraftModel()
+
+
 def run_llamacpp(a) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     from flashserve.model.catalogue import resolve
 
-    draft = LlamaPromptLookupDecoding(num_pred_tokens=a.k) if a.config == "lookup" else None
-    # prompt lookup verifies drafts against every position's logits, which Llama keeps only with logits_all
+    draft = None
+    if a.config == "lookup":
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=a.k)
+    elif a.config == "draft":
+        draft = llamacpp_draft_model(str(resolve(a.draft)), a.k, a.threads)
+    # verifying drafts takes every position's logits, which Llama keeps only with logits_all
     llm = Llama(str(resolve(a.model)), n_ctx=4096, n_threads=a.threads, n_threads_batch=a.threads, verbose=False,
                 draft_model=draft, logits_all=draft is not None)
     llm(prompts("open", 1)[0], max_tokens=8, temperature=0)  # warm-up
@@ -109,8 +144,8 @@ def one_run(a) -> None:
 SPECULATIVE = ("ngram", "draft", "medusa", "eagle")
 CONFIGS = [("flashserve", "plain"),
            *(("flashserve", m + variant) for m in SPECULATIVE for variant in ("", "-pinned", "-typical")),
-           ("llamacpp", "plain"), ("llamacpp", "lookup")]
-DEFAULT_CONFIGS = "flashserve:plain,flashserve:ngram,flashserve:draft,llamacpp:plain,llamacpp:lookup"
+           ("llamacpp", "plain"), ("llamacpp", "lookup"), ("llamacpp", "draft")]
+DEFAULT_CONFIGS = "flashserve:plain,flashserve:ngram,flashserve:draft,llamacpp:plain,llamacpp:lookup,llamacpp:draft"
 
 
 def spawn(a, engine: str, config: str, workload: str, streams: int) -> dict:

@@ -6,9 +6,11 @@ a layer's output on input x is dW x; its expected square over tokens is sum_k dW
 inputs are uncorrelated across columns, so these are the weights of the quantization error that
 gguf_encode.py minimises.
 
-The activations come from flashserve's own model (float32 weights, dequantized from a GGUF file or
-read from an HF directory) prefilling the calibration sequences (calibrate.py). The importance of
-fused projections (q|k|v, gate|up) is that of their shared input, stored under each part's name.
+The activations come from flashserve's own model prefilling the calibration sequences in float32
+(calibrate.py): a GGUF file's weights packed as the engine runs them with float activations (exact but
+Q6_K's, requantized to 8 bits in linears; a dequantized float32 copy of Qwen2.5-Coder-1.5B peaked at
+8.9 GiB), an HF directory's float weights as read. The importance of fused projections (q|k|v,
+gate|up) is that of their shared input, stored under each part's name.
 
 File format (safetensors, the default): one float32 (K,) tensor per weight, named as the GGUF tensor it
 weighs ("blk.0.attn_q.weight", "output.weight", or "token_embd.weight" for a head tied to the
@@ -47,7 +49,8 @@ def compute_imatrix(model_path: str, calib: str, seq_len: int = SEQ_LEN, max_seq
     from flashserve.quantization.calibrate import cut_sequences, engine_prefill, own_kv_cache
 
     model_path = str(resolve(model_path))
-    model, cfg = load_model(model_path, torch.float32, quantization="none")
+    packed = "weight-only" if model_path.endswith(".gguf") else "none"
+    model, cfg = load_model(model_path, torch.float32, quantization=packed)
     ids = cut_sequences(calibration_tokens(model_path, calib), min(seq_len, cfg.max_position_embeddings),
                         max_seqs, calib)
     sums: dict[tuple[str, ...], torch.Tensor] = {}  # GGUF names sharing one input → sum_t x_t^2 (K,)
