@@ -43,9 +43,9 @@ from functools import cache
 import torch
 from gguf import quants
 
+from flashserve.quantization.gguf_bits import crumbs, half, nibble_pairs, u16, u32
 from flashserve.quantization.group_quant_weight import table_values
 
-_SHIFTS_2BIT = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 _BITS = torch.arange(8, dtype=torch.uint8)
 
 
@@ -68,21 +68,9 @@ def _signs(sign_bytes: torch.Tensor) -> torch.Tensor:
     return 1 - 2 * ((sign_bytes[..., None] >> _BITS) & 1).to(torch.int16)
 
 
-def _u16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-
-
-def _u32(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-
-
-def _half(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).float()  # (blocks, 1)
-
-
-def _nibble_pairs(b: torch.Tensor) -> torch.Tensor:
-    """(n, j) bytes → (n, 2 j): the low nibble of byte i, then its high one."""
-    return torch.stack([b & 0x0F, b >> 4], dim=2).reshape(len(b), -1)
+def _d(b: torch.Tensor) -> torch.Tensor:
+    """Each block's float16 d (its first 2 bytes) as a float32 column (blocks, 1)."""
+    return half(b[:, 0:2]).float()[:, None]
 
 
 def _codes(values: torch.Tensor, groups: int) -> torch.Tensor:
@@ -92,38 +80,38 @@ def _codes(values: torch.Tensor, groups: int) -> torch.Tensor:
 def _iq2_xxs(b: torch.Tensor):
     n = len(b)
     index = b[:, 2:66].reshape(n, 8, 8)[:, :, 0:4].long()  # (n, 8, 4): the first u32's bytes
-    aux = _u32(b[:, 2:66]).reshape(n, 8, 2)[:, :, 1]
+    aux = u32(b[:, 2:66]).reshape(n, 8, 2)[:, :, 1]
     sign_index = (aux[..., None] >> torch.tensor([0, 7, 14, 21])) & 0x7F  # (n, 8, 4)
     values = _grid("IQ2_XXS")[index] * _signs(_sign_patterns()[sign_index])
-    scale = _half(b[:, 0:2]) * (0.5 + (aux >> 28).float()) * 0.25
+    scale = _d(b) * (0.5 + (aux >> 28).float()) * 0.25
     return _codes(values, 8), scale
 
 
 def _iq2_ls_scales(d: torch.Tensor, ls_bytes: torch.Tensor) -> torch.Tensor:
     """Per 16 values: d (ls + 1/2) / 4 with ls the nibbles of 8 bytes."""
-    return d * (0.5 + _nibble_pairs(ls_bytes).float()) * 0.25
+    return d * (0.5 + nibble_pairs(ls_bytes).float()) * 0.25
 
 
 def _iq2_xs(b: torch.Tensor):
-    q = _u16(b[:, 2:66])  # (n, 32)
+    q = u16(b[:, 2:66])  # (n, 32)
     values = _grid("IQ2_XS")[q & 511] * _signs(_sign_patterns()[q >> 9])
-    return _codes(values, 16), _iq2_ls_scales(_half(b[:, 0:2]), b[:, 66:74])
+    return _codes(values, 16), _iq2_ls_scales(_d(b), b[:, 66:74])
 
 
 def _iq2_s(b: torch.Tensor):
     n = len(b)
-    high = ((b[:, 66:74, None] >> _SHIFTS_2BIT) & 3).reshape(n, 32)
+    high = ((b[:, 66:74, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).reshape(n, 32)
     index = b[:, 2:34].long() | (high.long() << 8)
     values = _grid("IQ2_S")[index] * _signs(b[:, 34:66])
-    return _codes(values, 16), _iq2_ls_scales(_half(b[:, 0:2]), b[:, 74:82])
+    return _codes(values, 16), _iq2_ls_scales(_d(b), b[:, 74:82])
 
 
 def _iq3_xxs(b: torch.Tensor):
     n = len(b)
-    aux = _u32(b[:, 66:98])  # (n, 8)
+    aux = u32(b[:, 66:98])  # (n, 8)
     sign_index = (aux[..., None] >> torch.tensor([0, 7, 14, 21])) & 0x7F
     values = _grid("IQ3_XXS")[b[:, 2:66].long()].reshape(n, 8, 4, 8) * _signs(_sign_patterns()[sign_index])
-    scale = _half(b[:, 0:2]) * (0.5 + (aux >> 28).float()) * 0.5
+    scale = _d(b) * (0.5 + (aux >> 28).float()) * 0.5
     return _codes(values, 8), scale
 
 
@@ -132,8 +120,8 @@ def _iq3_s(b: torch.Tensor):
     high = ((b[:, 66:74, None] >> _BITS) & 1).reshape(n, 64)
     index = b[:, 2:66].long() | (high.long() << 8)
     values = _grid("IQ3_S")[index].reshape(n, 32, 8) * _signs(b[:, 74:106])
-    ints = (1 + 2 * _nibble_pairs(b[:, 106:110])).to(torch.uint8)  # (n, 8), at most 31
-    return _codes(values, 8), (ints, b[:, 0:2].contiguous().view(torch.float16)[:, 0])
+    ints = (1 + 2 * nibble_pairs(b[:, 106:110])).to(torch.uint8)  # (n, 8), at most 31
+    return _codes(values, 8), (ints, half(b[:, 0:2]))
 
 
 def _iq1_codes(grid_index: torch.Tensor, delta_negative: torch.Tensor) -> torch.Tensor:
@@ -143,34 +131,32 @@ def _iq1_codes(grid_index: torch.Tensor, delta_negative: torch.Tensor) -> torch.
 
 def _iq1_s(b: torch.Tensor):
     n = len(b)
-    qh = _u16(b[:, 34:50])  # (n, 8)
+    qh = u16(b[:, 34:50])  # (n, 8)
     high = ((qh[..., None] >> torch.tensor([0, 3, 6, 9])) & 7).reshape(n, 32)
     delta_negative = (qh >> 15).repeat_interleave(4, dim=1)  # one sign per sub-block of 4 rows
     values = _iq1_codes(b[:, 2:34].long() | (high.long() << 8), delta_negative)
-    scale = _half(b[:, 0:2]) * (2 * ((qh >> 12) & 7) + 1).float() * 0.125
+    scale = _d(b) * (2 * ((qh >> 12) & 7) + 1).float() * 0.125
     return _codes(values, 8), scale
 
 
 def _iq1_m(b: torch.Tensor):
     n = len(b)
-    packed = _u16(b[:, 48:56])  # (n, 4): 4 x 3-bit ls below, a nibble of d on top
+    packed = u16(b[:, 48:56])  # (n, 4): 4 x 3-bit ls below, a nibble of d on top
     d_bits = ((packed >> 12) << torch.tensor([0, 4, 8, 12])).sum(dim=1, keepdim=True)
     d = torch.where(d_bits >= 1 << 15, d_bits - (1 << 16), d_bits).to(torch.int16).view(torch.float16).float()
     ls = ((packed[..., None] >> torch.tensor([0, 3, 6, 9])) & 7).reshape(n, 16)
-    qh = torch.stack([b[:, 32:48] & 0x0F, b[:, 32:48] >> 4], dim=2).reshape(n, 32)  # per row of 8 values
+    qh = nibble_pairs(b[:, 32:48])  # per row of 8 values
     values = _iq1_codes(b[:, 0:32].long() | ((qh & 7).long() << 8), (qh >> 3) & 1)
     return _codes(values, 16), d * (2 * ls + 1).float() * 0.125
 
 
 def _per_group(d: torch.Tensor) -> torch.Tensor:
     """A super-block's float16 d (blocks, 2 bytes) as the scale of each of its 8 groups of 32."""
-    return d.contiguous().view(torch.float16).repeat(1, 8)
+    return half(d)[:, None].repeat(1, 8)
 
 
 def _tq2_0(b: torch.Tensor):
-    n = len(b)
-    q = (b[:, 0:64].reshape(n, 2, 1, 32) >> _SHIFTS_2BIT[:, None]) & 3  # (n, 2, 4, 32)
-    return _codes(q.to(torch.int16) - 1, 8), _per_group(b[:, 64:66])
+    return _codes(crumbs(b[:, 0:64]).to(torch.int16) - 1, 8), _per_group(b[:, 64:66])
 
 
 def _tq1_0(b: torch.Tensor):

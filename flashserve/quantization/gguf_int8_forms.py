@@ -46,7 +46,8 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from flashserve.quantization import gguf_codebook_forms
-from flashserve.quantization.gguf_blocks import INT8_GROUP_TYPES, GGUFTensor, _q4k_scale_min, _torch_view, int8_groups
+from flashserve.quantization.gguf_bits import crumbs, half, nibble_pairs, nibbles
+from flashserve.quantization.gguf_blocks import INT8_GROUP_TYPES, GGUFTensor, _q4k_scale_min, int8_groups
 from flashserve.quantization.group_quant_weight import SUPER_GROUPS, factored_table, table_values
 
 # IQ4_NL's and IQ4_XS's 16 levels (ggml-common.h, kvalues_iq4nl)
@@ -73,7 +74,7 @@ def exact_int8(t: GGUFTensor) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(a) for a in int8_groups(t))
     rows, cols = t.shape
     block, size = GGML_QUANT_SIZES[t.qtype]
-    b = _torch_view(np.ascontiguousarray(t.raw)).view(rows * cols // block, size)  # only read
+    b = t.block_bytes().view(rows * cols // block, size)  # only read
     codes, *tables = _CONVERT[t.qtype](b)
     return (codes.reshape(rows, cols), *(_table(x, rows) for x in tables))
 
@@ -88,26 +89,17 @@ def _table(values, rows: int) -> torch.Tensor:
     return factored_table(ints.reshape(rows, -1), factors.reshape(rows, -1))
 
 
-def _half(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16)[:, 0]  # (blocks,)
-
-
 def _signed_into_codes(codes: torch.Tensor, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (blocks, groups, group) times signed ints (blocks, groups) → codes carrying the sign, |ints|."""
     sign = torch.where(ints < 0, -1, 1).to(torch.int16)
     return (codes.to(torch.int16) * sign[..., None]).to(torch.int8), ints.to(torch.int16).abs()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(..., 16) bytes → (..., 32): element j in the low nibble of byte j, j + 16 in the high one."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-
-
 def _q5_1(b: torch.Tensor):
     qh = b[:, 4:8].contiguous().view(torch.int32)  # (blocks, 1): bit j is bit 4 of element j
     high = (qh >> torch.arange(32, dtype=torch.int32)) & 1
-    codes = (_nibbles(b[:, 8:24]).to(torch.int32) | (high << 4)).to(torch.int8)
-    return codes, _half(b[:, 0:2]), _half(b[:, 2:4])
+    codes = (nibbles(b[:, 8:24]).to(torch.int32) | (high << 4)).to(torch.int8)
+    return codes, half(b[:, 0:2]), half(b[:, 2:4])
 
 
 def _q5_k(b: torch.Tensor):
@@ -117,24 +109,22 @@ def _q5_k(b: torch.Tensor):
     low = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32)
     high = torch.stack([(b[:, 16:48] >> j) & 1 for j in range(8)], dim=1)  # bit j of qh[l]: sub-block j
     codes = (low | (high << 4)).to(torch.int8)
-    return codes, (sc, _half(b[:, 0:2])), (mn, -_half(b[:, 2:4]))
+    return codes, (sc, half(b[:, 0:2])), (mn, -half(b[:, 2:4]))
 
 
 def _q6_k(b: torch.Tensor):
     n = len(b)
     ql = b[:, 0:128].reshape(n, 2, 1, 64)  # each half of 128 values: 64 low nibbles, then 64 high ones
     low = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 8, 32)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32)  # each half: bit pairs 0, 2, 4, 6 of qh[l] for its 4 x 32
-    high = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(n, 8, 32)
+    high = crumbs(b[:, 128:192]).reshape(n, 8, 32)  # each half: bit pairs 0, 2, 4, 6 of qh[l] for its 4 x 32
     q = ((low | (high << 4)).to(torch.int16) - 32).reshape(n, 16, 16)
     codes, ints = _signed_into_codes(q, b[:, 192:208].contiguous().view(torch.int8))
-    return codes, (ints, _half(b[:, 208:210]))
+    return codes, (ints, half(b[:, 208:210]))
 
 
 def _q3_k(b: torch.Tensor):
     n = len(b)
-    qs = b[:, 32:96].reshape(n, 2, 1, 32)  # each half of 128 values: bit pairs 0, 2, 4, 6 of qs[l]
-    low = torch.cat([(qs >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(n, 256).to(torch.int16)
+    low = crumbs(b[:, 32:96]).to(torch.int16)  # each half of 128 values: bit pairs 0, 2, 4, 6 of qs[l]
     hmask = b[:, 0:32].reshape(n, 1, 32)  # bit j of hmask[l]: element 32 j + l; a clear bit subtracts 4
     high = torch.cat([(hmask >> j) & 1 for j in range(8)], dim=1).reshape(n, 256).to(torch.int16)
     q = (low - 4 * (1 - high)).reshape(n, 16, 16)
@@ -143,29 +133,28 @@ def _q3_k(b: torch.Tensor):
     hi = torch.cat([(packed[:, 8:12] >> (2 * i)) & 3 for i in range(4)], dim=1)
     sc = (lo | (hi << 4)).to(torch.int16) - 32  # (n, 16)
     codes = (-(q * sc[..., None])).to(torch.int8).reshape(n, 8, 32)  # (sc - 32) q in -124..128: negated, an int8
-    return codes, (torch.ones(n, 8, dtype=torch.uint8), -_half(b[:, 108:110]))
+    return codes, (torch.ones(n, 8, dtype=torch.uint8), -half(b[:, 108:110]))
 
 
 def _q2_k(b: torch.Tensor):
     n = len(b)
-    q = (b[:, 16:80].reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
     sc = b[:, 0:16]  # (n, 16): sc_j in the low nibble, mn_j in the high one
-    return (q.to(torch.int8).reshape(n, 16, 16), (sc & 0x0F, _half(b[:, 80:82])),
-            (sc >> 4, -_half(b[:, 82:84])))
+    return (crumbs(b[:, 16:80]).to(torch.int8).reshape(n, 16, 16), (sc & 0x0F, half(b[:, 80:82])),
+            (sc >> 4, -half(b[:, 82:84])))
 
 
 def _iq4_nl(b: torch.Tensor):
-    return IQ4_LEVELS[_nibbles(b[:, 2:18]).long()], _half(b[:, 0:2])
+    return IQ4_LEVELS[nibbles(b[:, 2:18]).long()], half(b[:, 0:2])
 
 
 def _iq4_xs(b: torch.Tensor):
     n = len(b)
-    levels = IQ4_LEVELS[_nibbles(b[:, 8:136].reshape(n, 8, 16)).long()]  # (n, 8, 32)
+    levels = IQ4_LEVELS[nibbles(b[:, 8:136].reshape(n, 8, 16)).long()]  # (n, 8, 32)
     scales_h = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32)  # (n, 1): bits 2j, 2j + 1 → sub-block j
-    lo = torch.stack([b[:, 4:8] & 0x0F, b[:, 4:8] >> 4], dim=2).reshape(n, 8)  # sub-block j: nibble j % 2 of byte j / 2
+    lo = nibble_pairs(b[:, 4:8])  # sub-block j: nibble j % 2 of byte j / 2
     hi = (scales_h >> (2 * torch.arange(8, dtype=torch.int32))) & 3
     codes, ints = _signed_into_codes(levels, (lo.to(torch.int32) | (hi << 4)) - 32)
-    return codes, (ints, _half(b[:, 0:2]))
+    return codes, (ints, half(b[:, 0:2]))
 
 
 _CONVERT = {Q.Q5_1: _q5_1, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k, Q.Q3_K: _q3_k, Q.IQ4_NL: _iq4_nl, Q.IQ4_XS: _iq4_xs,
