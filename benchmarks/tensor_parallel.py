@@ -5,7 +5,8 @@ thread each, same model, same requests, each configuration in its own process, a
 
 Configurations: tp1 (one process, T threads, the C++ decode step on), tp1-modules (the same with
 the decode step off: TP runs without it, so this isolates what the collectives cost), tpT (T worker
-processes over gloo, one thread each), ppT (T pipeline stages, one thread each, no micro-batches).
+processes over gloo, one thread each), ppT (T pipeline stages, one thread each, one micro-batch in
+flight per stage: the default), ppT-serial (the same with one step in flight: the stages take turns).
 Workloads: prompt processing (32 prompts of 128 tokens, one output token each), decode of 1 and of 32 sequences (16-token prompts; time after every
 request has its first token). Also the cost of the collectives alone: an all-reduce of a hidden
 state and the all-gather of a vocabulary shard's logits between two processes over gloo.
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ("tp1", "tp1-modules", "tpN", "ppN")
+CONFIGS = ("tp1", "tp1-modules", "tpN", "ppN", "ppN-serial")
 WORKLOADS = {"prompt 32x128": (32, 128, 1), "decode 1 seq": (1, 16, 128), "decode 32 seqs": (32, 16, 64)}
 
 
@@ -28,9 +29,10 @@ def run_config(model: str, config: str, threads: int) -> dict:
     from flashserve import LLM, SamplingParams
 
     tp = threads if config == "tpN" else 1
-    pp = threads if config == "ppN" else 1
+    pp = threads if config.startswith("ppN") else 1
     llm = LLM(model=model, max_model_len=512, enable_prefix_caching=False, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, num_threads=threads if tp * pp == 1 else 1)
+              pipeline_parallel_size=pp, num_threads=threads if tp * pp == 1 else 1,
+              pipeline_micro_batches=1 if config == "ppN-serial" else None)
     eng = llm.engine
     if config == "tp1-modules":
         eng.runner.decode_plan = None
@@ -116,7 +118,8 @@ def main() -> None:
             results[c].append(json.loads(line.strip().splitlines()[-1]))
             print(f"round {r} {c}: {results[c][-1]}", file=sys.stderr)
     names = {"tp1": f"TP=1 x {a.threads} threads", "tp1-modules": f"TP=1 x {a.threads} threads, no C++ decode step",
-             "tpN": f"TP={a.threads} x 1 thread", "ppN": f"PP={a.threads} x 1 thread"}
+             "tpN": f"TP={a.threads} x 1 thread", "ppN": f"PP={a.threads} x 1 thread, {a.threads} micro-batches",
+             "ppN-serial": f"PP={a.threads} x 1 thread, 1 step in flight"}
     print("\n| configuration | " + " | ".join(f"{w} tok/s" for w in WORKLOADS) + " |")
     print("|---|" + "---|" * len(WORKLOADS))
     for c in CONFIGS:
@@ -125,6 +128,13 @@ def main() -> None:
             xs = [run[w] for run in results[c]]
             cells.append(f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})")
         print(f"| {names[c]} | " + " | ".join(cells) + " |")
+    med = {c: {w: statistics.median(run[w] for run in results[c]) for w in WORKLOADS} for c in CONFIGS}
+    print("\nRatios of medians (pipeline: micro-batches over one step in flight; each over one process without"
+          " the C++ decode step, the same layers' work on the same cores: 1 - this is the bubble plus the"
+          " transfers and the engine's share of the cores):")
+    for num, den in [("ppN", "ppN-serial"), ("ppN", "tp1-modules"), ("ppN-serial", "tp1-modules"),
+                     ("tpN", "tp1-modules")]:
+        print(f"- {names[num]} / {names[den]}: " + ", ".join(f"{w} {med[num][w] / med[den][w]:.2f}x" for w in WORKLOADS))
     print("\nCollectives between two processes over gloo, 1 thread each, median of 500 (us):")
     for k, v in run_collectives().items():
         print(f"- {k}: {v:.0f} us")

@@ -267,6 +267,9 @@ class ParallelConfig:
     distributed_executor_backend: str | None = None
     worker_timeout_s: float = 300.0
     pipeline_parallel_size: int = 1  # stages of layers, one rank each (not combined with tensor parallelism)
+    # Steps in flight at once under pipeline parallelism, each over its own share of the requests;
+    # None: one per stage, so that every stage has a micro-batch to work on (EngineConfig.steps_in_flight).
+    pipeline_micro_batches: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -293,6 +296,8 @@ class ParallelConfig:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
         if pp > 1 and tp > 1:
             raise ValueError("pipeline_parallel_size and tensor_parallel_size cannot both exceed 1 yet")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}")
         if pp > 1 and (model.architecture not in PP_ARCHITECTURES or pp > model.num_layers):
             raise ValueError(f"pipeline_parallel_size={pp} needs a {' or '.join(PP_ARCHITECTURES)} model of at "
                              f"least {pp} layers; this is {model.architecture} with {model.num_layers}")
@@ -420,6 +425,17 @@ class EngineConfig:
                 f"target {self.model} has {self.model_config.vocab_size}: a draft must share the target's vocabulary"
             )
 
+
+    @property
+    def steps_in_flight(self) -> int:
+        """How many steps the engine keeps in flight, each over its own micro-batch of requests (GPipe's
+        micro-batches, Huang et al. 2019): under pipeline parallelism one per stage by default, so stage
+        s works on one while stage s + 1 works on another. One otherwise, and under speculative decoding
+        (its proposer reads each step's result before drafting for the next)."""
+        par = self.parallel
+        if par.pipeline_parallel_size == 1 or self.speculative.method is not None:
+            return 1
+        return par.pipeline_micro_batches or par.pipeline_parallel_size
 
     def _validate_weight_budget(self) -> None:
         from pathlib import Path

@@ -59,6 +59,9 @@ class Request:
     spec_token_probs: Any = None  # the drafts' proposal distribution when they were sampled (opaque here)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Which of the scheduler's micro-batches the request runs in (pipeline parallelism keeps several
+    # in flight; a request is in one, so its next step waits for its previous one's tokens).
+    micro_batch: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

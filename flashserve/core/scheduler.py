@@ -35,6 +35,17 @@ recomputation, while waiting for it to be released could stall every request.
     next step, both write position 6:   the first copies block 2 into 3 and writes there,
                                         the second, now alone on block 2, writes in place
 
+Micro-batches (pipeline parallelism keeps num_micro_batches steps in flight, one per stage):
+each running request belongs to one micro-batch, and schedule() serves them in turn, taking only
+that micro-batch's requests, preempting only among them, and admitting waiting requests into it
+up to its even share of the requests there are. A request's next step is thus scheduled only once
+its previous one's tokens are in. The steps run on every rank in the order they were scheduled,
+so a block freed, reused or read from the prefix cache by a later step is written by the earlier
+one first.
+
+    2 micro-batches, 32 requests:  schedule() → batch 0 (16)  schedule() → batch 1 (16)
+                                   update(batch 0's step)     schedule() → batch 0 ...
+
 Speculative decoding (spec_decode/): after a step the engine asks spec_candidates() for the
 requests that will decode next, a proposer drafts tokens for them, and set_spec_tokens() stores
 them. schedule() counts a request's drafts in the token budget (one chunk of k + 1 tokens, mixed
@@ -82,10 +93,13 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 num_swap_slots: int = 0, min_tokens_per_swapped_block: float = 0.0):
+                 num_swap_slots: int = 0, min_tokens_per_swapped_block: float = 0.0, num_micro_batches: int = 1):
         """`num_swap_slots`: KV blocks the swap space holds; `min_tokens_per_swapped_block`: the
-        cost rule of preemption_mode "auto" (core/swap_space.py)."""
+        cost rule of preemption_mode "auto" (core/swap_space.py); `num_micro_batches`: steps the
+        engine keeps in flight, each over its own requests."""
         self.config = sched_config
+        self.num_micro_batches = num_micro_batches
+        self._micro_batch = 0  # the one schedule() serves next
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.swap = SwapSpace(num_swap_slots if sched_config.preemption_mode != "recompute" else 0)
@@ -133,6 +147,7 @@ class Scheduler:
     def _start_forked(self, parent: Request, child: Request, num_shared: int, num_computed: int) -> None:
         """The child runs on the parent's blocks of its first `num_shared` tokens, `num_computed` done."""
         self.kv_cache_manager.fork(parent, child, num_shared)
+        child.micro_batch = parent.micro_batch
         child.num_computed_tokens = child.num_cached_prompt_tokens = num_computed
         child.block_ids = self.kv_cache_manager.block_ids(child.request_id)
         child.status = RequestStatus.RUNNING
@@ -198,14 +213,19 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """The next step: the requests of the micro-batch whose turn it is."""
+        batch, self._micro_batch = self._micro_batch, (self._micro_batch + 1) % self.num_micro_batches
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         if self.config.scheduling == "static" and not self.running:
-            self._admit_static_batch()
+            self._admit_static_batch(batch)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.micro_batch != batch:  # another micro-batch's, maybe in flight
+                i += 1
+                continue
             need = req.num_tokens - req.num_computed_tokens
             probs = req.spec_token_probs
             drafts = self._take_spec_tokens(req)[: max(0, budget - need)]
@@ -215,7 +235,7 @@ class Scheduler:
                 drafts, n = [], min(need, budget)
                 block_ids = self._allocate(req, n)
             while block_ids is None:
-                victim = preemption_victim(self.config.policy, self.running[i:])
+                victim = preemption_victim(self.config.policy, [r for r in self.running[i:] if r.micro_batch == batch])
                 self._preempt(victim)
                 if victim is req:
                     break
@@ -227,7 +247,7 @@ class Scheduler:
             i += 1
 
         if self.config.scheduling == "continuous":
-            budget = self._admit_waiting(budget, scheduled)
+            budget = self._admit_waiting(budget, scheduled, batch)
         self._last_num_tokens = self.config.max_num_batched_tokens - budget
         out = SchedulerOutput(scheduled, self._finished_ids, self._preempted_ids,
                               blocks_to_copy=self.kv_cache_manager.take_copies(),
@@ -236,9 +256,10 @@ class Scheduler:
         self._swap_out, self._swap_in = [], []
         return out
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest], batch: int) -> int:
         kvm = self.kv_cache_manager
-        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        seats = self._seats(batch)
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and seats > 0:
             req = self.waiting.peek()
             computed, num_cached = kvm.get_computed_blocks(req)
             if self.swap.slots_of(req.request_id):
@@ -253,10 +274,20 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:
                 req.num_cached_prompt_tokens = num_cached
+            req.micro_batch = batch
             self.running.append(req)
             scheduled.append(self._scheduled(req, n, block_ids))
             budget -= n
+            seats -= 1
         return budget
+
+    def _seats(self, batch: int) -> int:
+        """How many waiting requests micro-batch `batch` may take: up to its even share of the running
+        and waiting requests, so that the micro-batches in flight stay alike in size."""
+        if self.num_micro_batches == 1:
+            return len(self.waiting)
+        share = -(-(len(self.running) + len(self.waiting)) // self.num_micro_batches)
+        return share - sum(1 for r in self.running if r.micro_batch == batch)
 
     def _swap_in_blocks(self, req: Request, computed, num_cached: int, budget: int
                         ) -> tuple[list[int] | None, int]:
@@ -288,8 +319,9 @@ class Scheduler:
             block_ids = self.kv_cache_manager.allocate_slots(req, n, computed)
         return block_ids
 
-    def _admit_static_batch(self) -> None:
-        """Take waiting requests while their whole prompts (and one decode slot) fit the free pool."""
+    def _admit_static_batch(self, batch: int) -> None:
+        """Take waiting requests while their whole prompts (and one decode slot) fit the free pool.
+        The batch is one micro-batch: static batching runs one step at a time."""
         free = self.kv_cache_manager.num_free_blocks
         while len(self.waiting) and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.peek()
@@ -300,6 +332,7 @@ class Scheduler:
             self.waiting.pop()
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = 0  # static batches recompute: any swapped blocks are dropped
+            req.micro_batch = batch
             self.swap.release(req.request_id)
             self.running.append(req)
 

@@ -1,5 +1,7 @@
 """Executors: where the model runs, as seen from the engine. The engine hands each step's
-SchedulerOutput to execute() and gets one RunnerOutput back; the scheduler never leaves it.
+SchedulerOutput to submit() and takes its RunnerOutput from collect(), oldest first; the scheduler
+never leaves it. Steps run in the order submitted; under pipeline parallelism several are in
+flight at once (one per stage), elsewhere the engine collects each step before it submits the next.
 
     UniProcExecutor    the model runner in the engine's own process (one rank)
     MultiprocExecutor  one worker process per tensor-parallel rank (distributed/multiproc.py)
@@ -8,6 +10,7 @@ SchedulerOutput to execute() and gets one RunnerOutput back; the scheduler never
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import torch
 
@@ -24,7 +27,12 @@ class Executor:
     # when worker processes hold the model.
     runner: ModelRunner | None = None
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def submit(self, sched: SchedulerOutput) -> None:
+        """Start a step."""
+        raise NotImplementedError
+
+    def collect(self) -> RunnerOutput:
+        """The output of the oldest step submitted and not yet collected (waits for it)."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -35,9 +43,13 @@ class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, num_blocks: int, device: torch.device, guided,
                  eos_token_ids: tuple[int, ...]):
         self.runner = build_runner(config, num_blocks, device, guided, eos_token_ids)
+        self._outputs: deque[RunnerOutput] = deque()
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute(sched)
+    def submit(self, sched: SchedulerOutput) -> None:
+        self._outputs.append(self.runner.execute(sched))
+
+    def collect(self) -> RunnerOutput:
+        return self._outputs.popleft()
 
 
 def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, guided,

@@ -2,7 +2,9 @@
 torch.distributed between them, pipes to the engine.
 
 A step's SchedulerOutput is pickled once and the same bytes go down every rank's pipe; the
-RunnerOutput comes back from rank 0 (from the last stage under pipeline parallelism). While it waits, the engine watches every worker's pipe and
+RunnerOutput comes back from rank 0 (from the last stage under pipeline parallelism). Each rank
+runs its steps in the order they came and rank 0 answers in that order, so several steps may be in
+flight (pipeline micro-batches). While it waits, the engine watches every worker's pipe and
 process: a worker that reports an error, exits or is killed, or a step (or start-up) that takes
 longer than worker_timeout_s, stops all workers and raises WorkerError naming what happened.
 Workers are daemons, stopped on shutdown(), when the executor is collected and at exit, and
@@ -63,7 +65,7 @@ class MultiprocExecutor(Executor):
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def submit(self, sched: SchedulerOutput) -> None:
         if self._failure is not None:
             raise WorkerError(f"the model workers have stopped: {self._failure}")
         data = pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL)
@@ -72,6 +74,10 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(data)
             except OSError:
                 self._fail(f"cannot reach tensor-parallel worker {rank}")
+
+    def collect(self) -> RunnerOutput:
+        if self._failure is not None:
+            raise WorkerError(f"the model workers have stopped: {self._failure}")
         return self._receive({self._answer}, "a step")[self._answer]
 
     def shutdown(self) -> None:

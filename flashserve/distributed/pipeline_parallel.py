@@ -1,14 +1,16 @@
 """Pipeline parallelism wrapped around a loaded model: rank s of P keeps an even run of decoder
-layers (GPipe's split, Huang et al. 2019, without its micro-batches), the others become
-pass-throughs. Stage s > 0 receives the (hidden, residual) pair from stage s - 1 before its first
-layer; stage s < P - 1 sends its pair after its last. Every rank runs the same step (same
-SchedulerOutput); the last stage's logits are the real ones, so it samples and answers, and the
-others' LM head yields zeros instead of spending a vocabulary-sized product.
+layers (GPipe's split, Huang et al. 2019), the others become pass-throughs. Stage s > 0 receives
+the (hidden, residual) pair from stage s - 1 before its first layer; stage s < P - 1 sends its pair
+after its last, without waiting for it to be received, and goes on to its next step. Every rank
+runs the same steps (same SchedulerOutputs, in the same order); the last stage's logits are the
+real ones, so it samples and answers, and the others' LM head yields zeros instead of spending a
+vocabulary-sized product.
 
-No micro-batches are in flight: a step passes the stages one after another, so the stages do not
-overlap (the bubble is (P - 1) / P of each rank's time). What it buys is memory: each rank holds
-1 / P of the layers and of the KV cache. Llama-family blocks only (pre-norm with a residual
-stream); Gemma 3's sandwich blocks pass no residual and are refused.
+A step passes the stages one after another; the engine keeps one step in flight per stage, each
+over its own micro-batch of requests (EngineConfig.steps_in_flight), so that the stages overlap.
+With one step in flight each rank would idle (P - 1) / P of the time. Each rank holds 1 / P of the
+layers and of the KV cache. Llama-family blocks only (pre-norm with a residual stream); Gemma 3's
+sandwich blocks pass no residual and are refused.
 """
 from __future__ import annotations
 
@@ -72,10 +74,14 @@ class SendAfter(nn.Module):
     def __init__(self, layer: nn.Module, dst: int):
         super().__init__()
         self.layer, self.dst = layer, dst
+        self._sending = None  # (work, tensor) of the previous step's send: the tensor lives until it is done
 
     def forward(self, positions, x, residual, meta):
         x, residual = self.layer(positions, x, residual, meta)
-        dist.send(torch.stack([x, residual]).contiguous(), dst=self.dst)  # (2, T, d)
+        if self._sending is not None:
+            self._sending[0].wait()  # long done, normally: the next stage took it when it began that step
+        pair = torch.stack([x, residual]).contiguous()  # (2, T, d)
+        self._sending = (dist.isend(pair, dst=self.dst), pair)
         return x, residual
 
 

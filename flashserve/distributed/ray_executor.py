@@ -3,7 +3,9 @@ can sit on several machines of a Ray cluster (`ray start --head` on one, `ray st
 on the others; the engine joins that cluster, or starts a local one when there is none).
 
 The actors run what worker.py's processes run (the same start-up and runner). A step is put in
-Ray's object store once and every actor reads it; rank 0's result is the RunnerOutput. While it
+Ray's object store once and every actor reads it; rank 0's result is the RunnerOutput. An actor
+runs the calls of one caller in the order they were made, so several steps may be in flight
+(pipeline micro-batches), collected oldest first. While it
 waits the engine watches every rank's result: an actor that died, raised, or did not answer within
 worker_timeout_s stops them all and raises WorkerError. Ranks meet over torch.distributed at
 rank 0's node address (gloo, or NCCL on CUDA).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections import deque
 
 import torch
 
@@ -76,19 +79,25 @@ class RayExecutor(Executor):
         self._actors = [actor.options(num_cpus=threads, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self._pg, placement_group_bundle_index=r)).remote() for r in range(tp)]
         self._failure: str | None = None
+        self._in_flight: deque[list] = deque()  # each submitted step's result refs, one per rank
         init_method = self._wait([self._actors[0].meeting_point.remote()], "start-up")[0]
         specs = [WorkerSpec(config, num_blocks, str(device), eos_token_ids, tokenizer, r, tp, init_method, threads)
                  for r in range(tp)]
         self.worker_pids = self._wait([a.start.remote(s) for a, s in zip(self._actors, specs)], "start-up")
         logger.info("%d tensor-parallel Ray actors up at %s, %d threads each", tp, init_method, threads)
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def submit(self, sched: SchedulerOutput) -> None:
         import ray
 
         if self._failure is not None:
             raise WorkerError(f"the model workers have stopped: {self._failure}")
         data = ray.put(pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL))  # stored once, read by every rank
-        return self._wait([a.execute.remote(data) for a in self._actors], "a step")[self._answer]
+        self._in_flight.append([a.execute.remote(data) for a in self._actors])
+
+    def collect(self) -> RunnerOutput:
+        if self._failure is not None:
+            raise WorkerError(f"the model workers have stopped: {self._failure}")
+        return self._wait(self._in_flight.popleft(), "a step")[self._answer]
 
     def _wait(self, refs: list, what: str) -> list:
         """Every ref's result, in order, once all are done; WorkerError on a rank that died or

@@ -51,7 +51,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks one model is split over (Megatron-style), each a worker process
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
     worker_timeout_s: float = 300.0  # a worker silent this long during start-up or a step counts as hung
-    pipeline_parallel_size: int = 1  # stages of layers, a worker process each (no micro-batch overlap)
+    pipeline_parallel_size: int = 1  # stages of layers, a worker process each
+    pipeline_micro_batches: int | None = None  # steps in flight under pipeline parallelism; None: one per stage
     max_weight_memory: int | None = None  # bytes of weights resident at once; the other layers stream
     hot_neuron_profile: str | None = None  # HotNeuronConfig's options: `flashserve profile-neurons` output
     hot_neuron_fraction: float = 0.2
@@ -97,7 +98,8 @@ class EngineArgs:
             ),
             speculative=self.create_speculative_config(),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
-                                    self.worker_timeout_s, self.pipeline_parallel_size),
+                                    self.worker_timeout_s, self.pipeline_parallel_size,
+                                    self.pipeline_micro_batches),
             max_weight_memory=self.max_weight_memory,
             hot_neurons=HotNeuronConfig(self.hot_neuron_profile, self.hot_neuron_fraction, self.neuron_predictor,
                                         self.neuron_predictor_max_disagreement),

@@ -2,6 +2,9 @@
 
 step() is schedule → execute → update, then detokenize, then (speculative decoding) propose the
 next step's draft tokens; a request whose proposal fails ends with an error, the others go on.
+Under pipeline parallelism step() keeps config.steps_in_flight steps submitted, each over its own
+micro-batch of requests (core/scheduler.py), and finishes the oldest: while the last stage runs one
+micro-batch, the first runs the next.
 Data flows one way: Scheduler → SchedulerOutput → Executor (ModelRunner in-process or on each
 tensor-parallel worker) → RunnerOutput → Scheduler/OutputProcessor.
 """
@@ -11,6 +14,7 @@ import gc
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +86,8 @@ class LLMEngine:
                                       self.eos_token_ids)
         self.runner = self.executor.runner  # None when workers hold the model
         self.scheduler = Scheduler(sc, config.cache, self.num_blocks, num_swap_slots(config),
-                                   min_tokens_per_swapped_block(mc, self.kv_block_bytes))
+                                   min_tokens_per_swapped_block(mc, self.kv_block_bytes), config.steps_in_flight)
+        self._in_flight: deque = deque()  # SchedulerOutputs submitted and not yet collected, oldest first
         # None: no speculation. Medusa and EAGLE share the target's LM head (the runner's model).
         self.proposer = make_proposer(config, self.num_blocks, self.device, self.tokenizer, self.runner)
         self.draft_length = DraftLength(config.speculative, estimate_draft_cost(config))
@@ -152,8 +157,12 @@ class LLMEngine:
         self.scheduler.release_held(request_ids)
 
     def step(self) -> list[RequestOutput]:
-        sched_out = self.scheduler.schedule()
-        runner_out = self.executor.execute(sched_out)
+        while len(self._in_flight) < self.config.steps_in_flight:
+            sched = self.scheduler.schedule()
+            self.executor.submit(sched)
+            self._in_flight.append(sched)
+        sched_out = self._in_flight.popleft()
+        runner_out = self.executor.collect()
         self._tokens_sampled += sum(map(len, runner_out.sampled_token_ids))
         changed = self.scheduler.update_from_output(sched_out, runner_out)
         logprobs = {rid: lp for rid, lp in zip(runner_out.request_ids, runner_out.logprobs or []) if lp}

@@ -65,6 +65,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="split the model over N worker processes (tensor parallelism)")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size, metavar="N",
                    help="split the model's layers over N worker processes (pipeline parallelism)")
+    p.add_argument("--pipeline-micro-batches", type=int, default=None, metavar="N",
+                   help="steps in flight under pipeline parallelism, each over its own share of the requests "
+                        "(default: one per stage, so the stages overlap; 1: no overlap)")
     p.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
                    help="where the model runs: uni (this process, one rank), mp (a process per rank) or ray "
                         "(a Ray actor per rank, over a Ray cluster's nodes); default uni for one rank, else mp")

@@ -344,3 +344,83 @@ def test_random_adds_aborts_and_steps_leak_nothing(data):
     assert not s.has_unfinished_requests()
     assert kvm.num_free_blocks == kvm.num_blocks - 1
     assert all(b.ref_cnt == 0 for b in kvm.pool.blocks)
+
+
+# --- micro-batches: two steps in flight, as under two pipeline stages --------------------------------
+
+def pipelined(s: Scheduler, token=lambda r: 7, limit=10_000, between=lambda: None):
+    """Keep two steps in flight, update the oldest (as the engine under pipeline parallelism), and check
+    that no request is in both. Returns every step's SchedulerOutput, in order."""
+    outs, in_flight = [], []
+    for _ in range(limit):
+        if not s.has_unfinished_requests():
+            return outs
+        while len(in_flight) < 2:
+            in_flight.append(s.schedule())
+            outs.append(in_flight[-1])
+        a, b = ({r.request_id for r in out.scheduled} for out in in_flight)
+        assert not a & b, f"{a & b} scheduled while its previous step is in flight"
+        out = in_flight.pop(0)
+        toks = [[token(r)] if r.samples_this_step else [] for r in out.scheduled]
+        s.update_from_output(out, RunnerOutput([r.request_id for r in out.scheduled], toks))
+        s.check_invariants()
+        between()
+    raise AssertionError("did not finish")
+
+
+def test_micro_batches_split_the_requests_evenly_and_take_turns():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=8, max_model_len=256),
+                  CacheConfig(block_size=4), 80, num_micro_batches=2)
+    reqs = [request(str(i), 10, max_tokens=5, ignore_eos=True) for i in range(7)]
+    for r in reqs:
+        s.add_request(r)
+    outs = pipelined(s)
+    assert [len(o.scheduled) for o in outs[:2]] == [4, 3]  # 7 requests: shares of 4 and 3
+    assert {r.micro_batch for r in reqs[:4]} == {0} and {r.micro_batch for r in reqs[4:]} == {1}
+    busy = [o for o in outs if o.scheduled]
+    assert len(busy) == 10  # each micro-batch: its prompts, then 4 decodes
+    assert all(r.num_output_tokens == 5 for r in reqs)
+    # a late arrival joins the micro-batch with fewer requests
+    late = [request("x", 6, max_tokens=3), request("y", 6, max_tokens=3)]
+    s.add_request(late[0])
+    s.add_request(late[1])
+    outs = pipelined(s)
+    assert [[r.request_id for r in o.scheduled] for o in outs[:2]] == [["x"], ["y"]]
+
+
+def test_micro_batches_preempt_only_their_own_requests():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256),
+                  CacheConfig(block_size=4), 17, num_micro_batches=2)  # 16 usable blocks = 64 slots
+    reqs = [request(str(i), 10, max_tokens=14, ignore_eos=True) for i in range(6)]
+    for r in reqs:
+        s.add_request(r)
+    outs = pipelined(s)
+    assert s.num_preemptions_total > 0
+    for prev, out in zip(outs, outs[1:]):  # `prev` is in flight while `out` is scheduled
+        assert not out.preempted_request_ids & {r.request_id for r in prev.scheduled}
+    assert all(r.num_output_tokens == 14 for r in reqs)
+    assert s.kv_cache_manager.num_free_blocks == 16
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_random_micro_batches_with_aborts_in_flight_leak_nothing(data):
+    rng = random.Random(data.draw(st.integers(0, 10**6)))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=data.draw(st.sampled_from([8, 32, 128])),
+                                  max_num_seqs=data.draw(st.integers(1, 6)), max_model_len=64),
+                  CacheConfig(block_size=4, enable_prefix_caching=True), data.draw(st.integers(12, 40)),
+                  num_micro_batches=2)
+    shared = [rng.randrange(1, 500) for _ in range(12)]
+    live = []
+    for i in range(data.draw(st.integers(1, 12))):
+        r = Request(str(i), shared[: rng.randint(0, 12)] + [rng.randrange(1, 500) for _ in range(rng.randint(1, 20))],
+                    SamplingParams(max_tokens=rng.randint(1, 10), n=1), eos_token_ids=(EOS,))
+        s.add_request(r)
+        live.append(r)
+
+    def abort_some():
+        if live and rng.random() < 0.2:
+            s.abort_requests([rng.choice(live).request_id])  # maybe in flight: its result is dropped
+
+    pipelined(s, token=lambda r: rng.choice([EOS, 3, 4, 5, 6]), between=abort_some)
+    assert s.kv_cache_manager.num_free_blocks == s.kv_cache_manager.num_blocks - 1

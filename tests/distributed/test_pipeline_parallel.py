@@ -8,7 +8,7 @@ import pytest
 from flashserve import LLM, SamplingParams
 from flashserve.distributed.pipeline_parallel import stage_layers
 from flashserve.engine.arg_utils import EngineArgs
-from tests.distributed.test_tensor_parallel import run
+from tests.distributed.test_tensor_parallel import assert_logprobs_close, run
 from tests.model.tiny import hf_tiny, write_gguf
 
 
@@ -34,13 +34,38 @@ def tokenizer(smollm2_gguf):
 
 @pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("qwen2", "Q8_0")])
 def test_two_stages_give_one_process_tokens_and_logprobs(tmp_path, tokenizer, arch, qtype):
+    """One step in flight: the same batches as one process, so the same sums, bit for bit. Two
+    micro-batches (the default): other batches, so other summation orders in the matrix products."""
     path = str(write_gguf(hf_tiny(arch), tmp_path / f"{arch}.gguf", qtype=qtype))
     one = run(path, tokenizer)
-    two = run(path, tokenizer, pipeline_parallel_size=2)
-    assert [o.token_ids for o in two] == [o.token_ids for o in one]
-    for a, b in zip(one, two):
+    serial = run(path, tokenizer, pipeline_parallel_size=2, pipeline_micro_batches=1)
+    assert [o.token_ids for o in serial] == [o.token_ids for o in one]
+    for a, b in zip(one, serial):
         for la, lb in zip(a.logprobs, b.logprobs):
             assert {t: lp.logprob for t, lp in la.items()} == {t: lp.logprob for t, lp in lb.items()}
+    overlapped = run(path, tokenizer, pipeline_parallel_size=2)
+    assert [o.token_ids for o in overlapped] == [o.token_ids for o in one]
+    assert_logprobs_close(one, overlapped, 1e-4)
+
+
+def test_micro_batches_overlap_with_preemption_and_prefix_caching(tmp_path, tokenizer):
+    """Ten requests sharing prefixes in a KV cache too small for all: two micro-batches in flight
+    (both non-empty at once), preemptions, prefix-cache hits, and one process's greedy tokens."""
+    path = str(write_gguf(hf_tiny("llama"), tmp_path / "llama.gguf", qtype="Q8_0"))
+    shared = [3 + i for i in range(20)]
+    prompts = [shared[: 8 + i] + [100 + 7 * i, 50 + i] for i in range(10)]
+    small = dict(kv_cache_memory=40 * 2048, enable_prefix_caching=True, max_num_seqs=10, block_size=4)  # 40 blocks
+    one = run(path, tokenizer, prompts, max_tokens=16, **small)
+    both_busy, stats = [], []
+
+    def watch(engine, outputs):  # tokens from the step just collected, requests in the one still in flight
+        both_busy.append(bool(outputs) and any(s.scheduled for s in engine._in_flight))
+        stats.append(engine.get_stats())
+
+    two = run(path, tokenizer, prompts, max_tokens=16, pipeline_parallel_size=2, on_step=watch, **small)
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    assert sum(both_busy) > 10
+    assert stats[-1].num_preemptions_total > 0 and stats[-1].prefix_cache_hits > 0
 
 
 @pytest.mark.slow

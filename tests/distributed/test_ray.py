@@ -1,5 +1,5 @@
-"""Tensor parallelism through Ray actors on a local Ray instance (the engine starts one when no
-`ray start` cluster is running): the same tokens as one process, and a killed actor fails loudly."""
+"""Tensor and pipeline parallelism through Ray actors on a local Ray instance (the engine starts one
+when no `ray start` cluster is running): the same tokens as one process, and a killed actor fails loudly."""
 from __future__ import annotations
 
 import os
@@ -38,6 +38,17 @@ def test_tp2_through_ray_gives_the_tokens_of_one_process(local_ray, tiny_gguf, t
     one = run(tiny_gguf, tokenizer)
     two = run(tiny_gguf, tokenizer, tensor_parallel_size=2, distributed_executor_backend="ray", worker_timeout_s=120)
     assert [o.token_ids for o in two] == [o.token_ids for o in one]
+
+
+def test_pp2_through_ray_overlaps_micro_batches_and_gives_the_tokens_of_one_process(local_ray, tiny_gguf, tokenizer):
+    prompts = [PROMPTS[i % 3][: 3 + i] for i in range(6)]
+    one = run(tiny_gguf, tokenizer, prompts)
+    both_busy = []
+    two = run(tiny_gguf, tokenizer, prompts, pipeline_parallel_size=2, distributed_executor_backend="ray",
+              worker_timeout_s=120,
+              on_step=lambda engine, outputs: both_busy.append(bool(outputs) and engine._in_flight[0].scheduled))
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    assert sum(map(bool, both_busy)) > 5
 
 
 def test_killed_ray_actor_fails_loudly(local_ray, tiny_gguf, tokenizer):

@@ -32,8 +32,9 @@ def tokenizer(smollm2_gguf):
     return Tokenizer.from_model_path(smollm2_gguf)
 
 
-def run(path: str, tokenizer, prompts=PROMPTS, max_tokens: int = 12, **kwargs):
-    """Greedy completions (CompletionOutput, top-N logprobs) of `prompts`, in order; the engine is shut down."""
+def run(path: str, tokenizer, prompts=PROMPTS, max_tokens: int = 12, on_step=None, **kwargs):
+    """Greedy completions (CompletionOutput, top-N logprobs) of `prompts`, in order; the engine is shut down.
+    `on_step(engine, outputs)` sees the engine after each step."""
     engine = LLMEngine(EngineArgs(model=path, **{**ENGINE, **kwargs}).create_engine_config(), tokenizer=tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_N, ignore_eos=True)
     try:
@@ -41,7 +42,10 @@ def run(path: str, tokenizer, prompts=PROMPTS, max_tokens: int = 12, **kwargs):
             engine.add_request(str(i), {"prompt_token_ids": ids}, params)
         done = {}
         while engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+            outputs = engine.step()
+            done.update({o.request_id: o.outputs[0] for o in outputs if o.finished})
+            if on_step is not None:
+                on_step(engine, outputs)
     finally:
         engine.shutdown()
     return [done[str(i)] for i in range(len(prompts))]
