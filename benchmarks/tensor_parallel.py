@@ -9,7 +9,8 @@ processes over gloo, one thread each), ppT (T pipeline stages, one thread each, 
 flight per stage: the default), ppT-serial (the same with one step in flight: the stages take turns).
 Workloads: prompt processing (32 prompts of 128 tokens, one output token each), decode of 1 and of 32 sequences (16-token prompts; time after every
 request has its first token). Also the cost of the collectives alone: an all-reduce of a hidden
-state and the all-gather of a vocabulary shard's logits between two processes over gloo.
+state and the all-gather of a vocabulary shard's logits between two processes, over gloo and through
+shared memory (what worker processes on one machine use).
 """
 from __future__ import annotations
 
@@ -61,22 +62,24 @@ def _collective_rank(rank: int, port: int, reps: int, out) -> None:
     from flashserve.distributed.parallel_state import TPGroup
 
     torch.set_num_threads(1)
-    group = TPGroup.join(rank, 2, f"tcp://127.0.0.1:{port}", torch.device("cpu"), 60)
+    shared = TPGroup.join(rank, 2, f"tcp://127.0.0.1:{port}", torch.device("cpu"), 60, same_machine=True)
+    gloo = TPGroup(rank, 2)  # the same process group without the shared-memory path
     res = {}
-    for name, shape, op in [("all-reduce (1, 576)", (1, 576), group.all_reduce),
-                            ("all-reduce (32, 576)", (32, 576), group.all_reduce),
-                            ("all-gather (1, 24576)", (1, 24576), group.all_gather),
-                            ("all-gather (32, 24576)", (32, 24576), group.all_gather)]:
-        x = torch.randn(shape)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            op(x)
-            times.append(time.perf_counter() - t0)
-        res[name] = statistics.median(times[reps // 10 :]) * 1e6
+    for way, group in [("gloo", gloo), ("shared memory", shared)]:
+        for name, shape, op in [("all-reduce (1, 576)", (1, 576), group.all_reduce),
+                                ("all-reduce (32, 576)", (32, 576), group.all_reduce),
+                                ("all-gather (1, 24576)", (1, 24576), group.all_gather),
+                                ("all-gather (32, 24576)", (32, 24576), group.all_gather)]:
+            x = torch.randn(shape)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                op(x)
+                times.append(time.perf_counter() - t0)
+            res[f"{way}: {name}"] = statistics.median(times[reps // 10 :]) * 1e6
     if rank == 0:
         out.put(res)
-    group.destroy()
+    shared.destroy()
 
 
 def run_collectives(reps: int = 500) -> dict:
@@ -135,7 +138,7 @@ def main() -> None:
     for num, den in [("ppN", "ppN-serial"), ("ppN", "tp1-modules"), ("ppN-serial", "tp1-modules"),
                      ("tpN", "tp1-modules")]:
         print(f"- {names[num]} / {names[den]}: " + ", ".join(f"{w} {med[num][w] / med[den][w]:.2f}x" for w in WORKLOADS))
-    print("\nCollectives between two processes over gloo, 1 thread each, median of 500 (us):")
+    print("\nCollectives between two processes, 1 thread each, median of 500 (us):")
     for k, v in run_collectives().items():
         print(f"- {k}: {v:.0f} us")
 

@@ -49,7 +49,7 @@ class MultiprocExecutor(Executor):
         for rank in range(tp):
             ours, theirs = ctx.Pipe()
             spec = WorkerSpec(config, num_blocks, str(device), eos_token_ids, tokenizer, rank, tp, init_method,
-                              threads)
+                              threads, same_machine=True)
             proc = ctx.Process(target=run_worker, args=(spec, theirs), name=f"flashserve-tp{rank}", daemon=True)
             proc.start()
             theirs.close()

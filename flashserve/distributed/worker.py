@@ -29,6 +29,7 @@ class WorkerSpec:
     world_size: int
     init_method: str  # tcp://127.0.0.1:port: where the ranks meet
     num_threads: int  # torch threads of this rank
+    same_machine: bool = False  # every rank is a process of this host: collectives may share memory
 
 
 def run_worker(spec: WorkerSpec, conn) -> None:
@@ -70,6 +71,6 @@ def start_rank(spec: WorkerSpec):
     device = torch.device(spec.device)
     # Collectives wait longer than the engine does, so the engine, which sees every worker, reports a hang.
     group = TPGroup.join(spec.rank, spec.world_size, spec.init_method, device,
-                         2 * spec.config.parallel.worker_timeout_s)
+                         2 * spec.config.parallel.worker_timeout_s, spec.same_machine)
     guided = GuidedDecoding(spec.tokenizer, spec.eos_token_ids)
     return group, build_runner(spec.config, spec.num_blocks, device, guided, spec.eos_token_ids, group)

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 # bindings.cpp first: ninja starts the files in this order, so a broken build fails early.
 SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "fused_ops.cpp", "quant_matmul.cpp", "decode_plan.cpp",
-           "gguf_repack.cpp")
+           "gguf_repack.cpp", "shm_barrier.cpp")
 
 
 @dataclass(frozen=True)

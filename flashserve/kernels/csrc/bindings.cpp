@@ -20,5 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"), py::arg("start"),
         py::arg("end"));
   m.def("q6k_requantize_int8", &q6k_requantize_int8, "Q6_K blocks -> int8 codes and float32 scales per group of 32");
+  m.def("shm_arrive_and_wait", &shm_arrive_and_wait,
+        "announce this rank's arrival (sequence number) in shared flags and wait for every rank's",
+        py::arg("flags"), py::arg("rank"), py::arg("world"), py::arg("seq"), py::arg("timeout_s"),
+        py::call_guard<py::gil_scoped_release>());
   bind_decode_plan(m);
 }

@@ -19,3 +19,4 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
                               bool int8_activations);
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end);
+void shm_arrive_and_wait(const at::Tensor& flags, int64_t rank, int64_t world, int64_t seq, double timeout_s);
