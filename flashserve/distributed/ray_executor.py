@@ -8,7 +8,7 @@ runs the calls of one caller in the order they were made, so several steps may b
 (pipeline micro-batches), collected oldest first. While it
 waits the engine watches every rank's result: an actor that died, raised, or did not answer within
 worker_timeout_s stops them all and raises WorkerError. Ranks meet over torch.distributed at
-rank 0's node address (gloo, or NCCL on CUDA).
+rank 0's node address (gloo, or NCCL on CUDA; through shared memory when all sit on one node).
 """
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ class RayWorker:
         from flashserve.distributed.multiproc import _free_port
 
         return f"tcp://{ray.util.get_node_ip_address()}:{_free_port(all_interfaces=True)}"
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def start(self, spec: WorkerSpec) -> int:
         from flashserve.distributed.worker import start_rank
@@ -81,8 +86,9 @@ class RayExecutor(Executor):
         self._failure: str | None = None
         self._in_flight: deque[list] = deque()  # each submitted step's result refs, one per rank
         init_method = self._wait([self._actors[0].meeting_point.remote()], "start-up")[0]
-        specs = [WorkerSpec(config, num_blocks, str(device), eos_token_ids, tokenizer, r, tp, init_method, threads)
-                 for r in range(tp)]
+        one_node = len(set(self._wait([a.node_id.remote() for a in self._actors], "start-up"))) == 1
+        specs = [WorkerSpec(config, num_blocks, str(device), eos_token_ids, tokenizer, r, tp, init_method, threads,
+                            same_machine=one_node) for r in range(tp)]
         self.worker_pids = self._wait([a.start.remote(s) for a, s in zip(self._actors, specs)], "start-up")
         logger.info("%d tensor-parallel Ray actors up at %s, %d threads each", tp, init_method, threads)
 
