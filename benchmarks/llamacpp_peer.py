@@ -17,7 +17,8 @@ class LlamaCppBatched:
     """One model and one context of `n_seqs` sequence ids x `n_ctx` cells; `resize` makes a new
     context for another shape, keeping the model."""
 
-    def __init__(self, path: str, n_seqs: int, n_ctx: int, threads: int, quiet: bool = True):
+    def __init__(self, path: str, n_seqs: int, n_ctx: int, threads: int, quiet: bool = True, use_mmap: bool = True):
+        """`use_mmap`: map the file (llama.cpp's default) or read the weights into memory."""
         import llama_cpp as lc
 
         self.lc, self.threads, self.ctx, self.batch, self.shape = lc, threads, None, None, None
@@ -25,7 +26,9 @@ class LlamaCppBatched:
             self._log_cb = lc.llama_log_callback(lambda level, text, data: None)
             lc.llama_log_set(self._log_cb, ctypes.c_void_p())
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+        params = lc.llama_model_default_params()
+        params.use_mmap = use_mmap
+        self.model = lc.llama_model_load_from_file(path.encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
