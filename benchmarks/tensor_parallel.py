@@ -38,22 +38,37 @@ def run_config(model: str, config: str, threads: int) -> dict:
     if config == "tp1-modules":
         eng.runner.decode_plan = None
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    out = {}
+    pids = getattr(eng.executor, "worker_pids", [])
+    out, busy = {}, {}
     for name, (n, prompt_len, gen) in WORKLOADS.items():
         params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
         for i in range(n):
             eng.add_request(f"{name}{i}", {"prompt_token_ids": [(7 * i + j) % 1000 + 10 for j in range(prompt_len)]},
                             params)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds(pids)
         while any(not r.output_token_ids for r in eng.scheduler.requests.values()):
             eng.step()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), cpu_seconds(pids)
         while eng.has_unfinished_requests():
             eng.step()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), cpu_seconds(pids)
         out[name] = n * prompt_len / (t1 - t0) if gen == 1 else n * (gen - 1) / (t2 - t1)
+        (a, b, wall) = (c0, c1, t1 - t0) if gen == 1 else (c1, c2, t2 - t1)
+        busy[name] = [(y - x) / wall for x, y in zip(a, b)]
     eng.shutdown()
-    return out
+    return {**out, "busy": busy}
+
+
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """CPU seconds (user + system) the engine's process and each worker process have used so far."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    times = [time.process_time()]
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        times.append((int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+    return times
 
 
 def _collective_rank(rank: int, port: int, reps: int, out) -> None:
@@ -103,8 +118,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma-separated")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    configs = [c for c in CONFIGS if c in a.configs.split(",")]
     if a.child:
         print(json.dumps(run_config(a.model, a.child, a.threads)))
         return
@@ -113,9 +130,9 @@ def main() -> None:
 
     header("Tensor parallel vs one process", model=a.model, threads=a.threads, rounds=a.rounds,
            workloads={k: f"{n} requests, prompt {p}, {g} new" for k, (n, p, g) in WORKLOADS.items()})
-    results = {c: [] for c in CONFIGS}
+    results = {c: [] for c in configs}
     for r in range(a.rounds):
-        for c in CONFIGS:
+        for c in configs:
             line = subprocess.run([sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
                                    "--child", c], check=True, capture_output=True, text=True).stdout
             results[c].append(json.loads(line.strip().splitlines()[-1]))
@@ -125,19 +142,33 @@ def main() -> None:
              "ppN-serial": f"PP={a.threads} x 1 thread, 1 step in flight"}
     print("\n| configuration | " + " | ".join(f"{w} tok/s" for w in WORKLOADS) + " |")
     print("|---|" + "---|" * len(WORKLOADS))
-    for c in CONFIGS:
+    for c in configs:
         cells = []
         for w in WORKLOADS:
             xs = [run[w] for run in results[c]]
             cells.append(f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})")
         print(f"| {names[c]} | " + " | ".join(cells) + " |")
-    med = {c: {w: statistics.median(run[w] for run in results[c]) for w in WORKLOADS} for c in CONFIGS}
+    print("\nBusy share of the wall time (CPU seconds / seconds, median over rounds; a rank's idle share is its"
+          " bubble: waiting for the previous stage, the next step or a collective; threads of a process add up):")
+    print("\n| configuration | " + " | ".join(f"{w}: engine, rank 0, rank 1 ..." for w in WORKLOADS) + " |")
+    print("|---|" + "---|" * len(WORKLOADS))
+    for c in configs:
+        cells = []
+        for w in WORKLOADS:
+            shares = zip(*(run["busy"][w] for run in results[c]))
+            cells.append(", ".join(f"{statistics.median(x):.2f}" for x in shares))
+        print(f"| {names[c]} | " + " | ".join(cells) + " |")
+    med = {c: {w: statistics.median(run[w] for run in results[c]) for w in WORKLOADS} for c in configs}
     print("\nRatios of medians (pipeline: micro-batches over one step in flight; each over one process without"
           " the C++ decode step, the same layers' work on the same cores: 1 - this is the bubble plus the"
           " transfers and the engine's share of the cores):")
     for num, den in [("ppN", "ppN-serial"), ("ppN", "tp1-modules"), ("ppN-serial", "tp1-modules"),
                      ("tpN", "tp1-modules")]:
+        if num not in med or den not in med:
+            continue
         print(f"- {names[num]} / {names[den]}: " + ", ".join(f"{w} {med[num][w] / med[den][w]:.2f}x" for w in WORKLOADS))
+    if "tpN" not in configs:
+        return
     print("\nCollectives between two processes, 1 thread each, median of 500 (us):")
     for k, v in run_collectives().items():
         print(f"- {k}: {v:.0f} us")

@@ -1,6 +1,7 @@
 """Where a tensor-parallel decode step's time goes: the model runner of one process (2 threads,
 module path) and of two ranks (1 thread each) run the same 48 decode steps of SmolLM2-135M, the
-ranks timing their collectives (61 all-reduces and one logits all-gather a step).
+ranks timing their collectives (61 all-reduces and one logits all-gather a step), over gloo and
+through shared memory (what worker processes use), and the one process with 1 thread too.
 
     python benchmarks/tp_step_profile.py [sequences]
 """
@@ -25,7 +26,7 @@ def steps():
         yield SchedulerOutput([ScheduledRequest(str(i), toks[i], len(toks[i]) - 1, 1, blocks[i], sp, [5] * (s + 1))
                                for i in range(SEQS)])
 
-def rank_main(rank, world, port, path, out):
+def rank_main(rank, world, port, path, out, shared=False, threads=2):
     from flashserve.config import CacheConfig
     from flashserve.distributed.parallel_state import TPGroup
     from flashserve.distributed.partition import tp_shards
@@ -34,11 +35,11 @@ def rank_main(rank, world, port, path, out):
     from flashserve.runner.kv_cache import allocate_kv_caches
     from flashserve.runner.model_runner import ModelRunner
     from flashserve.sample.guided import GuidedDecoding
-    torch.set_num_threads(1 if world > 1 else 2)
+    torch.set_num_threads(1 if world > 1 else threads)
     comm = [0.0, 0]
     model, cfg = load_model(path, quantization="auto")
     if world > 1:
-        group = TPGroup.join(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cpu"), 60)
+        group = TPGroup.join(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cpu"), 60, same_machine=shared)
         for name in ("all_reduce", "all_gather"):
             f = getattr(TPGroup, name)
             def timed(self, t, f=f):
@@ -63,11 +64,13 @@ if __name__ == "__main__":
 
     path = str(fetch("smollm2-135m"))
     ctx = multiprocessing.get_context("spawn")
-    for world in (1, 2):
+    runs = [("1 process, 2 threads", 1, False, 2), ("1 process, 1 thread", 1, False, 1),
+            ("2 ranks, gloo", 2, False, 1), ("2 ranks, shared memory", 2, True, 1)]
+    for name, world, shared, threads in runs:
         q, port = ctx.Queue(), _free_port()
-        ps = [ctx.Process(target=rank_main, args=(r, world, port, path, q)) for r in range(world)]
+        ps = [ctx.Process(target=rank_main, args=(r, world, port, path, q, shared, threads)) for r in range(world)]
         [p.start() for p in ps]
         res = sorted(q.get(timeout=300) for _ in ps)
         [p.join() for p in ps]
         for r, step, c, n in res:
-            print(f"world {world} rank {r}: {step:.1f} ms/step, collectives {c:.1f} ms in {n:.0f} calls ({SEQS} seqs)")
+            print(f"{name}, rank {r}: {step:.1f} ms/step, collectives {c:.2f} ms in {n:.0f} calls ({SEQS} seqs)")

@@ -1,5 +1,9 @@
-"""Pipeline parallelism wrapped around a loaded model: rank s of P keeps an even run of decoder
-layers (GPipe's split, Huang et al. 2019), the others become pass-throughs. Stage s > 0 receives
+"""Pipeline parallelism wrapped around a loaded model: rank s of P keeps a run of decoder layers
+(GPipe's split, Huang et al. 2019), the others become pass-throughs. The runs balance the bytes of
+the stages' layers (a file mixing quantization types has layers of several sizes), since the slowest
+stage sets the pace once micro-batches overlap. The LM head is not counted: it computes one row per
+sequence, nothing for a prompt's other tokens, and weighing its bytes fully (SmolLM2's are worth 7 of
+its 30 layers) left the first stage the busier in decode and cost prompts a tenth (measured). Stage s > 0 receives
 the (hidden, residual) pair from stage s - 1 before its first layer; stage s < P - 1 sends its pair
 after its last, without waiting for it to be received, and goes on to its next step. Every rank
 runs the same steps (same SchedulerOutputs, in the same order); the last stage's logits are the
@@ -15,22 +19,47 @@ sandwich blocks pass no residual and are refused.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from flashserve.config import ModelConfig
-from flashserve.distributed.partition import even_split
 
 PP_ARCHITECTURES = ("llama", "qwen2")
 
 
-def stage_layers(num_layers: int, stages: int, stage: int) -> tuple[int, int]:
-    """[first, stop) of the layers stage `stage` of `stages` runs."""
-    counts = even_split(num_layers, stages)
-    first = sum(counts[:stage])
-    return first, first + counts[stage]
+def balanced_stages(layer_costs: list[float], stages: int) -> list[tuple[int, int]]:
+    """[first, stop) of each stage's layers: contiguous runs of at least one layer that minimize the
+    largest stage cost (a linear partition, by dynamic programming over the split points)."""
+    n = len(layer_costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot split {n} layers into {stages} stages of at least one layer")
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+    # best[k][i]: the least largest cost of splitting layers [0, i) into k stages; cut[k][i]: its last split
+    best = [[float("inf")] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, stop = [], n
+    for k in range(stages, 0, -1):
+        bounds.append((cut[k][stop], stop))
+        stop = cut[k][stop]
+    return bounds[::-1]
+
+
+def layer_bytes(model: nn.Module) -> list[float]:
+    """Bytes each decoder layer holds: what a decode step reads of it."""
+    return [float(sum(t.nbytes for t in itertools.chain(layer.parameters(), layer.buffers())))
+            for layer in model.model.layers]
 
 
 def split_stages(model: nn.Module, stage: int, stages: int) -> ModelConfig:
@@ -39,7 +68,7 @@ def split_stages(model: nn.Module, stage: int, stages: int) -> ModelConfig:
     cfg = model.config
     if cfg.architecture not in PP_ARCHITECTURES:
         raise ValueError(f"pipeline parallelism takes {', '.join(PP_ARCHITECTURES)} models, not {cfg.architecture}")
-    first, stop = stage_layers(cfg.num_layers, stages, stage)
+    first, stop = balanced_stages(layer_bytes(model), stages)[stage]
     layers = model.model.layers
     for i in range(cfg.num_layers):
         if not first <= i < stop:

@@ -6,15 +6,22 @@ from __future__ import annotations
 import pytest
 
 from flashserve import LLM, SamplingParams
-from flashserve.distributed.pipeline_parallel import stage_layers
+from flashserve.distributed.pipeline_parallel import balanced_stages
 from flashserve.engine.arg_utils import EngineArgs
 from tests.distributed.test_tensor_parallel import assert_logprobs_close, run
 from tests.model.tiny import hf_tiny, write_gguf
 
 
-def test_stages_take_even_runs_of_layers():
-    assert [stage_layers(30, 2, s) for s in range(2)] == [(0, 15), (15, 30)]
-    assert [stage_layers(5, 2, s) for s in range(2)] == [(0, 3), (3, 5)]
+def test_stages_balance_the_bytes_of_their_layers():
+    assert balanced_stages([1.0] * 30, 2) == [(0, 15), (15, 30)]
+    assert balanced_stages([1.0] * 5, 2) in ([(0, 3), (3, 5)], [(0, 2), (2, 5)])
+    assert balanced_stages([5.0, 1.0, 1.0, 1.0, 1.0], 2) == [(0, 1), (1, 5)]
+    assert balanced_stages([1.0, 1.0, 1.0, 1.0, 1.0, 6.0], 2) == [(0, 5), (5, 6)]  # 5 | 6
+    three = balanced_stages([2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0], 3)  # 3 | 4 | 3 is the least largest stage
+    assert three[0][0] == 0 and three[-1][1] == 8 and all(a[1] == b[0] for a, b in zip(three, three[1:]))
+    assert max(sum([2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0][a:b]) for a, b in three) == 4.0
+    with pytest.raises(ValueError, match="at least one layer"):
+        balanced_stages([1.0, 1.0], 3)
 
 
 def test_refused_layouts(tmp_path, tiny_llama):
