@@ -9,7 +9,7 @@ The step model (decode, B sequences, weights read once a step, collectives paid 
     one process:   t = W / bw                               W: weight bytes, bw: rate one rank reads them
     TP=N:          t = W / (N bw) + C (a + 2 (N-1)/N B d e / link)   C collectives, a: latency of one
     PP=P, one step in flight:  t = W / bw + (P-1) x         x = a_net + B d e 2 / net  (hidden and residual)
-    PP=P, P micro-batches:     P batches every max(W / (P bw), x) once the pipeline is full
+    PP=P, P micro-batches of B: one micro-batch done every max(W / (P bw), x) once the pipeline is full
 
 Calibration here: bw from the measured one-thread step of SmolLM2 (benchmarks/tp_step_profile.py,
 "1 process, 1 thread"), a from its measured shared-memory collectives; the model's TP=2 step is then
@@ -51,10 +51,11 @@ def tp_step(m: Model, n: int, batch: int, bw: float, latency: float, link: float
 
 
 def pp_steps(m: Model, p: int, batch: int, bw: float) -> tuple[float, float]:
-    """(seconds a token of one stream takes, tokens a second with p micro-batches of `batch` each)."""
+    """(seconds a step of one micro-batch takes through all stages, tokens a second with p micro-batches
+    of `batch` sequences in flight)."""
     transfer = NET_LATENCY_S + batch * m.hidden * 2 * 2 / NET_BPS
     stage = m.weight_bytes / (p * bw)
-    return p * stage + (p - 1) * transfer, p * batch / max(stage, transfer)
+    return p * stage + (p - 1) * transfer, batch / max(stage, transfer)
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
     print(f"Calibration (SmolLM2-135M, {a.weights_mib:.0f} MiB read a step): one thread reads {bw / 1e9:.2f} GB/s; "
           f"TP=2 step predicted {predicted:.1f} ms = {a.step_1thread_ms:.1f} / 2 + {a.collectives} x "
           f"{a.collective_us:.0f} us, measured {a.tp2_step_ms:.1f} ms ({a.tp2_step_ms / predicted:.2f}x the model)")
-    print("\n| model | layout | batch | ms a step | tokens/s |")
+    print("\n| model | layout | sequences a batch (micro-batch) | ms a step | tokens/s |")
     print("|---|---|---|---|---|")
     for m in (BF16, Q4_K_M):
         for n in (1, 8):
@@ -84,17 +85,18 @@ def main() -> None:
                 continue  # 141 GB does not fit one 80 GB GPU
             for batch in (1, 32):
                 t = tp_step(m, n, batch, H100_HBM_BPS, NVLINK_ALLREDUCE_S, NVLINK_BPS, 2 * m.layers + 2)
-                print(f"| {m.name} | TP={n} H100 NVLink | {batch} | {t * 1e3:.2f} | {batch / t:.0f} |")
+                layout = "one H100" if n == 1 else f"TP={n} H100s, NVLink"
+                print(f"| {m.name} | {layout} | {batch} | {t * 1e3:.2f} | {batch / t:.0f} |")
     for m, p in ((BF16, 2), (Q4_K_M, 2), (Q4_K_M, 4)):
         for batch in (1, 32):
             latency, rate = pp_steps(m, p, batch, H100_HBM_BPS)
-            print(f"| {m.name} | PP={p} H100 nodes, 25 Gb/s | {batch} | {latency * 1e3:.2f} (one stream) | "
-                  f"{rate:.0f} ({p} micro-batches) |")
+            print(f"| {m.name} | PP={p} H100 nodes, 25 Gb/s | {batch} | {latency * 1e3:.2f} | "
+                  f"{rate:.0f} ({p} micro-batches, {p * batch} sequences) |")
     for p in (2, 4):
         for batch in (1, 32):
             latency, rate = pp_steps(Q4_K_M, p, batch, bw)
-            print(f"| {Q4_K_M.name} | PP={p} nodes of this host's one-thread rate, 25 Gb/s | {batch} | "
-                  f"{latency * 1e3:.0f} (one stream) | {rate:.2f} ({p} micro-batches) |")
+            print(f"| {Q4_K_M.name} | PP={p} nodes reading weights at this host's one-thread rate, 25 Gb/s | "
+                  f"{batch} | {latency * 1e3:.0f} | {rate:.2f} ({p} micro-batches, {p * batch} sequences) |")
 
 
 if __name__ == "__main__":
