@@ -7,7 +7,7 @@ on client cores), and AVX-512 (F/BW/VL) with VNNI. Each level is built under its
 cache can hold several, and nothing is compiled for the machine that happened to build it
 (no -march=native): a build is valid on every CPU that has its level's features.
 
-Compilation takes about a minute per level (cached by torch). Two doors: `build_cpu_kernels()` is
+Compilation takes under a minute per level on two cores (cached by torch). Two doors: `build_cpu_kernels()` is
 strict and raises `KernelBuildError` with the compiler's output (the tests use it, so a broken
 build fails them); `cpu_kernels()` is what the engine asks: on a failed build it logs that output
 once and returns None, and callers keep the torch twins (kernels/reference.py).
@@ -26,9 +26,10 @@ from flashserve.cpu_info import CPUInfo, cpu_info
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-# bindings.cpp first: ninja starts the files in this order, so a broken build fails early.
-SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "fused_ops.cpp", "quant_matmul.cpp", "decode_plan.cpp",
-           "gguf_repack.cpp", "shm_barrier.cpp")
+# bindings.cpp first: ninja starts the files in this order, so a broken build fails early. The two
+# that include <torch/extension.h> (pybind11 and the whole C++ API: most of a build's time) start first.
+SOURCES = ("bindings.cpp", "decode_plan.cpp", "paged_decode.cpp", "prefill_attention.cpp", "fused_ops.cpp",
+           "quant_matmul.cpp", "gguf_repack.cpp", "shm_barrier.cpp")
 
 
 @dataclass(frozen=True)

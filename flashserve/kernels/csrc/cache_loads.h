@@ -2,7 +2,7 @@
 // converted in registers for a float16 (F16C) or bfloat16 (the high half of a float32) one, so a
 // 2-byte cache costs half the memory traffic and no extra pass.
 #pragma once
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <type_traits>
 

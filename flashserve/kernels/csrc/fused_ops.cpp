@@ -2,8 +2,7 @@
 // (and their dispatch and temporaries) with one pass over the rows; every formula keeps the
 // rounding points of the torch implementation it replaces (statistics and products in
 // float32, the result rounded once to the tensor's dtype), so the two paths agree to an ulp.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>

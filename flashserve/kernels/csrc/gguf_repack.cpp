@@ -2,7 +2,6 @@
 // (a float copy of the weight, then one pass per operation) cost a large share of a start.
 #include <cmath>
 
-#include <ATen/Parallel.h>
 
 #include "kernels.h"
 

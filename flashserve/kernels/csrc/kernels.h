@@ -1,6 +1,12 @@
 // The CPU kernels' entry points, shared by the Python bindings and the decode plan.
 #pragma once
-#include <torch/extension.h>
+// The ATen headers these kernels use, not <torch/extension.h>: parsing that one (the whole C++ API and
+// pybind11) took ~25 s of every source's ~27 s of compilation; only the bindings need it.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,

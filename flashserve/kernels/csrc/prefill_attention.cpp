@@ -11,8 +11,7 @@
 // Key tiles sit at absolute positions (multiples of kKeyTile) and each row is computed by the same
 // instructions whatever item, chunk or batch it is in (masked keys weigh exactly 0): a prompt's
 // outputs do not depend on how it was chunked or on which prefix blocks came from the cache.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>

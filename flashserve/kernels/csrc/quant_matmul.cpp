@@ -41,8 +41,7 @@
 // GEMM kernels below share one float order (see "int8 activations" below): rows stay independent
 // of the batch. With int8 activations every M stays in these kernels (the tiled GEMM beats
 // dequantize + float32 GEMM even at 512 rows), so prompts and decode steps round alike.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>

@@ -4,7 +4,6 @@
 //
 // Ordering (C++ memory model): the announcement is a release store of the rank's sequence number, so
 // the slot's bytes written before it are visible to a rank whose acquire load reads that number.
-#include <torch/extension.h>
 
 #include <chrono>
 #include <sched.h>
@@ -26,7 +25,7 @@ constexpr double kSpinBeforeYieldS = 50e-6;  // spin this long, then give the co
 }  // namespace
 
 void shm_arrive_and_wait(const at::Tensor& flags, int64_t rank, int64_t world, int64_t seq, double timeout_s) {
-  TORCH_CHECK(flags.scalar_type() == torch::kInt64 && flags.is_contiguous(), "flags: contiguous int64");
+  TORCH_CHECK(flags.scalar_type() == at::kLong && flags.is_contiguous(), "flags: contiguous int64");
   TORCH_CHECK(flags.numel() >= world * kFlagStride && rank >= 0 && rank < world, "flags too short for world");
   int64_t* f = flags.data_ptr<int64_t>();
   __atomic_store_n(&f[rank * kFlagStride], seq, __ATOMIC_RELEASE);
