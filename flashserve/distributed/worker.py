@@ -62,7 +62,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
 
 def start_rank(spec: WorkerSpec):
     """Join the group and build this rank's runner (its part of the model and of the KV cache)."""
-    from flashserve.distributed.executor import build_runner
+    from flashserve.distributed.rank_runner import build_runner
     from flashserve.distributed.parallel_state import TPGroup
     from flashserve.sample.guided import GuidedDecoding
 

@@ -23,7 +23,7 @@ from flashserve import startup_phases
 from flashserve.config import EngineConfig
 from flashserve.core.request import RequestStatus
 from flashserve.core.scheduler import Scheduler, SchedulerStats
-from flashserve.distributed.executor import make_executor
+from flashserve.distributed.executors import make_executor
 from flashserve.engine.arg_utils import DEFAULT_KV_CACHE_CAP, EngineArgs
 from flashserve.engine.input_processor import InputProcessor, PromptType
 from flashserve.engine.output_processor import OutputProcessor

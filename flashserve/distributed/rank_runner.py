@@ -1,0 +1,43 @@
+"""One rank's model runner: the model (its part under tensor or pipeline parallelism), its KV cache
+and its ModelRunner. Built in the engine's process for one rank, in each worker for several."""
+from __future__ import annotations
+
+import torch
+
+from flashserve import startup_phases
+from flashserve.config import EngineConfig
+from flashserve.runner.model_runner import ModelRunner
+
+
+def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, guided,
+                 eos_token_ids: tuple[int, ...], tp_group=None) -> ModelRunner:
+    """The model (this rank's part of it under tensor or pipeline parallelism; `tp_group` is the group
+    of all ranks either way), its KV cache and its runner.
+    Every rank allocates the same number of blocks, so the scheduler's block ids mean the same
+    slots on all of them; a rank's blocks hold its own KV heads."""
+    from flashserve.model.loader import load_model
+    from flashserve.runner.kv_cache import allocate_kv_caches
+    from flashserve.runner.kv_swap import allocate_swap_space, num_swap_slots
+
+    dtype = getattr(torch, config.dtype)
+    model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization,
+                            max_weight_memory=config.max_weight_memory, activation_quant=config.activation_quant,
+                            hot_neurons=config.hot_neurons, max_positions=config.scheduler.max_model_len)
+    if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
+        from flashserve.distributed.pipeline_parallel import split_stages
+
+        cfg = split_stages(model, tp_group.rank, tp_group.world_size)
+    elif tp_group is not None:
+        from flashserve.distributed.partition import tp_shards
+        from flashserve.distributed.tensor_parallel import shard_model
+
+        cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
+    kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
+                                   config.cache.kv_cache_dtype)
+    startup_phases.mark("KV cache reserved")
+    # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers,
+    # nor for layer streaming's hooks (it would hold the weights of every layer).
+    return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
+                       use_decode_plan=tp_group is None and config.max_weight_memory is None,
+                       swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)),
+                       typical_acceptance=config.speculative.typical_acceptance)
