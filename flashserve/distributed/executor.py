@@ -18,6 +18,7 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.core.sched_output import RunnerOutput, SchedulerOutput
 from flashserve.distributed.rank_runner import build_runner
+from flashserve.errors import WorkerError
 from flashserve.runner.model_runner import ModelRunner
 
 
@@ -25,6 +26,13 @@ class Executor:
     # The in-process ModelRunner when there is one (tests and benchmarks look inside it); None
     # when worker processes hold the model.
     runner: ModelRunner | None = None
+    # Why the model workers stopped, once they have (set by the executors that have workers).
+    _failure: str | None = None
+
+    def _check_running(self) -> None:
+        """Raise WorkerError once the workers have stopped: no step goes to them after a failure."""
+        if self._failure is not None:
+            raise WorkerError(f"the model workers have stopped: {self._failure}")
 
     def submit(self, sched: SchedulerOutput) -> None:
         """Start a step."""

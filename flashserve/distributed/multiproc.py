@@ -56,7 +56,6 @@ class MultiprocExecutor(Executor):
             self._procs.append(proc)
             self._conns.append(ours)
         self._stop = weakref.finalize(self, _stop_workers, self._procs, self._conns)
-        self._failure: str | None = None
         self._receive(set(range(tp)), "start-up")
         logger.info("%d tensor-parallel workers up (pids %s), %d threads each", tp,
                     [p.pid for p in self._procs], threads)
@@ -66,8 +65,7 @@ class MultiprocExecutor(Executor):
         return [p.pid for p in self._procs]
 
     def submit(self, sched: SchedulerOutput) -> None:
-        if self._failure is not None:
-            raise WorkerError(f"the model workers have stopped: {self._failure}")
+        self._check_running()
         data = pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self._conns):
             try:
@@ -76,8 +74,7 @@ class MultiprocExecutor(Executor):
                 self._fail(f"cannot reach tensor-parallel worker {rank}")
 
     def collect(self) -> RunnerOutput:
-        if self._failure is not None:
-            raise WorkerError(f"the model workers have stopped: {self._failure}")
+        self._check_running()
         return self._receive({self._answer}, "a step")[self._answer]
 
     def shutdown(self) -> None:

@@ -3,9 +3,11 @@
 the stages' layers (a file mixing quantization types has layers of several sizes), since the slowest
 stage sets the pace once micro-batches overlap. The LM head is not counted: it computes one row per
 sequence, nothing for a prompt's other tokens, and weighing its bytes fully (SmolLM2's are worth 7 of
-its 30 layers) left the first stage the busier in decode and cost prompts a tenth (measured). Stage s > 0 receives
-the (hidden, residual) pair from stage s - 1 before its first layer; stage s < P - 1 sends its pair
-after its last, without waiting for it to be received, and goes on to its next step. Every rank
+its 30 layers) left the first stage the busier in decode and cost prompts a tenth (measured).
+
+Stage s > 0 receives the (hidden, residual) pair from stage s - 1 before its first layer; stage
+s < P - 1 sends its pair after its last, without waiting for it to be received, and goes on to its
+next step. Every rank
 runs the same steps (same SchedulerOutputs, in the same order); the last stage's logits are the
 real ones, so it samples and answers, and the others' LM head yields zeros instead of spending a
 vocabulary-sized product.

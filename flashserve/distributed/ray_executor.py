@@ -83,7 +83,6 @@ class RayExecutor(Executor):
         actor = ray.remote(RayWorker)
         self._actors = [actor.options(num_cpus=threads, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self._pg, placement_group_bundle_index=r)).remote() for r in range(tp)]
-        self._failure: str | None = None
         self._in_flight: deque[list] = deque()  # each submitted step's result refs, one per rank
         init_method = self._wait([self._actors[0].meeting_point.remote()], "start-up")[0]
         one_node = len(set(self._wait([a.node_id.remote() for a in self._actors], "start-up"))) == 1
@@ -95,14 +94,12 @@ class RayExecutor(Executor):
     def submit(self, sched: SchedulerOutput) -> None:
         import ray
 
-        if self._failure is not None:
-            raise WorkerError(f"the model workers have stopped: {self._failure}")
+        self._check_running()
         data = ray.put(pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL))  # stored once, read by every rank
         self._in_flight.append([a.execute.remote(data) for a in self._actors])
 
     def collect(self) -> RunnerOutput:
-        if self._failure is not None:
-            raise WorkerError(f"the model workers have stopped: {self._failure}")
+        self._check_running()
         return self._wait(self._in_flight.popleft(), "a step")[self._answer]
 
     def _wait(self, refs: list, what: str) -> list:

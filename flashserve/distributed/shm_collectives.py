@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 SLOT_BYTES = 1 << 20
-FLAG_LINE = 64
+FLAG_LINE = 64  # bytes of a rank's flag line: kFlagStride int64s in kernels/csrc/shm_barrier.cpp
 SHM_DIR = Path("/dev/shm")
 
 
