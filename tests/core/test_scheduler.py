@@ -239,7 +239,7 @@ def test_a_beam_without_a_seat_or_with_other_tokens_runs_as_an_ordinary_request(
     s.add_request(p)
     step(s)
     a, b = beam_step("a", p.prompt_token_ids + [5], "p"), beam_step("b", p.prompt_token_ids + [6], "p")
-    other = beam_step("x", [1] + p.prompt_token_ids[1:] + [5], "p")  # does not extend p's tokens
+    other = beam_step("x", [p.prompt_token_ids[0] + 1] + p.prompt_token_ids[1:] + [5], "p")  # does not extend p's tokens
     same = beam_step("y", p.prompt_token_ids, "p")  # nothing of its own to compute
     for r in (a, b, other, same):
         s.add_request(r)
