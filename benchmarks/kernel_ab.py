@@ -44,7 +44,7 @@ SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding
 def baseline_build(rev: str, workdir: Path):
     src = workdir / "csrc"
     src.mkdir()
-    for name in [*SOURCES, "kernels.h", "simd.h"]:
+    for name in [*SOURCES, *(h.name for h in CSRC.glob("*.h"))]:
         (src / name).write_text(_show(rev, name))
     return build_cpu_kernels(None, src, name="flashserve_kernel_ab_" + rev.replace("/", "_").replace("~", "_").replace("^", "_"))
 

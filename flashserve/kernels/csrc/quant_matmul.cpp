@@ -64,7 +64,6 @@ constexpr int kMaxMBInt8 = 6;
 constexpr int kMaxMBInt8 = 2;  // more rows spill the 16 AVX2 registers
 #endif
 constexpr int64_t kGemmMinRows = 5;  // int8 activations: from this many rows the GEMM kernels (measured)
-constexpr int64_t kAheadRows = 32;  // GEMV software prefetch distance, in weight rows (prefetch_ahead)
 
 // int8 activations: rows from which the tiled GEMM (output rows in the lanes, weights transposed
 // per call) beats the one with activation rows in the lanes; the transposition is paid per call,
@@ -131,7 +130,7 @@ struct Table {
   }
 #ifdef FS_AVX2
   // Values of row n, groups [g0, g0 + cnt), in lanes [0, cnt), zeros above; `mask` selects those lanes.
-  __m256 load8(int64_t n, int64_t g0, int64_t cnt, __m256i mask) const {
+  __attribute__((always_inline)) __m256 load8(int64_t n, int64_t g0, int64_t cnt, __m256i mask) const {
     const uint8_t* r = row(n);
     if (kind == kFloat) return _mm256_maskload_ps(reinterpret_cast<const float*>(r) + g0, mask);
     if (kind == kFactored && cnt == 8 && g0 % 8 == 0) {  // one super-block: its factor times 8 integers
@@ -141,6 +140,21 @@ struct Table {
     }
     if (kind == kHalf && cnt == 8)
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(r) + g0)));
+    // A row's last groups (K = 576: 18 groups, the third pass has 2): the halves a pair at a time by a
+    // masked load, an odd last one on its own (a pair would read past the table's end on its last
+    // row); a copy through the stack stalled on store forwarding, and a scalar loop per value cost
+    // a row's tail as much as its full passes.
+    if (kind == kHalf) {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(r) + g0;
+      const __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(cnt / 2)), _mm_setr_epi32(0, 1, 2, 3));
+      __m128i v = _mm_maskload_epi32(reinterpret_cast<const int*>(h), pairs);
+      if (cnt % 2) {
+        const __m128i last = _mm_cmpeq_epi16(_mm_set1_epi16(static_cast<int16_t>(cnt - 1)),
+                                             _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7));
+        v = _mm_blendv_epi8(v, _mm_set1_epi16(static_cast<int16_t>(h[cnt - 1])), last);
+      }
+      return _mm256_cvtph_ps(v);
+    }
     alignas(32) float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int64_t i = 0; i < cnt; ++i) part[i] = at(n, g0 + i);
     return _mm256_load_ps(part);
@@ -369,18 +383,20 @@ inline __m256 first_lanes(int64_t count) {  // mask of lanes [0, count)
 }
 
 // The float step of the canonical order for eight groups from g0 (the first `cnt` live) of output
-// row n and activation row m, D holding their integer dot products in group order.
+// row n and activation row m, D holding their integer dot products in group order. Forced inline
+// (with Table::load8): left to itself the compiler called it, a stack frame and a vzeroupper per
+// eight groups, 17% of a Q4_K GEMV's samples; inlined, the GEMVs took 0.78-0.92x the time (RESULTS.md).
 struct GroupStep {
   __m256 live, sv, zv;
   __m256i mask;
-  GroupStep(const Problem& p, int64_t n, int64_t g0, int64_t cnt) {
+  __attribute__((always_inline)) GroupStep(const Problem& p, int64_t n, int64_t g0, int64_t cnt) {
     const int64_t groups = p.K / 32;
     live = first_lanes(cnt);
     mask = _mm256_castps_si256(live);
     sv = p.scale.load8(n, g0, cnt, mask);
     zv = p.zero ? p.zero.load8(n, g0, cnt, mask) : _mm256_setzero_ps();
   }
-  __m256 apply(const Problem& p, __m256 acc, __m256i D, int64_t m, int64_t g0) const {
+  __attribute__((always_inline)) __m256 apply(const Problem& p, __m256 acc, __m256i D, int64_t m, int64_t g0) const {
     const int64_t groups = p.K / 32;
     __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(D), _mm256_mul_ps(sv, _mm256_maskload_ps(p.dx + m * groups + g0, mask)),
                                acc);
@@ -392,10 +408,9 @@ struct GroupStep {
 // The GEMV streams its weight rows from memory once per call, and with the hardware prefetcher
 // alone its loads wait on DRAM: one thread computes at ~19 GB/s of Q4_1 from L2 and a plain sum
 // reads ~14 GB/s, yet the GEMV got ~9 GB/s cold, the two times adding up instead of overlapping.
-// So it asks for the codes, scales and zeros kAheadRows rows ahead. A/B builds alternated, 2
-// threads, weights cycled beyond L3, time with / without: 30 layers of SmolLM2's four 4-bit
-// shapes at M = 1: 16 rows ahead 0.64-0.75, 32 rows 0.69-0.86, 64 rows 0.70-0.85, 128 rows
-// 0.88-0.99; the 8-bit LM head 0.75 (16) and 0.77 (32).
+// So it asks for its lines ahead of the loads (prefetch_stream below; the tiled GEMM asks for a
+// task's rows with prefetch_rows). Asking 32 rows ahead was 0.69-0.86x the time without on
+// SmolLM2's rows of 576; on Qwen2.5 1.5B's rows of 8960 it asked for 140 lines at once, 280 KiB ahead.
 // Codes, scales and zeros of weight rows [n0, n0 + rows) on their way to L1.
 inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
   const int64_t code_bytes = row_code_bytes(p.bits, p.K);
@@ -428,20 +443,35 @@ inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g
   }
 }
 
-inline void prefetch_ahead(const Problem& p, int64_t n, int64_t rows) {
-  if (n + kAheadRows + rows <= p.N) prefetch_rows(p, n + kAheadRows, rows);
+// The GEMV's codes stream: rows are contiguous, so the bytes kStreamAhead past the ones a pass of
+// eight groups reads are this row's later groups or the next rows' (the last rows of a thread's
+// range ask for a few lines of its neighbour's: harmless). One request per line as the loads go,
+// where asking for a whole row ahead issued a burst of up to 140 lines that the miss queue cannot
+// hold; the tables, a few dozen bytes a row, are asked for a row at a time. Distances of 2, 4 and
+// 8 KiB measured alike (RESULTS.md).
+constexpr int64_t kStreamAhead = 4096;
+inline void prefetch_stream(const uint8_t* at, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_line(at + kStreamAhead + o);
+}
+inline void prefetch_tables(const Problem& p, int64_t n) {
+  const int64_t ahead = n + 1 + kStreamAhead / row_code_bytes(p.bits, p.K);
+  if (ahead >= p.N) return;
+  for (const Table* t : {&p.scale, &p.zero})
+    if (*t)
+      for (int64_t o = 0; o < t->row_bytes(); o += 64) prefetch_line(t->row(ahead) + o);
 }
 
 // GEMV for signed (5- or 8-bit) codes: output row n against MB activation rows from m0; the group's
 // codes are loaded once for the MB rows. Lanes of acc[i] are j = g mod 8. (4-bit codes: gemv_q4.)
 template <int MB, int kBits>
 void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
-  const int64_t groups = p.K / 32;
-  if (m0 == 0) prefetch_ahead(p, n, 1);
+  const int64_t groups = p.K / 32, group_bytes = kBits == 5 ? 20 : 32;
+  if (m0 == 0) prefetch_tables(p, n);
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, groups - g0);
+    if (m0 == 0) prefetch_stream(p.codes + n * row_code_bytes(kBits, p.K) + g0 * group_bytes, cnt * group_bytes);
     __m256i dots[MB][8];
     for (int64_t j = 0; j < 8; ++j) {
       if (j >= cnt) {
@@ -495,7 +525,8 @@ void nibble_rows(const Problem& p, int64_t per, std::vector<int8_t>& out) {
 template <int MB, int NR = 1>
 void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32, pairs = (groups + 1) / 2;
-  if (m0 == 0) prefetch_ahead(p, n, NR);
+  if (m0 == 0)
+    for (int r = 0; r < NR; ++r) prefetch_tables(p, n + r);
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i group_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256 acc[NR][MB];
@@ -503,6 +534,8 @@ void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, groups - g0);
+    if (m0 == 0)
+      for (int r = 0; r < NR; ++r) prefetch_stream(p.codes + (n + r) * (p.K / 2) + g0 * 16, cnt * 16);
     __m256i dots[NR][MB][4];  // lanes 0-3: partial sums of group g0 + 2h, lanes 4-7: of g0 + 2h + 1
     for (int64_t h = 0; h < 4; ++h) {
       const int64_t g = g0 + 2 * h;
@@ -565,13 +598,16 @@ inline __m256i reduce_quads(__m512i v0, __m512i v1) {
 template <int MB, int NR = 1>
 void gemv_q4_wide(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32, quads = (groups + 3) / 4;
-  if (m0 == 0) prefetch_ahead(p, n, NR);
+  if (m0 == 0)
+    for (int r = 0; r < NR; ++r) prefetch_tables(p, n + r);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m256 acc[NR][MB];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, groups - g0);
+    if (m0 == 0)
+      for (int r = 0; r < NR; ++r) prefetch_stream(p.codes + (n + r) * (p.K / 2) + g0 * 16, cnt * 16);
     __m512i dots[NR][MB][2];  // 128-bit lane j of [h]: partial sums of group g0 + 4h + j
     for (int64_t h = 0; h < 2; ++h) {
       const int64_t g = g0 + 4 * h;
