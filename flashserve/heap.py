@@ -13,7 +13,7 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 @functools.cache
 def _libc():
     name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name is not None else None
+    return ctypes.CDLL(name, use_errno=True) if name is not None else None
 
 
 def release_free_heap() -> None:

@@ -32,6 +32,11 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
         from flashserve.distributed.tensor_parallel import shard_model
 
         cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
+    if config.huge_pages and torch.device(device).type == "cpu":
+        from flashserve.huge_pages import collapse_weights
+
+        collapse_weights(model)  # the rank's final weights (after any split)
+        startup_phases.mark("weights mapped in huge pages")
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
                                    config.cache.kv_cache_dtype)
     startup_phases.mark("KV cache reserved")

@@ -58,6 +58,7 @@ class EngineArgs:
     hot_neuron_fraction: float = 0.2
     neuron_predictor: bool = False
     neuron_predictor_max_disagreement: float = 0.0
+    huge_pages: bool = True  # EngineConfig.huge_pages
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -103,6 +104,7 @@ class EngineArgs:
             max_weight_memory=self.max_weight_memory,
             hot_neurons=HotNeuronConfig(self.hot_neuron_profile, self.hot_neuron_fraction, self.neuron_predictor,
                                         self.neuron_predictor_max_disagreement),
+            huge_pages=self.huge_pages and self.max_weight_memory is None,
         )
         config.validate()
         return config

@@ -74,6 +74,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     p.add_argument("--max-weight-memory", type=int, default=None, metavar="BYTES",
                    help="weights resident at once; the decoder layers beyond stream from a file of packed layers "
                         "(written beside the model cache on the first run)")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="leave the weights in 4 KiB pages: a shorter start-up, slower decode steps "
+                        "(remapping them costs seconds a GiB on some machines)")
     p.add_argument("--hot-neuron-profile", default=None, metavar="FILE",
                    help="a neuron profile (flashserve profile-neurons; needs --quantization none): with "
                         "--neuron-predictor, cold FFN neurons predicted inactive are skipped, exact or off")

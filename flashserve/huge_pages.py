@@ -1,0 +1,77 @@
+"""Weights in transparent huge pages: a decode step streams every weight byte once a token, and in
+4 KiB pages that is a TLB entry (and, beyond the TLB's reach, a page walk) for every 64 cache
+lines. Linux can back anonymous memory with 2 MiB pages; madvise(MADV_COLLAPSE) (Linux 6.1) turns
+the 4 KiB pages already under a range into huge pages in place, whatever the system's THP setting,
+so the weights the loader wrote stay where they are: no copy held beside them, no new addresses.
+
+collapse_weights asks that for every 2 MiB-aligned span that holds part of a CPU parameter, once
+the rank's weights are final. It copies each span into a fresh huge page: part of the start-up
+(seconds for a model of a GiB on a VM; in a thread beside decode steps it slowed them more than
+it gained). A span may also hold other data of the process (the heap mixes them), which is
+harmless. Where the kernel refuses (older kernels, no memory to compact into huge pages, a span
+crossing a mapping's end) the pages stay as they are: only the mapping changes, never a value.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from torch import nn
+
+from flashserve.heap import _libc
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1
+MIN_COVER = 0.5  # of a span's bytes weights, for it to be collapsed
+
+
+def weight_spans(model: nn.Module, min_cover: float = MIN_COVER) -> list[int]:
+    """Start addresses of the 2 MiB-aligned spans whose bytes are at least `min_cover` parameter
+    bytes of the model (on the CPU), sorted. The rest of a span is other memory of the process,
+    which collapsing makes resident if it was not: free heap, for one."""
+    cover: dict[int, int] = {}
+    for p in dict.fromkeys(model.parameters()):
+        if p.device.type != "cpu" or p.nbytes == 0:
+            continue
+        start, end = p.data_ptr(), p.data_ptr() + p.nbytes
+        for span in range(start // HUGE_PAGE, (end - 1) // HUGE_PAGE + 1):
+            low, high = max(start, span * HUGE_PAGE), min(end, (span + 1) * HUGE_PAGE)
+            cover[span] = cover.get(span, 0) + high - low
+    return sorted(span * HUGE_PAGE for span, covered in cover.items() if covered >= min_cover * HUGE_PAGE)
+
+
+def collapse_spans(spans: list[int]) -> int:
+    """madvise(MADV_COLLAPSE) on each 2 MiB span; returns the bytes the kernel mapped with huge
+    pages (0 where it cannot: not Linux, a kernel before 6.1)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return 0
+    madvise = libc.madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    done, reasons = 0, set()
+    for start in spans:
+        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(HUGE_PAGE), MADV_COLLAPSE) == 0:
+            done += HUGE_PAGE
+            continue
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and done == 0 and not reasons:  # the kernel does not know MADV_COLLAPSE
+            logger.info("weights stay in 4 KiB pages: this kernel has no MADV_COLLAPSE")
+            return 0
+        reasons.add(errno.errorcode.get(err, str(err)))
+    if reasons:
+        logger.info("some weight spans stay in 4 KiB pages (%s)", ", ".join(sorted(reasons)))
+    return done
+
+
+def collapse_weights(model: nn.Module, workers: int = 2) -> int:
+    """Map the model's CPU weights with huge pages where the kernel can; returns the bytes it did.
+    The spans are shared among `workers` threads (madvise runs without the GIL)."""
+    spans = weight_spans(model)
+    with ThreadPoolExecutor(workers) as pool:
+        done = sum(pool.map(collapse_spans, [spans[i::workers] for i in range(workers)]))
+    logger.info("%.0f of %.0f MiB of weight spans mapped in huge pages", done / 2**20, len(spans) * HUGE_PAGE / 2**20)
+    return done

@@ -1,0 +1,99 @@
+"""Weights remapped with huge pages at start-up (flashserve/huge_pages.py): the kernel's own account
+(/proc/self/smaps) shows the weights' memory in huge pages afterwards, and nothing the engine
+computes changes."""
+from __future__ import annotations
+
+import json
+import mmap
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashserve import LLM, SamplingParams
+from flashserve.huge_pages import HUGE_PAGE, collapse_spans, weight_spans
+
+
+def kernel_collapses() -> bool:
+    """Whether this kernel maps a touched anonymous 2 MiB span with a huge page when asked."""
+    region = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = torch.frombuffer(region, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % HUGE_PAGE
+    buf[start:start + HUGE_PAGE].fill_(1)
+    done = collapse_spans([buf.data_ptr() + start])
+    del buf
+    region.close()
+    return done == HUGE_PAGE
+
+
+def huge_bytes_of_mappings_holding(addresses: list[int]) -> tuple[int, int]:
+    """(AnonHugePages, Size) summed over the process's mappings that hold any of `addresses`, in bytes."""
+    huge = size = 0
+    current = None  # (start, end) of the mapping whose fields follow
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(v, 16) for v in head.split("-"))
+                current = (low, high) if any(low <= a < high for a in addresses) else None
+                if current:
+                    size += high - low
+            elif current and head == "AnonHugePages:":
+                huge += int(line.split()[1]) * 1024
+    return huge, size
+
+
+def weights_and_huge_pages(model_path: str, huge_pages: bool) -> dict:
+    """An engine started in a process of its own, as a user's (earlier tests of this one change how
+    glibc places large blocks, layer streaming's map_large_blocks): its weight bytes, the spans that
+    qualify for huge pages, and the huge-page bytes of the mappings holding them."""
+    script = f"""
+import json
+from flashserve import LLM
+from flashserve.huge_pages import weight_spans
+from tests.model.test_huge_pages import huge_bytes_of_mappings_holding
+model = LLM(model={model_path!r}, max_num_seqs=2, huge_pages={huge_pages}).engine.runner.model
+spans = weight_spans(model)
+print(json.dumps({{"spans": len(spans), "huge": huge_bytes_of_mappings_holding(spans)[0],
+                  "weights": sum(p.nbytes for p in dict.fromkeys(model.parameters()))}}))
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_weights_are_in_huge_pages(smollm2_gguf):
+    if not kernel_collapses():
+        pytest.skip("this kernel does not collapse anonymous memory into huge pages (MADV_COLLAPSE, Linux 6.1)")
+    got = weights_and_huge_pages(smollm2_gguf, huge_pages=True)
+    assert got["spans"] * HUGE_PAGE >= 0.8 * got["weights"]  # most of the weights lie in spans that qualify
+    # the kernel may refuse a span (one crossing a mapping's end, one busy at the time): a few at most
+    assert got["huge"] >= 0.9 * got["spans"] * HUGE_PAGE
+    if "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        off = weights_and_huge_pages(smollm2_gguf, huge_pages=False)  # without asking, normal pages
+        assert off["huge"] < 0.5 * off["spans"] * HUGE_PAGE
+
+
+def test_outputs_do_not_change(smollm2_gguf):
+    with_pages = LLM(model=smollm2_gguf, max_num_seqs=2)
+    without = LLM(model=smollm2_gguf, max_num_seqs=2, huge_pages=False)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
+    a, b = (llm.generate(prompts, params, use_tqdm=False) for llm in (with_pages, without))
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].logprobs == y.outputs[0].logprobs  # the same floats, bit for bit
+
+
+def test_the_switch_reaches_the_engine_config(smollm2_gguf):
+    from flashserve.engine.arg_utils import EngineArgs
+    from flashserve.entrypoints.cli import build_parser
+    from flashserve.entrypoints.cli_flags import engine_args_from
+
+    on = engine_args_from(build_parser().parse_args(["serve", "--model", smollm2_gguf]))
+    off = engine_args_from(build_parser().parse_args(["serve", "--model", smollm2_gguf, "--no-huge-pages"]))
+    assert on.create_engine_config().huge_pages and not off.create_engine_config().huge_pages
+    streamed = EngineArgs(model=smollm2_gguf, max_weight_memory=300_000_000).create_engine_config()
+    assert not streamed.huge_pages  # layer streaming's buffers stay in normal pages
