@@ -16,8 +16,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from flashserve.heap import _libc
@@ -65,6 +68,28 @@ def collapse_spans(spans: list[int]) -> int:
     if reasons:
         logger.info("some weight spans stay in 4 KiB pages (%s)", ", ".join(sorted(reasons)))
     return done
+
+
+def collapse_supported() -> bool:
+    """Whether this kernel maps a touched anonymous 2 MiB span with a huge page when asked (tried on
+    a span of its own)."""
+    region = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = torch.frombuffer(region, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % HUGE_PAGE
+    buf[start:start + HUGE_PAGE].fill_(1)
+    done = collapse_spans([buf.data_ptr() + start])
+    del buf
+    region.close()
+    return done == HUGE_PAGE
+
+
+def thp_mode() -> str:
+    """The system's transparent huge page setting (always, madvise, never), or "unknown"."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else "unknown"
 
 
 def collapse_weights(model: nn.Module, workers: int = 2) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,7 @@ def test_env_names_this_cpu_features_and_the_chosen_dtype(smollm2_gguf):
     assert lines["C++ kernels"].startswith(f"level {want},"), lines["C++ kernels"]
     # A Q4_1 file runs on the quantized kernels, whose float side is float32, on every CPU.
     assert lines[f"dtype for {smollm2_gguf}"].startswith("float32")
+    # the system's THP setting, read here from sysfs: the word in brackets
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = thp.read_text().split("[")[1].split("]")[0] if thp.exists() else "unknown"
+    assert lines["huge pages"].endswith(f"(transparent_hugepage: {mode})")

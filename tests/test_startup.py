@@ -105,7 +105,8 @@ def test_a_generate_marks_its_start_phases_in_order_and_prints_all_it_generated(
     assert [p["phase"] for p in phases] == [
         "interpreter and CLI imports", "tokenizer (GGUF header check, cached vocabulary)", "torch and engine imports",
         "engine config (GGUF metadata)", "C++ kernels loaded", "model built (modules, rotary tables)",
-        "weights read and packed", "weights mapped in huge pages", "KV cache reserved", "engine ready (scheduler, sampler, collector frozen)",
+        "weights read and packed", "weights mapped in huge pages", "KV cache reserved",
+        "engine ready (scheduler, sampler, collector frozen)",
         "first token (prompt's prefill)", "the other tokens"]
     assert all(a["t"] <= b["t"] for a, b in zip(phases, phases[1:]))
     assert all(0 < p["rss_mib"] <= p["peak_mib"] for p in phases)

@@ -27,6 +27,11 @@ def environment_report(model: str | None = None, dtype: str = "auto", quantizati
         lines.append(f"C++ kernels: level {best_level(cpu).name}, the widest of those this CPU runs ({levels})")
     except KernelBuildError as exc:
         lines.append(f"C++ kernels: unavailable, torch implementations in use ({str(exc).splitlines()[0]})")
+    from flashserve.huge_pages import collapse_supported, thp_mode
+
+    pages = ("weights remapped with 2 MiB pages at start-up" if collapse_supported()
+             else "unavailable, weights in 4 KiB pages (the kernel has no MADV_COLLAPSE, Linux 6.1)")
+    lines.append(f"huge pages: {pages} (transparent_hugepage: {thp_mode()})")
     if model is not None:
         from flashserve.model.catalogue import resolve
 

@@ -4,28 +4,14 @@ computes changes."""
 from __future__ import annotations
 
 import json
-import mmap
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from flashserve import LLM, SamplingParams
-from flashserve.huge_pages import HUGE_PAGE, collapse_spans, weight_spans
-
-
-def kernel_collapses() -> bool:
-    """Whether this kernel maps a touched anonymous 2 MiB span with a huge page when asked."""
-    region = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf = torch.frombuffer(region, dtype=torch.uint8)
-    start = (-buf.data_ptr()) % HUGE_PAGE
-    buf[start:start + HUGE_PAGE].fill_(1)
-    done = collapse_spans([buf.data_ptr() + start])
-    del buf
-    region.close()
-    return done == HUGE_PAGE
+from flashserve.huge_pages import HUGE_PAGE, collapse_supported, thp_mode
 
 
 def huge_bytes_of_mappings_holding(addresses: list[int]) -> tuple[int, int]:
@@ -65,13 +51,13 @@ print(json.dumps({{"spans": len(spans), "huge": huge_bytes_of_mappings_holding(s
 
 
 def test_the_weights_are_in_huge_pages(smollm2_gguf):
-    if not kernel_collapses():
+    if not collapse_supported():
         pytest.skip("this kernel does not collapse anonymous memory into huge pages (MADV_COLLAPSE, Linux 6.1)")
     got = weights_and_huge_pages(smollm2_gguf, huge_pages=True)
     assert got["spans"] * HUGE_PAGE >= 0.8 * got["weights"]  # most of the weights lie in spans that qualify
     # the kernel may refuse a span (one crossing a mapping's end, one busy at the time): a few at most
     assert got["huge"] >= 0.9 * got["spans"] * HUGE_PAGE
-    if "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+    if thp_mode() != "always":
         off = weights_and_huge_pages(smollm2_gguf, huge_pages=False)  # without asking, normal pages
         assert off["huge"] < 0.5 * off["spans"] * HUGE_PAGE
 
