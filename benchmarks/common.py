@@ -19,11 +19,10 @@ def measure_ceilings(seconds: float = 1.0) -> dict[str, float]:
     buffer read is in huge pages where the kernel maps them, as the engine's weights are
     (flashserve/huge_pages.py): in 4 KiB pages the same sum read 10-15% less here, below what the
     decode GEMVs reach."""
-    from flashserve.huge_pages import HUGE_PAGE, collapse_spans
+    from flashserve.huge_pages import aligned_spans, collapse_spans
 
     x = torch.ones(256 * 2**20 // 4)  # 256 MiB, larger than any cache
-    first = -(-x.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    collapse_spans(list(range(first, x.data_ptr() + x.nbytes - HUGE_PAGE + 1, HUGE_PAGE)))
+    collapse_spans(aligned_spans(x.data_ptr(), x.nbytes))
     x.sum()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

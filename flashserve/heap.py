@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
@@ -13,7 +14,19 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 @functools.cache
 def _libc():
     name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name, use_errno=True) if name is not None else None
+    libc = ctypes.CDLL(name, use_errno=True) if name is not None else None
+    if libc is not None and hasattr(libc, "madvise"):
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def madvise(address: int, length: int, advice: int) -> int:
+    """madvise(2) on [address, address + length): 0, or the errno it failed with (ENOSYS where the
+    C library has no madvise)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return errno.ENOSYS
+    return 0 if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0 else ctypes.get_errno()
 
 
 def release_free_heap() -> None:

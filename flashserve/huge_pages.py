@@ -13,7 +13,6 @@ crossing a mapping's end) the pages stay as they are: only the mapping changes, 
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flashserve.heap import _libc
+from flashserve.heap import madvise
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +46,22 @@ def weight_spans(model: nn.Module, min_cover: float = MIN_COVER) -> list[int]:
     return sorted(span * HUGE_PAGE for span, covered in cover.items() if covered >= min_cover * HUGE_PAGE)
 
 
+def aligned_spans(address: int, nbytes: int) -> list[int]:
+    """Start addresses of the 2 MiB-aligned spans wholly inside [address, address + nbytes)."""
+    first = -(-address // HUGE_PAGE) * HUGE_PAGE
+    return list(range(first, address + nbytes - HUGE_PAGE + 1, HUGE_PAGE))
+
+
 def collapse_spans(spans: list[int]) -> int:
     """madvise(MADV_COLLAPSE) on each 2 MiB span; returns the bytes the kernel mapped with huge
     pages (0 where it cannot: not Linux, a kernel before 6.1)."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "madvise"):
-        return 0
-    madvise = libc.madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     done, reasons = 0, set()
     for start in spans:
-        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(HUGE_PAGE), MADV_COLLAPSE) == 0:
+        err = madvise(start, HUGE_PAGE, MADV_COLLAPSE)
+        if err == 0:
             done += HUGE_PAGE
             continue
-        err = ctypes.get_errno()
-        if err == errno.EINVAL and done == 0 and not reasons:  # the kernel does not know MADV_COLLAPSE
+        if err in (errno.EINVAL, errno.ENOSYS) and done == 0 and not reasons:  # no MADV_COLLAPSE here
             logger.info("weights stay in 4 KiB pages: this kernel has no MADV_COLLAPSE")
             return 0
         reasons.add(errno.errorcode.get(err, str(err)))
@@ -75,9 +75,8 @@ def collapse_supported() -> bool:
     a span of its own)."""
     region = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf = torch.frombuffer(region, dtype=torch.uint8)
-    start = (-buf.data_ptr()) % HUGE_PAGE
-    buf[start:start + HUGE_PAGE].fill_(1)
-    done = collapse_spans([buf.data_ptr() + start])
+    buf.fill_(1)
+    done = collapse_spans(aligned_spans(buf.data_ptr(), buf.nbytes)[:1])
     del buf
     region.close()
     return done == HUGE_PAGE

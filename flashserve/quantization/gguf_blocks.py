@@ -20,8 +20,6 @@ s and z are computed here in float64, where they are exact.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import mmap
 import warnings
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from flashserve.heap import madvise
 
 INT4_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K})
 # Symmetric types whose 32-element blocks are exactly int8 codes times a scale, w = d * c.
@@ -77,7 +77,7 @@ def release_mapped(view: np.ndarray) -> None:
         return
     start = view.__array_interface__["data"][0]
     low = start - start % mmap.PAGESIZE
-    _libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(start + view.nbytes - low), mmap.MADV_DONTNEED)
+    madvise(low, start + view.nbytes - low, mmap.MADV_DONTNEED)
 
 
 def _is_file_mapping(view: np.ndarray) -> bool:
@@ -85,13 +85,6 @@ def _is_file_mapping(view: np.ndarray) -> bool:
     while isinstance(base, np.ndarray):
         base = base.base
     return isinstance(base, mmap.mmap) and not base.closed
-
-
-@functools.cache
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
 
 
 def _blocks(t: GGUFTensor) -> np.ndarray:

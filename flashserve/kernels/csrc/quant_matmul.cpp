@@ -450,28 +450,37 @@ inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g
 // hold; the tables, a few dozen bytes a row, are asked for a row at a time. Distances of 2, 4 and
 // 8 KiB measured alike (RESULTS.md).
 constexpr int64_t kStreamAhead = 4096;
-inline void prefetch_stream(const uint8_t* at, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) prefetch_line(at + kStreamAhead + o);
+// Rows [n, n + rows) of kBits codes: the lines kStreamAhead past the codes of their groups [g0, g0 + cnt).
+template <int kBits>
+inline void prefetch_stream(const Problem& p, int64_t n, int64_t rows, int64_t g0, int64_t cnt) {
+  const int64_t group_bytes = row_code_bytes(kBits, 32), row_bytes = row_code_bytes(kBits, p.K);
+  for (int64_t r = n; r < n + rows; ++r) {
+    const uint8_t* at = p.codes + r * row_bytes + g0 * group_bytes + kStreamAhead;
+    for (int64_t o = 0; o < cnt * group_bytes; o += 64) prefetch_line(at + o);
+  }
 }
-inline void prefetch_tables(const Problem& p, int64_t n) {
-  const int64_t ahead = n + 1 + kStreamAhead / row_code_bytes(p.bits, p.K);
-  if (ahead >= p.N) return;
-  for (const Table* t : {&p.scale, &p.zero})
-    if (*t)
-      for (int64_t o = 0; o < t->row_bytes(); o += 64) prefetch_line(t->row(ahead) + o);
+// The tables of the row as far ahead of each of rows [n, n + rows) as kStreamAhead is in codes.
+inline void prefetch_tables(const Problem& p, int64_t n, int64_t rows) {
+  for (int64_t r = n; r < n + rows; ++r) {
+    const int64_t ahead = r + 1 + kStreamAhead / row_code_bytes(p.bits, p.K);
+    if (ahead >= p.N) return;
+    for (const Table* t : {&p.scale, &p.zero})
+      if (*t)
+        for (int64_t o = 0; o < t->row_bytes(); o += 64) prefetch_line(t->row(ahead) + o);
+  }
 }
 
 // GEMV for signed (5- or 8-bit) codes: output row n against MB activation rows from m0; the group's
 // codes are loaded once for the MB rows. Lanes of acc[i] are j = g mod 8. (4-bit codes: gemv_q4.)
 template <int MB, int kBits>
 void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
-  const int64_t groups = p.K / 32, group_bytes = kBits == 5 ? 20 : 32;
-  if (m0 == 0) prefetch_tables(p, n);
+  const int64_t groups = p.K / 32;
+  if (m0 == 0) prefetch_tables(p, n, 1);
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, groups - g0);
-    if (m0 == 0) prefetch_stream(p.codes + n * row_code_bytes(kBits, p.K) + g0 * group_bytes, cnt * group_bytes);
+    if (m0 == 0) prefetch_stream<kBits>(p, n, 1, g0, cnt);
     __m256i dots[MB][8];
     for (int64_t j = 0; j < 8; ++j) {
       if (j >= cnt) {
@@ -525,8 +534,7 @@ void nibble_rows(const Problem& p, int64_t per, std::vector<int8_t>& out) {
 template <int MB, int NR = 1>
 void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32, pairs = (groups + 1) / 2;
-  if (m0 == 0)
-    for (int r = 0; r < NR; ++r) prefetch_tables(p, n + r);
+  if (m0 == 0) prefetch_tables(p, n, NR);
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i group_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256 acc[NR][MB];
@@ -534,8 +542,7 @@ void gemv_q4(const Problem& p, int64_t n, int64_t m0) {
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, groups - g0);
-    if (m0 == 0)
-      for (int r = 0; r < NR; ++r) prefetch_stream(p.codes + (n + r) * (p.K / 2) + g0 * 16, cnt * 16);
+    if (m0 == 0) prefetch_stream<4>(p, n, NR, g0, cnt);
     __m256i dots[NR][MB][4];  // lanes 0-3: partial sums of group g0 + 2h, lanes 4-7: of g0 + 2h + 1
     for (int64_t h = 0; h < 4; ++h) {
       const int64_t g = g0 + 2 * h;
@@ -598,16 +605,14 @@ inline __m256i reduce_quads(__m512i v0, __m512i v1) {
 template <int MB, int NR = 1>
 void gemv_q4_wide(const Problem& p, int64_t n, int64_t m0) {
   const int64_t groups = p.K / 32, quads = (groups + 3) / 4;
-  if (m0 == 0)
-    for (int r = 0; r < NR; ++r) prefetch_tables(p, n + r);
+  if (m0 == 0) prefetch_tables(p, n, NR);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m256 acc[NR][MB];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, groups - g0);
-    if (m0 == 0)
-      for (int r = 0; r < NR; ++r) prefetch_stream(p.codes + (n + r) * (p.K / 2) + g0 * 16, cnt * 16);
+    if (m0 == 0) prefetch_stream<4>(p, n, NR, g0, cnt);
     __m512i dots[NR][MB][2];  // 128-bit lane j of [h]: partial sums of group g0 + 4h + j
     for (int64_t h = 0; h < 2; ++h) {
       const int64_t g = g0 + 4 * h;
