@@ -1,18 +1,23 @@
 """Weights in transparent huge pages: a decode step streams every weight byte once a token, and in
 4 KiB pages that is a TLB entry (and, beyond the TLB's reach, a page walk) for every 64 cache
-lines. Linux can back anonymous memory with 2 MiB pages; madvise(MADV_COLLAPSE) (Linux 6.1) turns
-the 4 KiB pages already under a range into huge pages in place, whatever the system's THP setting,
-so the weights the loader wrote stay where they are: no copy held beside them, no new addresses.
+lines. Linux can back anonymous memory with 2 MiB pages, in two ways used here one after the other:
 
-collapse_weights asks that for every 2 MiB-aligned span that holds part of a CPU parameter, once
-the rank's weights are final. It copies each span into a fresh huge page: part of the start-up
-(seconds for a model of a GiB on a VM; in a thread beside decode steps it slowed them more than
-it gained). A span may also hold other data of the process (the heap mixes them), which is
-harmless. Where the kernel refuses (older kernels, no memory to compact into huge pages, a span
-crossing a mapping's end) the pages stay as they are: only the mapping changes, never a value.
+- born huge (`allocations_in_huge_pages`, around the loader): the C++ kernels' allocator gives each
+  large block a 2 MiB-aligned mapping advised MADV_HUGEPAGE before its first write, so the pages
+  fault in 2 MiB at a time; that is also cheaper than faulting small pages. It needs the kernels.
+- collapsed (`collapse_weights`, once the rank's weights are final): madvise(MADV_COLLAPSE) (Linux
+  6.1) turns the small pages still under a span into a huge page in place, whatever the system's THP
+  setting: the tails of large blocks, small weights packed together in the heap, or every weight
+  where the kernels are missing. It copies each span into a fresh huge page, seconds for a model of
+  a GiB on a VM when nothing was born huge (in a thread beside decode steps it slowed them more
+  than it gained); a span already huge costs nothing. A span may also hold other data of the
+  process (the heap mixes them), which is harmless. Where the kernel refuses (older kernels, no
+  memory to compact, a span crossing a mapping's end) the pages stay as they are: only the mapping
+  changes, never a value.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -99,3 +104,20 @@ def collapse_weights(model: nn.Module, workers: int = 2) -> int:
         done = sum(pool.map(collapse_spans, [spans[i::workers] for i in range(workers)]))
     logger.info("%.0f of %.0f MiB of weight spans mapped in huge pages", done / 2**20, len(spans) * HUGE_PAGE / 2**20)
     return done
+
+
+@contextlib.contextmanager
+def allocations_in_huge_pages(enabled: bool = True):
+    """Within the block, CPU tensors of 2 MiB or more are allocated huge-page-aligned and advised
+    (the C++ kernels' allocator); not enabled, or without the kernels, a block like any other."""
+    from flashserve.kernels.build import cpu_kernels
+
+    kernels = cpu_kernels() if enabled else None
+    if kernels is None:
+        yield
+        return
+    previous = kernels.allocate_in_huge_pages(True)
+    try:
+        yield
+    finally:
+        kernels.allocate_in_huge_pages(previous)

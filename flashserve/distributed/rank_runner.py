@@ -6,6 +6,7 @@ import torch
 
 from flashserve import startup_phases
 from flashserve.config import EngineConfig
+from flashserve.huge_pages import allocations_in_huge_pages, collapse_weights
 from flashserve.runner.model_runner import ModelRunner
 
 
@@ -20,22 +21,22 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     from flashserve.runner.kv_swap import allocate_swap_space, num_swap_slots
 
     dtype = getattr(torch, config.dtype)
-    model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization,
-                            max_weight_memory=config.max_weight_memory, activation_quant=config.activation_quant,
-                            hot_neurons=config.hot_neurons, max_positions=config.scheduler.max_model_len)
-    if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
-        from flashserve.distributed.pipeline_parallel import split_stages
+    huge_pages = config.huge_pages and torch.device(device).type == "cpu"
+    with allocations_in_huge_pages(huge_pages):
+        model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization,
+                                max_weight_memory=config.max_weight_memory, activation_quant=config.activation_quant,
+                                hot_neurons=config.hot_neurons, max_positions=config.scheduler.max_model_len)
+        if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
+            from flashserve.distributed.pipeline_parallel import split_stages
 
-        cfg = split_stages(model, tp_group.rank, tp_group.world_size)
-    elif tp_group is not None:
-        from flashserve.distributed.partition import tp_shards
-        from flashserve.distributed.tensor_parallel import shard_model
+            cfg = split_stages(model, tp_group.rank, tp_group.world_size)
+        elif tp_group is not None:
+            from flashserve.distributed.partition import tp_shards
+            from flashserve.distributed.tensor_parallel import shard_model
 
-        cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
-    if config.huge_pages and torch.device(device).type == "cpu":
-        from flashserve.huge_pages import collapse_weights
-
-        collapse_weights(model)  # the rank's final weights (after any split)
+            cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
+    if huge_pages:
+        collapse_weights(model)  # what was not born huge, of the rank's final weights (after any split)
         startup_phases.mark("weights mapped in huge pages")
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
                                    config.cache.kv_cache_dtype)

@@ -1,5 +1,6 @@
-"""Weights remapped with huge pages at start-up (flashserve/huge_pages.py): the kernel's own account
-(/proc/self/smaps) shows the weights' memory in huge pages afterwards, and nothing the engine
+"""Weights in huge pages from start-up (flashserve/huge_pages.py): the kernel's own account
+(/proc/self/smaps) shows the weights' memory in huge pages afterwards, the loader's allocator gives
+large blocks aligned huge-page mappings and gives them back when freed, and nothing the engine
 computes changes."""
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashserve import LLM, SamplingParams
-from flashserve.huge_pages import HUGE_PAGE, collapse_supported, thp_mode
+from flashserve.huge_pages import HUGE_PAGE, allocations_in_huge_pages, collapse_supported, thp_mode
 
 
 def huge_bytes_of_mappings_holding(addresses: list[int]) -> tuple[int, int]:
@@ -60,6 +62,30 @@ def test_the_weights_are_in_huge_pages(smollm2_gguf):
     if thp_mode() != "always":
         off = weights_and_huge_pages(smollm2_gguf, huge_pages=False)  # without asking, normal pages
         assert off["huge"] < 0.5 * off["spans"] * HUGE_PAGE
+
+
+def mapped(address: int) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(low <= address < high for low, high in
+                   ((int(v, 16) for v in line.split()[0].split("-")) for line in f))
+
+
+def test_large_blocks_are_born_in_huge_pages_and_unmapped_when_freed(cpp_kernels):
+    if thp_mode() == "never":
+        pytest.skip("transparent huge pages are off on this system")
+    with allocations_in_huge_pages():
+        block = torch.arange(3 * HUGE_PAGE // 4, dtype=torch.int32)  # 3 MiB: one whole huge page, a tail
+        small = torch.ones(1000)
+    address = block.data_ptr()
+    assert address % HUGE_PAGE == 0
+    assert huge_bytes_of_mappings_holding([address])[0] >= HUGE_PAGE
+    assert block[-1].item() == 3 * HUGE_PAGE // 4 - 1 and small.sum().item() == 1000  # values as written
+    moved = block.clone()  # after the block: torch's own allocator again
+    if thp_mode() != "always":
+        assert huge_bytes_of_mappings_holding([moved.data_ptr()])[0] == 0
+    assert torch.equal(moved, torch.arange(3 * HUGE_PAGE // 4, dtype=torch.int32))
+    del block
+    assert not mapped(address)  # its mapping went back to the system with it
 
 
 def test_outputs_do_not_change(smollm2_gguf):

@@ -24,5 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "announce this rank's arrival (sequence number) in shared flags and wait for every rank's",
         py::arg("flags"), py::arg("rank"), py::arg("world"), py::arg("seq"), py::arg("timeout_s"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("allocate_in_huge_pages", &allocate_in_huge_pages,
+        "while on, CPU allocations of 2 MiB or more start huge-page-aligned and advised; returns the previous setting");
   bind_decode_plan(m);
 }

@@ -26,3 +26,5 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end);
 void shm_arrive_and_wait(const at::Tensor& flags, int64_t rank, int64_t world, int64_t seq, double timeout_s);
+// Large CPU allocations in 2 MiB-aligned, MADV_HUGEPAGE mappings while on; returns the previous setting.
+bool allocate_in_huge_pages(bool on);
