@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 # bindings.cpp first: ninja starts the files in this order, so a broken build fails early. The two
-# that include <torch/extension.h> (pybind11 and the whole C++ API: most of a build's time) start first.
+# with Python bindings (pybind11 and torch's casters: the longest to compile) start first.
 SOURCES = ("bindings.cpp", "decode_plan.cpp", "paged_decode.cpp", "prefill_attention.cpp", "fused_ops.cpp",
            "quant_matmul.cpp", "gguf_repack.cpp", "shm_barrier.cpp", "huge_page_alloc.cpp")
 

@@ -1,7 +1,6 @@
 // Python bindings of the CPU kernels (one extension module, several sources).
-#include <torch/extension.h>
-
 #include "kernels.h"
+#include "python_bindings.h"
 
 void bind_decode_plan(py::module_& m);
 

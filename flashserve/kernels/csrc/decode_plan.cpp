@@ -7,13 +7,16 @@
 //   sandwich (Gemma 3):       h = x + norm(attn(norm(x)));  x = h + norm(mlp(norm(h))),
 //                             with q and k normalized per head before RoPE
 // The Python side (flashserve/runner/decode_plan.py) decides when it applies.
-#include <torch/extension.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linear.h>
 
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "kernels.h"
+#include "python_bindings.h"
 
 namespace {
 
