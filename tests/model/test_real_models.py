@@ -2,8 +2,6 @@
 logits of a prefill and of incremental decode steps through our paged cache."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -31,12 +29,9 @@ def test_smollm2_logits(smollm2_gguf, hf_smollm2):
 
 
 @pytest.mark.slow
-def test_gemma3_logits(gemma3_gguf, hf_gemma3_tokenizer):
+def test_gemma3_logits(gemma3_gguf, hf_gemma3, hf_gemma3_tokenizer):
     """Gemma 3 270M Q4_K_M: exercises K-quants, Q5_0/Q6_K, sliding layers and the Gemma norms."""
-    from transformers import AutoModelForCausalLM
-
-    p = Path(gemma3_gguf)
-    hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+    hf = hf_gemma3  # the session's oracle (half a minute to convert)
     tok = hf_gemma3_tokenizer
     text = "Gemma interleaves five sliding-window layers with one global layer; " * 12
     ids = tok(text)["input_ids"][:140]
