@@ -87,6 +87,19 @@ def test_large_blocks_are_born_in_huge_pages_and_unmapped_when_freed(cpp_kernels
     assert not mapped(address)  # its mapping went back to the system with it
 
 
+def test_raw_allocations_go_through_either_way(cpp_kernels):
+    """Some of torch's kernels (oneDNN's scratch buffers of a bfloat16 batched matmul) allocate and
+    free raw blocks through the installed allocator's raw deleter: with this allocator on or off
+    after its first use, they run (a missing raw deleter aborts the process)."""
+    a, b = torch.randn(4, 3, 3, 64).bfloat16(), torch.randn(4, 3, 64, 48).bfloat16()
+    want = torch.einsum("nhgd,nhdl->nhgl", a.double(), b.double())
+    with allocations_in_huge_pages():
+        inside = torch.matmul(a, b)
+    after = torch.matmul(a, b)
+    for got in (inside, after):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-1)
+
+
 def test_outputs_do_not_change(smollm2_gguf):
     with_pages = LLM(model=smollm2_gguf, max_num_seqs=2)
     without = LLM(model=smollm2_gguf, max_num_seqs=2, huge_pages=False)

@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -23,15 +25,31 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kSmallPage = size_t(4) << 10;
 
-struct Mapping {
-  void* start;
-  size_t length;
-};
+// The mappings made here, by start: a DataPtr's context is its data pointer, as torch's raw
+// allocation interface requires, so the length to unmap is looked up.
+std::mutex mappings_mutex;
+std::unordered_map<void*, size_t> mappings;
+c10::DeleterFnPtr fallback_raw_deleter = nullptr;
 
-void unmap(void* context) {
-  auto* mapping = static_cast<Mapping*>(context);
-  munmap(mapping->start, mapping->length);
-  delete mapping;
+// Unmaps `start` if it is one of ours; false otherwise.
+bool unmap_if_ours(void* start) {
+  size_t length = 0;
+  {
+    std::lock_guard<std::mutex> lock(mappings_mutex);
+    auto it = mappings.find(start);
+    if (it == mappings.end()) return false;
+    length = it->second;
+    mappings.erase(it);
+  }
+  munmap(start, length);
+  return true;
+}
+
+void unmap(void* start) { unmap_if_ours(start); }
+
+// What torch's raw_deallocate calls, for a block from either allocator.
+void free_any(void* p) {
+  if (!unmap_if_ours(p) && fallback_raw_deleter != nullptr) fallback_raw_deleter(p);
 }
 
 // `length` bytes at a 2 MiB boundary, advised for huge pages; nullptr if the system refuses.
@@ -44,6 +62,8 @@ void* map_aligned(size_t length) {
   char* end = start + length;
   if (end < base + reserve) munmap(end, base + reserve - end);
   madvise(start, length, MADV_HUGEPAGE);  // advice only: refused, the pages are small ones
+  std::lock_guard<std::mutex> lock(mappings_mutex);
+  mappings.emplace(start, length);
   return start;
 }
 
@@ -53,13 +73,12 @@ class HugePageAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t nbytes) override {
     if (!on.load(std::memory_order_relaxed) || nbytes < kHugePage) return fallback_->allocate(nbytes);
-    const size_t length = (nbytes + kSmallPage - 1) / kSmallPage * kSmallPage;
-    void* start = map_aligned(length);
+    void* start = map_aligned((nbytes + kSmallPage - 1) / kSmallPage * kSmallPage);
     if (start == nullptr) return fallback_->allocate(nbytes);
-    return {start, new Mapping{start, length}, &unmap, c10::Device(c10::DeviceType::CPU)};
+    return {start, start, &unmap, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return fallback_raw_deleter ? &free_any : nullptr; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
@@ -73,7 +92,9 @@ class HugePageAllocator final : public c10::Allocator {
 
 bool allocate_in_huge_pages(bool on) {
   static HugePageAllocator* allocator = [] {
-    auto* a = new HugePageAllocator(c10::GetCPUAllocator());
+    c10::Allocator* fallback = c10::GetCPUAllocator();
+    fallback_raw_deleter = fallback->raw_deleter();
+    auto* a = new HugePageAllocator(fallback);
     c10::SetCPUAllocator(a, /*priority=*/UINT8_MAX);
     return a;
   }();
