@@ -65,6 +65,26 @@ inline float tile_exp(float* s, int64_t nt, float m) {
   return sum;
 }
 
+// s[j] *= scale for j < nt; returns the largest (a NaN score is passed over, as std::max(m, s) does).
+inline float tile_scale_max(float* s, int64_t nt, float scale) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#ifdef FS_AVX2
+  const __m256 sv = _mm256_set1_ps(scale);
+  __m256 mv = _mm256_set1_ps(m);
+  for (; j + 8 <= nt; j += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), sv);
+    _mm256_storeu_ps(s + j, x);
+    mv = _mm256_max_ps(x, mv);  // x > m ? x : m, lane-wise: a NaN x keeps m
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  for (float v : lanes) m = std::max(m, v);
+#endif
+  for (; j < nt; ++j) m = std::max(m, s[j] *= scale);
+  return m;
+}
+
 // o += sum_j p[j] v_j, one head at a time (the portable path, as tile_scores).
 template <typename C>
 inline void tile_accumulate(const float* p, const C* const* v, int64_t nt, int64_t D, float* o) {
@@ -258,8 +278,19 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     // Keys past the block table's end are not there to read (a table cut short by its caller).
     return Span{n, h, t0, std::min<int64_t>(t1, max_blocks * bs)};
   };
-  auto row_offset = [&](const Span& sp, int64_t t) {
-    return int64_t(bt[sp.n * max_blocks + t / bs]) * kv_stride_block + (t % bs) * kv_stride_tok + sp.h * kv_stride_h;
+  // Offsets of the rows of positions t, t + 1, ... of a span, walking its block table: one division
+  // per walk, not one per key.
+  struct RowWalk {
+    const int32_t* table;  // this sequence's block table, at position t's block
+    int64_t in_block, head_offset;
+  };
+  auto walk_from = [&](const Span& sp, int64_t t) {
+    return RowWalk{bt + sp.n * max_blocks + t / bs, t % bs, sp.h * kv_stride_h};
+  };
+  auto next_row = [&](RowWalk& w) {  // the current row's offset, then on to the next position
+    const int64_t off = int64_t(*w.table) * kv_stride_block + w.in_block * kv_stride_tok + w.head_offset;
+    if (++w.in_block == bs) w.in_block = 0, ++w.table;
+    return off;
   };
 
   at::parallel_for(0, N * Hk * num_splits, 1, [&](int64_t begin, int64_t end) {
@@ -274,13 +305,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     int64_t ahead_item = begin;
     Span ahead = span_of(begin);
     int64_t ahead_t = ahead.t0;
+    RowWalk ahead_walk = walk_from(ahead, ahead_t);
     auto prefetch_rows = [&](int64_t rows) {
       while (rows > 0 && ahead_item < end) {
         if (ahead_t >= ahead.t1) {
-          if (++ahead_item < end) ahead = span_of(ahead_item), ahead_t = ahead.t0;
+          if (++ahead_item < end) ahead = span_of(ahead_item), ahead_t = ahead.t0, ahead_walk = walk_from(ahead, ahead_t);
           continue;
         }
-        const int64_t off = row_offset(ahead, ahead_t++);
+        ++ahead_t;
+        const int64_t off = next_row(ahead_walk);
         const char* kr = reinterpret_cast<const char*>(kp + off);
         const char* vr = reinterpret_cast<const char*>(vp + off);
         for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64) {
@@ -301,10 +334,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       std::fill(o, o + G * D, 0.f);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[n * q_stride_n + (h * G + g) * q_stride_h + d]);
+      RowWalk walk = walk_from(span, span.t0);
       for (int64_t tt = span.t0; tt < span.t1; tt += kTile) {
         const int64_t nt = std::min<int64_t>(kTile, span.t1 - tt);
         for (int64_t j = 0; j < nt; ++j) {
-          const int64_t off = row_offset(span, tt + j);
+          const int64_t off = next_row(walk);
           krow[j] = kp + off;
           vrow[j] = vp + off;
         }
@@ -320,11 +354,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         for (int64_t g = 0; g < G; ++g) {
           float* sg = &s[g * kTile];
           float tile_max = neg_inf;
-          for (int64_t j = 0; j < nt; ++j) {
-            float sc = sg[j] * fscale;
-            if (fcap > 0) sc = fcap * std::tanh(sc / fcap);
-            sg[j] = sc;
-            tile_max = std::max(tile_max, sc);
+          if (fcap > 0) {
+            for (int64_t j = 0; j < nt; ++j) {
+              const float sc = fcap * std::tanh(sg[j] * fscale / fcap);
+              sg[j] = sc;
+              tile_max = std::max(tile_max, sc);
+            }
+          } else {
+            tile_max = tile_scale_max(sg, nt, fscale);
           }
           float* og = o + g * D;
           if (tile_max > m[g]) {  // new running max: rescale what was accumulated so far
