@@ -3,7 +3,8 @@
 // marked MADV_HUGEPAGE before anything touches it, so the loader's first writes fault in 2 MiB pages
 // (one fault, one zeroing) instead of 512 small ones that would have to be collapsed afterwards.
 // The last partial 2 MiB of each block stays in small pages: rounding it up would make the unused
-// rest resident. Freed blocks are unmapped at once, so the loader's temporaries leave no heap behind.
+// rest resident. Blocks freed while it is on wait for a request of their size; the rest are unmapped,
+// so the loader's temporaries leave no heap behind.
 //
 // Installed as torch's CPU allocator on first use and kept (a DataPtr frees itself through its own
 // deleter whichever allocator is current); off, it hands every request to the allocator it replaced.
@@ -13,6 +14,8 @@
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -26,30 +29,63 @@ constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kSmallPage = size_t(4) << 10;
 
 // The mappings made here, by start: a DataPtr's context is its data pointer, as torch's raw
-// allocation interface requires, so the length to unmap is looked up.
+// allocation interface requires, so the length to unmap is looked up. While the allocator is on,
+// a freed mapping is kept for the next request of the same length instead of unmapped: the
+// loader's temporaries come in the same sizes layer after layer, and a fresh mapping would fault
+// all its pages in again (measured: packing the 1.5B model 2.7 -> 4.1-4.5 s without this).
 std::mutex mappings_mutex;
 std::unordered_map<void*, size_t> mappings;
+std::unordered_multimap<size_t, void*> idle;  // freed while on, by length
+bool keep_freed = false;
 c10::DeleterFnPtr fallback_raw_deleter = nullptr;
 
-// Unmaps `start` if it is one of ours; false otherwise.
-bool unmap_if_ours(void* start) {
+// Releases `start` if it is one of ours (kept idle while on, unmapped otherwise); false otherwise.
+bool release_if_ours(void* start) {
   size_t length = 0;
   {
     std::lock_guard<std::mutex> lock(mappings_mutex);
     auto it = mappings.find(start);
     if (it == mappings.end()) return false;
     length = it->second;
+    if (keep_freed) {
+      idle.emplace(length, start);
+      return true;
+    }
     mappings.erase(it);
   }
   munmap(start, length);
   return true;
 }
 
-void unmap(void* start) { unmap_if_ours(start); }
+void release(void* start) { release_if_ours(start); }
 
 // What torch's raw_deallocate calls, for a block from either allocator.
 void free_any(void* p) {
-  if (!unmap_if_ours(p) && fallback_raw_deleter != nullptr) fallback_raw_deleter(p);
+  if (!release_if_ours(p) && fallback_raw_deleter != nullptr) fallback_raw_deleter(p);
+}
+
+// An idle mapping of exactly `length` bytes, or nullptr.
+void* reuse(size_t length) {
+  std::lock_guard<std::mutex> lock(mappings_mutex);
+  auto it = idle.find(length);
+  if (it == idle.end()) return nullptr;
+  void* start = it->second;
+  idle.erase(it);
+  return start;
+}
+
+// Sets whether freed mappings are kept; turning it off unmaps those kept.
+void set_keep_freed(bool keep) {
+  std::vector<std::pair<size_t, void*>> drop;
+  {
+    std::lock_guard<std::mutex> lock(mappings_mutex);
+    keep_freed = keep;
+    if (keep) return;
+    drop.assign(idle.begin(), idle.end());
+    idle.clear();
+    for (const auto& [length, start] : drop) mappings.erase(start);
+  }
+  for (const auto& [length, start] : drop) munmap(start, length);
 }
 
 // `length` bytes at a 2 MiB boundary, advised for huge pages; nullptr if the system refuses.
@@ -73,9 +109,11 @@ class HugePageAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t nbytes) override {
     if (!on.load(std::memory_order_relaxed) || nbytes < kHugePage) return fallback_->allocate(nbytes);
-    void* start = map_aligned((nbytes + kSmallPage - 1) / kSmallPage * kSmallPage);
+    const size_t length = (nbytes + kSmallPage - 1) / kSmallPage * kSmallPage;
+    void* start = reuse(length);
+    if (start == nullptr) start = map_aligned(length);
     if (start == nullptr) return fallback_->allocate(nbytes);
-    return {start, start, &unmap, c10::Device(c10::DeviceType::CPU)};
+    return {start, start, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return fallback_raw_deleter ? &free_any : nullptr; }
@@ -98,5 +136,6 @@ bool allocate_in_huge_pages(bool on) {
     c10::SetCPUAllocator(a, /*priority=*/UINT8_MAX);
     return a;
   }();
+  set_keep_freed(on);
   return allocator->on.exchange(on);
 }
