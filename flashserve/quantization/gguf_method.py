@@ -166,6 +166,11 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
 
 def _q4k_weight(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes and factored scale and zero tables of a Q4_K tensor (gguf_blocks.q4k_factored)."""
+    if _own_kernels():  # one C++ pass, byte for byte numpy's several
+        from flashserve.kernels import ops
+
+        codes, sc, d, mn, neg_dmin = ops.native().q4k_factored_parts(t.block_bytes())
+        return codes, factored_table(sc, d), factored_table(mn, neg_dmin)
     codes, scale, zero = q4k_factored(t)
     table = lambda ints_factors: factored_table(*(torch.from_numpy(a) for a in ints_factors))  # noqa: E731
     return torch.from_numpy(codes), table(scale), table(zero)

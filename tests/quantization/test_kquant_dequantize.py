@@ -1,6 +1,7 @@
 """Q4_K, Q5_K and Q6_K dequantized in torch (quantization/gguf_blocks.py) against gguf-py's numpy reference,
-bit for bit: random blocks with every bit pattern of codes and scales, and a real Q6_K tensor; and Q6_K
-requantized to 8-bit groups in C++ against the same requantization in torch."""
+bit for bit: random blocks with every bit pattern of codes and scales, and a real Q6_K tensor; Q6_K
+requantized to 8-bit groups in C++ against the same requantization in torch; and Q4_K factored in C++
+against numpy's factoring and gguf-py's weights."""
 from __future__ import annotations
 
 import numpy as np
@@ -70,3 +71,40 @@ def test_q6k_requantized_in_one_cpp_pass_equals_the_torch_passes(gemma3_gguf):
         assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
         if rows == 70:
             assert scale[0, 0] == 1.0 and not codes[0, :32].any()  # the all-zero group
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+def test_q4k_factored_in_one_cpp_pass_equals_numpy_and_gguf_py(gemma3_gguf):
+    """The loader's C++ Q4_K -> codes, 6-bit scales and mins, d and -dmin (kernels/csrc/gguf_repack.cpp)
+    against numpy's gguf_blocks.q4k_factored byte for byte, and the weights they factor against
+    gguf-py's dequantization: random blocks over every bit pattern (rows enough for several threads'
+    shares) and a real tensor."""
+    import gguf
+    import torch
+
+    from flashserve.kernels import ops
+    from flashserve.quantization.gguf_blocks import q4k_factored
+
+    rng = np.random.default_rng(4)
+    rows, blocks = 70, 3
+    raw = rng.integers(0, 256, (rows, blocks, 144), dtype=np.uint8)
+    for offset in HALF_FIELDS[GGMLQuantizationType.Q4_K]:
+        halves = (rng.standard_normal((rows, blocks)) * 10.0 ** rng.integers(-4, 2, (rows, blocks))).astype(np.float16)
+        raw[..., offset : offset + 2] = halves.view(np.uint8).reshape(rows, blocks, 2)
+    real = next(t for t in gguf.GGUFReader(gemma3_gguf).tensors if t.tensor_type == GGMLQuantizationType.Q4_K)
+    cases = [(raw.reshape(rows, blocks * 144), rows, blocks * 256),
+             (np.asarray(real.data), int(real.shape[1]), int(real.shape[0]))]
+    for data, n, k in cases:
+        t = GGUFTensor(data, GGMLQuantizationType.Q4_K, (n, k))
+        got = ops.native().q4k_factored_parts(t.block_bytes())
+        codes, (sc, d), (mn, neg_dmin) = q4k_factored(t)
+        for ours, theirs in zip(got, (codes, sc, d, mn, neg_dmin)):
+            theirs = torch.from_numpy(np.ascontiguousarray(theirs))
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+            assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))  # float16 bit patterns too
+        s, dd, m, nd = (a.double() for a in got[1:])
+        b = got[0].long().view(n, k // 32, 16)  # byte j of a group: code j low, code j + 16 high
+        q = torch.cat([b & 0x0F, b >> 4], dim=-1).double()
+        w = q * (dd.repeat_interleave(8, 1) * s)[..., None] + (nd.repeat_interleave(8, 1) * m)[..., None]
+        want = np.asarray(quants.dequantize(data, GGMLQuantizationType.Q4_K), np.float64).reshape(n, k)
+        np.testing.assert_allclose(w.reshape(n, k).numpy(), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
