@@ -61,7 +61,6 @@ from flashserve.quantization.gguf_blocks import (
     int4_packed,
     int5_packed,
     int8_groups,
-    q4k_factored,
     release_mapped,
 )
 from flashserve.quantization.gguf_codebook_forms import AFFINE4, affine4
@@ -145,8 +144,7 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
         return pack_int4_groups(parts, own_kernels)
     if kind == "int4":
         if own_kernels and all(p.qtype == Q.Q4_K for p in parts):  # the file's own factors (factored tables)
-            codes, scale, zero = zip(*(_q4k_weight(p) for p in parts))
-            return GroupQuantWeight(torch.cat(codes), torch.cat(scale), torch.cat(zero), bits=4, packed=True)
+            return GroupQuantWeight(*_q4k_weight(parts), bits=4, packed=True)
         if own_kernels:  # w = q s + (z - 8 s), computed in float64 where it is exact; codes as the file packs them
             codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_packed(p) for p in parts)))
             return GroupQuantWeight(torch.from_numpy(codes), torch.from_numpy(scale),
@@ -164,16 +162,13 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
     return DenseWeight(torch.cat([_dense(p) for p in parts]).to(dtype))
 
 
-def _q4k_weight(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes and factored scale and zero tables of a Q4_K tensor (gguf_blocks.q4k_factored)."""
-    if _own_kernels():  # one C++ pass, byte for byte numpy's several
-        from flashserve.kernels import ops
+def _q4k_weight(parts: list[GGUFTensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes and factored scale and zero tables of Q4_K parts stacked by rows (gguf_blocks.q4k_factored),
+    in one C++ pass that writes each part's rows in place, byte for byte numpy's several."""
+    from flashserve.kernels import ops
 
-        codes, sc, d, mn, neg_dmin = ops.native().q4k_factored_parts(t.block_bytes())
-        return codes, factored_table(sc, d), factored_table(mn, neg_dmin)
-    codes, scale, zero = q4k_factored(t)
-    table = lambda ints_factors: factored_table(*(torch.from_numpy(a) for a in ints_factors))  # noqa: E731
-    return torch.from_numpy(codes), table(scale), table(zero)
+    codes, sc, d, mn, neg_dmin = ops.native().q4k_factored_parts([p.block_bytes() for p in parts])
+    return codes, factored_table(sc, d), factored_table(mn, neg_dmin)
 
 
 def _exact_int8_weight(parts: list[GGUFTensor], linear: bool = True) -> GroupQuantWeight:

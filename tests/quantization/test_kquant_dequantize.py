@@ -96,7 +96,7 @@ def test_q4k_factored_in_one_cpp_pass_equals_numpy_and_gguf_py(gemma3_gguf):
              (np.asarray(real.data), int(real.shape[1]), int(real.shape[0]))]
     for data, n, k in cases:
         t = GGUFTensor(data, GGMLQuantizationType.Q4_K, (n, k))
-        got = ops.native().q4k_factored_parts(t.block_bytes())
+        got = ops.native().q4k_factored_parts([t.block_bytes()])
         codes, (sc, d), (mn, neg_dmin) = q4k_factored(t)
         for ours, theirs in zip(got, (codes, sc, d, mn, neg_dmin)):
             theirs = torch.from_numpy(np.ascontiguousarray(theirs))
@@ -108,3 +108,21 @@ def test_q4k_factored_in_one_cpp_pass_equals_numpy_and_gguf_py(gemma3_gguf):
         w = q * (dd.repeat_interleave(8, 1) * s)[..., None] + (nd.repeat_interleave(8, 1) * m)[..., None]
         want = np.asarray(quants.dequantize(data, GGMLQuantizationType.Q4_K), np.float64).reshape(n, k)
         np.testing.assert_allclose(w.reshape(n, k).numpy(), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+def test_q4k_parts_stacked_in_one_call_equal_each_alone():
+    """Parts given together (q|k|v, gate|up) come out as their rows stacked in order."""
+    import torch
+
+    from flashserve.kernels import ops
+
+    rng = np.random.default_rng(5)
+    parts = [rng.integers(0, 256, (rows, 2 * 144), dtype=np.uint8) for rows in (33, 7, 70)]
+    blocks = [torch.from_numpy(p) for p in parts]
+    together = ops.native().q4k_factored_parts(blocks)
+    alone = [ops.native().q4k_factored_parts([b]) for b in blocks]
+    for i, stacked in enumerate(together):
+        assert torch.equal(stacked.view(torch.uint8), torch.cat([a[i] for a in alone]).view(torch.uint8))
+    with pytest.raises(RuntimeError, match="one K for all"):
+        ops.native().q4k_factored_parts([blocks[0], torch.from_numpy(rng.integers(0, 256, (3, 144), dtype=np.uint8))])

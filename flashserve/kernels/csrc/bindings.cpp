@@ -19,7 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"), py::arg("start"),
         py::arg("end"));
   m.def("q4k_factored_parts", &q4k_factored_parts,
-        "Q4_K blocks -> codes (byte j: codes j, j + 16 of a group), 6-bit scales, d, 6-bit mins, -dmin");
+        "Q4_K blocks of parts stacked by rows -> codes (byte j: codes j, j + 16 of a group), 6-bit scales, d, "
+        "6-bit mins, -dmin");
   m.def("q6k_requantize_int8", &q6k_requantize_int8, "Q6_K blocks -> int8 codes and float32 scales per group of 32");
   m.def("shm_arrive_and_wait", &shm_arrive_and_wait,
         "announce this rank's arrival (sequence number) in shared flags and wait for every rank's",

@@ -2,6 +2,7 @@
 // (a float copy of the weight, then one pass per operation) cost a large share of a start.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -72,58 +73,71 @@ namespace {
 constexpr int64_t kQ4KBytes = 144;  // d float16 | dmin float16 | scales[12] | qs[128] (ggml-common.h, block_q4_K)
 }  // namespace
 
-// Q4_K rows (N, K / 256 * 144 bytes) -> the factored form of gguf_blocks.q4k_factored, equal to it
-// byte for byte: codes (N, K / 2) with byte j of each 32-value group holding code j (low nibble) and
-// j + 16 (high) (a block's qs hold sub-block 2c in the low nibbles of chunk c, 2c + 1 in the high),
-// the 6-bit scales and mins (N, K / 32) unpacked as ggml's get_scale_min_k4, d and -dmin (N, K / 256)
-// float16. One pass over the bytes, where numpy's took one per operation.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_factored_parts(const at::Tensor& blocks) {
-  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
-                  blocks.size(1) % kQ4KBytes == 0,
-              "q4k_factored_parts: expected contiguous uint8 (N, K / 256 * 144) Q4_K blocks");
-  const int64_t n = blocks.size(0), nb = blocks.size(1) / kQ4KBytes, k = nb * kSuper;
-  const auto bytes = blocks.options();
+// Q4_K rows (N, K / 256 * 144 bytes), the rows of several parts stacked in their order (q|k|v,
+// gate|up: no copy of them joined first, nor of the results) -> the factored form of
+// gguf_blocks.q4k_factored, equal to it byte for byte: codes (N, K / 2) with byte j of each
+// 32-value group holding code j (low nibble) and j + 16 (high) (a block's qs hold sub-block 2c in the
+// low nibbles of chunk c, 2c + 1 in the high), the 6-bit scales and mins (N, K / 32) unpacked as
+// ggml's get_scale_min_k4, d and -dmin (N, K / 256) float16. One pass over the bytes, where numpy's
+// took one per operation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_factored_parts(
+    const std::vector<at::Tensor>& parts) {
+  TORCH_CHECK(!parts.empty(), "q4k_factored_parts: no parts");
+  int64_t n = 0;
+  for (const auto& blocks : parts) {
+    TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                    blocks.size(1) % kQ4KBytes == 0 && blocks.size(1) == parts[0].size(1),
+                "q4k_factored_parts: expected contiguous uint8 (N, K / 256 * 144) Q4_K blocks, one K for all");
+    n += blocks.size(0);
+  }
+  const int64_t nb = parts[0].size(1) / kQ4KBytes, k = nb * kSuper;
+  const auto bytes = parts[0].options();
   auto codes = at::empty({n, k / 2}, bytes);
   auto sc = at::empty({n, k / kGroup}, bytes);
   auto mn = at::empty({n, k / kGroup}, bytes);
   auto d = at::empty({n, nb}, bytes.dtype(at::kHalf));
   auto neg_dmin = at::empty({n, nb}, bytes.dtype(at::kHalf));
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
   uint8_t* scp = sc.data_ptr<uint8_t>();
   uint8_t* mnp = mn.data_ptr<uint8_t>();
   auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
   auto* mp = reinterpret_cast<uint16_t*>(neg_dmin.data_ptr<at::Half>());
-  at::parallel_for(0, n * nb, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const uint8_t* b = bp + blk * kQ4KBytes;
-      uint16_t dbits, mbits;
-      std::memcpy(&dbits, b, 2);
-      std::memcpy(&mbits, b + 2, 2);
-      dp[blk] = dbits;
-      mp[blk] = mbits ^ 0x8000;  // -dmin: the sign bit flipped, as float16 negation does
-      const uint8_t* s = b + 4;  // scales: a = s[0..4), b = s[4..8), c = s[8..12)
-      uint8_t* so = scp + blk * 8;
-      uint8_t* mo = mnp + blk * 8;
-      for (int j = 0; j < 4; ++j) {
-        so[j] = s[j] & 0x3F;
-        mo[j] = s[4 + j] & 0x3F;
-        so[4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 6) << 4);
-        mo[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 6) << 4);
-      }
-      const uint8_t* qs = b + 16;
-      uint8_t* out = cp + blk * (kSuper / 2);
-      for (int c = 0; c < 4; ++c) {  // chunk c: bytes j and j + 16 give codes j and j + 16 of two groups
-        const uint8_t* first = qs + 32 * c;
-        const uint8_t* second = first + 16;
-        uint8_t* low = out + 32 * c;  // group 2c
-        uint8_t* high = low + 16;     // group 2c + 1
-        for (int j = 0; j < 16; ++j) {
-          low[j] = static_cast<uint8_t>((first[j] & 0x0F) | (second[j] << 4));
-          high[j] = static_cast<uint8_t>((first[j] >> 4) | (second[j] & 0xF0));
+  int64_t first_block = 0;  // of this part, among all the parts' blocks
+  for (const auto& blocks : parts) {
+    const uint8_t* bp = blocks.data_ptr<uint8_t>();
+    at::parallel_for(0, blocks.size(0) * nb, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const uint8_t* b = bp + i * kQ4KBytes;
+        const int64_t blk = first_block + i;
+        uint16_t dbits, mbits;
+        std::memcpy(&dbits, b, 2);
+        std::memcpy(&mbits, b + 2, 2);
+        dp[blk] = dbits;
+        mp[blk] = mbits ^ 0x8000;  // -dmin: the sign bit flipped, as float16 negation does
+        const uint8_t* s = b + 4;  // scales: a = s[0..4), b = s[4..8), c = s[8..12)
+        uint8_t* so = scp + blk * 8;
+        uint8_t* mo = mnp + blk * 8;
+        for (int j = 0; j < 4; ++j) {
+          so[j] = s[j] & 0x3F;
+          mo[j] = s[4 + j] & 0x3F;
+          so[4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 6) << 4);
+          mo[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 6) << 4);
+        }
+        const uint8_t* qs = b + 16;
+        uint8_t* out = cp + blk * (kSuper / 2);
+        for (int c = 0; c < 4; ++c) {  // chunk c: bytes j and j + 16 give codes j and j + 16 of two groups
+          const uint8_t* first = qs + 32 * c;
+          const uint8_t* second = first + 16;
+          uint8_t* low = out + 32 * c;  // group 2c
+          uint8_t* high = low + 16;     // group 2c + 1
+          for (int j = 0; j < 16; ++j) {
+            low[j] = static_cast<uint8_t>((first[j] & 0x0F) | (second[j] << 4));
+            high[j] = static_cast<uint8_t>((first[j] >> 4) | (second[j] & 0xF0));
+          }
         }
       }
-    }
-  });
+    });
+    first_block += blocks.size(0) * nb;
+  }
   return {codes, sc, d, mn, neg_dmin};
 }

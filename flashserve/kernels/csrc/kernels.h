@@ -2,6 +2,8 @@
 #pragma once
 // The ATen headers these kernels use, not <torch/extension.h>: parsing that one (the whole C++ API and
 // pybind11) took ~25 s of every source's ~27 s of compilation; only the bindings need it.
+#include <vector>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,7 +21,8 @@ at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Te
 void rotary_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor act_and_mul(const at::Tensor& gate_up, bool gelu_tanh);
 at::Tensor argmax_rows(const at::Tensor& x);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_factored_parts(const at::Tensor& blocks);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_factored_parts(
+    const std::vector<at::Tensor>& parts);
 std::tuple<at::Tensor, at::Tensor> q6k_requantize_int8(const at::Tensor& blocks);
 at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
