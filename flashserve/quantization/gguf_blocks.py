@@ -168,7 +168,8 @@ def q4k_factored(t: GGUFTensor) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarra
     """A Q4_K tensor in its own factored form, w = q * s + z with q the unsigned codes 0..15 of
     int4_packed and, per 32-value sub-block j of a super-block, s = d * sc_j and z = (-dmin) * mn_j:
     codes (rows, cols / 2) uint8, (sc (rows, cols / 32) uint8, d (rows, cols / 256) float16) and
-    (mn, -dmin) likewise; the file's own integers and float16 factors, nothing rounded."""
+    (mn, -dmin) likewise; the file's own integers and float16 factors, nothing rounded. The loader
+    takes the same form from the C++ kernels (q4k_factored_parts, one pass); this is its reference."""
     rows, cols = t.shape
     packed, (sc, d), (mn, dmin) = _q4k_parts(t)
     ints = lambda a: a.astype(np.uint8).reshape(rows, cols // GROUP)  # noqa: E731
