@@ -34,11 +34,16 @@ def time_us(fn, reps: int = 20) -> float:
 
 
 def scattered_caches(n: int, length: int, hk: int, d: int, bs: int, dtype, count: int = 1):
-    """`count` K/V cache pairs holding n sequences of `length` tokens in randomly placed blocks."""
+    """`count` K/V cache pairs in the engine's layout holding n sequences of `length` tokens in randomly
+    placed blocks."""
+    from flashserve.kernels import ops
+
     per_seq = -(-length // bs)
-    num_blocks = n * per_seq + 1
-    caches = [(torch.randn(num_blocks, bs, hk, d).to(dtype), torch.randn(num_blocks, bs, hk, d).to(dtype))
-              for _ in range(count)]
+    shape = (n * per_seq + 1, bs, hk, d)
+    cpu = torch.device("cpu")
+    caches = [(ops.kv_cache_empty(shape, dtype, cpu, keys=True).copy_(torch.randn(shape)),
+               ops.kv_cache_empty(shape, dtype, cpu, keys=False).copy_(torch.randn(shape))) for _ in range(count)]
+    num_blocks = shape[0]
     block_table = (torch.randperm(num_blocks - 1)[: n * per_seq] + 1).view(n, per_seq).int()
     return caches, block_table, torch.full((n,), length, dtype=torch.int32)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flashserve.kernels import build as ck
-from flashserve.kernels import reference
+from flashserve.kernels import ops, reference
 
 # A fatal error on the first line: the compiler stops there, before parsing torch's headers (a
 # syntax error further down cost ~40 s of compiling first).
@@ -125,17 +125,23 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
     kc, vc = torch.randn(40, 16, 2, 32, generator=gen), torch.randn(40, 16, 2, 32, generator=gen)
     table = torch.randperm(40, generator=gen)[:39].view(3, 13).to(torch.int32)
     lens = torch.tensor([5, 200, 129], dtype=torch.int32)
+    # contiguous caches (the per-key path) and the engine's layout (K transposed within a block: the vector path)
+    cpu = torch.device("cpu")
+    engine = (ops.kv_cache_empty(kc.shape, kc.dtype, cpu, keys=True).copy_(kc),
+              ops.kv_cache_empty(vc.shape, vc.dtype, cpu, keys=False).copy_(vc))
+    assert engine[0].stride(1) == 1
     q = torch.randn(3, 4, 32, generator=gen)
-    got = other.paged_decode_attention(q, kc, vc, table, lens, 0.17, -1, 0.0, 64)
-    want = reference.paged_decode_attention(q, kc, vc, table, lens, 200, 5, 0.17, None, None, 64)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # paged prefill: a 70-token chunk after 130 cached tokens of the second sequence, causal and windowed
-    q = torch.randn(70, 4, 32, generator=gen)
-    for window, cap in ((-1, 0.0), (50, 3.0)):
-        got = other.paged_prefill_attention(q, kc, vc, table[1], 200, 0.17, window, cap)
-        want = reference.paged_prefill_attention(q, kc, vc, table[1].long(), 200, 0.17, None if window < 0 else window,
-                                                 cap or None)
+    q_chunk = torch.randn(70, 4, 32, generator=gen)
+    for kc, vc in ((kc, vc), engine):
+        got = other.paged_decode_attention(q, kc, vc, table, lens, 0.17, -1, 0.0, 64)
+        want = reference.paged_decode_attention(q, kc, vc, table, lens, 200, 5, 0.17, None, None, 64)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # paged prefill: a 70-token chunk after 130 cached tokens of the second sequence, causal and windowed
+        for window, cap in ((-1, 0.0), (50, 3.0)):
+            got = other.paged_prefill_attention(q_chunk, kc, vc, table[1], 200, 0.17, window, cap)
+            want = reference.paged_prefill_attention(q_chunk, kc, vc, table[1].long(), 200, 0.17,
+                                                     None if window < 0 else window, cap or None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_killed_builds_marker_does_not_hang_the_next_start(cpp_kernels):

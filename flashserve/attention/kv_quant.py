@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.kernels import ops
+
 
 class Int8KVCache:
     def __init__(self, num_blocks: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,
@@ -54,7 +56,7 @@ def write(cache, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     if is_int8(cache):
         cache.write(x, slot_mapping)
     else:
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
+        ops.write_kv_slots(x, cache, slot_mapping)
 
 
 def copy_blocks(src_cache, src: torch.Tensor, dst_cache, dst: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ CSRC = Path(__file__).parent / "csrc"
 # bindings.cpp first: ninja starts the files in this order, so a broken build fails early. The two
 # with Python bindings (pybind11 and torch's casters: the longest to compile) start first.
 SOURCES = ("bindings.cpp", "decode_plan.cpp", "paged_decode.cpp", "prefill_attention.cpp", "fused_ops.cpp",
-           "quant_matmul.cpp", "gguf_repack.cpp", "shm_barrier.cpp", "huge_page_alloc.cpp")
+           "quant_matmul.cpp", "gguf_repack.cpp", "shm_barrier.cpp", "huge_page_alloc.cpp", "kv_write.cpp")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,31 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return reference.argmax_rows(logits)
 
 
+def kv_cache_empty(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+                   keys: bool) -> torch.Tensor:
+    """One side of a layer's paged cache, shape (num_blocks, block_size, heads, head_dim), not written.
+    For the C++ kernels each block holds a head's tokens together: V as rows (heads, block_size,
+    head_dim) and K transposed (heads, head_dim, block_size), so that the attention kernels find a
+    block's keys in the lanes of one vector per dimension. The shape stays the same, only the strides
+    differ: every torch reader indexes it as before."""
+    num_blocks, block_size, heads, head_dim = shape
+    if device.type != "cpu" or cpu_kernels() is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if keys:
+        return torch.empty(num_blocks, heads, head_dim, block_size, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return torch.empty(num_blocks, heads, block_size, head_dim, dtype=dtype, device=device).permute(0, 2, 1, 3)
+
+
+def write_kv_slots(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """rows (T, H, D) → slots slot_mapping (T,) of one cache side, in place, rounded to its dtype."""
+    kernels = _kernels_for(cache)
+    if kernels is not None and rows.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and cache.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        kernels.write_kv_slots(rows, cache, slot_mapping)
+    else:
+        reference.write_kv_slots(rows, cache, slot_mapping)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache, v_cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
                            max_seq_len: int, min_seq_len: int, scale: float, sliding_window: int | None,
                            logit_softcap: float | None, split_tokens: int) -> torch.Tensor:

@@ -40,6 +40,15 @@ def act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     return (F.gelu(gate, approximate="tanh") if gelu_tanh else F.silu(gate)) * up
 
 
+def write_kv_slots(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """rows (T, H, D) → slots (T,) of a cache side (blocks, block_size, H, D) in any layout."""
+    if cache.is_contiguous():
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, rows.to(cache.dtype))
+    else:
+        block_size = cache.shape[1]
+        cache[slot_mapping // block_size, slot_mapping % block_size] = rows.to(cache.dtype)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, min_seq_len: int,
                            scale: float, sliding_window: int | None = None,

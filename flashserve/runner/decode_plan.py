@@ -80,8 +80,9 @@ def build_decode_plan(model) -> DecodePlan | None:
     if not all(_supported(m) for m in linears):
         return None
     for layer in layers:
-        if layer.self_attn.kv_cache is None or any(is_int8(c) or c.dtype not in _CACHE_DTYPES
-                                                   or not c.is_contiguous() for c in layer.self_attn.kv_cache):
+        caches = layer.self_attn.kv_cache
+        if caches is None or any(is_int8(c) or c.dtype not in _CACHE_DTYPES for c in caches) \
+                or caches[1].stride(3) != 1:  # the kernels read V's rows whole
             return None
     first = layers[0].self_attn
     plan = kernels.DecodePlan(first.num_heads, first.num_kv_heads, first.head_dim, cfg.rms_norm_eps, first.scale,

@@ -7,6 +7,7 @@ import torch
 
 from flashserve.attention.kv_quant import Int8KVCache, kv_bytes_per_token_head, kv_storage_dtype
 from flashserve.config import CacheConfig, ModelConfig
+from flashserve.kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,8 @@ def allocate_kv_caches(
                     2 * model.num_layers * caches[0][0].nbytes / 2**20)
         return caches
     store = kv_storage_dtype(kv_cache_dtype, dtype)
-    caches = [
-        (torch.empty(shape, dtype=store, device=device), torch.empty(shape, dtype=store, device=device))
-        for _ in range(model.num_layers)
-    ]
+    caches = [(ops.kv_cache_empty(shape, store, device, keys=True), ops.kv_cache_empty(shape, store, device, keys=False))
+              for _ in range(model.num_layers)]
     total = 2 * model.num_layers * caches[0][0].nbytes
     logger.info("KV cache (%s): %d blocks of %d tokens, %.1f MiB", str(store).removeprefix("torch."), num_blocks,
                 block_size, total / 2**20)

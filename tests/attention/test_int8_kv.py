@@ -31,8 +31,8 @@ def test_attention_through_int8_cache_is_close_to_the_float_cache(seed):
     kq = Int8KVCache(*kc.shape, torch.float32, torch.device("cpu"))
     vq = Int8KVCache(*vc.shape, torch.float32, torch.device("cpu"))
     filled = torch.arange(kc.shape[0] * kc.shape[1])
-    kq.write(kc.view(-1, 2, 32), filled)  # the cached prefix, quantized
-    vq.write(vc.view(-1, 2, 32), filled)
+    kq.write(kc.reshape(-1, 2, 32), filled)  # the cached prefix, quantized
+    vq.write(vc.reshape(-1, 2, 32), filled)
     got = paged_attention(q, k, v, kq, vq, meta, 32**-0.5)
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
 

@@ -15,14 +15,23 @@ from flashserve.attention.reference import paged_attention_reference
 from flashserve.kernels import ops, reference
 
 
-def make_batch(rng: random.Random, specs, block_size, hk, d, hq, dtype, num_blocks=None):
+def new_caches(shape, dtype, layout="engine"):
+    """Zeroed K and V caches in the layout the engine allocates (kernels/ops.py: K transposed within a
+    block), or contiguous (blocks, block_size, heads, head_dim) ones, which the kernels read key by key."""
+    if layout == "contiguous":
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    cpu = torch.device("cpu")
+    return (ops.kv_cache_empty(shape, dtype, cpu, keys=True).zero_(),
+            ops.kv_cache_empty(shape, dtype, cpu, keys=False).zero_())
+
+
+def make_batch(rng: random.Random, specs, block_size, hk, d, hq, dtype, num_blocks=None, layout="engine"):
     """specs: list of (cached_len, query_len). Returns q, k, v, caches, meta and the dense per-seq K/V."""
     need = sum(-(-(c + q) // block_size) for c, q in specs)
     num_blocks = num_blocks or need + 3
     free = list(range(1, num_blocks))
     rng.shuffle(free)  # scattered blocks, so paging mistakes show
-    k_cache = torch.zeros(num_blocks, block_size, hk, d, dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
+    k_cache, v_cache = new_caches((num_blocks, block_size, hk, d), dtype, layout)
     tables, dense, qs, ks, vs, slots = [], [], [], [], [], []
     for cached, ql in specs:
         sl = cached + ql
@@ -94,8 +103,9 @@ def test_write_kv_puts_every_token_at_its_slot():
     rng = random.Random(0)
     q, k, v, kc, vc, meta, dense = make_batch(rng, [(3, 5), (0, 2)], 4, 2, 8, 4, torch.float32)
     write_kv(k, v, kc, vc, meta.slot_mapping)
-    flat = kc.view(-1, 2, 8)
-    torch.testing.assert_close(flat[meta.slot_mapping], k, atol=0, rtol=0)
+    slots = meta.slot_mapping
+    for cache, rows in ((kc, k), (vc, v)):
+        torch.testing.assert_close(cache[slots // 4, slots % 4], rows, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -213,17 +223,20 @@ def torch_twin(q, k_cache, v_cache, block_table, seq_lens, max_seq_len, min_seq_
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("seed", range(12))
-def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed):
+@pytest.mark.parametrize("layout", ["engine", "contiguous"])
+def test_cpp_decode_kernel_equals_torch_path(monkeypatch, dtype, tol, seed, layout):
     """The two decode implementations (C++ in-place reads, torch gather + bmm) on random
-    paged batches: GQA ratios, block sizes, windows, softcap, several KV splits."""
+    paged batches: GQA ratios, block sizes, windows, softcap, several KV splits; the engine's cache
+    layout (the kernel's vector path where a block holds whole key vectors) and a contiguous one."""
     rng = random.Random(1000 + seed)
     monkeypatch.setattr(decode_mod, "SPLIT_TOKENS", rng.choice([8, 32, 512]))
-    group, hk = rng.choice(SHAPES)
-    # head sizes off and on the kernel's 8- and 32-column paths; lengths crossing its 64-key tiles
-    block_size, d = rng.choice([1, 4, 16]), rng.choice([12, 16, 64, 72, 256])
+    group, hk = rng.choice(SHAPES + [(3, 3), (6, 2)])
+    # head sizes off and on the kernel's vector paths; blocks of 8 (AVX2's key vectors), 16 and 32
+    # (two key vectors a block); lengths crossing its 64-key tiles
+    block_size, d = rng.choice([1, 4, 8, 16, 16, 32]), rng.choice([12, 16, 64, 72, 256])
     specs = [(rng.randint(0, 200), 1) for _ in range(rng.randint(1, 9))]
     window, softcap = rng.choice([None, rng.randint(1, 50)]), rng.choice([None, 4.0])
-    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, block_size, hk, d, hk * group, dtype)
+    q, k, v, kc, vc, meta, _ = make_batch(rng, specs, block_size, hk, d, hk * group, dtype, layout=layout)
     write_kv(k, v, kc, vc, meta.slot_mapping)
     args = (q, kc, vc, meta.block_table, meta.seq_lens, meta.max_seq_len, min(meta.seq_lens_cpu), d**-0.5,
             window, softcap)
@@ -285,7 +298,7 @@ def test_cpp_prefill_kernel_equals_torch_twin(seed):
     soft caps, two-byte caches under float32 queries, bfloat16 queries."""
     rng = random.Random(3000 + seed)
     group, hk = rng.choice(SHAPES + [(7, 2)])
-    block_size, d = rng.choice([1, 4, 16]), rng.choice([12, 64, 72, 128])
+    block_size, d = rng.choice([1, 4, 8, 16, 32]), rng.choice([12, 64, 72, 128])
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
     cache_dtype = rng.choice([dtype, torch.float16, torch.bfloat16])
     cached, ql = rng.choice([0, rng.randint(1, 150)]), rng.randint(2, 170)

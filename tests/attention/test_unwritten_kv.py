@@ -70,7 +70,7 @@ def test_int8_cache_ignores_garbage_in_unwritten_slots(query_lens):
         cache.data.random_(-128, 128)
         cache.scale.fill_(float("nan"))
         written = (dense != 0).any(-1).any(-1).flatten().nonzero().flatten()  # the cached prefix's slots
-        cache.write(dense.view(-1, HK, D)[written], written)
+        cache.write(dense.reshape(-1, HK, D)[written], written)
         caches.append(cache)
     got = paged_attention(q, k, v, *caches, meta, SCALE)
     want = paged_attention_reference(q, *_written(k, v, kc, vc, meta), meta, SCALE)

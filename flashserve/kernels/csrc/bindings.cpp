@@ -7,6 +7,7 @@ void bind_decode_plan(py::module_& m);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "Paged Flash-Decoding attention");
   m.def("paged_prefill_attention", &paged_prefill_attention, "FlashAttention-tiled prefill over the paged cache");
+  m.def("write_kv_slots", &write_kv_slots, "K or V rows (T, H, D) into cache slots (T,), any cache layout");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x (in place), then RMSNorm of the sum");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on (T, H, D)");

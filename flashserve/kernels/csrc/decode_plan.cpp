@@ -11,8 +11,6 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
 
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -61,33 +59,6 @@ struct PlanLayer {
   int64_t sliding_window;  // -1: none
 };
 
-// K/V rows of the new tokens into their cache slots (what index_copy_ does: plain copies for a
-// float32 cache, rounded to nearest-even for a float16 or bfloat16 one, as torch's .to() rounds).
-template <typename C>
-void write_slots_as(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
-  const int64_t T = rows.size(0), H = rows.size(1), D = rows.size(2);
-  C* base = cache.data_ptr<C>();
-  const float* src = rows.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < H; ++h) {
-      C* dst = base + (slots[t] * H + h) * D;
-      const float* row = src + t * rows.stride(0) + h * rows.stride(1);
-      if constexpr (std::is_same_v<C, float>) {
-        std::memcpy(dst, row, D * sizeof(float));
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<C>(row[d]);
-      }
-    }
-}
-
-void write_slots(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
-  switch (cache.scalar_type()) {
-    case at::kHalf: return write_slots_as<at::Half>(rows, cache, slots);
-    case at::kBFloat16: return write_slots_as<at::BFloat16>(rows, cache, slots);
-    default: return write_slots_as<float>(rows, cache, slots);
-  }
-}
-
 class DecodePlan {
  public:
   DecodePlan(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double attn_scale,
@@ -115,8 +86,8 @@ class DecodePlan {
     TORCH_CHECK(norms.size() == (sandwich_ ? 6u : 2u), "decode plan: ", sandwich_ ? 6 : 2, " norms per layer expected");
     const auto kv_type = k_cache.scalar_type();
     TORCH_CHECK((kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
-                    v_cache.scalar_type() == kv_type && k_cache.is_contiguous() && v_cache.is_contiguous(),
-                "decode plan: contiguous float32, float16 or bfloat16 KV caches expected");
+                    v_cache.scalar_type() == kv_type && v_cache.stride(3) == 1,
+                "decode plan: float32, float16 or bfloat16 KV caches with V's head_dim contiguous expected");
     PlanLayer L{norms[0], norms[1], std::move(k_cache), std::move(v_cache), std::move(cos), std::move(sin)};
     if (sandwich_) L.q_norm = norms[2], L.k_norm = norms[3], L.pre_ffw_norm = norms[4], L.post_ffw_norm = norms[5];
     L.qkv = linear(qkv), L.o = linear(o), L.gate_up = linear(gate_up), L.down = linear(down);
@@ -129,12 +100,11 @@ class DecodePlan {
                      const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& final_norm) const {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode plan: x must be (T, d) float32");
     const auto slots = slot_mapping.to(at::kLong).contiguous();
-    const int64_t* slot_ids = slots.data_ptr<int64_t>();
     at::Tensor x = x_in, residual;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const PlanLayer& L = layers_[i];
       if (sandwich_) {
-        const at::Tensor o = attention(L, rms_norm(x, L.input_norm, eps_), positions, slot_ids, block_table, seq_lens);
+        const at::Tensor o = attention(L, rms_norm(x, L.input_norm, eps_), positions, slots, block_table, seq_lens);
         x = x + rms_norm(o, L.post_norm, eps_);
         const at::Tensor m = mlp(L, rms_norm(x, L.pre_ffw_norm, eps_));
         x = x + rms_norm(m, L.post_ffw_norm, eps_);
@@ -147,7 +117,7 @@ class DecodePlan {
       } else {
         h = add_rms_norm_(x, residual, L.input_norm, eps_);
       }
-      h = add_rms_norm_(attention(L, h, positions, slot_ids, block_table, seq_lens), residual, L.post_norm, eps_);
+      h = add_rms_norm_(attention(L, h, positions, slots, block_table, seq_lens), residual, L.post_norm, eps_);
       x = mlp(L, h);
     }
     return sandwich_ ? rms_norm(x, final_norm, eps_) : add_rms_norm_(x, residual, final_norm, eps_);
@@ -157,7 +127,7 @@ class DecodePlan {
 
  private:
   // h: (T, d) normalized input → (T, d) output projection of the attention over the paged cache.
-  at::Tensor attention(const PlanLayer& L, const at::Tensor& h, const at::Tensor& positions, const int64_t* slots,
+  at::Tensor attention(const PlanLayer& L, const at::Tensor& h, const at::Tensor& positions, const at::Tensor& slots,
                        const at::Tensor& block_table, const at::Tensor& seq_lens) const {
     const int64_t T = h.size(0), q_size = Hq_ * D_, kv_size = Hk_ * D_;
     const at::Tensor qkv = L.qkv(h);  // (T, q + 2 kv)
@@ -170,8 +140,8 @@ class DecodePlan {
     }
     rotary_(q, positions, L.cos, L.sin);
     rotary_(k, positions, L.cos, L.sin);
-    write_slots(k, L.k_cache, slots);
-    write_slots(v, L.v_cache, slots);
+    write_kv_slots(k, L.k_cache, slots);
+    write_kv_slots(v, L.v_cache, slots);
     const at::Tensor attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_table, seq_lens, scale_,
                                                    L.sliding_window, softcap_, split_tokens_);
     return L.o(attn.reshape({T, q_size}));

@@ -5,6 +5,11 @@
 // Within a split, keys go in tiles: scores of the tile, then one online-softmax update per tile
 // (as FlashAttention does per KV block, Dao et al. 2022).
 //
+// The fast path reads the layout the engine allocates on the CPU (kernels/ops.py kv_cache_empty): per
+// block and KV head, K transposed (head dim by block offset: a block's keys sit in the lanes of one
+// vector per dimension, so the scores of 16 keys are 64 multiply-adds with no horizontal sum) and V
+// in rows. Any other layout with V's head dimension contiguous takes the portable per-key loops.
+//
 //   partial over split s:  m_s = max score, l_s = sum exp(score - m_s), o_s = sum exp(score - m_s) v
 //   merged:                m = max_s m_s,  o = sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s
 #include "kernels.h"
@@ -23,43 +28,117 @@ namespace {
 // Keys scored together: one running-max update, one rescale of the partial output and one
 // vectorized exp pass per tile instead of per key.
 constexpr int64_t kTile = 64;
-// How far ahead of the rows computing the kernel asks for K/V rows (see prefetch_rows; 32, 96 and
-// 192 measured alike within the noise).
-constexpr int64_t kAheadRows = 192;
+// How many tiles ahead of the one computing the kernel asks for K/V lines (see LineCursor).
+constexpr int64_t kAheadTiles = 2;
 
-#ifdef FS_AVX2
-// Lane i of the result = the sum of v[i]'s eight lanes (one hadd tree for eight sums).
-inline __m256 reduce8_ps(const __m256* v) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-#endif
-
-// s[j] = q . k_j for the tile's keys, one head at a time: the portable path (the grouped kernels
-// below take every head dimension that fills whole vectors).
+// s[j] = q . k_j for the tile's keys (element d of key j at k[j][d * dim_stride]), one head at a
+// time: the portable path, for any cache layout.
 template <typename C>
-inline void tile_scores(const float* q, const C* const* k, int64_t nt, int64_t D, float* s) {
+inline void tile_scores(const float* q, const C* const* k, int64_t nt, int64_t D, int64_t dim_stride, float* s) {
   for (int64_t j = 0; j < nt; ++j) {
     float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[j][d]);
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[j][d * dim_stride]);
     s[j] = dot;
   }
 }
+
+#ifdef FS_AVX2
+// The vector code below are written once over a vector of float lanes: eight (AVX2) or sixteen
+// (AVX-512). Their register blocks are sized so that accumulators, the loaded cache vectors and a
+// broadcast fit the register file (16 ymm, 32 zmm):
+//   scores: kKeyVecs vectors of keys x at most kScoreHeads heads x 2 or 4 partial sums (see scores_kt);
+//   values: at most kMaxHeads heads x kChunks vectors of columns.
+struct Lanes8 {
+  using R = __m256;
+  static constexpr int64_t kWidth = 8;
+  static constexpr int kKeyVecs = 2, kScoreHeads = 2;
+  static constexpr int kMaxHeads = 2, kChunks = 4;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }  // a > b ? a : b: a NaN a keeps b
+  static R exp(R x) { return exp_ps(x); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum_lanes(R v) { return hsum(v); }
+  static float max_lanes(R v) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, v);
+    float m = lanes[0];
+    for (float x : lanes) m = std::max(m, x);
+    return m;
+  }
+  template <typename C>
+  static R load_cache(const C* p) { return load8(p); }
+};
+
+#ifdef FS_AVX512
+struct Lanes16 {
+  using R = __m512;
+  static constexpr int64_t kWidth = 16;
+  static constexpr int kKeyVecs = 2, kScoreHeads = 4;  // 16 accumulators + 2 key vectors
+  static constexpr int kMaxHeads = 4, kChunks = 4;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R exp(R x) { return exp_ps16(x); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum_lanes(R v) { return _mm512_reduce_add_ps(v); }
+  static float max_lanes(R v) { return _mm512_reduce_max_ps(v); }
+  template <typename C>
+  static R load_cache(const C* p) { return load16(p); }
+};
+#endif  // FS_AVX512
+#endif  // FS_AVX2
+
+#ifdef FS_AVX2
+// tile_exp and tile_scale_max over whole vectors of V from s[j0]; they return where they stopped.
+template <typename V>
+inline int64_t exp_vectors(float* s, int64_t j0, int64_t nt, float m, float& sum) {
+  typename V::R acc = V::zero();
+  const typename V::R mv = V::set1(m);
+  int64_t j = j0;
+  for (; j + V::kWidth <= nt; j += V::kWidth) {
+    const typename V::R p = V::exp(V::sub(V::load(s + j), mv));
+    V::store(s + j, p);
+    acc = V::add(acc, p);
+  }
+  sum += V::sum_lanes(acc);
+  return j;
+}
+
+template <typename V>
+inline int64_t scale_max_vectors(float* s, int64_t j0, int64_t nt, float scale, float& m) {
+  const typename V::R sv = V::set1(scale);
+  typename V::R mv = V::set1(m);
+  int64_t j = j0;
+  for (; j + V::kWidth <= nt; j += V::kWidth) {
+    const typename V::R x = V::mul(V::load(s + j), sv);
+    V::store(s + j, x);
+    mv = V::max(x, mv);
+  }
+  m = std::max(m, V::max_lanes(mv));
+  return j;
+}
+#endif
 
 // p[j] = exp(s[j] - m) in place for j < nt; returns their sum.
 inline float tile_exp(float* s, int64_t nt, float m) {
   float sum = 0.f;
   int64_t j = 0;
+#ifdef FS_AVX512
+  j = exp_vectors<Lanes16>(s, j, nt, m, sum);
+#endif
 #ifdef FS_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 mv = _mm256_set1_ps(m);
-  for (; j + 8 <= nt; j += 8) {
-    const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-    _mm256_storeu_ps(s + j, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  sum = hsum(acc);
+  j = exp_vectors<Lanes8>(s, j, nt, m, sum);
 #endif
   for (; j < nt; ++j) sum += (s[j] = std::exp(s[j] - m));
   return sum;
@@ -69,17 +148,11 @@ inline float tile_exp(float* s, int64_t nt, float m) {
 inline float tile_scale_max(float* s, int64_t nt, float scale) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
+#ifdef FS_AVX512
+  j = scale_max_vectors<Lanes16>(s, j, nt, scale, m);
+#endif
 #ifdef FS_AVX2
-  const __m256 sv = _mm256_set1_ps(scale);
-  __m256 mv = _mm256_set1_ps(m);
-  for (; j + 8 <= nt; j += 8) {
-    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), sv);
-    _mm256_storeu_ps(s + j, x);
-    mv = _mm256_max_ps(x, mv);  // x > m ? x : m, lane-wise: a NaN x keeps m
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mv);
-  for (float v : lanes) m = std::max(m, v);
+  j = scale_max_vectors<Lanes8>(s, j, nt, scale, m);
 #endif
   for (; j < nt; ++j) m = std::max(m, s[j] *= scale);
   return m;
@@ -96,73 +169,37 @@ inline void tile_accumulate(const float* p, const C* const* v, int64_t nt, int64
 }
 
 #ifdef FS_AVX2
-// The grouped kernels below are written once over a vector of float lanes: eight (AVX2) or sixteen
-// (AVX-512). kMaxHeads and kChunks size their register blocks so that accumulators, the loaded cache
-// chunks and a broadcast fit the register file (16 ymm, 32 zmm).
-struct Lanes8 {
-  using R = __m256;
-  static constexpr int64_t kWidth = 8;
-  static constexpr int kMaxHeads = 2;  // scores: 2 heads x 4 keys accumulators + 4 keys' chunks
-  static constexpr int kChunks = 4;    // values: 2 heads x 4 chunks of 8 columns
-  static R zero() { return _mm256_setzero_ps(); }
-  static R set1(float x) { return _mm256_set1_ps(x); }
-  static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  template <typename C>
-  static R load_cache(const C* p) { return load8(p); }
-  static void sums8(const R* v, float* s) { _mm256_storeu_ps(s, reduce8_ps(v)); }  // s[i] = v[i]'s lane sum
-};
-
-#ifdef FS_AVX512
-struct Lanes16 {
-  using R = __m512;
-  static constexpr int64_t kWidth = 16;
-  static constexpr int kMaxHeads = 4;  // 16 accumulators + 4 chunks of 32 zmm
-  static constexpr int kChunks = 4;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R set1(float x) { return _mm512_set1_ps(x); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  template <typename C>
-  static R load_cache(const C* p) { return load16(p); }
-  static void sums8(const R* v, float* s) {  // fold each to eight lanes, then one hadd tree
-    __m256 h[8];
-    for (int i = 0; i < 8; ++i)
-      h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]),
-                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[i]), 1)));
-    _mm256_storeu_ps(s, reduce8_ps(h));
-  }
-};
-#endif
-
-// GQA's query heads share their KV head's keys and values: the grouped kernels load (and convert)
-// each cache chunk once for GB heads instead of once per head.
-// s[g * s_stride + j] = q_g . k_j for heads g < GB (rows of q, stride D) and the tile's nt keys,
-// four keys per pass (a short last pass repeats its last key and drops the extra sums).
+// Scores with the keys in the lanes, from transposed keys: key vector c holds kWidth consecutive
+// keys, its dimension d at kt[c] + d * dim_stride. s[g * s_stride + c * kWidth + lane] = q_g . k
+// for heads g < GB (rows of q, stride D). Each head's dot products are D multiply-adds of a
+// broadcast query value, with no horizontal sums, in P partial sums over dimensions d = p mod P
+// added pairwise at the end: a float32 sum of D / P terms in a row rounds about as often as torch's
+// matmul does, and at least eight multiply-adds are in flight.
 template <typename V, typename C, int GB>
-inline void scores_grouped(const float* q, int64_t D, const C* const* k, int64_t nt, float* s, int64_t s_stride) {
-  constexpr int KB = 4, NA = GB * KB, NR = (NA + 7) / 8 * 8;
-  for (int64_t j = 0; j < nt; j += KB) {
-    const int kb = static_cast<int>(std::min<int64_t>(KB, nt - j));
-    const C* kr[KB];
-    for (int i = 0; i < KB; ++i) kr[i] = k[j + std::min(i, kb - 1)];
-    typename V::R acc[NR];
-    for (int i = 0; i < NR; ++i) acc[i] = V::zero();
-    for (int64_t d = 0; d < D; d += V::kWidth) {
-      typename V::R kv[KB];
-      for (int i = 0; i < KB; ++i) kv[i] = V::template load_cache<C>(kr[i] + d);
-      for (int g = 0; g < GB; ++g) {
-        const typename V::R qv = V::load(q + g * D + d);
-        for (int i = 0; i < KB; ++i) acc[g * KB + i] = V::fma(qv, kv[i], acc[g * KB + i]);
-      }
-    }
-    alignas(32) float sums[NR];
-    for (int r = 0; r < NR; r += 8) V::sums8(acc + r, sums + r);
+inline void scores_kt(const float* q, int64_t D, const C* const* kt, int64_t dim_stride, float* s, int64_t s_stride) {
+  constexpr int NK = V::kKeyVecs, P = GB == 1 ? 4 : 2;
+  typename V::R acc[P][GB][NK];
+  for (int p = 0; p < P; ++p)
     for (int g = 0; g < GB; ++g)
-      for (int i = 0; i < kb; ++i) s[g * s_stride + j + i] = sums[g * KB + i];
-  }
+      for (int c = 0; c < NK; ++c) acc[p][g][c] = V::zero();
+  auto step = [&](int p, int64_t d) {
+    typename V::R kv[NK];
+    for (int c = 0; c < NK; ++c) kv[c] = V::template load_cache<C>(kt[c] + d * dim_stride);
+    for (int g = 0; g < GB; ++g) {
+      const typename V::R qd = V::set1(q[g * D + d]);
+      for (int c = 0; c < NK; ++c) acc[p][g][c] = V::fma(qd, kv[c], acc[p][g][c]);
+    }
+  };
+  int64_t d = 0;
+  for (; d + P <= D; d += P)
+    for (int p = 0; p < P; ++p) step(p, d + p);
+  for (; d < D; ++d) step(0, d);
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < NK; ++c) {
+      typename V::R sum = V::add(acc[0][g][c], acc[1][g][c]);
+      if constexpr (P == 4) sum = V::add(sum, V::add(acc[2][g][c], acc[3][g][c]));
+      V::store(s + g * s_stride + c * V::kWidth, sum);
+    }
 }
 
 // o_g[d0 .. d0 + NC lanes) += sum_j p_g[j] v_j for heads g < GB (rows of o, stride D; weights p, stride
@@ -201,12 +238,14 @@ inline void head_passes(int64_t G, F&& f) {
   }
 }
 
-// All G heads of one KV head over a tile, in passes of at most V::kMaxHeads heads.
+// All G heads of one KV head, in passes of a few heads.
 template <typename V, typename C>
 struct Grouped {
-  static void scores(const float* q, int64_t G, int64_t D, const C* const* k, int64_t nt, float* s, int64_t stride) {
-    head_passes<V::kMaxHeads>(G, [&](auto gb, int64_t g0) {
-      scores_grouped<V, C, decltype(gb)::value>(q + g0 * D, D, k, nt, s + g0 * stride, stride);
+  // Scores of the keys of V::kKeyVecs transposed key vectors.
+  static void scores(const float* q, int64_t G, int64_t D, const C* const* kt, int64_t dim_stride, float* s,
+                     int64_t stride) {
+    head_passes<V::kScoreHeads>(G, [&](auto gb, int64_t g0) {
+      scores_kt<V, C, decltype(gb)::value>(q + g0 * D, D, kt, dim_stride, s + g0 * stride, stride);
     });
   }
   static void accumulate(const float* p, int64_t stride, const C* const* v, int64_t nt, int64_t G, int64_t D,
@@ -223,6 +262,44 @@ struct Grouped {
 };
 #endif
 
+// Cache lines on their way to L1 ahead of use: the rows are scattered over blocks, which the hardware
+// prefetcher does not follow. A tile's lines are asked for kAheadTiles tiles ahead, a few at a time
+// between the pieces of work: asked for all at once, the requests fill the core's miss buffers and
+// the work waits behind them (benchmarks/RESULTS.md, issue 24); into L1 (prefetcht0), they waited too.
+// The lines come as runs of bytes.
+struct LineCursor {
+  struct Run { const char* p; int64_t bytes; };
+  std::vector<Run> runs;
+  size_t run = 0;
+  int64_t offset = 0, lines_left = 0;
+  void reset() { runs.clear(), run = 0, offset = 0, lines_left = 0; }
+  void add(const void* p, int64_t bytes) {
+    runs.push_back({static_cast<const char*>(p), bytes});
+    lines_left += (bytes + 63) / 64;
+  }
+  void ask(int64_t n) {  // the next n lines
+    for (; n > 0 && run < runs.size(); --n, --lines_left) {
+      prefetch_line_l2(runs[run].p + offset);
+      if ((offset += 64) >= runs[run].bytes) ++run, offset = 0;
+    }
+  }
+  int64_t left() const { return lines_left; }
+};
+
+// Where a sequence's key and value t sit: its block table row, the caches' strides.
+template <typename C>
+struct CacheView {
+  const C *kp, *vp;
+  const int32_t* bt;
+  int64_t max_blocks, bs, ks_blk, ks_tok, ks_h, ks_dim, vs_blk, vs_tok, vs_h;
+  const C* key(int64_t n, int64_t h, int64_t t) const {  // key t's dimension 0
+    return kp + int64_t(bt[n * max_blocks + t / bs]) * ks_blk + (t % bs) * ks_tok + h * ks_h;
+  }
+  const C* value(int64_t n, int64_t h, int64_t t) const {  // value t's row
+    return vp + int64_t(bt[n * max_blocks + t / bs]) * vs_blk + (t % bs) * vs_tok + h * vs_h;
+  }
+};
+
 // T: the query's and output's dtype; C: the caches' (the compute dtype, or a 2-byte float cache).
 template <typename T, typename C>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -238,7 +315,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const C* kp = k_cache.data_ptr<C>();
   const C* vp = v_cache.data_ptr<C>();
   const int64_t q_stride_n = q.stride(0), q_stride_h = q.stride(1);
-  const int64_t kv_stride_block = k_cache.stride(0), kv_stride_tok = k_cache.stride(1), kv_stride_h = k_cache.stride(2);
+  const CacheView<C> cv{kp, vp, bt, max_blocks, bs, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                        k_cache.stride(3), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
 
   int64_t max_len = 0;
@@ -249,24 +327,30 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   std::vector<float> part_o(N * Hk * num_splits * G * D);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  // The grouped kernels where the head dimension fills whole vectors (every model we know of);
-  // the per-head loops otherwise.
-  void (*grouped_scores)(const float*, int64_t, int64_t, const C* const*, int64_t, float*, int64_t) = nullptr;
-  void (*grouped_accumulate)(const float*, int64_t, const C* const*, int64_t, int64_t, int64_t, float*) = nullptr;
+  // The vector kernels where the keys are transposed with whole key vectors in a block (and the
+  // values' head dimension fills whole vectors); the per-key loops otherwise.
+  int64_t key_vec = 0;  // keys per key vector
+  void (*vector_scores)(const float*, int64_t, int64_t, const C* const*, int64_t, float*, int64_t) = nullptr;
+  void (*vector_accumulate)(const float*, int64_t, const C* const*, int64_t, int64_t, int64_t, float*) = nullptr;
 #ifdef FS_AVX2
   if constexpr (kLoads8<C>) {
+    const bool transposed = cv.ks_tok == 1;
 #ifdef FS_AVX512
-    if (D % Lanes16::kWidth == 0) {
-      grouped_scores = &Grouped<Lanes16, C>::scores;
-      grouped_accumulate = &Grouped<Lanes16, C>::accumulate;
+    if (transposed && bs % Lanes16::kWidth == 0 && D % Lanes16::kWidth == 0) {
+      key_vec = Lanes16::kWidth;
+      vector_scores = &Grouped<Lanes16, C>::scores;
+      vector_accumulate = &Grouped<Lanes16, C>::accumulate;
     }
 #endif
-    if (grouped_scores == nullptr && D % Lanes8::kWidth == 0) {
-      grouped_scores = &Grouped<Lanes8, C>::scores;
-      grouped_accumulate = &Grouped<Lanes8, C>::accumulate;
+    if (vector_scores == nullptr && transposed && bs % Lanes8::kWidth == 0 && D % Lanes8::kWidth == 0) {
+      key_vec = Lanes8::kWidth;
+      vector_scores = &Grouped<Lanes8, C>::scores;
+      vector_accumulate = &Grouped<Lanes8, C>::accumulate;
     }
   }
 #endif
+  constexpr int kKeyVecs = 2;  // Lanes8's and Lanes16's
+  const int64_t keys_per_pass = key_vec * kKeyVecs;  // divides kTile
 
   // Item = (sequence n, KV head h, split): its keys are positions [t0, t1) of sequence n.
   struct Span { int64_t n, h, t0, t1; };
@@ -278,52 +362,49 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     // Keys past the block table's end are not there to read (a table cut short by its caller).
     return Span{n, h, t0, std::min<int64_t>(t1, max_blocks * bs)};
   };
-  // Offsets of the rows of positions t, t + 1, ... of a span, walking its block table: one division
-  // per walk, not one per key.
-  struct RowWalk {
-    const int32_t* table;  // this sequence's block table, at position t's block
-    int64_t in_block, head_offset;
-  };
-  auto walk_from = [&](const Span& sp, int64_t t) {
-    return RowWalk{bt + sp.n * max_blocks + t / bs, t % bs, sp.h * kv_stride_h};
-  };
-  auto next_row = [&](RowWalk& w) {  // the current row's offset, then on to the next position
-    const int64_t off = int64_t(*w.table) * kv_stride_block + w.in_block * kv_stride_tok + w.head_offset;
-    if (++w.in_block == bs) w.in_block = 0, ++w.table;
-    return off;
-  };
+  // Tiles sit at multiples of kTile: tile [tt, tt + kTile) of a span computes its keys [lo, hi).
+  auto first_tile = [](const Span& sp) { return sp.t0 / kTile * kTile; };
 
   at::parallel_for(0, N * Hk * num_splits, 1, [&](int64_t begin, int64_t end) {
+    const CacheView<C> c = cv;  // in registers: through the closure every store could change it
     std::vector<float> qf(G * D), s(G * kTile);
     const C* krow[kTile];
     const C* vrow[kTile];
-    // The rows are scattered over blocks and heads, which the hardware prefetcher does not follow:
-    // a cursor asks for the rows kAheadRows ahead of the ones computing, on into this thread's next
-    // items, a few rows at a time between the pieces of work. Asked for a tile at once (as this kernel
-    // did) the requests fill the core's miss buffers and the work waits behind them: 32 sequences of
-    // SmolLM2 read the cache at ~7 GB/s that way, ~10 spread out (benchmarks/RESULTS.md).
+    // The prefetch cursor walks this thread's tiles kAheadTiles ahead of the computing one, a block's
+    // keys (or values) of one head at a time: contiguous bytes in the engine's layout.
+    LineCursor cursor;
     int64_t ahead_item = begin;
     Span ahead = span_of(begin);
-    int64_t ahead_t = ahead.t0;
-    RowWalk ahead_walk = walk_from(ahead, ahead_t);
-    auto prefetch_rows = [&](int64_t rows) {
-      while (rows > 0 && ahead_item < end) {
-        if (ahead_t >= ahead.t1) {
-          if (++ahead_item < end) ahead = span_of(ahead_item), ahead_t = ahead.t0, ahead_walk = walk_from(ahead, ahead_t);
-          continue;
-        }
-        ++ahead_t;
-        const int64_t off = next_row(ahead_walk);
-        const char* kr = reinterpret_cast<const char*>(kp + off);
-        const char* vr = reinterpret_cast<const char*>(vp + off);
-        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64) {
-          __builtin_prefetch(kr + b, 0, 3);
-          __builtin_prefetch(vr + b, 0, 3);
-        }
-        --rows;
+    int64_t ahead_tt = first_tile(ahead);
+    const bool whole_key_blocks = key_vec > 0 && c.ks_dim == c.bs && c.bs <= kTile;
+    const bool value_runs = c.vs_tok == D;
+    auto queue_next_tile = [&]() {  // the lines of the next tile ahead, once the previous ones are asked for
+      while (ahead_item < end && ahead_tt >= ahead.t1) {
+        if (++ahead_item < end) ahead = span_of(ahead_item), ahead_tt = first_tile(ahead);
       }
+      if (ahead_item >= end) return;
+      const int64_t lo = std::max(ahead.t0, ahead_tt), hi = std::min(ahead.t1, ahead_tt + kTile);
+      cursor.reset();
+      for (int64_t t = lo; t < hi;) {  // one block's part [t, t_end) of the tile
+        const int64_t t_end = std::min(hi, (t / c.bs + 1) * c.bs);
+        if (whole_key_blocks) {
+          cursor.add(c.key(ahead.n, ahead.h, t / c.bs * c.bs), D * c.bs * sizeof(C));
+        } else if (key_vec > 0) {
+          for (int64_t d = 0; d < D; ++d) cursor.add(c.key(ahead.n, ahead.h, t) + d * c.ks_dim, (t_end - t) * sizeof(C));
+        } else {
+          for (int64_t u = t; u < t_end; ++u) cursor.add(c.key(ahead.n, ahead.h, u), D * sizeof(C));
+        }
+        if (value_runs) cursor.add(c.value(ahead.n, ahead.h, t), (t_end - t) * D * sizeof(C));
+        else for (int64_t u = t; u < t_end; ++u) cursor.add(c.value(ahead.n, ahead.h, u), D * sizeof(C));
+        t = t_end;
+      }
+      ahead_tt += kTile;
     };
-    prefetch_rows(kAheadRows);
+    for (int64_t i = 0; i < kAheadTiles; ++i) {
+      queue_next_tile();
+      cursor.ask(cursor.left());
+    }
+    queue_next_tile();
     for (int64_t item = begin; item < end; ++item) {
       const Span span = span_of(item);
       const int64_t n = span.n, h = span.h;
@@ -334,25 +415,32 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       std::fill(o, o + G * D, 0.f);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[n * q_stride_n + (h * G + g) * q_stride_h + d]);
-      RowWalk walk = walk_from(span, span.t0);
-      for (int64_t tt = span.t0; tt < span.t1; tt += kTile) {
-        const int64_t nt = std::min<int64_t>(kTile, span.t1 - tt);
-        for (int64_t j = 0; j < nt; ++j) {
-          const int64_t off = next_row(walk);
-          krow[j] = kp + off;
-          vrow[j] = vp + off;
-        }
-        if (grouped_scores != nullptr) {
-          for (int64_t c = 0; c < nt; c += 8) {  // 4 rows asked for per 8 keys, here and below
-            prefetch_rows(std::min<int64_t>(4, nt - c));
-            grouped_scores(qf.data(), G, D, krow + c, std::min<int64_t>(8, nt - c), s.data() + c, kTile);
+      for (int64_t tt = first_tile(span); tt < span.t1; tt += kTile) {
+        const int64_t lo = std::max(span.t0, tt), hi = std::min(span.t1, tt + kTile), nt = hi - lo;
+        const int64_t per_piece = cursor.left() / 4 + 1;  // this tile's lines ahead, in four pieces
+        float* sl = s.data() + (lo - tt);  // score of key lo, head 0
+        if (vector_scores != nullptr) {
+          // Passes over the tile's key vectors; one outside [lo, hi) is read as the nearest one
+          // inside, whose scores land where nothing reads them.
+          const int64_t first = lo / key_vec * key_vec, last = (hi - 1) / key_vec * key_vec;
+          for (int64_t t0 = tt; t0 <= last; t0 += keys_per_pass) {
+            cursor.ask(per_piece);
+            const C* kt[kKeyVecs];
+            for (int v = 0; v < kKeyVecs; ++v) kt[v] = c.key(n, h, std::clamp(t0 + v * key_vec, first, last));
+            vector_scores(qf.data(), G, D, kt, c.ks_dim, s.data() + (t0 - tt), kTile);
           }
         } else {
-          prefetch_rows(nt);
-          for (int64_t g = 0; g < G; ++g) tile_scores(&qf[g * D], krow, nt, D, &s[g * kTile]);
+          cursor.ask(2 * per_piece);
+          for (int64_t j = 0; j < nt; ++j) krow[j] = c.key(n, h, lo + j);
+          for (int64_t g = 0; g < G; ++g) tile_scores(&qf[g * D], krow, nt, D, c.ks_dim, sl + g * kTile);
+        }
+        for (int64_t t = lo; t < hi;) {  // a block's rows at a time
+          const int64_t t_end = std::min(hi, (t / c.bs + 1) * c.bs);
+          const C* row = c.value(n, h, t);
+          for (; t < t_end; ++t, row += c.vs_tok) vrow[t - lo] = row;
         }
         for (int64_t g = 0; g < G; ++g) {
-          float* sg = &s[g * kTile];
+          float* sg = sl + g * kTile;
           float tile_max = neg_inf;
           if (fcap > 0) {
             for (int64_t j = 0; j < nt; ++j) {
@@ -372,14 +460,16 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           }
           l[g] += tile_exp(sg, nt, m[g]);
         }
-        if (grouped_accumulate != nullptr) {
-          for (int64_t c = 0; c < nt; c += 8) {
-            prefetch_rows(std::min<int64_t>(4, nt - c));
-            grouped_accumulate(s.data() + c, kTile, vrow + c, std::min<int64_t>(8, nt - c), G, D, o);
+        if (vector_accumulate != nullptr) {
+          for (int64_t j = 0; j < nt; j += 32) {
+            cursor.ask(per_piece);
+            vector_accumulate(sl + j, kTile, vrow + j, std::min<int64_t>(32, nt - j), G, D, o);
           }
         } else {
-          for (int64_t g = 0; g < G; ++g) tile_accumulate(&s[g * kTile], vrow, nt, D, o + g * D);
+          for (int64_t g = 0; g < G; ++g) tile_accumulate(sl + g * kTile, vrow, nt, D, o + g * D);
         }
+        cursor.ask(cursor.left());
+        queue_next_tile();
       }
     }
   });
@@ -417,8 +507,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                                   int64_t sliding_window, double softcap, int64_t split_tokens) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
-              "head_dim must be contiguous and K/V caches laid out alike");
+  TORCH_CHECK(q.stride(2) == 1 && v_cache.stride(3) == 1, "q's and V's head_dim must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches must share a dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
   auto bt = block_table.to(at::kInt).contiguous();

@@ -99,10 +99,11 @@ constexpr int64_t W = Vec::W;
 constexpr int64_t kRowBlock = W * Vec::kScoreVecs;  // an item's rows are padded to a multiple of this
 static_assert(kRowBlock % Vec::kOutRows == 0 && kKeyTile % Vec::kScoreKeys == 0, "whole register blocks");
 
-// Scores with the rows in the lanes, st[j * rp + r] = k_j . q_r, for the tile's keys (kf, row-major
-// float) and rows [r0, r0 + kRowBlock) of qt, the item's queries transposed (qt[d * rp + r]): each
-// broadcast key value serves kScoreVecs vectors of rows, and the softmax below runs down the lanes.
-inline void tile_scores(const float* kf, const float* qt, int64_t rp, int64_t D, int64_t r0, float* st) {
+// Scores with the rows in the lanes, st[j * rp + r] = k_j . q_r, for the tile's keys (kt, float,
+// transposed: kt[d * kKeyTile + j]) and rows [r0, r0 + kRowBlock) of qt, the item's queries
+// transposed (qt[d * rp + r]): each broadcast key value serves kScoreVecs vectors of rows, and the
+// softmax below runs down the lanes.
+inline void tile_scores(const float* kt, const float* qt, int64_t rp, int64_t D, int64_t r0, float* st) {
   constexpr int KB = Vec::kScoreKeys, RV = Vec::kScoreVecs;
   for (int64_t j0 = 0; j0 < kKeyTile; j0 += KB) {
     R acc[KB][RV];
@@ -112,7 +113,7 @@ inline void tile_scores(const float* kf, const float* qt, int64_t rp, int64_t D,
       R q[RV];
       for (int c = 0; c < RV; ++c) q[c] = Vec::load(qt + d * rp + r0 + c * W);
       for (int i = 0; i < KB; ++i) {
-        const R kd = Vec::set1(kf[(j0 + i) * D + d]);
+        const R kd = Vec::set1(kt[d * kKeyTile + j0 + i]);
         for (int c = 0; c < RV; ++c) acc[i][c] = Vec::fma(kd, q[c], acc[i][c]);
       }
     }
@@ -169,11 +170,11 @@ inline void softmax_step(float* st, int64_t rp, int64_t r0, float* m, float* l, 
 }
 
 template <typename C>
-inline void load_tile_rows(const C* cache, int64_t off, int64_t D, float* dst) {  // one key's D values as float32
+inline void load_row(const C* src, int64_t D, float* dst) {  // D contiguous cache values as float32
   int64_t d = 0;
   if constexpr (kLoads8<C>)
-    for (; d + W <= D; d += W) Vec::store(dst + d, Vec::template load_cache<C>(cache + off + d));
-  for (; d < D; ++d) dst[d] = static_cast<float>(cache[off + d]);
+    for (; d + W <= D; d += W) Vec::store(dst + d, Vec::template load_cache<C>(src + d));
+  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
 template <typename T, typename C>
@@ -190,7 +191,12 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   T* op = out.data_ptr<T>();
   const C* kp = k_cache.data_ptr<C>();
   const C* vp = v_cache.data_ptr<C>();
-  const int64_t s_blk = k_cache.stride(0), s_tok = k_cache.stride(1), s_head = k_cache.stride(2);
+  const int64_t ks_blk = k_cache.stride(0), ks_tok = k_cache.stride(1), ks_h = k_cache.stride(2),
+                ks_dim = k_cache.stride(3);
+  const int64_t vs_blk = v_cache.stride(0), vs_tok = v_cache.stride(1), vs_h = v_cache.stride(2);
+  // Keys transposed in whole vectors (the layout the engine allocates, kernels/ops.py kv_cache_empty)
+  // are copied a dimension's vector at a time; any other layout key by key.
+  const bool key_vectors = ks_tok == 1 && bs % W == 0 && kLoads8<C>;
 
   // Later query tiles see more keys: items go in the order 0, last, 1, last - 1, ... so that the
   // contiguous ranges parallel_for hands each thread carry about the same work.
@@ -198,7 +204,7 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
 
   at::parallel_for(0, q_tiles * Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qt(D * rp), ob(rp * D), st(kKeyTile * rp), m(rp), l(rp), alpha(rp);
-    std::vector<float> kf(kKeyTile * D), vf(kKeyTile * D);
+    std::vector<float> kt(D * kKeyTile), vf(kKeyTile * D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item % Hk, i0 = q_tile_of(item / Hk) * tile_q;
       const int64_t n_pos = std::min<int64_t>(tile_q, ql - i0), n_rows = n_pos * G;
@@ -218,13 +224,26 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         const int64_t nk = std::min<int64_t>(kKeyTile, key_end - k0);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t t = k0 + j;
-          const int64_t off = int64_t(blocks[t / bs]) * s_blk + (t % bs) * s_tok + h * s_head;
-          load_tile_rows(kp, off, D, &kf[j * D]);
-          load_tile_rows(vp, off, D, &vf[j * D]);
+          load_row(vp + int64_t(blocks[t / bs]) * vs_blk + (t % bs) * vs_tok + h * vs_h, D, &vf[j * D]);
         }
-        std::fill(kf.begin() + nk * D, kf.end(), 0.f);  // keys past the end: masked below, weigh 0
-        std::fill(vf.begin() + nk * D, vf.end(), 0.f);
-        for (int64_t r0 = 0; r0 < rp; r0 += kRowBlock) tile_scores(kf.data(), qt.data(), rp, D, r0, st.data());
+        std::fill(vf.begin() + nk * D, vf.end(), 0.f);  // keys past the end: masked below, weigh 0
+        if (key_vectors) {  // a vector past nk (inside its block) is read too and zeroed below
+          if constexpr (kLoads8<C>)
+            for (int64_t j = 0; j < nk; j += W) {
+              const int64_t t = k0 + j;
+              const C* src = kp + int64_t(blocks[t / bs]) * ks_blk + (t % bs) + h * ks_h;
+              for (int64_t d = 0; d < D; ++d)
+                Vec::store(&kt[d * kKeyTile + j], Vec::template load_cache<C>(src + d * ks_dim));
+            }
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            const int64_t t = k0 + j;
+            const C* src = kp + int64_t(blocks[t / bs]) * ks_blk + (t % bs) * ks_tok + h * ks_h;
+            for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + j] = static_cast<float>(src[d * ks_dim]);
+          }
+        }
+        for (int64_t d = 0; d < D; ++d) std::fill(&kt[d * kKeyTile + nk], &kt[(d + 1) * kKeyTile], 0.f);
+        for (int64_t r0 = 0; r0 < rp; r0 += kRowBlock) tile_scores(kt.data(), qt.data(), rp, D, r0, st.data());
         if (softcap > 0.f)
           for (int64_t i = 0; i < kKeyTile * rp; ++i) st[i] = softcap * std::tanh(st[i] / softcap);
         // Every row sees every key of the tile unless the diagonal, the window's edge or the keys'
@@ -265,8 +284,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
                                    const at::Tensor& block_ids, int64_t seq_len, double scale, int64_t sliding_window,
                                    double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
-              "head_dim must be contiguous and K/V caches laid out alike");
+  TORCH_CHECK(q.stride(2) == 1 && v_cache.stride(3) == 1, "q's and V's head_dim must be contiguous");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
               "query heads must be a multiple of KV heads, with the caches' head size");
   TORCH_CHECK(seq_len >= q.size(0), "seq_len ", seq_len, " is shorter than the ", q.size(0), " queries");

@@ -1,6 +1,14 @@
 // AVX2 helpers shared by the kernels; FS_AVX2 is defined when the build targets AVX2 with FMA.
 #pragma once
 
+// A line on its way to L2 only: far-ahead requests that do not hold the core's few L1 miss buffers
+// (the decode attention's prefetch stalled on them with prefetcht0). Every build has it.
+#if defined(__x86_64__) || defined(__i386__)
+inline void prefetch_line_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+#else
+inline void prefetch_line_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FS_AVX2 1
