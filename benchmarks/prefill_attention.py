@@ -15,7 +15,7 @@ import time
 import torch
 
 from common import header, set_threads, table
-from decode_attention import STEP_SHAPES
+from decode_attention import STEP_SHAPES, scattered_caches
 
 WINDOWS = {"gemma3-270m": 512}
 
@@ -46,8 +46,7 @@ def main() -> None:
         window = WINDOWS.get(name)
         for length in (int(v) for v in args.lengths.split(",")):
             blocks = -(-length // 16)
-            k_cache = torch.randn(blocks + 1, 16, hk, d).half()
-            v_cache = torch.randn(blocks + 1, 16, hk, d).half()
+            (k_cache, v_cache), = scattered_caches(1, length, hk, d, 16, torch.float16)[0]  # the engine's layout
             block_ids = torch.randperm(blocks + 1)[:blocks]
             q = torch.randn(length, hq, d)
             call = (q, k_cache, v_cache, block_ids, length, d**-0.5, window, None)
