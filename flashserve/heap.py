@@ -8,7 +8,10 @@ import ctypes.util
 import errno
 import functools
 
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+# mallopt's parameter numbers in glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 
 
 @functools.cache
@@ -46,3 +49,17 @@ def map_large_blocks() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def reuse_large_blocks(retained_bytes: int = 256 << 20) -> None:
+    """For serving, once the weights are in place: every block comes from the heap, where a freed one
+    is reused, instead of blocks above glibc's mmap threshold (at most 32 MiB) getting a fresh mapping
+    at each allocation, whose page faults cost more than computing what they hold: Gemma 3's logits
+    at 32 sequences are 33.5 MiB, 7 ms of faults a step against 0.7 to fill reused memory. Up to
+    `retained_bytes` of free heap top stays mapped instead of going back to the system (where large
+    allocators such as tcmalloc keep theirs too). Not with map_large_blocks: layer streaming wants the
+    opposite."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, retained_bytes)

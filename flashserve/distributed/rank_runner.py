@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flashserve import startup_phases
+from flashserve import heap, startup_phases
 from flashserve.config import EngineConfig
 from flashserve.huge_pages import allocations_in_huge_pages, collapse_weights
 from flashserve.runner.model_runner import ModelRunner
@@ -38,12 +38,15 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     if huge_pages:
         collapse_weights(model)  # what was not born huge, of the rank's final weights (after any split)
         startup_phases.mark("weights mapped in huge pages")
+    streaming = config.max_weight_memory is not None  # layer streaming maps its large blocks instead
+    if torch.device(device).type == "cpu" and not streaming:
+        heap.reuse_large_blocks()
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
                                    config.cache.kv_cache_dtype)
     startup_phases.mark("KV cache reserved")
     # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers,
     # nor for layer streaming's hooks (it would hold the weights of every layer).
     return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
-                       use_decode_plan=tp_group is None and config.max_weight_memory is None,
+                       use_decode_plan=tp_group is None and not streaming,
                        swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)),
                        typical_acceptance=config.speculative.typical_acceptance)
