@@ -99,7 +99,6 @@ struct Lanes16 {
 #endif  // FS_AVX512
 #endif  // FS_AVX2
 
-#ifdef FS_AVX2
 // tile_exp and tile_scale_max over whole vectors of V from s[j0]; they return where they stopped.
 template <typename V>
 inline int64_t exp_vectors(float* s, int64_t j0, int64_t nt, float m, float& sum) {
@@ -128,18 +127,25 @@ inline int64_t scale_max_vectors(float* s, int64_t j0, int64_t nt, float scale, 
   m = std::max(m, V::max_lanes(mv));
   return j;
 }
+
+// step.template operator()<V>(j) over the build's float vectors, widest first, each from where the
+// last stopped; returns where the scalar tail starts.
+template <typename Step>
+inline int64_t widest_vectors_first(Step&& step) {
+  int64_t j = 0;
+#ifdef FS_AVX512
+  j = step.template operator()<Lanes16>(j);
 #endif
+#ifdef FS_AVX2
+  j = step.template operator()<Lanes8>(j);
+#endif
+  return j;
+}
 
 // p[j] = exp(s[j] - m) in place for j < nt; returns their sum.
 inline float tile_exp(float* s, int64_t nt, float m) {
   float sum = 0.f;
-  int64_t j = 0;
-#ifdef FS_AVX512
-  j = exp_vectors<Lanes16>(s, j, nt, m, sum);
-#endif
-#ifdef FS_AVX2
-  j = exp_vectors<Lanes8>(s, j, nt, m, sum);
-#endif
+  int64_t j = widest_vectors_first([&]<typename V>(int64_t j0) { return exp_vectors<V>(s, j0, nt, m, sum); });
   for (; j < nt; ++j) sum += (s[j] = std::exp(s[j] - m));
   return sum;
 }
@@ -147,13 +153,7 @@ inline float tile_exp(float* s, int64_t nt, float m) {
 // s[j] *= scale for j < nt; returns the largest (a NaN score is passed over, as std::max(m, s) does).
 inline float tile_scale_max(float* s, int64_t nt, float scale) {
   float m = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-#ifdef FS_AVX512
-  j = scale_max_vectors<Lanes16>(s, j, nt, scale, m);
-#endif
-#ifdef FS_AVX2
-  j = scale_max_vectors<Lanes8>(s, j, nt, scale, m);
-#endif
+  int64_t j = widest_vectors_first([&]<typename V>(int64_t j0) { return scale_max_vectors<V>(s, j0, nt, scale, m); });
   for (; j < nt; ++j) m = std::max(m, s[j] *= scale);
   return m;
 }
