@@ -78,6 +78,22 @@ def test_cached_gemma3_tokenizer_equals_a_fresh_build(gemma3_gguf, hf_gemma3_tok
     assert_same_as(Tokenizer.from_model_path(gemma3_gguf), hf_gemma3_tokenizer, spec)
 
 
+def test_merges_with_a_space_keep_their_pair_form(tmp_path, monkeypatch):
+    """The entry writes a BPE's merges as "left right" strings only when that split is unambiguous: a
+    merge whose token holds a space stays a pair, and the stored tokenizer still merges it."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+
+    vocab = {"x": 0, " ": 1, "y": 2, " y": 3, "x y": 4}
+    backend = Backend(BPE(vocab, [(" ", "y"), ("x", " y")]))
+    assert backend.encode("x y").ids == [4]
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"not parsed here")
+    monkeypatch.setattr(cache, "_header_digest", lambda _: "a header")
+    cache.store(model, {}, backend.to_str())
+    assert Backend.from_str(cache.load(model)[1]).encode("x y").ids == [4]
+
+
 def _set_add_bos(path: Path, value: bool) -> None:
     """Rewrite the bool tokenizer.ggml.add_bos_token in place: same size, and the mtime put back,
     so only the header digest can tell the files apart."""
