@@ -35,6 +35,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
             from flashserve.distributed.tensor_parallel import shard_model
 
             cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
+        _store_head_in_tiles(model)
     if huge_pages:
         collapse_weights(model)  # what was not born huge, of the rank's final weights (after any split)
         startup_phases.mark("weights mapped in huge pages")
@@ -50,3 +51,13 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
                        use_decode_plan=tp_group is None and not streaming,
                        swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)),
                        typical_acceptance=config.speculative.typical_acceptance)
+
+
+def _store_head_in_tiles(model) -> None:
+    """The LM head, most of a batched step's 8-bit codes, in the tiled GEMM's own order where the build
+    has it (GroupQuantWeight.to_wide_tiles): a rank's final head, so after any split."""
+    from flashserve.quantization.group_quant_weight import GroupQuantWeight
+
+    head = model.head_weight() if hasattr(model, "head_weight") else None
+    if isinstance(head, GroupQuantWeight):
+        head.to_wide_tiles()

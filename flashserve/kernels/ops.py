@@ -131,6 +131,18 @@ def group_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     return cpu_kernels().group_quant_matmul(x, codes, scale, zero, bits, group, int8_activations)
 
 
+def group_quant_matmul_tiles(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """x @ W^T for 8-bit codes and scales stored in the tiled GEMM's own order (quant_matmul.cpp);
+    stored so only where wide_tile_lanes() says the build has those tiles."""
+    return cpu_kernels().group_quant_matmul_tiles(x, codes, scale, n)
+
+
+def wide_tile_lanes() -> int:
+    """Output rows per tile of the build's stored-tile GEMM (16 with AVX-512), 0 when it has none."""
+    kernels = cpu_kernels()
+    return 0 if kernels is None else kernels.wide_tile_lanes()
+
+
 def group_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
                      start: int, end: int) -> torch.Tensor | None:
     """Rows [start, end) of W as float32, or None off the CPU (the caller unpacks in torch)."""

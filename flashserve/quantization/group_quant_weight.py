@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from flashserve.kernels import ops
 from flashserve.quantization.packed import GROUP, PackedWeight, _param
@@ -27,6 +28,8 @@ class GroupQuantWeight(PackedWeight):
 
     act_dtype = torch.float32
     kernel_dtype = torch.float32
+    # codes and scale stored in the order of the kernel's 16-row tiles (to_wide_tiles), not by rows
+    tiled = False
     # The C++ dequantization is cheap enough to run per L2-sized chunk, so the GEMM reads each
     # chunk's float32 rows from L2 (gate_up at M=512: ~13.3 -> ~12.8 ms, 2 threads; noisy host).
     chunk_rows = 256
@@ -57,18 +60,45 @@ class GroupQuantWeight(PackedWeight):
 
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
+        if self.tiled and not on:
+            raise ValueError("a weight stored in tiles runs with int8 activations only")
         self.int8_activations = on and self.group == GROUP
         # Rows from which dequantize + float32 GEMM is faster (module docstring): never with int8
         # activations, so a row's result is the same in a prompt of any length as in a decode step.
         self.large_m = sys.maxsize if self.int8_activations else 64 if self.bits == 4 else 128
 
+    def to_wide_tiles(self) -> bool:
+        """Store the codes and scales in the order of the kernel's 16-row tiles, where the build has
+        them (AVX-512): its tiled GEMM then reads each tile's group with plain loads, where row-major
+        codes are transposed in registers at every call, and it runs every M, one row included. Only
+        what that kernel takes: 8-bit codes in groups of 32, int8 activations, no zero, float16 or
+        float32 scales. The same numbers either way. Returns whether it did. The codes are rearranged
+        in their own storage (no second copy of a large head at start-up): a tensor shared with
+        another weight must not be tiled."""
+        lanes = ops.wide_tile_lanes()
+        if (self.tiled or not lanes or self.bits != 8 or self.group != GROUP or not self.int8_activations
+                or self.zero is not None or self.scale.dtype not in (torch.float16, torch.float32)
+                or self.codes.device.type != "cpu"):
+            return False
+        n, groups = self.out_features, self.in_features // GROUP
+        tiles, pad = -(-n // lanes), -n % lanes
+        codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
+        _rows_to_tiles_(codes, lanes)
+        self.codes = _param(codes.view(tiles, groups, lanes * GROUP))
+        self.scale = _param(F.pad(self.scale, (0, 0, 0, pad)).view(tiles, lanes, groups).transpose(1, 2).contiguous())
+        self.tiled = True
+        return True
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled:
+            return ops.group_quant_matmul_tiles(x, self.codes, self.scale, self.out_features)
         return ops.group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
                                       self.int8_activations)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         stop = self.out_features if end is None else min(end, self.out_features)
-        w = ops.group_dequantize(self.codes, self.scale, self.zero, self.bits, self.group, start, stop)
+        w = None if self.tiled else ops.group_dequantize(self.codes, self.scale, self.zero, self.bits, self.group,
+                                                         start, stop)
         return self._weights(slice(start, end)) if w is None else w
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,6 +107,11 @@ class GroupQuantWeight(PackedWeight):
 
     def int_codes(self, index=slice(None)) -> torch.Tensor:
         """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
+        if self.tiled:
+            tile, lane = self._tile_lanes(index)
+            tiles, groups, per = self.codes.shape
+            c = self.codes.view(tiles, groups, GROUP // 4, per // GROUP, 4)[tile, :, :, lane, :]  # (rows, G, 8, 4)
+            return (c ^ 0x80).view(torch.int8).reshape(len(tile), groups, GROUP).to(torch.int32)
         c = self.codes[index]  # (rows, code bytes per row)
         if self.bits == 8:
             return c.view(torch.int8).view(len(c), -1, self.group).to(torch.int32)
@@ -88,20 +123,46 @@ class GroupQuantWeight(PackedWeight):
         high = (c[..., 16:].to(torch.int32)[..., :, None] >> torch.arange(8)) & 1  # (rows, K/32, 4, 8)
         return (low | (high.flatten(-2) << 4)) - 16
 
+    def _tile_lanes(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tile and lane of each row of `index`, when stored in tiles."""
+        rows = torch.arange(self.out_features)[index].reshape(-1)
+        lanes = self.codes.shape[2] // GROUP
+        return rows // lanes, rows % lanes
+
+    def _scales(self, index) -> torch.Tensor:
+        """s of rows `index` as float32 (rows, K/group)."""
+        if self.tiled:
+            tile, lane = self._tile_lanes(index)
+            return self.scale[tile, :, lane].float()
+        return table_values(self.scale[index])
+
     def _weights(self, index) -> torch.Tensor:
         q = self.int_codes(index).float()  # (rows, K/group, group)
         rows = len(q)
-        w = q.mul_(table_values(self.scale[index])[..., None])
+        w = q.mul_(self._scales(index)[..., None])
         if self.zero is not None:
             w.add_(table_values(self.zero[index])[..., None])
         return w.view(rows, self.in_features)
 
     def scale_values(self) -> torch.Tensor:
         """s as float32 (N, K/group), whatever form the kernel holds it in."""
-        return table_values(self.scale)
+        return self._scales(slice(None))
 
     def zero_values(self) -> torch.Tensor | None:
         return None if self.zero is None else table_values(self.zero)
+
+
+def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) -> None:
+    """8-bit codes (N, K), N a multiple of `lanes`, rearranged in place into the tiles' order:
+    [t, g, 4 lanes q + 4 lane + b] = code 4q + b of group g of row lanes * t + lane, plus 128 (the tile's
+    vector q holds four consecutive codes of each of its rows, unsigned: quant_matmul.cpp). A tile is
+    the same bytes in either order, so a few at a time go through a copy and no second table is made."""
+    n, k = codes.shape
+    by_rows = codes.view(n // lanes, lanes, k // GROUP, GROUP // 4, 4)
+    by_tiles = codes.view(n // lanes, k // GROUP, GROUP // 4, lanes, 4)
+    for t in range(0, n // lanes, tiles_at_once):
+        chunk = by_rows[t:t + tiles_at_once].clone()
+        by_tiles[t:t + tiles_at_once].copy_(chunk.permute(0, 2, 3, 1, 4)).bitwise_xor_(0x80)
 
 
 # --- per-group tables (the kernel's scales and zeros) ---------------------------------------------

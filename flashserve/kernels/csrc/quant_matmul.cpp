@@ -203,6 +203,10 @@ struct Problem {
   const float* dx = nullptr;   // (M, K/32) their scales
   const int8_t* xq_nibbles = nullptr;  // 4-bit GEMV: xq in the nibble order of kNibbleRun groups (nibble_rows)
   const int32_t* xq_sum = nullptr;   // (M, K/32) integer sums of xq per group (the 5-bit GEMV)
+  // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
+  const uint8_t* tiles = nullptr;        // (T, K/32, 512): tile t, group g = the WideTileGroup's w[0..7]
+  const uint8_t* tile_scales = nullptr;  // (T, K/32, 16) float16 or float32: its scale vector
+  bool tile_scales_half = false;
 };
 
 #ifdef FS_AVX2
@@ -428,6 +432,15 @@ inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
 // requests are spread over the work instead of issued in one burst that the cache's miss queue drops
 // or stalls on.
 inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g) {
+  if (p.tiles) {  // a stored tile's group: its 8 lines of codes into L2, its scales a line for 2 or 4 groups
+    // (prefetcht0 of the 8 lines stalled on L1's miss buffers: at one row, 1.2x the time of no prefetch)
+    if (rows <= 0) return;
+    const int64_t at = (n0 / 16) * (p.K / 32) + g;
+    for (int q = 0; q < 8; ++q) prefetch_line_l2(p.tiles + at * 512 + 64 * q);
+    const int64_t scale_bytes = p.tile_scales_half ? 32 : 64;
+    if (g == 0 || (at * scale_bytes) % 64 == 0) prefetch_line_l2(p.tile_scales + at * scale_bytes);
+    return;
+  }
   const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
   const int64_t last = (g + 1) * group_bytes - 1;
   const bool new_line = g == 0 || last / 64 != (g * group_bytes - 1) / 64;
@@ -1024,6 +1037,15 @@ inline void wide_codes_u8(const Problem& p, int64_t n0, int64_t g, __m512i* w) {
 template <int kBits>
 inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, WideTileGroup& t) {
   const int64_t groups = p.K / 32;
+  if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
+    const int64_t at = (n0 / 16) * groups + g;
+    for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(p.tiles + at * 512 + 64 * q);
+    t.scale = p.tile_scales_half
+                  ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_scales + at * 32)))
+                  : _mm512_loadu_ps(p.tile_scales + at * 64);
+    t.zero = _mm512_setzero_ps();
+    return;
+  }
   if (rows == 16 && kBits != 5 && groups >= 2) {
     if constexpr (kBits == 4) wide_codes_u4(p, n0, g, t.w);
     if constexpr (kBits == 8) wide_codes_u8(p, n0, g, t.w);
@@ -1230,6 +1252,34 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
 // A scale or zero tensor as a Table, checked against the codes' (N, K/G).
 // A scale or zero tensor as a Table of (N, K/G) values: float32 or float16 (N, K/G), or factored,
 // uint8 (N, K/G + K/(4G)) in the layout described at Table.
+// x's preparation for a call, in the calling thread's scratch (a decode step makes a few hundred
+// calls, and allocating these each time was a measurable part of the small ones): x rounded to int8
+// per group of 32 with the sums the zero term (xsum) and the code-offset correction (xq_sum) take.
+void set_int8_activations(Problem& p, bool with_xsum, bool with_xq_sum) {
+  thread_local std::vector<float> xsum, dx;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<int32_t> xq_sum;
+  const int64_t groups = p.M * (p.K / 32);
+  xq.resize(p.M * p.K);
+  dx.resize(groups);
+  if (with_xsum) xsum.resize(groups);
+  if (with_xq_sum) xq_sum.resize(groups);
+  prepare_activations(p.x, p.M, p.K, with_xsum ? xsum.data() : nullptr, xq.data(), dx.data(),
+                      with_xq_sum ? xq_sum.data() : nullptr);
+  p.xq = xq.data();
+  p.dx = dx.data();
+  p.xsum = with_xsum ? xsum.data() : nullptr;
+  p.xq_sum = with_xq_sum ? xq_sum.data() : nullptr;
+}
+
+// Float activations: the zero term's float sums of x per group, in the calling thread's scratch.
+const float* float_group_sums(const Problem& p) {
+  thread_local std::vector<float> xsum;
+  xsum.resize(p.M * (p.K / p.G));
+  group_sums(p.x, p.M, p.K, p.G, xsum.data());
+  return xsum.data();
+}
+
 Table table_of(const at::Tensor& t, int64_t N, int64_t groups, const char* what) {
   const auto type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kByte, "quantized matmul: ", what,
@@ -1266,31 +1316,13 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   auto y = at::empty({M, N}, xc.options());
   // The zero term needs per-group sums of x (of the rounded x with int8 activations, whose groups are 32).
   TORCH_CHECK(!int8_activations || group == 32, "group_quant_matmul: int8 activations need groups of 32, got ", group);
-  // Scratch for the prepared activations, kept per calling thread: a decode step makes a few
-  // hundred calls, and allocating these each time was a measurable part of the small ones.
-  thread_local std::vector<float> xsum, dx;
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<int32_t> xq_sum;
+  Problem p{xc.data_ptr<float>(), nullptr, codes.data_ptr<uint8_t>(), scales, zeros, y.data_ptr<float>(), M, N, K,
+            group, bits};
   // the integer correction of unsigned 5-bit codes (GEMV) and of the wide tiles' 5- and 8-bit ones
-  const bool want_xq_sum = int8_activations && bits != 4;
-  if (has_zero) xsum.resize(M * (K / group));
-  if (int8_activations) {
-    xq.resize(M * K);
-    dx.resize(M * (K / 32));
-  }
-  if (want_xq_sum) xq_sum.resize(M * (K / 32));
   if (int8_activations)
-    prepare_activations(xc.data_ptr<float>(), M, K, has_zero ? xsum.data() : nullptr, xq.data(), dx.data(),
-                        want_xq_sum ? xq_sum.data() : nullptr);
+    set_int8_activations(p, has_zero, bits != 4);
   else if (has_zero)
-    group_sums(xc.data_ptr<float>(), M, K, group, xsum.data());
-  Problem p{xc.data_ptr<float>(), has_zero ? xsum.data() : nullptr, codes.data_ptr<uint8_t>(), scales, zeros,
-            y.data_ptr<float>(), M, N, K, group, bits};
-  if (int8_activations) {
-    p.xq = xq.data();
-    p.dx = dx.data();
-  }
-  if (want_xq_sum) p.xq_sum = xq_sum.data();
+    p.xsum = float_group_sums(p);
 #ifdef FS_AVX2
   if (int8_activations && M >= gemm_min_rows(bits, K)) {
     if (M >= tile_min_rows(bits, K)) {
@@ -1359,6 +1391,43 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
     }
   });
   return y;
+}
+
+// x @ W^T for 8-bit codes stored in the 16-lane tiles' order (GroupQuantWeight.to_wide_tiles): the
+// tiled GEMM of every M, including the single row, reading each tile's group with plain loads where
+// row-major codes are transposed in registers per call (an A/B with the head of Gemma 3 so stored:
+// RESULTS.md, issue 24). Int8 activations, no zeros; the same products in the same float order as
+// group_quant_matmul's, so the numbers are those of the row-major weight, bit for bit.
+at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t N) {
+#ifdef FS_AVX512
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul_tiles: x must be (M, K) float32");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), tiles = (N + 15) / 16;
+  TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == 512,
+              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the tiles of ", N, " rows of ", K);
+  TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / 32 &&
+                  scale.size(2) == 16 && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
+              "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16 or float32 table");
+  auto y = at::empty({M, N}, xc.options());
+  Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, 32, 8};
+  set_int8_activations(p, false, true);
+  p.tiles = codes.data_ptr<uint8_t>();
+  p.tile_scales = static_cast<const uint8_t*>(scale.data_ptr());
+  p.tile_scales_half = scale.scalar_type() == at::kHalf;
+  gemm_wide_tiled<8>(p);
+  return y;
+#else
+  TORCH_CHECK(false, "group_quant_matmul_tiles: this build of the kernels has no 16-lane tiles (AVX-512)");
+#endif
+}
+
+int64_t wide_tile_lanes() {
+#ifdef FS_AVX512
+  return 16;
+#else
+  return 0;
+#endif
 }
 
 // Rows [start, end) of W = q * s + z as float32 (rows, K): the large-M path's weight, multiplied

@@ -53,6 +53,12 @@ class CausalLM(nn.Module):
         """input_ids, positions: (T,) → hidden states (T, d) after the final norm."""
         return self.model(input_ids, positions, meta)
 
+    def head_weight(self) -> nn.Module | None:
+        """The packed weight the logits are computed with (the embedding's when they are tied), or None
+        for a float head or a rank that holds no head."""
+        head = getattr(self.model, "embed_tokens", None) if self.lm_head is None else self.lm_head
+        return getattr(head, "qweight", None)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, d) → (N, vocab) float32."""
         head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
