@@ -48,7 +48,6 @@
 #include <cstring>
 #include <vector>
 
-#include "claimed_tasks.h"
 #include "simd.h"
 
 namespace {
@@ -893,44 +892,32 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
     }
   }
 }
-// Tasks of one claim (claimed_tasks.h): about kChunkMacs multiply-adds, so a claim costs nothing
-// beside its work and the last one leaves the other thread waiting for a few tens of microseconds;
-// at least 8 claims a thread where the matrix is small.
-constexpr int64_t kChunkMacs = int64_t{1} << 22;
-inline int64_t tile_chunk(const Problem& p, int64_t lanes, int64_t tasks) {
-  const int64_t by_work = kChunkMacs / std::max<int64_t>(1, lanes * p.K * p.M);
-  const int64_t by_count = tasks / (8 * at::get_num_threads());
-  return std::max<int64_t>(1, std::min(by_work, by_count));
-}
-
 // The tiled GEMM over all of y, for either tile width: parallel over tasks of kLanes output rows (a
-// tile's lanes), claimed a chunk at a time. A task with several passes of kPassRows activation rows
-// builds its tile once (A/B at M = 128: 9-16% faster), and asks for the next task's rows while this
-// one computes (A/B at M = 32, cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time
-// without): in one burst at the task's start for 8-lane tiles, spread over the groups
-// (prefetch_group) for 16-lane ones, which waited on their loads with the burst; spread was slower
-// for the 8-lane tiles (RESULTS.md, issue 24).
+// tile's lanes); a task with several passes of kPassRows activation rows builds its tile once (A/B at
+// M = 128: 9-16% faster), and asks for the next task's rows while this one computes (A/B at M = 32,
+// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without): in one burst at the
+// task's start for 8-lane tiles, spread over the groups (prefetch_group) for 16-lane ones, which
+// waited on their loads with the burst; spread was slower for the 8-lane tiles (RESULTS.md, issue 24).
 template <typename Group, int64_t kLanes, int64_t kPassRows, bool kSpread, typename Load, typename Pass>
 void over_tiles(const Problem& p, Load load, Pass pass) {
-  const int64_t groups = p.K / 32, tasks = (p.N + kLanes - 1) / kLanes;
-  for_claimed_chunks(tasks, tile_chunk(p, kLanes, tasks), [&](int64_t begin, int64_t end, int64_t next_begin) {
+  const int64_t groups = p.K / 32;
+  at::parallel_for(0, (p.N + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<Group> tile;  // this worker's own
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task * kLanes, rows = std::min<int64_t>(kLanes, p.N - n0);
-      const int64_t next = task + 1 < end ? task + 1 : next_begin;
-      const int64_t next_n0 = next * kLanes, next_rows = next < 0 ? 0 : std::min<int64_t>(kLanes, p.N - next_n0);
+      const int64_t next_rows = task + 1 < end ? std::min<int64_t>(kLanes, p.N - n0 - kLanes) : 0;
       const std::vector<Group>* built = nullptr;
       if (p.M > kPassRows) {
         tile.resize(groups);
         for (int64_t g = 0; g < groups; ++g) {
-          if (kSpread) prefetch_group(p, next_n0, next_rows, g);
+          if (kSpread) prefetch_group(p, n0 + kLanes, next_rows, g);
           load(p, n0, rows, g, tile[g]);
         }
         built = &tile;
       }
-      if (!kSpread && next_rows) prefetch_rows(p, next_n0, next_rows);
+      if (!kSpread && next_rows) prefetch_rows(p, n0 + kLanes, next_rows);
       for (int64_t m0 = 0; m0 < p.M; m0 += kPassRows)
-        pass(p, built, n0, rows, m0, std::min(kPassRows, p.M - m0), next_n0, built ? 0 : next_rows);
+        pass(p, built, n0, rows, m0, std::min(kPassRows, p.M - m0), n0 + kLanes, built ? 0 : next_rows);
     }
   });
 }
