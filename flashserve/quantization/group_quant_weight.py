@@ -125,7 +125,10 @@ class GroupQuantWeight(PackedWeight):
 
     def _tile_lanes(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         """The tile and lane of each row of `index`, when stored in tiles."""
-        rows = torch.arange(self.out_features)[index].reshape(-1)
+        if isinstance(index, slice):
+            rows = torch.arange(*index.indices(self.out_features))
+        else:  # row ids (an embedding lookup): no range over the whole vocabulary
+            rows = torch.as_tensor(index).reshape(-1)
         lanes = self.codes.shape[2] // GROUP
         return rows // lanes, rows % lanes
 
