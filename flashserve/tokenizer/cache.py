@@ -6,7 +6,8 @@ second. One entry per model file, keyed by the file's identity: its size, its mt
 its header (the metadata the tokenizer is made from) and the versions of the libraries that
 convert and read it. An entry is
 
-    one line of JSON: {"key": identity, "digest": sha256 of what follows, "spec": {...}}
+    one line of JSON: {"key": identity, "digest": sha256 of what follows, "spec": {...},
+                       "model": the model file's resolved path}
     the backend tokenizer's JSON (tokenizers.Tokenizer.to_str())
 
 and it is used only when the key matches and the digest checks; anything else is a miss, and the
@@ -60,7 +61,8 @@ def store(model: Path, spec: dict, backend_json: str) -> None:
     """Write the entry; a cache that cannot be written only costs the next start its build time."""
     path = entry_path(model)
     body = _with_merges_as_strings(backend_json).encode("utf-8")
-    header = {"key": identity(model), "digest": hashlib.sha256(body).hexdigest(), "spec": spec}
+    header = {"key": identity(model), "digest": hashlib.sha256(body).hexdigest(), "spec": spec,
+              "model": str(model.resolve())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -73,6 +75,22 @@ def store(model: Path, spec: dict, backend_json: str) -> None:
             raise
     except OSError as exc:
         logger.warning("cannot write the tokenizer cache entry %s (%s)", path, exc)
+        return
+    _remove_entries_of_missing_models(path.parent)
+
+
+def _remove_entries_of_missing_models(directory: Path) -> None:
+    """Entries whose model file is gone (deleted or moved, or a test's temporary file) are removed when
+    a new entry is written, so the directory does not grow with every path a model was ever read from.
+    Entries that do not name their model (written before they did) are left."""
+    for entry in directory.glob("*.tok"):
+        try:
+            with entry.open("rb") as f:
+                model = json.loads(f.readline()).get("model")
+            if model and not Path(model).exists():
+                entry.unlink()
+        except (OSError, ValueError, AttributeError):  # unreadable, or another process removed it first
+            continue
 
 
 def _with_merges_as_strings(backend_json: str) -> str:

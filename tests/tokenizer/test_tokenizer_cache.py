@@ -94,6 +94,21 @@ def test_merges_with_a_space_keep_their_pair_form(tmp_path, monkeypatch):
     assert Backend.from_str(cache.load(model)[1]).encode("x y").ids == [4]
 
 
+def test_entries_of_models_that_are_gone_are_removed(tmp_path, monkeypatch):
+    """Writing an entry removes those whose model file no longer exists, and only those."""
+    monkeypatch.setattr(cache, "_header_digest", lambda _: "a header")
+    gone, kept, new = (tmp_path / f"{name}.gguf" for name in ("gone", "kept", "new"))
+    for model in (gone, kept, new):
+        model.write_bytes(b"not parsed here")
+    for model in (gone, kept):
+        cache.store(model, {}, "{}")
+    assert cache.entry_path(gone).exists()
+    gone.unlink()
+    cache.store(new, {}, "{}")
+    assert not cache.entry_path(gone).exists()
+    assert cache.load(kept) is not None and cache.load(new) is not None
+
+
 def _set_add_bos(path: Path, value: bool) -> None:
     """Rewrite the bool tokenizer.ggml.add_bos_token in place: same size, and the mtime put back,
     so only the header digest can tell the files apart."""
