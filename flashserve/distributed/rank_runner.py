@@ -58,6 +58,6 @@ def _store_head_in_tiles(model) -> None:
     has it (GroupQuantWeight.to_wide_tiles): a rank's final head, so after any split."""
     from flashserve.quantization.group_quant_weight import GroupQuantWeight
 
-    head = model.head_weight() if hasattr(model, "head_weight") else None
+    head = model.head_weight()
     if isinstance(head, GroupQuantWeight):
         head.to_wide_tiles()

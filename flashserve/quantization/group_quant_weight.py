@@ -109,8 +109,8 @@ class GroupQuantWeight(PackedWeight):
         """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
         if self.tiled:
             tile, lane = self._tile_lanes(index)
-            tiles, groups, per = self.codes.shape
-            c = self.codes.view(tiles, groups, GROUP // 4, per // GROUP, 4)[tile, :, :, lane, :]  # (rows, G, 8, 4)
+            tiles, groups, _ = self.codes.shape
+            c = self.codes.view(tiles, groups, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, G, 8, 4)
             return (c ^ 0x80).view(torch.int8).reshape(len(tile), groups, GROUP).to(torch.int32)
         c = self.codes[index]  # (rows, code bytes per row)
         if self.bits == 8:

@@ -53,6 +53,7 @@
 namespace {
 
 constexpr int64_t kRowsPerTask = 8;  // output rows per parallel work item
+constexpr int64_t kWideLanes = 16;   // output rows of a 16-lane (512-bit) tile, as stored by group_quant_matmul_tiles
 constexpr int kMaxMB = 4;            // activation rows sharing one widening of the codes
 #ifdef FS_AVX512
 // The same for the int8 GEMV. With 32 vector registers 4 rows fit; a call of 3 or 4 rows then passes
@@ -434,7 +435,7 @@ inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g
   if (p.tiles) {  // a stored tile's group: its 8 lines of codes into L2, its scales a line for 2 or 4 groups
     // (prefetcht0 of the 8 lines stalled on L1's miss buffers: at one row, 1.2x the time of no prefetch)
     if (rows <= 0) return;
-    const int64_t at = (n0 / 16) * (p.K / 32) + g;
+    const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
     for (int q = 0; q < 8; ++q) prefetch_line_l2(p.tiles + at * 512 + 64 * q);
     const int64_t scale_bytes = p.tile_scales_half ? 32 : 64;
     if (g == 0 || (at * scale_bytes) % 64 == 0) prefetch_line_l2(p.tile_scales + at * scale_bytes);
@@ -1025,7 +1026,7 @@ template <int kBits>
 inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, WideTileGroup& t) {
   const int64_t groups = p.K / 32;
   if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
-    const int64_t at = (n0 / 16) * groups + g;
+    const int64_t at = (n0 / kWideLanes) * groups + g;
     for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(p.tiles + at * 512 + 64 * q);
     t.scale = p.tile_scales_half
                   ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_scales + at * 32)))
@@ -1236,9 +1237,6 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
   });
 }
 
-// A scale or zero tensor as a Table, checked against the codes' (N, K/G).
-// A scale or zero tensor as a Table of (N, K/G) values: float32 or float16 (N, K/G), or factored,
-// uint8 (N, K/G + K/(4G)) in the layout described at Table.
 // x's preparation for a call, in the calling thread's scratch (a decode step makes a few hundred
 // calls, and allocating these each time was a measurable part of the small ones): x rounded to int8
 // per group of 32 with the sums the zero term (xsum) and the code-offset correction (xq_sum) take.
@@ -1267,6 +1265,8 @@ const float* float_group_sums(const Problem& p) {
   return xsum.data();
 }
 
+// A scale or zero tensor as a Table of (N, K/G) values: float32 or float16 (N, K/G), or factored,
+// uint8 (N, K/G + K/(4G)) in the layout described at Table.
 Table table_of(const at::Tensor& t, int64_t N, int64_t groups, const char* what) {
   const auto type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kByte, "quantized matmul: ", what,
@@ -1305,8 +1305,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   TORCH_CHECK(!int8_activations || group == 32, "group_quant_matmul: int8 activations need groups of 32, got ", group);
   Problem p{xc.data_ptr<float>(), nullptr, codes.data_ptr<uint8_t>(), scales, zeros, y.data_ptr<float>(), M, N, K,
             group, bits};
-  // the integer correction of unsigned 5-bit codes (GEMV) and of the wide tiles' 5- and 8-bit ones
-  if (int8_activations)
+  if (int8_activations)  // xq_sum: the integer correction of unsigned 5-bit codes (GEMV), of the wide tiles' 5- and 8-bit
     set_int8_activations(p, has_zero, bits != 4);
   else if (has_zero)
     p.xsum = float_group_sums(p);
@@ -1389,12 +1388,12 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
 #ifdef FS_AVX512
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), tiles = (N + 15) / 16;
+  const int64_t M = xc.size(0), K = xc.size(1), tiles = (N + kWideLanes - 1) / kWideLanes;
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == 512,
+                  codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 32,
               "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the tiles of ", N, " rows of ", K);
   TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / 32 &&
-                  scale.size(2) == 16 && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
+                  scale.size(2) == kWideLanes && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
               "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16 or float32 table");
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, 32, 8};
@@ -1411,7 +1410,7 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
 
 int64_t wide_tile_lanes() {
 #ifdef FS_AVX512
-  return 16;
+  return kWideLanes;
 #else
   return 0;
 #endif
