@@ -73,32 +73,35 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
 
     other = ck.build_cpu_kernels(level)
     gen = torch.Generator().manual_seed(0)
-    for bits, zero, table in ((4, True, torch.float16), (4, True, torch.uint8), (5, False, torch.float16),
-                              (8, False, torch.float32)):
+    for bits, zero, table, group in ((4, True, torch.float16, 32), (4, True, torch.uint8, 32),
+                                     (5, False, torch.float16, 32), (8, False, torch.float32, 32),
+                                     (8, True, torch.uint8, 16), (8, False, torch.float32, 16)):
         # float16 tables (as GGUF's own d and m are kept) for the 4- and 5-bit codes, float32 for 8-bit,
-        # factored ones (Q4_K's integers times float16 factors, group_quant_weight.factored_table) over 256-value blocks
-        n, k = 72, 512 if table == torch.uint8 else 320
+        # factored ones (Q4_K's integers times float16 factors, group_quant_weight.factored_table) over
+        # 256-value blocks; 8-bit codes in groups of 16 as Q6_K and Q2_K take them (x rounded per 16),
+        # 34 of them a row (two past the last eight)
+        n, k = 72, 512 if table == torch.uint8 else 320 if group == 32 else 544
         if bits == 8:
             codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).view(torch.uint8)
         else:  # any bytes are valid 4-bit and 5-bit codes
             codes = torch.randint(0, 256, (n, k // 2 if bits == 4 else k // 32 * 20), dtype=torch.uint8, generator=gen)
         def values():
             if table == torch.uint8:
-                return factored_table(torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=gen),
-                                      torch.randn(n, k // 256, generator=gen).half())
-            return torch.randn(n, k // 32, generator=gen).to(table)
+                return factored_table(torch.randint(0, 64, (n, k // group), dtype=torch.uint8, generator=gen),
+                                      torch.randn(n, k // group // 8, generator=gen).half())
+            return torch.randn(n, k // group, generator=gen).to(table)
 
         scale, z = values(), values() if zero else None
-        w = cpp_kernels.group_dequantize(codes, scale, z, bits, 32, 0, n)
-        assert torch.equal(other.group_dequantize(codes, scale, z, bits, 32, 0, n), w)
-        for m in (1, 3, 8, 20, 40, 130):
+        w = cpp_kernels.group_dequantize(codes, scale, z, bits, group, 0, n)
+        assert torch.equal(other.group_dequantize(codes, scale, z, bits, group, 0, n), w)
+        for m in (1, 2, 3, 8, 20, 40, 130):
             x = torch.randn(m, k, generator=gen)
-            want = cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, True)
-            assert torch.equal(other.group_quant_matmul(x, codes, scale, z, bits, 32, True), want), (bits, m)
+            want = cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, group, True)
+            assert torch.equal(other.group_quant_matmul(x, codes, scale, z, bits, group, True), want), (bits, group, m)
             # float activations: the same products, summed in each level's own order
-            diff = other.group_quant_matmul(x, codes, scale, z, bits, 32, False) - \
-                cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, 32, False)
-            assert (diff.abs() <= 2.0**-16 * (x.abs() @ w.abs().t())).all(), (bits, m)
+            diff = other.group_quant_matmul(x, codes, scale, z, bits, group, False) - \
+                cpp_kernels.group_quant_matmul(x, codes, scale, z, bits, group, False)
+            assert (diff.abs() <= 2.0**-16 * (x.abs() @ w.abs().t())).all(), (bits, group, m)
 
     logits = torch.randn(5, 1003, generator=gen)
     logits[1, 7] = float("nan")

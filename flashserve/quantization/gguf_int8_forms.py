@@ -33,8 +33,8 @@ c sc' = q sc, both round the same real number once (and Q5_1/Q5_K add their zero
 A factored table's integers are unsigned (group_quant_weight.factored_table), so a negative
 per-group integer moves its sign into that group's codes: float rounding is symmetric, so
 (d |sc|) (-c) = (d sc) c exactly. Q6_K's scales change every 16 values and no 8-bit code holds
-(q - 32) sc_j, so it keeps groups of 16, which the kernel runs with float activations only (so do
-Q2_K's, whose zeros change every 16 values, and the codebook types' of 16).
+(q - 32) sc_j, so it keeps groups of 16 (as do Q2_K, whose zeros change every 16 values, and the
+codebook types of 16), which the kernel runs with int8 activations too (quant_matmul.cpp).
 """
 from __future__ import annotations
 

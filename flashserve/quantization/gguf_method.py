@@ -11,18 +11,17 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q5_K                         → 8-bit codes, groups of 32, exact: factored scale and zero (8.625 bits)
     Q3_K, IQ4_XS                 → 8-bit codes, groups of 32, exact: sub-block scale folded into the
                                    codes (Q3_K) or a factored scale (IQ4_XS) (8.3125 bits)
-    Q6_K                         → 8-bit codes requantized per group of 32 (|Δw| <= max|w_group| / 254):
-                                   its exact form has groups of 16, without int8 activations
-                                   (REQUANTIZED_IN_LINEARS)
+    Q6_K                         → 8-bit codes, groups of 16, exact: factored scale (8.625 bits)
     Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
-                                   (Q2_K, IQ2_XS, IQ2_S, IQ1_M), which take float activations only
+                                   (Q2_K, IQ2_XS, IQ2_S, IQ1_M)
+    (groups of 16 take int8 activations rounded per 16 values: group_quant_weight.int8_groups_fit)
     IQ3_S, IQ1_S, TQ1_0, TQ2_0   → 4-bit codes, groups of 32, exact: codes affine in the grid's
                                    (gguf_codebook_forms.affine4), float32 scale and zero (6 bits);
                                    an embedding's rows take their exact 8-bit form
     token embedding (row lookups, tied head) → 5-bit codes for Q5_0, the exact 8-bit forms above
-                                   (Q6_K's too: groups of 16, 8.625 bits) and Q4_0 exactly in 8,
-                                   other types (Q4_1, Q4_K, ...) requantized per group of 32
+                                   and Q4_0 exactly in 8, other types (Q4_1, Q4_K, ...) requantized
+                                   per group of 32
     Exact means codes * scale (+ zero) in float32 is gguf-py's dequantization bit for bit
     (gguf_int8_forms.py gives the layouts).
 
@@ -80,10 +79,6 @@ KERNEL_TYPES = INT4_TYPES | INT8_TYPES | EXACT_INT8_TYPES  # GGUF types that run
 # a process loading Qwen2.5-Coder-1.5B under layer streaming, which writes its packed-layer file, peaked
 # 708 MiB with 4096, 481 with 1024 and the heap trimmed after each layer, measured)
 _ROWS = 1024
-# Q6_K's exact form has groups of 16, which the kernel runs on float activations only; its linears
-# (ffn_down, attn_v, often the LM head) keep codes requantized per group of 32, which take int8
-# activations, the default ("auto") and much the faster path for them. Embedding rows stay exact.
-REQUANTIZED_IN_LINEARS = frozenset({Q.Q6_K})
 _FOLIO_BYTES = 2 << 20  # the largest page-cache folio on x86-64 (a PMD)
 
 Part = GGUFTensor | Int4Groups | torch.Tensor  # a dense part arrives as a float tensor
@@ -132,7 +127,7 @@ def pack_embedding(t: GGUFTensor, own_kernels: bool | None = None) -> Int8GroupW
     if own and t.qtype == Q.Q5_0:
         return GroupQuantWeight(*_rows_converted([t], _int5_codes), None, bits=5, packed=True)
     if own and t.qtype in EXACT_INT8_TYPES:
-        return _exact_int8_weight([t], linear=False)
+        return _exact_int8_weight([t])
     codes, scale = _rows_converted([t], _int8_group_codes)
     if own:
         return GroupQuantWeight(codes, scale, None, bits=8)
@@ -171,18 +166,16 @@ def _q4k_weight(parts: list[GGUFTensor]) -> tuple[torch.Tensor, torch.Tensor, to
     return codes, factored_table(sc, d), factored_table(mn, neg_dmin)
 
 
-def _exact_int8_weight(parts: list[GGUFTensor], linear: bool = True) -> GroupQuantWeight:
-    """Parts of EXACT_INT8_TYPES as 8-bit codes exactly (gguf_int8_forms.py), but for a linear's Q6_K
-    (REQUANTIZED_IN_LINEARS): one weight, parts of different types merged into one form."""
+def _exact_int8_weight(parts: list[GGUFTensor]) -> GroupQuantWeight:
+    """Parts of EXACT_INT8_TYPES as 8-bit codes exactly (gguf_int8_forms.py): one weight, parts of
+    different types merged into one form."""
     runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.qtype)]
-    forms = [_int8_form(run, linear) for run in runs]
+    forms = [_int8_form(run) for run in runs]
     return _int8_weight(forms[0] if len(forms) == 1 else merged(forms))
 
 
-def _int8_form(parts: list[GGUFTensor], linear: bool) -> Int8Form:
+def _int8_form(parts: list[GGUFTensor]) -> Int8Form:
     """Parts of one type, converted a chunk of rows at a time into tensors made once."""
-    if linear and parts[0].qtype in REQUANTIZED_IN_LINEARS:
-        return Int8Form(*_rows_converted(parts, _int8_group_codes), None, GROUP)
     codes, scale, *zero = _rows_converted(parts, exact_int8)
     return Int8Form(codes, scale, zero[0] if zero else None, GROUPS[parts[0].qtype])
 
@@ -196,7 +189,8 @@ def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
     torch's per-group embedding table, and this project's for types without an exact 8-bit form."""
     if t.qtype in INT8_GROUP_TYPES:
         return tuple(torch.from_numpy(a) for a in int8_groups(t))
-    if t.qtype == Q.Q6_K and _own_kernels():  # one C++ pass, bit for bit the two torch passes below
+    if t.qtype == Q.Q6_K and _own_kernels():  # one C++ pass, bit for bit the two torch passes below (torch's
+        # kernels chosen while this project's built: own kernels take Q6_K exactly)
         from flashserve.kernels import ops
 
         return ops.native().q6k_requantize_int8(t.block_bytes())

@@ -22,8 +22,9 @@ class GroupQuantWeight(PackedWeight):
     the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit), Q5_0 (5-bit) and Q8_0 (8-bit) blocks, run by this
     project's C++ kernel (kernels/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
-    With int8_activations (quantization="auto") the kernel rounds x per group of 32 to int8 and
-    computes every M itself (no large-M path), so a row's result never depends on its step.
+    With int8_activations (quantization="auto") the kernel rounds x per group (of 32, or of 16 for
+    8-bit codes in groups of 16) to int8 and computes every M itself (no large-M path), so a row's
+    result never depends on its step.
     Also an embedding table: rows() looks rows up exactly."""
 
     act_dtype = torch.float32
@@ -39,7 +40,7 @@ class GroupQuantWeight(PackedWeight):
         """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group).
         packed: codes already in the kernel's layout (quant_matmul.cpp): 4-bit (N, K/2) (GGUF's Q4_0/Q4_1
         bytes), 5-bit (N, K/32 * 20) (Q5_0's blocks without d; always packed).
-        int8_activations: round x per group of 32 to int8 and take integer dot products (group 32 only)."""
+        int8_activations: round x per group to int8 and take integer dot products (int8_groups_fit)."""
         super().__init__()
         per_byte = {4: 2.0, 5: GROUP / 20, 8: 1.0}[bits] if packed else 1.0
         n, k = codes.shape[0], round(codes.shape[1] * per_byte)
@@ -59,10 +60,10 @@ class GroupQuantWeight(PackedWeight):
         self.zero = None if zero is None else _param(_narrowest_exact(zero))  # as scale
 
     def set_int8_activations(self, on: bool) -> None:
-        """The kernel rounds x to int8 only for groups of 32; other groups keep float x."""
+        """The kernel rounds x to int8 where int8_groups_fit; other weights keep float x."""
         if self.tiled and not on:
             raise ValueError("a weight stored in tiles runs with int8 activations only")
-        self.int8_activations = on and self.group == GROUP
+        self.int8_activations = on and int8_groups_fit(self.bits, self.group, self.in_features)
         # Rows from which dequantize + float32 GEMM is faster (module docstring): never with int8
         # activations, so a row's result is the same in a prompt of any length as in a decode step.
         self.large_m = sys.maxsize if self.int8_activations else 64 if self.bits == 4 else 128
@@ -71,21 +72,22 @@ class GroupQuantWeight(PackedWeight):
         """Store the codes and scales in the order of the kernel's 16-row tiles, where the build has
         them (AVX-512): its tiled GEMM then reads each tile's group with plain loads, where row-major
         codes are transposed in registers at every call, and it runs every M, one row included. Only
-        what that kernel takes: 8-bit codes in groups of 32, int8 activations, no zero, float16 or
-        float32 scales. The same numbers either way. Returns whether it did. The codes are rearranged
-        in their own storage (no second copy of a large head at start-up): a tensor shared with
-        another weight must not be tiled."""
+        what that kernel takes: 8-bit codes in groups of 32 or 16, int8 activations, no zero; a
+        factored scale table becomes its values (float16 where that holds them, else float32). The
+        same numbers either way. Returns whether it did. The codes are rearranged in their own
+        storage (no second copy of a large head at start-up): a tensor shared with another weight
+        must not be tiled."""
         lanes = ops.wide_tile_lanes()
-        if (self.tiled or not lanes or self.bits != 8 or self.group != GROUP or not self.int8_activations
-                or self.zero is not None or self.scale.dtype not in (torch.float16, torch.float32)
+        if (self.tiled or not lanes or self.bits != 8 or not self.int8_activations or self.zero is not None
                 or self.codes.device.type != "cpu"):
             return False
-        n, groups = self.out_features, self.in_features // GROUP
+        n, spans, groups = self.out_features, self.in_features // GROUP, self.in_features // self.group
         tiles, pad = -(-n // lanes), -n % lanes
         codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
         _rows_to_tiles_(codes, lanes)
-        self.codes = _param(codes.view(tiles, groups, lanes * GROUP))
-        self.scale = _param(F.pad(self.scale, (0, 0, 0, pad)).view(tiles, lanes, groups).transpose(1, 2).contiguous())
+        self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
+        scale = _narrowest_exact(table_values(self.scale)) if self.scale.dtype == torch.uint8 else self.scale
+        self.scale = _param(F.pad(scale, (0, 0, 0, pad)).view(tiles, lanes, groups).transpose(1, 2).contiguous())
         self.tiled = True
         return True
 
@@ -110,8 +112,8 @@ class GroupQuantWeight(PackedWeight):
         if self.tiled:
             tile, lane = self._tile_lanes(index)
             tiles, groups, _ = self.codes.shape
-            c = self.codes.view(tiles, groups, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, G, 8, 4)
-            return (c ^ 0x80).view(torch.int8).reshape(len(tile), groups, GROUP).to(torch.int32)
+            c = self.codes.view(tiles, groups, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, K/32, 8, 4)
+            return (c ^ 0x80).view(torch.int8).reshape(len(tile), -1, self.group).to(torch.int32)
         c = self.codes[index]  # (rows, code bytes per row)
         if self.bits == 8:
             return c.view(torch.int8).view(len(c), -1, self.group).to(torch.int32)
@@ -153,6 +155,12 @@ class GroupQuantWeight(PackedWeight):
 
     def zero_values(self) -> torch.Tensor | None:
         return None if self.zero is None else table_values(self.zero)
+
+
+def int8_groups_fit(bits: int, group: int, in_features: int) -> bool:
+    """Whether the kernel takes int8 activations for this weight: groups of 32, or 8-bit codes in
+    groups of 16 (Q6_K, Q2_K, ...: x then rounded per 16) on rows of whole 32-code spans."""
+    return group == GROUP or (bits == 8 and group == 16 and in_features % GROUP == 0)
 
 
 def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) -> None:

@@ -9,23 +9,31 @@ import pytest
 import torch
 
 from flashserve.kernels import ops
-from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 
 
-def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int) -> tuple[GroupQuantWeight, GroupQuantWeight]:
-    """The same random 8-bit weight twice: by rows, and to be tiled (its own copy of the codes)."""
+def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int,
+                group: int = 32) -> tuple[GroupQuantWeight, GroupQuantWeight]:
+    """The same random 8-bit weight twice: by rows, and to be tiled (its own copy of the codes). A
+    uint8 scale_dtype: a factored table (Q6_K's form), whose values the tiles hold."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-    scale = (torch.rand(n, k // 32, generator=gen) * 0.02).to(scale_dtype)
-    return (GroupQuantWeight(codes, scale, None, bits=8, int8_activations=True),
-            GroupQuantWeight(codes.clone(), scale.clone(), None, bits=8, int8_activations=True))
+    if scale_dtype == torch.uint8:
+        scale = factored_table(torch.randint(0, 129, (n, k // group), dtype=torch.uint8, generator=gen),
+                               (torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
+    else:
+        scale = (torch.rand(n, k // group, generator=gen) * 0.02).to(scale_dtype)
+    return (GroupQuantWeight(codes, scale, None, bits=8, group=group, int8_activations=True),
+            GroupQuantWeight(codes.clone(), scale.clone(), None, bits=8, group=group, int8_activations=True))
 
 
-# 72 rows: a last tile of 8 (padded in a new tensor); 64: whole tiles, rearranged in place
-@pytest.mark.parametrize("n,k,scale_dtype", [(72, 320, torch.float16), (64, 640, torch.float32),
-                                             (1000, 96, torch.float16)])
-def test_tiles_give_the_row_major_numbers(n, k, scale_dtype):
-    rows, tiled = weight_pair(n, k, scale_dtype, seed=n)
+# 72 rows: a last tile of 8 (padded in a new tensor); 64: whole tiles, rearranged in place; groups of
+# 16 (Q6_K's, its factored scales held as float32 values) with 34 groups a row
+@pytest.mark.parametrize("n,k,scale_dtype,group", [(72, 320, torch.float16, 32), (64, 640, torch.float32, 32),
+                                                   (1000, 96, torch.float16, 32), (72, 512, torch.uint8, 16),
+                                                   (40, 544, torch.float32, 16)])
+def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group):
+    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group)
     stored = tiled.to_wide_tiles()
     assert stored == (ops.wide_tile_lanes() == 16)
     assert tiled.to_wide_tiles() is False  # once

@@ -24,9 +24,10 @@
 // Each output row is computed by the same instructions whatever M is and wherever it sits in
 // the batch, so a request's numbers do not depend on what it is batched with.
 //
-// int8 activations (optional, G = 32): each row of x is rounded per group to int8 codes with a
-// scale, xq = round(x / dx), dx = max|x| / 127, the scheme llama.cpp pairs with its Q4/Q8 weights
-// (its "Q8" activation blocks). The group's dot product is then exact integer arithmetic,
+// int8 activations (optional; G = 32, or 16 for 8-bit codes): each row of x is rounded per 32 values
+// (a span) to int8 codes with a scale, xq = round(x / dx), dx = max|x| / 127, the scheme llama.cpp
+// pairs with its Q4/Q8 weights (its "Q8" activation blocks). A group's dot product is then exact
+// integer arithmetic,
 //
 //     sum_k q[n, k] x[k]  ~  dx * sum_k q[n, k] xq[k]
 //
@@ -99,6 +100,10 @@ inline int64_t gemm_min_rows(int64_t, int64_t) { return kGemmMinRows; }
 inline int64_t tile_min_rows(int64_t bits, int64_t) { return bits == 4 ? 24 : 16; }  // 5-bit codes go the signed way
 #endif
 
+// What the kernels that take codes unsigned (vpdpbusd multiplies u8 by s8) add to each: 5-bit codes are
+// read as c + 16, 8-bit ones as q + 128 (the sign bit flipped); 4-bit codes are unsigned already.
+constexpr int32_t code_offset(int64_t bits) { return bits == 4 ? 0 : bits == 5 ? 16 : 128; }
+
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
 
@@ -162,17 +167,36 @@ struct Table {
   }
 #endif
 #ifdef FS_AVX512
-  // Group g of a factored table's rows [n0, n0 + 16) as one vector, rows past `live` zero: two 32-bit
-  // gathers, each read kept inside its row (the integer's 4 bytes run into the factors that follow
-  // it; the factor is read as the high half of the 4 bytes ending with it).
-  __m512 factored16(int64_t n0, __mmask16 live, int64_t g) const {
+  // Of a factored table's rows [n0, n0 + 16), rows past `live` zero: the 4 bytes from group g's integer
+  // (byte 0) as 32-bit lanes, and g's factor. Two 32-bit gathers, each read kept inside its row (the
+  // integer's 4 bytes run into the factors that follow it; the factor is read as the high half of the
+  // 4 bytes ending with it).
+  void factored_words16(int64_t n0, __mmask16 live, int64_t g, __m512i& ints, __m512& factor) const {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int32_t>(row_bytes())));
     const uint8_t* base = row(n0);
-    const __m512i ints = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + g, 1);
+    ints = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + g, 1);
     const __m512i factors = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + groups + 2 * (g / 8) - 2, 1);
-    const __m512 f = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(factors, 16)));
+    factor = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(factors, 16)));
+  }
+
+  // Group g of a factored table's rows [n0, n0 + 16) as one vector, rows past `live` zero.
+  __m512 factored16(int64_t n0, __mmask16 live, int64_t g) const {
+    __m512i ints;
+    __m512 f;
+    factored_words16(n0, live, g, ints, f);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(ints, _mm512_set1_epi32(0xFF))), f);
+  }
+
+  // Groups g and g + 1 (g even) as factored16 gives each, from the same two gathers: the two integers
+  // are adjacent bytes and share their factor.
+  void factored16_pair(int64_t n0, __mmask16 live, int64_t g, __m512& first, __m512& second) const {
+    __m512i ints;
+    __m512 f;
+    factored_words16(n0, live, g, ints, f);
+    const __m512i byte = _mm512_set1_epi32(0xFF);
+    first = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(ints, byte)), f);
+    second = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(ints, 8), byte)), f);
   }
 
   // Group g of rows [n0, n0 + 16) as one vector, rows past `live` zero, for any kind: one 32-bit
@@ -200,12 +224,14 @@ struct Problem {
   float* y;            // (M, N)
   int64_t M, N, K, G, bits;
   const int8_t* xq = nullptr;  // (M, K) int8 codes of x, when activations are rounded to int8
-  const float* dx = nullptr;   // (M, K/32) their scales
+  const float* dx = nullptr;   // (M, K/32) their scales, one per 32 values (a span)
   const int8_t* xq_nibbles = nullptr;  // 4-bit GEMV: xq in the nibble order of kNibbleRun groups (nibble_rows)
-  const int32_t* xq_sum = nullptr;   // (M, K/32) integer sums of xq per group (the 5-bit GEMV)
+  // (M, K/G) -offset * sum(xq) per group: the correction of codes read with an offset (unsigned 5-bit codes
+  // in the GEMV, q + 16; the wide tiles' 5- and 8-bit codes, q + 16 and q + 128), made with the activations
+  const int32_t* xq_corr = nullptr;
   // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
-  const uint8_t* tiles = nullptr;        // (T, K/32, 512): tile t, group g = the WideTileGroup's w[0..7]
-  const uint8_t* tile_scales = nullptr;  // (T, K/32, 16) float16 or float32: its scale vector
+  const uint8_t* tiles = nullptr;        // (T, K/32, 512): tile t, span b = the WideTileGroup's w[0..7]
+  const uint8_t* tile_scales = nullptr;  // (T, K/G, 16) float16 or float32: the scale vector of each group
   bool tile_scales_half = false;
 };
 
@@ -288,7 +314,7 @@ void row_int8(const Problem& p, int64_t n, int64_t m0) {
 //
 //   D[g] = sum_k q[n, k] xq[m, k] over group g (exact integer arithmetic, any order)
 //   acc[j] = fma(z[n, g], xsum[m, g], fma(float(D[g]), s[n, g] * dx[m, g], acc[j])),  j = g mod 8,
-//            groups in increasing order
+//            groups in increasing order (groups of 32; groups of 16: gemv_s8_g16's order, per span)
 //   y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7))   (hsum's tree)
 //
 // The GEMV kernel (few rows) holds acc[0..7] as the lanes of one vector, groups eight at a time;
@@ -395,14 +421,13 @@ struct GroupStep {
   __m256 live, sv, zv;
   __m256i mask;
   __attribute__((always_inline)) GroupStep(const Problem& p, int64_t n, int64_t g0, int64_t cnt) {
-    const int64_t groups = p.K / 32;
     live = first_lanes(cnt);
     mask = _mm256_castps_si256(live);
     sv = p.scale.load8(n, g0, cnt, mask);
     zv = p.zero ? p.zero.load8(n, g0, cnt, mask) : _mm256_setzero_ps();
   }
   __attribute__((always_inline)) __m256 apply(const Problem& p, __m256 acc, __m256i D, int64_t m, int64_t g0) const {
-    const int64_t groups = p.K / 32;
+    const int64_t groups = p.K / p.G;
     __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(D), _mm256_mul_ps(sv, _mm256_maskload_ps(p.dx + m * groups + g0, mask)),
                                acc);
     if (p.zero) a = _mm256_fmadd_ps(zv, _mm256_maskload_ps(p.xsum + m * groups + g0, mask), a);
@@ -437,8 +462,10 @@ inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g
     if (rows <= 0) return;
     const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
     for (int q = 0; q < 8; ++q) prefetch_line_l2(p.tiles + at * 512 + 64 * q);
-    const int64_t scale_bytes = p.tile_scales_half ? 32 : 64;
-    if (g == 0 || (at * scale_bytes) % 64 == 0) prefetch_line_l2(p.tile_scales + at * scale_bytes);
+    // the span's scales: one group's 16 (32 or 64 bytes), or two groups' of 16
+    const int64_t span_bytes = (p.tile_scales_half ? 32 : 64) * (32 / p.G);
+    if (g == 0 || (at * span_bytes) % 64 == 0) prefetch_line_l2(p.tile_scales + at * span_bytes);
+    if (span_bytes > 64) prefetch_line_l2(p.tile_scales + at * span_bytes + 64);
     return;
   }
   const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
@@ -519,9 +546,91 @@ void gemv_s8(const Problem& p, int64_t n, int64_t m0) {
     for (int i = 0; i < MB; ++i) {
       __m256i D = reduce8(dots[i]);
       if constexpr (kBits == 5)  // sum(c x) = sum(q x) - 16 sum(x); lanes past the last group stay 0
-        D = _mm256_sub_epi32(D, _mm256_slli_epi32(
-                _mm256_maskload_epi32(p.xq_sum + (m0 + i) * groups + g0, step.mask), 4));
+        D = _mm256_add_epi32(D, _mm256_maskload_epi32(p.xq_corr + (m0 + i) * groups + g0, step.mask));
       acc[i] = step.apply(p, acc[i], D, m0 + i, g0);
+    }
+  }
+  for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
+}
+
+// Groups of 16 (8-bit codes: Q6_K, Q2_K and the 2-bit codebook types, exactly). x is rounded per 32
+// values (a span) as for every weight, and a span's two groups meet in the float step:
+//
+//   v = fma(float(D[2s + 1]), s[n, 2s + 1], float(D[2s]) * s[n, 2s])
+//   acc[j] = fma(z[n, 2s + 1], xsum[m, 2s + 1], fma(z[n, 2s], xsum[m, 2s], fma(v, dx[m, s], acc[j]))),  j = s mod 8
+//
+// spans in increasing order, then hsum's tree as above. One float step per span, as for groups of 32
+// (a step per group of 16 took the tiled GEMM 1.5-1.9x the time of groups of 32, measured).
+// Of eight values in a and eight in b (16 groups in order), the even ones and the odd ones in order.
+inline void deinterleave16(__m256 a, __m256 b, __m256& even, __m256& odd) {
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+
+// The canonical step of groups of 16 for eight spans from s0 (the first `cnt` live) of output row n,
+// lanes over spans.
+struct SpanStep16 {
+  __m256 live, s_even, s_odd, z_even, z_odd;
+  __m256i mask;
+  __attribute__((always_inline)) SpanStep16(const Problem& p, int64_t n, int64_t s0, int64_t cnt) {
+    live = first_lanes(cnt);
+    mask = _mm256_castps_si256(live);
+    const int64_t g0 = 2 * s0, first = std::min<int64_t>(8, 2 * cnt), second = 2 * cnt - first;
+    const __m256i m1 = _mm256_castps_si256(first_lanes(first)), m2 = _mm256_castps_si256(first_lanes(second));
+    deinterleave16(p.scale.load8(n, g0, first, m1), second ? p.scale.load8(n, g0 + 8, second, m2) : _mm256_setzero_ps(),
+                   s_even, s_odd);
+    if (p.zero)
+      deinterleave16(p.zero.load8(n, g0, first, m1), second ? p.zero.load8(n, g0 + 8, second, m2) : _mm256_setzero_ps(),
+                     z_even, z_odd);
+  }
+  // D_even, D_odd: the integer dot products of the spans' first and second groups.
+  __attribute__((always_inline)) __m256 apply(const Problem& p, __m256 acc, __m256i D_even, __m256i D_odd, int64_t m,
+                                              int64_t s0, int64_t cnt) const {
+    const int64_t spans = p.K / 32;
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(D_odd), s_odd, _mm256_mul_ps(_mm256_cvtepi32_ps(D_even), s_even));
+    __m256 a = _mm256_fmadd_ps(v, _mm256_maskload_ps(p.dx + m * spans + s0, mask), acc);
+    if (p.zero) {
+      const float* xs = p.xsum + m * 2 * spans + 2 * s0;
+      const int64_t first = std::min<int64_t>(8, 2 * cnt);
+      __m256 xe, xo;
+      deinterleave16(_mm256_maskload_ps(xs, _mm256_castps_si256(first_lanes(first))),
+                     _mm256_maskload_ps(xs + 8, _mm256_castps_si256(first_lanes(2 * cnt - first))), xe, xo);
+      a = _mm256_fmadd_ps(z_odd, xo, _mm256_fmadd_ps(z_even, xe, a));
+    }
+    return _mm256_blendv_ps(acc, a, live);  // spans past the end leave their lanes alone
+  }
+};
+
+// GEMV for 8-bit codes in groups of 16: a span's 32 codes in one load, so after the multiply-adds
+// lanes 0-3 hold partial sums of its first group and lanes 4-7 of its second.
+template <int MB>
+void gemv_s8_g16(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t spans = p.K / 32;
+  const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+  if (m0 == 0) prefetch_tables(p, n, 1);
+  __m256 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t s0 = 0; s0 < spans; s0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, spans - s0);
+    if (m0 == 0) prefetch_stream<8>(p, n, 1, s0, cnt);
+    __m256i dots[MB][8];
+    for (int64_t j = 0; j < 8; ++j) {
+      if (j >= cnt) {
+        for (int i = 0; i < MB; ++i) dots[i][j] = _mm256_setzero_si256();
+        continue;
+      }
+      const __m256i w = codes_s8(c + (s0 + j) * 32);
+      for (int i = 0; i < MB; ++i)
+        dots[i][j] = dot_lanes_s8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * p.K + (s0 + j) * 32)));
+    }
+    const SpanStep16 step(p, n, s0, cnt);
+    for (int i = 0; i < MB; ++i) {
+      // hadd twice: [first groups of spans 0-3 | their second groups], the same for spans 4-7
+      const __m256i* d = dots[i];
+      const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+      const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+      acc[i] = step.apply(p, acc[i], _mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31),
+                          m0 + i, s0, cnt);
     }
   }
   for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]);
@@ -696,21 +805,21 @@ inline void transpose8x32(__m256i* r) {  // r[i] lane q -> r[q] lane i (32-bit l
 }
 
 // Activations for the GEMM, per block of 8 rows: xq interleaved so that one 32-byte load holds 4
-// consecutive k of each of the 8 rows ([block][group][k / 4][row][k % 4]), and dx, xsum as
-// [block][group][row]. Rows past M are zeros.
+// consecutive k of each of the 8 rows ([block][k / 32][k % 32 / 4][row][k % 4]), and dx, xsum as
+// [block][span][row] and [block][group][row] (groups of G). Rows past M are zeros.
 struct Q8Blocks {
   std::vector<int8_t> xq;
   std::vector<float> dx, xsum;
 };
 
 void interleave_rows(const Problem& p, Q8Blocks& b) {  // b: the caller's per-thread scratch
-  const int64_t groups = p.K / 32, blocks = (p.M + 7) / 8;
+  const int64_t spans = p.K / 32, groups = p.K / p.G, blocks = (p.M + 7) / 8;
   b.xq.resize(blocks * p.K * 8);
-  b.dx.assign(blocks * groups * 8, 0.f);
+  b.dx.assign(blocks * spans * 8, 0.f);
   b.xsum.assign(p.xsum ? blocks * groups * 8 : 0, 0.f);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t rows = std::min<int64_t>(8, p.M - blk * 8);
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = 0; g < spans; ++g) {
       // A group of 8 rows is an 8 x 8 matrix of 4-byte units: transposed, unit q of every row
       // lands in vector q.
       __m256i r[8];
@@ -719,12 +828,12 @@ void interleave_rows(const Problem& p, Q8Blocks& b) {  // b: the caller's per-th
                         : _mm256_setzero_si256();
       transpose8x32(r);
       for (int q = 0; q < 8; ++q)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&b.xq[((blk * groups + g) * 8 + q) * 32]), r[q]);
-      for (int64_t i = 0; i < rows; ++i) {
-        b.dx[(blk * groups + g) * 8 + i] = p.dx[(blk * 8 + i) * groups + g];
-        if (p.xsum) b.xsum[(blk * groups + g) * 8 + i] = p.xsum[(blk * 8 + i) * groups + g];
-      }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&b.xq[((blk * spans + g) * 8 + q) * 32]), r[q]);
+      for (int64_t i = 0; i < rows; ++i) b.dx[(blk * spans + g) * 8 + i] = p.dx[(blk * 8 + i) * spans + g];
     }
+    if (p.xsum)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < rows; ++i) b.xsum[(blk * groups + g) * 8 + i] = p.xsum[(blk * 8 + i) * groups + g];
   }
 }
 
@@ -735,51 +844,66 @@ inline __m256 canonical_sum(const __m256* acc) {
   return _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
 }
 
-// GEMM: NB output rows from n0 against the 8 activation rows of block `blk`. Lanes are rows m.
-template <int NB, int kBits>
+// GEMM: NB output rows from n0 against the 8 activation rows of block `blk`. Lanes are rows m. Codes
+// are read 32 at a time (a span); 8-bit codes in groups of 16 (kG) take two groups' sums from a span.
+template <int NB, int kBits, int kG = 32>
 void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
   constexpr bool kSigned = kBits != 4;
-  const int64_t groups = p.K / 32;
+  constexpr int kParts = 32 / kG, kUnits = 8 / kParts;  // groups per span, 4-byte units per group
+  static_assert(kBits == 8 || kG == 32, "groups of 16 are for 8-bit codes");
+  const int64_t spans = p.K / 32, groups = p.K / kG;
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) uint8_t wbytes[NB][32], wabs[NB][32];
   __m256 acc[NB][8];
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t sp = 0; sp < spans; ++sp) {
     for (int i = 0; i < NB; ++i) {
-      const __m256i w = group_codes<kBits>(p, n0 + i, g);
+      const __m256i w = group_codes<kBits>(p, n0 + i, sp);
       _mm256_store_si256(reinterpret_cast<__m256i*>(wbytes[i]), w);
       if (kSigned) _mm256_store_si256(reinterpret_cast<__m256i*>(wabs[i]), _mm256_sign_epi8(w, w));
     }
-    const int8_t* xg = &b.xq[(blk * groups + g) * 256];
-    __m256i isum[NB];
-    for (int i = 0; i < NB; ++i) isum[i] = _mm256_setzero_si256();
+    const int8_t* xg = &b.xq[(blk * spans + sp) * 256];
+    __m256i isum[NB][kParts];
+    for (int i = 0; i < NB; ++i)
+      for (int h = 0; h < kParts; ++h) isum[i][h] = _mm256_setzero_si256();
     for (int q = 0; q < 8; ++q) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + q * 32));
       for (int i = 0; i < NB; ++i) {
+        __m256i& sum = isum[i][q / kUnits];
         int32_t w4;
         std::memcpy(&w4, &wbytes[i][q * 4], 4);
         const __m256i wq = _mm256_set1_epi32(w4);
         if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
           int32_t a4;
           std::memcpy(&a4, &wabs[i][q * 4], 4);
-          isum[i] = dpbusd(isum[i], _mm256_set1_epi32(a4), _mm256_sign_epi8(x, wq));
+          sum = dpbusd(sum, _mm256_set1_epi32(a4), _mm256_sign_epi8(x, wq));
         } else if constexpr (kVnni) {
-          isum[i] = dpbusd(isum[i], wq, x);
+          sum = dpbusd(sum, wq, x);
         } else {  // 4-bit codes: |pair sum| <= 2 * 15 * 127, eight steps fit in int16
-          isum[i] = _mm256_add_epi16(isum[i], _mm256_maddubs_epi16(wq, x));
+          sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wq, x));
         }
       }
     }
-    const __m256 dxv = _mm256_loadu_ps(&b.dx[(blk * groups + g) * 8]);
-    const int64_t j = g % 8;
+    const int64_t j = sp % 8;
+    const __m256 dxv = _mm256_loadu_ps(&b.dx[(blk * spans + sp) * 8]);
     for (int i = 0; i < NB; ++i) {
       const int64_t n = n0 + i;
-      const __m256i d32 = kSigned || kVnni ? isum[i] : _mm256_madd_epi16(isum[i], ones);
-      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(_mm256_set1_ps(p.scale.at(n, g)), dxv),
-                                 acc[i][j]);
-      if (p.zero)
-        a = _mm256_fmadd_ps(_mm256_set1_ps(p.zero.at(n, g)), _mm256_loadu_ps(&b.xsum[(blk * groups + g) * 8]), a);
+      __m256 a;
+      if constexpr (kG == 32) {
+        const __m256i d32 = kSigned || kVnni ? isum[i][0] : _mm256_madd_epi16(isum[i][0], ones);
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(_mm256_set1_ps(p.scale.at(n, sp)), dxv), acc[i][j]);
+        if (p.zero)
+          a = _mm256_fmadd_ps(_mm256_set1_ps(p.zero.at(n, sp)), _mm256_loadu_ps(&b.xsum[(blk * groups + sp) * 8]), a);
+      } else {
+        const int64_t g = 2 * sp;
+        const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i][1]), _mm256_set1_ps(p.scale.at(n, g + 1)),
+                                         _mm256_mul_ps(_mm256_cvtepi32_ps(isum[i][0]), _mm256_set1_ps(p.scale.at(n, g))));
+        a = _mm256_fmadd_ps(v, dxv, acc[i][j]);
+        if (p.zero)
+          for (int h = 0; h < 2; ++h)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(p.zero.at(n, g + h)), _mm256_loadu_ps(&b.xsum[(blk * groups + g + h) * 8]), a);
+      }
       acc[i][j] = a;
     }
   }
@@ -800,29 +924,37 @@ void gemm_q8(const Problem& p, const Q8Blocks& b, int64_t n0, int64_t blk) {
 // canonical one with lanes over n instead of over groups: acc[m][j] (j = g mod 8) is a vector of
 // 8 output rows.
 
-// Group g of output rows [n0, n0 + rows) in the tiled form: w[q] lane n = codes 4q .. 4q+3 of row
-// n0 + n (rows past `rows` are zeros), a[q] = |w[q]| for signed codes, and the rows' scales and
-// zeros as vectors.
+// Codes 32 sp .. 32 sp + 31 (span sp) of output rows [n0, n0 + rows) in the tiled form: w[q] lane n =
+// codes 4q .. 4q+3 of the span in row n0 + n (rows past `rows` are zeros), a[q] = |w[q]| for signed
+// codes, and the rows' scales and zeros as vectors: of the span's group, or of its two groups of 16
+// ([h] for codes 16 h .. 16 h + 15).
 struct TileGroup {
   __m256i w[8], a[8];
-  __m256 scale, zero;
+  __m256 scale[2], zero[2];
 };
 
-template <int kBits>
-inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, TileGroup& t) {
-  constexpr bool kSigned = kBits != 4;
-  const int64_t groups = p.K / 32;
-  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? group_codes<kBits>(p, n0 + i, g) : _mm256_setzero_si256();
-  transpose8x32(t.w);
-  if (kSigned)
-    for (int q = 0; q < 8; ++q) t.a[q] = _mm256_sign_epi8(t.w[q], t.w[q]);
-  alignas(32) float sc[8] = {0.f}, ze[8] = {0.f};
+// Scales and zeros of group g of rows [n0, n0 + rows), one by one (a tile's partial rows).
+inline void group_values(const Problem& p, int64_t n0, int64_t rows, int64_t g, float* sc, float* ze) {
   for (int64_t i = 0; i < rows; ++i) {
     sc[i] = p.scale.at(n0 + i, g);
     if (p.zero) ze[i] = p.zero.at(n0 + i, g);
   }
-  t.scale = _mm256_load_ps(sc);
-  t.zero = _mm256_load_ps(ze);
+}
+
+template <int kBits, int kG = 32>
+inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t sp, TileGroup& t) {
+  constexpr bool kSigned = kBits != 4;
+  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? group_codes<kBits>(p, n0 + i, sp) : _mm256_setzero_si256();
+  transpose8x32(t.w);
+  if (kSigned)
+    for (int q = 0; q < 8; ++q) t.a[q] = _mm256_sign_epi8(t.w[q], t.w[q]);
+  for (int h = 0; h < 32 / kG; ++h) {
+    const int64_t g = sp * (32 / kG) + h;
+    alignas(32) float sc[8] = {0.f}, ze[8] = {0.f};
+    group_values(p, n0, rows, g, sc, ze);
+    t.scale[h] = _mm256_load_ps(sc);
+    t.zero[h] = _mm256_load_ps(ze);
+  }
 }
 
 inline __m256i bcast4(const int8_t* x) {
@@ -831,12 +963,14 @@ inline __m256i bcast4(const int8_t* x) {
   return _mm256_set1_epi32(v);
 }
 
+// The integer dot products of a tile's codes 4 q0 .. 4 q1 - 1 with the activation row's same k (xp at
+// the span's first k); signed codes take any range, unsigned ones the whole span.
 template <bool kSigned>
-inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp) {
+inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp, int q0 = 0, int q1 = 8) {
   const __m256i ones = _mm256_set1_epi16(1);
   if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
     __m256i d32 = _mm256_setzero_si256();
-    for (int q = 0; q < 8; ++q) d32 = dpbusd(d32, a[q], _mm256_sign_epi8(bcast4(xp + 4 * q), w[q]));
+    for (int q = q0; q < q1; ++q) d32 = dpbusd(d32, a[q], _mm256_sign_epi8(bcast4(xp + 4 * q), w[q]));
     return d32;
   }
   if constexpr (kVnni) {  // two chains, so that one product does not wait on the last
@@ -860,24 +994,36 @@ inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp) {
 // tiled form (a call with more than kTileRows rows builds them once per task); without it each
 // group is built here, for the one pass of a smaller call.
 constexpr int64_t kTileRows = 32;
-template <int kBits>
+template <int kBits, int kG = 32>
 void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0, int64_t rows, int64_t m0, int64_t mb,
                int64_t, int64_t) {
-  const int64_t groups = p.K / 32;
+  static_assert(kBits == 8 || kG == 32, "groups of 16 are for 8-bit codes");
+  const int64_t spans = p.K / 32, groups = p.K / kG;
   __m256 acc[kTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm256_setzero_ps();
   TileGroup here;
-  for (int64_t g = 0; g < groups; ++g) {
-    if (!built) load_tile_group<kBits>(p, n0, rows, g, here);
-    const TileGroup& t = built ? (*built)[g] : here;
-    const __m256 sv = t.scale, zv = t.zero;
-    const int64_t j = g % 8;
+  for (int64_t sp = 0; sp < spans; ++sp) {
+    if (!built) load_tile_group<kBits, kG>(p, n0, rows, sp, here);
+    const TileGroup& t = built ? (*built)[sp] : here;
+    const int64_t j = sp % 8;
     for (int64_t i = 0; i < mb; ++i) {
       const int64_t m = m0 + i;
-      const __m256i d32 = tile_dot<kBits != 4>(t.w, t.a, p.xq + m * p.K + g * 32);
-      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(sv, _mm256_set1_ps(p.dx[m * groups + g])), acc[i][j]);
-      if (p.zero) a = _mm256_fmadd_ps(zv, _mm256_set1_ps(p.xsum[m * groups + g]), a);
+      const int8_t* xp = p.xq + m * p.K + sp * 32;
+      const __m256 dx = _mm256_set1_ps(p.dx[m * spans + sp]);
+      __m256 a;
+      if constexpr (kG == 32) {
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tile_dot<kBits != 4>(t.w, t.a, xp)), _mm256_mul_ps(t.scale[0], dx), acc[i][j]);
+        if (p.zero) a = _mm256_fmadd_ps(t.zero[0], _mm256_set1_ps(p.xsum[m * groups + sp]), a);
+      } else {
+        const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tile_dot<true>(t.w, t.a, xp, 4, 8)), t.scale[1],
+                                         _mm256_mul_ps(_mm256_cvtepi32_ps(tile_dot<true>(t.w, t.a, xp, 0, 4)), t.scale[0]));
+        a = _mm256_fmadd_ps(v, dx, acc[i][j]);
+        if (p.zero) {
+          a = _mm256_fmadd_ps(t.zero[0], _mm256_set1_ps(p.xsum[m * groups + 2 * sp]), a);
+          a = _mm256_fmadd_ps(t.zero[1], _mm256_set1_ps(p.xsum[m * groups + 2 * sp + 1]), a);
+        }
+      }
       acc[i][j] = a;
     }
   }
@@ -923,9 +1069,9 @@ void over_tiles(const Problem& p, Load load, Pass pass) {
   });
 }
 
-template <int kBits>
+template <int kBits, int kG = 32>
 void gemm_tiled(const Problem& p) {
-  over_tiles<TileGroup, 8, kTileRows, false>(p, load_tile_group<kBits>, gemm_tile<kBits>);
+  over_tiles<TileGroup, 8, kTileRows, false>(p, load_tile_group<kBits, kG>, gemm_tile<kBits, kG>);
 }
 
 #ifdef FS_AVX512
@@ -940,9 +1086,6 @@ void gemm_tiled(const Problem& p) {
 constexpr int64_t kWideTileRows = 32;  // activation rows per pass over a tile
 
 template <int kBits>
-constexpr int32_t code_offset() { return kBits == 4 ? 0 : kBits == 5 ? 16 : 128; }
-
-template <int kBits>
 inline __m256i unsigned_codes(const Problem& p, int64_t n, int64_t g) {
   if constexpr (kBits == 4) return codes_u4(p.codes + n * (p.K / 2) + g * 16);
   if constexpr (kBits == 5) return codes_q5_unsigned(p.codes + n * row_code_bytes(5, p.K) + g * 20);
@@ -950,11 +1093,12 @@ inline __m256i unsigned_codes(const Problem& p, int64_t n, int64_t g) {
                           _mm256_set1_epi8(static_cast<char>(0x80)));
 }
 
-// Group g of output rows [n0, n0 + rows): w[q] lane n = unsigned codes 4q .. 4q+3 of row n0 + n
-// (rows past `rows` are zeros, as are their scales and zeros).
+// Span sp (codes 32 sp .. 32 sp + 31) of output rows [n0, n0 + rows): w[q] lane n = unsigned codes
+// 4q .. 4q+3 of the span in row n0 + n (rows past `rows` are zeros, as are their scales and zeros);
+// the scales and zeros of the span's group, or of its two groups of 16 ([h]: codes 16 h ..).
 struct WideTileGroup {
   __m512i w[8];
-  __m512 scale, zero;
+  __m512 scale[2], zero[2];
 };
 
 // Full tiles (16 rows) of 4- and 8-bit codes are transposed in 512-bit registers: the rows' group
@@ -1022,81 +1166,111 @@ inline void wide_codes_u8(const Problem& p, int64_t n0, int64_t g, __m512i* w) {
                       : _mm512_shuffle_i64x2(y[0][d / 2], y[1][d / 2], _MM_SHUFFLE(3, 2, 3, 2));
 }
 
-template <int kBits>
-inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t g, WideTileGroup& t) {
-  const int64_t groups = p.K / 32;
+template <int kBits, int kG = 32>
+inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t sp, WideTileGroup& t) {
+  constexpr int kParts = 32 / kG;
+  const int64_t spans = p.K / 32, groups = p.K / kG;
   if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
-    const int64_t at = (n0 / kWideLanes) * groups + g;
-    for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(p.tiles + at * 512 + 64 * q);
-    t.scale = p.tile_scales_half
-                  ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_scales + at * 32)))
-                  : _mm512_loadu_ps(p.tile_scales + at * 64);
-    t.zero = _mm512_setzero_ps();
+    const int64_t tile = n0 / kWideLanes;
+    for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(p.tiles + (tile * spans + sp) * 512 + 64 * q);
+    for (int h = 0; h < kParts; ++h) {
+      const int64_t at = tile * groups + sp * kParts + h;
+      t.scale[h] = p.tile_scales_half
+                       ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_scales + at * 32)))
+                       : _mm512_loadu_ps(p.tile_scales + at * 64);
+      t.zero[h] = _mm512_setzero_ps();
+    }
     return;
   }
   if (rows == 16 && kBits != 5 && groups >= 2) {
-    if constexpr (kBits == 4) wide_codes_u4(p, n0, g, t.w);
-    if constexpr (kBits == 8) wide_codes_u8(p, n0, g, t.w);
-    t.scale = p.scale.column16(n0, 0xFFFF, g);
-    t.zero = p.zero ? p.zero.column16(n0, 0xFFFF, g) : _mm512_setzero_ps();
+    if constexpr (kBits == 4) wide_codes_u4(p, n0, sp, t.w);
+    if constexpr (kBits == 8) wide_codes_u8(p, n0, sp, t.w);
+    for (const auto& [table, out] : {std::pair{&p.scale, t.scale}, std::pair{&p.zero, t.zero}}) {
+      if (!*table) {
+        out[0] = out[1] = _mm512_setzero_ps();
+      } else if (kParts == 2 && table->kind == Table::kFactored) {
+        table->factored16_pair(n0, 0xFFFF, 2 * sp, out[0], out[1]);
+      } else {
+        for (int h = 0; h < kParts; ++h) out[h] = table->column16(n0, 0xFFFF, sp * kParts + h);
+      }
+    }
     return;
   }
   __m256i lo[8], hi[8];
   for (int64_t i = 0; i < 8; ++i) {
-    lo[i] = i < rows ? unsigned_codes<kBits>(p, n0 + i, g) : _mm256_setzero_si256();
-    hi[i] = i + 8 < rows ? unsigned_codes<kBits>(p, n0 + 8 + i, g) : _mm256_setzero_si256();
+    lo[i] = i < rows ? unsigned_codes<kBits>(p, n0 + i, sp) : _mm256_setzero_si256();
+    hi[i] = i + 8 < rows ? unsigned_codes<kBits>(p, n0 + 8 + i, sp) : _mm256_setzero_si256();
   }
   transpose8x32(lo);
   transpose8x32(hi);
   for (int q = 0; q < 8; ++q) t.w[q] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1);
-  if (p.scale.kind == Table::kFactored && (!p.zero || p.zero.kind == Table::kFactored)) {
-    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
-    t.scale = p.scale.factored16(n0, live, g);
-    t.zero = p.zero ? p.zero.factored16(n0, live, g) : _mm512_setzero_ps();
-    return;
+  for (int h = 0; h < kParts; ++h) {
+    const int64_t g = sp * kParts + h;
+    if (p.scale.kind == Table::kFactored && (!p.zero || p.zero.kind == Table::kFactored)) {
+      const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+      t.scale[h] = p.scale.factored16(n0, live, g);
+      t.zero[h] = p.zero ? p.zero.factored16(n0, live, g) : _mm512_setzero_ps();
+      continue;
+    }
+    alignas(64) float sc[16] = {0.f}, ze[16] = {0.f};
+    group_values(p, n0, rows, g, sc, ze);
+    t.scale[h] = _mm512_load_ps(sc);
+    t.zero[h] = _mm512_load_ps(ze);
   }
-  alignas(64) float sc[16] = {0.f}, ze[16] = {0.f};
-  for (int64_t i = 0; i < rows; ++i) {
-    sc[i] = p.scale.at(n0 + i, g);
-    if (p.zero) ze[i] = p.zero.at(n0 + i, g);
-  }
-  t.scale = _mm512_load_ps(sc);
-  t.zero = _mm512_load_ps(ze);
 }
 
-template <int kBits>
+template <int kBits, int kG = 32>
 void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, int64_t n0, int64_t rows, int64_t m0,
                     int64_t mb, int64_t next_n0, int64_t next_rows) {
-  const int64_t groups = p.K / 32;
+  static_assert(kBits == 8 || kG == 32, "groups of 16 are for 8-bit codes");
+  const int64_t spans = p.K / 32, groups = p.K / kG;
   __m512 acc[kWideTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
   WideTileGroup here;
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t sp = 0; sp < spans; ++sp) {
     if (!built) {
-      prefetch_group(p, next_n0, next_rows, g);
-      load_wide_tile_group<kBits>(p, n0, rows, g, here);
+      prefetch_group(p, next_n0, next_rows, sp);
+      load_wide_tile_group<kBits, kG>(p, n0, rows, sp, here);
     }
-    const WideTileGroup& t = built ? (*built)[g] : here;
-    const int64_t j = g % 8;
+    const WideTileGroup& t = built ? (*built)[sp] : here;
+    const int64_t j = sp % 8;
     for (int64_t i = 0; i < mb; ++i) {
       const int64_t m = m0 + i;
-      const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K + g * 32);
-      // Two chains, so that one product does not wait on the last (one chain: 1.04-1.10x the time);
-      // the first starts at the code offset's correction instead of a subtraction after the sum.
-      __m512i even = code_offset<kBits>() != 0
-                         ? _mm512_set1_epi32(-code_offset<kBits>() * p.xq_sum[m * groups + g])
-                         : _mm512_setzero_si512();
-      __m512i odd = _mm512_setzero_si512();
-      for (int q = 0; q < 8; q += 2) {
-        even = _mm512_dpbusd_epi32(even, t.w[q], _mm512_set1_epi32(x4[q]));
-        odd = _mm512_dpbusd_epi32(odd, t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K + sp * 32);
+      if constexpr (kG == 32) {
+        // Two chains, so that one product does not wait on the last (one chain: 1.04-1.10x the time);
+        // the first starts at the code offset's correction instead of a subtraction after the sum.
+        __m512i even = code_offset(kBits) != 0 ? _mm512_set1_epi32(p.xq_corr[m * spans + sp]) : _mm512_setzero_si512();
+        __m512i odd = _mm512_setzero_si512();
+        for (int q = 0; q < 8; q += 2) {
+          even = _mm512_dpbusd_epi32(even, t.w[q], _mm512_set1_epi32(x4[q]));
+          odd = _mm512_dpbusd_epi32(odd, t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
+        }
+        const __m512i d32 = _mm512_add_epi32(even, odd);
+        __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale[0], _mm512_set1_ps(p.dx[m * spans + sp])),
+                                   acc[i][j]);
+        if (p.zero) a = _mm512_fmadd_ps(t.zero[0], _mm512_set1_ps(p.xsum[m * spans + sp]), a);
+        acc[i][j] = a;
+      } else {
+        // The span's two groups of 16, two chains each, the first from the group's own correction (one
+        // chain a group: 1.5x the time at 32 rows, the products waiting on each other)
+        __m512i d[2];
+        for (int h = 0; h < 2; ++h) {
+          const int q = 4 * h;
+          __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
+          d[h] = _mm512_dpbusd_epi32(_mm512_set1_epi32(p.xq_corr[m * groups + 2 * sp + h]), t.w[q], _mm512_set1_epi32(x4[q]));
+          odd = _mm512_dpbusd_epi32(odd, t.w[q + 3], _mm512_set1_epi32(x4[q + 3]));
+          d[h] = _mm512_add_epi32(_mm512_dpbusd_epi32(d[h], t.w[q + 2], _mm512_set1_epi32(x4[q + 2])), odd);
+        }
+        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[1]), t.scale[1], _mm512_mul_ps(_mm512_cvtepi32_ps(d[0]), t.scale[0]));
+        __m512 a = _mm512_fmadd_ps(v, _mm512_set1_ps(p.dx[m * spans + sp]), acc[i][j]);
+        if (p.zero) {
+          a = _mm512_fmadd_ps(t.zero[0], _mm512_set1_ps(p.xsum[m * groups + 2 * sp]), a);
+          a = _mm512_fmadd_ps(t.zero[1], _mm512_set1_ps(p.xsum[m * groups + 2 * sp + 1]), a);
+        }
+        acc[i][j] = a;
       }
-      const __m512i d32 = _mm512_add_epi32(even, odd);
-      __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale, _mm512_set1_ps(p.dx[m * groups + g])),
-                                 acc[i][j]);
-      if (p.zero) a = _mm512_fmadd_ps(t.zero, _mm512_set1_ps(p.xsum[m * groups + g]), a);
-      acc[i][j] = a;
     }
   }
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
@@ -1108,10 +1282,10 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
   }
 }
 
-// The wide tiled GEMM over all of y. Needs p.xq_sum for 5- and 8-bit codes (the offset correction).
-template <int kBits>
+// The wide tiled GEMM over all of y. Needs p.xq_corr for 5- and 8-bit codes (code_offset's correction).
+template <int kBits, int kG = 32>
 void gemm_wide_tiled(const Problem& p) {
-  over_tiles<WideTileGroup, 16, kWideTileRows, true>(p, load_wide_tile_group<kBits>, gemm_wide_tile<kBits>);
+  over_tiles<WideTileGroup, 16, kWideTileRows, true>(p, load_wide_tile_group<kBits, kG>, gemm_wide_tile<kBits, kG>);
 }
 #endif  // FS_AVX512
 #endif
@@ -1145,16 +1319,26 @@ void row_scalar(const Problem& p, int64_t n, int64_t m) {
 
 // Portable version of the int8-activation arithmetic, in the canonical order described above.
 void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
-  const int64_t groups = p.K / 32;
+  const int64_t spans = p.K / 32, groups = p.K / p.G;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t g = 0; g < groups; ++g) {
-    int32_t d = 0;
-    for (int64_t k = g * 32; k < (g + 1) * 32; ++k) {
-      d += code_at(p.codes, p.bits, p.K, n, k) * p.xq[m * p.K + k];
+  for (int64_t sp = 0; sp < spans; ++sp) {
+    int32_t d[2] = {0, 0};  // per group of the span
+    for (int64_t k = sp * 32; k < sp * 32 + 32; ++k) d[k % 32 / p.G] += code_at(p.codes, p.bits, p.K, n, k) * p.xq[m * p.K + k];
+    const float dx = p.dx[m * spans + sp];
+    float a;
+    if (p.G == 32) {
+      a = std::fma(static_cast<float>(d[0]), p.scale.at(n, sp) * dx, acc[sp % 8]);
+      if (p.zero) a = std::fma(p.zero.at(n, sp), p.xsum[m * groups + sp], a);
+    } else {
+      const int64_t g = 2 * sp;
+      const float v = std::fma(static_cast<float>(d[1]), p.scale.at(n, g + 1), static_cast<float>(d[0]) * p.scale.at(n, g));
+      a = std::fma(v, dx, acc[sp % 8]);
+      if (p.zero) {
+        a = std::fma(p.zero.at(n, g), p.xsum[m * groups + g], a);
+        a = std::fma(p.zero.at(n, g + 1), p.xsum[m * groups + g + 1], a);
+      }
     }
-    float a = std::fma(static_cast<float>(d), p.scale.at(n, g) * p.dx[m * groups + g], acc[g % 8]);
-    if (p.zero) a = std::fma(p.zero.at(n, g), p.xsum[m * groups + g], a);
-    acc[g % 8] = a;
+    acc[sp % 8] = a;
   }
   p.y[m * p.N + n] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
@@ -1162,7 +1346,11 @@ void row_scalar_q8(const Problem& p, int64_t n, int64_t m) {
 template <int MB>
 void rows(const Problem& p, int64_t n, int64_t m0) {
 #ifdef FS_AVX2
-  if (p.xq) return p.bits == 4 ? gemv_4bit<MB>(p, n, m0) : p.bits == 5 ? gemv_s8<MB, 5>(p, n, m0) : gemv_s8<MB, 8>(p, n, m0);
+  if (p.xq)
+    return p.bits == 4 ? gemv_4bit<MB>(p, n, m0)
+           : p.bits == 5 ? gemv_s8<MB, 5>(p, n, m0)
+           : p.G == 16   ? gemv_s8_g16<MB>(p, n, m0)
+                         : gemv_s8<MB, 8>(p, n, m0);
   if (p.bits == 4) return row_int4<MB>(p, n, m0);
   if (p.bits == 5) return row_int5<MB>(p, n, m0);
   return row_int8<MB>(p, n, m0);
@@ -1184,14 +1372,16 @@ void group_sums(const float* x, int64_t M, int64_t K, int64_t group, float* xsum
 }
 
 // Int8 activations, per group of 32 values of x: the rounding dx = max|x| / 127, xq =
-// round-half-even(x / dx) in [-127, 127], and for the zero term (xsum may be null) the sum of the
-// rounded values, dx * sum(xq).
-void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8_t* xq, float* dx,
-                         int32_t* xq_sum = nullptr) {
-  const int64_t groups = K / 32;
-  at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t mg = begin; mg < end; ++mg) {
-      const float* xp = x + mg * 32;  // rows are contiguous, so group mg of the flat array
+// round-half-even(x / dx) in [-127, 127], and per `sum_group` values (32, or 16 beside 8-bit weights
+// in groups of 16) the sums of the rounded values: for the zero term, dx * sum(xq) (xsum), and for
+// codes read with an offset, -offset * sum(xq) (xq_corr). Either may be null.
+void prepare_activations(const float* x, int64_t M, int64_t K, int64_t sum_group, float* xsum, int8_t* xq, float* dx,
+                         int32_t* xq_corr, int32_t offset) {
+  const int64_t spans = K / 32, parts = 32 / sum_group;
+  at::parallel_for(0, M * spans, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t ms = begin; ms < end; ++ms) {
+      const float* xp = x + ms * 32;  // rows are contiguous, so span ms of the flat array
+      int32_t qsum[2] = {0, 0};       // per sum group
 #ifdef FS_AVX2
       // The same arithmetic as the scalar loop below, eight lanes at a time (round_ps to nearest
       // even is nearbyint's rounding; the scalar nearbyint is a libm call per value).
@@ -1205,7 +1395,7 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      dx[mg] = amax / 127.f;
+      dx[ms] = amax / 127.f;
       __m256i qi[4];
       for (int q = 0; q < 4; ++q)
         qi[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[q], _mm256_set1_ps(inv)),
@@ -1214,47 +1404,51 @@ void prepare_activations(const float* x, int64_t M, int64_t K, float* xsum, int8
       const __m256i b = _mm256_permutevar8x32_epi32(
           _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3])),
           _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + mg * 32), b);
-      const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      const int32_t qsum = _mm_cvtsi128_si32(s4);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + ms * 32), b);
+      // lanes 0-3: the first 16 values' sums in pairs of vectors, 4-7: the last 16's
+      const __m256i lo = _mm256_add_epi32(qi[0], qi[1]), hi = _mm256_add_epi32(qi[2], qi[3]);
+      __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(lo, hi), _mm256_setzero_si256());
+      s = _mm256_add_epi32(s, _mm256_permute2x128_si256(s, s, 0x01));  // [first, last, 0, 0, ...] twice
+      qsum[0] = _mm256_extract_epi32(s, 0);
+      qsum[1] = _mm256_extract_epi32(s, 1);
 #else
       float amax = 0.f;
       for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xp[k]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      dx[mg] = amax / 127.f;
-      int32_t qsum = 0;
+      dx[ms] = amax / 127.f;
       for (int k = 0; k < 32; ++k) {
-        xq[mg * 32 + k] = static_cast<int8_t>(std::nearbyint(xp[k] * inv));
-        qsum += xq[mg * 32 + k];
+        xq[ms * 32 + k] = static_cast<int8_t>(std::nearbyint(xp[k] * inv));
+        qsum[k / 16] += xq[ms * 32 + k];
       }
 #endif
-      if (xsum) xsum[mg] = static_cast<float>(qsum) * dx[mg];
-      if (xq_sum) xq_sum[mg] = qsum;
+      if (parts == 1) qsum[0] += qsum[1];
+      for (int64_t h = 0; h < parts; ++h) {
+        if (xsum) xsum[ms * parts + h] = static_cast<float>(qsum[h]) * dx[ms];
+        if (xq_corr) xq_corr[ms * parts + h] = -offset * qsum[h];
+      }
     }
   });
 }
 
 // x's preparation for a call, in the calling thread's scratch (a decode step makes a few hundred
 // calls, and allocating these each time was a measurable part of the small ones): x rounded to int8
-// per group of 32 with the sums the zero term (xsum) and the code-offset correction (xq_sum) take.
-void set_int8_activations(Problem& p, bool with_xsum, bool with_xq_sum) {
+// per 32 values with the sums per group of p.G that the zero term (xsum) and, for codes read with
+// `offset` added (0: none), the correction (xq_corr) take.
+void set_int8_activations(Problem& p, bool with_xsum, int32_t offset) {
   thread_local std::vector<float> xsum, dx;
   thread_local std::vector<int8_t> xq;
-  thread_local std::vector<int32_t> xq_sum;
-  const int64_t groups = p.M * (p.K / 32);
+  thread_local std::vector<int32_t> xq_corr;
+  const int64_t groups = p.M * (p.K / p.G);
   xq.resize(p.M * p.K);
-  dx.resize(groups);
+  dx.resize(p.M * (p.K / 32));
   if (with_xsum) xsum.resize(groups);
-  if (with_xq_sum) xq_sum.resize(groups);
-  prepare_activations(p.x, p.M, p.K, with_xsum ? xsum.data() : nullptr, xq.data(), dx.data(),
-                      with_xq_sum ? xq_sum.data() : nullptr);
+  if (offset) xq_corr.resize(groups);
+  prepare_activations(p.x, p.M, p.K, p.G, with_xsum ? xsum.data() : nullptr, xq.data(), dx.data(),
+                      offset ? xq_corr.data() : nullptr, offset);
   p.xq = xq.data();
   p.dx = dx.data();
   p.xsum = with_xsum ? xsum.data() : nullptr;
-  p.xq_sum = with_xq_sum ? xq_sum.data() : nullptr;
+  p.xq_corr = offset ? xq_corr.data() : nullptr;
 }
 
 // Float activations: the zero term's float sums of x per group, in the calling thread's scratch.
@@ -1301,21 +1495,24 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   const Table scales = table_of(scale, N, K / group, "scale"), zeros = optional_table(zero, N, K / group, "zero");
   const bool has_zero = static_cast<bool>(zeros);
   auto y = at::empty({M, N}, xc.options());
-  // The zero term needs per-group sums of x (of the rounded x with int8 activations, whose groups are 32).
-  TORCH_CHECK(!int8_activations || group == 32, "group_quant_matmul: int8 activations need groups of 32, got ", group);
+  // The zero term needs per-group sums of x (of the rounded x with int8 activations, rounded per group).
+  TORCH_CHECK(!int8_activations || group == 32 || (bits == 8 && group == 16 && K % 32 == 0),
+              "group_quant_matmul: int8 activations need groups of 32, or 8-bit codes in groups of 16 with K % 32 == 0; "
+              "got ", bits, "-bit codes in groups of ", group, ", K = ", K);
+  const bool g16 = int8_activations && group == 16;
   Problem p{xc.data_ptr<float>(), nullptr, codes.data_ptr<uint8_t>(), scales, zeros, y.data_ptr<float>(), M, N, K,
             group, bits};
-  if (int8_activations)  // xq_sum: the integer correction of unsigned 5-bit codes (GEMV), of the wide tiles' 5- and 8-bit
-    set_int8_activations(p, has_zero, bits != 4);
+  if (int8_activations)  // xq_corr: for unsigned 5-bit codes (GEMV), the wide tiles' 5- and 8-bit
+    set_int8_activations(p, has_zero, code_offset(bits));
   else if (has_zero)
     p.xsum = float_group_sums(p);
 #ifdef FS_AVX2
   if (int8_activations && M >= gemm_min_rows(bits, K)) {
     if (M >= tile_min_rows(bits, K)) {
 #ifdef FS_AVX512
-      bits == 4 ? gemm_wide_tiled<4>(p) : bits == 5 ? gemm_wide_tiled<5>(p) : gemm_wide_tiled<8>(p);
+      bits == 4 ? gemm_wide_tiled<4>(p) : bits == 5 ? gemm_wide_tiled<5>(p) : g16 ? gemm_wide_tiled<8, 16>(p) : gemm_wide_tiled<8>(p);
 #else
-      bits == 4 ? gemm_tiled<4>(p) : bits == 5 ? gemm_tiled<5>(p) : gemm_tiled<8>(p);
+      bits == 4 ? gemm_tiled<4>(p) : bits == 5 ? gemm_tiled<5>(p) : g16 ? gemm_tiled<8, 16>(p) : gemm_tiled<8>(p);
 #endif
       return y;
     }
@@ -1337,6 +1534,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
         for (; n < n_end; ++n) {
           if (bits == 4) gemm_q8<1, 4>(p, blocks, n, blk);
           else if (bits == 5) gemm_q8<1, 5>(p, blocks, n, blk);
+          else if (g16) gemm_q8<1, 8, 16>(p, blocks, n, blk);
           else gemm_q8<1, 8>(p, blocks, n, blk);
         }
       }
@@ -1389,19 +1587,20 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), tiles = (N + kWideLanes - 1) / kWideLanes;
+  const int64_t group = scale.dim() == 3 && scale.size(1) == K / 16 ? 16 : 32;  // the scales say which
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 32,
               "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the tiles of ", N, " rows of ", K);
-  TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / 32 &&
+  TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / group &&
                   scale.size(2) == kWideLanes && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
               "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16 or float32 table");
   auto y = at::empty({M, N}, xc.options());
-  Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, 32, 8};
-  set_int8_activations(p, false, true);
+  Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
+  set_int8_activations(p, false, code_offset(8));
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_scales = static_cast<const uint8_t*>(scale.data_ptr());
   p.tile_scales_half = scale.scalar_type() == at::kHalf;
-  gemm_wide_tiled<8>(p);
+  group == 16 ? gemm_wide_tiled<8, 16>(p) : gemm_wide_tiled<8>(p);
   return y;
 #else
   TORCH_CHECK(false, "group_quant_matmul_tiles: this build of the kernels has no 16-lane tiles (AVX-512)");
