@@ -12,8 +12,11 @@ Per shape and batch size M (µs per call, x and y in float32 as the engine's com
   own4, own8      GroupQuantWeight: this project's C++ kernel, 4-bit (groups of 32, scale + zero) and
                   8-bit (groups of 32, scale) codes, float32 x and y
   own4 dq         GroupQuantWeight's large-M path: dequantize to float32 in row chunks, then torch.mm
-  own4 q8, own8 q8  the same weights with int8_activations: x rounded per group of 32 to int8, integer
+  own4 q8, own8 q8  the same weights with int8_activations: x rounded per 32 values to int8, integer
                   dot products (rounding included in the time)
+  own8 q8 t       own8 q8 stored in the 16-lane tiles' order (to_wide_tiles; AVX-512 builds, else by rows)
+  g16 q8, g16 q8 t  8-bit codes in groups of 16 with a factored scale (Q6_K's exact form), int8
+                  activations, by rows and stored in tiles
 Each cell cycles through enough distinct random weights to exceed the L3 cache, as a model's
 layers do. --engine adds decode tok/s and resident memory of LLM(...) with quantization
 "none", "weight-only" and "auto", each in a fresh process.
@@ -31,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.torch_int_weights import Int4Weight, Int8GroupWeight, Int8Weight
 
 L3_BYTES = 64 << 20  # cycle through at least this many weight bytes per cell
@@ -69,7 +72,7 @@ def time_us(fns, budget: float = 0.3) -> float:
 def weights(n: int, k: int, copies: int):
     g = torch.Generator().manual_seed(0)
     out = {"fp32": [], "bf16": [], "int4": [], "int8": [], "int8 grp": [], "own4": [], "own8": [],
-           "own4 q8": [], "own8 q8": []}
+           "own4 q8": [], "own8 q8": [], "own8 q8 t": [], "g16 q8": [], "g16 q8 t": []}
     for _ in range(copies):
         w = torch.randn(n, k, generator=g) * 0.05
         out["fp32"].append(w)
@@ -82,6 +85,14 @@ def weights(n: int, k: int, copies: int):
         out["own8"].append(GroupQuantWeight(codes8, scale, None, bits=8))
         out["own4 q8"].append(GroupQuantWeight(codes, scale, -8 * scale, bits=4, int8_activations=True))
         out["own8 q8"].append(GroupQuantWeight(codes8, scale, None, bits=8, int8_activations=True))
+        out["own8 q8 t"].append(GroupQuantWeight(codes8.clone(), scale, None, bits=8, int8_activations=True))
+        out["own8 q8 t"][-1].to_wide_tiles()
+        if k % 128 == 0:  # a factored table's factor covers 8 groups
+            g16 = factored_table(torch.randint(0, 129, (n, k // 16), dtype=torch.uint8, generator=g),
+                                 (torch.rand(n, k // 128, generator=g) * 1e-3).half())
+            for name in ("g16 q8", "g16 q8 t"):
+                out[name].append(GroupQuantWeight(codes8.clone(), g16, None, bits=8, group=16, int8_activations=True))
+            out["g16 q8 t"][-1].to_wide_tiles()
         out["int8"].append(Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
                                       torch.rand(n, generator=g)))
         if n > 8192:
@@ -91,7 +102,7 @@ def weights(n: int, k: int, copies: int):
 
 
 COLUMNS = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp", "own4", "own8", "own4 dq",
-           "own4 q8", "own8 q8"]
+           "own4 q8", "own8 q8", "own8 q8 t", "g16 q8", "g16 q8 t"]
 
 
 def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[str]) -> None:
@@ -115,6 +126,9 @@ def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[s
                 "own4 dq": [lambda w=w: w._dense_matmul(x) for w in w["own4"]],
                 "own4 q8": [lambda w=w: w.kernel(x) for w in w["own4 q8"]],
                 "own8 q8": [lambda w=w: w.kernel(x) for w in w["own8 q8"]],
+                "own8 q8 t": [lambda w=w: w.kernel(x) for w in w["own8 q8 t"]],
+                "g16 q8": [lambda w=w: w.kernel(x) for w in w["g16 q8"]],
+                "g16 q8 t": [lambda w=w: w.kernel(x) for w in w["g16 q8 t"]],
             }
             budget = 0.3 if n * k * m < 5e8 else 1.0
             cells = []

@@ -131,10 +131,12 @@ def group_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     return cpu_kernels().group_quant_matmul(x, codes, scale, zero, bits, group, int8_activations)
 
 
-def group_quant_matmul_tiles(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-    """x @ W^T for 8-bit codes and scales stored in the tiled GEMM's own order (quant_matmul.cpp);
-    stored so only where wide_tile_lanes() says the build has those tiles."""
-    return cpu_kernels().group_quant_matmul_tiles(x, codes, scale, n)
+def group_quant_matmul_tiles(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, factors: torch.Tensor | None,
+                             n: int) -> torch.Tensor:
+    """x @ W^T for 8-bit codes and scales stored in the tiled GEMM's own order (quant_matmul.cpp), the
+    scales float, or integers times `factors`; stored so only where wide_tile_lanes() says the build
+    has those tiles."""
+    return cpu_kernels().group_quant_matmul_tiles(x, codes, scale, factors, n)
 
 
 def wide_tile_lanes() -> int:

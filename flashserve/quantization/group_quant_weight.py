@@ -58,6 +58,7 @@ class GroupQuantWeight(PackedWeight):
         self.codes = _param(codes.contiguous())  # (N, K/2), (N, K/32 * 20) or (N, K) uint8
         self.scale = _param(_narrowest_exact(scale))  # (N, K/group) float, or factored (table_values)
         self.zero = None if zero is None else _param(_narrowest_exact(zero))  # as scale
+        self.tile_factors = None  # stored in tiles, a factored scale's float16 factors (to_wide_tiles)
 
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 where int8_groups_fit; other weights keep float x."""
@@ -72,9 +73,9 @@ class GroupQuantWeight(PackedWeight):
         """Store the codes and scales in the order of the kernel's 16-row tiles, where the build has
         them (AVX-512): its tiled GEMM then reads each tile's group with plain loads, where row-major
         codes are transposed in registers at every call, and it runs every M, one row included. Only
-        what that kernel takes: 8-bit codes in groups of 32 or 16, int8 activations, no zero; a
-        factored scale table becomes its values (float16 where that holds them, else float32). The
-        same numbers either way. Returns whether it did. The codes are rearranged in their own
+        what that kernel takes: 8-bit codes in groups of 32 or 16, int8 activations, no zero; scales
+        float, or a factored table's integers and factors. The same numbers either way. Returns
+        whether it did. The codes are rearranged in their own
         storage (no second copy of a large head at start-up): a tensor shared with another weight
         must not be tiled."""
         lanes = ops.wide_tile_lanes()
@@ -86,14 +87,25 @@ class GroupQuantWeight(PackedWeight):
         codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
         _rows_to_tiles_(codes, lanes)
         self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
-        scale = _narrowest_exact(table_values(self.scale)) if self.scale.dtype == torch.uint8 else self.scale
-        self.scale = _param(F.pad(scale, (0, 0, 0, pad)).view(tiles, lanes, groups).transpose(1, 2).contiguous())
+        def tile_major(t: torch.Tensor) -> torch.Tensor:  # (N, per row) → (tiles, per row, lanes)
+            return F.pad(t, (0, 0, 0, pad)).view(tiles, lanes, -1).transpose(1, 2).contiguous()
+
+        if self.scale.dtype == torch.uint8:  # factored: integers and factors apart, as the rows hold them
+            self.tile_factors = _param(tile_major(self.scale[:, groups:].contiguous().view(torch.float16)))
+            self.scale = _param(tile_major(self.scale[:, :groups]))
+        else:
+            self.scale = _param(tile_major(self.scale))
         self.tiled = True
         return True
 
+    def plan_part(self) -> tuple:
+        """What the C++ decode step calls kernel with (kernels/csrc/decode_plan.cpp, PackedPart)."""
+        return (self.codes, self.scale, self.zero, self.bits, self.group, self.int8_activations, self.tiled,
+                self.tile_factors, self.out_features)
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            return ops.group_quant_matmul_tiles(x, self.codes, self.scale, self.out_features)
+            return ops.group_quant_matmul_tiles(x, self.codes, self.scale, self.tile_factors, self.out_features)
         return ops.group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
                                       self.int8_activations)
 
@@ -138,7 +150,10 @@ class GroupQuantWeight(PackedWeight):
         """s of rows `index` as float32 (rows, K/group)."""
         if self.tiled:
             tile, lane = self._tile_lanes(index)
-            return self.scale[tile, :, lane].float()
+            s = self.scale[tile, :, lane].float()
+            if self.tile_factors is None:
+                return s
+            return s.mul_(self.tile_factors[tile, :, lane].float().repeat_interleave(SUPER_GROUPS, dim=1))
         return table_values(self.scale[index])
 
     def _weights(self, index) -> torch.Tensor:

@@ -111,8 +111,8 @@ def _supported(m: Linear) -> bool:
 
 
 def _linear(m: Linear) -> tuple:
-    """(weight, bias, parts) as the C++ plan takes them, each part (codes, scale, zero, bits, group,
-    int8_activations): a float weight and no parts, or no weight and the packed parts."""
+    """(weight, bias, parts) as the C++ plan takes them (GroupQuantWeight.plan_part): a float weight and
+    no parts, or no weight and the packed parts."""
     if m.qweight is None:
         return m.weight, m.bias, []
-    return None, m.bias, [(w.codes, w.scale, w.zero, w.bits, w.group, w.int8_activations) for w in _packed_parts(m)]
+    return None, m.bias, [w.plan_part() for w in _packed_parts(m)]

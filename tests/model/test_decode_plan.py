@@ -48,9 +48,17 @@ def step(model, seqs: dict[str, list[int]], done: dict[str, int], tables: dict[s
     ("qwen2", "Q4_0", "auto"), ("qwen2", "Q8_0", "float32"), ("llama", "Q4_0", "float16"), ("qwen2", "Q8_0", "bfloat16"),
     ("gemma3", "F32", "float32"), ("gemma3", "Q4_0", "auto"), ("gemma3", "Q8_0", "float16"),
     ("qwen2", "Q4_0+v:Q8_0", "auto"),  # q|k|v as two packed parts (Qwen2.5-Coder-1.5B's Q4_K beside Q6_K)
+    ("qwen2", "Q8_0 in tiles", "auto"),  # every 8-bit weight stored in the 16-lane tiles, where the build has them
 ])
 def test_plan_equals_the_modules_bit_for_bit(arch, qtype, kv_cache_dtype, tmp_path):
+    qtype, tiles = qtype.removesuffix(" in tiles"), qtype.endswith(" in tiles")
     model = load(arch, qtype, tmp_path, kv_cache_dtype=kv_cache_dtype)
+    if tiles:
+        from flashserve.kernels import ops
+        from flashserve.quantization.group_quant_weight import GroupQuantWeight
+
+        stored = [w.to_wide_tiles() for w in model.modules() if isinstance(w, GroupQuantWeight)]
+        assert any(stored) == (ops.wide_tile_lanes() > 0)
     want = {"auto": torch.float16, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     assert model.model.layers[0].self_attn.kv_cache[0].dtype == want[kv_cache_dtype]
     plan = build_decode_plan(model)

@@ -27,11 +27,11 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int,
             GroupQuantWeight(codes.clone(), scale.clone(), None, bits=8, group=group, int8_activations=True))
 
 
-# 72 rows: a last tile of 8 (padded in a new tensor); 64: whole tiles, rearranged in place; groups of
-# 16 (Q6_K's, its factored scales held as float32 values) with 34 groups a row
+# 72 rows: a last tile of 8 (padded in a new tensor); 64: whole tiles, rearranged in place; factored
+# scales (IQ4_XS's in groups of 32, Q6_K's in groups of 16); groups of 16, 34 of them a row
 @pytest.mark.parametrize("n,k,scale_dtype,group", [(72, 320, torch.float16, 32), (64, 640, torch.float32, 32),
-                                                   (1000, 96, torch.float16, 32), (72, 512, torch.uint8, 16),
-                                                   (40, 544, torch.float32, 16)])
+                                                   (1000, 96, torch.float16, 32), (64, 512, torch.uint8, 32),
+                                                   (72, 512, torch.uint8, 16), (40, 544, torch.float32, 16)])
 def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group):
     rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group)
     stored = tiled.to_wide_tiles()

@@ -18,15 +18,19 @@
 
 namespace {
 
-// One packed weight of the project's kernel: group-quantized codes with their scales and zeros.
+// One packed weight of the project's kernel: group-quantized codes with their scales and zeros, by
+// rows or stored in the 16-lane tiles' order (then with a factored scale's factors apart).
 struct PackedPart {
   at::Tensor codes, scale, zero;
   int64_t bits = 0, group = 0;
-  bool int8_activations = false;
+  bool int8_activations = false, tiled = false;
+  at::Tensor tile_factors;
+  int64_t out_features = 0;
 
   at::Tensor operator()(const at::Tensor& x) const {
-    return group_quant_matmul(x, codes, scale, zero.defined() ? c10::optional<at::Tensor>(zero) : c10::nullopt, bits,
-                              group, int8_activations);
+    auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    if (tiled) return group_quant_matmul_tiles(x, codes, scale, optional(tile_factors), out_features);
+    return group_quant_matmul(x, codes, scale, optional(zero), bits, group, int8_activations);
   }
 };
 
@@ -66,7 +70,8 @@ class DecodePlan {
       : Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), eps_(eps), scale_(attn_scale), softcap_(logit_softcap),
         gelu_tanh_(gelu_tanh), sandwich_(sandwich), split_tokens_(split_tokens) {}
 
-  // (weight, bias, parts), each part (codes, scale, zero, bits, group, int8_activations)
+  // (weight, bias, parts), each part (codes, scale, zero, bits, group, int8_activations, tiled,
+  // tile_factors, out_features): GroupQuantWeight.plan_part
   static PlanLinear linear(py::tuple t) {
     auto opt = [](py::handle h) { return h.is_none() ? at::Tensor() : h.cast<at::Tensor>(); };
     PlanLinear l;
@@ -74,7 +79,7 @@ class DecodePlan {
     for (py::handle h : t[2].cast<py::list>()) {
       const py::tuple p = h.cast<py::tuple>();
       l.parts.push_back(PackedPart{opt(p[0]), opt(p[1]), opt(p[2]), p[3].cast<int64_t>(), p[4].cast<int64_t>(),
-                                   p[5].cast<bool>()});
+                                   p[5].cast<bool>(), p[6].cast<bool>(), opt(p[7]), p[8].cast<int64_t>()});
     }
     return l;
   }

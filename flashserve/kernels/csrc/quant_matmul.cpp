@@ -231,8 +231,11 @@ struct Problem {
   const int32_t* xq_corr = nullptr;
   // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 512): tile t, span b = the WideTileGroup's w[0..7]
-  const uint8_t* tile_scales = nullptr;  // (T, K/G, 16) float16 or float32: the scale vector of each group
-  bool tile_scales_half = false;
+  // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
+  // (uint8) times float16 factors (T, K/(8G), 16), one per 8 groups
+  const uint8_t* tile_scales = nullptr;
+  const uint8_t* tile_factors = nullptr;
+  int64_t tile_scale_bytes = 4;  // of one value: 4, 2, or 1 (factored)
 };
 
 #ifdef FS_AVX2
@@ -462,10 +465,12 @@ inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g
     if (rows <= 0) return;
     const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
     for (int q = 0; q < 8; ++q) prefetch_line_l2(p.tiles + at * 512 + 64 * q);
-    // the span's scales: one group's 16 (32 or 64 bytes), or two groups' of 16
-    const int64_t span_bytes = (p.tile_scales_half ? 32 : 64) * (32 / p.G);
-    if (g == 0 || (at * span_bytes) % 64 == 0) prefetch_line_l2(p.tile_scales + at * span_bytes);
-    if (span_bytes > 64) prefetch_line_l2(p.tile_scales + at * span_bytes + 64);
+    // the span's scales: one group's 16, or two groups' of 16 (16 to 128 bytes), and a factored table's
+    // factors (32 bytes for 8 groups)
+    const int64_t span_bytes = 16 * p.tile_scale_bytes * (32 / p.G), begin = at * span_bytes;
+    for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
+      if (g == 0 || o >= begin) prefetch_line_l2(p.tile_scales + o);
+    if (p.tile_factors) prefetch_line_l2(p.tile_factors + at * (32 / p.G) / 8 * 32);
     return;
   }
   const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
@@ -1175,9 +1180,16 @@ inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int
     for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(p.tiles + (tile * spans + sp) * 512 + 64 * q);
     for (int h = 0; h < kParts; ++h) {
       const int64_t at = tile * groups + sp * kParts + h;
-      t.scale[h] = p.tile_scales_half
-                       ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_scales + at * 32)))
-                       : _mm512_loadu_ps(p.tile_scales + at * 64);
+      const uint8_t* v = p.tile_scales + at * 16 * p.tile_scale_bytes;
+      if (p.tile_scale_bytes == 4) {
+        t.scale[h] = _mm512_loadu_ps(v);
+      } else if (p.tile_scale_bytes == 2) {
+        t.scale[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+      } else {  // the integers times their factor, as Table::factored16 (and table_values) compute them
+        const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_factors + (tile * groups + sp * kParts + h) / 8 * 32));
+        t.scale[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)))),
+                                   _mm512_cvtph_ps(f));
+      }
       t.zero[h] = _mm512_setzero_ps();
     }
     return;
@@ -1581,8 +1593,10 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 // tiled GEMM of every M, including the single row, reading each tile's group with plain loads where
 // row-major codes are transposed in registers per call (an A/B with the head of Gemma 3 so stored:
 // RESULTS.md, issue 24). Int8 activations, no zeros; the same products in the same float order as
-// group_quant_matmul's, so the numbers are those of the row-major weight, bit for bit.
-at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t N) {
+// group_quant_matmul's, so the numbers are those of the row-major weight, bit for bit. Scales
+// (T, K/G, 16), G = 32 or 16: float32, float16, or uint8 integers with float16 `factors` (T, K/(8G), 16).
+at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                                    const c10::optional<at::Tensor>& factors, int64_t N) {
 #ifdef FS_AVX512
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
@@ -1591,15 +1605,26 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 32,
               "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the tiles of ", N, " rows of ", K);
+  const bool factored = scale.scalar_type() == at::kByte;
   TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / group &&
-                  scale.size(2) == kWideLanes && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
-              "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16 or float32 table");
+                  scale.size(2) == kWideLanes &&
+                  (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat || factored),
+              "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16, float32 or factored table");
+  TORCH_CHECK(factored == (factors.has_value() && factors->defined()),
+              "group_quant_matmul_tiles: factors go with a factored (uint8) scale table, and only with one");
+  if (factored)
+    TORCH_CHECK(K / group % 8 == 0 && factors->scalar_type() == at::kHalf && factors->is_contiguous() &&
+                    factors->dim() == 3 && factors->size(0) == tiles && factors->size(1) == K / group / 8 &&
+                    factors->size(2) == kWideLanes,
+                "group_quant_matmul_tiles: factors ", factors->sizes(), " are not float16 (", tiles, ", ", K / group / 8,
+                ", ", kWideLanes, ")");
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
   set_int8_activations(p, false, code_offset(8));
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_scales = static_cast<const uint8_t*>(scale.data_ptr());
-  p.tile_scales_half = scale.scalar_type() == at::kHalf;
+  p.tile_scale_bytes = scale.element_size();
+  if (factored) p.tile_factors = static_cast<const uint8_t*>(factors->data_ptr());
   group == 16 ? gemm_wide_tiled<8, 16>(p) : gemm_wide_tiled<8>(p);
   return y;
 #else
