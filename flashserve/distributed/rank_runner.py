@@ -35,7 +35,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
             from flashserve.distributed.tensor_parallel import shard_model
 
             cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
-        _store_in_tiles(model)
+        _store_in_tiles(model, linears=config.max_weight_memory is None)
     if huge_pages:
         collapse_weights(model)  # what was not born huge, of the rank's final weights (after any split)
         startup_phases.mark("weights mapped in huge pages")
@@ -53,12 +53,13 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
                        typical_acceptance=config.speculative.typical_acceptance)
 
 
-def _store_in_tiles(model) -> None:
+def _store_in_tiles(model, linears: bool) -> None:
     """Weights in the tiled GEMM's own order where the build has it (GroupQuantWeight.to_wide_tiles),
     a rank's final ones, so after any split: the LM head, most of a batched step's 8-bit codes, and
     every 8-bit linear the tiled kernel takes, which then skips transposing codes and gathering scales
     per call (benchmarks/linear_kernels.py, RESULTS.md: 0.55-0.85x the time at 4 and 32 rows, the
-    same at one). An embedding that is not the head keeps its rows (looked up, never multiplied)."""
+    same at one). An embedding that is not the head keeps its rows (looked up, never multiplied);
+    `linears` False under layer streaming, which reads the layers' weights back by rows."""
     from flashserve.model.layers.linear import Linear
     from flashserve.quantization.group_quant_weight import GroupQuantWeight
     from flashserve.quantization.packed import RowSegments
@@ -66,7 +67,7 @@ def _store_in_tiles(model) -> None:
     head = model.head_weight()
     if isinstance(head, GroupQuantWeight):
         head.to_wide_tiles()
-    for m in model.modules():
+    for m in model.modules() if linears else []:
         if not isinstance(m, Linear) or m.qweight is None:
             continue
         for w in m.qweight.parts if isinstance(m.qweight, RowSegments) else [m.qweight]:

@@ -3,7 +3,7 @@ one layer (or one chunk of the head's vocabulary rows) at a time by layer stream
 (offload/layer_streaming.py, offload/vocab_streaming.py).
 
 Packing a GGUF layer into the kernels' layout costs far more than reading it: on Qwen2.5-Coder-1.5B
-(Q4_K_M, 2 cores) 0.26-0.74 s a layer (0.74 where Q6_K tensors are requantized to 8 bits) against
+(Q4_K_M, 2 cores) 0.26-0.74 s a layer (0.74 where Q6_K tensors were requantized to 8 bits) against
 9-31 ms to read its 26-33 MiB of packed bytes (page cache warm / cold), so streaming repacked
 layers would cost seconds a step. The packed bytes are therefore written here on the first run and
 read back as they are on every pass.
@@ -32,9 +32,10 @@ from torch import nn
 
 from flashserve.model.layers.linear import Linear
 
-FORMAT_VERSION = 5  # 2: the LM head's chunks; 3: packed-weight classes in their own modules (the skeleton pickles their paths)
+FORMAT_VERSION = 6  # 2: the LM head's chunks; 3: packed-weight classes in their own modules (the skeleton pickles their paths)
 # 4: Q5_1, Q5_K, Q3_K, IQ4_NL and IQ4_XS in their exact 8-bit forms (quantization/gguf_int8_forms.py)
 # 5: Q2_K, IQ3_*, IQ2_*, IQ1_*, TQ* packed (quantization/gguf_codebook_forms.py), no longer float
+# 6: Q6_K linears in their exact form (groups of 16), no longer requantized to groups of 32
 _PAGE = 4096
 _ALIGN = 64
 

@@ -45,6 +45,20 @@ def test_streamed_windows_give_the_resident_models_tokens(smollm2_gguf):
         assert _tokens(llm) == ref  # a second pass over the ring, from wherever it stopped
 
 
+def test_streamed_8bit_linears_give_the_resident_models_tokens(gemma3_gguf):
+    """Gemma 3's 8-bit linears (q|k|v with a Q8_0 v, Q6_K's down in groups of 16), which the resident
+    engine stores in the 16-lane tiles, stream by rows as the packed-layer file holds them."""
+    from flashserve.offload.layer_streaming import resident_bytes
+    from flashserve.offload.packed_layers import streamed_params
+
+    ref = _tokens(_engine(gemma3_gguf))
+    probe = _engine(gemma3_gguf, budget=1 << 40).engine.runner.model
+    layer = max(sum(p.nbytes + 64 for _, p in streamed_params(x)) for x in probe.model.layers)
+    llm = _engine(gemma3_gguf, budget=resident_bytes(probe) + 2 * layer)
+    assert llm.engine.runner.model.layer_streamer is not None
+    assert _tokens(llm) == ref
+
+
 def test_a_budget_below_one_layer_is_refused(smollm2_gguf):
     with pytest.raises(ValueError, match=r"max_weight_memory=1000000 bytes .* plus one decoder layer"):
         _engine(smollm2_gguf, budget=1_000_000)
