@@ -62,7 +62,7 @@ def _store_in_tiles(model, linears: bool) -> None:
     `linears` False under layer streaming, which reads the layers' weights back by rows."""
     from flashserve.model.layers.linear import Linear
     from flashserve.quantization.group_quant_weight import GroupQuantWeight
-    from flashserve.quantization.packed import RowSegments
+    from flashserve.quantization.packed import stacked_parts
 
     head = model.head_weight()
     if isinstance(head, GroupQuantWeight):
@@ -70,6 +70,6 @@ def _store_in_tiles(model, linears: bool) -> None:
     for m in model.modules() if linears else []:
         if not isinstance(m, Linear) or m.qweight is None:
             continue
-        for w in m.qweight.parts if isinstance(m.qweight, RowSegments) else [m.qweight]:
+        for w in stacked_parts(m.qweight):
             if isinstance(w, GroupQuantWeight):
                 w.to_wide_tiles()

@@ -15,7 +15,7 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
                                    (Q2_K, IQ2_XS, IQ2_S, IQ1_M)
-    (groups of 16 take int8 activations rounded per 16 values: group_quant_weight.int8_groups_fit)
+    (groups of 16 take int8 activations too, x rounded per 32 values: group_quant_weight.int8_groups_fit)
     IQ3_S, IQ1_S, TQ1_0, TQ2_0   → 4-bit codes, groups of 32, exact: codes affine in the grid's
                                    (gguf_codebook_forms.affine4), float32 scale and zero (6 bits);
                                    an embedding's rows take their exact 8-bit form
@@ -67,7 +67,7 @@ from flashserve.quantization.gguf_int8_forms import EXACT_INT8_TYPES, GROUPS, In
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.int4_format import Int4Groups
 from flashserve.quantization.int4_method import pack_int4_groups
-from flashserve.quantization.packed import DenseWeight, PackedWeight, RowSegments
+from flashserve.quantization.packed import DenseWeight, PackedWeight, RowSegments, stacked_parts
 from flashserve.quantization.torch_int_weights import (Int4Weight, Int8GroupWeight, Int8Weight, quantize_groups,
                                                        quantize_rows)
 
@@ -115,7 +115,7 @@ def pack_linear(parts: list[Part], dtype: torch.dtype, own_kernels: bool | None 
     segments = []
     for kind, run in itertools.groupby(zip(kinds, parts), key=lambda kp: kp[0]):
         packed = _pack(kind, [p for _, p in run], dtype, own)
-        segments += packed.parts if isinstance(packed, RowSegments) else [packed]
+        segments += stacked_parts(packed)
     return segments[0] if len(segments) == 1 else RowSegments(segments)
 
 
@@ -189,8 +189,9 @@ def _int8_group_codes(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
     torch's per-group embedding table, and this project's for types without an exact 8-bit form."""
     if t.qtype in INT8_GROUP_TYPES:
         return tuple(torch.from_numpy(a) for a in int8_groups(t))
-    if t.qtype == Q.Q6_K and _own_kernels():  # one C++ pass, bit for bit the two torch passes below (torch's
-        # kernels chosen while this project's built: own kernels take Q6_K exactly)
+    # Q6_K reaches here for torch's kernels only (this project's take it exactly); when this project's
+    # built, one C++ pass does bit for bit the two torch passes below
+    if t.qtype == Q.Q6_K and _own_kernels():
         from flashserve.kernels import ops
 
         return ops.native().q6k_requantize_int8(t.block_bytes())

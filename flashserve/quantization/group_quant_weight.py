@@ -22,9 +22,9 @@ class GroupQuantWeight(PackedWeight):
     the exact form of GGUF's Q4_0/Q4_1/Q4_K (4-bit), Q5_0 (5-bit) and Q8_0 (8-bit) blocks, run by this
     project's C++ kernel (kernels/csrc/quant_matmul.cpp) on float32 activations, so neither x
     nor the output is rounded to bfloat16 and each row's result does not depend on M.
-    With int8_activations (quantization="auto") the kernel rounds x per group (of 32, or of 16 for
-    8-bit codes in groups of 16) to int8 and computes every M itself (no large-M path), so a row's
-    result never depends on its step.
+    With int8_activations (quantization="auto") the kernel rounds x per 32 values to int8 (for
+    groups of 32, and of 16 with 8-bit codes) and computes every M itself (no large-M path), so a
+    row's result never depends on its step.
     Also an embedding table: rows() looks rows up exactly."""
 
     act_dtype = torch.float32
@@ -40,7 +40,7 @@ class GroupQuantWeight(PackedWeight):
         """codes (N, K): uint8 in 0..15 (bits 4, group 32) or int8 (bits 8); scale, zero (N, K/group).
         packed: codes already in the kernel's layout (quant_matmul.cpp): 4-bit (N, K/2) (GGUF's Q4_0/Q4_1
         bytes), 5-bit (N, K/32 * 20) (Q5_0's blocks without d; always packed).
-        int8_activations: round x per group to int8 and take integer dot products (int8_groups_fit)."""
+        int8_activations: round x per 32 values to int8 and take integer dot products (int8_groups_fit)."""
         super().__init__()
         per_byte = {4: 2.0, 5: GROUP / 20, 8: 1.0}[bits] if packed else 1.0
         n, k = codes.shape[0], round(codes.shape[1] * per_byte)
@@ -174,7 +174,7 @@ class GroupQuantWeight(PackedWeight):
 
 def int8_groups_fit(bits: int, group: int, in_features: int) -> bool:
     """Whether the kernel takes int8 activations for this weight: groups of 32, or 8-bit codes in
-    groups of 16 (Q6_K, Q2_K, ...: x then rounded per 16) on rows of whole 32-code spans."""
+    groups of 16 (Q6_K, Q2_K, ...) on rows of whole 32-value spans, x being rounded per 32 values."""
     return group == GROUP or (bits == 8 and group == 16 and in_features % GROUP == 0)
 
 

@@ -143,3 +143,8 @@ class RowSegments(PackedWeight):
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])[start:end]
 
+
+def stacked_parts(w: PackedWeight) -> list[PackedWeight]:
+    """The weights w runs, stacked along its output rows: RowSegments' parts, else w itself."""
+    return list(w.parts) if isinstance(w, RowSegments) else [w]
+

@@ -22,7 +22,7 @@ from flashserve.model.layers.linear import Linear
 from flashserve.model.models.gemma3 import Gemma3DecoderLayer
 from flashserve.model.models.llama import GatedMLP, LlamaDecoderLayer
 from flashserve.quantization.group_quant_weight import GroupQuantWeight
-from flashserve.quantization.packed import RowSegments
+from flashserve.quantization.packed import stacked_parts
 
 _GELU_ACTS = ("gelu_pytorch_tanh", "gelu")
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float32 compute's cache, or a 2-byte one
@@ -100,7 +100,7 @@ def build_decode_plan(model) -> DecodePlan | None:
 
 def _packed_parts(m: Linear) -> list[GroupQuantWeight] | None:
     """The GroupQuantWeights m multiplies with, stacked along its output rows; None for other forms."""
-    parts = list(m.qweight.parts) if isinstance(m.qweight, RowSegments) else [m.qweight]
+    parts = stacked_parts(m.qweight)
     return parts if all(type(p) is GroupQuantWeight for p in parts) else None
 
 
