@@ -7,11 +7,13 @@ the file; Q4_K 4.625 (its own 6-bit integers and float16 factors: a factored tab
 """
 from __future__ import annotations
 
+import mmap
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from flashserve.heap import madvise
 from flashserve.kernels import ops
 from flashserve.quantization.packed import GROUP, PackedWeight, _param
 
@@ -96,6 +98,9 @@ class GroupQuantWeight(PackedWeight):
         else:
             self.scale = _param(tile_major(self.scale))
         self.tiled = True
+        narrowed = _six_bit_tiles(self.codes, self.scale, self.group)
+        if narrowed is not None:
+            self.codes, self.scale = map(_param, narrowed)
         return True
 
     def plan_part(self) -> tuple:
@@ -123,8 +128,10 @@ class GroupQuantWeight(PackedWeight):
         """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
         if self.tiled:
             tile, lane = self._tile_lanes(index)
-            tiles, groups, _ = self.codes.shape
-            c = self.codes.view(tiles, groups, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, K/32, 8, 4)
+            c = _eight_bit_tiles(self.codes[tile.unique()]) if self.codes.shape[2] != GROUP * 16 else self.codes
+            tile = tile if c is self.codes else torch.searchsorted(tile.unique(), tile)
+            tiles, spans, _ = c.shape
+            c = c.view(tiles, spans, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, K/32, 8, 4)
             return (c ^ 0x80).view(torch.int8).reshape(len(tile), -1, self.group).to(torch.int32)
         c = self.codes[index]  # (rows, code bytes per row)
         if self.bits == 8:
@@ -143,7 +150,7 @@ class GroupQuantWeight(PackedWeight):
             rows = torch.arange(*index.indices(self.out_features))
         else:  # row ids (an embedding lookup): no range over the whole vocabulary
             rows = torch.as_tensor(index).reshape(-1)
-        lanes = self.codes.shape[2] // GROUP
+        lanes = self.scale.shape[2]
         return rows // lanes, rows % lanes
 
     def _scales(self, index) -> torch.Tensor:
@@ -189,6 +196,55 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
     for t in range(0, n // lanes, tiles_at_once):
         chunk = by_rows[t:t + tiles_at_once].clone()
         by_tiles[t:t + tiles_at_once].copy_(chunk.permute(0, 2, 3, 1, 4)).bitwise_xor_(0x80)
+
+
+# --- 6-bit tiles ------------------------------------------------------------------------------------
+# Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale) take 3/4 of the
+# 8-bit tiles' bytes: per span of a tile, the bytes u = c' + 32 of its eight vectors w[q] (lane-major,
+# 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits | w[j + 4]'s << 4) and two of 2-bit
+# fields (w[j + 2r]'s top 2 bits at bits 2r of vector j), the kernel's unpack_six_bit_span. A group whose
+# codes reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s: the same products,
+# float rounding being symmetric), so every group's c' lies in -32..31; factored integers become int8.
+
+SIX_BIT_OFFSET = 32  # u = c' + 32 (quant_matmul.cpp, kSixBitTileOffset)
+SIX_BIT_SPAN_BYTES = 16 * GROUP * 6 // 8  # a span of a 16-lane tile
+
+
+def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the 6-bit tiles and their scales (int8
+    integers where factored), or None when some group's codes do not fit in 6 bits either way. The
+    kernels write the 6-bit tiles over the first 3/4 of the 8-bit ones' storage (six_bit_tiles_), and
+    the last quarter's pages are handed back: no second copy of a large head at start-up."""
+    factored = scale.dtype == torch.uint8
+    sign = ops.native().six_bit_tiles_(codes, scale if factored else None, group)
+    if sign is None:
+        return None
+    tiles, spans, _ = codes.shape
+    flat = codes.view(-1)
+    packed = flat[:tiles * spans * SIX_BIT_SPAN_BYTES].view(tiles, spans, SIX_BIT_SPAN_BYTES)
+    _release_pages(flat, packed.numel())
+    new_scale = (scale.to(torch.int16) * sign).to(torch.int8) if factored else scale * sign.to(scale.dtype)
+    return packed, new_scale
+
+
+def _release_pages(flat: torch.Tensor, used: int) -> None:
+    """Hand the pages of flat[used:] back to the system (they read as zeros if touched again)."""
+    page = mmap.PAGESIZE
+    begin = -(-(flat.data_ptr() + used) // page) * page
+    end = (flat.data_ptr() + flat.numel()) // page * page
+    if end > begin:
+        madvise(begin, end - begin, mmap.MADV_DONTNEED)
+
+
+def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """6-bit tiles (t, K/32, 384) → the 8-bit tiles' bytes c + 128 of the same codes (t, K/32, 512)."""
+    t, spans, _ = packed.shape
+    p = packed.view(t, spans, 6, -1)
+    nibbles, fields = p[:, :, :4], p[:, :, 4:]
+    low = torch.cat([nibbles & 15, nibbles >> 4], dim=2)  # w[0..3], w[4..7]
+    top = torch.cat([(fields >> (2 * r)) & 3 for r in range(4)], dim=2)  # w[0, 1], w[2, 3], ...
+    u = low | (top << 4)
+    return (u.to(torch.int16) - SIX_BIT_OFFSET + 128).to(torch.uint8).view(t, spans, -1)
 
 
 # --- per-group tables (the kernel's scales and zeros) ---------------------------------------------

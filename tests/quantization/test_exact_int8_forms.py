@@ -127,6 +127,28 @@ def test_int8_activations_take_the_exact_weight(qtype, m):
 
 
 @pytest.mark.usefixtures("cpp_kernels")
+@pytest.mark.parametrize("qtype", NEW)
+def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
+    """Stored in the 16-lane tiles (where the build has them): Q6_K in 6-bit tiles (its codes' signs moved
+    to the scales), the others in 8-bit ones or kept by rows; gguf-py's weight still, and the tiled
+    kernel's numbers those of the same weight by rows at every M."""
+    from flashserve.kernels import ops
+
+    t = random_blocks(qtype, 70, 512, seed=int(qtype), magnitude=1e-3)
+    rows, tiled = (pack_linear([t], torch.float32, own_kernels=True) for _ in range(2))
+    for w in (rows, tiled):
+        w.set_int8_activations(True)
+    stored = tiled.to_wide_tiles()
+    if qtype == Q.Q6_K:
+        assert stored == (ops.wide_tile_lanes() == 16)
+        assert not stored or tiled.codes.shape[2] == 384
+    assert torch.equal(tiled.dequantize(), gguf_py(t))
+    for m in (1, 2, 20, 45):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)) * 3
+        assert torch.equal(tiled(x), rows(x)), m
+
+
+@pytest.mark.usefixtures("cpp_kernels")
 def test_merged_parts_of_different_types():
     """q|k|v of different 8-bit types: one weight, one form holding them all exactly (the smallest
     group, tables and zeros repeated; factored where all are, else float32; absent zeros as zero)."""

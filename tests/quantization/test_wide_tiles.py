@@ -12,15 +12,24 @@ from flashserve.kernels import ops
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 
 
-def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int,
-                group: int = 32) -> tuple[GroupQuantWeight, GroupQuantWeight]:
+def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int = 32,
+                six_bit: bool = False) -> tuple[GroupQuantWeight, GroupQuantWeight]:
     """The same random 8-bit weight twice: by rows, and to be tiled (its own copy of the codes). A
-    uint8 scale_dtype: a factored table (Q6_K's form), whose values the tiles hold."""
+    uint8 scale_dtype: a factored table, whose values the tiles hold. six_bit: Q6_K's form as
+    gguf_int8_forms makes it, codes ±(q - 32) with q in 0..63 and the sign of the group's int8 scale
+    (-128..127; its magnitude in the table), so some groups reach +32, others -32."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    ints = torch.randint(0, 129, (n, k // group), dtype=torch.uint8, generator=gen)
+    if six_bit:
+        signed = torch.randint(-128, 128, (n, k // group), generator=gen)
+        signed[0, :3] = torch.tensor([-128, 127, 0])  # the ends of int8 (|-128| is 128 in the table)
+        q = torch.randint(0, 64, (n, k), generator=gen)
+        q[:, :2] = 0  # the first group of every row reaches ±32
+        sign = torch.where(signed < 0, -1, 1).repeat_interleave(group, dim=1)
+        codes, ints = (sign * (q - 32)).to(torch.int8), signed.abs().to(torch.uint8)
     if scale_dtype == torch.uint8:
-        scale = factored_table(torch.randint(0, 129, (n, k // group), dtype=torch.uint8, generator=gen),
-                               (torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
+        scale = factored_table(ints, (torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
     else:
         scale = (torch.rand(n, k // group, generator=gen) * 0.02).to(scale_dtype)
     return (GroupQuantWeight(codes, scale, None, bits=8, group=group, int8_activations=True),
@@ -29,14 +38,18 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int,
 
 # 72 rows: a last tile of 8 (padded in a new tensor); 64: whole tiles, rearranged in place; factored
 # scales (IQ4_XS's in groups of 32, Q6_K's in groups of 16); groups of 16, 34 of them a row
-@pytest.mark.parametrize("n,k,scale_dtype,group", [(72, 320, torch.float16, 32), (64, 640, torch.float32, 32),
-                                                   (1000, 96, torch.float16, 32), (64, 512, torch.uint8, 32),
-                                                   (72, 512, torch.uint8, 16), (40, 544, torch.float32, 16)])
-def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group):
-    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group)
+# 6-bit tiles: Q6_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32
+@pytest.mark.parametrize("n,k,scale_dtype,group,six_bit", [
+    (72, 320, torch.float16, 32, False), (64, 640, torch.float32, 32, False), (1000, 96, torch.float16, 32, False),
+    (64, 512, torch.uint8, 32, False), (72, 512, torch.uint8, 16, False), (40, 544, torch.float32, 16, False),
+    (72, 512, torch.uint8, 16, True), (300, 256, torch.uint8, 16, True), (40, 544, torch.float16, 32, True)])
+def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit):
+    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, six_bit=six_bit)
     stored = tiled.to_wide_tiles()
     assert stored == (ops.wide_tile_lanes() == 16)
     assert tiled.to_wide_tiles() is False  # once
+    if stored:  # bytes a span of a tile: 64 a bit
+        assert tiled.codes.shape[2] == 64 * (6 if six_bit else 8)
     gen = torch.Generator().manual_seed(1)
     for m in (1, 2, 3, 5, 16, 32, 33, 130):  # the GEMV's and every GEMM's row counts of the row-major form
         x = torch.randn(m, k, generator=gen) * 3
@@ -45,10 +58,26 @@ def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group):
     assert torch.equal(tiled.rows(ids, torch.float32), rows.rows(ids, torch.float32))
     assert torch.equal(tiled.dequantize(), rows.dequantize())
     assert torch.equal(tiled.dequantize(3, 40), rows.dequantize(3, 40))
-    assert torch.equal(tiled.scale_values(), rows.scale_values())
+    # a 6-bit tile moves a group's sign from its codes to its scale
+    assert torch.equal(tiled.scale_values().abs(), rows.scale_values().abs())
+    assert torch.equal(tiled.int_codes() * tiled.scale_values().sign()[..., None],
+                       rows.int_codes() * rows.scale_values().sign()[..., None])
     if stored:
         with pytest.raises(ValueError, match="int8 activations"):
             tiled.set_int8_activations(False)
+
+
+def test_codes_that_need_7_bits_stay_in_8_bit_tiles():
+    """-32 and +32 in one group, or a factored integer of 129 or more, leave no sign for 6 bits."""
+    for bad in ("both ends", "integer"):
+        rows, tiled = weight_pair(32, 256, torch.uint8, seed=5, group=16, six_bit=True)
+        if bad == "both ends":
+            tiled.codes[7, 16:18] = torch.tensor([-32, 32], dtype=torch.int8).view(torch.uint8)
+        else:
+            tiled.scale[7, 3] = 200
+        assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)
+        if tiled.tiled:
+            assert tiled.codes.shape[2] == 512, bad
 
 
 def test_only_what_the_tiled_kernel_takes_is_stored_in_tiles():

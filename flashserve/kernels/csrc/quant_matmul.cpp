@@ -103,6 +103,7 @@ inline int64_t tile_min_rows(int64_t bits, int64_t) { return bits == 4 ? 24 : 16
 // What the kernels that take codes unsigned (vpdpbusd multiplies u8 by s8) add to each: 5-bit codes are
 // read as c + 16, 8-bit ones as q + 128 (the sign bit flipped); 4-bit codes are unsigned already.
 constexpr int32_t code_offset(int64_t bits) { return bits == 4 ? 0 : bits == 5 ? 16 : 128; }
+constexpr int32_t kSixBitTileOffset = 32;  // a 6-bit tile's u = c + 32 (unpack_six_bit_span)
 
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
@@ -230,7 +231,9 @@ struct Problem {
   // in the GEMV, q + 16; the wide tiles' 5- and 8-bit codes, q + 16 and q + 128), made with the activations
   const int32_t* xq_corr = nullptr;
   // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
-  const uint8_t* tiles = nullptr;        // (T, K/32, 512): tile t, span b = the WideTileGroup's w[0..7]
+  const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
+  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6: packed in planes (unpack_six_bit_span)
+  bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
   // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
   // (uint8) times float16 factors (T, K/(8G), 16), one per 8 groups
   const uint8_t* tile_scales = nullptr;
@@ -460,17 +463,18 @@ inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
 // requests are spread over the work instead of issued in one burst that the cache's miss queue drops
 // or stalls on.
 inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g) {
-  if (p.tiles) {  // a stored tile's group: its 8 lines of codes into L2, its scales a line for 2 or 4 groups
+  if (p.tiles) {  // a stored tile's group: its 8 (6) lines of codes into L2, its scales a line for 2 or 4 groups
     // (prefetcht0 of the 8 lines stalled on L1's miss buffers: at one row, 1.2x the time of no prefetch)
     if (rows <= 0) return;
     const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
-    for (int q = 0; q < 8; ++q) prefetch_line_l2(p.tiles + at * 512 + 64 * q);
+    for (int q = 0; q < p.tile_bits; ++q) prefetch_line_l2(p.tiles + at * 64 * p.tile_bits + 64 * q);
     // the span's scales: one group's 16, or two groups' of 16 (16 to 128 bytes), and a factored table's
     // factors (32 bytes for 8 groups)
-    const int64_t span_bytes = 16 * p.tile_scale_bytes * (32 / p.G), begin = at * span_bytes;
+    const int64_t parts = p.G == 16 ? 2 : 1;  // groups a span (a division here cost a tenth of a step)
+    const int64_t span_bytes = 16 * p.tile_scale_bytes * parts, begin = at * span_bytes;
     for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
       if (g == 0 || o >= begin) prefetch_line_l2(p.tile_scales + o);
-    if (p.tile_factors) prefetch_line_l2(p.tile_factors + at * (32 / p.G) / 8 * 32);
+    if (p.tile_factors) prefetch_line_l2(p.tile_factors + at * parts / 8 * 32);
     return;
   }
   const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
@@ -1171,27 +1175,64 @@ inline void wide_codes_u8(const Problem& p, int64_t n0, int64_t g, __m512i* w) {
                       : _mm512_shuffle_i64x2(y[0][d / 2], y[1][d / 2], _MM_SHUFFLE(3, 2, 3, 2));
 }
 
+// A span of a 6-bit tile (GroupQuantWeight.to_wide_tiles), 384 bytes: four vectors of nibbles, vector j
+// holding the low 4 bits of w[j]'s bytes in its low nibbles and those of w[j + 4] in its high ones,
+// then two vectors of 2-bit fields, bits 2r..2r+1 of vector j holding the top 2 bits of w[j + 2r].
+// Out: w[0..7] with each byte u = c + 32 in 0..63, as unsigned as the 8-bit tiles' c + 128. The
+// 16-bit shifts below only move bits into places the byte masks then clear.
+inline void unpack_six_bit_span(const uint8_t* b, __m512i* w) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+  const __m512i fields[2] = {_mm512_loadu_si512(b + 256), _mm512_loadu_si512(b + 320)};
+  // field r of a vector moved to bits 4-5 of each byte: shifted left 4 - 2r
+  const __m512i at45[2][4] = {
+      {_mm512_slli_epi16(fields[0], 4), _mm512_slli_epi16(fields[0], 2), fields[0], _mm512_srli_epi16(fields[0], 2)},
+      {_mm512_slli_epi16(fields[1], 4), _mm512_slli_epi16(fields[1], 2), fields[1], _mm512_srli_epi16(fields[1], 2)}};
+  for (int j = 0; j < 4; ++j) {
+    const __m512i nib = _mm512_loadu_si512(b + 64 * j);
+    // (a & low4) | b, b already masked: ternary-logic table 0xEC over (a, b, low4)
+    w[j] = _mm512_ternarylogic_epi32(nib, _mm512_and_si512(at45[j % 2][j / 2], top2), low4, 0xEC);
+    w[j + 4] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(nib, 4), _mm512_and_si512(at45[j % 2][j / 2 + 2], top2), low4, 0xEC);
+  }
+}
+
+// Span sp of a stored tile (group_quant_matmul_tiles): plain loads (8-bit) or the 6-bit unpack, and the
+// span's scales. Inlined into the GEMM's loop (as a call, its WideTileGroup went through memory and
+// the single row's step took as long in cache as from memory, measured).
+template <int kG>
+__attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
+                                                                    WideTileGroup& t) {
+  constexpr int kParts = 32 / kG;
+  const int64_t spans = p.K / 32, groups = p.K / kG;
+  const int64_t tile = n0 / kWideLanes;
+  const uint8_t* span = p.tiles + (tile * spans + sp) * 64 * p.tile_bits;
+  if (p.tile_bits == 6) {
+    unpack_six_bit_span(span, t.w);
+  } else {
+    for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(span + 64 * q);
+  }
+  for (int h = 0; h < kParts; ++h) {
+    const int64_t at = tile * groups + sp * kParts + h;
+    const uint8_t* v = p.tile_scales + at * 16 * p.tile_scale_bytes;
+    if (p.tile_scale_bytes == 4) {
+      t.scale[h] = _mm512_loadu_ps(v);
+    } else if (p.tile_scale_bytes == 2) {
+      t.scale[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+    } else {  // the integers times their factor, as Table::factored16 (and table_values) compute them
+      const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_factors + at / 8 * 32));
+      const __m128i ints = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+      t.scale[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(p.tile_signed_ints ? _mm512_cvtepi8_epi32(ints) : _mm512_cvtepu8_epi32(ints)),
+                                 _mm512_cvtph_ps(f));
+    }
+    t.zero[h] = _mm512_setzero_ps();
+  }
+}
+
 template <int kBits, int kG = 32>
 inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t sp, WideTileGroup& t) {
   constexpr int kParts = 32 / kG;
-  const int64_t spans = p.K / 32, groups = p.K / kG;
+  const int64_t groups = p.K / kG;
   if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
-    const int64_t tile = n0 / kWideLanes;
-    for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(p.tiles + (tile * spans + sp) * 512 + 64 * q);
-    for (int h = 0; h < kParts; ++h) {
-      const int64_t at = tile * groups + sp * kParts + h;
-      const uint8_t* v = p.tile_scales + at * 16 * p.tile_scale_bytes;
-      if (p.tile_scale_bytes == 4) {
-        t.scale[h] = _mm512_loadu_ps(v);
-      } else if (p.tile_scale_bytes == 2) {
-        t.scale[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
-      } else {  // the integers times their factor, as Table::factored16 (and table_values) compute them
-        const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_factors + (tile * groups + sp * kParts + h) / 8 * 32));
-        t.scale[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)))),
-                                   _mm512_cvtph_ps(f));
-      }
-      t.zero[h] = _mm512_setzero_ps();
-    }
+    load_stored_tile_group<kG>(p, n0, sp, t);
     return;
   }
   if (rows == 16 && kBits != 5 && groups >= 2) {
@@ -1239,13 +1280,9 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
   __m512 acc[kWideTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
-  WideTileGroup here;
-  for (int64_t sp = 0; sp < spans; ++sp) {
-    if (!built) {
-      prefetch_group(p, next_n0, next_rows, sp);
-      load_wide_tile_group<kBits, kG>(p, n0, rows, sp, here);
-    }
-    const WideTileGroup& t = built ? (*built)[sp] : here;
+  // One span's products for rows [m0, m0 + mb), inlined in each of the loops below: a reference that
+  // could be either a built group or a fresh one kept the fresh one in memory, not in registers.
+  const auto span_step = [&](const WideTileGroup& t, int64_t sp) __attribute__((always_inline)) {
     const int64_t j = sp % 8;
     for (int64_t i = 0; i < mb; ++i) {
       const int64_t m = m0 + i;
@@ -1283,6 +1320,20 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         }
         acc[i][j] = a;
       }
+    }
+  };
+  if (built) {
+    for (int64_t sp = 0; sp < spans; ++sp) span_step((*built)[sp], sp);
+  } else {
+    for (int64_t sp = 0; sp < spans; ++sp) {
+      prefetch_group(p, next_n0, next_rows, sp);
+      WideTileGroup here;
+      if (kBits == 8 && p.tiles) {
+        load_stored_tile_group<kG>(p, n0, sp, here);
+      } else {
+        load_wide_tile_group<kBits, kG>(p, n0, rows, sp, here);
+      }
+      span_step(here, sp);
     }
   }
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
@@ -1595,6 +1646,8 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 // RESULTS.md, issue 24). Int8 activations, no zeros; the same products in the same float order as
 // group_quant_matmul's, so the numbers are those of the row-major weight, bit for bit. Scales
 // (T, K/G, 16), G = 32 or 16: float32, float16, or uint8 integers with float16 `factors` (T, K/(8G), 16).
+// 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored
+// integers may be int8 (a negative scale's sign moved out of the codes): the same products again.
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N) {
 #ifdef FS_AVX512
@@ -1602,16 +1655,18 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), tiles = (N + kWideLanes - 1) / kWideLanes;
   const int64_t group = scale.dim() == 3 && scale.size(1) == K / 16 ? 16 : 32;  // the scales say which
+  const int64_t tile_bits = codes.dim() == 3 ? codes.size(2) / (kWideLanes * 4) : 0;  // bytes of a span: 64 per bit
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 32,
-              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the tiles of ", N, " rows of ", K);
-  const bool factored = scale.scalar_type() == at::kByte;
+                  codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 4 * tile_bits &&
+                  (tile_bits == 8 || tile_bits == 6),
+              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8- or 6-bit tiles of ", N, " rows of ", K);
+  const bool signed_ints = scale.scalar_type() == at::kChar, factored = scale.scalar_type() == at::kByte || signed_ints;
   TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / group &&
                   scale.size(2) == kWideLanes &&
                   (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat || factored),
               "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16, float32 or factored table");
   TORCH_CHECK(factored == (factors.has_value() && factors->defined()),
-              "group_quant_matmul_tiles: factors go with a factored (uint8) scale table, and only with one");
+              "group_quant_matmul_tiles: factors go with a factored (uint8 or int8) scale table, and only with one");
   if (factored)
     TORCH_CHECK(K / group % 8 == 0 && factors->scalar_type() == at::kHalf && factors->is_contiguous() &&
                     factors->dim() == 3 && factors->size(0) == tiles && factors->size(1) == K / group / 8 &&
@@ -1620,8 +1675,10 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
                 ", ", kWideLanes, ")");
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
-  set_int8_activations(p, false, code_offset(8));
+  set_int8_activations(p, false, tile_bits == 6 ? kSixBitTileOffset : code_offset(8));
   p.tiles = codes.data_ptr<uint8_t>();
+  p.tile_bits = tile_bits;
+  p.tile_signed_ints = signed_ints;
   p.tile_scales = static_cast<const uint8_t*>(scale.data_ptr());
   p.tile_scale_bytes = scale.element_size();
   if (factored) p.tile_factors = static_cast<const uint8_t*>(factors->data_ptr());
