@@ -75,18 +75,22 @@ class GroupQuantWeight(PackedWeight):
         """Store the codes and scales in the order of the kernel's 16-row tiles, where the build has
         them (AVX-512): its tiled GEMM then reads each tile's group with plain loads, where row-major
         codes are transposed in registers at every call, and it runs every M, one row included. Only
-        what that kernel takes: 8-bit codes in groups of 32 or 16, int8 activations, no zero; scales
-        float, or a factored table's integers and factors. The same numbers either way. Returns
+        what that kernel takes: 8-bit codes in groups of 32 or 16 (in 6 bits where they fit) and 5-bit
+        ones, int8 activations, no zero; scales float, or a factored table's integers and factors.
+        The same numbers either way. Returns
         whether it did. The codes are rearranged in their own
         storage (no second copy of a large head at start-up): a tensor shared with another weight
         must not be tiled."""
         lanes = ops.wide_tile_lanes()
-        if (self.tiled or not lanes or self.bits != 8 or not self.int8_activations or self.zero is not None
+        if (self.tiled or not lanes or self.bits not in (8, 5) or not self.int8_activations or self.zero is not None
                 or self.codes.device.type != "cpu"):
             return False
         n, spans, groups = self.out_features, self.in_features // GROUP, self.in_features // self.group
         tiles, pad = -(-n // lanes), -n % lanes
-        codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
+        codes = self.codes
+        if self.bits == 5:  # by way of the 8-bit tiles' bytes (a transient copy of one byte a weight)
+            codes = self.int_codes().to(torch.int8).view(n, -1).view(torch.uint8)
+        codes = codes if not pad else F.pad(codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
         _rows_to_tiles_(codes, lanes)
         self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
         def tile_major(t: torch.Tensor) -> torch.Tensor:  # (N, per row) → (tiles, per row, lanes)
@@ -98,9 +102,11 @@ class GroupQuantWeight(PackedWeight):
         else:
             self.scale = _param(tile_major(self.scale))
         self.tiled = True
-        narrowed = _six_bit_tiles(self.codes, self.scale, self.group)
+        narrowed = _narrow_tiles(self.codes, self.scale, self.group, bits=5 if self.bits == 5 else 6)
         if narrowed is not None:
             self.codes, self.scale = map(_param, narrowed)
+        elif self.bits == 5:
+            raise AssertionError("5-bit codes that 5-bit tiles do not hold")
         return True
 
     def plan_part(self) -> tuple:
@@ -128,7 +134,7 @@ class GroupQuantWeight(PackedWeight):
         """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
         if self.tiled:
             tile, lane = self._tile_lanes(index)
-            c = _eight_bit_tiles(self.codes[tile.unique()]) if self.codes.shape[2] != GROUP * 16 else self.codes
+            c = _eight_bit_tiles(self.codes[tile.unique()]) if self.codes.shape[2] != SPAN_BYTES[8] else self.codes
             tile = tile if c is self.codes else torch.searchsorted(tile.unique(), tile)
             tiles, spans, _ = c.shape
             c = c.view(tiles, spans, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, K/32, 8, 4)
@@ -198,31 +204,36 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
         by_tiles[t:t + tiles_at_once].copy_(chunk.permute(0, 2, 3, 1, 4)).bitwise_xor_(0x80)
 
 
-# --- 6-bit tiles ------------------------------------------------------------------------------------
-# Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale) take 3/4 of the
-# 8-bit tiles' bytes: per span of a tile, the bytes u = c' + 32 of its eight vectors w[q] (lane-major,
-# 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits | w[j + 4]'s << 4) and two of 2-bit
-# fields (w[j + 2r]'s top 2 bits at bits 2r of vector j), the kernel's unpack_six_bit_span. A group whose
-# codes reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s: the same products,
-# float rounding being symmetric), so every group's c' lies in -32..31; factored integers become int8.
+# --- narrow tiles -----------------------------------------------------------------------------------
+# Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale) or are 5-bit
+# (Q5_0's) take 3/4 or 5/8 of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset of
+# its eight vectors w[q] (lane-major, 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits |
+# w[j + 4]'s << 4), then for 6 bits two vectors of 2-bit fields (w[j + 2r]'s top 2 bits at bits 2r of
+# vector j), for 5 bits one of single bits (w[q]'s bit 4 at bit q): the kernel's unpack_*_bit_span.
+# A 6-bit group whose codes reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s:
+# the same products, float rounding being symmetric), so every group's c' lies in -32..31; factored
+# integers become int8.
 
-SIX_BIT_OFFSET = 32  # u = c' + 32 (quant_matmul.cpp, kSixBitTileOffset)
-SIX_BIT_SPAN_BYTES = 16 * GROUP * 6 // 8  # a span of a 16-lane tile
+OFFSET = {6: 32, 5: 16}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset, code_offset(5))
+SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5)}  # a span of a 16-lane tile
 
 
-def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the 6-bit tiles and their scales (int8
-    integers where factored), or None when some group's codes do not fit in 6 bits either way. The
-    kernels write the 6-bit tiles over the first 3/4 of the 8-bit ones' storage (six_bit_tiles_), and
-    the last quarter's pages are handed back: no second copy of a large head at start-up."""
+def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the `bits`-bit tiles and their scales (int8
+    integers where factored), or None when some group's codes do not fit. The kernels write the narrow
+    tiles over the front of the 8-bit ones' storage (narrow_tiles_), and the rest's pages are handed
+    back: no second copy of a large head at start-up."""
     factored = scale.dtype == torch.uint8
-    sign = ops.native().six_bit_tiles_(codes, scale if factored else None, group)
+    sign = ops.native().narrow_tiles_(codes, scale if factored else None, group, bits)
     if sign is None:
         return None
     tiles, spans, _ = codes.shape
     flat = codes.view(-1)
-    packed = flat[:tiles * spans * SIX_BIT_SPAN_BYTES].view(tiles, spans, SIX_BIT_SPAN_BYTES)
+    packed = flat[:tiles * spans * SPAN_BYTES[bits]].view(tiles, spans, SPAN_BYTES[bits])
     _release_pages(flat, packed.numel())
+    if bits == 5:
+        return packed, scale
     new_scale = (scale.to(torch.int16) * sign).to(torch.int8) if factored else scale * sign.to(scale.dtype)
     return packed, new_scale
 
@@ -237,14 +248,18 @@ def _release_pages(flat: torch.Tensor, used: int) -> None:
 
 
 def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """6-bit tiles (t, K/32, 384) → the 8-bit tiles' bytes c + 128 of the same codes (t, K/32, 512)."""
-    t, spans, _ = packed.shape
-    p = packed.view(t, spans, 6, -1)
-    nibbles, fields = p[:, :, :4], p[:, :, 4:]
+    """6- or 5-bit tiles (t, K/32, 384 or 320) → the 8-bit tiles' bytes c + 128 of the same codes."""
+    t, spans, span_bytes = packed.shape
+    bits = span_bytes * 8 // (16 * GROUP)
+    p = packed.view(t, spans, bits, -1)
+    nibbles, top_bits = p[:, :, :4], p[:, :, 4:]
     low = torch.cat([nibbles & 15, nibbles >> 4], dim=2)  # w[0..3], w[4..7]
-    top = torch.cat([(fields >> (2 * r)) & 3 for r in range(4)], dim=2)  # w[0, 1], w[2, 3], ...
+    if bits == 6:
+        top = torch.cat([(top_bits >> (2 * r)) & 3 for r in range(4)], dim=2)  # w[0, 1], w[2, 3], ...
+    else:
+        top = torch.cat([(top_bits >> q) & 1 for q in range(8)], dim=2)  # w[0], w[1], ...
     u = low | (top << 4)
-    return (u.to(torch.int16) - SIX_BIT_OFFSET + 128).to(torch.uint8).view(t, spans, -1)
+    return (u.to(torch.int16) - OFFSET[bits] + 128).to(torch.uint8).view(t, spans, -1)
 
 
 # --- per-group tables (the kernel's scales and zeros) ---------------------------------------------

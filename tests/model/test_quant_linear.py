@@ -131,6 +131,28 @@ def test_q5_0_keeps_its_own_five_bits():
 
 
 @pytest.mark.usefixtures("cpp_kernels")
+def test_q5_0_in_five_bit_tiles_gives_the_rows_numbers():
+    """Stored in the 16-lane tiles (where the build has them), Q5_0 keeps 5 bits a code (320 bytes a span
+    of 16 rows), reads back the file's codes, and every M gives the row-major weight's numbers."""
+    from flashserve.kernels import ops
+
+    t = random_tensor(Q.Q5_0, 40, 544)
+    rows, tiled = (pack_linear([t], torch.float32, own_kernels=True) for _ in range(2))
+    for w in (rows, tiled):
+        w.set_int8_activations(True)
+    assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)
+    if tiled.tiled:
+        assert tiled.codes.shape == (3, 544 // 32, 320)
+    assert torch.equal(tiled.int_codes(), rows.int_codes())
+    assert torch.equal(tiled.dequantize(), rows.dequantize())
+    assert torch.equal(tiled.dequantize(7, 29), rows.dequantize(7, 29))
+    gen = torch.Generator().manual_seed(3)
+    for m in (1, 2, 3, 5, 16, 24, 32, 33, 130):  # the row-major form's GEMV and each GEMM
+        x = torch.randn(m, 544, generator=gen) * 3
+        assert torch.equal(tiled(x), rows(x)), m
+
+
+@pytest.mark.usefixtures("cpp_kernels")
 def test_q4_k_keeps_its_own_factors():
     """Q4_K runs from its own integers and float16 factors (4.625 bits per weight, not the 6 that
     float32 scales and zeros per 32 took), and computes bit for bit what float32 tables of the same

@@ -232,7 +232,7 @@ struct Problem {
   const int32_t* xq_corr = nullptr;
   // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
-  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6: packed in planes (unpack_six_bit_span)
+  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5: packed in planes (unpack_*_bit_span)
   bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
   // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
   // (uint8) times float16 factors (T, K/(8G), 16), one per 8 groups
@@ -1198,6 +1198,23 @@ inline void unpack_six_bit_span(const uint8_t* b, __m512i* w) {
 // Span sp of a stored tile (group_quant_matmul_tiles): plain loads (8-bit) or the 6-bit unpack, and the
 // span's scales. Inlined into the GEMM's loop (as a call, its WideTileGroup went through memory and
 // the single row's step took as long in cache as from memory, measured).
+// A span of a 5-bit tile, 320 bytes: the four vectors of nibbles as above, then one of bits, bit q of
+// each byte holding bit 4 of w[q]'s byte. Out: w[0..7] with each byte u = c + 16 in 0..31, the offset
+// the 5-bit codes take in every unsigned kernel (code_offset).
+inline void unpack_five_bit_span(const uint8_t* b, __m512i* w) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+  const __m512i bits = _mm512_loadu_si512(b + 256);
+  // bit q of each byte moved to bit 4: shifted left 4 - q (16-bit shifts; the mask keeps bit 4 only)
+  const __m512i at4[8] = {_mm512_slli_epi16(bits, 4), _mm512_slli_epi16(bits, 3), _mm512_slli_epi16(bits, 2),
+                          _mm512_slli_epi16(bits, 1), bits, _mm512_srli_epi16(bits, 1), _mm512_srli_epi16(bits, 2),
+                          _mm512_srli_epi16(bits, 3)};
+  for (int j = 0; j < 4; ++j) {
+    const __m512i nib = _mm512_loadu_si512(b + 64 * j);
+    w[j] = _mm512_ternarylogic_epi32(nib, _mm512_and_si512(at4[j], bit4), low4, 0xEC);
+    w[j + 4] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(nib, 4), _mm512_and_si512(at4[j + 4], bit4), low4, 0xEC);
+  }
+}
+
 template <int kG>
 __attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
                                                                     WideTileGroup& t) {
@@ -1207,6 +1224,8 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
   const uint8_t* span = p.tiles + (tile * spans + sp) * 64 * p.tile_bits;
   if (p.tile_bits == 6) {
     unpack_six_bit_span(span, t.w);
+  } else if (p.tile_bits == 5) {
+    unpack_five_bit_span(span, t.w);
   } else {
     for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(span + 64 * q);
   }
@@ -1647,7 +1666,8 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 // group_quant_matmul's, so the numbers are those of the row-major weight, bit for bit. Scales
 // (T, K/G, 16), G = 32 or 16: float32, float16, or uint8 integers with float16 `factors` (T, K/(8G), 16).
 // 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored
-// integers may be int8 (a negative scale's sign moved out of the codes): the same products again.
+// integers may be int8 (a negative scale's sign moved out of the codes): the same products again;
+// 5-bit ones (T, K/32, 320) u = c + 16.
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N) {
 #ifdef FS_AVX512
@@ -1658,8 +1678,8 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const int64_t tile_bits = codes.dim() == 3 ? codes.size(2) / (kWideLanes * 4) : 0;  // bytes of a span: 64 per bit
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 4 * tile_bits &&
-                  (tile_bits == 8 || tile_bits == 6),
-              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8- or 6-bit tiles of ", N, " rows of ", K);
+                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5),
+              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6- or 5-bit tiles of ", N, " rows of ", K);
   const bool signed_ints = scale.scalar_type() == at::kChar, factored = scale.scalar_type() == at::kByte || signed_ints;
   TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / group &&
                   scale.size(2) == kWideLanes &&
@@ -1675,7 +1695,7 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
                 ", ", kWideLanes, ")");
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
-  set_int8_activations(p, false, tile_bits == 6 ? kSixBitTileOffset : code_offset(8));
+  set_int8_activations(p, false, tile_bits == 6 ? kSixBitTileOffset : code_offset(tile_bits));
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_bits = tile_bits;
   p.tile_signed_ints = signed_ints;
