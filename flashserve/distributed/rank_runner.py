@@ -36,6 +36,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
 
             cfg = shard_model(model, tp_shards(cfg, tp_group.world_size)[tp_group.rank], tp_group)
         _store_in_tiles(model, linears=config.max_weight_memory is None)
+    heap.release_free_heap()  # the rows the tiles replaced, before collapsing makes their spans resident
     if huge_pages:
         collapse_weights(model)  # what was not born huge, of the rank's final weights (after any split)
         startup_phases.mark("weights mapped in huge pages")

@@ -87,12 +87,12 @@ class GroupQuantWeight(PackedWeight):
             return False
         n, spans, groups = self.out_features, self.in_features // GROUP, self.in_features // self.group
         tiles, pad = -(-n // lanes), -n % lanes
-        codes = self.codes
-        if self.bits == 5:  # by way of the 8-bit tiles' bytes (a transient copy of one byte a weight)
-            codes = self.int_codes().to(torch.int8).view(n, -1).view(torch.uint8)
-        codes = codes if not pad else F.pad(codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
-        _rows_to_tiles_(codes, lanes)
-        self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
+        if self.bits == 5:  # the same bytes rearranged (five_bit_tiles), in one pass
+            self.codes = _param(ops.native().five_bit_tiles(self.codes))
+        else:
+            codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
+            _rows_to_tiles_(codes, lanes)
+            self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
         def tile_major(t: torch.Tensor) -> torch.Tensor:  # (N, per row) → (tiles, per row, lanes)
             return F.pad(t, (0, 0, 0, pad)).view(tiles, lanes, -1).transpose(1, 2).contiguous()
 
@@ -102,11 +102,9 @@ class GroupQuantWeight(PackedWeight):
         else:
             self.scale = _param(tile_major(self.scale))
         self.tiled = True
-        narrowed = _narrow_tiles(self.codes, self.scale, self.group, bits=5 if self.bits == 5 else 6)
+        narrowed = _six_bit_tiles(self.codes, self.scale, self.group) if self.bits == 8 else None
         if narrowed is not None:
             self.codes, self.scale = map(_param, narrowed)
-        elif self.bits == 5:
-            raise AssertionError("5-bit codes that 5-bit tiles do not hold")
         return True
 
     def plan_part(self) -> tuple:
@@ -206,7 +204,7 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 
 # --- narrow tiles -----------------------------------------------------------------------------------
 # Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale) or are 5-bit
-# (Q5_0's) take 3/4 or 5/8 of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset of
+# (Q5_0's, straight from their rows: five_bit_tiles) take 3/4 or 5/8 of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset of
 # its eight vectors w[q] (lane-major, 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits |
 # w[j + 4]'s << 4), then for 6 bits two vectors of 2-bit fields (w[j + 2r]'s top 2 bits at bits 2r of
 # vector j), for 5 bits one of single bits (w[q]'s bit 4 at bit q): the kernel's unpack_*_bit_span.
@@ -218,22 +216,19 @@ OFFSET = {6: 32, 5: 16}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset,
 SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5)}  # a span of a 16-lane tile
 
 
-def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int,
-                  bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the `bits`-bit tiles and their scales (int8
-    integers where factored), or None when some group's codes do not fit. The kernels write the narrow
-    tiles over the front of the 8-bit ones' storage (narrow_tiles_), and the rest's pages are handed
-    back: no second copy of a large head at start-up."""
+def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the 6-bit tiles and their scales (int8
+    integers where factored), or None when some group's codes do not fit. The kernels write the 6-bit
+    tiles over the first 3/4 of the 8-bit ones' storage (six_bit_tiles_), and the last quarter's pages
+    are handed back: no second copy of a large head at start-up."""
     factored = scale.dtype == torch.uint8
-    sign = ops.native().narrow_tiles_(codes, scale if factored else None, group, bits)
+    sign = ops.native().six_bit_tiles_(codes, scale if factored else None, group)
     if sign is None:
         return None
     tiles, spans, _ = codes.shape
     flat = codes.view(-1)
-    packed = flat[:tiles * spans * SPAN_BYTES[bits]].view(tiles, spans, SPAN_BYTES[bits])
+    packed = flat[:tiles * spans * SPAN_BYTES[6]].view(tiles, spans, SPAN_BYTES[6])
     _release_pages(flat, packed.numel())
-    if bits == 5:
-        return packed, scale
     new_scale = (scale.to(torch.int16) * sign).to(torch.int8) if factored else scale * sign.to(scale.dtype)
     return packed, new_scale
 

@@ -19,9 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_quant_matmul_tiles", &group_quant_matmul_tiles,
         "x @ W^T, W = q * s, 8-bit codes and scales stored tile-major (16 output rows a tile)", py::arg("x"),
         py::arg("codes"), py::arg("scale"), py::arg("factors"), py::arg("N"));
-  m.def("narrow_tiles_", &narrow_tiles_,
-        "8-bit tiles rewritten in place as 6- or 5-bit ones where every group fits; the signs moved to the scales, or None",
-        py::arg("codes"), py::arg("ints"), py::arg("group"), py::arg("bits"));
+  m.def("six_bit_tiles_", &six_bit_tiles_,
+        "8-bit tiles rewritten in place as 6-bit ones where every group fits; the signs moved to the scales, or None",
+        py::arg("codes"), py::arg("ints"), py::arg("group"));
+  m.def("five_bit_tiles", &five_bit_tiles, "5-bit codes by rows -> the 16-lane tiles' 5-bit planes");
   m.def("wide_tile_lanes", &wide_tile_lanes, "output rows of a stored tile in this build; 0 when it has none");
   m.def("group_dequantize", &group_dequantize, "rows [start, end) of W = q * s + z as float32",
         py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"), py::arg("start"),

@@ -145,29 +145,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_facto
 }
 
 // 8-bit tiles (T, S, 512; tile t, span s: byte 64 q + 4 lane + b = code 4 q + b of the span in row
-// 16 t + lane, plus 128) rewritten in place as 6- or 5-bit tiles (group_quant_weight.py, "Narrow tiles"),
-// when each group's codes fit. 6 bits: per (tile, group, lane) the sign that moves from the codes to
-// the scale, -1 where the codes reach +32 (or the factored integer is 128, which int8 holds only as
-// -128), so that u = sign * c + 32 lies in 0..63. 5 bits: codes in -16..15, u = c + 16, no sign moved.
-// Returns the signs (T, K/G, 16) int8, or an undefined tensor, the codes untouched, when some code does
-// not fit (6 bits: -32 and +32 in one group, a code outside them, or an integer over 128).
-at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits) {
-  constexpr int64_t kLanes = 16, kEight = 512;
+// 16 t + lane, plus 128) rewritten in place as 6-bit tiles (group_quant_weight.py, "Narrow tiles"), when
+// each group's codes fit: per (tile, group, lane) the sign that moves from the codes to the scale, -1
+// where the codes reach +32 (or the factored integer is 128, which int8 holds only as -128), so that
+// u = sign * c + 32 lies in 0..63. Returns those signs (T, K/G, 16) int8, or an undefined tensor, the
+// codes untouched, when some group has -32 and +32, a code outside them, or an integer over 128.
+at::Tensor six_bit_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group) {
+  constexpr int64_t kLanes = 16, kEight = 512, kSix = 384;
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(2) == kEight && (group == 16 || group == 32) && (bits == 6 || bits == 5),
-              "narrow_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, group ", group,
-              " not 16 or 32, or bits ", bits, " not 6 or 5");
+                  codes.size(2) == kEight && (group == 16 || group == 32),
+              "six_bit_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group, " not 16 or 32");
   const int64_t T = codes.size(0), S = codes.size(1), parts = 32 / group, per = 8 / parts, G = S * parts;
-  const int64_t narrow = 64 * bits, offset = bits == 6 ? 32 : 16;  // bytes of a span; u = c + offset
-  const int low_byte = 128 - offset, high_byte = 128 + offset;     // c = -offset .. offset as tile bytes
   const bool factored = ints.has_value() && ints->defined();
   if (factored)
     TORCH_CHECK(ints->scalar_type() == at::kByte && ints->is_contiguous() && ints->dim() == 3 && ints->size(0) == T &&
                     ints->size(1) == G && ints->size(2) == kLanes,
-                "narrow_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
+                "six_bit_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
   auto signs = at::empty({T, G, kLanes}, codes.options().dtype(at::kChar));
   uint8_t* c = codes.data_ptr<uint8_t>();
-  const uint8_t* in = factored && bits == 6 ? ints->data_ptr<uint8_t>() : nullptr;
+  const uint8_t* in = factored ? ints->data_ptr<uint8_t>() : nullptr;
   int8_t* sg = signs.data_ptr<int8_t>();
   std::atomic<bool> fits{true};
   at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
@@ -183,43 +179,80 @@ at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& int
               hi = std::max(hi, v);
             }
           const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kLanes + lane;
-          const bool negative = bits == 6 && (hi == high_byte || (in && in[at] == 128));
-          if (lo < low_byte || hi > (bits == 6 ? high_byte : high_byte - 1) || (negative && lo == low_byte) ||
-              (in && in[at] > 128))
-            fits = false;
+          const bool negative = hi == 160 || (in && in[at] == 128);
+          if (lo < 96 || hi > 160 || (negative && lo == 96) || (in && in[at] > 128)) fits = false;
           sg[at] = negative ? -1 : 1;
         }
     }
   });
   if (!fits) return at::Tensor();
-  // In place, a tile at a time: tile t's narrow bytes end before tile t + 1's 8-bit ones begin, so each
+  // In place, a tile at a time: tile t's 6-bit bytes end before tile t + 1's 8-bit ones begin, so each
   // tile is packed into a buffer (its spans in parallel) and copied down.
-  std::vector<uint8_t> packed(S * narrow);
+  std::vector<uint8_t> packed(S * kSix);
   for (int64_t t = 0; t < T; ++t) {
     at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         const uint8_t* span = c + (t * S + s) * kEight;
-        uint8_t* o = packed.data() + s * narrow;
+        uint8_t* o = packed.data() + s * kSix;
         for (int64_t i = 0; i < 64; ++i) {  // byte i of each vector w[q]: lane i / 4
           uint8_t u[8];
           for (int64_t q = 0; q < 8; ++q) {
             const bool negative = sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0;
-            u[q] = static_cast<uint8_t>(negative ? high_byte - span[64 * q + i] : span[64 * q + i] - low_byte);
+            u[q] = static_cast<uint8_t>(negative ? 160 - span[64 * q + i] : span[64 * q + i] - 96);
           }
           for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>((u[j] & 15) | ((u[j + 4] & 15) << 4));
-          if (bits == 6) {
-            for (int64_t j = 0; j < 2; ++j)
-              o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
-                                                         ((u[j + 6] >> 4) << 6));
-          } else {
-            uint8_t top = 0;
-            for (int64_t q = 0; q < 8; ++q) top |= static_cast<uint8_t>((u[q] >> 4) << q);
-            o[256 + i] = top;
-          }
+          for (int64_t j = 0; j < 2; ++j)
+            o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
+                                                       ((u[j + 6] >> 4) << 6));
         }
       }
     });
-    std::memcpy(c + t * S * narrow, packed.data(), S * narrow);
+    std::memcpy(c + t * S * kSix, packed.data(), S * kSix);
   }
   return signs;
+}
+
+// 5-bit codes by rows (N, K/32 * 20: per 32 codes Q5_0's 16 bytes of nibbles, code j low and j + 16
+// high, then a u32 whose bit j is bit 4 of code j; q = c + 16) -> 5-bit tiles (T, K/32, 320), T the
+// tiles of 16 rows (padding rows: c = 0): per span the four vectors of nibbles (byte i = 4 lane + b of
+// vector j: q of code 4 j + b, low nibble, and of code 4 (j + 4) + b, high), then one of fifth bits
+// (bit q of byte i: bit 4 of code 4 q + b), the kernel's unpack_five_bit_span.
+at::Tensor five_bit_tiles(const at::Tensor& codes) {
+  constexpr int64_t kLanes = 16, kFive = 320, kBlock = 20;
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(1) % kBlock == 0,
+              "five_bit_tiles: codes ", codes.sizes(), " are not 5-bit rows (N, K/32 * 20) uint8");
+  const int64_t N = codes.size(0), S = codes.size(1) / kBlock, T = (N + kLanes - 1) / kLanes;
+  auto out = at::empty({T, S, kFive}, codes.options());
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t ts = begin; ts < end; ++ts) {
+      const int64_t t = ts / S, s = ts % S;
+      uint8_t* span = o + ts * kFive;
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        const int64_t n = t * kLanes + lane;
+        uint8_t q[32];
+        if (n < N) {
+          const uint8_t* b = c + (n * S + s) * kBlock;
+          uint32_t high;
+          std::memcpy(&high, b + 16, 4);
+          for (int64_t j = 0; j < 16; ++j) {
+            q[j] = static_cast<uint8_t>((b[j] & 15) | ((high >> j) & 1) << 4);
+            q[j + 16] = static_cast<uint8_t>((b[j] >> 4) | ((high >> (j + 16)) & 1) << 4);
+          }
+        } else {
+          std::memset(q, 16, sizeof(q));
+        }
+        for (int64_t bi = 0; bi < 4; ++bi) {
+          const int64_t i = 4 * lane + bi;
+          for (int64_t j = 0; j < 4; ++j) span[64 * j + i] = static_cast<uint8_t>((q[4 * j + bi] & 15) | (q[4 * (j + 4) + bi] & 15) << 4);
+          uint8_t top = 0;
+          for (int64_t v = 0; v < 8; ++v) top |= static_cast<uint8_t>((q[4 * v + bi] >> 4) << v);
+          span[256 + i] = top;
+        }
+      }
+    }
+  });
+  return out;
 }
