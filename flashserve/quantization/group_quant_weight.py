@@ -12,6 +12,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from flashserve.heap import madvise
 from flashserve.kernels import ops
@@ -61,6 +62,7 @@ class GroupQuantWeight(PackedWeight):
         self.scale = _param(_narrowest_exact(scale))  # (N, K/group) float, or factored (table_values)
         self.zero = None if zero is None else _param(_narrowest_exact(zero))  # as scale
         self.tile_factors = None  # stored in tiles, a factored scale's float16 factors (to_wide_tiles)
+        self.tile_zero_factors = None  # and a factored zero's
 
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 where int8_groups_fit; other weights keep float x."""
@@ -82,13 +84,17 @@ class GroupQuantWeight(PackedWeight):
         storage (no second copy of a large head at start-up): a tensor shared with another weight
         must not be tiled."""
         lanes = ops.wide_tile_lanes()
-        if (self.tiled or not lanes or self.bits not in (8, 5) or not self.int8_activations or self.zero is not None
+        if (self.tiled or not lanes or self.bits not in (8, 5) or not self.int8_activations
                 or self.codes.device.type != "cpu"):
             return False
         n, spans, groups = self.out_features, self.in_features // GROUP, self.in_features // self.group
         tiles, pad = -(-n // lanes), -n % lanes
         if self.bits == 5:  # the same bytes rearranged (five_bit_tiles), in one pass
             self.codes = _param(ops.native().five_bit_tiles(self.codes))
+        elif ops.native().two_bit_tiles_(self.codes):  # Q2_K's codes 0..3, now at the front of their storage
+            flat = self.codes.view(-1)
+            self.codes = _param(flat[:tiles * spans * SPAN_BYTES[2]].view(tiles, spans, SPAN_BYTES[2]))
+            _release_pages(flat, self.codes.numel())
         else:
             codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
             _rows_to_tiles_(codes, lanes)
@@ -96,13 +102,16 @@ class GroupQuantWeight(PackedWeight):
         def tile_major(t: torch.Tensor) -> torch.Tensor:  # (N, per row) → (tiles, per row, lanes)
             return F.pad(t, (0, 0, 0, pad)).view(tiles, lanes, -1).transpose(1, 2).contiguous()
 
-        if self.scale.dtype == torch.uint8:  # factored: integers and factors apart, as the rows hold them
-            self.tile_factors = _param(tile_major(self.scale[:, groups:].contiguous().view(torch.float16)))
-            self.scale = _param(tile_major(self.scale[:, :groups]))
-        else:
-            self.scale = _param(tile_major(self.scale))
+        def tiled_table(t: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter | None]:
+            if t.dtype == torch.uint8:  # factored: integers and factors apart, as the rows hold them
+                return _param(tile_major(t[:, :groups])), _param(tile_major(t[:, groups:].contiguous().view(torch.float16)))
+            return _param(tile_major(t)), None
+
+        self.scale, self.tile_factors = tiled_table(self.scale)
+        if self.zero is not None:
+            self.zero, self.tile_zero_factors = tiled_table(self.zero)
         self.tiled = True
-        narrowed = _six_bit_tiles(self.codes, self.scale, self.group) if self.bits == 8 else None
+        narrowed = _six_bit_tiles(self.codes, self.scale, self.group) if self.codes.shape[2] == SPAN_BYTES[8] else None
         if narrowed is not None:
             self.codes, self.scale = map(_param, narrowed)
         return True
@@ -110,11 +119,12 @@ class GroupQuantWeight(PackedWeight):
     def plan_part(self) -> tuple:
         """What the C++ decode step calls kernel with (kernels/csrc/decode_plan.cpp, PackedPart)."""
         return (self.codes, self.scale, self.zero, self.bits, self.group, self.int8_activations, self.tiled,
-                self.tile_factors, self.out_features)
+                self.tile_factors, self.out_features, self.tile_zero_factors)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            return ops.group_quant_matmul_tiles(x, self.codes, self.scale, self.tile_factors, self.out_features)
+            return ops.group_quant_matmul_tiles(x, self.codes, self.scale, self.tile_factors, self.out_features,
+                                                self.zero, self.tile_zero_factors)
         return ops.group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
                                       self.int8_activations)
 
@@ -159,20 +169,27 @@ class GroupQuantWeight(PackedWeight):
 
     def _scales(self, index) -> torch.Tensor:
         """s of rows `index` as float32 (rows, K/group)."""
+        return self._table(self.scale, self.tile_factors, index)
+
+    def _zeros(self, index) -> torch.Tensor:
+        """z of rows `index` as float32 (rows, K/group); there is one."""
+        return self._table(self.zero, self.tile_zero_factors, index)
+
+    def _table(self, table: torch.Tensor, tile_factors: torch.Tensor | None, index) -> torch.Tensor:
         if self.tiled:
             tile, lane = self._tile_lanes(index)
-            s = self.scale[tile, :, lane].float()
-            if self.tile_factors is None:
+            s = table[tile, :, lane].float()
+            if tile_factors is None:
                 return s
-            return s.mul_(self.tile_factors[tile, :, lane].float().repeat_interleave(SUPER_GROUPS, dim=1))
-        return table_values(self.scale[index])
+            return s.mul_(tile_factors[tile, :, lane].float().repeat_interleave(SUPER_GROUPS, dim=1))
+        return table_values(table[index])
 
     def _weights(self, index) -> torch.Tensor:
         q = self.int_codes(index).float()  # (rows, K/group, group)
         rows = len(q)
         w = q.mul_(self._scales(index)[..., None])
         if self.zero is not None:
-            w.add_(table_values(self.zero[index])[..., None])
+            w.add_(self._zeros(index)[..., None])
         return w.view(rows, self.in_features)
 
     def scale_values(self) -> torch.Tensor:
@@ -180,7 +197,7 @@ class GroupQuantWeight(PackedWeight):
         return self._scales(slice(None))
 
     def zero_values(self) -> torch.Tensor | None:
-        return None if self.zero is None else table_values(self.zero)
+        return None if self.zero is None else self._zeros(slice(None))
 
 
 def int8_groups_fit(bits: int, group: int, in_features: int) -> bool:
@@ -203,8 +220,9 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 
 
 # --- narrow tiles -----------------------------------------------------------------------------------
-# Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale) or are 5-bit
-# (Q5_0's, straight from their rows: five_bit_tiles) take 3/4 or 5/8 of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset of
+# Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale), are 5-bit
+# (Q5_0's, straight from their rows: five_bit_tiles) or 0..3 (Q2_K's: two_bit_tiles_, in place, two
+# vectors of 2-bit fields) take 3/4, 5/8 or 1/4 of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset of
 # its eight vectors w[q] (lane-major, 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits |
 # w[j + 4]'s << 4), then for 6 bits two vectors of 2-bit fields (w[j + 2r]'s top 2 bits at bits 2r of
 # vector j), for 5 bits one of single bits (w[q]'s bit 4 at bit q): the kernel's unpack_*_bit_span.
@@ -212,8 +230,8 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 # the same products, float rounding being symmetric), so every group's c' lies in -32..31; factored
 # integers become int8.
 
-OFFSET = {6: 32, 5: 16}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset, code_offset(5))
-SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5)}  # a span of a 16-lane tile
+OFFSET = {6: 32, 5: 16, 2: 0}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset, code_offset(5))
+SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 2)}  # a span of a 16-lane tile
 
 
 def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -243,10 +261,13 @@ def _release_pages(flat: torch.Tensor, used: int) -> None:
 
 
 def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """6- or 5-bit tiles (t, K/32, 384 or 320) → the 8-bit tiles' bytes c + 128 of the same codes."""
+    """6-, 5- or 2-bit tiles (t, K/32, 384, 320 or 128) → the 8-bit tiles' bytes c + 128 of the same codes."""
     t, spans, span_bytes = packed.shape
     bits = span_bytes * 8 // (16 * GROUP)
     p = packed.view(t, spans, bits, -1)
+    if bits == 2:  # w[q] in bits 2 (q // 2) of vector q % 2
+        u = torch.cat([(p[:, :, q % 2] >> (2 * (q // 2)))[:, :, None] & 3 for q in range(8)], dim=2)
+        return (u.to(torch.int16) + 128).to(torch.uint8).view(t, spans, -1)
     nibbles, top_bits = p[:, :, :4], p[:, :, 4:]
     low = torch.cat([nibbles & 15, nibbles >> 4], dim=2)  # w[0..3], w[4..7]
     if bits == 6:

@@ -130,8 +130,8 @@ def test_int8_activations_take_the_exact_weight(qtype, m):
 @pytest.mark.parametrize("qtype", NEW)
 def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     """Stored in the 16-lane tiles (where the build has them): Q6_K in 6-bit tiles (its codes' signs moved
-    to the scales), the others in 8-bit ones or kept by rows; gguf-py's weight still, and the tiled
-    kernel's numbers those of the same weight by rows at every M."""
+    to the scales), Q2_K in 2-bit ones with its zeros, the others in 8-bit ones or kept by rows;
+    gguf-py's weight still, and the tiled kernel's numbers those of the same weight by rows at every M."""
     from flashserve.kernels import ops
 
     t = random_blocks(qtype, 70, 512, seed=int(qtype), magnitude=1e-3)
@@ -139,9 +139,9 @@ def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     for w in (rows, tiled):
         w.set_int8_activations(True)
     stored = tiled.to_wide_tiles()
-    if qtype == Q.Q6_K:
+    if qtype in (Q.Q6_K, Q.Q2_K):  # 6 and 2 bits a code
         assert stored == (ops.wide_tile_lanes() == 16)
-        assert not stored or tiled.codes.shape[2] == 384
+        assert not stored or tiled.codes.shape[2] == (384 if qtype == Q.Q6_K else 128)
     assert torch.equal(tiled.dequantize(), gguf_py(t))
     for m in (1, 2, 20, 45):
         x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)) * 3

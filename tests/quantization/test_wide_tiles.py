@@ -12,12 +12,13 @@ from flashserve.kernels import ops
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 
 
-def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int = 32,
-                six_bit: bool = False) -> tuple[GroupQuantWeight, GroupQuantWeight]:
+def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int = 32, six_bit: bool = False,
+                zero_dtype: torch.dtype | None = None, two_bit: bool = False) -> tuple[GroupQuantWeight, GroupQuantWeight]:
     """The same random 8-bit weight twice: by rows, and to be tiled (its own copy of the codes). A
     uint8 scale_dtype: a factored table, whose values the tiles hold. six_bit: Q6_K's form as
     gguf_int8_forms makes it, codes ±(q - 32) with q in 0..63 and the sign of the group's int8 scale
-    (-128..127; its magnitude in the table), so some groups reach +32, others -32."""
+    (-128..127; its magnitude in the table), so some groups reach +32, others -32. zero_dtype: a zero
+    table too (uint8: factored, as Q2_K's -dmin * mn); two_bit: codes 0..3 (Q2_K's)."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     ints = torch.randint(0, 129, (n, k // group), dtype=torch.uint8, generator=gen)
@@ -28,28 +29,42 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
         q[:, :2] = 0  # the first group of every row reaches ±32
         sign = torch.where(signed < 0, -1, 1).repeat_interleave(group, dim=1)
         codes, ints = (sign * (q - 32)).to(torch.int8), signed.abs().to(torch.uint8)
+    if two_bit:
+        codes = torch.randint(0, 4, (n, k), dtype=torch.int8, generator=gen)
     if scale_dtype == torch.uint8:
         scale = factored_table(ints, (torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
     else:
         scale = (torch.rand(n, k // group, generator=gen) * 0.02).to(scale_dtype)
-    return (GroupQuantWeight(codes, scale, None, bits=8, group=group, int8_activations=True),
-            GroupQuantWeight(codes.clone(), scale.clone(), None, bits=8, group=group, int8_activations=True))
+    zero = None
+    if zero_dtype == torch.uint8:
+        zero = factored_table(torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=gen),
+                              -(torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
+    elif zero_dtype is not None:
+        zero = (torch.randn(n, k // group, generator=gen) * 0.01).to(zero_dtype)
+    return tuple(GroupQuantWeight(codes.clone(), scale.clone(), None if zero is None else zero.clone(), bits=8,
+                                  group=group, int8_activations=True) for _ in range(2))
 
 
 # 72 rows: a last tile of 8 (padded in a new tensor); 64: whole tiles, rearranged in place; factored
 # scales (IQ4_XS's in groups of 32, Q6_K's in groups of 16); groups of 16, 34 of them a row
-# 6-bit tiles: Q6_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32
-@pytest.mark.parametrize("n,k,scale_dtype,group,six_bit", [
-    (72, 320, torch.float16, 32, False), (64, 640, torch.float32, 32, False), (1000, 96, torch.float16, 32, False),
-    (64, 512, torch.uint8, 32, False), (72, 512, torch.uint8, 16, False), (40, 544, torch.float32, 16, False),
-    (72, 512, torch.uint8, 16, True), (300, 256, torch.uint8, 16, True), (40, 544, torch.float16, 32, True)])
-def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit):
-    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, six_bit=six_bit)
+# 6-bit tiles: Q6_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32;
+# zeros (float16, factored) beside 8-bit codes, and Q2_K's form: codes 0..3, factored scale and zero
+@pytest.mark.parametrize("n,k,scale_dtype,group,six_bit,zero_dtype,two_bit", [
+    (72, 320, torch.float16, 32, False, None, False), (64, 640, torch.float32, 32, False, None, False),
+    (1000, 96, torch.float16, 32, False, None, False), (64, 512, torch.uint8, 32, False, None, False),
+    (72, 512, torch.uint8, 16, False, None, False), (40, 544, torch.float32, 16, False, None, False),
+    (72, 512, torch.uint8, 16, True, None, False), (300, 256, torch.uint8, 16, True, None, False),
+    (40, 544, torch.float16, 32, True, None, False), (72, 320, torch.float16, 32, False, torch.float16, False),
+    (40, 512, torch.uint8, 16, True, torch.uint8, False), (72, 512, torch.uint8, 16, False, torch.uint8, True),
+    (300, 256, torch.float16, 32, False, torch.float32, True)])
+def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit, zero_dtype, two_bit):
+    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, six_bit=six_bit, zero_dtype=zero_dtype,
+                              two_bit=two_bit)
     stored = tiled.to_wide_tiles()
     assert stored == (ops.wide_tile_lanes() == 16)
     assert tiled.to_wide_tiles() is False  # once
     if stored:  # bytes a span of a tile: 64 a bit
-        assert tiled.codes.shape[2] == 64 * (6 if six_bit else 8)
+        assert tiled.codes.shape[2] == 64 * (2 if two_bit else 6 if six_bit else 8)
     gen = torch.Generator().manual_seed(1)
     for m in (1, 2, 3, 5, 16, 32, 33, 130):  # the GEMV's and every GEMM's row counts of the row-major form
         x = torch.randn(m, k, generator=gen) * 3
@@ -62,6 +77,8 @@ def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit):
     assert torch.equal(tiled.scale_values().abs(), rows.scale_values().abs())
     assert torch.equal(tiled.int_codes() * tiled.scale_values().sign()[..., None],
                        rows.int_codes() * rows.scale_values().sign()[..., None])
+    if zero_dtype is not None:
+        assert torch.equal(tiled.zero_values(), rows.zero_values())
     if stored:
         with pytest.raises(ValueError, match="int8 activations"):
             tiled.set_int8_activations(False)
@@ -84,11 +101,10 @@ def test_only_what_the_tiled_kernel_takes_is_stored_in_tiles():
     gen = torch.Generator().manual_seed(2)
     codes = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=gen)
     scale = torch.rand(32, 2, generator=gen).half()
-    with_zero = GroupQuantWeight(codes, scale, scale.clone(), bits=8, int8_activations=True)
     float_activations = GroupQuantWeight(codes, scale, None, bits=8, int8_activations=False)
     four_bit = GroupQuantWeight(codes.abs().clamp(max=15).to(torch.uint8), scale, None, bits=4, int8_activations=True)
-    assert not any(w.to_wide_tiles() for w in (with_zero, float_activations, four_bit))
-    assert not any(w.tiled for w in (with_zero, float_activations, four_bit))
+    assert not any(w.to_wide_tiles() for w in (float_activations, four_bit))
+    assert not any(w.tiled for w in (float_activations, four_bit))
 
 
 def test_the_engine_stores_its_head_in_tiles(smollm2_gguf, smollm2_default_llm):

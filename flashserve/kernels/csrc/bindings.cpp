@@ -17,12 +17,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"),
         py::arg("int8_activations") = false);
   m.def("group_quant_matmul_tiles", &group_quant_matmul_tiles,
-        "x @ W^T, W = q * s, 8-bit codes and scales stored tile-major (16 output rows a tile)", py::arg("x"),
-        py::arg("codes"), py::arg("scale"), py::arg("factors"), py::arg("N"));
+        "x @ W^T, W = q * s (+ z), codes and tables stored tile-major (16 output rows a tile)", py::arg("x"),
+        py::arg("codes"), py::arg("scale"), py::arg("factors"), py::arg("N"), py::arg("zero") = py::none(),
+        py::arg("zero_factors") = py::none());
   m.def("six_bit_tiles_", &six_bit_tiles_,
         "8-bit tiles rewritten in place as 6-bit ones where every group fits; the signs moved to the scales, or None",
         py::arg("codes"), py::arg("ints"), py::arg("group"));
   m.def("five_bit_tiles", &five_bit_tiles, "5-bit codes by rows -> the 16-lane tiles' 5-bit planes");
+  m.def("two_bit_tiles_", &two_bit_tiles_,
+        "8-bit codes 0..3 by rows rewritten in place as the 16-lane tiles' 2-bit planes; False (untouched) if one is not");
   m.def("wide_tile_lanes", &wide_tile_lanes, "output rows of a stored tile in this build; 0 when it has none");
   m.def("group_dequantize", &group_dequantize, "rows [start, end) of W = q * s + z as float32",
         py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"), py::arg("start"),

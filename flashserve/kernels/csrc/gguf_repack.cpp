@@ -256,3 +256,43 @@ at::Tensor five_bit_tiles(const at::Tensor& codes) {
   });
   return out;
 }
+
+// 8-bit codes 0..3 by rows (N, K; Q2_K's exact form) rewritten in place as 2-bit tiles (T, K/32, 128)
+// over the front of the same storage, T the tiles of 16 rows (padding rows: 0): per span two vectors,
+// bits 2r..2r+1 of byte i = 4 lane + b of vector j holding code 4 (j + 2r) + b of row 16 t + lane, the
+// kernel's unpack_two_bit_span. A tile at a time (its spans in parallel into a buffer, then copied
+// down): tile t's 2-bit bytes end at 4 K (t + 1), before tile t + 1's rows begin at 16 K (t + 1).
+// Returns whether every code was in 0..3; if not, the codes are untouched.
+bool two_bit_tiles_(at::Tensor& codes) {
+  constexpr int64_t kLanes = 16, kTwo = 128;
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) % 32 == 0,
+              "two_bit_tiles_: codes ", codes.sizes(), " are not 8-bit rows (N, K) uint8, K a multiple of 32");
+  const int64_t N = codes.size(0), K = codes.size(1), S = K / 32, T = (N + kLanes - 1) / kLanes;
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  std::atomic<bool> fits{true};
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * K; i < end * K && fits.load(std::memory_order_relaxed); ++i)
+      if (c[i] > 3) fits = false;
+  });
+  if (!fits) return false;
+  std::vector<uint8_t> packed(S * kTwo);
+  for (int64_t t = 0; t < T; ++t) {
+    at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        uint8_t* span = packed.data() + s * kTwo;
+        for (int64_t lane = 0; lane < kLanes; ++lane) {
+          const int64_t n = t * kLanes + lane;
+          const uint8_t* row = n < N ? c + n * K + s * 32 : nullptr;
+          for (int64_t b = 0; b < 4; ++b)
+            for (int64_t j = 0; j < 2; ++j) {
+              uint8_t v = 0;
+              for (int64_t r = 0; r < 4 && row; ++r) v = static_cast<uint8_t>(v | row[4 * (j + 2 * r) + b] << (2 * r));
+              span[64 * j + 4 * lane + b] = v;
+            }
+        }
+      }
+    });
+    std::memcpy(c + t * S * kTwo, packed.data(), S * kTwo);
+  }
+  return true;
+}

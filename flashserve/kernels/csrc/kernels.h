@@ -31,7 +31,9 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
                               const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
                               bool int8_activations);
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                                    const c10::optional<at::Tensor>& factors, int64_t N);
+                                    const c10::optional<at::Tensor>& factors, int64_t N,
+                                    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors);
+bool two_bit_tiles_(at::Tensor& codes);
 int64_t wide_tile_lanes();  // output rows of a stored tile in this build (16 with AVX-512), 0 without
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end);

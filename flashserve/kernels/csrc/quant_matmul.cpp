@@ -232,13 +232,17 @@ struct Problem {
   const int32_t* xq_corr = nullptr;
   // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
-  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5: packed in planes (unpack_*_bit_span)
+  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 2: packed in planes (unpack_*_bit_span)
   bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
   // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
   // (uint8) times float16 factors (T, K/(8G), 16), one per 8 groups
   const uint8_t* tile_scales = nullptr;
   const uint8_t* tile_factors = nullptr;
   int64_t tile_scale_bytes = 4;  // of one value: 4, 2, or 1 (factored)
+  // the zero term's vectors, laid out as the scales' (their own kind), or null: no zeros
+  const uint8_t* tile_zeros = nullptr;
+  const uint8_t* tile_zero_factors = nullptr;
+  int64_t tile_zero_bytes = 4;
 };
 
 #ifdef FS_AVX2
@@ -471,10 +475,14 @@ inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g
     // the span's scales: one group's 16, or two groups' of 16 (16 to 128 bytes), and a factored table's
     // factors (32 bytes for 8 groups)
     const int64_t parts = p.G == 16 ? 2 : 1;  // groups a span (a division here cost a tenth of a step)
-    const int64_t span_bytes = 16 * p.tile_scale_bytes * parts, begin = at * span_bytes;
-    for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
-      if (g == 0 || o >= begin) prefetch_line_l2(p.tile_scales + o);
-    if (p.tile_factors) prefetch_line_l2(p.tile_factors + at * parts / 8 * 32);
+    for (const auto& [values, factors, bytes] : {std::tuple{p.tile_scales, p.tile_factors, p.tile_scale_bytes},
+                                                  std::tuple{p.tile_zeros, p.tile_zero_factors, p.tile_zero_bytes}}) {
+      if (!values) continue;
+      const int64_t span_bytes = 16 * bytes * parts, begin = at * span_bytes;
+      for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
+        if (g == 0 || o >= begin) prefetch_line_l2(values + o);
+      if (factors) prefetch_line_l2(factors + at * parts / 8 * 32);
+    }
     return;
   }
   const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
@@ -1215,6 +1223,28 @@ inline void unpack_five_bit_span(const uint8_t* b, __m512i* w) {
   }
 }
 
+// A span of a 2-bit tile, 128 bytes: two vectors of 2-bit fields, bits 2r..2r+1 of vector j holding
+// w[j + 2r]'s byte. Out: w[0..7] with each byte u = c in 0..3 (no offset: unsigned already).
+inline void unpack_two_bit_span(const uint8_t* b, __m512i* w) {
+  const __m512i low2 = _mm512_set1_epi8(0x03);
+  const __m512i fields[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};
+  for (int q = 0; q < 8; ++q) w[q] = _mm512_and_si512(_mm512_srli_epi16(fields[q % 2], 2 * (q / 2)), low2);
+}
+
+// The 16 lanes' value of group `at` of a stored table (scales or zeros): float32, float16, or integers
+// (uint8, or int8 when `signed_ints`) times their float16 factor, as Table::factored16 (and
+// table_values) compute them.
+__attribute__((always_inline)) inline __m512 stored_column(const uint8_t* values, const uint8_t* factors,
+                                                           int64_t bytes, bool signed_ints, int64_t at) {
+  const uint8_t* v = values + at * 16 * bytes;
+  if (bytes == 4) return _mm512_loadu_ps(v);
+  if (bytes == 2) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(factors + at / 8 * 32));
+  const __m128i ints = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(signed_ints ? _mm512_cvtepi8_epi32(ints) : _mm512_cvtepu8_epi32(ints)),
+                       _mm512_cvtph_ps(f));
+}
+
 template <int kG>
 __attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
                                                                     WideTileGroup& t) {
@@ -1226,23 +1256,16 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
     unpack_six_bit_span(span, t.w);
   } else if (p.tile_bits == 5) {
     unpack_five_bit_span(span, t.w);
+  } else if (p.tile_bits == 2) {
+    unpack_two_bit_span(span, t.w);
   } else {
     for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(span + 64 * q);
   }
   for (int h = 0; h < kParts; ++h) {
     const int64_t at = tile * groups + sp * kParts + h;
-    const uint8_t* v = p.tile_scales + at * 16 * p.tile_scale_bytes;
-    if (p.tile_scale_bytes == 4) {
-      t.scale[h] = _mm512_loadu_ps(v);
-    } else if (p.tile_scale_bytes == 2) {
-      t.scale[h] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
-    } else {  // the integers times their factor, as Table::factored16 (and table_values) compute them
-      const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_factors + at / 8 * 32));
-      const __m128i ints = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-      t.scale[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(p.tile_signed_ints ? _mm512_cvtepi8_epi32(ints) : _mm512_cvtepu8_epi32(ints)),
-                                 _mm512_cvtph_ps(f));
-    }
-    t.zero[h] = _mm512_setzero_ps();
+    t.scale[h] = stored_column(p.tile_scales, p.tile_factors, p.tile_scale_bytes, p.tile_signed_ints, at);
+    t.zero[h] = p.tile_zeros ? stored_column(p.tile_zeros, p.tile_zero_factors, p.tile_zero_bytes, false, at)
+                             : _mm512_setzero_ps();
   }
 }
 
@@ -1296,6 +1319,7 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
                     int64_t mb, int64_t next_n0, int64_t next_rows) {
   static_assert(kBits == 8 || kG == 32, "groups of 16 are for 8-bit codes");
   const int64_t spans = p.K / 32, groups = p.K / kG;
+  const bool zeros = p.zero || p.tile_zeros;
   __m512 acc[kWideTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -1309,7 +1333,7 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
       if constexpr (kG == 32) {
         // Two chains, so that one product does not wait on the last (one chain: 1.04-1.10x the time);
         // the first starts at the code offset's correction instead of a subtraction after the sum.
-        __m512i even = code_offset(kBits) != 0 ? _mm512_set1_epi32(p.xq_corr[m * spans + sp]) : _mm512_setzero_si512();
+        __m512i even = p.xq_corr ? _mm512_set1_epi32(p.xq_corr[m * spans + sp]) : _mm512_setzero_si512();
         __m512i odd = _mm512_setzero_si512();
         for (int q = 0; q < 8; q += 2) {
           even = _mm512_dpbusd_epi32(even, t.w[q], _mm512_set1_epi32(x4[q]));
@@ -1318,7 +1342,7 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         const __m512i d32 = _mm512_add_epi32(even, odd);
         __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale[0], _mm512_set1_ps(p.dx[m * spans + sp])),
                                    acc[i][j]);
-        if (p.zero) a = _mm512_fmadd_ps(t.zero[0], _mm512_set1_ps(p.xsum[m * spans + sp]), a);
+        if (zeros) a = _mm512_fmadd_ps(t.zero[0], _mm512_set1_ps(p.xsum[m * spans + sp]), a);
         acc[i][j] = a;
       } else {
         // The span's two groups of 16, two chains each, the first from the group's own correction (one
@@ -1327,13 +1351,14 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         for (int h = 0; h < 2; ++h) {
           const int q = 4 * h;
           __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
-          d[h] = _mm512_dpbusd_epi32(_mm512_set1_epi32(p.xq_corr[m * groups + 2 * sp + h]), t.w[q], _mm512_set1_epi32(x4[q]));
+          const __m512i corr = p.xq_corr ? _mm512_set1_epi32(p.xq_corr[m * groups + 2 * sp + h]) : _mm512_setzero_si512();
+          d[h] = _mm512_dpbusd_epi32(corr, t.w[q], _mm512_set1_epi32(x4[q]));
           odd = _mm512_dpbusd_epi32(odd, t.w[q + 3], _mm512_set1_epi32(x4[q + 3]));
           d[h] = _mm512_add_epi32(_mm512_dpbusd_epi32(d[h], t.w[q + 2], _mm512_set1_epi32(x4[q + 2])), odd);
         }
         const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[1]), t.scale[1], _mm512_mul_ps(_mm512_cvtepi32_ps(d[0]), t.scale[0]));
         __m512 a = _mm512_fmadd_ps(v, _mm512_set1_ps(p.dx[m * spans + sp]), acc[i][j]);
-        if (p.zero) {
+        if (zeros) {
           a = _mm512_fmadd_ps(t.zero[0], _mm512_set1_ps(p.xsum[m * groups + 2 * sp]), a);
           a = _mm512_fmadd_ps(t.zero[1], _mm512_set1_ps(p.xsum[m * groups + 2 * sp + 1]), a);
         }
@@ -1667,9 +1692,30 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 // (T, K/G, 16), G = 32 or 16: float32, float16, or uint8 integers with float16 `factors` (T, K/(8G), 16).
 // 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored
 // integers may be int8 (a negative scale's sign moved out of the codes): the same products again;
-// 5-bit ones (T, K/32, 320) u = c + 16.
+// 5-bit ones (T, K/32, 320) u = c + 16, 2-bit ones (T, K/32, 128) u = c; zeros (optional) are stored
+// as the scales are, and take x's sums per group as row-major zeros do.
+// A stored table of the tiles (scales or zeros): (T, K/G, 16) float32, float16, or integers (uint8; int8
+// only where `signed_allowed`) with float16 factors (T, K/(8G), 16). Returns its bytes a value.
+int64_t check_tile_table(const at::Tensor& t, const c10::optional<at::Tensor>& factors, int64_t tiles, int64_t groups,
+                         bool signed_allowed, const char* what) {
+  const bool ints = t.scalar_type() == at::kByte || (signed_allowed && t.scalar_type() == at::kChar);
+  TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.size(0) == tiles && t.size(1) == groups && t.size(2) == kWideLanes &&
+                  (t.scalar_type() == at::kHalf || t.scalar_type() == at::kFloat || ints),
+              "group_quant_matmul_tiles: ", what, " ", t.sizes(), " is not the tiles' float16, float32 or factored table");
+  TORCH_CHECK(ints == (factors.has_value() && factors->defined()),
+              "group_quant_matmul_tiles: factors go with a factored ", what, " table, and only with one");
+  if (ints)
+    TORCH_CHECK(groups % 8 == 0 && factors->scalar_type() == at::kHalf && factors->is_contiguous() &&
+                    factors->dim() == 3 && factors->size(0) == tiles && factors->size(1) == groups / 8 &&
+                    factors->size(2) == kWideLanes,
+                "group_quant_matmul_tiles: ", what, " factors ", factors->sizes(), " are not float16 (", tiles, ", ",
+                groups / 8, ", ", kWideLanes, ")");
+  return t.element_size();
+}
+
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                                    const c10::optional<at::Tensor>& factors, int64_t N) {
+                                    const c10::optional<at::Tensor>& factors, int64_t N,
+                                    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors) {
 #ifdef FS_AVX512
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
@@ -1678,30 +1724,27 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const int64_t tile_bits = codes.dim() == 3 ? codes.size(2) / (kWideLanes * 4) : 0;  // bytes of a span: 64 per bit
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 4 * tile_bits &&
-                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5),
-              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6- or 5-bit tiles of ", N, " rows of ", K);
-  const bool signed_ints = scale.scalar_type() == at::kChar, factored = scale.scalar_type() == at::kByte || signed_ints;
-  TORCH_CHECK(scale.dim() == 3 && scale.is_contiguous() && scale.size(0) == tiles && scale.size(1) == K / group &&
-                  scale.size(2) == kWideLanes &&
-                  (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat || factored),
-              "group_quant_matmul_tiles: scale ", scale.sizes(), " is not the tiles' float16, float32 or factored table");
-  TORCH_CHECK(factored == (factors.has_value() && factors->defined()),
-              "group_quant_matmul_tiles: factors go with a factored (uint8 or int8) scale table, and only with one");
-  if (factored)
-    TORCH_CHECK(K / group % 8 == 0 && factors->scalar_type() == at::kHalf && factors->is_contiguous() &&
-                    factors->dim() == 3 && factors->size(0) == tiles && factors->size(1) == K / group / 8 &&
-                    factors->size(2) == kWideLanes,
-                "group_quant_matmul_tiles: factors ", factors->sizes(), " are not float16 (", tiles, ", ", K / group / 8,
-                ", ", kWideLanes, ")");
+                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5 || tile_bits == 2),
+              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6-, 5- or 2-bit tiles of ", N,
+              " rows of ", K);
+  const int64_t scale_bytes = check_tile_table(scale, factors, tiles, K / group, true, "scale");
+  const bool with_zero = zero.has_value() && zero->defined();
+  const int64_t zero_bytes = with_zero ? check_tile_table(*zero, zero_factors, tiles, K / group, false, "zero") : 0;
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
-  set_int8_activations(p, false, tile_bits == 6 ? kSixBitTileOffset : code_offset(tile_bits));
+  const int32_t offset = tile_bits == 6 ? kSixBitTileOffset : tile_bits == 2 ? 0 : code_offset(tile_bits);
+  set_int8_activations(p, with_zero, offset);
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_bits = tile_bits;
-  p.tile_signed_ints = signed_ints;
+  p.tile_signed_ints = scale.scalar_type() == at::kChar;
   p.tile_scales = static_cast<const uint8_t*>(scale.data_ptr());
-  p.tile_scale_bytes = scale.element_size();
-  if (factored) p.tile_factors = static_cast<const uint8_t*>(factors->data_ptr());
+  p.tile_scale_bytes = scale_bytes;
+  if (scale_bytes == 1) p.tile_factors = static_cast<const uint8_t*>(factors->data_ptr());
+  if (with_zero) {
+    p.tile_zeros = static_cast<const uint8_t*>(zero->data_ptr());
+    p.tile_zero_bytes = zero_bytes;
+    if (zero_bytes == 1) p.tile_zero_factors = static_cast<const uint8_t*>(zero_factors->data_ptr());
+  }
   group == 16 ? gemm_wide_tiled<8, 16>(p) : gemm_wide_tiled<8>(p);
   return y;
 #else
