@@ -5,8 +5,8 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
 
     Q4_0, Q4_1, Q4_K             → 4-bit codes, groups of 32: the file's own codes and exact s, z
                                    (Q4_K's as its own 6-bit integers times float16 factors: 4.625 bits)
-    Q5_0                         → 5-bit codes, groups of 32: the file's own blocks and exact d (in
-                                   the 16-lane tiles, where the build has them, the same 5 bits)
+    Q5_0                         → 5-bit codes, groups of 32: the file's own blocks and exact d
+    (4- and 5-bit codes keep their bits in the 16-lane tiles, where the build has them)
     Q8_0, IQ4_NL                 → 8-bit codes, groups of 32, exact (float16 d)
     Q5_1                         → 8-bit codes, groups of 32, exact: float16 d and m as scale and zero
     Q5_K                         → 8-bit codes, groups of 32, exact: factored scale and zero (8.625 bits)

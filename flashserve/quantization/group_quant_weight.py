@@ -77,20 +77,20 @@ class GroupQuantWeight(PackedWeight):
         """Store the codes and scales in the order of the kernel's 16-row tiles, where the build has
         them (AVX-512): its tiled GEMM then reads each tile's group with plain loads, where row-major
         codes are transposed in registers at every call, and it runs every M, one row included. Only
-        what that kernel takes: 8-bit codes in groups of 32 or 16 (in 6 bits where they fit) and 5-bit
-        ones, int8 activations, no zero; scales float, or a factored table's integers and factors.
+        what that kernel takes: int8 activations; 8-bit codes in groups of 32 or 16 (in 6 or 2 bits where
+        they fit), 5- and 4-bit ones; scales and zeros float, or a factored table's integers and factors.
         The same numbers either way. Returns
         whether it did. The codes are rearranged in their own
         storage (no second copy of a large head at start-up): a tensor shared with another weight
         must not be tiled."""
         lanes = ops.wide_tile_lanes()
-        if (self.tiled or not lanes or self.bits not in (8, 5) or not self.int8_activations
+        if (self.tiled or not lanes or not self.int8_activations
                 or self.codes.device.type != "cpu"):
             return False
         n, spans, groups = self.out_features, self.in_features // GROUP, self.in_features // self.group
         tiles, pad = -(-n // lanes), -n % lanes
-        if self.bits == 5:  # the same bytes rearranged (five_bit_tiles), in one pass
-            self.codes = _param(ops.native().five_bit_tiles(self.codes))
+        if self.bits in (4, 5):  # the same bytes rearranged (nibble_tiles), in one pass
+            self.codes = _param(ops.native().nibble_tiles(self.codes, self.bits))
         elif ops.native().two_bit_tiles_(self.codes):  # Q2_K's codes 0..3, now at the front of their storage
             flat = self.codes.view(-1)
             self.codes = _param(flat[:tiles * spans * SPAN_BYTES[2]].view(tiles, spans, SPAN_BYTES[2]))
@@ -220,18 +220,19 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 
 
 # --- narrow tiles -----------------------------------------------------------------------------------
-# Codes that fit in 6 bits (Q6_K's, c = ±(q - 32) with the sign of the group's scale), are 5-bit
-# (Q5_0's, straight from their rows: five_bit_tiles) or 0..3 (Q2_K's: two_bit_tiles_, in place, two
-# vectors of 2-bit fields) take 3/4, 5/8 or 1/4 of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset of
-# its eight vectors w[q] (lane-major, 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits |
-# w[j + 4]'s << 4), then for 6 bits two vectors of 2-bit fields (w[j + 2r]'s top 2 bits at bits 2r of
-# vector j), for 5 bits one of single bits (w[q]'s bit 4 at bit q): the kernel's unpack_*_bit_span.
-# A 6-bit group whose codes reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s:
-# the same products, float rounding being symmetric), so every group's c' lies in -32..31; factored
-# integers become int8.
+# Codes of fewer bits take fewer of the 8-bit tiles' bytes: per span of a tile, the bytes u = c' + offset
+# of its eight vectors w[q] (lane-major, 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits |
+# w[j + 4]'s << 4; all of a 4-bit tile), then for 5 bits one vector of single bits (w[q]'s bit 4 at bit
+# q), for 6 bits two of 2-bit fields (w[j + 2r]'s top 2 bits at bits 2r of vector j); a 2-bit tile is
+# only two vectors of 2-bit fields (w[q] at bits 2 (q // 2) of vector q % 2). The kernel's
+# unpack_*_bit_span reads them. 4- and 5-bit weights (Q4_*, Q5_0) go from their rows (nibble_tiles),
+# codes 0..3 (Q2_K) are rewritten in place (two_bit_tiles_), and 8-bit tiles whose codes fit in 6 bits
+# (Q6_K's, c = ±(q - 32) with the sign of the group's scale) too (six_bit_tiles_): a group whose codes
+# reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s: the same products, float
+# rounding being symmetric), so every group's c' lies in -32..31; factored integers become int8.
 
-OFFSET = {6: 32, 5: 16, 2: 0}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset, code_offset(5))
-SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 2)}  # a span of a 16-lane tile
+OFFSET = {6: 32, 5: 16, 4: 0, 2: 0}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset, code_offset(5))
+SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 2)}  # a span of a 16-lane tile
 
 
 def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -261,7 +262,7 @@ def _release_pages(flat: torch.Tensor, used: int) -> None:
 
 
 def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """6-, 5- or 2-bit tiles (t, K/32, 384, 320 or 128) → the 8-bit tiles' bytes c + 128 of the same codes."""
+    """6-, 5-, 4- or 2-bit tiles (t, K/32, 384, 320, 256 or 128) → the 8-bit tiles' bytes c + 128 of the same codes."""
     t, spans, span_bytes = packed.shape
     bits = span_bytes * 8 // (16 * GROUP)
     p = packed.view(t, spans, bits, -1)
@@ -270,6 +271,8 @@ def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
         return (u.to(torch.int16) + 128).to(torch.uint8).view(t, spans, -1)
     nibbles, top_bits = p[:, :, :4], p[:, :, 4:]
     low = torch.cat([nibbles & 15, nibbles >> 4], dim=2)  # w[0..3], w[4..7]
+    if bits == 4:
+        return (low.to(torch.int16) + 128).to(torch.uint8).view(t, spans, -1)
     if bits == 6:
         top = torch.cat([(top_bits >> (2 * r)) & 3 for r in range(4)], dim=2)  # w[0, 1], w[2, 3], ...
     else:

@@ -131,24 +131,27 @@ def test_q5_0_keeps_its_own_five_bits():
 
 
 @pytest.mark.usefixtures("cpp_kernels")
-def test_q5_0_in_five_bit_tiles_gives_the_rows_numbers():
-    """Stored in the 16-lane tiles (where the build has them), Q5_0 keeps 5 bits a code (320 bytes a span
-    of 16 rows), reads back the file's codes, and every M gives the row-major weight's numbers."""
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_nibble_tiles_give_the_rows_numbers(qtype):
+    """Stored in the 16-lane tiles (where the build has them), Q5_0 and the 4-bit types keep their bits a
+    code (320 or 256 bytes a span of 16 rows), scales and zeros (Q4_K's factored), read back the file's
+    codes, and every M gives the row-major weight's numbers."""
     from flashserve.kernels import ops
 
-    t = random_tensor(Q.Q5_0, 40, 544)
+    k = 512 if qtype == Q.Q4_K else 544  # whole super-blocks of 256
+    t = random_tensor(qtype, 40, k)
     rows, tiled = (pack_linear([t], torch.float32, own_kernels=True) for _ in range(2))
     for w in (rows, tiled):
         w.set_int8_activations(True)
     assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)
     if tiled.tiled:
-        assert tiled.codes.shape == (3, 544 // 32, 320)
+        assert tiled.codes.shape == (3, k // 32, 320 if qtype == Q.Q5_0 else 256)
     assert torch.equal(tiled.int_codes(), rows.int_codes())
     assert torch.equal(tiled.dequantize(), rows.dequantize())
     assert torch.equal(tiled.dequantize(7, 29), rows.dequantize(7, 29))
     gen = torch.Generator().manual_seed(3)
     for m in (1, 2, 3, 5, 16, 24, 32, 33, 130):  # the row-major form's GEMV and each GEMM
-        x = torch.randn(m, 544, generator=gen) * 3
+        x = torch.randn(m, k, generator=gen) * 3
         assert torch.equal(tiled(x), rows(x)), m
 
 

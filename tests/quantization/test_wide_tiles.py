@@ -97,14 +97,14 @@ def test_codes_that_need_7_bits_stay_in_8_bit_tiles():
             assert tiled.codes.shape[2] == 512, bad
 
 
-def test_only_what_the_tiled_kernel_takes_is_stored_in_tiles():
+def test_weights_on_float_activations_stay_by_rows():
     gen = torch.Generator().manual_seed(2)
     codes = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=gen)
     scale = torch.rand(32, 2, generator=gen).half()
-    float_activations = GroupQuantWeight(codes, scale, None, bits=8, int8_activations=False)
-    four_bit = GroupQuantWeight(codes.abs().clamp(max=15).to(torch.uint8), scale, None, bits=4, int8_activations=True)
-    assert not any(w.to_wide_tiles() for w in (float_activations, four_bit))
-    assert not any(w.tiled for w in (float_activations, four_bit))
+    eight_bit = GroupQuantWeight(codes, scale, None, bits=8, int8_activations=False)
+    four_bit = GroupQuantWeight(codes.abs().clamp(max=15).to(torch.uint8), scale, None, bits=4, int8_activations=False)
+    assert not any(w.to_wide_tiles() for w in (eight_bit, four_bit))
+    assert not any(w.tiled for w in (eight_bit, four_bit))
 
 
 def test_the_engine_stores_its_head_in_tiles(smollm2_gguf, smollm2_default_llm):

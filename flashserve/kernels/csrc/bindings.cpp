@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("six_bit_tiles_", &six_bit_tiles_,
         "8-bit tiles rewritten in place as 6-bit ones where every group fits; the signs moved to the scales, or None",
         py::arg("codes"), py::arg("ints"), py::arg("group"));
-  m.def("five_bit_tiles", &five_bit_tiles, "5-bit codes by rows -> the 16-lane tiles' 5-bit planes");
+  m.def("nibble_tiles", &nibble_tiles, "4- or 5-bit codes by rows -> the 16-lane tiles' nibble (and fifth-bit) planes");
   m.def("two_bit_tiles_", &two_bit_tiles_,
         "8-bit codes 0..3 by rows rewritten in place as the 16-lane tiles' 2-bit planes; False (untouched) if one is not");
   m.def("wide_tile_lanes", &wide_tile_lanes, "output rows of a stored tile in this build; 0 when it has none");

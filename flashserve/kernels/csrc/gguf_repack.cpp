@@ -212,44 +212,48 @@ at::Tensor six_bit_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& in
   return signs;
 }
 
-// 5-bit codes by rows (N, K/32 * 20: per 32 codes Q5_0's 16 bytes of nibbles, code j low and j + 16
-// high, then a u32 whose bit j is bit 4 of code j; q = c + 16) -> 5-bit tiles (T, K/32, 320), T the
-// tiles of 16 rows (padding rows: c = 0): per span the four vectors of nibbles (byte i = 4 lane + b of
-// vector j: q of code 4 j + b, low nibble, and of code 4 (j + 4) + b, high), then one of fifth bits
-// (bit q of byte i: bit 4 of code 4 q + b), the kernel's unpack_five_bit_span.
-at::Tensor five_bit_tiles(const at::Tensor& codes) {
-  constexpr int64_t kLanes = 16, kFive = 320, kBlock = 20;
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(1) % kBlock == 0,
-              "five_bit_tiles: codes ", codes.sizes(), " are not 5-bit rows (N, K/32 * 20) uint8");
-  const int64_t N = codes.size(0), S = codes.size(1) / kBlock, T = (N + kLanes - 1) / kLanes;
-  auto out = at::empty({T, S, kFive}, codes.options());
+// 4- or 5-bit codes by rows -> nibble tiles (T, K/32, 64 bits), T the tiles of 16 rows (padding rows:
+// c = 0). Rows: per 32 codes 16 bytes of nibbles (code j low, j + 16 high: GGUF's Q4_0/Q5_0 order), and
+// for 5 bits then a u32 whose bit j is bit 4 of code j (q = c + 16). Tiles: per span the four vectors of
+// nibbles (byte i = 4 lane + b of vector j: q of code 4 j + b, low nibble, and of code 4 (j + 4) + b,
+// high), and for 5 bits one of fifth bits (bit q of byte i: bit 4 of code 4 q + b): the kernel's
+// unpack_four_bit_span and unpack_five_bit_span.
+at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits) {
+  constexpr int64_t kLanes = 16;
+  const int64_t block = bits == 5 ? 20 : 16, span_bytes = 64 * bits;
+  TORCH_CHECK((bits == 4 || bits == 5) && codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(1) % block == 0,
+              "nibble_tiles: codes ", codes.sizes(), " are not ", bits, "-bit rows (N, K/32 * ", block, ") uint8");
+  const int64_t N = codes.size(0), S = codes.size(1) / block, T = (N + kLanes - 1) / kLanes;
+  auto out = at::empty({T, S, span_bytes}, codes.options());
   const uint8_t* c = codes.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
   at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
     for (int64_t ts = begin; ts < end; ++ts) {
       const int64_t t = ts / S, s = ts % S;
-      uint8_t* span = o + ts * kFive;
+      uint8_t* span = o + ts * span_bytes;
       for (int64_t lane = 0; lane < kLanes; ++lane) {
         const int64_t n = t * kLanes + lane;
         uint8_t q[32];
         if (n < N) {
-          const uint8_t* b = c + (n * S + s) * kBlock;
-          uint32_t high;
-          std::memcpy(&high, b + 16, 4);
+          const uint8_t* b = c + (n * S + s) * block;
+          uint32_t high = 0;
+          if (bits == 5) std::memcpy(&high, b + 16, 4);
           for (int64_t j = 0; j < 16; ++j) {
             q[j] = static_cast<uint8_t>((b[j] & 15) | ((high >> j) & 1) << 4);
             q[j + 16] = static_cast<uint8_t>((b[j] >> 4) | ((high >> (j + 16)) & 1) << 4);
           }
         } else {
-          std::memset(q, 16, sizeof(q));
+          std::memset(q, bits == 5 ? 16 : 0, sizeof(q));
         }
         for (int64_t bi = 0; bi < 4; ++bi) {
           const int64_t i = 4 * lane + bi;
           for (int64_t j = 0; j < 4; ++j) span[64 * j + i] = static_cast<uint8_t>((q[4 * j + bi] & 15) | (q[4 * (j + 4) + bi] & 15) << 4);
-          uint8_t top = 0;
-          for (int64_t v = 0; v < 8; ++v) top |= static_cast<uint8_t>((q[4 * v + bi] >> 4) << v);
-          span[256 + i] = top;
+          if (bits == 5) {
+            uint8_t top = 0;
+            for (int64_t v = 0; v < 8; ++v) top |= static_cast<uint8_t>((q[4 * v + bi] >> 4) << v);
+            span[256 + i] = top;
+          }
         }
       }
     }

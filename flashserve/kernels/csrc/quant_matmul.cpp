@@ -232,7 +232,7 @@ struct Problem {
   const int32_t* xq_corr = nullptr;
   // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
-  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 2: packed in planes (unpack_*_bit_span)
+  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 4, 2: packed in planes (unpack_*_bit_span)
   bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
   // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
   // (uint8) times float16 factors (T, K/(8G), 16), one per 8 groups
@@ -1206,6 +1206,17 @@ inline void unpack_six_bit_span(const uint8_t* b, __m512i* w) {
 // Span sp of a stored tile (group_quant_matmul_tiles): plain loads (8-bit) or the 6-bit unpack, and the
 // span's scales. Inlined into the GEMM's loop (as a call, its WideTileGroup went through memory and
 // the single row's step took as long in cache as from memory, measured).
+// A span of a 4-bit tile, 256 bytes: the four vectors of nibbles, vector j holding w[j]'s bytes in its low
+// nibbles and w[j + 4]'s in its high ones. Out: w[0..7], bytes u = c in 0..15 (unsigned already).
+inline void unpack_four_bit_span(const uint8_t* b, __m512i* w) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int j = 0; j < 4; ++j) {
+    const __m512i nib = _mm512_loadu_si512(b + 64 * j);
+    w[j] = _mm512_and_si512(nib, low4);
+    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(nib, 4), low4);
+  }
+}
+
 // A span of a 5-bit tile, 320 bytes: the four vectors of nibbles as above, then one of bits, bit q of
 // each byte holding bit 4 of w[q]'s byte. Out: w[0..7] with each byte u = c + 16 in 0..31, the offset
 // the 5-bit codes take in every unsigned kernel (code_offset).
@@ -1256,6 +1267,8 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
     unpack_six_bit_span(span, t.w);
   } else if (p.tile_bits == 5) {
     unpack_five_bit_span(span, t.w);
+  } else if (p.tile_bits == 4) {
+    unpack_four_bit_span(span, t.w);
   } else if (p.tile_bits == 2) {
     unpack_two_bit_span(span, t.w);
   } else {
@@ -1692,7 +1705,7 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
 // (T, K/G, 16), G = 32 or 16: float32, float16, or uint8 integers with float16 `factors` (T, K/(8G), 16).
 // 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored
 // integers may be int8 (a negative scale's sign moved out of the codes): the same products again;
-// 5-bit ones (T, K/32, 320) u = c + 16, 2-bit ones (T, K/32, 128) u = c; zeros (optional) are stored
+// 5-bit ones (T, K/32, 320) u = c + 16, 4- and 2-bit ones (T, K/32, 256 and 128) u = c; zeros (optional) are stored
 // as the scales are, and take x's sums per group as row-major zeros do.
 // A stored table of the tiles (scales or zeros): (T, K/G, 16) float32, float16, or integers (uint8; int8
 // only where `signed_allowed`) with float16 factors (T, K/(8G), 16). Returns its bytes a value.
@@ -1724,8 +1737,8 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const int64_t tile_bits = codes.dim() == 3 ? codes.size(2) / (kWideLanes * 4) : 0;  // bytes of a span: 64 per bit
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 4 * tile_bits &&
-                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5 || tile_bits == 2),
-              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6-, 5- or 2-bit tiles of ", N,
+                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5 || tile_bits == 4 || tile_bits == 2),
+              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6-, 5-, 4- or 2-bit tiles of ", N,
               " rows of ", K);
   const int64_t scale_bytes = check_tile_table(scale, factors, tiles, K / group, true, "scale");
   const bool with_zero = zero.has_value() && zero->defined();
