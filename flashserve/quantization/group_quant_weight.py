@@ -79,13 +79,11 @@ class GroupQuantWeight(PackedWeight):
         codes are transposed in registers at every call, and it runs every M, one row included. Only
         what that kernel takes: int8 activations; 8-bit codes in groups of 32 or 16 (in 6 or 2 bits where
         they fit), 5- and 4-bit ones; scales and zeros float, or a factored table's integers and factors.
-        The same numbers either way. Returns
-        whether it did. The codes are rearranged in their own
-        storage (no second copy of a large head at start-up): a tensor shared with another weight
-        must not be tiled."""
+        The same numbers either way. Returns whether it did. The codes are rearranged in their own
+        storage where they can be (no second copy of a large head at start-up): a tensor shared with
+        another weight must not be tiled."""
         lanes = ops.wide_tile_lanes()
-        if (self.tiled or not lanes or not self.int8_activations
-                or self.codes.device.type != "cpu"):
+        if self.tiled or not lanes or not self.int8_activations or self.codes.device.type != "cpu":
             return False
         n, spans, groups = self.out_features, self.in_features // GROUP, self.in_features // self.group
         tiles, pad = -(-n // lanes), -n % lanes
@@ -99,6 +97,7 @@ class GroupQuantWeight(PackedWeight):
             codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
             _rows_to_tiles_(codes, lanes)
             self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
+
         def tile_major(t: torch.Tensor) -> torch.Tensor:  # (N, per row) → (tiles, per row, lanes)
             return F.pad(t, (0, 0, 0, pad)).view(tiles, lanes, -1).transpose(1, 2).contiguous()
 
