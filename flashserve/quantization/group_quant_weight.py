@@ -90,9 +90,7 @@ class GroupQuantWeight(PackedWeight):
         if self.bits in (4, 5):  # the same bytes rearranged (nibble_tiles), in one pass
             self.codes = _param(ops.native().nibble_tiles(self.codes, self.bits))
         elif ops.native().two_bit_tiles_(self.codes):  # Q2_K's codes 0..3, now at the front of their storage
-            flat = self.codes.view(-1)
-            self.codes = _param(flat[:tiles * spans * SPAN_BYTES[2]].view(tiles, spans, SPAN_BYTES[2]))
-            _release_pages(flat, self.codes.numel())
+            self.codes = _param(_front_tiles(self.codes, tiles, spans, bits=2))
         else:
             codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
             _rows_to_tiles_(codes, lanes)
@@ -141,8 +139,10 @@ class GroupQuantWeight(PackedWeight):
         """The codes q of rows `index` as integers (rows, K/group, group), unpacked from the layout."""
         if self.tiled:
             tile, lane = self._tile_lanes(index)
-            c = _eight_bit_tiles(self.codes[tile.unique()]) if self.codes.shape[2] != SPAN_BYTES[8] else self.codes
-            tile = tile if c is self.codes else torch.searchsorted(tile.unique(), tile)
+            c = self.codes
+            if c.shape[2] != SPAN_BYTES[8]:  # narrow tiles: only the ones asked for, widened
+                used, tile = tile.unique(return_inverse=True)
+                c = _eight_bit_tiles(c[used])
             tiles, spans, _ = c.shape
             c = c.view(tiles, spans, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, K/32, 8, 4)
             return (c ^ 0x80).view(torch.int8).reshape(len(tile), -1, self.group).to(torch.int32)
@@ -230,7 +230,7 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 # reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s: the same products, float
 # rounding being symmetric), so every group's c' lies in -32..31; factored integers become int8.
 
-OFFSET = {6: 32, 5: 16, 4: 0, 2: 0}  # u = c' + offset (quant_matmul.cpp: kSixBitTileOffset, code_offset(5))
+OFFSET = {6: 32, 5: 16, 4: 0, 2: 0}  # u = c' + offset (quant_matmul.cpp: tile_code_offset)
 SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 2)}  # a span of a 16-lane tile
 
 
@@ -244,20 +244,22 @@ def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tupl
     if sign is None:
         return None
     tiles, spans, _ = codes.shape
-    flat = codes.view(-1)
-    packed = flat[:tiles * spans * SPAN_BYTES[6]].view(tiles, spans, SPAN_BYTES[6])
-    _release_pages(flat, packed.numel())
+    packed = _front_tiles(codes, tiles, spans, bits=6)
     new_scale = (scale.to(torch.int16) * sign).to(torch.int8) if factored else scale * sign.to(scale.dtype)
     return packed, new_scale
 
 
-def _release_pages(flat: torch.Tensor, used: int) -> None:
-    """Hand the pages of flat[used:] back to the system (they read as zeros if touched again)."""
+def _front_tiles(written: torch.Tensor, tiles: int, spans: int, bits: int) -> torch.Tensor:
+    """The `bits`-bit tiles an in-place packer wrote at the front of `written`'s storage, as (T, K/32, span
+    bytes); the pages of the rest are handed back to the system (they read as zeros if touched again)."""
+    flat = written.view(-1)
+    used = tiles * spans * SPAN_BYTES[bits]
     page = mmap.PAGESIZE
     begin = -(-(flat.data_ptr() + used) // page) * page
     end = (flat.data_ptr() + flat.numel()) // page * page
     if end > begin:
         madvise(begin, end - begin, mmap.MADV_DONTNEED)
+    return flat[:used].view(tiles, spans, SPAN_BYTES[bits])
 
 
 def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:

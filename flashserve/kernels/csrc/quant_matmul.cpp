@@ -103,7 +103,8 @@ inline int64_t tile_min_rows(int64_t bits, int64_t) { return bits == 4 ? 24 : 16
 // What the kernels that take codes unsigned (vpdpbusd multiplies u8 by s8) add to each: 5-bit codes are
 // read as c + 16, 8-bit ones as q + 128 (the sign bit flipped); 4-bit codes are unsigned already.
 constexpr int32_t code_offset(int64_t bits) { return bits == 4 ? 0 : bits == 5 ? 16 : 128; }
-constexpr int32_t kSixBitTileOffset = 32;  // a 6-bit tile's u = c + 32 (unpack_six_bit_span)
+// A stored tile's bytes u = c + this (unpack_*_bit_span): 6-bit tiles c + 32, 2-bit ones unsigned already.
+constexpr int32_t tile_code_offset(int64_t bits) { return bits == 6 ? 32 : bits == 2 ? 0 : code_offset(bits); }
 
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
@@ -230,7 +231,7 @@ struct Problem {
   // (M, K/G) -offset * sum(xq) per group: the correction of codes read with an offset (unsigned 5-bit codes
   // in the GEMV, q + 16; the wide tiles' 5- and 8-bit codes, q + 16 and q + 128), made with the activations
   const int32_t* xq_corr = nullptr;
-  // 8-bit codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
+  // codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
   int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 4, 2: packed in planes (unpack_*_bit_span)
   bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
@@ -467,7 +468,7 @@ inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
 // requests are spread over the work instead of issued in one burst that the cache's miss queue drops
 // or stalls on.
 inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g) {
-  if (p.tiles) {  // a stored tile's group: its 8 (6) lines of codes into L2, its scales a line for 2 or 4 groups
+  if (p.tiles) {  // a stored tile's group: its tile_bits lines of codes into L2, its tables a line for 2 or 4 groups
     // (prefetcht0 of the 8 lines stalled on L1's miss buffers: at one row, 1.2x the time of no prefetch)
     if (rows <= 0) return;
     const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
@@ -1203,9 +1204,6 @@ inline void unpack_six_bit_span(const uint8_t* b, __m512i* w) {
   }
 }
 
-// Span sp of a stored tile (group_quant_matmul_tiles): plain loads (8-bit) or the 6-bit unpack, and the
-// span's scales. Inlined into the GEMM's loop (as a call, its WideTileGroup went through memory and
-// the single row's step took as long in cache as from memory, measured).
 // A span of a 4-bit tile, 256 bytes: the four vectors of nibbles, vector j holding w[j]'s bytes in its low
 // nibbles and w[j + 4]'s in its high ones. Out: w[0..7], bytes u = c in 0..15 (unsigned already).
 inline void unpack_four_bit_span(const uint8_t* b, __m512i* w) {
@@ -1256,6 +1254,9 @@ __attribute__((always_inline)) inline __m512 stored_column(const uint8_t* values
                        _mm512_cvtph_ps(f));
 }
 
+// Span sp of a stored tile (group_quant_matmul_tiles): plain loads (8-bit) or an unpack, and the span's
+// scales and zeros. Inlined into the GEMM's loop (as a call, its WideTileGroup went through memory and
+// the single row's step took as long in cache as from memory, measured).
 template <int kG>
 __attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
                                                                     WideTileGroup& t) {
@@ -1697,16 +1698,12 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
   return y;
 }
 
-// x @ W^T for 8-bit codes stored in the 16-lane tiles' order (GroupQuantWeight.to_wide_tiles): the
-// tiled GEMM of every M, including the single row, reading each tile's group with plain loads where
+// x @ W^T for codes stored in the 16-lane tiles' order (GroupQuantWeight.to_wide_tiles): the tiled GEMM
+// of every M, including the single row, reading each tile's group with plain loads (or an unpack) where
 // row-major codes are transposed in registers per call (an A/B with the head of Gemma 3 so stored:
-// RESULTS.md, issue 24). Int8 activations, no zeros; the same products in the same float order as
+// RESULTS.md, issue 24). Int8 activations; the same products in the same float order as
 // group_quant_matmul's, so the numbers are those of the row-major weight, bit for bit. Scales
 // (T, K/G, 16), G = 32 or 16: float32, float16, or uint8 integers with float16 `factors` (T, K/(8G), 16).
-// 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored
-// integers may be int8 (a negative scale's sign moved out of the codes): the same products again;
-// 5-bit ones (T, K/32, 320) u = c + 16, 4- and 2-bit ones (T, K/32, 256 and 128) u = c; zeros (optional) are stored
-// as the scales are, and take x's sums per group as row-major zeros do.
 // A stored table of the tiles (scales or zeros): (T, K/G, 16) float32, float16, or integers (uint8; int8
 // only where `signed_allowed`) with float16 factors (T, K/(8G), 16). Returns its bytes a value.
 int64_t check_tile_table(const at::Tensor& t, const c10::optional<at::Tensor>& factors, int64_t tiles, int64_t groups,
@@ -1726,6 +1723,10 @@ int64_t check_tile_table(const at::Tensor& t, const c10::optional<at::Tensor>& f
   return t.element_size();
 }
 
+// 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored integers
+// may be int8 (a negative scale's sign moved out of the codes): the same products again; 5-bit ones
+// (T, K/32, 320) u = c + 16, 4- and 2-bit ones (T, K/32, 256 and 128) u = c (tile_code_offset). Zeros
+// (optional) are stored as the scales are, and take x's sums per group as row-major zeros do.
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N,
                                     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors) {
@@ -1745,8 +1746,7 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const int64_t zero_bytes = with_zero ? check_tile_table(*zero, zero_factors, tiles, K / group, false, "zero") : 0;
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
-  const int32_t offset = tile_bits == 6 ? kSixBitTileOffset : tile_bits == 2 ? 0 : code_offset(tile_bits);
-  set_int8_activations(p, with_zero, offset);
+  set_int8_activations(p, with_zero, tile_code_offset(tile_bits));
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_bits = tile_bits;
   p.tile_signed_ints = scale.scalar_type() == at::kChar;
