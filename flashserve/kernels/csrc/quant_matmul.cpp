@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -463,27 +464,34 @@ inline void prefetch_rows(const Problem& p, int64_t n0, int64_t rows) {
   if (p.zero) lines(p.zero.row(n0), rows * p.zero.row_bytes());
 }
 
+// prefetch_group for a stored tile of tile_bits codes: span g's tile_bits lines of codes into L2, and its
+// tables' a line for 2 or 4 spans. Inlined, so that the GEMM's loop passes the width as a constant
+// (prefetcht0 of the 8 lines stalled on L1's miss buffers: at one row, 1.2x the time of no prefetch).
+__attribute__((always_inline)) inline void prefetch_stored_span(const Problem& p, int64_t n0, int64_t rows, int64_t g,
+                                                                int64_t tile_bits) {
+  if (rows <= 0) return;
+  const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
+  for (int q = 0; q < tile_bits; ++q) prefetch_line_l2(p.tiles + at * 64 * tile_bits + 64 * q);
+  // the span's scales: one group's 16, or two groups' of 16 (16 to 128 bytes), and a factored table's
+  // factors (32 bytes for 8 groups)
+  const int64_t parts = p.G == 16 ? 2 : 1;  // groups a span (a division here cost a tenth of a step)
+  for (const auto& [values, factors, bytes] : {std::tuple{p.tile_scales, p.tile_factors, p.tile_scale_bytes},
+                                                std::tuple{p.tile_zeros, p.tile_zero_factors, p.tile_zero_bytes}}) {
+    if (!values) continue;
+    const int64_t span_bytes = 16 * bytes * parts, begin = at * span_bytes;
+    for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
+      if (g == 0 || o >= begin) prefetch_line_l2(values + o);
+    if (factors) prefetch_line_l2(factors + at * parts / 8 * 32);
+  }
+}
+
 // The lines of rows [n0, n0 + rows) that group g is the first to reach (codes; at g = 0 the rows'
 // tables as well): a tiled GEMM asks for the next task's group while computing its own, so that the
 // requests are spread over the work instead of issued in one burst that the cache's miss queue drops
 // or stalls on.
 inline void prefetch_group(const Problem& p, int64_t n0, int64_t rows, int64_t g) {
-  if (p.tiles) {  // a stored tile's group: its tile_bits lines of codes into L2, its tables a line for 2 or 4 groups
-    // (prefetcht0 of the 8 lines stalled on L1's miss buffers: at one row, 1.2x the time of no prefetch)
-    if (rows <= 0) return;
-    const int64_t at = (n0 / kWideLanes) * (p.K / 32) + g;
-    for (int q = 0; q < p.tile_bits; ++q) prefetch_line_l2(p.tiles + at * 64 * p.tile_bits + 64 * q);
-    // the span's scales: one group's 16, or two groups' of 16 (16 to 128 bytes), and a factored table's
-    // factors (32 bytes for 8 groups)
-    const int64_t parts = p.G == 16 ? 2 : 1;  // groups a span (a division here cost a tenth of a step)
-    for (const auto& [values, factors, bytes] : {std::tuple{p.tile_scales, p.tile_factors, p.tile_scale_bytes},
-                                                  std::tuple{p.tile_zeros, p.tile_zero_factors, p.tile_zero_bytes}}) {
-      if (!values) continue;
-      const int64_t span_bytes = 16 * bytes * parts, begin = at * span_bytes;
-      for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
-        if (g == 0 || o >= begin) prefetch_line_l2(values + o);
-      if (factors) prefetch_line_l2(factors + at * parts / 8 * 32);
-    }
+  if (p.tiles) {
+    prefetch_stored_span(p, n0, rows, g, p.tile_bits);
     return;
   }
   const int64_t code_bytes = row_code_bytes(p.bits, p.K), group_bytes = code_bytes / (p.K / 32);
@@ -1254,23 +1262,24 @@ __attribute__((always_inline)) inline __m512 stored_column(const uint8_t* values
                        _mm512_cvtph_ps(f));
 }
 
-// Span sp of a stored tile (group_quant_matmul_tiles): plain loads (8-bit) or an unpack, and the span's
-// scales and zeros. Inlined into the GEMM's loop (as a call, its WideTileGroup went through memory and
-// the single row's step took as long in cache as from memory, measured).
-template <int kG>
+// Span sp of a stored tile (group_quant_matmul_tiles) of kTileBits codes: plain loads (8-bit) or an unpack,
+// and the span's scales and zeros. Inlined into the GEMM's loop, with the width a template argument: as a
+// call, or with the width a branch inside it, the compiler kept the WideTileGroup in memory, and the
+// single row's step stored and reloaded its eight vectors every span.
+template <int kTileBits, int kG>
 __attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
                                                                     WideTileGroup& t) {
   constexpr int kParts = 32 / kG;
   const int64_t spans = p.K / 32, groups = p.K / kG;
   const int64_t tile = n0 / kWideLanes;
-  const uint8_t* span = p.tiles + (tile * spans + sp) * 64 * p.tile_bits;
-  if (p.tile_bits == 6) {
+  const uint8_t* span = p.tiles + (tile * spans + sp) * 64 * kTileBits;
+  if constexpr (kTileBits == 6) {
     unpack_six_bit_span(span, t.w);
-  } else if (p.tile_bits == 5) {
+  } else if constexpr (kTileBits == 5) {
     unpack_five_bit_span(span, t.w);
-  } else if (p.tile_bits == 4) {
+  } else if constexpr (kTileBits == 4) {
     unpack_four_bit_span(span, t.w);
-  } else if (p.tile_bits == 2) {
+  } else if constexpr (kTileBits == 2) {
     unpack_two_bit_span(span, t.w);
   } else {
     for (int q = 0; q < 8; ++q) t.w[q] = _mm512_loadu_si512(span + 64 * q);
@@ -1283,12 +1292,25 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
   }
 }
 
+// f(std::integral_constant<int, bits>) for the stored tiles' width p.tile_bits: the one place a width becomes
+// a template argument.
+template <typename F>
+__attribute__((always_inline)) inline void with_tile_bits(const Problem& p, F&& f) {
+  switch (p.tile_bits) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 template <int kBits, int kG = 32>
 inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t sp, WideTileGroup& t) {
   constexpr int kParts = 32 / kG;
   const int64_t groups = p.K / kG;
   if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
-    load_stored_tile_group<kG>(p, n0, sp, t);
+    with_tile_bits(p, [&](auto bits) { load_stored_tile_group<decltype(bits)::value, kG>(p, n0, sp, t); });
     return;
   }
   if (rows == 16 && kBits != 5 && groups >= 2) {
@@ -1382,15 +1404,20 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
   };
   if (built) {
     for (int64_t sp = 0; sp < spans; ++sp) span_step((*built)[sp], sp);
+  } else if (kBits == 8 && p.tiles) {
+    with_tile_bits(p, [&](auto bits) {
+      for (int64_t sp = 0; sp < spans; ++sp) {
+        prefetch_stored_span(p, next_n0, next_rows, sp, decltype(bits)::value);
+        WideTileGroup here;
+        load_stored_tile_group<decltype(bits)::value, kG>(p, n0, sp, here);
+        span_step(here, sp);
+      }
+    });
   } else {
     for (int64_t sp = 0; sp < spans; ++sp) {
       prefetch_group(p, next_n0, next_rows, sp);
       WideTileGroup here;
-      if (kBits == 8 && p.tiles) {
-        load_stored_tile_group<kG>(p, n0, sp, here);
-      } else {
-        load_wide_tile_group<kBits, kG>(p, n0, rows, sp, here);
-      }
+      load_wide_tile_group<kBits, kG>(p, n0, rows, sp, here);
       span_step(here, sp);
     }
   }
