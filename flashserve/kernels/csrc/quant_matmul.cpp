@@ -478,9 +478,10 @@ __attribute__((always_inline)) inline void prefetch_stored_span(const Problem& p
   for (const auto& [values, factors, bytes] : {std::tuple{p.tile_scales, p.tile_factors, p.tile_scale_bytes},
                                                 std::tuple{p.tile_zeros, p.tile_zero_factors, p.tile_zero_bytes}}) {
     if (!values) continue;
+    // the lines this span is the first to reach (all of its own at g = 0): a test, most spans
     const int64_t span_bytes = 16 * bytes * parts, begin = at * span_bytes;
-    for (int64_t o = begin / 64 * 64; o < begin + span_bytes; o += 64)
-      if (g == 0 || o >= begin) prefetch_line_l2(values + o);
+    if (g == 0 || (begin & 63) < span_bytes)
+      for (int64_t o = g == 0 ? begin & ~int64_t{63} : begin; o < begin + span_bytes; o += 64) prefetch_line_l2(values + o);
     if (factors) prefetch_line_l2(factors + at * parts / 8 * 32);
   }
 }
