@@ -1351,6 +1351,14 @@ inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int
   }
 }
 
+// acc + the products of w's unsigned bytes with the four signed bytes at x, broadcast to every lane: the
+// broadcast is the multiply-add's own memory operand ({1to16}), where the compiler emitted a separate
+// vpbroadcastd for each.
+__attribute__((always_inline)) inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int32_t* x) {
+  __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+  return acc;
+}
+
 template <int kBits, int kG = 32>
 void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, int64_t n0, int64_t rows, int64_t m0,
                     int64_t mb, int64_t next_n0, int64_t next_rows) {
@@ -1373,8 +1381,8 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         __m512i even = p.xq_corr ? _mm512_set1_epi32(p.xq_corr[m * spans + sp]) : _mm512_setzero_si512();
         __m512i odd = _mm512_setzero_si512();
         for (int q = 0; q < 8; q += 2) {
-          even = _mm512_dpbusd_epi32(even, t.w[q], _mm512_set1_epi32(x4[q]));
-          odd = _mm512_dpbusd_epi32(odd, t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
+          even = dpbusd_broadcast(even, t.w[q], x4 + q);
+          odd = dpbusd_broadcast(odd, t.w[q + 1], x4 + q + 1);
         }
         const __m512i d32 = _mm512_add_epi32(even, odd);
         __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale[0], _mm512_set1_ps(p.dx[m * spans + sp])),
@@ -1387,11 +1395,11 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         __m512i d[2];
         for (int h = 0; h < 2; ++h) {
           const int q = 4 * h;
-          __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t.w[q + 1], _mm512_set1_epi32(x4[q + 1]));
+          __m512i odd = dpbusd_broadcast(_mm512_setzero_si512(), t.w[q + 1], x4 + q + 1);
           const __m512i corr = p.xq_corr ? _mm512_set1_epi32(p.xq_corr[m * groups + 2 * sp + h]) : _mm512_setzero_si512();
-          d[h] = _mm512_dpbusd_epi32(corr, t.w[q], _mm512_set1_epi32(x4[q]));
-          odd = _mm512_dpbusd_epi32(odd, t.w[q + 3], _mm512_set1_epi32(x4[q + 3]));
-          d[h] = _mm512_add_epi32(_mm512_dpbusd_epi32(d[h], t.w[q + 2], _mm512_set1_epi32(x4[q + 2])), odd);
+          d[h] = dpbusd_broadcast(corr, t.w[q], x4 + q);
+          odd = dpbusd_broadcast(odd, t.w[q + 3], x4 + q + 3);
+          d[h] = _mm512_add_epi32(dpbusd_broadcast(d[h], t.w[q + 2], x4 + q + 2), odd);
         }
         const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[1]), t.scale[1], _mm512_mul_ps(_mm512_cvtepi32_ps(d[0]), t.scale[0]));
         __m512 a = _mm512_fmadd_ps(v, _mm512_set1_ps(p.dx[m * spans + sp]), acc[i][j]);
