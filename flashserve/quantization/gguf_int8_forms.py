@@ -18,8 +18,8 @@ c sc' = q sc, both round the same real number once (and Q5_1/Q5_K add their zero
             w = (d sc_j) (q - 32) per 16                c = ±(q - 32), s = d * |sc_j|
                                                         (factored)                  group 16, 8.625 bits
     Q3_K   (110 B / 256): hmask[32], qs[64], 12 B of 6-bit sc, d:f16
-            w = (d (sc_j - 32)) q per 16, q in -4..3    c = -(sc_j - 32) q in -128..124, s = -d
-                                                        (factored, integers 1)      group 32, 8.3125 bits
+            w = (d (sc_j - 32)) q per 16, q in -4..3    c = ±q, s = d * |sc_j - 32|
+                                                        (factored)                  group 16, 8.625 bits
     IQ4_NL  (18 B / 32):  d:f16, qs[16]
             w = d kvalues[nibble]                       c = kvalues[nibble], s = d  group 32, 8.5 bits
     IQ4_XS (136 B / 256): d:f16, scales_h:u16, scales_l[4], qs[128]
@@ -33,8 +33,9 @@ c sc' = q sc, both round the same real number once (and Q5_1/Q5_K add their zero
 A factored table's integers are unsigned (group_quant_weight.factored_table), so a negative
 per-group integer moves its sign into that group's codes: float rounding is symmetric, so
 (d |sc|) (-c) = (d sc) c exactly. Q6_K's scales change every 16 values and no 8-bit code holds
-(q - 32) sc_j, so it keeps groups of 16 (as do Q2_K, whose zeros change every 16 values, and the
-codebook types of 16), which the kernel runs with int8 activations too (quant_matmul.cpp).
+(q - 32) sc_j, so it keeps groups of 16 (as do Q2_K, whose zeros change every 16 values, the codebook
+types of 16, and Q3_K, whose 3-bit codes the 16-lane tiles keep at 3 bits: group_quant_weight.py, narrow
+tiles), which the kernel runs with int8 activations too (quant_matmul.cpp).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from flashserve.quantization.group_quant_weight import SUPER_GROUPS, factored_ta
 IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                           dtype=torch.int8)
 
-GROUPS = {Q.Q8_0: 32, Q.Q5_0: 32, Q.Q4_0: 32, Q.Q5_1: 32, Q.Q5_K: 32, Q.Q6_K: 16, Q.Q3_K: 32,
+GROUPS = {Q.Q8_0: 32, Q.Q5_0: 32, Q.Q4_0: 32, Q.Q5_1: 32, Q.Q5_K: 32, Q.Q6_K: 16, Q.Q3_K: 16,
           Q.IQ4_NL: 32, Q.IQ4_XS: 32, Q.Q2_K: 16} | {Q[name]: g for name, g in gguf_codebook_forms.GROUPS.items()}
 EXACT_INT8_TYPES = frozenset(GROUPS)
 
@@ -127,13 +128,13 @@ def _q3_k(b: torch.Tensor):
     low = crumbs(b[:, 32:96]).to(torch.int16)  # each half of 128 values: bit pairs 0, 2, 4, 6 of qs[l]
     hmask = b[:, 0:32].reshape(n, 1, 32)  # bit j of hmask[l]: element 32 j + l; a clear bit subtracts 4
     high = torch.cat([(hmask >> j) & 1 for j in range(8)], dim=1).reshape(n, 256).to(torch.int16)
-    q = (low - 4 * (1 - high)).reshape(n, 16, 16)
+    q = (low - 4 * (1 - high)).reshape(n, 16, 16)  # -4..3
     packed = b[:, 96:108]  # 16 6-bit scales: low 4 bits of j in byte j % 8 (j >= 8: its high nibble),
     lo = torch.cat([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], dim=1)  # high 2 in byte 8 + j % 4, bits 2 (j / 4)
     hi = torch.cat([(packed[:, 8:12] >> (2 * i)) & 3 for i in range(4)], dim=1)
     sc = (lo | (hi << 4)).to(torch.int16) - 32  # (n, 16)
-    codes = (-(q * sc[..., None])).to(torch.int8).reshape(n, 8, 32)  # (sc - 32) q in -124..128: negated, an int8
-    return codes, (torch.ones(n, 8, dtype=torch.uint8), -half(b[:, 108:110]))
+    codes, ints = _signed_into_codes(q, sc)  # ±q: 3 bits again once the tiles move the sign back (narrow_tiles_)
+    return codes, (ints, half(b[:, 108:110]))
 
 
 def _q2_k(b: torch.Tensor):

@@ -10,10 +10,10 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q8_0, IQ4_NL                 → 8-bit codes, groups of 32, exact (float16 d)
     Q5_1                         → 8-bit codes, groups of 32, exact: float16 d and m as scale and zero
     Q5_K                         → 8-bit codes, groups of 32, exact: factored scale and zero (8.625 bits)
-    Q3_K, IQ4_XS                 → 8-bit codes, groups of 32, exact: sub-block scale folded into the
-                                   codes (Q3_K) or a factored scale (IQ4_XS) (8.3125 bits)
-    Q6_K                         → 8-bit codes, groups of 16, exact: factored scale (8.625 bits); in
-                                   the 16-lane tiles (AVX-512) 6-bit codes, int8 integers (6.625 bits)
+    IQ4_XS                       → 8-bit codes, groups of 32, exact: factored scale (8.3125 bits)
+    Q6_K, Q3_K                   → 8-bit codes, groups of 16, exact: factored scale (8.625 bits); in
+                                   the 16-lane tiles (AVX-512) 6-bit (Q6_K) or 3-bit (Q3_K) codes, int8
+                                   integers (6.625 and 3.625 bits)
     Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
                                    (Q2_K, IQ2_XS, IQ2_S, IQ1_M); in the 16-lane tiles Q2_K's are 2-bit

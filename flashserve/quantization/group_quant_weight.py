@@ -108,7 +108,7 @@ class GroupQuantWeight(PackedWeight):
         if self.zero is not None:
             self.zero, self.tile_zero_factors = tiled_table(self.zero)
         self.tiled = True
-        narrowed = _six_bit_tiles(self.codes, self.scale, self.group) if self.codes.shape[2] == SPAN_BYTES[8] else None
+        narrowed = _narrow_tiles(self.codes, self.scale, self.group) if self.codes.shape[2] == SPAN_BYTES[8] else None
         if narrowed is not None:
             self.codes, self.scale = map(_param, narrowed)
         return True
@@ -223,28 +223,33 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 # of its eight vectors w[q] (lane-major, 64 bytes each) as four vectors of nibbles (w[j]'s low 4 bits |
 # w[j + 4]'s << 4; all of a 4-bit tile), then for 5 bits one vector of single bits (w[q]'s bit 4 at bit
 # q), for 6 bits two of 2-bit fields (w[j + 2r]'s top 2 bits at bits 2r of vector j); a 2-bit tile is
-# only two vectors of 2-bit fields (w[q] at bits 2 (q // 2) of vector q % 2). The kernel's
+# only two vectors of 2-bit fields (w[q] at bits 2 (q // 2) of vector q % 2), a 3-bit tile those two
+# (the low 2 bits) and then one vector of single bits (w[q]'s bit 2 at bit q). The kernel's
 # unpack_*_bit_span reads them. 4- and 5-bit weights (Q4_*, Q5_0) go from their rows (nibble_tiles),
-# codes 0..3 (Q2_K) are rewritten in place (two_bit_tiles_), and 8-bit tiles whose codes fit in 6 bits
-# (Q6_K's, c = ±(q - 32) with the sign of the group's scale) too (six_bit_tiles_): a group whose codes
-# reach +32 has its sign moved from the codes to its scale (c' = -c, s' = -s: the same products, float
-# rounding being symmetric), so every group's c' lies in -32..31; factored integers become int8.
+# codes 0..3 (Q2_K) are rewritten in place (two_bit_tiles_), and 8-bit tiles whose codes fit in 3 or 6
+# bits (Q3_K's c = ±q, q in -4..3, and Q6_K's c = ±(q - 32), each with the sign of the group's scale) too
+# (narrow_tiles_): a group whose codes reach +4 (+32) has its sign moved from the codes to its scale
+# (c' = -c, s' = -s: the same products, float rounding being symmetric), so every group's c' lies in
+# -4..3 (-32..31); factored integers become int8.
 
-OFFSET = {6: 32, 5: 16, 4: 0, 2: 0}  # u = c' + offset (quant_matmul.cpp: tile_code_offset)
-SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 2)}  # a span of a 16-lane tile
+OFFSET = {6: 32, 5: 16, 4: 0, 3: 4, 2: 0}  # u = c' + offset (quant_matmul.cpp: tile_code_offset)
+SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 3, 2)}  # a span of a 16-lane tile
 
 
-def _six_bit_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the 6-bit tiles and their scales (int8
-    integers where factored), or None when some group's codes do not fit. The kernels write the 6-bit
-    tiles over the first 3/4 of the 8-bit ones' storage (six_bit_tiles_), and the last quarter's pages
-    are handed back: no second copy of a large head at start-up."""
+def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the 3-bit tiles, else the 6-bit ones, and their
+    scales (int8 integers where factored), or None when some group's codes fit neither. The kernels write
+    the narrow tiles over the front of the 8-bit ones' storage (narrow_tiles_), and the rest's pages are
+    handed back: no second copy of a large head at start-up."""
     factored = scale.dtype == torch.uint8
-    sign = ops.native().six_bit_tiles_(codes, scale if factored else None, group)
-    if sign is None:
+    for bits in (3, 6):
+        sign = ops.native().narrow_tiles_(codes, scale if factored else None, group, bits)
+        if sign is not None:
+            break
+    else:
         return None
     tiles, spans, _ = codes.shape
-    packed = _front_tiles(codes, tiles, spans, bits=6)
+    packed = _front_tiles(codes, tiles, spans, bits=bits)
     new_scale = (scale.to(torch.int16) * sign).to(torch.int8) if factored else scale * sign.to(scale.dtype)
     return packed, new_scale
 
@@ -263,13 +268,16 @@ def _front_tiles(written: torch.Tensor, tiles: int, spans: int, bits: int) -> to
 
 
 def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """6-, 5-, 4- or 2-bit tiles (t, K/32, 384, 320, 256 or 128) → the 8-bit tiles' bytes c + 128 of the same codes."""
+    """6-, 5-, 4-, 3- or 2-bit tiles (t, K/32, 384, 320, 256, 192 or 128) → the 8-bit tiles' bytes c + 128 of the
+    same codes."""
     t, spans, span_bytes = packed.shape
     bits = span_bytes * 8 // (16 * GROUP)
     p = packed.view(t, spans, bits, -1)
-    if bits == 2:  # w[q] in bits 2 (q // 2) of vector q % 2
+    if bits in (2, 3):  # w[q]'s low 2 bits in bits 2 (q // 2) of vector q % 2; for 3 bits its third at bit q of vector 2
         u = torch.cat([(p[:, :, q % 2] >> (2 * (q // 2)))[:, :, None] & 3 for q in range(8)], dim=2)
-        return (u.to(torch.int16) + 128).to(torch.uint8).view(t, spans, -1)
+        if bits == 3:
+            u = u | torch.cat([((p[:, :, 2] >> q) & 1)[:, :, None] << 2 for q in range(8)], dim=2)
+        return (u.to(torch.int16) - OFFSET[bits] + 128).to(torch.uint8).view(t, spans, -1)
     nibbles, top_bits = p[:, :, :4], p[:, :, 4:]
     low = torch.cat([nibbles & 15, nibbles >> 4], dim=2)  # w[0..3], w[4..7]
     if bits == 4:

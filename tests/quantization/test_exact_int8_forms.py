@@ -25,7 +25,7 @@ HALF_FIELDS = {Q.Q5_1: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q3_K: (108,), Q
                q: (0,) for q in (Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S)}
 # group, and bits per weight: 8-bit codes, the scale table (and zero table) per group; scales of
 # d / 4, d / 2 or d / 8 times an integer are float32 (a float16 factor d / 8 would round)
-LAYOUT = {Q.Q5_1: (32, 9.0), Q.Q5_K: (32, 8.625), Q.Q6_K: (16, 8.625), Q.Q3_K: (32, 8.3125),
+LAYOUT = {Q.Q5_1: (32, 9.0), Q.Q5_K: (32, 8.625), Q.Q6_K: (16, 8.625), Q.Q3_K: (16, 8.625),
           Q.IQ4_NL: (32, 8.5), Q.IQ4_XS: (32, 8.3125), Q.Q2_K: (16, 9.25), Q.IQ3_S: (32, 8.3125),
           Q.IQ3_XXS: (32, 9.0), Q.IQ2_XXS: (32, 9.0), Q.IQ2_XS: (16, 10.0), Q.IQ2_S: (16, 10.0),
           Q.IQ1_S: (32, 9.0), Q.IQ1_M: (16, 10.0), Q.TQ2_0: (32, 8.5), Q.TQ1_0: (32, 8.5)}
@@ -78,8 +78,8 @@ def test_packed_weight_is_the_file_bit_for_bit(qtype):
     assert torch.equal(w.dequantize(5, 17), want[5:17])
     ids = torch.tensor([0, 23, 7, 7])
     assert torch.equal(w.rows(ids, torch.float32), want[ids])
-    if qtype == Q.Q3_K:  # (sc - 32) q = 128 (sc = 0, q = -4) is held negated: the code -128
-        assert int(w.int_codes().min()) == -128
+    if qtype == Q.Q3_K:  # ±q: a negative scale's sign in the codes, so +4 (q = -4) where sc < 32
+        assert w.int_codes().abs().max() == 4
     linear = pack_linear([t], torch.float32, own_kernels=True)
     if qtype in AFFINE4_TYPES:  # 4-bit codes affine in the 8-bit ones, float32 scale and zero
         assert linear.bits == 4 and linear.group == 32 and torch.equal(linear.dequantize(), want)
@@ -104,7 +104,7 @@ def test_kernel_equals_x_times_the_file(qtype, m):
 @pytest.mark.parametrize("m", [1, 2, 6, 20, 45])  # GEMV, GEMM, tiled GEMM
 def test_int8_activations_take_the_exact_weight(qtype, m):
     """With int8 activations, the result is the exact weight times x rounded per 32 values to int8
-    (dx = max|x| / 127), summed in float32; the weight's groups are 32, or 16 (Q6_K, Q2_K, IQ2_XS,
+    (dx = max|x| / 127), summed in float32; the weight's groups are 32, or 16 (Q6_K, Q3_K, Q2_K, IQ2_XS,
     IQ2_S, IQ1_M)."""
     k = 512
     t = random_blocks(qtype, 70, k, seed=m, magnitude=1e-3)
@@ -129,8 +129,9 @@ def test_int8_activations_take_the_exact_weight(qtype, m):
 @pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("qtype", NEW)
 def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
-    """Stored in the 16-lane tiles (where the build has them): Q6_K in 6-bit tiles (its codes' signs moved
-    to the scales), Q2_K in 2-bit ones with its zeros, the others in 8-bit ones or kept by rows;
+    """Stored in the 16-lane tiles (where the build has them): Q6_K in 6-bit tiles and Q3_K in 3-bit ones
+    (their codes' signs moved to the scales), Q2_K in 2-bit ones with its zeros, the others in 8-bit ones
+    or kept by rows;
     gguf-py's weight still, and the tiled kernel's numbers those of the same weight by rows at every M."""
     from flashserve.kernels import ops
 
@@ -139,9 +140,10 @@ def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     for w in (rows, tiled):
         w.set_int8_activations(True)
     stored = tiled.to_wide_tiles()
-    if qtype in (Q.Q6_K, Q.Q2_K):  # 6 and 2 bits a code
+    span_bytes = {Q.Q6_K: 384, Q.Q3_K: 192, Q.Q2_K: 128}  # 6, 3 and 2 bits a code
+    if qtype in span_bytes:
         assert stored == (ops.wide_tile_lanes() == 16)
-        assert not stored or tiled.codes.shape[2] == (384 if qtype == Q.Q6_K else 128)
+        assert not stored or tiled.codes.shape[2] == span_bytes[qtype]
     assert torch.equal(tiled.dequantize(), gguf_py(t))
     for m in (1, 2, 20, 45):
         x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)) * 3
@@ -164,7 +166,7 @@ def test_merged_parts_of_different_types():
 
     q3_q3_xs = parts(Q.Q3_K, Q.Q3_K, Q.IQ4_XS)  # factored tables throughout
     w = pack_linear(q3_q3_xs, torch.float32, own_kernels=True)
-    assert isinstance(w, GroupQuantWeight) and w.group == 32 and w.scale.dtype == torch.uint8
+    assert isinstance(w, GroupQuantWeight) and w.group == 16 and w.scale.dtype == torch.uint8
     assert torch.equal(w.dequantize(), want(q3_q3_xs))
     q5k_q8_q51 = parts(Q.Q5_K, Q.Q8_0, Q.Q5_1, Q.IQ4_NL)  # zeros; factored and float tables
     w = pack_linear(q5k_q8_q51, torch.float32, own_kernels=True)
@@ -241,8 +243,8 @@ def test_tiny_model_of_these_types_matches_transformers(tmp_path, types, magnitu
                       encode=encode)
     model, mcfg = load_model(str(path), torch.float32, quantization="weight-only")
     packed = [m for m in model.modules() if isinstance(m, GroupQuantWeight)]
-    if types is K_AND_IQ4:  # q|k|v and gate|up merged
-        assert len(packed) == 9 and {(m.bits, m.group) for m in packed} == {(8, 32)}
+    if types is K_AND_IQ4:  # q|k|v and gate|up merged; Q3_K's groups of 16 (layer 0's q|k|v, layer 1's down)
+        assert len(packed) == 9 and {(m.bits, m.group) for m in packed} == {(8, 16), (8, 32)}
     else:  # and layer 0's IQ3_S v, TQ1_0 down and IQ1_S o 4-bit (affine4)
         assert len(packed) == 10 and {(m.bits, m.group) for m in packed} == {(8, 16), (8, 32), (4, 32)}
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,

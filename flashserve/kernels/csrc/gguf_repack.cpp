@@ -145,22 +145,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_facto
 }
 
 // 8-bit tiles (T, S, 512; tile t, span s: byte 64 q + 4 lane + b = code 4 q + b of the span in row
-// 16 t + lane, plus 128) rewritten in place as 6-bit tiles (group_quant_weight.py, "Narrow tiles"), when
-// each group's codes fit: per (tile, group, lane) the sign that moves from the codes to the scale, -1
-// where the codes reach +32 (or the factored integer is 128, which int8 holds only as -128), so that
-// u = sign * c + 32 lies in 0..63. Returns those signs (T, K/G, 16) int8, or an undefined tensor, the
-// codes untouched, when some group has -32 and +32, a code outside them, or an integer over 128.
-at::Tensor six_bit_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group) {
-  constexpr int64_t kLanes = 16, kEight = 512, kSix = 384;
+// 16 t + lane, plus 128) rewritten in place as `bits`-bit tiles (6 or 3; group_quant_weight.py, "Narrow
+// tiles"), when each group's codes fit: per (tile, group, lane) the sign that moves from the codes to the
+// scale, -1 where the codes reach +half (half = 2^(bits - 1); or the factored integer is 128, which int8
+// holds only as -128), so that u = sign * c + half lies in 0..2 half - 1. Returns those signs (T, K/G, 16)
+// int8, or an undefined tensor, the codes untouched, when some group has -half and +half, a code outside
+// them, or an integer over 128. Layouts: unpack_six_bit_span and unpack_three_bit_span (quant_matmul.cpp).
+at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits) {
+  constexpr int64_t kLanes = 16, kEight = 512;
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(2) == kEight && (group == 16 || group == 32),
-              "six_bit_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group, " not 16 or 32");
+                  codes.size(2) == kEight && (group == 16 || group == 32) && (bits == 6 || bits == 3),
+              "narrow_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group,
+              " not 16 or 32, or bits ", bits, " not 6 or 3");
   const int64_t T = codes.size(0), S = codes.size(1), parts = 32 / group, per = 8 / parts, G = S * parts;
+  const int64_t span_bytes = 64 * bits;
+  const int half = 1 << (bits - 1), lowest = 128 - half, highest = 128 + half;
   const bool factored = ints.has_value() && ints->defined();
   if (factored)
     TORCH_CHECK(ints->scalar_type() == at::kByte && ints->is_contiguous() && ints->dim() == 3 && ints->size(0) == T &&
                     ints->size(1) == G && ints->size(2) == kLanes,
-                "six_bit_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
+                "narrow_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
   auto signs = at::empty({T, G, kLanes}, codes.options().dtype(at::kChar));
   uint8_t* c = codes.data_ptr<uint8_t>();
   const uint8_t* in = factored ? ints->data_ptr<uint8_t>() : nullptr;
@@ -179,35 +183,44 @@ at::Tensor six_bit_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& in
               hi = std::max(hi, v);
             }
           const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kLanes + lane;
-          const bool negative = hi == 160 || (in && in[at] == 128);
-          if (lo < 96 || hi > 160 || (negative && lo == 96) || (in && in[at] > 128)) fits = false;
+          const bool negative = hi == highest || (in && in[at] == 128);
+          if (lo < lowest || hi > highest || (negative && lo == lowest) || (in && in[at] > 128)) fits = false;
           sg[at] = negative ? -1 : 1;
         }
     }
   });
   if (!fits) return at::Tensor();
-  // In place, a tile at a time: tile t's 6-bit bytes end before tile t + 1's 8-bit ones begin, so each
+  // In place, a tile at a time: tile t's narrow bytes end before tile t + 1's 8-bit ones begin, so each
   // tile is packed into a buffer (its spans in parallel) and copied down.
-  std::vector<uint8_t> packed(S * kSix);
+  std::vector<uint8_t> packed(S * span_bytes);
   for (int64_t t = 0; t < T; ++t) {
     at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         const uint8_t* span = c + (t * S + s) * kEight;
-        uint8_t* o = packed.data() + s * kSix;
+        uint8_t* o = packed.data() + s * span_bytes;
         for (int64_t i = 0; i < 64; ++i) {  // byte i of each vector w[q]: lane i / 4
           uint8_t u[8];
           for (int64_t q = 0; q < 8; ++q) {
             const bool negative = sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0;
-            u[q] = static_cast<uint8_t>(negative ? 160 - span[64 * q + i] : span[64 * q + i] - 96);
+            u[q] = static_cast<uint8_t>(negative ? highest - span[64 * q + i] : span[64 * q + i] - lowest);
           }
-          for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>((u[j] & 15) | ((u[j + 4] & 15) << 4));
-          for (int64_t j = 0; j < 2; ++j)
-            o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
-                                                       ((u[j + 6] >> 4) << 6));
+          if (bits == 6) {  // four vectors of nibbles, then two of 2-bit fields (the top 2 bits)
+            for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>((u[j] & 15) | ((u[j + 4] & 15) << 4));
+            for (int64_t j = 0; j < 2; ++j)
+              o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
+                                                         ((u[j + 6] >> 4) << 6));
+          } else {  // two vectors of 2-bit fields (the low 2 bits), then one of third bits
+            for (int64_t j = 0; j < 2; ++j)
+              o[64 * j + i] = static_cast<uint8_t>((u[j] & 3) | ((u[j + 2] & 3) << 2) | ((u[j + 4] & 3) << 4) |
+                                                   ((u[j + 6] & 3) << 6));
+            uint8_t top = 0;
+            for (int64_t q = 0; q < 8; ++q) top = static_cast<uint8_t>(top | ((u[q] >> 2) << q));
+            o[128 + i] = top;
+          }
         }
       }
     });
-    std::memcpy(c + t * S * kSix, packed.data(), S * kSix);
+    std::memcpy(c + t * S * span_bytes, packed.data(), S * span_bytes);
   }
   return signs;
 }

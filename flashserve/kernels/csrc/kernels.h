@@ -25,7 +25,7 @@ at::Tensor argmax_rows(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_factored_parts(
     const std::vector<at::Tensor>& parts);
 std::tuple<at::Tensor, at::Tensor> q6k_requantize_int8(const at::Tensor& blocks);
-at::Tensor six_bit_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group);
+at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits);
 at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits);
 at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,

@@ -105,7 +105,7 @@ inline int64_t tile_min_rows(int64_t bits, int64_t) { return bits == 4 ? 24 : 16
 // read as c + 16, 8-bit ones as q + 128 (the sign bit flipped); 4-bit codes are unsigned already.
 constexpr int32_t code_offset(int64_t bits) { return bits == 4 ? 0 : bits == 5 ? 16 : 128; }
 // A stored tile's bytes u = c + this (unpack_*_bit_span): 6-bit tiles c + 32, 2-bit ones unsigned already.
-constexpr int32_t tile_code_offset(int64_t bits) { return bits == 6 ? 32 : bits == 2 ? 0 : code_offset(bits); }
+constexpr int32_t tile_code_offset(int64_t bits) { return bits == 6 ? 32 : bits == 3 ? 4 : bits == 2 ? 0 : code_offset(bits); }
 
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
@@ -1249,6 +1249,24 @@ inline void unpack_two_bit_span(const uint8_t* b, __m512i* w) {
   for (int q = 0; q < 8; ++q) w[q] = _mm512_and_si512(_mm512_srli_epi16(fields[q % 2], 2 * (q / 2)), low2);
 }
 
+// A span of a 3-bit tile, 192 bytes: the two vectors of 2-bit fields of a 2-bit tile (w[q]'s low 2 bits),
+// then one of bits, bit q of each byte holding bit 2 of w[q]'s byte. Out: w[0..7] with each byte u = c + 4
+// in 0..7 (Q3_K's codes, tile_code_offset). The 16-bit shifts only move bits into places the masks clear.
+inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
+  const __m512i low2 = _mm512_set1_epi8(0x03), bit2 = _mm512_set1_epi8(0x04);
+  const __m512i fields[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};
+  const __m512i bits = _mm512_loadu_si512(b + 128);
+  // bit q of each byte moved to bit 2: shifted left 2 - q, or right q - 2
+  const __m512i at2[8] = {_mm512_slli_epi16(bits, 2), _mm512_slli_epi16(bits, 1), bits, _mm512_srli_epi16(bits, 1),
+                          _mm512_srli_epi16(bits, 2), _mm512_srli_epi16(bits, 3), _mm512_srli_epi16(bits, 4),
+                          _mm512_srli_epi16(bits, 5)};
+  for (int q = 0; q < 8; ++q) {
+    const __m512i field = q < 2 ? fields[q % 2] : _mm512_srli_epi16(fields[q % 2], 2 * (q / 2));
+    // (field & low2) | (at2 & bit2): ternary logic over (field, at2 masked, low2), table 0xEC
+    w[q] = _mm512_ternarylogic_epi32(field, _mm512_and_si512(at2[q], bit2), low2, 0xEC);
+  }
+}
+
 // The 16 lanes' value of group `at` of a stored table (scales or zeros): float32, float16, or integers
 // (uint8, or int8 when `signed_ints`) times their float16 factor, as Table::factored16 (and
 // table_values) compute them.
@@ -1280,6 +1298,8 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
     unpack_five_bit_span(span, t.w);
   } else if constexpr (kTileBits == 4) {
     unpack_four_bit_span(span, t.w);
+  } else if constexpr (kTileBits == 3) {
+    unpack_three_bit_span(span, t.w);
   } else if constexpr (kTileBits == 2) {
     unpack_two_bit_span(span, t.w);
   } else {
@@ -1299,6 +1319,7 @@ template <typename F>
 __attribute__((always_inline)) inline void with_tile_bits(const Problem& p, F&& f) {
   switch (p.tile_bits) {
     case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 5: f(std::integral_constant<int, 5>{}); break;
     case 6: f(std::integral_constant<int, 6>{}); break;
@@ -1761,7 +1782,8 @@ int64_t check_tile_table(const at::Tensor& t, const c10::optional<at::Tensor>& f
 
 // 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored integers
 // may be int8 (a negative scale's sign moved out of the codes): the same products again; 5-bit ones
-// (T, K/32, 320) u = c + 16, 4- and 2-bit ones (T, K/32, 256 and 128) u = c (tile_code_offset). Zeros
+// (T, K/32, 320) u = c + 16, 3-bit ones (T, K/32, 192) u = c + 4 (Q3_K's, their integers int8 as the 6-bit
+// ones'), 4- and 2-bit ones (T, K/32, 256 and 128) u = c (tile_code_offset). Zeros
 // (optional) are stored as the scales are, and take x's sums per group as row-major zeros do.
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N,
@@ -1774,8 +1796,9 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const int64_t tile_bits = codes.dim() == 3 ? codes.size(2) / (kWideLanes * 4) : 0;  // bytes of a span: 64 per bit
   TORCH_CHECK(K % 32 == 0 && codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(0) == tiles && codes.size(1) == K / 32 && codes.size(2) == kWideLanes * 4 * tile_bits &&
-                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5 || tile_bits == 4 || tile_bits == 2),
-              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6-, 5-, 4- or 2-bit tiles of ", N,
+                  (tile_bits == 8 || tile_bits == 6 || tile_bits == 5 || tile_bits == 4 || tile_bits == 3 ||
+                   tile_bits == 2),
+              "group_quant_matmul_tiles: codes ", codes.sizes(), " are not the 8-, 6-, 5-, 4-, 3- or 2-bit tiles of ", N,
               " rows of ", K);
   const int64_t scale_bytes = check_tile_table(scale, factors, tiles, K / group, true, "scale");
   const bool with_zero = zero.has_value() && zero->defined();
