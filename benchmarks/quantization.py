@@ -16,7 +16,7 @@ Rows, all computed by flashserve on the same held-out chunks:
     gguf-q4k-imatrix  the same with `flashserve imatrix` on --calib                 } the file's weights
     gguf-q4k-flat  the same weighted fits with every importance 1 (the search alone)   } dequantized
     gguf-q5k, gguf-q6k (-imatrix, -flat)  likewise for Q5_K and Q6_K                    }
-    llama-q2k, llama-iq3s, llama-iq2xs-imatrix, ...  written by llama.cpp's own llama-quantize
+    llama-q3k, llama-iq4xs, llama-q2k, llama-iq2xs-imatrix, ...  written by llama.cpp's own llama-quantize
                  (`make llama-quantize`) from the shipped file, the type on every tensor that can take
                  it (--pure: not llama.cpp's mixes), --imatrix the one `flashserve imatrix` writes on
                  --calib (llama.cpp reads it); run on flashserve's kernels (weight-only: the
@@ -52,7 +52,8 @@ GGUF_ROWS = {f"gguf-{t.lower().replace('_', '')}{s}": (t, s[1:]) for t in ("Q4_K
 # row → llama-quantize's type and whether it gets the importance matrix (IQ2_XXS, IQ2_XS, IQ1_S and
 # IQ1_M need one in llama.cpp)
 LLAMA_ROWS = {f"llama-{t.lower().replace('_', '')}{s}": (t, bool(s)) for t in
-              ("Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ2_0", "TQ1_0")
+              ("Q3_K", "IQ4_XS", "IQ4_NL", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+               "TQ2_0", "TQ1_0")
               for s in ("", "-imatrix")}
 INT8_ROWS = {  # run-time int8 methods on the float model: (row name, quantization, its options)
     "smoothquant": ("SmoothQuant W8A8, alpha 0.5", "smoothquant", {"smoothquant_alpha": 0.5}),
