@@ -133,11 +133,11 @@ def group_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 
 def group_quant_matmul_tiles(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, factors: torch.Tensor | None,
                              n: int, zero: torch.Tensor | None = None,
-                             zero_factors: torch.Tensor | None = None) -> torch.Tensor:
+                             zero_factors: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T for codes and tables stored in the tiled GEMM's own order (quant_matmul.cpp), the
-    scales (and zeros) float, or integers times their factors; stored so only where wide_tile_lanes()
-    says the build has those tiles."""
-    return cpu_kernels().group_quant_matmul_tiles(x, codes, scale, factors, n, zero, zero_factors)
+    scales (and zeros) float, or integers times their factors; 4-bit codes may be indices into 16
+    levels (uint8, level + 128). Stored so only where wide_tile_lanes() says the build has those tiles."""
+    return cpu_kernels().group_quant_matmul_tiles(x, codes, scale, factors, n, zero, zero_factors, levels)
 
 
 def wide_tile_lanes() -> int:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 
 _CRUMB_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+# IQ4_NL's and IQ4_XS's 16 levels (ggml-common.h, kvalues_iq4nl)
+IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                          dtype=torch.int8)
 
 
 def half(b: torch.Tensor) -> torch.Tensor:

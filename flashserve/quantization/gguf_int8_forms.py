@@ -47,13 +47,9 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from flashserve.quantization import gguf_codebook_forms
-from flashserve.quantization.gguf_bits import crumbs, half, nibble_pairs, nibbles
+from flashserve.quantization.gguf_bits import IQ4_LEVELS, crumbs, half, nibble_pairs, nibbles
 from flashserve.quantization.gguf_blocks import INT8_GROUP_TYPES, GGUFTensor, _q4k_scale_min, int8_groups
 from flashserve.quantization.group_quant_weight import SUPER_GROUPS, factored_table, table_values
-
-# IQ4_NL's and IQ4_XS's 16 levels (ggml-common.h, kvalues_iq4nl)
-IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                          dtype=torch.int8)
 
 GROUPS = {Q.Q8_0: 32, Q.Q5_0: 32, Q.Q4_0: 32, Q.Q5_1: 32, Q.Q5_K: 32, Q.Q6_K: 16, Q.Q3_K: 16,
           Q.IQ4_NL: 32, Q.IQ4_XS: 32, Q.Q2_K: 16} | {Q[name]: g for name, g in gguf_codebook_forms.GROUPS.items()}

@@ -16,6 +16,7 @@ from torch import nn
 
 from flashserve.heap import madvise
 from flashserve.kernels import ops
+from flashserve.quantization.gguf_bits import IQ4_LEVELS
 from flashserve.quantization.packed import GROUP, PackedWeight, _param
 
 
@@ -63,6 +64,7 @@ class GroupQuantWeight(PackedWeight):
         self.zero = None if zero is None else _param(_narrowest_exact(zero))  # as scale
         self.tile_factors = None  # stored in tiles, a factored scale's float16 factors (to_wide_tiles)
         self.tile_zero_factors = None  # and a factored zero's
+        self.tile_levels = None  # stored in 4-bit tiles of indices, the 16 levels' codes + 128 (uint8)
 
     def set_int8_activations(self, on: bool) -> None:
         """The kernel rounds x to int8 where int8_groups_fit; other weights keep float x."""
@@ -108,20 +110,23 @@ class GroupQuantWeight(PackedWeight):
         if self.zero is not None:
             self.zero, self.tile_zero_factors = tiled_table(self.zero)
         self.tiled = True
-        narrowed = _narrow_tiles(self.codes, self.scale, self.group) if self.codes.shape[2] == SPAN_BYTES[8] else None
+        narrowed = (_narrow_tiles(self.codes, self.scale, self.group, n) if self.codes.shape[2] == SPAN_BYTES[8]
+                    else None)
         if narrowed is not None:
-            self.codes, self.scale = map(_param, narrowed)
+            codes, scale, levels = narrowed
+            self.codes, self.scale = _param(codes), _param(scale)
+            self.tile_levels = None if levels is None else _param(levels)
         return True
 
     def plan_part(self) -> tuple:
         """What the C++ decode step calls kernel with (kernels/csrc/decode_plan.cpp, PackedPart)."""
         return (self.codes, self.scale, self.zero, self.bits, self.group, self.int8_activations, self.tiled,
-                self.tile_factors, self.out_features, self.tile_zero_factors)
+                self.tile_factors, self.out_features, self.tile_zero_factors, self.tile_levels)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
             return ops.group_quant_matmul_tiles(x, self.codes, self.scale, self.tile_factors, self.out_features,
-                                                self.zero, self.tile_zero_factors)
+                                                self.zero, self.tile_zero_factors, self.tile_levels)
         return ops.group_quant_matmul(x, self.codes, self.scale, self.zero, self.bits, self.group,
                                       self.int8_activations)
 
@@ -142,7 +147,7 @@ class GroupQuantWeight(PackedWeight):
             c = self.codes
             if c.shape[2] != SPAN_BYTES[8]:  # narrow tiles: only the ones asked for, widened
                 used, tile = tile.unique(return_inverse=True)
-                c = _eight_bit_tiles(c[used])
+                c = _eight_bit_tiles(c[used], self.tile_levels)
             tiles, spans, _ = c.shape
             c = c.view(tiles, spans, GROUP // 4, -1, 4)[tile, :, :, lane, :]  # (rows, K/32, 8, 4)
             return (c ^ 0x80).view(torch.int8).reshape(len(tile), -1, self.group).to(torch.int32)
@@ -230,20 +235,27 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 # bits (Q3_K's c = ±q, q in -4..3, and Q6_K's c = ±(q - 32), each with the sign of the group's scale) too
 # (narrow_tiles_): a group whose codes reach +4 (+32) has its sign moved from the codes to its scale
 # (c' = -c, s' = -s: the same products, float rounding being symmetric), so every group's c' lies in
-# -4..3 (-32..31); factored integers become int8.
+# -4..3 (-32..31); factored integers become int8. Codes that are IQ4_NL's and IQ4_XS's 16 non-uniform
+# levels (or, IQ4_XS's, their negatives) become 4-bit tiles of indices (level_tiles_), the sign moved
+# likewise, and the kernel looks each index's code up (tile_levels: level + 128).
 
 OFFSET = {6: 32, 5: 16, 4: 0, 3: 4, 2: 0}  # u = c' + offset (quant_matmul.cpp: tile_code_offset)
 SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 3, 2)}  # a span of a 16-lane tile
 
 
-def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """8-bit tiles (T, K/32, 512) with scales (T, K/G, 16) → the 3-bit tiles, else the 6-bit ones, and their
-    scales (int8 integers where factored), or None when some group's codes fit neither. The kernels write
-    the narrow tiles over the front of the 8-bit ones' storage (narrow_tiles_), and the rest's pages are
-    handed back: no second copy of a large head at start-up."""
+def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int,
+                  rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """8-bit tiles (T, K/32, 512) of `rows` rows with scales (T, K/G, 16) → the narrowest that holds every group's codes:
+    3-bit tiles, 4-bit indices into IQ4's levels, or 6-bit tiles; their scales (int8 integers where
+    factored) and the levels' codes + 128 for the indices (else None); or None when no width fits. The
+    kernels write the narrow tiles over the front of the 8-bit ones' storage (narrow_tiles_,
+    level_tiles_), and the rest's pages are handed back: no second copy of a large head at start-up."""
     factored = scale.dtype == torch.uint8
-    for bits in (3, 6):
-        sign = ops.native().narrow_tiles_(codes, scale if factored else None, group, bits)
+    ints = scale if factored else None
+    native = ops.native()
+    for bits, levels in ((3, None), (4, IQ4_LEVELS), (6, None)):
+        sign = (native.narrow_tiles_(codes, ints, group, bits) if levels is None else
+                native.level_tiles_(codes, ints, group, levels, rows))
         if sign is not None:
             break
     else:
@@ -251,7 +263,8 @@ def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int) -> tuple
     tiles, spans, _ = codes.shape
     packed = _front_tiles(codes, tiles, spans, bits=bits)
     new_scale = (scale.to(torch.int16) * sign).to(torch.int8) if factored else scale * sign.to(scale.dtype)
-    return packed, new_scale
+    level_codes = None if levels is None else (levels.to(torch.int16) + 128).to(torch.uint8)
+    return packed, new_scale, level_codes
 
 
 def _front_tiles(written: torch.Tensor, tiles: int, spans: int, bits: int) -> torch.Tensor:
@@ -267,9 +280,9 @@ def _front_tiles(written: torch.Tensor, tiles: int, spans: int, bits: int) -> to
     return flat[:used].view(tiles, spans, SPAN_BYTES[bits])
 
 
-def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
+def _eight_bit_tiles(packed: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
     """6-, 5-, 4-, 3- or 2-bit tiles (t, K/32, 384, 320, 256, 192 or 128) → the 8-bit tiles' bytes c + 128 of the
-    same codes."""
+    same codes; `levels`: 4-bit indices into them (their codes + 128)."""
     t, spans, span_bytes = packed.shape
     bits = span_bytes * 8 // (16 * GROUP)
     p = packed.view(t, spans, bits, -1)
@@ -281,6 +294,8 @@ def _eight_bit_tiles(packed: torch.Tensor) -> torch.Tensor:
     nibbles, top_bits = p[:, :, :4], p[:, :, 4:]
     low = torch.cat([nibbles & 15, nibbles >> 4], dim=2)  # w[0..3], w[4..7]
     if bits == 4:
+        if levels is not None:
+            return levels[low.long()].view(t, spans, -1)
         return (low.to(torch.int16) + 128).to(torch.uint8).view(t, spans, -1)
     if bits == 6:
         top = torch.cat([(top_bits >> (2 * r)) & 3 for r in range(4)], dim=2)  # w[0, 1], w[2, 3], ...

@@ -9,37 +9,42 @@ import pytest
 import torch
 
 from flashserve.kernels import ops
+from flashserve.quantization.gguf_bits import IQ4_LEVELS
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 
 
-def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int = 32, six_bit: bool = False,
-                zero_dtype: torch.dtype | None = None, two_bit: bool = False,
-                three_bit: bool = False) -> tuple[GroupQuantWeight, GroupQuantWeight]:
+SPAN_BYTES = {"8-bit": 512, "Q6_K": 384, "Q3_K": 192, "Q2_K": 128, "IQ4": 256}  # of a stored span, by form
+
+
+def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int = 32, form: str = "8-bit",
+                zero_dtype: torch.dtype | None = None) -> tuple[GroupQuantWeight, GroupQuantWeight]:
     """The same random 8-bit weight twice: by rows, and to be tiled (its own copy of the codes). A
-    uint8 scale_dtype: a factored table, whose values the tiles hold. six_bit: Q6_K's form as
-    gguf_int8_forms makes it, codes ±(q - 32) with q in 0..63 and the sign of the group's int8 scale
-    (-128..127; its magnitude in the table), so some groups reach +32, others -32. zero_dtype: a zero
-    table too (uint8: factored, as Q2_K's -dmin * mn); two_bit: codes 0..3 (Q2_K's); three_bit: Q3_K's
-    form, codes ±q with q in -4..3 and the sign of the group's scale (sc - 32 in -32..31)."""
+    uint8 scale_dtype: a factored table, whose values the tiles hold. form: "8-bit" any codes; "Q6_K"
+    its form as gguf_int8_forms makes it, codes ±(q - 32) with q in 0..63 and the sign of the group's
+    int8 scale (-128..127; its magnitude in the table), so some groups reach +32, others -32; "Q3_K" the
+    same with q in -4..3 and scales in -32..31; "IQ4" IQ4_XS's, codes ±level (its 16 non-uniform levels)
+    with the sign of scales in -32..31; "Q2_K" codes 0..3. zero_dtype: a zero table too (uint8: factored,
+    as Q2_K's -dmin * mn)."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     ints = torch.randint(0, 129, (n, k // group), dtype=torch.uint8, generator=gen)
-    if six_bit:
-        signed = torch.randint(-128, 128, (n, k // group), generator=gen)
-        signed[0, :3] = torch.tensor([-128, 127, 0])  # the ends of int8 (|-128| is 128 in the table)
-        q = torch.randint(0, 64, (n, k), generator=gen)
-        q[:, :2] = 0  # the first group of every row reaches ±32
-        sign = torch.where(signed < 0, -1, 1).repeat_interleave(group, dim=1)
-        codes, ints = (sign * (q - 32)).to(torch.int8), signed.abs().to(torch.uint8)
-    if two_bit:
-        codes = torch.randint(0, 4, (n, k), dtype=torch.int8, generator=gen)
-    if three_bit:
-        signed = torch.randint(-32, 32, (n, k // group), generator=gen)
-        signed[0, :3] = torch.tensor([-32, 31, 0])  # the ends of Q3_K's scales
-        q = torch.randint(-4, 4, (n, k), generator=gen)
-        q[:, :2] = -4  # the first group of every row reaches ±4
+    if form in ("Q6_K", "Q3_K", "IQ4"):
+        top = 128 if form == "Q6_K" else 32
+        signed = torch.randint(-top, top, (n, k // group), generator=gen)
+        signed[0, :3] = torch.tensor([-top, top - 1, 0])  # the ends of the scales (|-128| is 128 in the table)
+        if form == "Q6_K":
+            q = torch.randint(0, 64, (n, k), generator=gen) - 32
+            q[:, :2] = -32  # the first group of every row reaches ±32
+        elif form == "Q3_K":
+            q = torch.randint(-4, 4, (n, k), generator=gen)
+            q[:, :2] = -4  # and ±4
+        else:
+            q = IQ4_LEVELS[torch.randint(0, 16, (n, k), generator=gen)].to(torch.int64)
+            q[:, :2] = IQ4_LEVELS[0]  # and ±127, whose negative is no level
         sign = torch.where(signed < 0, -1, 1).repeat_interleave(group, dim=1)
         codes, ints = (sign * q).to(torch.int8), signed.abs().to(torch.uint8)
+    if form == "Q2_K":
+        codes = torch.randint(0, 4, (n, k), dtype=torch.int8, generator=gen)
     if scale_dtype == torch.uint8:
         scale = factored_table(ints, (torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
     else:
@@ -58,25 +63,28 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
 # scales (IQ4_XS's in groups of 32, Q6_K's in groups of 16); groups of 16, 34 of them a row
 # 6-bit tiles: Q6_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32;
 # zeros (float16, factored) beside 8-bit codes, and Q2_K's form: codes 0..3, factored scale and zero;
-# 3-bit tiles: Q3_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32
-@pytest.mark.parametrize("n,k,scale_dtype,group,six_bit,zero_dtype,two_bit,three_bit", [
-    (72, 320, torch.float16, 32, False, None, False, False), (64, 640, torch.float32, 32, False, None, False, False),
-    (1000, 96, torch.float16, 32, False, None, False, False), (64, 512, torch.uint8, 32, False, None, False, False),
-    (72, 512, torch.uint8, 16, False, None, False, False), (40, 544, torch.float32, 16, False, None, False, False),
-    (72, 512, torch.uint8, 16, True, None, False, False), (300, 256, torch.uint8, 16, True, None, False, False),
-    (40, 544, torch.float16, 32, True, None, False, False), (72, 320, torch.float16, 32, False, torch.float16, False, False),
-    (40, 512, torch.uint8, 16, True, torch.uint8, False, False), (72, 512, torch.uint8, 16, False, torch.uint8, True, False),
-    (300, 256, torch.float16, 32, False, torch.float32, True, False),
-    (72, 512, torch.uint8, 16, False, None, False, True), (300, 256, torch.uint8, 16, False, None, False, True),
-    (40, 544, torch.float16, 32, False, None, False, True)])
-def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit, zero_dtype, two_bit, three_bit):
-    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, six_bit=six_bit, zero_dtype=zero_dtype,
-                              two_bit=two_bit, three_bit=three_bit)
+# 3-bit tiles: Q3_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32;
+# 4-bit indices: IQ4_XS's form (factored, groups of 32), and levels beside float16 scales (IQ4_NL's)
+@pytest.mark.parametrize("n,k,scale_dtype,group,form,zero_dtype", [
+    (72, 320, torch.float16, 32, "8-bit", None), (64, 640, torch.float32, 32, "8-bit", None),
+    (1000, 96, torch.float16, 32, "8-bit", None), (64, 512, torch.uint8, 32, "8-bit", None),
+    (72, 512, torch.uint8, 16, "8-bit", None), (40, 544, torch.float32, 16, "8-bit", None),
+    (72, 512, torch.uint8, 16, "Q6_K", None), (300, 256, torch.uint8, 16, "Q6_K", None),
+    (40, 544, torch.float16, 32, "Q6_K", None), (72, 320, torch.float16, 32, "8-bit", torch.float16),
+    (40, 512, torch.uint8, 16, "Q6_K", torch.uint8), (72, 512, torch.uint8, 16, "Q2_K", torch.uint8),
+    (300, 256, torch.float16, 32, "Q2_K", torch.float32),
+    (72, 512, torch.uint8, 16, "Q3_K", None), (300, 256, torch.uint8, 16, "Q3_K", None),
+    (40, 544, torch.float16, 32, "Q3_K", None),
+    (72, 512, torch.uint8, 32, "IQ4", None), (300, 256, torch.uint8, 32, "IQ4", None),
+    (40, 544, torch.float16, 32, "IQ4", None)])
+def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, form, zero_dtype):
+    rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, form=form, zero_dtype=zero_dtype)
     stored = tiled.to_wide_tiles()
     assert stored == (ops.wide_tile_lanes() == 16)
     assert tiled.to_wide_tiles() is False  # once
     if stored:  # bytes a span of a tile: 64 a bit
-        assert tiled.codes.shape[2] == 64 * (2 if two_bit else 3 if three_bit else 6 if six_bit else 8)
+        assert tiled.codes.shape[2] == SPAN_BYTES[form]
+        assert (tiled.tile_levels is not None) == (form == "IQ4")
     gen = torch.Generator().manual_seed(1)
     for m in (1, 2, 3, 5, 16, 32, 33, 130):  # the GEMV's and every GEMM's row counts of the row-major form
         x = torch.randn(m, k, generator=gen) * 3
@@ -85,7 +93,7 @@ def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit, zer
     assert torch.equal(tiled.rows(ids, torch.float32), rows.rows(ids, torch.float32))
     assert torch.equal(tiled.dequantize(), rows.dequantize())
     assert torch.equal(tiled.dequantize(3, 40), rows.dequantize(3, 40))
-    # a 6- or 3-bit tile moves a group's sign from its codes to its scale
+    # a narrow tile moves a group's sign from its codes to its scale
     assert torch.equal(tiled.scale_values().abs(), rows.scale_values().abs())
     assert torch.equal(tiled.int_codes() * tiled.scale_values().sign()[..., None],
                        rows.int_codes() * rows.scale_values().sign()[..., None])
@@ -99,7 +107,7 @@ def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, six_bit, zer
 def test_codes_that_need_7_bits_stay_in_8_bit_tiles():
     """-32 and +32 in one group, or a factored integer of 129 or more, leave no sign for 6 bits."""
     for bad in ("both ends", "integer"):
-        rows, tiled = weight_pair(32, 256, torch.uint8, seed=5, group=16, six_bit=True)
+        rows, tiled = weight_pair(32, 256, torch.uint8, seed=5, group=16, form="Q6_K")
         if bad == "both ends":
             tiled.codes[7, 16:18] = torch.tensor([-32, 32], dtype=torch.int8).view(torch.uint8)
         else:
@@ -111,12 +119,23 @@ def test_codes_that_need_7_bits_stay_in_8_bit_tiles():
 
 def test_codes_that_need_4_bits_take_6_bit_tiles():
     """Q3_K's form with -4 and +4 in one group leaves no sign for 3 bits: the next width that holds them."""
-    rows, tiled = weight_pair(32, 256, torch.uint8, seed=6, group=16, three_bit=True)
+    rows, tiled = weight_pair(32, 256, torch.uint8, seed=6, group=16, form="Q3_K")
     tiled.codes[7, 16:18] = torch.tensor([-4, 4], dtype=torch.int8).view(torch.uint8)
     rows.codes[7, 16:18] = torch.tensor([-4, 4], dtype=torch.int8).view(torch.uint8)
     assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)
     if tiled.tiled:
         assert tiled.codes.shape[2] == 384
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tiled.kernel(x), rows.kernel(x))
+
+
+def test_codes_beside_levels_take_8_bit_tiles():
+    """IQ4's form with one code that is no level (nor its negative): no indices, and no narrower width."""
+    rows, tiled = weight_pair(32, 256, torch.uint8, seed=7, form="IQ4")
+    tiled.codes[5, 40] = rows.codes[5, 40] = 2
+    assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)
+    if tiled.tiled:
+        assert tiled.codes.shape[2] == 512 and tiled.tile_levels is None
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
     assert torch.equal(tiled.kernel(x), rows.kernel(x))
 

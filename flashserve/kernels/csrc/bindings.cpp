@@ -19,7 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_quant_matmul_tiles", &group_quant_matmul_tiles,
         "x @ W^T, W = q * s (+ z), codes and tables stored tile-major (16 output rows a tile)", py::arg("x"),
         py::arg("codes"), py::arg("scale"), py::arg("factors"), py::arg("N"), py::arg("zero") = py::none(),
-        py::arg("zero_factors") = py::none());
+        py::arg("zero_factors") = py::none(), py::arg("levels") = py::none());
+  m.def("level_tiles_", &level_tiles_,
+        "8-bit tiles rewritten in place as 4-bit indices into 16 levels where every group's codes are levels (or "
+        "their negatives); the signs moved to the scales, or None",
+        py::arg("codes"), py::arg("ints"), py::arg("group"), py::arg("levels"), py::arg("N"));
   m.def("narrow_tiles_", &narrow_tiles_,
         "8-bit tiles rewritten in place as 6- or 3-bit ones where every group fits; the signs moved to the scales, or None",
         py::arg("codes"), py::arg("ints"), py::arg("group"), py::arg("bits"));

@@ -225,6 +225,84 @@ at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& int
   return signs;
 }
 
+// 8-bit tiles (as narrow_tiles_ takes them) rewritten in place as 4-bit tiles of indices into 16 `levels`
+// (int8; IQ4_NL's and IQ4_XS's), the layout of unpack_four_bit_span: per (tile, group, lane) the sign
+// that moves from the codes to the scale, +1 where every code is a level, else -1 where every code's
+// negative is (and -1 where the factored integer is 128, which int8 holds only as -128). Returns those
+// signs (T, K/G, 16) int8, or an undefined tensor, the codes untouched, when some group's codes are
+// neither, or an integer is over 128. Rows from N on pad the last tile (codes 0, scales 0): index 0.
+at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, const at::Tensor& levels,
+                        int64_t N) {
+  constexpr int64_t kLanes = 16, kEight = 512, kFour = 256;
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(2) == kEight && (group == 16 || group == 32),
+              "level_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group, " not 16 or 32");
+  TORCH_CHECK(levels.scalar_type() == at::kChar && levels.numel() == 16 && levels.is_contiguous(),
+              "level_tiles_: levels must be 16 int8 values");
+  const int64_t T = codes.size(0), S = codes.size(1), parts = 32 / group, per = 8 / parts, G = S * parts;
+  const bool factored = ints.has_value() && ints->defined();
+  if (factored)
+    TORCH_CHECK(ints->scalar_type() == at::kByte && ints->is_contiguous() && ints->dim() == 3 && ints->size(0) == T &&
+                    ints->size(1) == G && ints->size(2) == kLanes,
+                "level_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
+  // index[b]: the level that the byte b = c + 128 stands for, or -1; the same for -c
+  int index[256], negated[256];
+  std::fill(index, index + 256, -1);
+  std::fill(negated, negated + 256, -1);
+  const int8_t* lv = levels.data_ptr<int8_t>();
+  for (int i = 0; i < 16; ++i) {
+    index[lv[i] + 128] = i;
+    if (lv[i] != -128) negated[-lv[i] + 128] = i;
+  }
+  auto signs = at::empty({T, G, kLanes}, codes.options().dtype(at::kChar));
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* in = factored ? ints->data_ptr<uint8_t>() : nullptr;
+  int8_t* sg = signs.data_ptr<int8_t>();
+  std::atomic<bool> fits{true};
+  at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t ts = begin; ts < end && fits.load(std::memory_order_relaxed); ++ts) {
+      const uint8_t* span = c + ts * kEight;
+      for (int64_t h = 0; h < parts; ++h)
+        for (int64_t lane = 0; lane < kLanes; ++lane) {
+          const bool padding = (ts / S) * kLanes + lane >= N;
+          bool plain = true, minus = true;
+          for (int64_t q = h * per; q < (h + 1) * per && !padding; ++q)
+            for (int64_t b = 0; b < 4; ++b) {
+              const uint8_t v = span[64 * q + 4 * lane + b];
+              plain = plain && index[v] >= 0;
+              minus = minus && negated[v] >= 0;
+            }
+          const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kLanes + lane;
+          const bool negative = !padding && (!plain || (in && in[at] == 128));
+          if ((negative && !minus) || (in && in[at] > 128)) fits = false;
+          sg[at] = negative ? -1 : 1;
+        }
+    }
+  });
+  if (!fits) return at::Tensor();
+  // In place, a tile at a time, as narrow_tiles_ packs.
+  std::vector<uint8_t> packed(S * kFour);
+  for (int64_t t = 0; t < T; ++t) {
+    at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const uint8_t* span = c + (t * S + s) * kEight;
+        uint8_t* o = packed.data() + s * kFour;
+        for (int64_t i = 0; i < 64; ++i) {  // byte i of each vector w[q]: lane i / 4
+          uint8_t u[8];
+          for (int64_t q = 0; q < 8; ++q) {
+            const bool negative = sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0;
+            const int at = negative ? negated[span[64 * q + i]] : index[span[64 * q + i]];
+            u[q] = static_cast<uint8_t>(at < 0 ? 0 : at);  // a padding row's codes: index 0
+          }
+          for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>(u[j] | (u[j + 4] << 4));
+        }
+      }
+    });
+    std::memcpy(c + t * S * kFour, packed.data(), S * kFour);
+  }
+  return signs;
+}
+
 // 4- or 5-bit codes by rows -> nibble tiles (T, K/32, 64 bits), T the tiles of 16 rows (padding rows:
 // c = 0). Rows: per 32 codes 16 bytes of nibbles (code j low, j + 16 high: GGUF's Q4_0/Q5_0 order), and
 // for 5 bits then a u32 whose bit j is bit 4 of code j (q = c + 16). Tiles: per span the four vectors of

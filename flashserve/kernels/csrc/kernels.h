@@ -32,7 +32,10 @@ at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, cons
                               bool int8_activations);
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N,
-                                    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors);
+                                    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors,
+                                    const c10::optional<at::Tensor>& levels);
+at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, const at::Tensor& levels,
+                        int64_t N);
 bool two_bit_tiles_(at::Tensor& codes);
 int64_t wide_tile_lanes();  // output rows of a stored tile in this build (16 with AVX-512), 0 without
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,

@@ -234,7 +234,10 @@ struct Problem {
   const int32_t* xq_corr = nullptr;
   // codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
-  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 4, 2: packed in planes (unpack_*_bit_span)
+  int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 4, 3, 2: packed in planes (unpack_*_bit_span)
+  // 4-bit tiles of indices into 16 levels (IQ4_NL's and IQ4_XS's), or null: byte i = level i + 128, the
+  // unsigned code an index stands for (read with the 8-bit tiles' offset, 128)
+  const uint8_t* tile_levels = nullptr;
   bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
   // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
   // (uint8) times float16 factors (T, K/(8G), 16), one per 8 groups
@@ -1285,7 +1288,7 @@ __attribute__((always_inline)) inline __m512 stored_column(const uint8_t* values
 // and the span's scales and zeros. Inlined into the GEMM's loop, with the width a template argument: as a
 // call, or with the width a branch inside it, the compiler kept the WideTileGroup in memory, and the
 // single row's step stored and reloaded its eight vectors every span.
-template <int kTileBits, int kG>
+template <int kTileBits, int kG, bool kLevels = false>
 __attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
                                                                     WideTileGroup& t) {
   constexpr int kParts = 32 / kG;
@@ -1298,6 +1301,10 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
     unpack_five_bit_span(span, t.w);
   } else if constexpr (kTileBits == 4) {
     unpack_four_bit_span(span, t.w);
+    if constexpr (kLevels) {  // each index's unsigned code: a byte shuffle of the 16 levels in every 128-bit lane
+      const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_levels)));
+      for (int q = 0; q < 8; ++q) t.w[q] = _mm512_shuffle_epi8(levels, t.w[q]);
+    }
   } else if constexpr (kTileBits == 3) {
     unpack_three_bit_span(span, t.w);
   } else if constexpr (kTileBits == 2) {
@@ -1313,17 +1320,24 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
   }
 }
 
-// f(std::integral_constant<int, bits>) for the stored tiles' width p.tile_bits: the one place a width becomes
-// a template argument.
+// A stored tile's form as template arguments: its width, and whether its codes are indices into levels.
+template <int kBits, bool kLevels = false>
+struct TileForm {
+  static constexpr int value = kBits;
+  static constexpr bool levels = kLevels;
+};
+
+// f(TileForm<bits, levels>) for the stored tiles' width p.tile_bits (and p.tile_levels): the one place a
+// form becomes template arguments.
 template <typename F>
 __attribute__((always_inline)) inline void with_tile_bits(const Problem& p, F&& f) {
   switch (p.tile_bits) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+    case 2: f(TileForm<2>{}); break;
+    case 3: f(TileForm<3>{}); break;
+    case 4: p.tile_levels ? f(TileForm<4, true>{}) : f(TileForm<4>{}); break;
+    case 5: f(TileForm<5>{}); break;
+    case 6: f(TileForm<6>{}); break;
+    default: f(TileForm<8>{}); break;
   }
 }
 
@@ -1332,7 +1346,9 @@ inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int
   constexpr int kParts = 32 / kG;
   const int64_t groups = p.K / kG;
   if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
-    with_tile_bits(p, [&](auto bits) { load_stored_tile_group<decltype(bits)::value, kG>(p, n0, sp, t); });
+    with_tile_bits(p, [&](auto form) {
+      load_stored_tile_group<decltype(form)::value, kG, decltype(form)::levels>(p, n0, sp, t);
+    });
     return;
   }
   if (rows == 16 && kBits != 5 && groups >= 2) {
@@ -1435,11 +1451,11 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
   if (built) {
     for (int64_t sp = 0; sp < spans; ++sp) span_step((*built)[sp], sp);
   } else if (kBits == 8 && p.tiles) {
-    with_tile_bits(p, [&](auto bits) {
+    with_tile_bits(p, [&](auto form) {
       for (int64_t sp = 0; sp < spans; ++sp) {
-        prefetch_stored_span(p, next_n0, next_rows, sp, decltype(bits)::value);
+        prefetch_stored_span(p, next_n0, next_rows, sp, decltype(form)::value);
         WideTileGroup here;
-        load_stored_tile_group<decltype(bits)::value, kG>(p, n0, sp, here);
+        load_stored_tile_group<decltype(form)::value, kG, decltype(form)::levels>(p, n0, sp, here);
         span_step(here, sp);
       }
     });
@@ -1783,11 +1799,13 @@ int64_t check_tile_table(const at::Tensor& t, const c10::optional<at::Tensor>& f
 // 6-bit tiles (codes (T, K/32, 384), unpack_six_bit_span) hold u = c + 32, and their factored integers
 // may be int8 (a negative scale's sign moved out of the codes): the same products again; 5-bit ones
 // (T, K/32, 320) u = c + 16, 3-bit ones (T, K/32, 192) u = c + 4 (Q3_K's, their integers int8 as the 6-bit
-// ones'), 4- and 2-bit ones (T, K/32, 256 and 128) u = c (tile_code_offset). Zeros
+// ones'), 4- and 2-bit ones (T, K/32, 256 and 128) u = c (tile_code_offset), or 4-bit indices into 16
+// `levels` (IQ4_NL's, IQ4_XS's: u = levels[index], the level + 128, their integers int8 too). Zeros
 // (optional) are stored as the scales are, and take x's sums per group as row-major zeros do.
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N,
-                                    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors) {
+                                    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors,
+                                    const c10::optional<at::Tensor>& levels) {
 #ifdef FS_AVX512
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "group_quant_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
@@ -1805,7 +1823,12 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   const int64_t zero_bytes = with_zero ? check_tile_table(*zero, zero_factors, tiles, K / group, false, "zero") : 0;
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, group, 8};
-  set_int8_activations(p, with_zero, tile_code_offset(tile_bits));
+  const bool indexed = levels.has_value() && levels->defined();
+  TORCH_CHECK(!indexed || (tile_bits == 4 && levels->scalar_type() == at::kByte && levels->numel() == 16 &&
+                           levels->is_contiguous()),
+              "group_quant_matmul_tiles: levels must be 16 uint8 values beside 4-bit tiles");
+  set_int8_activations(p, with_zero, indexed ? 128 : tile_code_offset(tile_bits));
+  if (indexed) p.tile_levels = levels->data_ptr<uint8_t>();
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_bits = tile_bits;
   p.tile_signed_ints = scale.scalar_type() == at::kChar;
