@@ -144,27 +144,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_facto
   return {codes, sc, d, mn, neg_dmin};
 }
 
-// 8-bit tiles (T, S, 512; tile t, span s: byte 64 q + 4 lane + b = code 4 q + b of the span in row
-// 16 t + lane, plus 128) rewritten in place as `bits`-bit tiles (6 or 3; group_quant_weight.py, "Narrow
-// tiles"), when each group's codes fit: per (tile, group, lane) the sign that moves from the codes to the
-// scale, -1 where the codes reach +half (half = 2^(bits - 1); or the factored integer is 128, which int8
-// holds only as -128), so that u = sign * c + half lies in 0..2 half - 1. Returns those signs (T, K/G, 16)
-// int8, or an undefined tensor, the codes untouched, when some group has -half and +half, a code outside
-// them, or an integer over 128. Layouts: unpack_six_bit_span and unpack_three_bit_span (quant_matmul.cpp).
-at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits) {
+namespace {
+
+// The in-place rewrite of 8-bit tiles (T, S, 512; tile t, span s: byte 64 q + 4 lane + b = code 4 q + b of
+// the span in row 16 t + lane, plus 128) that narrow_tiles_ and level_tiles_ share. First, per (tile,
+// group, lane), sign_of(bytes, count, lane index, integer or -1) says +1, -1 (the sign that moves from the
+// codes to the scale) or 0 (the group does not fit: nothing is written). Then each span's bytes of lane
+// i / 4, u[q] = narrowed(byte of w[q], negative), are packed by pack(u, out, i) into span_bytes. In place,
+// a tile at a time: tile t's narrow bytes end before tile t + 1's 8-bit ones begin, so each tile is packed
+// into a buffer (its spans in parallel) and copied down. Returns the signs (T, K/G, 16) int8 or undefined.
+template <typename SignOf, typename Narrowed, typename Pack>
+at::Tensor rewrite_tiles(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t span_bytes,
+                         const char* what, SignOf sign_of, Narrowed narrowed, Pack pack) {
   constexpr int64_t kLanes = 16, kEight = 512;
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(2) == kEight && (group == 16 || group == 32) && (bits == 6 || bits == 3),
-              "narrow_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group,
-              " not 16 or 32, or bits ", bits, " not 6 or 3");
+                  codes.size(2) == kEight && (group == 16 || group == 32),
+              what, ": codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group, " not 16 or 32");
   const int64_t T = codes.size(0), S = codes.size(1), parts = 32 / group, per = 8 / parts, G = S * parts;
-  const int64_t span_bytes = 64 * bits;
-  const int half = 1 << (bits - 1), lowest = 128 - half, highest = 128 + half;
   const bool factored = ints.has_value() && ints->defined();
   if (factored)
     TORCH_CHECK(ints->scalar_type() == at::kByte && ints->is_contiguous() && ints->dim() == 3 && ints->size(0) == T &&
                     ints->size(1) == G && ints->size(2) == kLanes,
-                "narrow_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
+                what, ": integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
   auto signs = at::empty({T, G, kLanes}, codes.options().dtype(at::kChar));
   uint8_t* c = codes.data_ptr<uint8_t>();
   const uint8_t* in = factored ? ints->data_ptr<uint8_t>() : nullptr;
@@ -175,23 +176,17 @@ at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& int
       const uint8_t* span = c + ts * kEight;
       for (int64_t h = 0; h < parts; ++h)
         for (int64_t lane = 0; lane < kLanes; ++lane) {
-          int lo = 255, hi = 0;
-          for (int64_t q = h * per; q < (h + 1) * per; ++q)
-            for (int64_t b = 0; b < 4; ++b) {
-              const int v = span[64 * q + 4 * lane + b];
-              lo = std::min(lo, v);
-              hi = std::max(hi, v);
-            }
+          uint8_t bytes[32];
+          for (int64_t q = h * per, k = 0; q < (h + 1) * per; ++q)
+            for (int64_t b = 0; b < 4; ++b) bytes[k++] = span[64 * q + 4 * lane + b];
           const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kLanes + lane;
-          const bool negative = hi == highest || (in && in[at] == 128);
-          if (lo < lowest || hi > highest || (negative && lo == lowest) || (in && in[at] > 128)) fits = false;
-          sg[at] = negative ? -1 : 1;
+          const int sign = sign_of(bytes, 4 * per, (ts / S) * kLanes + lane, in ? int{in[at]} : -1);
+          if (sign == 0) fits = false;
+          sg[at] = static_cast<int8_t>(sign < 0 ? -1 : 1);
         }
     }
   });
   if (!fits) return at::Tensor();
-  // In place, a tile at a time: tile t's narrow bytes end before tile t + 1's 8-bit ones begin, so each
-  // tile is packed into a buffer (its spans in parallel) and copied down.
   std::vector<uint8_t> packed(S * span_bytes);
   for (int64_t t = 0; t < T; ++t) {
     at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
@@ -200,23 +195,9 @@ at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& int
         uint8_t* o = packed.data() + s * span_bytes;
         for (int64_t i = 0; i < 64; ++i) {  // byte i of each vector w[q]: lane i / 4
           uint8_t u[8];
-          for (int64_t q = 0; q < 8; ++q) {
-            const bool negative = sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0;
-            u[q] = static_cast<uint8_t>(negative ? highest - span[64 * q + i] : span[64 * q + i] - lowest);
-          }
-          if (bits == 6) {  // four vectors of nibbles, then two of 2-bit fields (the top 2 bits)
-            for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>((u[j] & 15) | ((u[j + 4] & 15) << 4));
-            for (int64_t j = 0; j < 2; ++j)
-              o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
-                                                         ((u[j + 6] >> 4) << 6));
-          } else {  // two vectors of 2-bit fields (the low 2 bits), then one of third bits
-            for (int64_t j = 0; j < 2; ++j)
-              o[64 * j + i] = static_cast<uint8_t>((u[j] & 3) | ((u[j + 2] & 3) << 2) | ((u[j + 4] & 3) << 4) |
-                                                   ((u[j + 6] & 3) << 6));
-            uint8_t top = 0;
-            for (int64_t q = 0; q < 8; ++q) top = static_cast<uint8_t>(top | ((u[q] >> 2) << q));
-            o[128 + i] = top;
-          }
+          for (int64_t q = 0; q < 8; ++q)
+            u[q] = narrowed(span[64 * q + i], sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0);
+          pack(u, o, i);
         }
       }
     });
@@ -225,27 +206,51 @@ at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& int
   return signs;
 }
 
-// 8-bit tiles (as narrow_tiles_ takes them) rewritten in place as 4-bit tiles of indices into 16 `levels`
-// (int8; IQ4_NL's and IQ4_XS's), the layout of unpack_four_bit_span: per (tile, group, lane) the sign
-// that moves from the codes to the scale, +1 where every code is a level, else -1 where every code's
-// negative is (and -1 where the factored integer is 128, which int8 holds only as -128). Returns those
-// signs (T, K/G, 16) int8, or an undefined tensor, the codes untouched, when some group's codes are
-// neither, or an integer is over 128. Rows from N on pad the last tile (codes 0, scales 0): index 0.
+}  // namespace
+
+// 8-bit tiles rewritten in place (rewrite_tiles) as `bits`-bit tiles (6 or 3; group_quant_weight.py,
+// "Narrow tiles") when each group's codes fit: the sign is -1 where the codes reach +half (half =
+// 2^(bits - 1); or the factored integer is 128, which int8 holds only as -128), so that u = sign * c +
+// half lies in 0..2 half - 1; no sign fits a group with -half and +half, a code outside them, or an
+// integer over 128. Layouts: unpack_six_bit_span and unpack_three_bit_span (quant_matmul.cpp).
+at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits) {
+  TORCH_CHECK(bits == 6 || bits == 3, "narrow_tiles_: bits ", bits, " not 6 or 3");
+  const int half = 1 << (bits - 1), lowest = 128 - half, highest = 128 + half;
+  auto sign_of = [&](const uint8_t* bytes, int64_t count, int64_t, int integer) {
+    const auto [lo, hi] = std::minmax_element(bytes, bytes + count);
+    const bool negative = *hi == highest || integer == 128;
+    if (*lo < lowest || *hi > highest || (negative && *lo == lowest) || integer > 128) return 0;
+    return negative ? -1 : 1;
+  };
+  auto narrowed = [&](uint8_t v, bool negative) { return static_cast<uint8_t>(negative ? highest - v : v - lowest); };
+  auto pack = [&](const uint8_t* u, uint8_t* o, int64_t i) {
+    if (bits == 6) {  // four vectors of nibbles, then two of 2-bit fields (the top 2 bits)
+      for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>((u[j] & 15) | ((u[j + 4] & 15) << 4));
+      for (int64_t j = 0; j < 2; ++j)
+        o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
+                                                   ((u[j + 6] >> 4) << 6));
+    } else {  // two vectors of 2-bit fields (the low 2 bits), then one of third bits
+      for (int64_t j = 0; j < 2; ++j)
+        o[64 * j + i] = static_cast<uint8_t>((u[j] & 3) | ((u[j + 2] & 3) << 2) | ((u[j + 4] & 3) << 4) |
+                                             ((u[j + 6] & 3) << 6));
+      uint8_t top = 0;
+      for (int64_t q = 0; q < 8; ++q) top = static_cast<uint8_t>(top | ((u[q] >> 2) << q));
+      o[128 + i] = top;
+    }
+  };
+  return rewrite_tiles(codes, ints, group, 64 * bits, "narrow_tiles_", sign_of, narrowed, pack);
+}
+
+// 8-bit tiles rewritten in place (rewrite_tiles) as 4-bit tiles of indices into 16 `levels` (int8; IQ4_NL's
+// and IQ4_XS's), the layout of unpack_four_bit_span: the sign is +1 where every code is a level, else -1
+// where every code's negative is (and -1 where the factored integer is 128, which int8 holds only as
+// -128); no sign fits a group whose codes are neither, or an integer over 128. Rows from N on pad the
+// last tile (codes 0, scales 0): index 0.
 at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, const at::Tensor& levels,
                         int64_t N) {
-  constexpr int64_t kLanes = 16, kEight = 512, kFour = 256;
-  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(2) == kEight && (group == 16 || group == 32),
-              "level_tiles_: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group, " not 16 or 32");
   TORCH_CHECK(levels.scalar_type() == at::kChar && levels.numel() == 16 && levels.is_contiguous(),
               "level_tiles_: levels must be 16 int8 values");
-  const int64_t T = codes.size(0), S = codes.size(1), parts = 32 / group, per = 8 / parts, G = S * parts;
-  const bool factored = ints.has_value() && ints->defined();
-  if (factored)
-    TORCH_CHECK(ints->scalar_type() == at::kByte && ints->is_contiguous() && ints->dim() == 3 && ints->size(0) == T &&
-                    ints->size(1) == G && ints->size(2) == kLanes,
-                "level_tiles_: integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
-  // index[b]: the level that the byte b = c + 128 stands for, or -1; the same for -c
+  // index[b]: the level that the byte b = c + 128 stands for, or -1; negated[b] the same for -c
   int index[256], negated[256];
   std::fill(index, index + 256, -1);
   std::fill(negated, negated + 256, -1);
@@ -254,53 +259,21 @@ at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints
     index[lv[i] + 128] = i;
     if (lv[i] != -128) negated[-lv[i] + 128] = i;
   }
-  auto signs = at::empty({T, G, kLanes}, codes.options().dtype(at::kChar));
-  uint8_t* c = codes.data_ptr<uint8_t>();
-  const uint8_t* in = factored ? ints->data_ptr<uint8_t>() : nullptr;
-  int8_t* sg = signs.data_ptr<int8_t>();
-  std::atomic<bool> fits{true};
-  at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t ts = begin; ts < end && fits.load(std::memory_order_relaxed); ++ts) {
-      const uint8_t* span = c + ts * kEight;
-      for (int64_t h = 0; h < parts; ++h)
-        for (int64_t lane = 0; lane < kLanes; ++lane) {
-          const bool padding = (ts / S) * kLanes + lane >= N;
-          bool plain = true, minus = true;
-          for (int64_t q = h * per; q < (h + 1) * per && !padding; ++q)
-            for (int64_t b = 0; b < 4; ++b) {
-              const uint8_t v = span[64 * q + 4 * lane + b];
-              plain = plain && index[v] >= 0;
-              minus = minus && negated[v] >= 0;
-            }
-          const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kLanes + lane;
-          const bool negative = !padding && (!plain || (in && in[at] == 128));
-          if ((negative && !minus) || (in && in[at] > 128)) fits = false;
-          sg[at] = negative ? -1 : 1;
-        }
-    }
-  });
-  if (!fits) return at::Tensor();
-  // In place, a tile at a time, as narrow_tiles_ packs.
-  std::vector<uint8_t> packed(S * kFour);
-  for (int64_t t = 0; t < T; ++t) {
-    at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const uint8_t* span = c + (t * S + s) * kEight;
-        uint8_t* o = packed.data() + s * kFour;
-        for (int64_t i = 0; i < 64; ++i) {  // byte i of each vector w[q]: lane i / 4
-          uint8_t u[8];
-          for (int64_t q = 0; q < 8; ++q) {
-            const bool negative = sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0;
-            const int at = negative ? negated[span[64 * q + i]] : index[span[64 * q + i]];
-            u[q] = static_cast<uint8_t>(at < 0 ? 0 : at);  // a padding row's codes: index 0
-          }
-          for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>(u[j] | (u[j + 4] << 4));
-        }
-      }
-    });
-    std::memcpy(c + t * S * kFour, packed.data(), S * kFour);
-  }
-  return signs;
+  auto sign_of = [&](const uint8_t* bytes, int64_t count, int64_t row, int integer) {
+    if (row >= N) return 1;
+    const bool plain = std::all_of(bytes, bytes + count, [&](uint8_t v) { return index[v] >= 0; });
+    const bool minus = std::all_of(bytes, bytes + count, [&](uint8_t v) { return negated[v] >= 0; });
+    const bool negative = !plain || integer == 128;
+    return (negative && !minus) || integer > 128 ? 0 : negative ? -1 : 1;
+  };
+  auto narrowed = [&](uint8_t v, bool negative) {
+    const int at = negative ? negated[v] : index[v];
+    return static_cast<uint8_t>(at < 0 ? 0 : at);  // a padding row's codes: index 0
+  };
+  auto pack = [](const uint8_t* u, uint8_t* o, int64_t i) {
+    for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>(u[j] | (u[j + 4] << 4));
+  };
+  return rewrite_tiles(codes, ints, group, 256, "level_tiles_", sign_of, narrowed, pack);
 }
 
 // 4- or 5-bit codes by rows -> nibble tiles (T, K/32, 64 bits), T the tiles of 16 rows (padding rows:
