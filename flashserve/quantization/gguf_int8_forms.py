@@ -35,7 +35,8 @@ per-group integer moves its sign into that group's codes: float rounding is symm
 (d |sc|) (-c) = (d sc) c exactly. Q6_K's scales change every 16 values and no 8-bit code holds
 (q - 32) sc_j, so it keeps groups of 16 (as do Q2_K, whose zeros change every 16 values, the codebook
 types of 16, and Q3_K, whose 3-bit codes the 16-lane tiles keep at 3 bits: group_quant_weight.py, narrow
-tiles), which the kernel runs with int8 activations too (quant_matmul.cpp).
+tiles), which the kernel runs with int8 activations too (quant_matmul.cpp). The tiles hold IQ4_NL's and
+IQ4_XS's codes as 4-bit indices into their levels likewise.
 """
 from __future__ import annotations
 

@@ -7,10 +7,12 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
                                    (Q4_K's as its own 6-bit integers times float16 factors: 4.625 bits)
     Q5_0                         → 5-bit codes, groups of 32: the file's own blocks and exact d
     (4- and 5-bit codes keep their bits in the 16-lane tiles, where the build has them)
-    Q8_0, IQ4_NL                 → 8-bit codes, groups of 32, exact (float16 d)
+    Q8_0, IQ4_NL                 → 8-bit codes, groups of 32, exact (float16 d); IQ4_NL's in the 16-lane
+                                   tiles 4-bit indices into its levels (4.5 bits)
     Q5_1                         → 8-bit codes, groups of 32, exact: float16 d and m as scale and zero
     Q5_K                         → 8-bit codes, groups of 32, exact: factored scale and zero (8.625 bits)
-    IQ4_XS                       → 8-bit codes, groups of 32, exact: factored scale (8.3125 bits)
+    IQ4_XS                       → 8-bit codes, groups of 32, exact: factored scale (8.3125 bits); in the
+                                   16-lane tiles 4-bit indices into its levels, int8 integers (4.3125 bits)
     Q6_K, Q3_K                   → 8-bit codes, groups of 16, exact: factored scale (8.625 bits); in
                                    the 16-lane tiles (AVX-512) 6-bit (Q6_K) or 3-bit (Q3_K) codes, int8
                                    integers (6.625 and 3.625 bits)

@@ -1,10 +1,11 @@
-"""A file of the 1-, 2- and 3-bit types written by llama.cpp's own llama-quantize (an optional peer,
+"""A file of the 1- to 4-bit types written by llama.cpp's own llama-quantize (an optional peer,
 built for the host by `make llama-quantize`) from SmolLM2, with an importance matrix flashserve wrote
 in llama.cpp's GGUF form: llama.cpp reads that matrix (IQ2_XXS, IQ2_XS and IQ1_* are written only with
 one), every tensor of these types, real blocks, runs in flashserve's exact form, bit for bit gguf-py's
-dequantization, and the whole model on those forms computes what the file's dequantized weights do.
-SmolLM2's rows of 576 are not a multiple of 256, so only ffn_down (rows of 1536) can take these
-types: three layers' ffn_down each, the rest Q4_0."""
+dequantization, also as the 16-lane tiles hold it (Q3_K at 3 bits, IQ4_* as 4-bit indices), and the
+whole model on those forms computes what the file's dequantized weights do. SmolLM2's rows of 576 are
+not a multiple of 256, so only ffn_down (rows of 1536) can take these types: two layers' ffn_down
+each, the rest Q4_0."""
 from __future__ import annotations
 
 import subprocess
@@ -22,7 +23,9 @@ from flashserve.quantization.gguf_method import pack_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB = "/usr/share/common-licenses/GPL-3"
-TYPES = ["Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"]
+SPAN_BYTES = {"Q3_K": 192, "IQ4_XS": 256, "IQ4_NL": 256, "Q2_K": 128}  # a tiled span's bytes, where not 8-bit
+TYPES = ["Q3_K", "IQ4_XS", "IQ4_NL", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M",
+         "TQ1_0", "TQ2_0"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def llama_written(smollm2_gguf, tmp_path_factory) -> Path:
     found, tokens, seq_len = compute_imatrix(smollm2_gguf, CALIB, seq_len=96, max_seqs=2)
     save_imatrix(str(imatrix), found, tokens, CALIB, chunk_size=seq_len)
     layers = [x for i, t in enumerate(TYPES)
-              for x in ("--tensor-type", f"blk\\.({3 * i}|{3 * i + 1}|{3 * i + 2})\\.ffn_down={t.lower()}")]
+              for x in ("--tensor-type", f"blk\\.({2 * i}|{2 * i + 1})\\.ffn_down={t.lower()}")]
     out = work / "mixed.gguf"
     proc = subprocess.run([str(built[-1]), "--allow-requantize", "--imatrix", str(imatrix), *layers, smollm2_gguf,
                            str(out), "Q4_0", "2"], capture_output=True, text=True)
@@ -51,11 +54,18 @@ def llama_written(smollm2_gguf, tmp_path_factory) -> Path:
 def test_each_tensor_of_the_type_is_exact(qtype, llama_written, cpp_kernels):
     tensors = [GGUFTensor(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
                for t in open_gguf(str(llama_written)).tensors if t.tensor_type == Q[qtype]]
-    assert len(tensors) == 3
+    assert len(tensors) == 2
     for t in tensors:
         want = torch.from_numpy(np.asarray(quants.dequantize(t.raw, t.qtype), np.float32).reshape(t.shape))
-        w = pack_linear([t], torch.float32, own_kernels=True)
+        w, tiled = (pack_linear([t], torch.float32, own_kernels=True) for _ in range(2))
         assert torch.equal(w.dequantize(), want)
+        w.set_int8_activations(True)
+        tiled.set_int8_activations(True)
+        if tiled.to_wide_tiles() and qtype in SPAN_BYTES:  # where the build has the tiles
+            assert tiled.codes.shape[2] == SPAN_BYTES[qtype]
+        assert torch.equal(tiled.dequantize(), want)
+        x = torch.randn(3, t.shape[1], generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tiled(x), w(x))
 
 
 @pytest.mark.slow
