@@ -1396,6 +1396,13 @@ __attribute__((always_inline)) inline __m512i dpbusd_broadcast(__m512i acc, __m5
   return acc;
 }
 
+// v + the int32 at x in every lane, the broadcast the addition's own memory operand ({1to16}): integer
+// sums, so the same numbers in any order.
+__attribute__((always_inline)) inline __m512i add_broadcast(__m512i v, const int32_t* x) {
+  __asm__("vpaddd %[x]%{1to16%}, %[v], %[v]" : [v] "+v"(v) : [x] "m"(*x));
+  return v;
+}
+
 template <int kBits, int kG = 32>
 void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, int64_t n0, int64_t rows, int64_t m0,
                     int64_t mb, int64_t next_n0, int64_t next_rows) {
@@ -1414,29 +1421,31 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
       const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K + sp * 32);
       if constexpr (kG == 32) {
         // Two chains, so that one product does not wait on the last (one chain: 1.04-1.10x the time);
-        // the first starts at the code offset's correction instead of a subtraction after the sum.
-        __m512i even = p.xq_corr ? _mm512_set1_epi32(p.xq_corr[m * spans + sp]) : _mm512_setzero_si512();
-        __m512i odd = _mm512_setzero_si512();
+        // the code offset's correction is added to their sum with its broadcast folded into the add
+        // (starting a chain at a broadcast vector cost a vpbroadcastd a row and span).
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
         for (int q = 0; q < 8; q += 2) {
           even = dpbusd_broadcast(even, t.w[q], x4 + q);
           odd = dpbusd_broadcast(odd, t.w[q + 1], x4 + q + 1);
         }
-        const __m512i d32 = _mm512_add_epi32(even, odd);
+        __m512i d32 = _mm512_add_epi32(even, odd);
+        if (p.xq_corr) d32 = add_broadcast(d32, p.xq_corr + m * spans + sp);
         __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale[0], _mm512_set1_ps(p.dx[m * spans + sp])),
                                    acc[i][j]);
         if (zeros) a = _mm512_fmadd_ps(t.zero[0], _mm512_set1_ps(p.xsum[m * spans + sp]), a);
         acc[i][j] = a;
       } else {
-        // The span's two groups of 16, two chains each, the first from the group's own correction (one
-        // chain a group: 1.5x the time at 32 rows, the products waiting on each other)
+        // The span's two groups of 16, two chains each (one chain a group: 1.5x the time at 32 rows, the
+        // products waiting on each other), then the group's own correction, as above (its vpbroadcastd,
+        // two a row and span here, made the groups of 16 1.3x the groups of 32 at 512 rows)
         __m512i d[2];
         for (int h = 0; h < 2; ++h) {
           const int q = 4 * h;
           __m512i odd = dpbusd_broadcast(_mm512_setzero_si512(), t.w[q + 1], x4 + q + 1);
-          const __m512i corr = p.xq_corr ? _mm512_set1_epi32(p.xq_corr[m * groups + 2 * sp + h]) : _mm512_setzero_si512();
-          d[h] = dpbusd_broadcast(corr, t.w[q], x4 + q);
+          d[h] = dpbusd_broadcast(_mm512_setzero_si512(), t.w[q], x4 + q);
           odd = dpbusd_broadcast(odd, t.w[q + 3], x4 + q + 3);
           d[h] = _mm512_add_epi32(dpbusd_broadcast(d[h], t.w[q + 2], x4 + q + 2), odd);
+          if (p.xq_corr) d[h] = add_broadcast(d[h], p.xq_corr + m * groups + 2 * sp + h);
         }
         const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[1]), t.scale[1], _mm512_mul_ps(_mm512_cvtepi32_ps(d[0]), t.scale[0]));
         __m512 a = _mm512_fmadd_ps(v, _mm512_set1_ps(p.dx[m * spans + sp]), acc[i][j]);
