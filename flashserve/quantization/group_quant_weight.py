@@ -235,9 +235,11 @@ def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) 
 # bits (Q3_K's c = ±q, q in -4..3, and Q6_K's c = ±(q - 32), each with the sign of the group's scale) too
 # (narrow_tiles_): a group whose codes reach +4 (+32) has its sign moved from the codes to its scale
 # (c' = -c, s' = -s: the same products, float rounding being symmetric), so every group's c' lies in
-# -4..3 (-32..31); factored integers become int8. Codes that are IQ4_NL's and IQ4_XS's 16 non-uniform
-# levels (or, IQ4_XS's, their negatives) become 4-bit tiles of indices (level_tiles_), the sign moved
-# likewise, and the kernel looks each index's code up (tile_levels: level + 128).
+# -4..3 (-32..31); factored integers become int8. A weight of at most 16 distinct codes (the codebook
+# types' signed grid values: IQ2_*'s ±8, ±25, ±43, IQ3_XXS's ±4..±62, IQ1_M's ±1, ±7, ±9), and codes
+# that are IQ4_NL's and IQ4_XS's 16 non-uniform levels (or, IQ4_XS's, their negatives), become 4-bit
+# tiles of indices (level_tiles_), a sign moved likewise, and the kernel looks each index's code up
+# (tile_levels: level + 128).
 
 OFFSET = {6: 32, 5: 16, 4: 0, 3: 4, 2: 0}  # u = c' + offset (quant_matmul.cpp: tile_code_offset)
 SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 3, 2)}  # a span of a 16-lane tile
@@ -245,15 +247,20 @@ SPAN_BYTES = {bits: 16 * GROUP * bits // 8 for bits in (8, 6, 5, 4, 3, 2)}  # a 
 
 def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int,
                   rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """8-bit tiles (T, K/32, 512) of `rows` rows with scales (T, K/G, 16) → the narrowest that holds every group's codes:
-    3-bit tiles, 4-bit indices into IQ4's levels, or 6-bit tiles; their scales (int8 integers where
-    factored) and the levels' codes + 128 for the indices (else None); or None when no width fits. The
+    """8-bit tiles (T, K/32, 512) of `rows` rows with scales (T, K/G, 16) → the narrowest that holds every
+    group's codes: 3-bit tiles, 4-bit indices into the weight's own values (at most 16 distinct: IQ2_*,
+    IQ3_XXS, IQ1_M) or into IQ4's levels, or 6-bit tiles; their scales (int8 integers where factored)
+    and the levels' codes + 128 for the indices (else None); or None when no width fits. The
     kernels write the narrow tiles over the front of the 8-bit ones' storage (narrow_tiles_,
     level_tiles_), and the rest's pages are handed back: no second copy of a large head at start-up."""
     factored = scale.dtype == torch.uint8
     ints = scale if factored else None
     native = ops.native()
-    for bits, levels in ((3, None), (4, IQ4_LEVELS), (6, None)):
+    own = native.code_levels(codes, rows)  # a codebook type's few values, if they are few
+    own = None if own is None else torch.cat([own, own[-1:].expand(16 - len(own))])  # 16 table entries
+    for bits, levels in ((3, None), (4, own), (4, IQ4_LEVELS), (6, None)):
+        if bits == 4 and levels is None:
+            continue
         sign = (native.narrow_tiles_(codes, ints, group, bits) if levels is None else
                 native.level_tiles_(codes, ints, group, levels, rows))
         if sign is not None:

@@ -130,8 +130,9 @@ def test_int8_activations_take_the_exact_weight(qtype, m):
 @pytest.mark.parametrize("qtype", NEW)
 def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     """Stored in the 16-lane tiles (where the build has them): Q6_K in 6-bit tiles and Q3_K in 3-bit ones
-    (their codes' signs moved to the scales), IQ4_NL and IQ4_XS as 4-bit indices into their levels, Q2_K
-    in 2-bit ones with its zeros, the others in 8-bit ones or kept by rows;
+    (their codes' signs moved to the scales), IQ4_NL and IQ4_XS as 4-bit indices into their levels, the
+    codebook types of at most 16 signed grid values into those, Q2_K in 2-bit ones with its zeros, the
+    others in 8-bit ones or kept by rows;
     gguf-py's weight still, and the tiled kernel's numbers those of the same weight by rows at every M."""
     from flashserve.kernels import ops
 
@@ -140,7 +141,8 @@ def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     for w in (rows, tiled):
         w.set_int8_activations(True)
     stored = tiled.to_wide_tiles()
-    span_bytes = {Q.Q6_K: 384, Q.Q3_K: 192, Q.Q2_K: 128, Q.IQ4_NL: 256, Q.IQ4_XS: 256}  # 6, 3, 2 and 4 bits a code
+    span_bytes = {Q.Q6_K: 384, Q.Q3_K: 192, Q.Q2_K: 128} | {  # 6, 3 and 2 bits a code, 4-bit indices
+        q: 256 for q in (Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ1_M)}
     if qtype in span_bytes:
         assert stored == (ops.wide_tile_lanes() == 16)
         assert not stored or tiled.codes.shape[2] == span_bytes[qtype]

@@ -2,7 +2,8 @@
 built for the host by `make llama-quantize`) from SmolLM2, with an importance matrix flashserve wrote
 in llama.cpp's GGUF form: llama.cpp reads that matrix (IQ2_XXS, IQ2_XS and IQ1_* are written only with
 one), every tensor of these types, real blocks, runs in flashserve's exact form, bit for bit gguf-py's
-dequantization, also as the 16-lane tiles hold it (Q3_K at 3 bits, IQ4_* as 4-bit indices), and the
+dequantization, also as the 16-lane tiles hold it (Q3_K at 3 bits, IQ4_* and the codebook types of
+few values as 4-bit indices), and the
 whole model on those forms computes what the file's dequantized weights do. SmolLM2's rows of 576 are
 not a multiple of 256, so only ffn_down (rows of 1536) can take these types: two layers' ffn_down
 each, the rest Q4_0."""
@@ -23,7 +24,8 @@ from flashserve.quantization.gguf_method import pack_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB = "/usr/share/common-licenses/GPL-3"
-SPAN_BYTES = {"Q3_K": 192, "IQ4_XS": 256, "IQ4_NL": 256, "Q2_K": 128}  # a tiled span's bytes, where not 8-bit
+SPAN_BYTES = {"Q3_K": 192, "Q2_K": 128} | {  # a tiled span's bytes, where not 8-bit
+    t: 256 for t in ("IQ4_XS", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_M")}
 TYPES = ["Q3_K", "IQ4_XS", "IQ4_NL", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M",
          "TQ1_0", "TQ2_0"]
 

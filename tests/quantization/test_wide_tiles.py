@@ -13,7 +13,7 @@ from flashserve.quantization.gguf_bits import IQ4_LEVELS
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 
 
-SPAN_BYTES = {"8-bit": 512, "Q6_K": 384, "Q3_K": 192, "Q2_K": 128, "IQ4": 256}  # of a stored span, by form
+SPAN_BYTES = {"8-bit": 512, "Q6_K": 384, "Q3_K": 192, "Q2_K": 128, "IQ4": 256, "IQ2": 256, "16 values": 256}
 
 
 def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int = 32, form: str = "8-bit",
@@ -23,8 +23,9 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
     its form as gguf_int8_forms makes it, codes ±(q - 32) with q in 0..63 and the sign of the group's
     int8 scale (-128..127; its magnitude in the table), so some groups reach +32, others -32; "Q3_K" the
     same with q in -4..3 and scales in -32..31; "IQ4" IQ4_XS's, codes ±level (its 16 non-uniform levels)
-    with the sign of scales in -32..31; "Q2_K" codes 0..3. zero_dtype: a zero table too (uint8: factored,
-    as Q2_K's -dmin * mn)."""
+    with the sign of scales in -32..31; "Q2_K" codes 0..3; "IQ2" IQ2_*'s codes ±8, ±25, ±43; "16 values" any
+    16 distinct codes, -128 and 127 among them. zero_dtype: a zero table too (uint8: factored, as Q2_K's
+    -dmin * mn)."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     ints = torch.randint(0, 129, (n, k // group), dtype=torch.uint8, generator=gen)
@@ -45,6 +46,12 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
         codes, ints = (sign * q).to(torch.int8), signed.abs().to(torch.uint8)
     if form == "Q2_K":
         codes = torch.randint(0, 4, (n, k), dtype=torch.int8, generator=gen)
+    if form in ("IQ2", "16 values"):
+        values = (torch.tensor([-43, -25, -8, 8, 25, 43]) if form == "IQ2" else
+                  torch.cat([torch.tensor([-128, 127]), torch.randperm(254, generator=gen)[:14] - 126]))
+        codes = values[torch.randint(0, len(values), (n, k), generator=gen)].to(torch.int8)
+        codes[-1, :len(values)] = values.to(torch.int8)  # every value in the last row (where a tile pads)
+        ints = ints.clamp(max=127)  # an integer of 128 must go negative in int8: the codes' negatives are no values
     if scale_dtype == torch.uint8:
         scale = factored_table(ints, (torch.rand(n, k // group // 8, generator=gen) * 1e-3).half())
     else:
@@ -64,7 +71,8 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
 # 6-bit tiles: Q6_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32;
 # zeros (float16, factored) beside 8-bit codes, and Q2_K's form: codes 0..3, factored scale and zero;
 # 3-bit tiles: Q3_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32;
-# 4-bit indices: IQ4_XS's form (factored, groups of 32), and levels beside float16 scales (IQ4_NL's)
+# 4-bit indices: IQ4_XS's form (factored, groups of 32), and levels beside float16 scales (IQ4_NL's);
+# into the weight's own values: IQ2_*'s (float32 scales, groups of 32 and 16), any 16
 @pytest.mark.parametrize("n,k,scale_dtype,group,form,zero_dtype", [
     (72, 320, torch.float16, 32, "8-bit", None), (64, 640, torch.float32, 32, "8-bit", None),
     (1000, 96, torch.float16, 32, "8-bit", None), (64, 512, torch.uint8, 32, "8-bit", None),
@@ -76,7 +84,9 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
     (72, 512, torch.uint8, 16, "Q3_K", None), (300, 256, torch.uint8, 16, "Q3_K", None),
     (40, 544, torch.float16, 32, "Q3_K", None),
     (72, 512, torch.uint8, 32, "IQ4", None), (300, 256, torch.uint8, 32, "IQ4", None),
-    (40, 544, torch.float16, 32, "IQ4", None)])
+    (40, 544, torch.float16, 32, "IQ4", None), (72, 512, torch.float32, 32, "IQ2", None),
+    (40, 544, torch.float32, 16, "IQ2", None), (300, 256, torch.float16, 32, "16 values", None),
+    (72, 512, torch.uint8, 16, "16 values", None)])
 def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, form, zero_dtype):
     rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, form=form, zero_dtype=zero_dtype)
     stored = tiled.to_wide_tiles()
@@ -84,7 +94,7 @@ def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, form, zero_d
     assert tiled.to_wide_tiles() is False  # once
     if stored:  # bytes a span of a tile: 64 a bit
         assert tiled.codes.shape[2] == SPAN_BYTES[form]
-        assert (tiled.tile_levels is not None) == (form == "IQ4")
+        assert (tiled.tile_levels is not None) == (form in ("IQ4", "IQ2", "16 values"))
     gen = torch.Generator().manual_seed(1)
     for m in (1, 2, 3, 5, 16, 32, 33, 130):  # the GEMV's and every GEMM's row counts of the row-major form
         x = torch.randn(m, k, generator=gen) * 3
@@ -117,20 +127,22 @@ def test_codes_that_need_7_bits_stay_in_8_bit_tiles():
             assert tiled.codes.shape[2] == 512, bad
 
 
-def test_codes_that_need_4_bits_take_6_bit_tiles():
-    """Q3_K's form with -4 and +4 in one group leaves no sign for 3 bits: the next width that holds them."""
+def test_codes_that_need_4_bits_take_the_next_width():
+    """Q3_K's form with -4 and +4 in one group leaves no sign for 3 bits: the next width that holds them,
+    4-bit indices into its 9 values."""
     rows, tiled = weight_pair(32, 256, torch.uint8, seed=6, group=16, form="Q3_K")
     tiled.codes[7, 16:18] = torch.tensor([-4, 4], dtype=torch.int8).view(torch.uint8)
     rows.codes[7, 16:18] = torch.tensor([-4, 4], dtype=torch.int8).view(torch.uint8)
     assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)
     if tiled.tiled:
-        assert tiled.codes.shape[2] == 384
+        assert tiled.codes.shape[2] == 256 and len(tiled.tile_levels.unique()) == 9
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
     assert torch.equal(tiled.kernel(x), rows.kernel(x))
 
 
 def test_codes_beside_levels_take_8_bit_tiles():
-    """IQ4's form with one code that is no level (nor its negative): no indices, and no narrower width."""
+    """IQ4's form with one code that is no level (nor its negative), 17 distinct codes: no indices, and no
+    narrower width."""
     rows, tiled = weight_pair(32, 256, torch.uint8, seed=7, form="IQ4")
     tiled.codes[5, 40] = rows.codes[5, 40] = 2
     assert tiled.to_wide_tiles() == (ops.wide_tile_lanes() == 16)

@@ -20,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W^T, W = q * s (+ z), codes and tables stored tile-major (16 output rows a tile)", py::arg("x"),
         py::arg("codes"), py::arg("scale"), py::arg("factors"), py::arg("N"), py::arg("zero") = py::none(),
         py::arg("zero_factors") = py::none(), py::arg("levels") = py::none());
+  m.def("code_levels", &code_levels, "the distinct codes of 8-bit tiles' first N rows, ascending, if at most 16; else None",
+        py::arg("codes"), py::arg("N"));
   m.def("level_tiles_", &level_tiles_,
         "8-bit tiles rewritten in place as 4-bit indices into 16 levels where every group's codes are levels (or "
         "their negatives); the signs moved to the scales, or None",

@@ -276,6 +276,35 @@ at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints
   return rewrite_tiles(codes, ints, group, 256, "level_tiles_", sign_of, narrowed, pack);
 }
 
+// The distinct codes of 8-bit tiles (as narrow_tiles_ takes them) in rows [0, N), ascending, as int8,
+// when there are at most 16 of them (a codebook type's signed grid values: IQ2_*'s six, IQ3_XXS's
+// sixteen); an undefined tensor when there are more.
+at::Tensor code_levels(const at::Tensor& codes, int64_t N) {
+  constexpr int64_t kLanes = 16, kEight = 512;
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == kEight,
+              "code_levels: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes");
+  const int64_t T = codes.size(0), S = codes.size(1);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  std::vector<std::atomic<bool>> seen(256);
+  std::atomic<int> distinct{0};
+  at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t ts = begin; ts < end && distinct.load(std::memory_order_relaxed) <= 16; ++ts) {
+      const int64_t lanes = std::min(kLanes, N - (ts / S) * kLanes);  // padding rows hold code 0: not counted
+      for (int64_t i = 0; i < kEight; ++i)
+        if ((i % 64) / 4 < lanes && !seen[c[ts * kEight + i]].load(std::memory_order_relaxed) &&
+            !seen[c[ts * kEight + i]].exchange(true))
+          distinct.fetch_add(1);
+    }
+  });
+  if (distinct > 16) return at::Tensor();
+  std::vector<int8_t> values;
+  for (int b = 0; b < 256; ++b)
+    if (seen[b]) values.push_back(static_cast<int8_t>(b - 128));
+  auto out = at::empty({static_cast<int64_t>(values.size())}, codes.options().dtype(at::kChar));
+  std::memcpy(out.data_ptr<int8_t>(), values.data(), values.size());
+  return out;
+}
+
 // 4- or 5-bit codes by rows -> nibble tiles (T, K/32, 64 bits), T the tiles of 16 rows (padding rows:
 // c = 0). Rows: per 32 codes 16 bytes of nibbles (code j low, j + 16 high: GGUF's Q4_0/Q5_0 order), and
 // for 5 bits then a u32 whose bit j is bit 4 of code j (q = c + 16). Tiles: per span the four vectors of

@@ -34,6 +34,7 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
                                     const c10::optional<at::Tensor>& factors, int64_t N,
                                     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& zero_factors,
                                     const c10::optional<at::Tensor>& levels);
+at::Tensor code_levels(const at::Tensor& codes, int64_t N);
 at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, const at::Tensor& levels,
                         int64_t N);
 bool two_bit_tiles_(at::Tensor& codes);
