@@ -19,7 +19,9 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
                                    (Q2_K, IQ2_XS, IQ2_S, IQ1_M); in the 16-lane tiles Q2_K's are 2-bit
-                                   (3.25 bits with its factored scale and zero)
+                                   (3.25 bits with its factored scale and zero), the others 4-bit indices
+                                   into their few signed grid values (5 bits with float32 scales in groups
+                                   of 32, 6 in groups of 16)
     (groups of 16 take int8 activations too, x rounded per 32 values: group_quant_weight.int8_groups_fit)
     IQ3_S, IQ1_S, TQ1_0, TQ2_0   → 4-bit codes, groups of 32, exact: codes affine in the grid's
                                    (gguf_codebook_forms.affine4), float32 scale and zero (6 bits);
