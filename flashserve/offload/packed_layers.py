@@ -36,7 +36,8 @@ FORMAT_VERSION = 7  # 2: the LM head's chunks; 3: packed-weight classes in their
 # 4: Q5_1, Q5_K, Q3_K, IQ4_NL and IQ4_XS in their exact 8-bit forms (quantization/gguf_int8_forms.py)
 # 5: Q2_K, IQ3_*, IQ2_*, IQ1_*, TQ* packed (quantization/gguf_codebook_forms.py), no longer float
 # 6: Q6_K linears in their exact form (groups of 16), no longer requantized to groups of 32
-# 7: Q3_K as ±q in groups of 16 (its 3-bit codes), no longer its scale folded into 8-bit codes
+# 7: Q3_K as ±q in groups of 16 (its 3-bit codes), no longer its scale folded into 8-bit codes; a tiled
+#    weight's tile_levels (4-bit indices into its codes' values)
 _PAGE = 4096
 _ALIGN = 64
 
