@@ -28,7 +28,9 @@ rows (but the float one) also get llama.cpp's perplexity of the same file on the
 llama-cpp-python when it is installed.
 With --speed-rounds R, each row's engine is also timed in a process of its own, rows alternated over R
 rounds (median and range): one 512-token prompt (prompt tok/s) and 64 greedy tokens after it, one
-sequence (decode tok/s from the first token on), the engine's default float16 KV cache.
+sequence (decode tok/s from the first token on), the engine's default float16 KV cache. A GGUF file
+perplexity reads with float activations (weight-only) is timed on the default path ("auto": the
+kernels' int8 activations, the 16-lane tiles), what a user of the file runs.
 
     python benchmarks/quantization.py --model smollm2-135m --group-size 64 \
         --calib /usr/share/common-licenses/GPL-3 \
@@ -275,7 +277,9 @@ def main() -> None:
             peer[name] = llamacpp_perplexity(path, chunks)
         check = f", dequantized {perplexity(path, 'none', chunks):.4f}" if name in LLAMA_ROWS else ""
         print(f"{name}: {ppl:.4f}{check}" + (f" (llama.cpp {peer[name]:.4f})" if peer.get(name) else ""), flush=True)
-    times = timed_rows([(n, p, q, options.get(n, {})) for n, p, q, _ in rows], a.speed_rounds) if a.speed_rounds else {}
+    timed = [(n, p, "auto" if q == "weight-only" and p.endswith(".gguf") else q, options.get(n, {}))
+             for n, p, q, _ in rows]
+    times = timed_rows(timed, a.speed_rounds) if a.speed_rounds else {}
     ref = results[0][1]
     gap = {n: p - ref for n, p, _ in results}
     speed_head = " prompt tok/s | decode tok/s |" if times else ""
