@@ -277,9 +277,9 @@ def main() -> None:
             peer[name] = llamacpp_perplexity(path, chunks)
         check = f", dequantized {perplexity(path, 'none', chunks):.4f}" if name in LLAMA_ROWS else ""
         print(f"{name}: {ppl:.4f}{check}" + (f" (llama.cpp {peer[name]:.4f})" if peer.get(name) else ""), flush=True)
-    timed = [(n, p, "auto" if q == "weight-only" and p.endswith(".gguf") else q, options.get(n, {}))
+    speed_rows = [(n, p, "auto" if q == "weight-only" and p.endswith(".gguf") else q, options.get(n, {}))
              for n, p, q, _ in rows]
-    times = timed_rows(timed, a.speed_rounds) if a.speed_rounds else {}
+    times = timed_rows(speed_rows, a.speed_rounds) if a.speed_rounds else {}
     ref = results[0][1]
     gap = {n: p - ref for n, p, _ in results}
     speed_head = " prompt tok/s | decode tok/s |" if times else ""
