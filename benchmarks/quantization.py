@@ -278,7 +278,7 @@ def main() -> None:
         check = f", dequantized {perplexity(path, 'none', chunks):.4f}" if name in LLAMA_ROWS else ""
         print(f"{name}: {ppl:.4f}{check}" + (f" (llama.cpp {peer[name]:.4f})" if peer.get(name) else ""), flush=True)
     speed_rows = [(n, p, "auto" if q == "weight-only" and p.endswith(".gguf") else q, options.get(n, {}))
-             for n, p, q, _ in rows]
+                  for n, p, q, _ in rows]
     times = timed_rows(speed_rows, a.speed_rounds) if a.speed_rounds else {}
     ref = results[0][1]
     gap = {n: p - ref for n, p, _ in results}

@@ -257,10 +257,8 @@ def _narrow_tiles(codes: torch.Tensor, scale: torch.Tensor, group: int,
     ints = scale if factored else None
     native = ops.native()
     own = native.code_levels(codes, rows)  # a codebook type's few values, if they are few
-    own = None if own is None else torch.cat([own, own[-1:].expand(16 - len(own))])  # 16 table entries
-    for bits, levels in ((3, None), (4, own), (4, IQ4_LEVELS), (6, None)):
-        if bits == 4 and levels is None:
-            continue
+    tables = [IQ4_LEVELS] if own is None else [torch.cat([own, own[-1:].expand(16 - len(own))]), IQ4_LEVELS]
+    for bits, levels in [(3, None), *((4, table) for table in tables), (6, None)]:
         sign = (native.narrow_tiles_(codes, ints, group, bits) if levels is None else
                 native.level_tiles_(codes, ints, group, levels, rows))
         if sign is not None:

@@ -83,7 +83,8 @@ class DecodePlan {
     for (py::handle h : t[2].cast<py::list>()) {
       const py::tuple p = h.cast<py::tuple>();
       l.parts.push_back(PackedPart{opt(p[0]), opt(p[1]), opt(p[2]), p[3].cast<int64_t>(), p[4].cast<int64_t>(),
-                                   p[5].cast<bool>(), p[6].cast<bool>(), opt(p[7]), p[8].cast<int64_t>(), opt(p[9]), opt(p[10])});
+                                   p[5].cast<bool>(), p[6].cast<bool>(), opt(p[7]), p[8].cast<int64_t>(), opt(p[9]),
+                                   opt(p[10])});
     }
     return l;
   }

@@ -241,13 +241,13 @@ at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& int
   return rewrite_tiles(codes, ints, group, 64 * bits, "narrow_tiles_", sign_of, narrowed, pack);
 }
 
-// 8-bit tiles rewritten in place (rewrite_tiles) as 4-bit tiles of indices into 16 `levels` (int8; IQ4_NL's
-// and IQ4_XS's), the layout of unpack_four_bit_span: the sign is +1 where every code is a level, else -1
+// 8-bit tiles rewritten in place (rewrite_tiles) as 4-bit tiles of indices into 16 `levels` (int8; IQ4's,
+// or the weight's own few values: code_levels), the layout of unpack_four_bit_span: the sign is +1 where every code is a level, else -1
 // where every code's negative is (and -1 where the factored integer is 128, which int8 holds only as
 // -128); no sign fits a group whose codes are neither, or an integer over 128. Rows from N on pad the
 // last tile (codes 0, scales 0): index 0.
-at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, const at::Tensor& levels,
-                        int64_t N) {
+at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group,
+                        const at::Tensor& levels, int64_t N) {
   TORCH_CHECK(levels.scalar_type() == at::kChar && levels.numel() == 16 && levels.is_contiguous(),
               "level_tiles_: levels must be 16 int8 values");
   // index[b]: the level that the byte b = c + 128 stands for, or -1; negated[b] the same for -c

@@ -104,8 +104,11 @@ inline int64_t tile_min_rows(int64_t bits, int64_t) { return bits == 4 ? 24 : 16
 // What the kernels that take codes unsigned (vpdpbusd multiplies u8 by s8) add to each: 5-bit codes are
 // read as c + 16, 8-bit ones as q + 128 (the sign bit flipped); 4-bit codes are unsigned already.
 constexpr int32_t code_offset(int64_t bits) { return bits == 4 ? 0 : bits == 5 ? 16 : 128; }
-// A stored tile's bytes u = c + this (unpack_*_bit_span): 6-bit tiles c + 32, 2-bit ones unsigned already.
-constexpr int32_t tile_code_offset(int64_t bits) { return bits == 6 ? 32 : bits == 3 ? 4 : bits == 2 ? 0 : code_offset(bits); }
+// A stored tile's bytes u = c + this (unpack_*_bit_span): 6-bit tiles c + 32, 3-bit ones c + 4, 2-bit ones
+// unsigned already; 4-bit indices into levels stand for the level + 128, as 8-bit codes.
+constexpr int32_t tile_code_offset(int64_t bits, bool indexed = false) {
+  return indexed ? 128 : bits == 6 ? 32 : bits == 3 ? 4 : bits == 2 ? 0 : code_offset(bits);
+}
 
 // Bytes of codes per weight row (layouts above).
 inline int64_t row_code_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : K; }
@@ -235,8 +238,8 @@ struct Problem {
   // codes stored in the wide tiles' own order (group_quant_matmul_tiles), instead of codes/scale:
   const uint8_t* tiles = nullptr;        // (T, K/32, 64 tile_bits): tile t, span b = the WideTileGroup's w[0..7]
   int64_t tile_bits = 8;                 // 8: w[0..7] as they are; 6, 5, 4, 3, 2: packed in planes (unpack_*_bit_span)
-  // 4-bit tiles of indices into 16 levels (IQ4_NL's and IQ4_XS's), or null: byte i = level i + 128, the
-  // unsigned code an index stands for (read with the 8-bit tiles' offset, 128)
+  // 4-bit tiles of indices into 16 levels (IQ4's, or a codebook type's own few values), or null: byte i =
+  // level i + 128, the unsigned code an index stands for (read with the 8-bit tiles' offset, 128)
   const uint8_t* tile_levels = nullptr;
   bool tile_signed_ints = false;         // a factored table's integers are int8 (6-bit tiles), not uint8
   // (T, K/G, 16): the scale vector of each group, float32, float16, or a factored table's integers
@@ -1809,7 +1812,8 @@ int64_t check_tile_table(const at::Tensor& t, const c10::optional<at::Tensor>& f
 // may be int8 (a negative scale's sign moved out of the codes): the same products again; 5-bit ones
 // (T, K/32, 320) u = c + 16, 3-bit ones (T, K/32, 192) u = c + 4 (Q3_K's, their integers int8 as the 6-bit
 // ones'), 4- and 2-bit ones (T, K/32, 256 and 128) u = c (tile_code_offset), or 4-bit indices into 16
-// `levels` (IQ4_NL's, IQ4_XS's: u = levels[index], the level + 128, their integers int8 too). Zeros
+// `levels` (IQ4's, or a codebook type's own values: u = levels[index], the level + 128, their integers
+// int8 too). Zeros
 // (optional) are stored as the scales are, and take x's sums per group as row-major zeros do.
 at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                     const c10::optional<at::Tensor>& factors, int64_t N,
@@ -1836,7 +1840,7 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   TORCH_CHECK(!indexed || (tile_bits == 4 && levels->scalar_type() == at::kByte && levels->numel() == 16 &&
                            levels->is_contiguous()),
               "group_quant_matmul_tiles: levels must be 16 uint8 values beside 4-bit tiles");
-  set_int8_activations(p, with_zero, indexed ? 128 : tile_code_offset(tile_bits));
+  set_int8_activations(p, with_zero, tile_code_offset(tile_bits, indexed));
   if (indexed) p.tile_levels = levels->data_ptr<uint8_t>();
   p.tiles = codes.data_ptr<uint8_t>();
   p.tile_bits = tile_bits;
