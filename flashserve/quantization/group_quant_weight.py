@@ -95,7 +95,7 @@ class GroupQuantWeight(PackedWeight):
             self.codes = _param(_front_tiles(self.codes, tiles, spans, bits=2))
         else:
             codes = self.codes if not pad else F.pad(self.codes, (0, 0, 0, pad))  # padding rows: code 0, scale 0
-            _rows_to_tiles_(codes, lanes)
+            ops.native().rows_to_tiles_(codes)  # in place: a tile is the same bytes in either order
             self.codes = _param(codes.view(tiles, spans, lanes * GROUP))
 
         def tile_major(t: torch.Tensor) -> torch.Tensor:  # (N, per row) → (tiles, per row, lanes)
@@ -208,19 +208,6 @@ def int8_groups_fit(bits: int, group: int, in_features: int) -> bool:
     """Whether the kernel takes int8 activations for this weight: groups of 32, or 8-bit codes in
     groups of 16 (Q6_K, Q2_K, ...) on rows of whole 32-value spans, x being rounded per 32 values."""
     return group == GROUP or (bits == 8 and group == 16 and in_features % GROUP == 0)
-
-
-def _rows_to_tiles_(codes: torch.Tensor, lanes: int, tiles_at_once: int = 1024) -> None:
-    """8-bit codes (N, K), N a multiple of `lanes`, rearranged in place into the tiles' order:
-    [t, g, 4 lanes q + 4 lane + b] = code 4q + b of group g of row lanes * t + lane, plus 128 (the tile's
-    vector q holds four consecutive codes of each of its rows, unsigned: quant_matmul.cpp). A tile is
-    the same bytes in either order, so a few at a time go through a copy and no second table is made."""
-    n, k = codes.shape
-    by_rows = codes.view(n // lanes, lanes, k // GROUP, GROUP // 4, 4)
-    by_tiles = codes.view(n // lanes, k // GROUP, GROUP // 4, lanes, 4)
-    for t in range(0, n // lanes, tiles_at_once):
-        chunk = by_rows[t:t + tiles_at_once].clone()
-        by_tiles[t:t + tiles_at_once].copy_(chunk.permute(0, 2, 3, 1, 4)).bitwise_xor_(0x80)
 
 
 # --- narrow tiles -----------------------------------------------------------------------------------

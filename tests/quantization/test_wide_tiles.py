@@ -72,7 +72,8 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
 # zeros (float16, factored) beside 8-bit codes, and Q2_K's form: codes 0..3, factored scale and zero;
 # 3-bit tiles: Q3_K's form (factored, groups of 16), and narrow codes beside float scales in groups of 32;
 # 4-bit indices: IQ4_XS's form (factored, groups of 32), and levels beside float16 scales (IQ4_NL's);
-# into the weight's own values: IQ2_*'s (float32 scales, groups of 32 and 16), any 16
+# into the weight's own values: IQ2_*'s (float32 scales, groups of 32 and 16), any 16;
+# narrowings in several chunks of tiles, the last one short (the kernels' buffer holds ~1024 spans)
 @pytest.mark.parametrize("n,k,scale_dtype,group,form,zero_dtype", [
     (72, 320, torch.float16, 32, "8-bit", None), (64, 640, torch.float32, 32, "8-bit", None),
     (1000, 96, torch.float16, 32, "8-bit", None), (64, 512, torch.uint8, 32, "8-bit", None),
@@ -86,7 +87,8 @@ def weight_pair(n: int, k: int, scale_dtype: torch.dtype, seed: int, group: int 
     (72, 512, torch.uint8, 32, "IQ4", None), (300, 256, torch.uint8, 32, "IQ4", None),
     (40, 544, torch.float16, 32, "IQ4", None), (72, 512, torch.float32, 32, "IQ2", None),
     (40, 544, torch.float32, 16, "IQ2", None), (300, 256, torch.float16, 32, "16 values", None),
-    (72, 512, torch.uint8, 16, "16 values", None)])
+    (72, 512, torch.uint8, 16, "16 values", None), (2008, 512, torch.uint8, 16, "Q6_K", None),
+    (1400, 1024, torch.uint8, 16, "Q3_K", None), (1800, 512, torch.uint8, 32, "IQ4", None)])
 def test_tiles_give_the_row_major_numbers(n, k, scale_dtype, group, form, zero_dtype):
     rows, tiled = weight_pair(n, k, scale_dtype, seed=n, group=group, form=form, zero_dtype=zero_dtype)
     stored = tiled.to_wide_tiles()

@@ -29,6 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("narrow_tiles_", &narrow_tiles_,
         "8-bit tiles rewritten in place as 6- or 3-bit ones where every group fits; the signs moved to the scales, or None",
         py::arg("codes"), py::arg("ints"), py::arg("group"), py::arg("bits"));
+  m.def("rows_to_tiles_", &rows_to_tiles_, "8-bit codes by rows (N, K) rearranged in place into the 16-lane tiles' order, plus 128");
   m.def("nibble_tiles", &nibble_tiles, "4- or 5-bit codes by rows -> the 16-lane tiles' nibble (and fifth-bit) planes");
   m.def("two_bit_tiles_", &two_bit_tiles_,
         "8-bit codes 0..3 by rows rewritten in place as the 16-lane tiles' 2-bit planes; False (untouched) if one is not");

@@ -146,64 +146,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_facto
 
 namespace {
 
+constexpr int64_t kTileLanes = 16, kEightBitSpan = 512, kVector = 64;
+
+// One of a tile's 64-byte vectors as a GCC vector: its byte-wise operations compile to whatever SIMD the
+// build's level has (two AVX2 halves, one AVX-512 register, or scalar code).
+using Bytes64 = uint8_t __attribute__((vector_size(kVector)));
+
+Bytes64 load64(const uint8_t* p) {
+  Bytes64 v;
+  std::memcpy(&v, p, kVector);
+  return v;
+}
+
+void store64(uint8_t* p, Bytes64 v) { std::memcpy(p, &v, kVector); }
+
+// 0xff in each byte of the lanes (4 bytes each) whose sign is negative, else 0.
+Bytes64 negative_lanes(const int8_t* signs) {
+  uint32_t words[kTileLanes];
+  for (int64_t l = 0; l < kTileLanes; ++l) words[l] = signs[l] < 0 ? 0xffffffffu : 0u;
+  Bytes64 mask;
+  std::memcpy(&mask, words, kVector);
+  return mask;
+}
+
 // The in-place rewrite of 8-bit tiles (T, S, 512; tile t, span s: byte 64 q + 4 lane + b = code 4 q + b of
 // the span in row 16 t + lane, plus 128) that narrow_tiles_ and level_tiles_ share. First, per (tile,
-// group, lane), sign_of(bytes, count, lane index, integer or -1) says +1, -1 (the sign that moves from the
-// codes to the scale) or 0 (the group does not fit: nothing is written). Then each span's bytes of lane
-// i / 4, u[q] = narrowed(byte of w[q], negative), are packed by pack(u, out, i) into span_bytes. In place,
-// a tile at a time: tile t's narrow bytes end before tile t + 1's 8-bit ones begin, so each tile is packed
-// into a buffer (its spans in parallel) and copied down. Returns the signs (T, K/G, 16) int8 or undefined.
-template <typename SignOf, typename Narrowed, typename Pack>
+// group), signs_of(vectors, count, first row, integers or null, signs) reads the group's `count` 64-byte
+// vectors and writes each of its 16 lanes' sign: +1, or -1 (the sign that moves from the codes to the
+// scale); it returns false when a lane's group does not fit, and then nothing is written. Then each
+// span's vectors w[q] become u[q] = narrow(w[q], negative) (negative: 0xff in the bytes of the lanes
+// whose sign is -1), and pack(u, out) writes them as span_bytes. In place, a chunk of tiles at a time: the chunk's narrow bytes end before
+// the next chunk's 8-bit ones begin, so each chunk is packed into a buffer (its spans in parallel) and
+// copied down. Returns the signs (T, K/G, 16) int8, or an undefined tensor.
+template <typename SignsOf, typename Narrow, typename Pack>
 at::Tensor rewrite_tiles(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t span_bytes,
-                         const char* what, SignOf sign_of, Narrowed narrowed, Pack pack) {
-  constexpr int64_t kLanes = 16, kEight = 512;
+                         const char* what, SignsOf signs_of, Narrow narrow, Pack pack) {
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.size(2) == kEight && (group == 16 || group == 32),
+                  codes.size(2) == kEightBitSpan && (group == 16 || group == 32),
               what, ": codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes, or group ", group, " not 16 or 32");
   const int64_t T = codes.size(0), S = codes.size(1), parts = 32 / group, per = 8 / parts, G = S * parts;
   const bool factored = ints.has_value() && ints->defined();
   if (factored)
     TORCH_CHECK(ints->scalar_type() == at::kByte && ints->is_contiguous() && ints->dim() == 3 && ints->size(0) == T &&
-                    ints->size(1) == G && ints->size(2) == kLanes,
+                    ints->size(1) == G && ints->size(2) == kTileLanes,
                 what, ": integers ", ints->sizes(), " are not the tiles' (", T, ", ", G, ", 16) uint8 table");
-  auto signs = at::empty({T, G, kLanes}, codes.options().dtype(at::kChar));
+  auto signs = at::empty({T, G, kTileLanes}, codes.options().dtype(at::kChar));
   uint8_t* c = codes.data_ptr<uint8_t>();
   const uint8_t* in = factored ? ints->data_ptr<uint8_t>() : nullptr;
   int8_t* sg = signs.data_ptr<int8_t>();
   std::atomic<bool> fits{true};
   at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t ts = begin; ts < end && fits.load(std::memory_order_relaxed); ++ts) {
-      const uint8_t* span = c + ts * kEight;
-      for (int64_t h = 0; h < parts; ++h)
-        for (int64_t lane = 0; lane < kLanes; ++lane) {
-          uint8_t bytes[32];
-          for (int64_t q = h * per, k = 0; q < (h + 1) * per; ++q)
-            for (int64_t b = 0; b < 4; ++b) bytes[k++] = span[64 * q + 4 * lane + b];
-          const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kLanes + lane;
-          const int sign = sign_of(bytes, 4 * per, (ts / S) * kLanes + lane, in ? int{in[at]} : -1);
-          if (sign == 0) fits = false;
-          sg[at] = static_cast<int8_t>(sign < 0 ? -1 : 1);
-        }
-    }
+    for (int64_t ts = begin; ts < end && fits.load(std::memory_order_relaxed); ++ts)
+      for (int64_t h = 0; h < parts; ++h) {
+        const int64_t at = ((ts / S) * G + (ts % S) * parts + h) * kTileLanes;
+        if (!signs_of(c + ts * kEightBitSpan + kVector * h * per, per, (ts / S) * kTileLanes, in ? in + at : nullptr,
+                      sg + at))
+          fits = false;
+      }
   });
   if (!fits) return at::Tensor();
-  std::vector<uint8_t> packed(S * span_bytes);
-  for (int64_t t = 0; t < T; ++t) {
-    at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const uint8_t* span = c + (t * S + s) * kEight;
-        uint8_t* o = packed.data() + s * span_bytes;
-        for (int64_t i = 0; i < 64; ++i) {  // byte i of each vector w[q]: lane i / 4
-          uint8_t u[8];
-          for (int64_t q = 0; q < 8; ++q)
-            u[q] = narrowed(span[64 * q + i], sg[((t * G) + s * parts + q / per) * kLanes + i / 4] < 0);
-          pack(u, o, i);
+  const int64_t chunk = std::max<int64_t>(1, 1024 / S);  // tiles a buffer holds: ~1024 spans
+  std::vector<uint8_t> packed(chunk * S * span_bytes);
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t spans = (std::min(T, t0 + chunk) - t0) * S;
+    at::parallel_for(0, spans, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t ts = t0 * S + j, t = ts / S, s = ts % S;
+        Bytes64 u[8], negative;
+        for (int64_t q = 0; q < 8; ++q) {
+          if (q % per == 0) negative = negative_lanes(sg + (t * G + s * parts + q / per) * kTileLanes);
+          u[q] = narrow(load64(c + ts * kEightBitSpan + kVector * q), negative);
         }
+        pack(u, packed.data() + j * span_bytes);
       }
     });
-    std::memcpy(c + t * S * span_bytes, packed.data(), S * span_bytes);
+    std::memcpy(c + t0 * S * span_bytes, packed.data(), spans * span_bytes);
   }
   return signs;
+}
+
+// Per lane of a group's `count` vectors (lane l: bytes 4 l .. 4 l + 3 of each), the least and greatest byte.
+void lane_min_max(const uint8_t* vectors, int64_t count, uint8_t* lo, uint8_t* hi) {
+  Bytes64 low = load64(vectors), high = low;
+  for (int64_t q = 1; q < count; ++q) {
+    const Bytes64 v = load64(vectors + kVector * q);
+    low = v < low ? v : low;
+    high = v > high ? v : high;
+  }
+  for (int64_t l = 0; l < kTileLanes; ++l) {
+    lo[l] = std::min({low[4 * l], low[4 * l + 1], low[4 * l + 2], low[4 * l + 3]});
+    hi[l] = std::max({high[4 * l], high[4 * l + 1], high[4 * l + 2], high[4 * l + 3]});
+  }
 }
 
 }  // namespace
@@ -216,29 +249,36 @@ at::Tensor rewrite_tiles(at::Tensor& codes, const c10::optional<at::Tensor>& int
 at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits) {
   TORCH_CHECK(bits == 6 || bits == 3, "narrow_tiles_: bits ", bits, " not 6 or 3");
   const int half = 1 << (bits - 1), lowest = 128 - half, highest = 128 + half;
-  auto sign_of = [&](const uint8_t* bytes, int64_t count, int64_t, int integer) {
-    const auto [lo, hi] = std::minmax_element(bytes, bytes + count);
-    const bool negative = *hi == highest || integer == 128;
-    if (*lo < lowest || *hi > highest || (negative && *lo == lowest) || integer > 128) return 0;
-    return negative ? -1 : 1;
+  auto signs_of = [&](const uint8_t* vectors, int64_t count, int64_t, const uint8_t* integers, int8_t* signs) {
+    uint8_t lo[kTileLanes], hi[kTileLanes];
+    lane_min_max(vectors, count, lo, hi);
+    for (int64_t l = 0; l < kTileLanes; ++l) {
+      const int integer = integers ? int{integers[l]} : -1;
+      const bool negative = hi[l] == highest || integer == 128;
+      if (lo[l] < lowest || hi[l] > highest || (negative && lo[l] == lowest) || integer > 128) return false;
+      signs[l] = negative ? -1 : 1;
+    }
+    return true;
   };
-  auto narrowed = [&](uint8_t v, bool negative) { return static_cast<uint8_t>(negative ? highest - v : v - lowest); };
-  auto pack = [&](const uint8_t* u, uint8_t* o, int64_t i) {
+  // sign * c + half: v - lowest, or highest - v = 2 half - (v - lowest)
+  auto narrow = [&](Bytes64 v, Bytes64 negative) {
+    const Bytes64 up = v - static_cast<uint8_t>(lowest);
+    return (negative & (static_cast<uint8_t>(2 * half) - up)) | (~negative & up);
+  };
+  auto pack = [&](const Bytes64* u, uint8_t* o) {
     if (bits == 6) {  // four vectors of nibbles, then two of 2-bit fields (the top 2 bits)
-      for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>((u[j] & 15) | ((u[j + 4] & 15) << 4));
+      for (int64_t j = 0; j < 4; ++j) store64(o + 64 * j, (u[j] & 15) | ((u[j + 4] & 15) << 4));
       for (int64_t j = 0; j < 2; ++j)
-        o[256 + 64 * j + i] = static_cast<uint8_t>((u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) |
-                                                   ((u[j + 6] >> 4) << 6));
+        store64(o + 256 + 64 * j, (u[j] >> 4) | ((u[j + 2] >> 4) << 2) | ((u[j + 4] >> 4) << 4) | ((u[j + 6] >> 4) << 6));
     } else {  // two vectors of 2-bit fields (the low 2 bits), then one of third bits
       for (int64_t j = 0; j < 2; ++j)
-        o[64 * j + i] = static_cast<uint8_t>((u[j] & 3) | ((u[j + 2] & 3) << 2) | ((u[j + 4] & 3) << 4) |
-                                             ((u[j + 6] & 3) << 6));
-      uint8_t top = 0;
-      for (int64_t q = 0; q < 8; ++q) top = static_cast<uint8_t>(top | ((u[q] >> 2) << q));
-      o[128 + i] = top;
+        store64(o + 64 * j, (u[j] & 3) | ((u[j + 2] & 3) << 2) | ((u[j + 4] & 3) << 4) | ((u[j + 6] & 3) << 6));
+      Bytes64 top = (u[0] >> 2);
+      for (int64_t q = 1; q < 8; ++q) top |= (u[q] >> 2) << q;
+      store64(o + 128, top);
     }
   };
-  return rewrite_tiles(codes, ints, group, 64 * bits, "narrow_tiles_", sign_of, narrowed, pack);
+  return rewrite_tiles(codes, ints, group, 64 * bits, "narrow_tiles_", signs_of, narrow, pack);
 }
 
 // 8-bit tiles rewritten in place (rewrite_tiles) as 4-bit tiles of indices into 16 `levels` (int8; IQ4's,
@@ -259,21 +299,40 @@ at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints
     index[lv[i] + 128] = i;
     if (lv[i] != -128) negated[-lv[i] + 128] = i;
   }
-  auto sign_of = [&](const uint8_t* bytes, int64_t count, int64_t row, int integer) {
-    if (row >= N) return 1;
-    const bool plain = std::all_of(bytes, bytes + count, [&](uint8_t v) { return index[v] >= 0; });
-    const bool minus = std::all_of(bytes, bytes + count, [&](uint8_t v) { return negated[v] >= 0; });
-    const bool negative = !plain || integer == 128;
-    return (negative && !minus) || integer > 128 ? 0 : negative ? -1 : 1;
+  auto signs_of = [&](const uint8_t* vectors, int64_t count, int64_t first_row, const uint8_t* integers, int8_t* signs) {
+    uint8_t plain[kVector], minus[kVector];  // per byte: every code of its column a level (its negative one)
+    std::fill(plain, plain + kVector, 1);
+    std::fill(minus, minus + kVector, 1);
+    for (int64_t q = 0; q < count; ++q)
+      for (int64_t i = 0; i < kVector; ++i) {
+        plain[i] &= index[vectors[kVector * q + i]] >= 0;
+        minus[i] &= negated[vectors[kVector * q + i]] >= 0;
+      }
+    for (int64_t l = 0; l < kTileLanes; ++l) {
+      if (first_row + l >= N) {
+        signs[l] = 1;
+        continue;
+      }
+      const int integer = integers ? int{integers[l]} : -1;
+      const bool negative = !(plain[4 * l] & plain[4 * l + 1] & plain[4 * l + 2] & plain[4 * l + 3]) || integer == 128;
+      if ((negative && !(minus[4 * l] & minus[4 * l + 1] & minus[4 * l + 2] & minus[4 * l + 3])) || integer > 128)
+        return false;
+      signs[l] = negative ? -1 : 1;
+    }
+    return true;
   };
-  auto narrowed = [&](uint8_t v, bool negative) {
-    const int at = negative ? negated[v] : index[v];
-    return static_cast<uint8_t>(at < 0 ? 0 : at);  // a padding row's codes: index 0
+  auto narrow = [&](Bytes64 v, Bytes64 negative) {
+    Bytes64 u;
+    for (int64_t i = 0; i < kVector; ++i) {
+      const int at = negative[i] ? negated[v[i]] : index[v[i]];
+      u[i] = static_cast<uint8_t>(at < 0 ? 0 : at);  // a padding row's codes: index 0
+    }
+    return u;
   };
-  auto pack = [](const uint8_t* u, uint8_t* o, int64_t i) {
-    for (int64_t j = 0; j < 4; ++j) o[64 * j + i] = static_cast<uint8_t>(u[j] | (u[j + 4] << 4));
+  auto pack = [](const Bytes64* u, uint8_t* o) {
+    for (int64_t j = 0; j < 4; ++j) store64(o + 64 * j, u[j] | (u[j + 4] << 4));
   };
-  return rewrite_tiles(codes, ints, group, 256, "level_tiles_", sign_of, narrowed, pack);
+  return rewrite_tiles(codes, ints, group, 256, "level_tiles_", signs_of, narrow, pack);
 }
 
 // The distinct codes of 8-bit tiles (as narrow_tiles_ takes them) in rows [0, N), ascending, as int8,
@@ -305,6 +364,33 @@ at::Tensor code_levels(const at::Tensor& codes, int64_t N) {
   return out;
 }
 
+// 8-bit codes by rows (N, K; N a multiple of 16) rearranged in place into the 8-bit tiles' order (T, K/32,
+// 512): byte 64 q + 4 lane + b of span s of tile t = code 32 s + 4 q + b of row 16 t + lane, plus 128 (the
+// kernel's vectors w[q], unsigned). A tile's rows and its tile are the same bytes, so the tiles go in
+// parallel, each through a buffer of its own.
+void rows_to_tiles_(at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(0) % kTileLanes == 0 && codes.size(1) % 32 == 0,
+              "rows_to_tiles_: codes ", codes.sizes(), " are not 8-bit rows (N, K) uint8, N a multiple of 16, K of 32");
+  const int64_t K = codes.size(1), S = K / 32, T = codes.size(0) / kTileLanes;
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows(kTileLanes * K);
+    for (int64_t t = begin; t < end; ++t) {
+      uint8_t* tile = c + t * kTileLanes * K;
+      std::memcpy(rows.data(), tile, rows.size());
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t q = 0; q < 8; ++q)
+          for (int64_t lane = 0; lane < kTileLanes; ++lane) {
+            uint32_t four;
+            std::memcpy(&four, rows.data() + lane * K + 32 * s + 4 * q, 4);
+            four ^= 0x80808080u;
+            std::memcpy(tile + s * kEightBitSpan + kVector * q + 4 * lane, &four, 4);
+          }
+    }
+  });
+}
+
 // 4- or 5-bit codes by rows -> nibble tiles (T, K/32, 64 bits), T the tiles of 16 rows (padding rows:
 // c = 0). Rows: per 32 codes 16 bytes of nibbles (code j low, j + 16 high: GGUF's Q4_0/Q5_0 order), and
 // for 5 bits then a u32 whose bit j is bit 4 of code j (q = c + 16). Tiles: per span the four vectors of
@@ -325,27 +411,23 @@ at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits) {
     for (int64_t ts = begin; ts < end; ++ts) {
       const int64_t t = ts / S, s = ts % S;
       uint8_t* span = o + ts * span_bytes;
+      // The nibble byte of vector j, lane l, b is row l's byte 4 j + b (code 4 j + b low, 4 (j + 4) + b high):
+      // four bytes of a row at a time. Fifth bits: bit v of byte 4 l + b is bit 4 v + b of row l's u32.
       for (int64_t lane = 0; lane < kLanes; ++lane) {
         const int64_t n = t * kLanes + lane;
-        uint8_t q[32];
-        if (n < N) {
-          const uint8_t* b = c + (n * S + s) * block;
-          uint32_t high = 0;
-          if (bits == 5) std::memcpy(&high, b + 16, 4);
-          for (int64_t j = 0; j < 16; ++j) {
-            q[j] = static_cast<uint8_t>((b[j] & 15) | ((high >> j) & 1) << 4);
-            q[j + 16] = static_cast<uint8_t>((b[j] >> 4) | ((high >> (j + 16)) & 1) << 4);
-          }
-        } else {
-          std::memset(q, bits == 5 ? 16 : 0, sizeof(q));
+        const uint8_t* b = n < N ? c + (n * S + s) * block : nullptr;
+        for (int64_t j = 0; j < 4; ++j) {
+          uint32_t four = 0;  // padding rows: nibbles 0 (4-bit c = 0; 5-bit q = 16, its fifth bit below)
+          if (b) std::memcpy(&four, b + 4 * j, 4);
+          std::memcpy(span + 64 * j + 4 * lane, &four, 4);
         }
-        for (int64_t bi = 0; bi < 4; ++bi) {
-          const int64_t i = 4 * lane + bi;
-          for (int64_t j = 0; j < 4; ++j) span[64 * j + i] = static_cast<uint8_t>((q[4 * j + bi] & 15) | (q[4 * (j + 4) + bi] & 15) << 4);
-          if (bits == 5) {
+        if (bits == 5) {
+          uint32_t high = 0xffffffffu;
+          if (b) std::memcpy(&high, b + 16, 4);
+          for (int64_t bi = 0; bi < 4; ++bi) {
             uint8_t top = 0;
-            for (int64_t v = 0; v < 8; ++v) top |= static_cast<uint8_t>((q[4 * v + bi] >> 4) << v);
-            span[256 + i] = top;
+            for (int64_t v = 0; v < 8; ++v) top = static_cast<uint8_t>(top | ((high >> (4 * v + bi)) & 1) << v);
+            span[256 + 4 * lane + bi] = top;
           }
         }
       }

@@ -27,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q4k_facto
 std::tuple<at::Tensor, at::Tensor> q6k_requantize_int8(const at::Tensor& blocks);
 at::Tensor narrow_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, int64_t bits);
 at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits);
+void rows_to_tiles_(at::Tensor& codes);
 at::Tensor group_quant_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group,
                               bool int8_activations);
