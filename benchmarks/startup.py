@@ -13,8 +13,10 @@ flashserve's start goes, phase by phase, from the marks it writes (flashserve/st
 healthy), and its resident memory then (VmRSS) and at its peak so far (VmHWM): `flashserve serve`
 beside llama.cpp's own `llama-server` (built by `make llama-server`) on the same GGUF.
 
-The warm-up round is not counted: it fills the page cache and the tokenizer cache, so the
-figures are those of a second start, not of the first one after a fetch.
+The warm-up round is not counted: it fills the page cache, the tokenizer cache and the weight cache
+(flashserve/model/weight_cache.py), so the figures are those of a second start, not of the first one
+after a fetch; the row "--no-weight-cache" packs the model file at every start, as the first start does
+(which then also writes the cache entry).
 """
 from __future__ import annotations
 
@@ -31,26 +33,33 @@ from common import have, header, table
 from flashserve import startup_phases
 from load_test import find_llama_server, free_port
 
+# Prints the completion, then a last line: the seconds Llama(...) took to load the model.
 LLAMA_CPP = """
-import sys
+import sys, time
 from llama_cpp import Llama
 path, prompt, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+t = time.perf_counter()
 llm = Llama(model_path=path, verbose=False, n_threads=int(threads) if threads else None)
+load = time.perf_counter() - t
 print(llm.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]["text"])
+print(load)
 """
 
 
 FLASHSERVE = "flashserve generate"
+PACKING = "flashserve generate --no-weight-cache"
+LLAMA = "llama-cpp-python create_completion"
 
 
 def commands(model_path: str, a) -> dict[str, list[str]]:
     py = sys.executable
     fs = [py, "-m", "flashserve.entrypoints.cli", "generate", "--model", model_path, "--prompt", a.prompt,
           "--max-tokens", str(a.max_tokens), "--temperature", "0"]
-    cmds = {"python -c 'import torch' (floor)": [py, "-c", "import torch"],
-            FLASHSERVE: fs + (["--threads", str(a.threads)] if a.threads else [])}
+    fs += ["--threads", str(a.threads)] if a.threads else []
+    cmds = {"python -c 'import torch' (floor)": [py, "-c", "import torch"], FLASHSERVE: fs,
+            PACKING: [*fs, "--no-weight-cache"]}
     if have("llama_cpp"):
-        cmds["llama-cpp-python create_completion"] = [py, "-c", LLAMA_CPP, model_path, a.prompt, str(a.max_tokens),
+        cmds[LLAMA] = [py, "-c", LLAMA_CPP, model_path, a.prompt, str(a.max_tokens),
                                                       str(a.threads or "")]
     return cmds
 
@@ -202,11 +211,14 @@ def main(argv=None) -> None:
     names = list(cmds)
     walls = {n: [] for n in names}
     rss = {n: [] for n in names}
-    texts, phases = {}, []
+    texts, phases, llama_loads = {}, [], []
     for r in range(a.warmup + a.repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:  # rotated: no command always runs first
             marks = [] if n == FLASHSERVE else None
             wall, peak, text = run_once(cmds[n], marks)
+            if n == LLAMA:
+                text, _, load = text.rpartition("\n")
+                llama_loads.append(float(load))
             texts[n] = text
             if r >= a.warmup:
                 walls[n].append(wall)
@@ -221,6 +233,12 @@ def main(argv=None) -> None:
     for n in names:
         if texts[n]:
             print(f"{n} printed: {texts[n]!r}")
+    if LLAMA in walls:  # issue 23's bound: 1.6 x `import torch` + llama.cpp's load of the model
+        ours, floor = statistics.median(walls[FLASHSERVE]), statistics.median(walls[names[0]])
+        bound = 1.6 * floor + statistics.median(llama_loads[a.warmup:])
+        print(f"\n{FLASHSERVE} / {LLAMA}, wall: {ours / statistics.median(walls[LLAMA]):.3g}; against 1.6 x the "
+              f"floor + Llama(...)'s load ({statistics.median(llama_loads[a.warmup:]):.3g} s), {bound:.3g} s: "
+              f"{ours / bound:.3g}")
     rows = phase_table(phases)
     print(f"\nWhere {FLASHSERVE}'s start goes (the same runs; each phase from the end of the one before):")
     print(table(rows, list(rows[0])))

@@ -391,6 +391,8 @@ class EngineConfig:
     # Resident CPU weights remapped with 2 MiB pages at start-up (huge_pages.py): faster decode steps
     # for a start-up longer by the remapping. Layer streaming's buffers are left alone.
     huge_pages: bool = True
+    # The packed weights saved by the first start and memory-mapped by the next (model/weight_cache.py).
+    weight_cache: bool = True
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

@@ -16,16 +16,50 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     of all ranks either way), its KV cache and its runner.
     Every rank allocates the same number of blocks, so the scheduler's block ids mean the same
     slots on all of them; a rank's blocks hold its own KV heads."""
-    from flashserve.model.loader import load_model
+    from flashserve.model.loader import load_model_config
+    from flashserve.model.weight_cache import weight_cache
     from flashserve.runner.kv_cache import allocate_kv_caches
     from flashserve.runner.kv_swap import allocate_swap_space, num_swap_slots
+
+    cache = weight_cache(config, device, 1 if tp_group is None else tp_group.world_size)
+    model = None if cache is None else cache.load(max_positions(config))
+    if model is None:
+        model, cfg = _load(config, device, tp_group)
+        if cache is not None:
+            cache.store(model, config.model_path)
+    else:  # mapped from the cache file: in the page cache's pages, nothing to collapse
+        cfg = load_model_config(config.model_path)
+        startup_phases.mark("weights mapped from the weight cache")
+    streaming = config.max_weight_memory is not None  # layer streaming maps its large blocks instead
+    if torch.device(device).type == "cpu" and not streaming:
+        heap.reuse_large_blocks()
+    kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, getattr(torch, config.dtype), device,
+                                   config.cache.kv_cache_dtype)
+    startup_phases.mark("KV cache reserved")
+    # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers,
+    # nor for layer streaming's hooks (it would hold the weights of every layer).
+    return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
+                       use_decode_plan=tp_group is None and not streaming,
+                       swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)),
+                       typical_acceptance=config.speculative.typical_acceptance)
+
+
+def max_positions(config: EngineConfig) -> int:
+    """The positions the rotary tables cover: the engine's context length."""
+    return config.scheduler.max_model_len
+
+
+def _load(config: EngineConfig, device: torch.device, tp_group):
+    """(model, its ModelConfig) read and packed from the model file: this rank's part, its weights in
+    their final form (tiles), in huge pages where asked."""
+    from flashserve.model.loader import load_model
 
     dtype = getattr(torch, config.dtype)
     huge_pages = config.huge_pages and torch.device(device).type == "cpu"
     with allocations_in_huge_pages(huge_pages):
         model, cfg = load_model(config.model_path, dtype=dtype, device=device, quantization=config.quantization,
                                 max_weight_memory=config.max_weight_memory, activation_quant=config.activation_quant,
-                                hot_neurons=config.hot_neurons, max_positions=config.scheduler.max_model_len)
+                                hot_neurons=config.hot_neurons, max_positions=max_positions(config))
         if tp_group is not None and config.parallel.pipeline_parallel_size > 1:
             from flashserve.distributed.pipeline_parallel import split_stages
 
@@ -40,18 +74,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     if huge_pages:
         collapse_weights(model)  # what was not born huge, of the rank's final weights (after any split)
         startup_phases.mark("weights mapped in huge pages")
-    streaming = config.max_weight_memory is not None  # layer streaming maps its large blocks instead
-    if torch.device(device).type == "cpu" and not streaming:
-        heap.reuse_large_blocks()
-    kv_caches = allocate_kv_caches(cfg, num_blocks, config.cache.block_size, dtype, device,
-                                   config.cache.kv_cache_dtype)
-    startup_phases.mark("KV cache reserved")
-    # The C++ decode step runs all layers in one call, with no place for the all-reduces or transfers,
-    # nor for layer streaming's hooks (it would hold the weights of every layer).
-    return ModelRunner(model, kv_caches, config.cache.block_size, eos_token_ids, device, guided,
-                       use_decode_plan=tp_group is None and not streaming,
-                       swap_caches=allocate_swap_space(kv_caches, num_swap_slots(config)),
-                       typical_acceptance=config.speculative.typical_acceptance)
+    return model, cfg
 
 
 def _store_in_tiles(model, linears: bool) -> None:

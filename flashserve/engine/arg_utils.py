@@ -59,6 +59,7 @@ class EngineArgs:
     neuron_predictor: bool = False
     neuron_predictor_max_disagreement: float = 0.0
     huge_pages: bool = True  # EngineConfig.huge_pages
+    weight_cache: bool = True  # EngineConfig.weight_cache
 
     def create_engine_config(self) -> EngineConfig:
         from flashserve.model.catalogue import resolve
@@ -105,6 +106,7 @@ class EngineArgs:
             hot_neurons=HotNeuronConfig(self.hot_neuron_profile, self.hot_neuron_fraction, self.neuron_predictor,
                                         self.neuron_predictor_max_disagreement),
             huge_pages=self.huge_pages and self.max_weight_memory is None,
+            weight_cache=self.weight_cache,
         )
         config.validate()
         return config

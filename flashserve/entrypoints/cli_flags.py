@@ -77,6 +77,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="leave the weights in 4 KiB pages: a shorter start-up, slower decode steps "
                         "(remapping them costs seconds a GiB on some machines)")
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false",
+                   help="pack the model's weights at every start instead of mapping the packed weights saved "
+                        "by the first start (model/weight_cache.py: one file per model beside the model cache)")
     p.add_argument("--hot-neuron-profile", default=None, metavar="FILE",
                    help="a neuron profile (flashserve profile-neurons; needs --quantization none): with "
                         "--neuron-predictor, cold FFN neurons predicted inactive are skipped, exact or off")

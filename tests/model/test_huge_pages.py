@@ -42,7 +42,7 @@ import json
 from flashserve import LLM
 from flashserve.huge_pages import weight_spans
 from tests.model.test_huge_pages import huge_bytes_of_mappings_holding
-model = LLM(model={model_path!r}, max_num_seqs=2, huge_pages={huge_pages}).engine.runner.model
+model = LLM(model={model_path!r}, max_num_seqs=2, huge_pages={huge_pages}, weight_cache=False).engine.runner.model
 spans = weight_spans(model)
 print(json.dumps({{"spans": len(spans), "huge": huge_bytes_of_mappings_holding(spans)[0],
                   "weights": sum(p.nbytes for p in dict.fromkeys(model.parameters()))}}))
@@ -95,8 +95,8 @@ def test_raw_allocations_go_through_either_way(cpp_kernels):
 
 
 def test_outputs_do_not_change(smollm2_gguf):
-    with_pages = LLM(model=smollm2_gguf, max_num_seqs=2)
-    without = LLM(model=smollm2_gguf, max_num_seqs=2, huge_pages=False)
+    with_pages = LLM(model=smollm2_gguf, max_num_seqs=2, weight_cache=False)  # packed, both
+    without = LLM(model=smollm2_gguf, max_num_seqs=2, huge_pages=False, weight_cache=False)
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
     a, b = (llm.generate(prompts, params, use_tqdm=False) for llm in (with_pages, without))

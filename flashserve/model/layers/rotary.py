@@ -45,10 +45,15 @@ _POSITIONS_PER_PIECE = 2048
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None = None):
         super().__init__()
-        inv = inverse_frequencies(head_dim, base, scaling)
-        # float32 tables: positions up to the context length need more than bf16's 8 bits. Angles in
-        # float64, a piece of positions at a time: whole-table float64 temporaries were 4x the
-        # tables (+130 MiB at start-up for Gemma 3's two 32k x 128 pairs, measured).
+        self.inverse_frequencies = inverse_frequencies(head_dim, base, scaling)  # float64 (head_dim/2,)
+        self.build_tables(max_positions)
+
+    def build_tables(self, max_positions: int) -> None:
+        """cos and sin of every position's angles, (max_positions, head_dim/2) float32: positions up to
+        the context length need more than bf16's 8 bits. Angles in float64, a piece of positions at a
+        time: whole-table float64 temporaries were 4x the tables (+130 MiB at start-up for Gemma 3's
+        two 32k x 128 pairs, measured)."""
+        inv = self.inverse_frequencies
         cos, sin = (torch.empty(max_positions, inv.numel(), dtype=torch.float32) for _ in range(2))
         for start in range(0, max_positions, _POSITIONS_PER_PIECE):
             positions = torch.arange(start, min(start + _POSITIONS_PER_PIECE, max_positions), dtype=torch.float64)
@@ -57,6 +62,13 @@ class RotaryEmbedding(nn.Module):
             sin[start:start + len(positions)] = angles.sin()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def __getstate__(self):
+        """Pickled without its tables (model/weight_cache.py saves a model): they follow from the
+        frequencies and the context length, which the loader passes to build_tables."""
+        state = dict(super().__getstate__())  # a copy: the live module keeps its tables
+        state["_buffers"] = {name: torch.empty(0) for name in state["_buffers"]}
+        return state
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,); q: (T, Hq, D); k: (T, Hk, D). May rotate q and k in place."""
