@@ -28,7 +28,12 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
         if cache is not None:
             cache.store(model, config.model_path)
     else:  # mapped from the cache file: in the page cache's pages, nothing to collapse
+        from flashserve.model.loader.gguf_file import open_gguf
+
         cfg = load_model_config(config.model_path)
+        # As after packing (load_model): the parsed header's vocabulary (tens of MiB of Python strings
+        # for Gemma 3's 262k tokens) is not kept for the engine's lifetime.
+        open_gguf.cache_clear()
         startup_phases.mark("weights mapped from the weight cache")
     streaming = config.max_weight_memory is not None  # layer streaming maps its large blocks instead
     if torch.device(device).type == "cpu" and not streaming:
