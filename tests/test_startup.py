@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from flashserve.entrypoints.cli import build_parser
 from flashserve.entrypoints.cli_flags import engine_args_from
 from flashserve.entrypoints.cli_run import one_shot_engine
@@ -88,32 +90,37 @@ print(json.dumps({{"rc": rc, "loaded": sorted(m for m in ("transformers", "fasta
     assert run_python(code, tmp_path) == {"rc": 0, "loaded": []}
 
 
-def test_a_generate_marks_its_start_phases_in_order_and_prints_all_it_generated(smollm2_gguf, tmp_path):
+PACKING_PHASES = ["C++ kernels loaded", "model built (modules, rotary tables)", "weights read and packed",
+                  "weights mapped in huge pages"]
+
+
+@pytest.mark.parametrize("weights", ["packed", "mapped from the weight cache"])
+def test_a_generate_marks_its_start_phases_in_order_and_prints_all_it_generated(smollm2_gguf, tmp_path, weights):
     """FLASHSERVE_STARTUP_PHASES (what `flashserve bench --startup` breaks a start down with): every
-    phase of a one-shot start marked once, in order, times and memory growing; and the `flashserve`
-    command's quick exit (no interpreter teardown) still prints the whole completion, as the engine
-    streamed it, with the exit status."""
-    from flashserve import startup_phases
+    phase of a one-shot start marked once, in order, times and memory growing, whether it packs the
+    model file or maps the packed weights a start saved before; and the `flashserve` command's quick
+    exit (no interpreter teardown) still prints the whole completion, as the engine streamed it, with
+    the exit status."""
+    from flashserve import LLM, SamplingParams, startup_phases
+
+    # the same completion in this process, through the API (which also leaves the weight cache's entry)
+    llm = LLM(model=smollm2_gguf, max_model_len=64, max_num_seqs=1)
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)[0].outputs[0].text
 
     marks = tmp_path / "phases.jsonl"
     cmd = [sys.executable, "-m", "flashserve.entrypoints.cli", "generate", "--model", smollm2_gguf, "--prompt", PROMPT,
-           "--max-tokens", "6", "--temperature", "0"]
+           "--max-tokens", "6", "--temperature", "0", *(["--no-weight-cache"] if weights == "packed" else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, startup_phases.ENV: str(marks)})
     assert out.returncode == 0, out.stderr[-2000:]
     phases = startup_phases.read(str(marks))
     assert [p["phase"] for p in phases] == [
         "interpreter and CLI imports", "tokenizer (GGUF header check, cached vocabulary)", "torch and engine imports",
-        "engine config (GGUF metadata)", "C++ kernels loaded", "model built (modules, rotary tables)",
-        "weights read and packed", "weights mapped in huge pages", "KV cache reserved",
+        "engine config (GGUF metadata)",
+        *(PACKING_PHASES if weights == "packed" else ["weights mapped from the weight cache"]), "KV cache reserved",
         "engine ready (scheduler, sampler, collector frozen)",
         "first token (prompt's prefill)", "the other tokens"]
     assert all(a["t"] <= b["t"] for a, b in zip(phases, phases[1:]))
     assert all(0 < p["rss_mib"] <= p["peak_mib"] for p in phases)
     assert phases[-1]["peak_mib"] > phases[0]["peak_mib"] + 100  # torch and the weights came in between
-
-    from flashserve import LLM, SamplingParams  # the same completion in this process, through the API
-
-    llm = LLM(model=smollm2_gguf, max_model_len=64, max_num_seqs=1)
-    want = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)[0].outputs[0].text
     assert out.stdout == want + "\n"
