@@ -9,11 +9,12 @@ read from disk only on the first start after a boot, touched only when a step re
     <cache>/weights/<the same name>.json                   {"model": the model file's path}
 
 The key covers all that decides the weights: the model file (path, size, mtime), quantization, dtype,
-activation quantization, the kernels' instruction-set level (the tiles' layout), torch's version and the
-source of this package (any change to the code that packs gives a new key: no version to bump by hand).
-The rotary tables are not saved: they depend on the context length and are rebuilt at load. Entries
-of the same model file with another key are removed when one is written, so a model keeps one entry,
-and so are the entries of model files that no longer exist.
+activation quantization (and its calibration text's size and mtime), the kernels' build (their level:
+the tiles' layout), torch's version and the source of this package (any change to the code that packs
+gives a new key: no version to bump by hand). The rotary tables are not saved: they depend on the
+context length and are rebuilt at load. Entries of the same model file with another key are removed
+when one is written, so a model keeps one entry, and so are the entries of model files that no longer
+exist.
 
 Not cached: tensor or pipeline parallel ranks, layer streaming, hot/cold neurons (each changes the model
 after loading), checkpoint directories, and a device other than the CPU. A file that does not load
@@ -67,7 +68,13 @@ class WeightCache:
         """Save the model (written to a temporary name, then renamed: a reader never sees half a file),
         and remove the entries of this model file's other keys and of model files that are gone. A
         cache that cannot be written only costs the next start its packing."""
+        from torch.utils.serialization import config as serialization
+
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        crc = serialization.save.compute_crc32
+        # The zip's checksums cost a pass over every byte at the first start, and a mapped load never
+        # reads them; a broken entry fails to load (the pickle, the zip directory) or is keyed away.
+        serialization.save.compute_crc32 = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model, tmp)
@@ -77,6 +84,8 @@ class WeightCache:
             logger.warning("cannot write the weight cache entry %s (%s)", self.path, exc)
             tmp.unlink(missing_ok=True)
             return
+        finally:
+            serialization.save.compute_crc32 = crc
         prefix = self.path.name[:self.path.name.rindex("-") + 1]
         for other in self.path.parent.glob(f"*{_SUFFIX}"):
             if other != self.path and (other.name.startswith(prefix) or not _model_exists(other)):
@@ -101,12 +110,22 @@ def weight_cache(config: EngineConfig, device: torch.device, ranks: int) -> Weig
     from flashserve.kernels import ops
     from flashserve.model.catalogue import cache_dir
 
-    st, where = path.stat(), str(path.resolve())
+    where = str(path.resolve())
     kernels = ops.native()  # its name holds its level and its sources' digest; None: torch's twins pack
-    key = repr([where, st.st_size, st.st_mtime_ns, config.quantization, config.dtype, repr(config.activation_quant),
-                getattr(kernels, "__name__", None), torch.__version__, _source_digest()])
+    calibration = config.activation_quant.calibration_text  # SmoothQuant's maxima come from this text
+    key = repr([where, _file_identity(path), config.quantization, config.dtype, repr(config.activation_quant),
+                calibration and _file_identity(Path(calibration)), getattr(kernels, "__name__", None),
+                torch.__version__, _source_digest()])
     name = f"{path.stem}-{_digest(where)[:8]}-{_digest(key)[:16]}{_SUFFIX}"  # the model's entries share a prefix
     return WeightCache(cache_dir() / "weights" / name)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _digest(text: str) -> str:

@@ -143,6 +143,13 @@ def test_what_is_not_cached(smollm2_gguf, tmp_path):
     # the key follows what decides the packing
     assert len({weight_cache(config(**kw), cpu, 1).path for kw in
                 ({}, {"quantization": "weight-only"}, {"quantization": "none"}, {"dtype": "bfloat16"})}) == 4
+    # SmoothQuant's smoothing comes from its calibration text: an edited text is another key
+    text = tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox. " * 50)
+    smooth = dict(quantization="smoothquant", calibration_text=str(text))
+    before = weight_cache(config(**smooth), cpu, 1).path
+    text.write_text("Another text, another set of activation maxima. " * 50)
+    assert weight_cache(config(**smooth), cpu, 1).path != before
 
 
 def test_the_switch_reaches_the_engine_config(smollm2_gguf):
