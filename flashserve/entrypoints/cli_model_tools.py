@@ -29,6 +29,8 @@ def add_model_tool_commands(sub) -> None:
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration text (default: the GNU GPL v3 text Debian ships in its common licences)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation (desc_act)")
+    p.add_argument("--max-seqs", type=int, default=None,
+                   help="calibration sequences of up to 512 tokens taken from --calib (default 16)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("imatrix", help="the importance matrix (mean squared input activation per column of every "
@@ -70,7 +72,7 @@ def cmd_quantize(a) -> None:
     from flashserve.quantization.quantize import QuantizeArgs, quantize_model
 
     args = QuantizeArgs(method=a.method, model=a.model, out=a.out, group_size=a.group_size, calib=a.calib,
-                        act_order=a.act_order)
+                        act_order=a.act_order, **({} if a.max_seqs is None else {"max_seqs": a.max_seqs}))
     summary = quantize_model(args, progress=lambda layers: tqdm(layers, desc=f"{a.method}", unit="layer"))
     for note in summary["notes"]:
         print(note)

@@ -210,3 +210,14 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "existing"]
     assert not any(existing.iterdir())
+
+
+def test_the_command_takes_as_many_calibration_sequences_as_asked(tiny_dir, tmp_path, capsys):
+    """`flashserve quantize --max-seqs N`: at most N sequences of 512 tokens of --calib (the README holds
+    more than 2 x 512 of them), and 16 by default."""
+    for extra, tokens in (["--max-seqs", "2"], 2 * 512), ([], 16 * 512):
+        out = tmp_path / f"gptq-{len(extra)}"
+        assert main(["quantize", "--method", "gptq", "--model", str(tiny_dir), "--group-size", "32",
+                     "--calib", str(README), "--out", str(out), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert f"{tokens} calibration tokens" in printed, printed
