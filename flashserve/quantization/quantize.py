@@ -77,7 +77,8 @@ def quantize_model(args: QuantizeArgs, progress=None) -> dict:
     if ids is None:
         for i, _ in enumerate(progress(model.model.layers)):
             for name, module in _linears(model, i):
-                packed[name] = _set(module, rtn_quantize(module.weight.data, args.group_size, args.method == "rtn"))
+                packed[name] = _set(module, rtn_quantize(module.weight.data, args.group_size,
+                                                         sym=args.method == "rtn-sym"))
     else:
         step = _gptq_layer if args.method == "gptq" else _awq_layer
         walk_layers(model, ids, lambda i, layer, run: step(args, model, i, layer, run, packed, notes), progress)

@@ -221,3 +221,23 @@ def test_the_command_takes_as_many_calibration_sequences_as_asked(tiny_dir, tmp_
                      "--calib", str(README), "--out", str(out), *extra]) == 0
         printed = capsys.readouterr().out
         assert f"{tokens} calibration tokens" in printed, printed
+
+
+@pytest.mark.parametrize("method", ["rtn", "rtn-sym"])
+def test_the_round_to_nearest_baselines_use_their_own_grids(tiny_dir, tmp_path, method):
+    """rtn is AWQ's grid (zero points fitted per group, written in the AWQ format), rtn-sym GPTQ's
+    symmetric one (every zero 8, the GPTQ format): each checkpoint's zeros, read back, say which grid
+    made it, and its weights are the round-to-nearest of the float ones on that grid."""
+    out = tmp_path / method
+    quantize_model(QuantizeArgs(method=method, model=str(tiny_dir), out=str(out), group_size=32))
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    parts = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{k}" in tensors}
+    groups = unpack("gptq" if method == "rtn-sym" else "awq", parts, 32)
+    float_model = load_float_model(str(tiny_dir))[0]
+    want = rtn_quantize(float_model.get_submodule(name).weight.data, 32, sym=method == "rtn-sym")
+    assert torch.equal(groups.zero, want.zero) and torch.equal(groups.codes, want.codes)
+    if method == "rtn-sym":
+        assert bool((groups.zero == 8).all())
+    else:
+        assert len(torch.unique(groups.zero)) > 1  # fitted per group
