@@ -59,8 +59,7 @@ def commands(model_path: str, a) -> dict[str, list[str]]:
     cmds = {"python -c 'import torch' (floor)": [py, "-c", "import torch"], FLASHSERVE: fs,
             PACKING: [*fs, "--no-weight-cache"]}
     if have("llama_cpp"):
-        cmds[LLAMA] = [py, "-c", LLAMA_CPP, model_path, a.prompt, str(a.max_tokens),
-                                                      str(a.threads or "")]
+        cmds[LLAMA] = [py, "-c", LLAMA_CPP, model_path, a.prompt, str(a.max_tokens), str(a.threads or "")]
     return cmds
 
 
@@ -235,10 +234,10 @@ def main(argv=None) -> None:
             print(f"{n} printed: {texts[n]!r}")
     if LLAMA in walls:  # issue 23's bound: 1.6 x `import torch` + llama.cpp's load of the model
         ours, floor = statistics.median(walls[FLASHSERVE]), statistics.median(walls[names[0]])
-        bound = 1.6 * floor + statistics.median(llama_loads[a.warmup:])
+        load = statistics.median(llama_loads[a.warmup:])
+        bound = 1.6 * floor + load
         print(f"\n{FLASHSERVE} / {LLAMA}, wall: {ours / statistics.median(walls[LLAMA]):.3g}; against 1.6 x the "
-              f"floor + Llama(...)'s load ({statistics.median(llama_loads[a.warmup:]):.3g} s), {bound:.3g} s: "
-              f"{ours / bound:.3g}")
+              f"floor + Llama(...)'s load ({load:.3g} s), {bound:.3g} s: {ours / bound:.3g}")
     rows = phase_table(phases)
     print(f"\nWhere {FLASHSERVE}'s start goes (the same runs; each phase from the end of the one before):")
     print(table(rows, list(rows[0])))

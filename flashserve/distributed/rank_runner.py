@@ -16,7 +16,6 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     of all ranks either way), its KV cache and its runner.
     Every rank allocates the same number of blocks, so the scheduler's block ids mean the same
     slots on all of them; a rank's blocks hold its own KV heads."""
-    from flashserve.model.loader import load_model_config
     from flashserve.model.weight_cache import weight_cache
     from flashserve.runner.kv_cache import allocate_kv_caches
     from flashserve.runner.kv_swap import allocate_swap_space, num_swap_slots
@@ -30,7 +29,7 @@ def build_runner(config: EngineConfig, num_blocks: int, device: torch.device, gu
     else:  # mapped from the cache file: in the page cache's pages, nothing to collapse
         from flashserve.model.loader.gguf_file import open_gguf
 
-        cfg = load_model_config(config.model_path)
+        cfg = config.model_config  # read from the file's header when the engine config was made
         # As after packing (load_model): the parsed header's vocabulary (tens of MiB of Python strings
         # for Gemma 3's 262k tokens) is not kept for the engine's lifetime.
         open_gguf.cache_clear()

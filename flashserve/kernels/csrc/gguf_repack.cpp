@@ -339,8 +339,8 @@ at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints
 // when there are at most 16 of them (a codebook type's signed grid values: IQ2_*'s six, IQ3_XXS's
 // sixteen); an undefined tensor when there are more.
 at::Tensor code_levels(const at::Tensor& codes, int64_t N) {
-  constexpr int64_t kLanes = 16, kEight = 512;
-  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == kEight,
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(2) == kEightBitSpan,
               "code_levels: codes ", codes.sizes(), " are not 8-bit tiles of 16 lanes");
   const int64_t T = codes.size(0), S = codes.size(1);
   const uint8_t* c = codes.data_ptr<uint8_t>();
@@ -348,10 +348,10 @@ at::Tensor code_levels(const at::Tensor& codes, int64_t N) {
   std::atomic<int> distinct{0};
   at::parallel_for(0, T * S, 64, [&](int64_t begin, int64_t end) {
     for (int64_t ts = begin; ts < end && distinct.load(std::memory_order_relaxed) <= 16; ++ts) {
-      const int64_t lanes = std::min(kLanes, N - (ts / S) * kLanes);  // padding rows hold code 0: not counted
-      for (int64_t i = 0; i < kEight; ++i)
-        if ((i % 64) / 4 < lanes && !seen[c[ts * kEight + i]].load(std::memory_order_relaxed) &&
-            !seen[c[ts * kEight + i]].exchange(true))
+      const int64_t lanes = std::min(kTileLanes, N - (ts / S) * kTileLanes);  // padding rows hold code 0: not counted
+      for (int64_t i = 0; i < kEightBitSpan; ++i)
+        if ((i % 64) / 4 < lanes && !seen[c[ts * kEightBitSpan + i]].load(std::memory_order_relaxed) &&
+            !seen[c[ts * kEightBitSpan + i]].exchange(true))
           distinct.fetch_add(1);
     }
   });
@@ -398,12 +398,11 @@ void rows_to_tiles_(at::Tensor& codes) {
 // high), and for 5 bits one of fifth bits (bit q of byte i: bit 4 of code 4 q + b): the kernel's
 // unpack_four_bit_span and unpack_five_bit_span.
 at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits) {
-  constexpr int64_t kLanes = 16;
   const int64_t block = bits == 5 ? 20 : 16, span_bytes = 64 * bits;
   TORCH_CHECK((bits == 4 || bits == 5) && codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.size(1) % block == 0,
               "nibble_tiles: codes ", codes.sizes(), " are not ", bits, "-bit rows (N, K/32 * ", block, ") uint8");
-  const int64_t N = codes.size(0), S = codes.size(1) / block, T = (N + kLanes - 1) / kLanes;
+  const int64_t N = codes.size(0), S = codes.size(1) / block, T = (N + kTileLanes - 1) / kTileLanes;
   auto out = at::empty({T, S, span_bytes}, codes.options());
   const uint8_t* c = codes.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
@@ -413,8 +412,8 @@ at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits) {
       uint8_t* span = o + ts * span_bytes;
       // The nibble byte of vector j, lane l, b is row l's byte 4 j + b (code 4 j + b low, 4 (j + 4) + b high):
       // four bytes of a row at a time. Fifth bits: bit v of byte 4 l + b is bit 4 v + b of row l's u32.
-      for (int64_t lane = 0; lane < kLanes; ++lane) {
-        const int64_t n = t * kLanes + lane;
+      for (int64_t lane = 0; lane < kTileLanes; ++lane) {
+        const int64_t n = t * kTileLanes + lane;
         const uint8_t* b = n < N ? c + (n * S + s) * block : nullptr;
         for (int64_t j = 0; j < 4; ++j) {
           uint32_t four = 0;  // padding rows: nibbles 0 (4-bit c = 0; 5-bit q = 16, its fifth bit below)
@@ -443,10 +442,10 @@ at::Tensor nibble_tiles(const at::Tensor& codes, int64_t bits) {
 // down): tile t's 2-bit bytes end at 4 K (t + 1), before tile t + 1's rows begin at 16 K (t + 1).
 // Returns whether every code was in 0..3; if not, the codes are untouched.
 bool two_bit_tiles_(at::Tensor& codes) {
-  constexpr int64_t kLanes = 16, kTwo = 128;
+  constexpr int64_t kTwo = 128;
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) % 32 == 0,
               "two_bit_tiles_: codes ", codes.sizes(), " are not 8-bit rows (N, K) uint8, K a multiple of 32");
-  const int64_t N = codes.size(0), K = codes.size(1), S = K / 32, T = (N + kLanes - 1) / kLanes;
+  const int64_t N = codes.size(0), K = codes.size(1), S = K / 32, T = (N + kTileLanes - 1) / kTileLanes;
   uint8_t* c = codes.data_ptr<uint8_t>();
   std::atomic<bool> fits{true};
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -459,8 +458,8 @@ bool two_bit_tiles_(at::Tensor& codes) {
     at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         uint8_t* span = packed.data() + s * kTwo;
-        for (int64_t lane = 0; lane < kLanes; ++lane) {
-          const int64_t n = t * kLanes + lane;
+        for (int64_t lane = 0; lane < kTileLanes; ++lane) {
+          const int64_t n = t * kTileLanes + lane;
           const uint8_t* row = n < N ? c + n * K + s * 32 : nullptr;
           for (int64_t b = 0; b < 4; ++b)
             for (int64_t j = 0; j < 2; ++j) {
