@@ -89,6 +89,12 @@ class BlockPool:
             self.cached[block_hash] = block
             block.block_hash = block_hash
 
+    def uncache(self, block: KVBlock) -> None:
+        """Forget the block's content: a prefix hit must never find it."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+
     def lookup(self, block_hash: BlockHash) -> KVBlock | None:
         return self.cached.get(block_hash)
 

@@ -121,9 +121,16 @@ class KVCacheManager:
         self.req_blocks[child.request_id] = list(blocks)
         self.req_hashes[child.request_id] = self.req_hashes.get(parent.request_id, [])[: num_tokens // self.block_size]
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, num_written: int | None = None) -> None:
+        """`num_written`: tokens whose K/V the forward passes wrote, when fewer than the blocks were
+        registered for. allocate_slots registers a block's hash before the pass that fills it, so
+        after a pass that failed the blocks from the first one it left unwritten must not stay
+        findable: a prefix hit would read uninitialized memory as K/V."""
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_hashes.pop(request.request_id, None)
+        if num_written is not None:
+            for b in blocks[num_written // self.block_size:]:
+                self.pool.uncache(b)
         # Tail first, so under LRU the end of a sequence is evicted before its shareable prefix.
         self.pool.release(list(reversed(blocks)))
 

@@ -85,7 +85,7 @@ class DraftModelProposer:
         for rid in request_ids:
             ds = self.sequences.pop(rid, None)
             if ds is not None:
-                self.kv_cache_manager.free(ds.seq)
+                self.kv_cache_manager.free(ds.seq, ds.seq.num_computed_tokens)  # a failed pass wrote nothing
 
     def propose(self, requests: list[Request], num_drafts: dict[str, int]) -> dict[str, list[int]]:
         active = []

@@ -87,6 +87,19 @@ def test_freed_blocks_stay_cached_until_reused():
     assert n == 0
 
 
+def test_blocks_a_failed_pass_left_unwritten_are_not_found_again():
+    """allocate_slots registers the blocks a pass is to fill; the pass raises, the request is freed
+    with what was written (the first block): a later request with the same tokens hits that block
+    only, never the two whose K/V were never computed."""
+    kvm = KVCacheManager(8, BS)
+    a = req("a", range(12))
+    admit(kvm, a)
+    kvm.free(a, num_written=5)  # one whole block and a token of the next
+    computed, n = kvm.get_computed_blocks(req("b", range(12)))
+    assert n == 4 and len(computed) == 1
+    kvm.check_invariants([])
+
+
 def test_allocation_fails_cleanly_when_short():
     kvm = KVCacheManager(4, BS)  # 3 usable
     a = req("a", range(12))

@@ -121,9 +121,16 @@ def test_a_full_draft_pool_proposes_nothing_instead_of_failing(tiny_llama, plain
 
 def test_a_proposer_error_fails_only_its_request(tiny_llama, plain_out):
     """The draft raises whenever request "2" is in its batch: that request ends with finish reason
-    "error" after its first token; the others are retried without it and finish as plain decoding."""
+    "error" after its first token; the others are retried without it and finish as plain decoding,
+    drafting as well as ever. The draft's pool starts as NaN, so that a retry reading K/V the failed
+    pass never wrote (blocks it had registered for prefix hits) gets drafts nothing accepts: this
+    test failed now and then, with whatever the uninitialized pool held, until the failed pass's
+    blocks were forgotten."""
     llm = engine(tiny_llama[0])
     runner = llm.engine.proposer.runner
+    for k, v in runner.kv_caches:
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
     execute = runner.execute
 
     def failing(self, sched):
@@ -138,7 +145,9 @@ def test_a_proposer_error_fails_only_its_request(tiny_llama, plain_out):
     assert list(outs[2].outputs[0].token_ids) == list(plain_out[2][:1])
     others = [o.outputs[0].token_ids for i, o in enumerate(outs) if i != 2]
     assert others == [t for i, t in enumerate(plain_out) if i != 2]
-    assert llm.engine.get_stats().spec_accepted_tokens_total > 0
+    # The draft is the target itself: all but near-ties of its drafts are accepted.
+    for o in outs[:2] + outs[3:]:
+        assert o.metrics["spec_accepted_tokens"] >= 0.9 * o.metrics["spec_draft_tokens"] > 0
     assert_no_leak(llm)
     assert_draft_freed(llm)
 
