@@ -4,7 +4,7 @@ instruction-set level (--baseline-level avx2), in one process, calls alternated
 A B A B per cell, weights cycled beyond the L3 cache as a model's layers are. Also checks that both
 builds give bit-identical outputs (the kernels' integer arithmetic must not depend on the build).
 
-    python benchmarks/kernel_ab.py [--baseline HEAD | --baseline-level LEVEL] [--model smollm2-135m]
+    python benchmarks/kernel_ab.py [--baseline HEAD | --baseline-level LEVEL] [--level LEVEL] [--model smollm2-135m]
         [--ms 1,8,32,128] [--repeats 7] [--q4k]
 
 Prints µs per call, median (min-max) of the repeats, and the ratio new / baseline per cell.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import header, set_threads, table
-from flashserve.kernels.build import CSRC, SOURCES, best_level, build_cpu_kernels
+from flashserve.kernels.build import CSRC, SOURCES, build_cpu_kernels, engine_level
 from flashserve.quantization.group_quant_weight import factored_table, table_values
 
 L3_BYTES = 64 << 20
@@ -41,12 +41,13 @@ SHAPES = {  # (name, N, K, bits) of one layer; the LM head as the tied embedding
 }
 
 
-def baseline_build(rev: str, workdir: Path):
+def baseline_build(rev: str, workdir: Path, level: str | None):
     src = workdir / "csrc"
     src.mkdir()
     for name in [*SOURCES, *(h.name for h in CSRC.glob("*.h"))]:
         (src / name).write_text(_show(rev, name))
-    return build_cpu_kernels(None, src, name="flashserve_kernel_ab_" + rev.replace("/", "_").replace("~", "_").replace("^", "_"))
+    tag = rev.replace("/", "_").replace("~", "_").replace("^", "_")
+    return build_cpu_kernels(level, src, name=f"flashserve_kernel_ab_{tag}_{level or 'engine'}")
 
 
 def _show(rev: str, name: str) -> str:
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--baseline", default="HEAD", help="git revision whose C++ sources are the baseline")
     ap.add_argument("--baseline-level", default=None,
                     help="instead: this checkout's sources built at this instruction-set level (e.g. avx2)")
+    ap.add_argument("--level", default=None,
+                    help="both builds at this instruction-set level (default: the engine's; e.g. avx2 on a wider CPU)")
     ap.add_argument("--model", default="smollm2-135m", choices=list(SHAPES))
     ap.add_argument("--ms", default="1,8,32,128", help="activation rows per call")
     ap.add_argument("--repeats", type=int, default=7)
@@ -109,13 +112,13 @@ def main() -> None:
                     help="4-bit weights with Q4_K's factored tables in this checkout, float32 ones in the baseline")
     a = ap.parse_args()
     set_threads(a.threads)
-    new = build_cpu_kernels()
+    new = build_cpu_kernels(a.level)
     if a.baseline_level:
         old, a.baseline = build_cpu_kernels(a.baseline_level), f"level {a.baseline_level}"
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            old = baseline_build(a.baseline, Path(tmp))
-    header(f"quantized matmul, this checkout ({best_level().name}) against {a.baseline}", model=a.model,
+            old = baseline_build(a.baseline, Path(tmp), a.level)
+    header(f"quantized matmul, this checkout ({a.level or engine_level().level.name}) against {a.baseline}", model=a.model,
            threads=a.threads, activations="int8 per group of 32 (the default engine's)",
            tables="Q4_K factored (new) vs float32 (baseline)" if a.q4k else "as the baseline takes them")
     gen = torch.Generator().manual_seed(0)

@@ -44,7 +44,7 @@ def test_broken_source_fails_with_the_compilers_message(tmp_path, monkeypatch, c
     assert record.getMessage().count("torch implementations") == 1
 
 
-OTHER_LEVELS = [lv.name for lv in ck.supported_levels()[1:]]  # the suite's own build is the first
+OTHER_LEVELS = [lv.name for lv in ck.supported_levels() if lv != ck.engine_level().level]  # not the suite's own
 
 
 def test_levels_follow_the_cpu():
@@ -58,6 +58,33 @@ def test_levels_follow_the_cpu():
     wider = ck.LEVELS[: ck.LEVELS.index(best)]
     assert all(not lv.needs <= flags for lv in wider)
     assert ck.supported_levels()[-1].name == "scalar"
+
+
+def test_the_engine_runs_the_widest_default_level_unless_one_is_named(monkeypatch):
+    """Without FLASHSERVE_KERNEL_LEVEL the engine takes the widest level marked default; a name
+    picks any level this CPU runs, and a name it does not run is refused with the reason."""
+    supported = ck.supported_levels()
+    try:
+        monkeypatch.delenv(ck.LEVEL_ENV, raising=False)
+        ck.engine_level.cache_clear()
+        assert ck.engine_level().level == next(lv for lv in supported if lv.default)
+        monkeypatch.setenv(ck.LEVEL_ENV, "scalar")
+        ck.engine_level.cache_clear()
+        assert ck.engine_level().level.name == "scalar"
+        assert ck.LEVEL_ENV in ck.engine_level().reason
+        monkeypatch.setenv(ck.LEVEL_ENV, "avx1024")
+        ck.engine_level.cache_clear()
+        with pytest.raises(ValueError, match="not a kernel level"):
+            ck.engine_level()
+        missing = [lv for lv in ck.LEVELS if lv not in supported]
+        if missing:
+            monkeypatch.setenv(ck.LEVEL_ENV, missing[0].name)
+            ck.engine_level.cache_clear()
+            with pytest.raises(ValueError, match="this CPU lacks"):
+                ck.engine_level()
+    finally:
+        monkeypatch.undo()
+        ck.engine_level.cache_clear()
 
 
 @pytest.mark.slow  # another build of the kernels per level (one to two minutes each)
@@ -155,7 +182,7 @@ def test_a_killed_builds_marker_does_not_hang_the_next_start(cpp_kernels):
 
     from torch.utils.cpp_extension import _get_build_directory
 
-    marker = Path(_get_build_directory(ck._build_name(ck.best_level(), ck.CSRC), verbose=False)) / "lock"
+    marker = Path(_get_build_directory(ck._build_name(ck.engine_level().level, ck.CSRC), verbose=False)) / "lock"
     marker.touch()
     code = "from flashserve.kernels.build import build_cpu_kernels; build_cpu_kernels(); print('loaded')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

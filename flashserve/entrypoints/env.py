@@ -11,7 +11,7 @@ def environment_report(model: str | None = None, dtype: str = "auto", quantizati
     import torch
 
     from flashserve.cpu_info import cpu_info
-    from flashserve.kernels.build import KernelBuildError, best_level, build_cpu_kernels, supported_levels
+    from flashserve.kernels.build import KernelBuildError, build_cpu_kernels, engine_level, supported_levels
     from flashserve.engine.arg_utils import resolve_dtype
 
     cpu = cpu_info()
@@ -24,7 +24,8 @@ def environment_report(model: str | None = None, dtype: str = "auto", quantizati
     try:
         build_cpu_kernels()
         levels = ", ".join(lv.name for lv in supported_levels(cpu))
-        lines.append(f"C++ kernels: level {best_level(cpu).name}, the widest of those this CPU runs ({levels})")
+        choice = engine_level()
+        lines.append(f"C++ kernels: level {choice.level.name}, {choice.reason} ({levels})")
     except KernelBuildError as exc:
         lines.append(f"C++ kernels: unavailable, torch implementations in use ({str(exc).splitlines()[0]})")
     from flashserve.huge_pages import collapse_supported, thp_mode

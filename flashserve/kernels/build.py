@@ -3,7 +3,7 @@ instruction-set level chosen at run time from what this CPU reports.
 
 The same sources build at every level (simd.h picks the intrinsics the level's flags allow): the
 portable scalar code, AVX2 with FMA and F16C, AVX2 plus AVX-VNNI (Intel's 256-bit int8 dot products
-on client cores), and AVX-512 (F/BW/VL) with VNNI. Each level is built under its own name, so one
+on client cores), AVX-512 (F/BW/VL) with VNNI, and that plus AMX's int8 tiles. Each level is built under its own name, so one
 cache can hold several, and nothing is compiled for the machine that happened to build it
 (no -march=native): a build is valid on every CPU that has its level's features.
 
@@ -18,6 +18,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,21 @@ class ISALevel:
     name: str
     needs: frozenset[str]  # /proc/cpuinfo flags the build's instructions require
     cflags: tuple[str, ...]
+    # False: built and tested on the CPUs that have it, but run only when LEVEL_ENV names it (a level
+    # that has not yet measured faster than the one below it).
+    default: bool = True
 
 
 _AVX2 = ("-mavx2", "-mfma", "-mf16c")
-# Widest first: the engine takes the first level whose features this CPU has. AMX is not a level of
-# these kernels (its tiles are reached through torch's oneDNN matmuls, which check the CPU themselves).
+_AVX512_NEEDS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+_AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+# Widest first: the engine takes the first default level whose features this CPU has (engine_level).
+# AMX runs only once the build's amx_ready() says the OS granted its tile state and a self-test passed;
+# it is not a default: its tile products, one span of weights at a time, were slower than VNNI's.
 LEVELS = (
-    ISALevel("avx512_vnni", frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
-             (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+    ISALevel("avx512_amx", _AVX512_NEEDS | {"amx_tile", "amx_int8"}, (*_AVX512, "-mamx-tile", "-mamx-int8"),
+             default=False),
+    ISALevel("avx512_vnni", _AVX512_NEEDS, _AVX512),
     ISALevel("avx_vnni", frozenset({"avx2", "fma", "f16c", "avx_vnni"}), (*_AVX2, "-mavxvnni")),
     ISALevel("avx2", frozenset({"avx2", "fma", "f16c"}), _AVX2),
     ISALevel("scalar", frozenset(), ()),
@@ -67,6 +75,43 @@ def best_level(cpu: CPUInfo | None = None) -> ISALevel:
     return supported_levels(cpu)[0]
 
 
+@dataclass(frozen=True)
+class LevelChoice:
+    level: ISALevel
+    reason: str
+
+
+LEVEL_ENV = "FLASHSERVE_KERNEL_LEVEL"
+
+
+@functools.cache
+def engine_level() -> LevelChoice:
+    """The level the engine runs: the one LEVEL_ENV names, else the widest default level this CPU
+    has. A level with AMX tiles runs only where its build says they are usable (the OS grants a
+    process the tile state on request, and a self-test checks the unit); else the next level."""
+    levels = supported_levels()
+    asked = os.environ.get(LEVEL_ENV)
+    if asked:
+        if asked not in LEVELS_BY_NAME:
+            raise ValueError(f"{LEVEL_ENV}={asked!r}: not a kernel level (levels: {', '.join(LEVELS_BY_NAME)})")
+        isa = LEVELS_BY_NAME[asked]
+        if isa not in levels:
+            raise ValueError(f"{LEVEL_ENV}={asked}: this CPU lacks {sorted(isa.needs - cpu_info().flags)}")
+        if not _tiles_refused(isa):
+            return LevelChoice(isa, f"named by {LEVEL_ENV}")
+        fallback = next(lv for lv in levels[levels.index(isa) + 1:] if lv.default)
+        return LevelChoice(fallback, f"{LEVEL_ENV} named {asked}, but the OS refused its tile state or "
+                                     "its self-test failed")
+    isa = next(lv for lv in levels if lv.default)
+    if isa is levels[0]:
+        return LevelChoice(isa, "the widest of those this CPU runs")
+    return LevelChoice(isa, f"the widest default level; {levels[0].name} runs when {LEVEL_ENV} names it")
+
+
+def _tiles_refused(isa: ISALevel) -> bool:
+    return "amx_tile" in isa.needs and not build_cpu_kernels(isa.name).amx_ready()
+
+
 def _build_name(level: ISALevel, source_dir: Path) -> str:
     # The sources' directory is in the name: two checkouts sharing one name would make ninja rebuild
     # the extension every time a process of the other one loads it (its build file names the paths).
@@ -78,7 +123,9 @@ def _build_name(level: ISALevel, source_dir: Path) -> str:
 def build_cpu_kernels(level: str | None = None, source_dir: Path = CSRC, name: str | None = None):
     """The compiled extension module for `level` (default: the widest this CPU runs) built from
     `SOURCES` in `source_dir`, or KernelBuildError."""
-    isa = LEVELS_BY_NAME[level] if level else best_level()
+    if level is None:  # one name per level, so that the engine's level and the same one asked by name load once
+        return build_cpu_kernels(engine_level().level.name, source_dir, name)
+    isa = LEVELS_BY_NAME[level]
     if not isa.needs <= cpu_info().flags:
         raise KernelBuildError(f"C++ CPU kernels: this CPU lacks {sorted(isa.needs - cpu_info().flags)} "
                                f"for level {isa.name}")

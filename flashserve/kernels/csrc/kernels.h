@@ -39,6 +39,7 @@ at::Tensor code_levels(const at::Tensor& codes, int64_t N);
 at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints, int64_t group, const at::Tensor& levels,
                         int64_t N);
 bool two_bit_tiles_(at::Tensor& codes);
+bool amx_ready();  // AMX tiles built in, granted by the OS and self-tested (the kernels use them then)
 int64_t wide_tile_lanes();  // output rows of a stored tile in this build (16 with AVX-512), 0 without
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end);

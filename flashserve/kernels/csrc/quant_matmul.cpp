@@ -50,6 +50,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "simd.h"
 
 namespace {
@@ -974,10 +977,18 @@ inline void group_values(const Problem& p, int64_t n0, int64_t rows, int64_t g, 
   }
 }
 
+// 5-bit codes go in unsigned (q + 16, p.xq_corr's offset): their products need no sign moves, and
+// four steps of them fit in int16 (tile_dot), where signed codes widen at every step.
+template <int kBits>
+inline __m256i tile_codes(const Problem& p, int64_t n, int64_t sp) {
+  if constexpr (kBits == 5) return codes_q5_unsigned(p.codes + n * row_code_bytes(5, p.K) + sp * 20);
+  return group_codes<kBits>(p, n, sp);
+}
+
 template <int kBits, int kG = 32>
 inline void load_tile_group(const Problem& p, int64_t n0, int64_t rows, int64_t sp, TileGroup& t) {
-  constexpr bool kSigned = kBits != 4;
-  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? group_codes<kBits>(p, n0 + i, sp) : _mm256_setzero_si256();
+  constexpr bool kSigned = kBits == 8;
+  for (int64_t i = 0; i < 8; ++i) t.w[i] = i < rows ? tile_codes<kBits>(p, n0 + i, sp) : _mm256_setzero_si256();
   transpose8x32(t.w);
   if (kSigned)
     for (int q = 0; q < 8; ++q) t.a[q] = _mm256_sign_epi8(t.w[q], t.w[q]);
@@ -997,8 +1008,8 @@ inline __m256i bcast4(const int8_t* x) {
 }
 
 // The integer dot products of a tile's codes 4 q0 .. 4 q1 - 1 with the activation row's same k (xp at
-// the span's first k); signed codes take any range, unsigned ones the whole span.
-template <bool kSigned>
+// the span's first k); signed codes take any range, unsigned ones (of kBits) the whole span.
+template <bool kSigned, int kBits = 4>
 inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp, int q0 = 0, int q1 = 8) {
   const __m256i ones = _mm256_set1_epi16(1);
   if (kSigned) {  // pair sums reach 2 * 128 * 127: widen to int32 at every step
@@ -1014,11 +1025,15 @@ inline __m256i tile_dot(const __m256i* w, const __m256i* a, const int8_t* xp, in
     }
     return _mm256_add_epi32(even, odd);
   }
-  // 4-bit codes: |pair sum| <= 2 * 15 * 127, eight steps fit in int16
+  // |pair sum| <= 2 * 15 * 127 for 4-bit codes: eight steps fit in int16; 2 * 31 * 127 for 5-bit ones: four
+  static_assert(kBits == 4 || kBits == 5, "unsigned tiles hold 4- or 5-bit codes");
   __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(w[0], bcast4(xp)), _mm256_maddubs_epi16(w[1], bcast4(xp + 4)));
   __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(w[2], bcast4(xp + 8)), _mm256_maddubs_epi16(w[3], bcast4(xp + 12)));
   __m256i s45 = _mm256_add_epi16(_mm256_maddubs_epi16(w[4], bcast4(xp + 16)), _mm256_maddubs_epi16(w[5], bcast4(xp + 20)));
   __m256i s67 = _mm256_add_epi16(_mm256_maddubs_epi16(w[6], bcast4(xp + 24)), _mm256_maddubs_epi16(w[7], bcast4(xp + 28)));
+  if constexpr (kBits == 5)
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(s01, s23), ones),
+                            _mm256_madd_epi16(_mm256_add_epi16(s45, s67), ones));
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s01, s23), _mm256_add_epi16(s45, s67)), ones);
 }
 
@@ -1046,7 +1061,9 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
       const __m256 dx = _mm256_set1_ps(p.dx[m * spans + sp]);
       __m256 a;
       if constexpr (kG == 32) {
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tile_dot<kBits != 4>(t.w, t.a, xp)), _mm256_mul_ps(t.scale[0], dx), acc[i][j]);
+        __m256i dot = tile_dot<kBits == 8, kBits == 8 ? 4 : kBits>(t.w, t.a, xp);
+        if constexpr (kBits == 5) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(p.xq_corr[m * groups + sp]));
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(t.scale[0], dx), acc[i][j]);
         if (p.zero) a = _mm256_fmadd_ps(t.zero[0], _mm256_set1_ps(p.xsum[m * groups + sp]), a);
       } else {
         const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tile_dot<true>(t.w, t.a, xp, 4, 8)), t.scale[1],
@@ -1406,6 +1423,115 @@ __attribute__((always_inline)) inline __m512i add_broadcast(__m512i v, const int
   return v;
 }
 
+#ifdef FS_AMX
+// ---- AMX: a span's integer dot products on the tile unit ----------------------------------------
+// TDPBSUD (AMX-INT8) adds to a tile C of up to 16 rows of 16 int32 the products of a tile A of signed
+// bytes (rows of xq, k along the row) and a tile B of unsigned bytes whose row r holds, in dword n,
+// bytes 4r .. 4r+3 of column n: a span's w[r] as the wide tiles hold it. One instruction does the
+// dpbusd steps of 16 activation rows; the float step after it is the 16-lane kernel's own, so the
+// results are those of the dpbusd path bit for bit (integer sums are exact in any order).
+// Tiles: 0-3 C (row half r and group part h: 2 r + h), 4-5 A, 6-7 B (group part h).
+constexpr int64_t kAmxMinRows = 4;  // activation rows of a pass from which the tiles take over
+
+template <int kG>
+inline void amx_configure() {
+  struct alignas(64) Config {  // palette 1's layout: 16 bytes of header, then bytes per row and rows per tile
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } cfg;
+  for (int c = 0; c < 4; ++c) cfg.colsb[c] = 64, cfg.rows[c] = 16;
+  for (int a = 4; a < 6; ++a) cfg.colsb[a] = kG, cfg.rows[a] = 16;
+  for (int b = 6; b < 8; ++b) cfg.colsb[b] = 64, cfg.rows[b] = kG / 4;
+  _tile_loadconfig(&cfg);
+}
+
+// dots[h][i]: the integer dot products of span sp's group part h (the span itself for kG = 32) with
+// activation row m0 + i, i < mb <= 32, in 16 lanes; w: the span's 8 rows of 64 bytes. A tile reads 16
+// rows of xq from m0, past M when mb < 16 (set_int8_activations pads xq to whole tiles).
+template <int kG>
+__attribute__((always_inline)) inline void amx_span_dots(const Problem& p, const void* w, int64_t m0, int64_t mb,
+                                                         int64_t sp, int32_t (*dots)[kWideTileRows][16]) {
+  const int8_t* x = p.xq + m0 * p.K + sp * 32;
+  const int64_t stride = p.K;
+  _tile_loadd(6, w, 64);
+  _tile_zero(0);
+  if constexpr (kG == 32) {
+    _tile_loadd(4, x, stride);
+    _tile_dpbsud(0, 4, 6);
+    if (mb > 16) {  // the second row half in tiles of its own, so that it need not wait on the first
+      _tile_zero(2);
+      _tile_loadd(5, x + 16 * stride, stride);
+      _tile_dpbsud(2, 5, 6);
+    }
+    _tile_stored(0, dots[0][0], 64);
+    if (mb > 16) _tile_stored(2, dots[0][16], 64);
+  } else {
+    _tile_loadd(7, static_cast<const uint8_t*>(w) + 4 * 64, 64);
+    _tile_zero(1);
+    _tile_loadd(4, x, stride);
+    _tile_loadd(5, x + 16, stride);
+    _tile_dpbsud(0, 4, 6);
+    _tile_dpbsud(1, 5, 7);
+    if (mb > 16) {
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(4, x + 16 * stride, stride);
+      _tile_loadd(5, x + 16 * stride + 16, stride);
+      _tile_dpbsud(2, 4, 6);
+      _tile_dpbsud(3, 5, 7);
+    }
+    _tile_stored(0, dots[0][0], 64);
+    _tile_stored(1, dots[1][0], 64);
+    if (mb > 16) {
+      _tile_stored(2, dots[0][16], 64);
+      _tile_stored(3, dots[1][16], 64);
+    }
+  }
+}
+
+// One TDPBSUD on pseudo-random bytes against the same sums done one product at a time.
+bool amx_self_test() {
+  alignas(64) int8_t a[16][64];
+  alignas(64) uint8_t b[16][64];
+  alignas(64) int32_t c[16][16];
+  uint32_t state = 2463534242u;
+  const auto next = [&] { state ^= state << 13, state ^= state >> 17, state ^= state << 5; return state >> 24; };
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 64; ++k) a[r][k] = static_cast<int8_t>(next()), b[r][k] = static_cast<uint8_t>(next());
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16};
+  } cfg;
+  _tile_loadconfig(&cfg);
+  _tile_zero(0);
+  _tile_loadd(1, a, 64);
+  _tile_loadd(2, b, 64);
+  _tile_dpbsud(0, 1, 2);
+  _tile_stored(0, c, 64);
+  _tile_release();
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      int32_t sum = 0;
+      for (int k = 0; k < 64; ++k) sum += a[m][k] * b[k / 4][4 * n + k % 4];
+      if (sum != c[m][n]) return false;
+    }
+  return true;
+}
+
+// Linux hands out the tile state (8 KiB a thread) only on request: arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), once for the whole process, Linux 5.16 on. Until then a tile instruction
+// faults; where the request or the self-test fails, the dpbusd path stays in use.
+bool amx_usable() {
+  static const bool usable = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0 && amx_self_test();
+  }();
+  return usable;
+}
+#endif  // FS_AMX
+
 template <int kBits, int kG = 32>
 void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, int64_t n0, int64_t rows, int64_t m0,
                     int64_t mb, int64_t next_n0, int64_t next_rows) {
@@ -1415,10 +1541,18 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
   __m512 acc[kWideTileRows][8];
   for (int64_t i = 0; i < mb; ++i)
     for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
+#ifdef FS_AMX
+  const bool amx = mb >= kAmxMinRows && amx_usable();
+  alignas(64) int32_t dots[32 / kG][kWideTileRows][16];
+  if (amx) amx_configure<kG>();  // each pass: other code on this thread (oneDNN) may have configured its own
+#endif
   // One span's products for rows [m0, m0 + mb), inlined in each of the loops below: a reference that
   // could be either a built group or a fresh one kept the fresh one in memory, not in registers.
   const auto span_step = [&](const WideTileGroup& t, int64_t sp) __attribute__((always_inline)) {
     const int64_t j = sp % 8;
+#ifdef FS_AMX
+    if (amx) amx_span_dots<kG>(p, t.w, m0, mb, sp, dots);
+#endif
     for (int64_t i = 0; i < mb; ++i) {
       const int64_t m = m0 + i;
       const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K + sp * 32);
@@ -1426,12 +1560,20 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         // Two chains, so that one product does not wait on the last (one chain: 1.04-1.10x the time);
         // the code offset's correction is added to their sum with its broadcast folded into the add
         // (starting a chain at a broadcast vector cost a vpbroadcastd a row and span).
-        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-        for (int q = 0; q < 8; q += 2) {
-          even = dpbusd_broadcast(even, t.w[q], x4 + q);
-          odd = dpbusd_broadcast(odd, t.w[q + 1], x4 + q + 1);
+        __m512i d32;
+#ifdef FS_AMX
+        if (amx) {
+          d32 = _mm512_load_si512(dots[0][i]);
+        } else
+#endif
+        {
+          __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+          for (int q = 0; q < 8; q += 2) {
+            even = dpbusd_broadcast(even, t.w[q], x4 + q);
+            odd = dpbusd_broadcast(odd, t.w[q + 1], x4 + q + 1);
+          }
+          d32 = _mm512_add_epi32(even, odd);
         }
-        __m512i d32 = _mm512_add_epi32(even, odd);
         if (p.xq_corr) d32 = add_broadcast(d32, p.xq_corr + m * spans + sp);
         __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d32), _mm512_mul_ps(t.scale[0], _mm512_set1_ps(p.dx[m * spans + sp])),
                                    acc[i][j]);
@@ -1444,6 +1586,13 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
         __m512i d[2];
         for (int h = 0; h < 2; ++h) {
           const int q = 4 * h;
+#ifdef FS_AMX
+          if (amx) {
+            d[h] = _mm512_load_si512(dots[h][i]);
+            if (p.xq_corr) d[h] = add_broadcast(d[h], p.xq_corr + m * groups + 2 * sp + h);
+            continue;
+          }
+#endif
           __m512i odd = dpbusd_broadcast(_mm512_setzero_si512(), t.w[q + 1], x4 + q + 1);
           d[h] = dpbusd_broadcast(_mm512_setzero_si512(), t.w[q], x4 + q);
           odd = dpbusd_broadcast(odd, t.w[q + 3], x4 + q + 3);
@@ -1479,6 +1628,9 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
       span_step(here, sp);
     }
   }
+#ifdef FS_AMX
+  if (amx) _tile_release();
+#endif
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
   for (int64_t i = 0; i < mb; ++i) {
     const __m512* v = acc[i];  // canonical_sum's tree
@@ -1645,7 +1797,7 @@ void set_int8_activations(Problem& p, bool with_xsum, int32_t offset) {
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<int32_t> xq_corr;
   const int64_t groups = p.M * (p.K / p.G);
-  xq.resize(p.M * p.K);
+  xq.resize((p.M + 15) / 16 * 16 * p.K);  // whole AMX tiles of 16 rows (amx_span_dots reads them)
   dx.resize(p.M * (p.K / 32));
   if (with_xsum) xsum.resize(groups);
   if (offset) xq_corr.resize(groups);
@@ -1857,6 +2009,14 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   return y;
 #else
   TORCH_CHECK(false, "group_quant_matmul_tiles: this build of the kernels has no 16-lane tiles (AVX-512)");
+#endif
+}
+
+bool amx_ready() {
+#ifdef FS_AMX
+  return amx_usable();
+#else
+  return false;
 #endif
 }
 

@@ -28,6 +28,12 @@ inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(
 #define FS_AVX512 1
 #endif
 
+// FS_AMX: Intel's tile matrix unit with int8 products (the avx512_amx level). Its instructions fault
+// until the kernel grants the process the tile state, so the kernels use it only after amx_ready().
+#if defined(FS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define FS_AMX 1
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 constexpr bool kVnni = true;
 inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
