@@ -61,14 +61,7 @@ def hf_smollm2_tokenizer(smollm2_gguf):
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2_gguf, hf_smollm2_tokenizer):
     """Transformers' own reading of the same GGUF (dequantized, float32): the oracle."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    path = Path(smollm2_gguf)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    model.eval()
-    return model, hf_smollm2_tokenizer
+    return _hf_oracle(smollm2_gguf), hf_smollm2_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -103,13 +96,41 @@ def hf_gemma3_tokenizer(gemma3_gguf):
 
 
 def _hf_oracle(gguf: str):
-    """Transformers' own reading of a GGUF file (dequantized, float32)."""
+    """Transformers' own reading of a GGUF file (dequantized, float32). gguf-py parses a vocabulary
+    value by value, twice (config, then weights): over a minute for Gemma 3's and Qwen's on two
+    cores. So the first session on a machine saves what transformers read with its own
+    save_pretrained, keyed by the file and transformers' version, and later ones load that."""
+    import json
+    import os
+    import shutil
     from pathlib import Path
 
+    import safetensors.torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    from flashserve.model.catalogue import cache_dir
+
     path = Path(gguf)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    st = path.stat()
+    saved = cache_dir() / "hf-oracles" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-transformers-{transformers.__version__}"
+    if saved.is_dir():
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # save_pretrained refuses a model read from GGUF: its tensors and its config (less the GGUF marker),
+    # which from_pretrained reads back as a plain float32 checkpoint
+    tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config))
+    model.generation_config.save_pretrained(tmp)
+    try:
+        tmp.rename(saved)  # whole or not at all
+    except OSError:  # another session got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
 
 
 @pytest.fixture(scope="session")
