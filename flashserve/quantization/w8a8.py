@@ -10,17 +10,29 @@ dynamic activations with per-channel weights, Xiao et al. 2022, section 4):
 Because each scale belongs to a whole row, it factors out of the dot product over all of K, so the
 sum runs in integers end to end. (The project's C++ kernel, quant_matmul.cpp, rounds x with one scale
 per group of 32 instead and takes that granularity whatever the weight: it cannot compute this
-formula, and torch._int_mm was also faster on SmolLM2's shapes, M = 1..512, 2 threads.)
+formula, and torch._int_mm was also faster on SmolLM2's shapes, M = 1..512, 2 threads, on a CPU with
+VNNI.)
+
+Where the CPU has no int8 dot-product instructions, torch's integer GEMM is a slow generic loop, and
+the same integers come out of float32 matmuls instead (int8_dot): a product of two codes is at most
+127^2, so over at most EXACT_FLOAT_K terms every partial sum is an integer below 2^24, which float32
+holds exactly whatever order the GEMM adds in; longer rows are cut into chunks of that length and the
+chunks' sums added in int32.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 
+from flashserve.cpu_info import cpu_info
 from flashserve.quantization.packed import PackedWeight, _param
 
 QMAX = 127
+EXACT_FLOAT_K = 2**24 // (QMAX * QMAX)  # 1040 terms of at most 127^2 stay below float32's 2^24
+# CPU features under which torch's int8 GEMM (oneDNN) runs on int8 dot-product instructions
+INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def quantize_rows_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,11 +44,34 @@ def quantize_rows_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(t / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8), scale
 
 
+@functools.cache
+def integer_gemm_is_fast(device_type: str) -> bool:
+    """Whether torch._int_mm is the way to the int8 dot products on this device (else int8_dot goes
+    through exact float32 matmuls): on a CPU only with int8 dot-product instructions."""
+    return device_type != "cpu" or bool(cpu_info().flags & INT8_DOT_FEATURES)
+
+
+def int8_dot_float(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """sum_k xq[m, k] wq[n, k] for codes in [-QMAX, QMAX], exactly, through float32 matmuls over
+    chunks of EXACT_FLOAT_K → (M, N) int32."""
+    acc = None
+    for k0 in range(0, xq.shape[1], EXACT_FLOAT_K):
+        part = torch.mm(xq[:, k0:k0 + EXACT_FLOAT_K].float(), wq[:, k0:k0 + EXACT_FLOAT_K].float().t())
+        acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
+    return acc
+
+
+def int8_dot(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq (M, K) int8 times wq (N, K) int8 → (M, N) int32, the same integers on either path."""
+    if integer_gemm_is_fast(xq.device.type):
+        return torch._int_mm(xq, wq.t())
+    return int8_dot_float(xq, wq)
+
+
 def int8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) float rounded per row to int8, times wq (N, K) int8 with scales (N,) → (M, N) float32."""
     xq, x_scale = quantize_rows_int8(x)
-    acc = torch._int_mm(xq, wq.t())  # (M, N) int32
-    return acc.float().mul_(x_scale[:, None]).mul_(w_scale)
+    return int8_dot(xq, wq).float().mul_(x_scale[:, None]).mul_(w_scale)
 
 
 class W8A8Weight(PackedWeight):

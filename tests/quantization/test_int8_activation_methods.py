@@ -18,7 +18,7 @@ from flashserve.model.loader import load_model
 from flashserve.quantization.calibrate import engine_input_maxima
 from flashserve.quantization.int8_outlier import OutlierInt8Weight
 from flashserve.quantization.smoothquant import smooth, smoothed_pairs
-from flashserve.quantization.w8a8 import W8A8Weight
+from flashserve.quantization.w8a8 import EXACT_FLOAT_K, QMAX, W8A8Weight, int8_dot, int8_dot_float
 from tests.model.test_models_vs_hf import run_incremental
 from tests.model.tiny import VOCAB, hf_tiny, save_hf, write_gguf
 from tests.quantization.test_int4_checkpoints import README, _byte_tokenizer
@@ -52,6 +52,21 @@ def test_w8a8_matmul_is_per_token_times_per_channel_int8():
     x, w = _operands(0, 20.0)
     got = W8A8Weight(torch.from_numpy(w))(torch.from_numpy(x)).double().numpy()
     np.testing.assert_allclose(got, _np_int8_product(x, w), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [72, EXACT_FLOAT_K, EXACT_FLOAT_K + 1, 4096 + 17])
+def test_int8_dot_products_are_exact_on_both_paths(k):
+    """The float32 route and torch's integer GEMM give numpy's int64 sums, at the worst case too (rows of
+    +-127 long enough that one float32 product over all of K would lose integers)."""
+    g = np.random.default_rng(k)
+    xq = g.integers(-QMAX, QMAX + 1, (5, k))
+    wq = g.integers(-QMAX, QMAX + 1, (9, k))
+    xq[0], wq[0], wq[1] = QMAX, QMAX, -QMAX  # sums of +-127^2 K: past 2^24 once K > EXACT_FLOAT_K
+    want = xq @ wq.T
+    x8, w8 = torch.from_numpy(xq).to(torch.int8), torch.from_numpy(wq).to(torch.int8)
+    for got in (int8_dot_float(x8, w8), torch._int_mm(x8, w8.t()), int8_dot(x8, w8)):
+        assert got.dtype == torch.int32
+        np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_llm_int8_takes_outlier_columns_in_float():
