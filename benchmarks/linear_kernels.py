@@ -17,6 +17,9 @@ Per shape and batch size M (µs per call, x and y in float32 as the engine's com
   own8 q8 t       own8 q8 stored in the 16-lane tiles' order (to_wide_tiles; AVX-512 builds, else by rows)
   g16 q8, g16 q8 t  8-bit codes in groups of 16 with a factored scale (Q6_K's exact form), int8
                   activations, by rows and stored in tiles
+  w8a8 int, w8a8 f32  W8A8Weight (SmoothQuant's and LLM.int8()'s matmul): x rounded per row to int8, its
+                  integer dot products through torch._int_mm, or through exact float32 matmuls
+                  (int8_dot_float); on CPUs without int8 dot instructions the engine takes the second (the first for fewer than 8 rows of a weight over 8M values)
 Each cell cycles through enough distinct random weights to exceed the L3 cache, as a model's
 layers do. --engine adds decode tok/s and resident memory of LLM(...) with quantization
 "none", "weight-only" and "auto", each in a fresh process.
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.torch_int_weights import Int4Weight, Int8GroupWeight, Int8Weight
+from flashserve.quantization.w8a8 import W8A8Weight, int8_dot_float, quantize_rows_int8
 
 L3_BYTES = 64 << 20  # cycle through at least this many weight bytes per cell
 
@@ -72,7 +76,7 @@ def time_us(fns, budget: float = 0.3) -> float:
 def weights(n: int, k: int, copies: int):
     g = torch.Generator().manual_seed(0)
     out = {"fp32": [], "bf16": [], "int4": [], "int8": [], "int8 grp": [], "own4": [], "own8": [],
-           "own4 q8": [], "own8 q8": [], "own8 q8 t": [], "g16 q8": [], "g16 q8 t": []}
+           "own4 q8": [], "own8 q8": [], "own8 q8 t": [], "g16 q8": [], "g16 q8 t": [], "w8a8": []}
     for _ in range(copies):
         w = torch.randn(n, k, generator=g) * 0.05
         out["fp32"].append(w)
@@ -83,6 +87,7 @@ def weights(n: int, k: int, copies: int):
         out["own4"].append(GroupQuantWeight(codes, scale, -8 * scale, bits=4))
         codes8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         out["own8"].append(GroupQuantWeight(codes8, scale, None, bits=8))
+        out["w8a8"].append(W8A8Weight(w))
         out["own4 q8"].append(GroupQuantWeight(codes, scale, -8 * scale, bits=4, int8_activations=True))
         out["own8 q8"].append(GroupQuantWeight(codes8, scale, None, bits=8, int8_activations=True))
         out["own8 q8 t"].append(GroupQuantWeight(codes8.clone(), scale, None, bits=8, int8_activations=True))
@@ -102,7 +107,13 @@ def weights(n: int, k: int, copies: int):
 
 
 COLUMNS = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp", "own4", "own8", "own4 dq",
-           "own4 q8", "own8 q8", "own8 q8 t", "g16 q8", "g16 q8 t"]
+           "own4 q8", "own8 q8", "own8 q8 t", "g16 q8", "g16 q8 t", "w8a8 int", "w8a8 f32"]
+
+
+def w8a8_call(w: W8A8Weight, x: torch.Tensor, dot) -> torch.Tensor:
+    """W8A8Weight's product with its integer dot products taken by `dot` (xq, wq) -> int32."""
+    xq, x_scale = quantize_rows_int8(x)
+    return dot(xq, w.q).float().mul_(x_scale[:, None]).mul_(w.scale)
 
 
 def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[str]) -> None:
@@ -129,6 +140,8 @@ def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[s
                 "own8 q8 t": [lambda w=w: w.kernel(x) for w in w["own8 q8 t"]],
                 "g16 q8": [lambda w=w: w.kernel(x) for w in w["g16 q8"]],
                 "g16 q8 t": [lambda w=w: w.kernel(x) for w in w["g16 q8 t"]],
+                "w8a8 int": [lambda w=w: w8a8_call(w, x, lambda a, b: torch._int_mm(a, b.t())) for w in w["w8a8"]],
+                "w8a8 f32": [lambda w=w: w8a8_call(w, x, int8_dot_float) for w in w["w8a8"]],
             }
             budget = 0.3 if n * k * m < 5e8 else 1.0
             cells = []

@@ -14,10 +14,13 @@ formula, and torch._int_mm was also faster on SmolLM2's shapes, M = 1..512, 2 th
 VNNI.)
 
 Where the CPU has no int8 dot-product instructions, torch's integer GEMM is a slow generic loop, and
-the same integers come out of float32 matmuls instead (int8_dot): a product of two codes is at most
-127^2, so over at most EXACT_FLOAT_K terms every partial sum is an integer below 2^24, which float32
-holds exactly whatever order the GEMM adds in; longer rows are cut into chunks of that length and the
-chunks' sums added in int32.
+from FLOAT_MIN_ROWS rows the same integers come out of float32 matmuls instead (int8_dot): a product
+of two codes is at most 127^2, so over at most EXACT_FLOAT_K terms every partial sum is an integer
+below 2^24, which float32 holds exactly whatever order the GEMM adds in; longer rows are cut into
+chunks of that length and the chunks' sums added in int32. The float route converts the whole weight to float32 on every call,
+four bytes written a weight where the integer GEMM reads one: below FLOAT_MIN_ROWS rows of a weight
+whose float copy outgrows the last-level cache, that traffic costs more than the integer GEMM's
+loop, which then stays.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ QMAX = 127
 EXACT_FLOAT_K = 2**24 // (QMAX * QMAX)  # 1040 terms of at most 127^2 stay below float32's 2^24
 # CPU features under which torch's int8 GEMM (oneDNN) runs on int8 dot-product instructions
 INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+FLOAT_MIN_ROWS = 8  # activation rows from which the float route pays for converting any weight
+CACHED_FLOAT_VALUES = 8 << 20  # a weight's values whose float32 copy (32 MiB) a last-level cache holds
 
 
 def quantize_rows_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +51,8 @@ def quantize_rows_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def integer_gemm_is_fast(device_type: str) -> bool:
-    """Whether torch._int_mm is the way to the int8 dot products on this device (else int8_dot goes
-    through exact float32 matmuls): on a CPU only with int8 dot-product instructions."""
+    """Whether torch._int_mm runs on int8 dot-product hardware on this device: on a CPU only with
+    those instructions."""
     return device_type != "cpu" or bool(cpu_info().flags & INT8_DOT_FEATURES)
 
 
@@ -63,7 +68,8 @@ def int8_dot_float(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
 
 def int8_dot(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """xq (M, K) int8 times wq (N, K) int8 → (M, N) int32, the same integers on either path."""
-    if integer_gemm_is_fast(xq.device.type):
+    few_rows_of_a_large_weight = xq.shape[0] < FLOAT_MIN_ROWS and wq.numel() > CACHED_FLOAT_VALUES
+    if integer_gemm_is_fast(xq.device.type) or few_rows_of_a_large_weight:
         return torch._int_mm(xq, wq.t())
     return int8_dot_float(xq, wq)
 
