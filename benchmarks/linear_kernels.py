@@ -19,7 +19,7 @@ Per shape and batch size M (µs per call, x and y in float32 as the engine's com
                   activations, by rows and stored in tiles
   w8a8 int, w8a8 f32  W8A8Weight (SmoothQuant's and LLM.int8()'s matmul): x rounded per row to int8, its
                   integer dot products through torch._int_mm, or through exact float32 matmuls
-                  (int8_dot_float); on CPUs without int8 dot instructions the engine takes the second (the first for fewer than 8 rows of a weight over 8M values)
+                  (int8_dot_float); w8a8.int8_dot says which the engine takes
 Each cell cycles through enough distinct random weights to exceed the L3 cache, as a model's
 layers do. --engine adds decode tok/s and resident memory of LLM(...) with quantization
 "none", "weight-only" and "auto", each in a fresh process.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
 from flashserve.quantization.torch_int_weights import Int4Weight, Int8GroupWeight, Int8Weight
-from flashserve.quantization.w8a8 import W8A8Weight, int8_dot_float, quantize_rows_int8
+from flashserve.quantization.w8a8 import W8A8Weight, int8_dot_float, int8_matmul
 
 L3_BYTES = 64 << 20  # cycle through at least this many weight bytes per cell
 
@@ -110,11 +110,6 @@ COLUMNS = ["fp32", "bf16", "int4", "int8", "int4 dq", "int8 dq", "int8 grp", "ow
            "own4 q8", "own8 q8", "own8 q8 t", "g16 q8", "g16 q8 t", "w8a8 int", "w8a8 f32"]
 
 
-def w8a8_call(w: W8A8Weight, x: torch.Tensor, dot) -> torch.Tensor:
-    """W8A8Weight's product with its integer dot products taken by `dot` (xq, wq) -> int32."""
-    xq, x_scale = quantize_rows_int8(x)
-    return dot(xq, w.q).float().mul_(x_scale[:, None]).mul_(w.scale)
-
 
 def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[str]) -> None:
     print(f"{'layer':>10} {'N x K':>12} {'M':>5} " + " ".join(f"{c:>9}" for c in cols))
@@ -140,8 +135,9 @@ def kernel_table(shapes: dict[str, tuple[int, int]], ms: list[int], cols: list[s
                 "own8 q8 t": [lambda w=w: w.kernel(x) for w in w["own8 q8 t"]],
                 "g16 q8": [lambda w=w: w.kernel(x) for w in w["g16 q8"]],
                 "g16 q8 t": [lambda w=w: w.kernel(x) for w in w["g16 q8 t"]],
-                "w8a8 int": [lambda w=w: w8a8_call(w, x, lambda a, b: torch._int_mm(a, b.t())) for w in w["w8a8"]],
-                "w8a8 f32": [lambda w=w: w8a8_call(w, x, int8_dot_float) for w in w["w8a8"]],
+                "w8a8 int": [lambda w=w: int8_matmul(x, w.q, w.scale, lambda a, b: torch._int_mm(a, b.t()))
+                             for w in w["w8a8"]],
+                "w8a8 f32": [lambda w=w: int8_matmul(x, w.q, w.scale, int8_dot_float) for w in w["w8a8"]],
             }
             budget = 0.3 if n * k * m < 5e8 else 1.0
             cells = []

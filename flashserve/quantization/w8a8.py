@@ -14,13 +14,13 @@ formula, and torch._int_mm was also faster on SmolLM2's shapes, M = 1..512, 2 th
 VNNI.)
 
 Where the CPU has no int8 dot-product instructions, torch's integer GEMM is a slow generic loop, and
-from FLOAT_MIN_ROWS rows the same integers come out of float32 matmuls instead (int8_dot): a product
-of two codes is at most 127^2, so over at most EXACT_FLOAT_K terms every partial sum is an integer
-below 2^24, which float32 holds exactly whatever order the GEMM adds in; longer rows are cut into
-chunks of that length and the chunks' sums added in int32. The float route converts the whole weight to float32 on every call,
-four bytes written a weight where the integer GEMM reads one: below FLOAT_MIN_ROWS rows of a weight
-whose float copy outgrows the last-level cache, that traffic costs more than the integer GEMM's
-loop, which then stays.
+the same integers come out of float32 matmuls instead (int8_dot): a product of two codes is at most
+127^2, so over at most EXACT_FLOAT_K terms every partial sum is an integer below 2^24, which float32
+holds exactly whatever order the GEMM adds in; longer rows are cut into chunks of that length and the
+chunks' sums added in int32. The float route converts the whole weight to float32 on every call,
+four bytes written a weight where the integer GEMM reads one: for fewer than FLOAT_MIN_ROWS rows of a
+weight whose float copy outgrows the last-level cache that traffic costs more than the integer
+GEMM's loop, which then stays.
 """
 from __future__ import annotations
 
@@ -74,10 +74,11 @@ def int8_dot(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return int8_dot_float(xq, wq)
 
 
-def int8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float rounded per row to int8, times wq (N, K) int8 with scales (N,) → (M, N) float32."""
+def int8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dot=int8_dot) -> torch.Tensor:
+    """x (M, K) float rounded per row to int8, times wq (N, K) int8 with scales (N,) → (M, N) float32;
+    `dot` takes the integer products (benchmarks name a route)."""
     xq, x_scale = quantize_rows_int8(x)
-    return int8_dot(xq, wq).float().mul_(x_scale[:, None]).mul_(w_scale)
+    return dot(xq, wq).float().mul_(x_scale[:, None]).mul_(w_scale)
 
 
 class W8A8Weight(PackedWeight):
