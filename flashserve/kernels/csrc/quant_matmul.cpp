@@ -1097,6 +1097,19 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
 // cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without): in one burst at the
 // task's start for 8-lane tiles, spread over the groups (prefetch_group) for 16-lane ones, which
 // waited on their loads with the burst; spread was slower for the 8-lane tiles (RESULTS.md, issue 24).
+// The lines of y that a pass will write, asked for before it computes: a pass stores one tile's columns
+// in each of its rows, rows N floats apart, so each store is a miss of its own once y outgrows the
+// caches (a 512-token prompt's gate_up writes 8 MiB), and the misses waited in the store queue until
+// they stalled the next pass's first stores. Into L2 only (prefetch_line_l2): a pass's 32 lines at
+// once would fill L1's miss buffers.
+inline void prefetch_outputs(const Problem& p, int64_t n0, int64_t rows, int64_t m0, int64_t mb) {
+  for (int64_t i = 0; i < mb; ++i) {
+    const float* first = p.y + (m0 + i) * p.N + n0;
+    prefetch_line_l2(first);
+    prefetch_line_l2(first + rows - 1);
+  }
+}
+
 template <typename Group, int64_t kLanes, int64_t kPassRows, bool kSpread, typename Load, typename Pass>
 void over_tiles(const Problem& p, Load load, Pass pass) {
   const int64_t groups = p.K / 32;
@@ -1115,8 +1128,11 @@ void over_tiles(const Problem& p, Load load, Pass pass) {
         built = &tile;
       }
       if (!kSpread && next_rows) prefetch_rows(p, n0 + kLanes, next_rows);
-      for (int64_t m0 = 0; m0 < p.M; m0 += kPassRows)
-        pass(p, built, n0, rows, m0, std::min(kPassRows, p.M - m0), n0 + kLanes, built ? 0 : next_rows);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kPassRows) {
+        const int64_t mb = std::min(kPassRows, p.M - m0);
+        prefetch_outputs(p, n0, rows, m0, mb);
+        pass(p, built, n0, rows, m0, mb, n0 + kLanes, built ? 0 : next_rows);
+      }
     }
   });
 }
