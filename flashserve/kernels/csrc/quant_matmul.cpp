@@ -1091,12 +1091,7 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
     }
   }
 }
-// The tiled GEMM over all of y, for either tile width: parallel over tasks of kLanes output rows (a
-// tile's lanes); a task with several passes of kPassRows activation rows builds its tile once (A/B at
-// M = 128: 9-16% faster), and asks for the next task's rows while this one computes (A/B at M = 32,
-// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without): in one burst at the
-// task's start for 8-lane tiles, spread over the groups (prefetch_group) for 16-lane ones, which
-// waited on their loads with the burst; spread was slower for the 8-lane tiles (RESULTS.md, issue 24).
+
 // The lines of y that a pass will write, asked for before it computes: a pass stores one tile's columns
 // in each of its rows, rows N floats apart, so each store is a miss of its own once y outgrows the
 // caches (a 512-token prompt's gate_up writes 8 MiB), and the misses waited in the store queue until
@@ -1105,11 +1100,18 @@ void gemm_tile(const Problem& p, const std::vector<TileGroup>* built, int64_t n0
 inline void prefetch_outputs(const Problem& p, int64_t n0, int64_t rows, int64_t m0, int64_t mb) {
   for (int64_t i = 0; i < mb; ++i) {
     const float* first = p.y + (m0 + i) * p.N + n0;
+    const float* last = first + rows - 1;
     prefetch_line_l2(first);
-    prefetch_line_l2(first + rows - 1);
+    if (reinterpret_cast<uintptr_t>(first) / 64 != reinterpret_cast<uintptr_t>(last) / 64) prefetch_line_l2(last);
   }
 }
 
+// The tiled GEMM over all of y, for either tile width: parallel over tasks of kLanes output rows (a
+// tile's lanes); a task with several passes of kPassRows activation rows builds its tile once (A/B at
+// M = 128: 9-16% faster), and asks for the next task's rows while this one computes (A/B at M = 32,
+// cycled weights: gate_up 0.88, down 0.98, head 0.97 of the time without): in one burst at the
+// task's start for 8-lane tiles, spread over the groups (prefetch_group) for 16-lane ones, which
+// waited on their loads with the burst; spread was slower for the 8-lane tiles (RESULTS.md, issue 24).
 template <typename Group, int64_t kLanes, int64_t kPassRows, bool kSpread, typename Load, typename Pass>
 void over_tiles(const Problem& p, Load load, Pass pass) {
   const int64_t groups = p.K / 32;
