@@ -92,7 +92,8 @@ class _Stop(Exception):
 def walk_layers(model, ids: torch.Tensor, quantize_layer: Callable[[int, nn.Module, Callable], None],
                 progress) -> None:
     """For each decoder layer i: quantize_layer(i, layer, run), where run() runs the layer on its
-    calibration inputs (the outputs of the layers before it, as quantized) and returns the outputs;
+    calibration inputs (the outputs of the layers before it, as quantized) and returns the outputs
+    (run(seqs) on the first `seqs` sequences only);
     after quantize_layer the outputs of the quantized layer become the next layer's inputs."""
     layers = model.model.layers
     captured: dict = {}
@@ -111,8 +112,10 @@ def walk_layers(model, ids: torch.Tensor, quantize_layer: Callable[[int, nn.Modu
     hidden, kwargs = captured["hidden"], captured["kwargs"]
 
     for i, layer in enumerate(progress(layers)):
-        def run(layer=layer, hidden=hidden):
-            out = layer(hidden, **kwargs)
+        def run(seqs: int | None = None, layer=layer, hidden=hidden):
+            """The layer on its inputs: all of them, or the first `seqs` sequences (whose positions and
+            causal mask are those of any sequence, as the calibration sequences share one length)."""
+            out = layer(hidden if seqs is None else hidden[:seqs], **kwargs)
             return out[0] if isinstance(out, tuple) else out
 
         quantize_layer(i, layer, run)

@@ -42,7 +42,7 @@ class QuantizeArgs:
     act_order: bool = False  # GPTQ's desc_act
     seq_len: int = 512
     max_seqs: int = 16
-    awq_search_tokens: int = 2048  # calibration rows AWQ's grid search scores each alpha on
+    awq_search_tokens: int = 2048  # calibration rows s_X is averaged over
 
 
 DEFAULT_CALIB = "/usr/share/common-licenses/GPL-3"  # Debian's licence texts ship with the OS
@@ -112,14 +112,25 @@ def _input_groups(layer) -> list[tuple[nn.Module | None, list[nn.Linear]]]:
     return groups
 
 
+class _Captured(Exception):
+    """Raised by _capture_inputs's hooks once every input is in: the rest of the layer need not run."""
+
+
 def _capture_inputs(layer, run, linears: list[nn.Linear], keep) -> dict[nn.Linear, object]:
-    """Run the layer once, calling keep(x) on the (T, K) input of each linear in `linears`."""
+    """Run the layer once (as far as the last of `linears`), calling keep(x) on the (T, K) input of each."""
     kept, handles = {}, []
+
+    def hook(mod, args, _out):
+        kept[mod] = keep(mod, args[0].reshape(-1, mod.in_features), kept)
+        if len(kept) == len(linears):
+            raise _Captured
+
     for m in linears:
-        handles.append(m.register_forward_hook(
-            lambda mod, args, _out: kept.__setitem__(mod, keep(mod, args[0].reshape(-1, mod.in_features), kept))))
+        handles.append(m.register_forward_hook(hook))
     try:
         run()
+    except _Captured:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -127,16 +138,17 @@ def _capture_inputs(layer, run, linears: list[nn.Linear], keep) -> dict[nn.Linea
 
 
 def _gptq_layer(args, model, i, layer, run, packed, notes) -> None:
+    """GPTQ's reference code's true-sequential order: q|k|v, then o, gate|up and down, each group's
+    Hessian taken from the layer with the groups before it already quantized, so that it is fitted to
+    the inputs the quantized layer gives it (q|k|v and gate|up share one Hessian each)."""
     def keep(mod, x, kept):
         h = kept.get(mod) or gptq.Hessian(mod.in_features)
         h.add(x)
         return h
 
-    firsts = [linears[0] for _, linears in _input_groups(layer)]  # q|k|v and gate|up share one Hessian
-    hessians = _capture_inputs(layer, run, firsts, keep)
     names = dict((m, n) for n, m in _linears(model, i))
     for _, linears in _input_groups(layer):
-        h = hessians[linears[0]].h
+        h = _capture_inputs(layer, run, [linears[0]], keep)[linears[0]].h
         for m in linears:
             packed[names[m]] = _set(m, gptq.gptq_quantize(m.weight.data, h, args.group_size, args.act_order))
 
@@ -155,10 +167,11 @@ def _awq_layer(args, model, i, layer, run, packed, notes) -> None:
         if producer is None:
             scales.append(None)
             continue
-        s, alpha, ratio = awq.search_scale(inputs[linears[0]], [m.weight.data for m in linears], args.group_size)
+        s, alpha, ratio = awq.search_scale(inputs[linears[0]], linears, lambda: run(awq.SEARCH_SEQS),
+                                           args.group_size)
         scales.append(s)
         notes.append(f"layer {i} {linears[0].in_features}->{'|'.join(str(m.out_features) for m in linears)}: "
-                     f"alpha {alpha:.2f}, output error x{ratio:.3f} of alpha 0")
+                     f"alpha {alpha:.1f}, layer output error x{ratio:.3f} of alpha 0")
     for (producer, linears), s in zip(groups, scales):  # fold every scale before any rounding
         if s is None:
             continue
