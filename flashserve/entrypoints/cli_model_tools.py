@@ -3,6 +3,7 @@ file), imatrix (an importance matrix for quantize) and profile-neurons (a hot-ne
 --hot-neuron-profile). The parser is cli.py's; each group adds its subcommands to it."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from flashserve.errors import FlashserveError
@@ -29,6 +30,9 @@ def add_model_tool_commands(sub) -> None:
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration text (default: the GNU GPL v3 text Debian ships in its common licences)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation (desc_act)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: each group's grid over the clipped range that rounds it best (default), or over "
+                        "its whole range")
     p.add_argument("--max-seqs", type=int, default=None,
                    help="calibration sequences of up to 512 tokens taken from --calib (default 16)")
     p.set_defaults(func=cmd_quantize)
@@ -72,7 +76,7 @@ def cmd_quantize(a) -> None:
     from flashserve.quantization.quantize import QuantizeArgs, quantize_model
 
     args = QuantizeArgs(method=a.method, model=a.model, out=a.out, group_size=a.group_size, calib=a.calib,
-                        act_order=a.act_order, **({} if a.max_seqs is None else {"max_seqs": a.max_seqs}))
+                        act_order=a.act_order, clip=a.clip, **({} if a.max_seqs is None else {"max_seqs": a.max_seqs}))
     summary = quantize_model(args, progress=lambda layers: tqdm(layers, desc=f"{a.method}", unit="layer"))
     for note in summary["notes"]:
         print(note)

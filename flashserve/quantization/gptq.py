@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.quantization.int4_format import Int4Groups, check_group
-from flashserve.quantization.rtn import fit_grid, quantize
+from flashserve.quantization.rtn import fit_clipped_grid, fit_grid, quantize
 
 BLOCK = 128  # columns per lazy batch update (Algorithm 1's B)
 DAMP = 0.01  # λ = 1% of the mean diagonal of H
@@ -38,8 +38,10 @@ class Hessian:
         self.rows += t
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: int, act_order: bool = False) -> Int4Groups:
-    """w (N, K), h (K, K) → 4-bit codes, float16 scales and g_idx minimising the error on h's inputs."""
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: int, act_order: bool = False,
+                  clip: bool = False) -> Int4Groups:
+    """w (N, K), h (K, K) → 4-bit codes, float16 scales and g_idx minimising the error on h's inputs;
+    clip: each group's grid from rtn.fit_clipped_grid's search, not its whole range."""
     n, k = w.shape
     check_group(group, k)
     if BLOCK % group:
@@ -64,7 +66,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group: int, act_order: bool 
         for i in range(b1 - b0):
             col = b0 + i
             if col % group == 0:  # the grid of a group is fitted on its columns as updated so far
-                s, z = fit_grid(wb[:, i : i + group].float(), sym=True)
+                s, z = (fit_clipped_grid if clip else fit_grid)(wb[:, i : i + group].float(), sym=True)
                 scales[:, col // group], zeros[:, col // group] = s, z
             s, z = scales[:, col // group], zeros[:, col // group]
             q = quantize(wb[:, i : i + 1].float(), s, z)[:, 0]

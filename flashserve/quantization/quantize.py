@@ -3,7 +3,8 @@
 
     rtn      round-to-nearest, asymmetric (AWQ's grid, written in the AWQ format): the baseline
     rtn-sym  round-to-nearest, symmetric (GPTQ's grid, written in the GPTQ format): the baseline
-    gptq     gptq.py on each layer's Hessians from the calibration text
+    gptq     gptq.py on each layer's Hessians from the calibration text, each group's grid clipped
+             (rtn.fit_clipped_grid) unless --no-clip
     awq      awq.py's scale search on each linear group, then round-to-nearest
 
 The checkpoint is written under a temporary name beside --out and renamed to it at the end, so a
@@ -40,6 +41,7 @@ class QuantizeArgs:
     group_size: int = 128
     calib: str | None = None  # a text file; None: the calibration text below
     act_order: bool = False  # GPTQ's desc_act
+    clip: bool | None = None  # GPTQ: each group's grid from rtn.fit_clipped_grid (None: yes); on AWQ's grid it hurt
     seq_len: int = 512
     max_seqs: int = 16
     awq_search_tokens: int = 2048  # calibration rows s_X is averaged over
@@ -57,6 +59,8 @@ def quantize_model(args: QuantizeArgs, progress=None) -> dict:
         raise FlashserveError(f"{out} exists; choose a new output path")
     if args.act_order and args.method != "gptq":
         raise FlashserveError("act-order is a GPTQ option")
+    if args.clip is not None and args.method != "gptq":
+        raise FlashserveError("clip is a GPTQ option")
     from flashserve.model.catalogue import resolve
 
     model, tokenizer = load_float_model(str(resolve(args.model)))
@@ -150,7 +154,8 @@ def _gptq_layer(args, model, i, layer, run, packed, notes) -> None:
     for _, linears in _input_groups(layer):
         h = _capture_inputs(layer, run, [linears[0]], keep)[linears[0]].h
         for m in linears:
-            packed[names[m]] = _set(m, gptq.gptq_quantize(m.weight.data, h, args.group_size, args.act_order))
+            packed[names[m]] = _set(m, gptq.gptq_quantize(m.weight.data, h, args.group_size, args.act_order,
+                                                          clip=args.clip is not False))
 
 
 def _awq_layer(args, model, i, layer, run, packed, notes) -> None:

@@ -20,7 +20,7 @@ from flashserve.quantization.int4_format import Int4Groups, pack, unpack
 from flashserve.quantization.group_quant_weight import GroupQuantWeight
 from flashserve.quantization.packed import PermutedInput
 from flashserve.quantization.quantize import QuantizeArgs, quantize_model
-from flashserve.quantization.rtn import rtn_quantize
+from flashserve.quantization.rtn import fit_clipped_grid, rtn_quantize
 from tests.model.test_models_vs_hf import run_incremental
 from tests.model.tiny import VOCAB, hf_tiny, save_hf
 
@@ -89,8 +89,8 @@ def test_pack_matches_documented_layout_and_round_trips(fmt):
         assert [(word >> 4 * i) & 15 for i in range(8)] == [int(g.codes[8 + o, 3]) for o in AWQ_ORDER]
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order):
+@pytest.mark.parametrize("act_order,clip", [(False, False), (True, False), (False, True)])
+def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order, clip):
     """The paper's claim on one linear: ||X W^T - X W'^T|| is smaller for GPTQ's W' than for RTN's on the same
     4-bit grid (symmetric, groups of 32), with correlated inputs and a few large channels."""
     gen = torch.Generator().manual_seed(0)
@@ -103,9 +103,39 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order):
     h.add(x[500:])
     torch.testing.assert_close(h.h, 2 * x.double().t() @ x.double() / t)
     err = lambda g: ((x @ (torch.from_numpy(g.dequantize()) - w).t()) ** 2).mean().item()  # noqa: E731
-    gptq, rtn = gptq_quantize(w, h.h, 32, act_order=act_order), rtn_quantize(w, 32, sym=True)
+    gptq, rtn = gptq_quantize(w, h.h, 32, act_order=act_order, clip=clip), rtn_quantize(w, 32, sym=True)
     assert err(gptq) < 0.6 * err(rtn)
     assert torch.equal(torch.bincount(gptq.g_idx), torch.full((k // 32,), 32))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipped_grid_is_the_best_of_the_shrunk_ranges(sym):
+    """fit_clipped_grid against a search written here one group at a time in numpy: for each fraction f of
+    the range in 1.00, 0.99, ..., 0.75, the float16 step of f times the range (symmetric: 2 f max|w| / 15,
+    zero 8; else f (max w - min w) / 15 over a range holding 0, zero rounded), codes rounded and clamped to
+    0..15, and the sum of |error|^2.4; the first least one wins. Heavy-tailed groups, so that clipping pays."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.distributions.StudentT(2.0).sample((6, 5, 64)) * 0.02
+    s, z = fit_clipped_grid(w, sym)
+    shrunk = 0
+    for row in range(6):
+        for g in range(5):
+            v = w[row, g].double().numpy()
+            best = None
+            for f in np.arange(100, 74, -1) / 100:
+                if sym:
+                    step, zero = np.float16(2 * f * np.abs(v).max() / 15).astype(np.float64), 8.0
+                else:
+                    lo, hi = min(f * v.min(), 0.0), max(f * v.max(), 0.0)
+                    step = np.float16((hi - lo) / 15).astype(np.float64)
+                    zero = np.clip(np.round(-lo / step), 0, 15)
+                q = np.clip(np.round(v / step + zero), 0, 15)
+                err = (np.abs((q - zero) * step - v) ** 2.4).sum()
+                if best is None or err < best[0]:
+                    best = (err, step, zero, f)
+            assert s[row, g].item() == pytest.approx(best[1], rel=1e-6) and z[row, g].item() == best[2]
+            shrunk += best[3] < 1
+    assert shrunk > 5  # the search did clip
 
 
 def _byte_tokenizer():
@@ -208,6 +238,8 @@ def test_bad_input_is_refused_and_leaves_nothing(tiny_dir, tmp_path, capsys):
     for extra, message in cases:
         assert main(["quantize", "--method", "gptq", "--model", str(tiny_dir), *extra]) == 2
         assert message in capsys.readouterr().err
+    assert main(["quantize", "--method", "awq", "--clip", "--model", str(tiny_dir), "--out", str(tmp_path / "c")]) == 2
+    assert "clip is a GPTQ option" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "existing"]
     assert not any(existing.iterdir())
 
