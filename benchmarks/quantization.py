@@ -7,8 +7,7 @@ Rows, all computed by flashserve on the same held-out chunks:
     rtn-sym   round-to-nearest 4-bit symmetric (GPTQ's grid)         } checkpoints, loaded
     gptq, awq the two methods, calibrated on --calib                 } weight-only
     gptq-act  GPTQ with act-order (desc_act)                         }
-    gptq-noclip  GPTQ with --no-clip (each group's grid over its whole }
-              range, no clipping searched)                          }
+    gptq-noclip  GPTQ with --no-clip (grids over whole ranges)      }
     smoothquant  quantization="smoothquant": W8A8 after smoothing (alpha 0.5), maxima from --calib
     smoothquant-down  the same, down_proj's input smoothed too (folded into up_proj's rows)
     llm.int8     quantization="llm.int8": outlier columns (|x| >= 6) float, the rest W8A8

@@ -32,22 +32,23 @@ def fit_grid(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
 # Clipping: the grid of the group's range shrunk to each of these fractions is tried, and the one with
 # the least sum |w - w'|^CLIP_NORM kept (a finer step for most weights against a clipped few). The power
 # 2.4, between the mean square error and the largest error, is the GPTQ authors' reference code's.
-CLIP_FRACTIONS = torch.arange(100, 74, -1).double() / 100
+CLIP_FRACTIONS = tuple(f / 100 for f in range(100, 74, -1))
 CLIP_NORM = 2.4
 
 
 def fit_clipped_grid(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fit_grid of w's range shrunk by the CLIP_FRACTIONS factor that rounds w (..., g) best, per group."""
-    best = None
-    for fraction in CLIP_FRACTIONS.tolist():
+    """fit_grid of w's range shrunk by the CLIP_FRACTIONS factor that rounds w (..., g) best, per group
+    (the first such factor on a tie)."""
+    def fitted(fraction: float):
         s, z = fit_grid(w * fraction, sym)  # the range of w scaled is the range scaled
-        err = ((quantize(w, s, z) - z[..., None]) * s[..., None] - w).abs().pow(CLIP_NORM).sum(-1)
-        if best is None:
-            best = [s, z, err]
-            continue
-        better = err < best[2]
-        best = [torch.where(better, new, old) for new, old in zip((s, z, err), best)]
-    return best[0], best[1]
+        return s, z, (round_on_grid(w, s, z) - w).abs().pow(CLIP_NORM).sum(-1)
+
+    s, z, err = fitted(CLIP_FRACTIONS[0])
+    for fraction in CLIP_FRACTIONS[1:]:
+        s_f, z_f, err_f = fitted(fraction)
+        better = err_f < err
+        s, z, err = torch.where(better, s_f, s), torch.where(better, z_f, z), torch.where(better, err_f, err)
+    return s, z
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -55,12 +56,16 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.
     return torch.round(w / scale[..., None] + zero[..., None]).clamp_(0, MAXQ)
 
 
+def round_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """w (..., g) rounded to the nearest value of the grid of (scale, zero) (...,)."""
+    return (quantize(w, scale, zero) - zero[..., None]) * scale[..., None]
+
+
 def fake_quantize(w: torch.Tensor, group: int, sym: bool) -> torch.Tensor:
     """w (N, K) rounded to its 4-bit grid per group of `group` columns, as float32 (N, K)."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group, group)
-    s, z = fit_grid(wg, sym)
-    return ((quantize(wg, s, z) - z[..., None]) * s[..., None]).reshape(n, k)
+    return round_on_grid(wg, *fit_grid(wg, sym)).reshape(n, k)
 
 
 def rtn_quantize(w: torch.Tensor, group: int, sym: bool) -> Int4Groups:

@@ -114,8 +114,7 @@ def test_clipped_grid_is_the_best_of_the_shrunk_ranges(sym):
     the range in 1.00, 0.99, ..., 0.75, the float16 step of f times the range (symmetric: 2 f max|w| / 15,
     zero 8; else f (max w - min w) / 15 over a range holding 0, zero rounded), codes rounded and clamped to
     0..15, and the sum of |error|^2.4; the first least one wins. Heavy-tailed groups, so that clipping pays."""
-    gen = torch.Generator().manual_seed(3)
-    w = torch.distributions.StudentT(2.0).sample((6, 5, 64)) * 0.02
+    w = torch.from_numpy(np.random.default_rng(3).standard_t(2.0, (6, 5, 64))).float() * 0.02
     s, z = fit_clipped_grid(w, sym)
     shrunk = 0
     for row in range(6):
