@@ -211,7 +211,7 @@ def main() -> None:
                     print(f"[{time.strftime('%H:%M:%S')}] {workload} x{streams}: {engine} {config}, round {r + 1}",
                           file=sys.stderr, flush=True)
                     got[(engine, config)] = spawn(a, engine, config, workload, streams)
-                base = got.get(("llamacpp", "plain"), got[("flashserve", "plain")])
+                base = got[("llamacpp", "plain") if ("llamacpp", "plain") in got else ("flashserve", "plain")]
                 for c in configs:
                     runs[c].append(got[c])
                     ratios[c].append(got[c]["tok_s"] / base["tok_s"])

@@ -25,10 +25,14 @@ PROMPT_LOGPROBS_ROWS = 256  # logits rows per slice: (256, vocab) float32 stays 
 class ModelRunner:
     def __init__(self, model, kv_caches, block_size: int, eos_token_ids: tuple[int, ...], device: torch.device,
                  guided: GuidedDecoding, use_decode_plan: bool = True, swap_caches=(),
-                 typical_acceptance: TypicalAcceptance | None = None):
+                 typical_acceptance: TypicalAcceptance | None = None, decode_rows: int = 1):
         """`swap_caches`: the host swap space laid out like kv_caches (runner/kv_swap.py), or none;
         `typical_acceptance`: verify drafts of sampling requests by Medusa's typical acceptance, not
-        lossless rejection sampling (SpeculativeConfig.typical_acceptance)."""
+        lossless rejection sampling (SpeculativeConfig.typical_acceptance);
+        `decode_rows`: a step whose every request samples after at most this many new tokens (drafts
+        aside) runs as decode rows (runner/decode_plan.py). 1 for a model whose outputs are the
+        engine's; a draft model's catch-up of 2 or more confirmed tokens is short and its numbers are
+        only proposals, so it takes more (a prompt chunk's path costs more per step at a few rows)."""
         self.model = model
         self.typical_acceptance = typical_acceptance
         # Hand back each request's last hidden states (RunnerOutput.hidden_states): set by make_proposer
@@ -39,6 +43,7 @@ class ModelRunner:
         self.model.bind_kv_caches(kv_caches)
         # Pure decode steps run as one C++ call where the model allows (runner/decode_plan.py).
         self.decode_plan = build_decode_plan(model) if use_decode_plan else None
+        self.decode_rows = decode_rows
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -74,7 +79,7 @@ class ModelRunner:
             return RunnerOutput(request_ids, sampled_ids, logprobs)
 
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
-        only_decodes = all(r.num_scheduled_tokens == 1 + len(r.spec_token_ids) and r.samples_this_step
+        only_decodes = all(r.num_scheduled_tokens - len(r.spec_token_ids) <= self.decode_rows and r.samples_this_step
                            for r in scheduled)
         hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, only_decodes)  # (T, d)
         prompt_lps = self._prompt_logprobs(scheduled, hidden, inputs.attn_metadata.query_start_loc_cpu)

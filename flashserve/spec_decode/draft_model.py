@@ -72,7 +72,8 @@ class DraftModelProposer:
         kv_caches = allocate_kv_caches(mc, num_blocks, cache.block_size, dtype, device, cache.kv_cache_dtype)
         eos = target_tokenizer.eos_token_ids
         self.runner = ModelRunner(model, kv_caches, cache.block_size, eos, device,
-                                  GuidedDecoding(draft_tokenizer, eos))  # never asked: drafts are unconstrained
+                                  GuidedDecoding(draft_tokenizer, eos),  # never asked: drafts are unconstrained
+                                  decode_rows=spec.num_speculative_tokens + 1)  # a catch-up is at most k + 1 tokens
         self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.sequences: dict[str, _DraftSequence] = {}
 

@@ -103,6 +103,27 @@ def test_drafts_are_the_draft_models_greedy_continuation(tiny_llama, noisy_draft
     assert_draft_freed(llm)
 
 
+def test_the_drafts_catch_up_runs_as_decode_rows(tiny_llama, noisy_draft, plain_out):
+    """After a verification the draft computes what it has not seen: the target's token, and before it
+    the last draft when every draft was accepted. Those few rows run through the decode plan (a
+    prompt chunk's attention costs more per step); whole prompts still take the modules."""
+    llm = LLM(model=tiny_llama[0], dtype="float32", kv_cache_dtype="float32", block_size=4,
+              speculative_config={"model": noisy_draft[0], "num_speculative_tokens": 4, "adaptive": False})
+    runner = llm.engine.proposer.runner
+    assert runner.decode_plan is not None
+    forward, steps = runner._forward, []
+
+    def recording(input_ids, positions, meta, only_decodes):
+        steps.append((max(meta.query_lens_cpu), runner.decode_plan.applies(meta, len(input_ids), only_decodes)))
+        return forward(input_ids, positions, meta, only_decodes)
+
+    runner._forward = recording
+    assert [o.outputs[0].token_ids for o in generate(llm, prompts(), GREEDY)] == plain_out
+    assert any(rows >= 2 and planned for rows, planned in steps)  # catch-ups of two tokens or more, as decode rows
+    long_ones = [planned for rows, planned in steps if rows > 5]  # prompts longer than k + 1
+    assert long_ones and not any(long_ones)
+
+
 def test_a_full_draft_pool_proposes_nothing_instead_of_failing(tiny_llama, plain_out):
     """A draft pool of 7 usable blocks (28 tokens): the 60-token prompt never gets a draft, short
     prompts do while they fit; outputs stay those of plain decoding."""
