@@ -42,8 +42,9 @@ class DecodePlan:
         self._model = model
 
     def applies(self, meta: AttentionMetadata, num_tokens: int, only_decodes: bool) -> bool:
-        """Pure decode steps, and steps whose every request decodes one token plus its drafts
-        (`only_decodes`: no prompt chunk), with fewer rows than max_rows."""
+        """Pure decode steps, and steps the runner asks to run as decode rows (`only_decodes`: every
+        request samples after one token plus its drafts, or, in a draft model's runner, after a few
+        new tokens: ModelRunner.decode_rows), with fewer rows than max_rows."""
         return (meta.is_pure_decode or only_decodes) and num_tokens < self.max_rows
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -79,7 +79,7 @@ class ModelRunner:
             return RunnerOutput(request_ids, sampled_ids, logprobs)
 
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
-        only_decodes = all(r.num_scheduled_tokens - len(r.spec_token_ids) <= self.decode_rows and r.samples_this_step
+        only_decodes = all(r.samples_this_step and r.num_scheduled_tokens - len(r.spec_token_ids) <= self.decode_rows
                            for r in scheduled)
         hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, only_decodes)  # (T, d)
         prompt_lps = self._prompt_logprobs(scheduled, hidden, inputs.attn_metadata.query_start_loc_cpu)
