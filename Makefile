@@ -29,8 +29,12 @@ browser:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	fi
 
+# Two pytest workers: most of a test's time is one thread (loading, HTTP, Python), so two share the two
+# cores of CI without slowing each other much. A test file runs whole in one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: model browser loadtest-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

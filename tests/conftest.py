@@ -7,6 +7,17 @@ import torch
 
 torch.set_num_threads(2)
 
+# Test files that start a local Ray cluster: run one after the other in one worker under pytest-xdist.
+_RAY_FILES = {"test_ray.py", "test_parallel_real_models.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (make test) each test file is one unit of work, so its
+    module-scoped models load once, in one worker; the files that start Ray share one unit."""
+    for item in items:
+        group = "ray" if item.path.name in _RAY_FILES else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def cpp_kernels():

@@ -174,18 +174,26 @@ def test_every_level_gives_the_same_bits_and_matches_the_twins(cpp_kernels, leve
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_killed_builds_marker_does_not_hang_the_next_start(cpp_kernels):
+def test_a_killed_builds_marker_does_not_hang_the_next_start(cpp_kernels, tmp_path):
     """torch marks a build in progress with a file that a killed build leaves behind; a later start
     must remove it (no build holds our lock) instead of waiting on it forever."""
+    import os
+    import shutil
     import subprocess
     import sys
 
     from torch.utils.cpp_extension import _get_build_directory
 
-    marker = Path(_get_build_directory(ck._build_name(ck.engine_level().level, ck.CSRC), verbose=False)) / "lock"
+    # A private copy of the finished build (mtimes kept, so nothing is rebuilt): any other process
+    # loading the kernels meanwhile (another test worker) would remove a marker left in the shared one.
+    built = Path(_get_build_directory(ck._build_name(ck.engine_level().level, ck.CSRC), verbose=False))
+    private = tmp_path / built.name  # torch's directory under TORCH_EXTENSIONS_DIR, as set below
+    shutil.copytree(built, private, ignore=shutil.ignore_patterns("lock", "flashserve-build.lock"))
+    marker = private / "lock"
     marker.touch()
     code = "from flashserve.kernels.build import build_cpu_kernels; build_cpu_kernels(); print('loaded')"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
     assert not marker.exists()
     assert "left by a build that was interrupted" in done.stderr
