@@ -90,12 +90,23 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--calib", default=Q.DEFAULT_CALIB)
     ap.add_argument("--only", default="", help="round only the linears whose name holds this (e.g. mlp.down_proj)")
+    ap.add_argument("--float-inputs", action="store_true",
+                    help="each layer searched on the float layers' outputs (AutoAWQ's walk), not the rounded ones'")
     a = ap.parse_args()
     g = a.group_size
     model, tok = load_float_model(str(resolve(a.model)))
     ids = calibration_ids(tok, Path(a.calib).read_text(errors="replace"), 512, 16, a.calib)
 
+    pending: list[int] = []  # --float-inputs: layers rounded only once the next layer's inputs are taken
+
+    def round_layer(i):
+        for name, m in Q._linears(model, i):
+            if a.only in name:
+                Q._set(m, rtn_quantize(m.weight.data, g, sym=False))
+
     def layer_step(i, layer, run):
+        while pending:
+            round_layer(pending.pop())
         gen = torch.Generator().manual_seed(i)
         groups = Q._input_groups(layer)
         inputs = Q._capture_inputs(layer, run, [m for _, ls in groups for m in ls],
@@ -122,12 +133,15 @@ def main() -> None:
                 for m in linears:
                     if m not in exempt:
                         m.weight.data.copy_(clipped(m.weight.data, x, g))
-        for name, m in Q._linears(model, i):
-            if a.only in name:
-                Q._set(m, rtn_quantize(m.weight.data, g, sym=False))
+        if a.float_inputs:
+            pending.append(i)
+        else:
+            round_layer(i)
 
     t0 = time.perf_counter()
     walk_layers(model, ids, layer_step, lambda layers: layers)
+    while pending:
+        round_layer(pending.pop())
     spent = time.perf_counter() - t0
     text = "\n\n".join(Path(f).read_text() for f in HELDOUT)
     held = Tokenizer.from_model_path(str(resolve(a.model))).encode(text, add_special_tokens=False)
@@ -138,7 +152,7 @@ def main() -> None:
             logp = torch.log_softmax(model(torch.tensor([c])).logits[0, :-1].float(), -1)
             nll -= logp.gather(1, torch.tensor(c[1:])[:, None]).sum().item()
             count += len(c) - 1
-    only = f", only {a.only}" if a.only else ""
+    only = (f", only {a.only}" if a.only else "") + (", float inputs" if a.float_inputs else "")
     print(f"{a.model} {a.variant} g{g}{only}: perplexity {math.exp(nll / count):.4f} on {len(chunks)} x 512 "
           f"held-out tokens (quantized in {spent:.0f} s)")
 
