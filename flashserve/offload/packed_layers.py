@@ -17,14 +17,17 @@ read back as they are on every pass.
                        per head chunk: its packed-weight module, likewise
 
 The key covers what decides the packing: the file (path, size, mtime), quantization, compute dtype,
-and whether this project's C++ kernels built. index.json is written last, so a directory without it
-is an unfinished write and is written again.
+and whether this project's C++ kernels built. A process writes the store into a directory of its own
+and renames it into place when index.json (written last) is in, so a reader never sees a store that
+another process is still writing; of two first starts writing at once, the first rename wins and the
+other process reads the winner's store (the same bytes: packing is deterministic).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -67,6 +70,7 @@ class PackedLayerStore:
         self.head: list[dict] = []  # per chunk of the head's rows
         self.head_modules: list[nn.Module] = []  # per chunk: its packed module, tensors empty once written
         self._file = None
+        self._writing = self.dir.with_name(f".{self.dir.name}.{os.getpid()}.tmp")  # this process's unfinished store
 
     @property
     def complete(self) -> bool:
@@ -95,8 +99,9 @@ class PackedLayerStore:
     def _append(self, named: list[tuple[str, torch.Tensor]]) -> dict:
         """Write the tensors from the next page on; their index entry."""
         if self._file is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.dir / "layers.bin", "wb")
+            shutil.rmtree(self._writing, ignore_errors=True)  # left by a process of the same pid that died
+            self._writing.mkdir(parents=True)
+            self._file = open(self._writing / "layers.bin", "wb")
         f = self._file
         start = -(-f.tell() // _PAGE) * _PAGE
         f.seek(start)
@@ -115,10 +120,16 @@ class PackedLayerStore:
             raise ValueError(f"the file lacks the tensors of layers {missing or list(range(len(layers)))}")
         self._file.close()
         self._file = None
-        torch.save({"layers": _skeleton(layers), "head": self.head_modules}, self.dir / "skeleton.pt")
-        tmp = self.dir / "index.json.tmp"
-        tmp.write_text(json.dumps({"layers": self.index, "head": self.head}))
-        tmp.rename(self.dir / "index.json")
+        torch.save({"layers": _skeleton(layers), "head": self.head_modules}, self._writing / "skeleton.pt")
+        (self._writing / "index.json").write_text(json.dumps({"layers": self.index, "head": self.head}))
+        if self.dir.exists() and not self.complete:  # an unfinished store of an earlier layout
+            shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.rename(self._writing, self.dir)
+        except OSError:
+            if not self.complete:
+                raise
+            shutil.rmtree(self._writing, ignore_errors=True)  # another start finished the same store first
 
     # ---- reading -----------------------------------------------------------------------------
     def open(self, layers: nn.ModuleList) -> None:

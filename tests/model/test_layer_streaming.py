@@ -6,6 +6,7 @@ set, read from the OS, stays within the budget plus the KV cache plus a measured
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -138,3 +139,60 @@ def test_qwen15_keeps_its_tokens_and_its_peak_within_300_mb_of_weights(qwen15_gg
     # Independently of the baseline: what the budget leaves out of the resident engine's weights
     # (1.3 GiB packed) is missing from the streamed process's peak, peak against peak.
     assert streamed["peak"] <= full["peak"] - (full["weights"] - budget), (streamed, full)
+
+
+def test_two_first_starts_writing_one_store_leave_one_whole_store(tmp_path, monkeypatch):
+    """Two processes packing the same model for the first time at once (two servers started together):
+    each writes a directory of its own, so the one still writing never touches the store the other has
+    finished (before, it reopened that store's layers.bin for writing, emptying it under its readers);
+    the second to finish reads the first's store and removes its own copy."""
+    from flashserve.model.layers.linear import Linear
+    from flashserve.offload.packed_layers import PackedLayerStore
+
+    monkeypatch.setenv("FLASHSERVE_CACHE", str(tmp_path / "cache"))
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"the key reads only the file's path, size and mtime")
+
+    def layers(seed):
+        gen = torch.Generator().manual_seed(seed)
+        out = torch.nn.ModuleList()
+        for _ in range(3):
+            layer = torch.nn.Module()
+            layer.proj = Linear(8, 4)
+            layer.proj.weight.data = torch.randn(4, 8, generator=gen)
+            out.append(layer)
+        return out
+
+    def store():
+        return PackedLayerStore(str(model_file), "none", torch.float32, False)
+
+    def read_back(reader):
+        fresh = layers(1)
+        reader.open(fresh)
+        fd = os.open(reader.dir / "layers.bin", os.O_RDONLY)
+        try:
+            for i, layer in enumerate(fresh):
+                buf = torch.empty(reader.layer_bytes(i), dtype=torch.uint8)
+                reader.read(fd, i, buf)
+                reader.attach(i, layer, buf)
+                assert torch.equal(layer.proj.weight, want[i])
+        finally:
+            os.close(fd)
+
+    first, second = store(), store()
+    second._writing = second._writing.with_name(second._writing.name + "-other")  # another process's pid
+    a, b = layers(0), layers(0)
+    want = [layer.proj.weight.clone() for layer in a]
+    assert not second.complete  # both start before either has finished
+    for i in range(3):
+        first.write_layer(i, a[i], 3)
+    first.finish(a)
+    assert first.complete and not first._writing.exists()
+    second.write_layer(0, b[0], 3)
+    read_back(store())  # a third start reads the finished store while the second still writes
+    for i in (1, 2):
+        second.write_layer(i, b[i], 3)
+    second.finish(b)
+    assert not second._writing.exists() and second.dir == first.dir
+    assert [p.name for p in first.dir.parent.iterdir()] == [first.dir.name]
+    read_back(second)
