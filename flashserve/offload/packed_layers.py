@@ -99,7 +99,7 @@ class PackedLayerStore:
     def _append(self, named: list[tuple[str, torch.Tensor]]) -> dict:
         """Write the tensors from the next page on; their index entry."""
         if self._file is None:
-            shutil.rmtree(self._writing, ignore_errors=True)  # left by a process of the same pid that died
+            self._remove_dead_writers()
             self._writing.mkdir(parents=True)
             self._file = open(self._writing / "layers.bin", "wb")
         f = self._file
@@ -112,6 +112,14 @@ class PackedLayerStore:
             f.write(memoryview(p.data.contiguous().view(-1).view(torch.uint8).numpy()))
             tensors.append([name, str(p.dtype).removeprefix("torch."), list(p.shape), offset])
         return {"start": start, "nbytes": f.tell() - start, "tensors": tensors}
+
+    def _remove_dead_writers(self) -> None:
+        """Remove the unfinished copies of this store whose writing process is gone (killed during its
+        first start), this pid's own included: each can hold most of a model's packed bytes."""
+        for stale in self.dir.parent.glob(f".{self.dir.name}.*.tmp"):
+            pid = stale.name[len(self.dir.name) + 2 : -len(".tmp")]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def finish(self, layers: nn.ModuleList) -> None:
         """Write the skeleton and then the index, which marks the store complete."""
@@ -174,6 +182,16 @@ class PackedLayerStore:
     def attach(self, i: int, layer: nn.Module, buffer: torch.Tensor) -> None:
         """Point layer i's streamed parameters at their bytes in `buffer` (no copy)."""
         attach_entry(self.index[i], dict(streamed_params(layer)), buffer)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def attach_entry(entry: dict, params: dict[str, nn.Parameter], buffer: torch.Tensor) -> None:

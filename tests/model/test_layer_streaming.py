@@ -196,3 +196,28 @@ def test_two_first_starts_writing_one_store_leave_one_whole_store(tmp_path, monk
     assert not second._writing.exists() and second.dir == first.dir
     assert [p.name for p in first.dir.parent.iterdir()] == [first.dir.name]
     read_back(second)
+
+
+def test_a_killed_first_starts_copy_is_removed_by_the_next(tmp_path, monkeypatch):
+    """The unfinished copy of a store whose writer died (killed during its first start) is removed when
+    the next start writes the store; a copy whose writer still runs is left alone."""
+    from flashserve.model.layers.linear import Linear
+    from flashserve.offload.packed_layers import PackedLayerStore
+
+    monkeypatch.setenv("FLASHSERVE_CACHE", str(tmp_path / "cache"))
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"key")
+    store = PackedLayerStore(str(model_file), "none", torch.float32, False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = store.dir.with_name(f".{store.dir.name}.{int(gone.stdout)}.tmp")
+    running = store.dir.with_name(f".{store.dir.name}.{os.getppid()}.tmp")  # pytest's parent: alive
+    for d in (dead, running):
+        d.mkdir(parents=True)
+        (d / "layers.bin").write_bytes(b"half a store")
+    layer = torch.nn.Module()
+    layer.proj = Linear(8, 4)
+    layer.proj.weight.data = torch.randn(4, 8)
+    store.write_layer(0, layer, 1)
+    assert not dead.exists() and running.exists()
+    store.finish(torch.nn.ModuleList([layer]))
+    assert store.complete and running.exists()
