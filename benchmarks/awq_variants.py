@@ -115,14 +115,7 @@ def main() -> None:
             search = duo_scale if a.variant == "awq-duo" else awq.search_scale
             scales = [None if p is None else search(inputs[ls[0]], ls, lambda: run(awq.SEARCH_SEQS), g)[0]
                       for p, ls in groups]
-            for (producer, linears), s in zip(groups, scales):  # folded as quantize._awq_layer folds
-                if s is None:
-                    continue
-                producer.weight.data.div_(s if producer.weight.dim() == 1 else s[:, None])
-                if getattr(producer, "bias", None) is not None and producer.weight.dim() == 2:
-                    producer.bias.data.div_(s)
-                for m in linears:
-                    m.weight.data.mul_(s)
+            Q.fold_scales(groups, scales)
         if a.variant.startswith("rtn-clip"):
             exempt = {layer.self_attn.q_proj, layer.self_attn.k_proj}
             if a.variant == "rtn-clip-keep-down":

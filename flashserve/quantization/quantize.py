@@ -177,7 +177,15 @@ def _awq_layer(args, model, i, layer, run, packed, notes) -> None:
         scales.append(s)
         notes.append(f"layer {i} {linears[0].in_features}->{'|'.join(str(m.out_features) for m in linears)}: "
                      f"alpha {alpha:.1f}, layer output error x{ratio:.3f} of alpha 0")
-    for (producer, linears), s in zip(groups, scales):  # fold every scale before any rounding
+    fold_scales(groups, scales)  # every scale before any rounding
+    for name, m in _linears(model, i):
+        packed[name] = _set(m, rtn_quantize(m.weight.data, args.group_size, sym=False))
+
+
+def fold_scales(groups, scales) -> None:
+    """AWQ's s per input group (None: left alone) moved into the weights: the linears' columns times s,
+    what produces their input (a norm's weight, or the previous linear's rows and bias) divided by it."""
+    for (producer, linears), s in zip(groups, scales):
         if s is None:
             continue
         producer.weight.data.div_(s if producer.weight.dim() == 1 else s[:, None])  # norm weight, or rows
@@ -185,8 +193,6 @@ def _awq_layer(args, model, i, layer, run, packed, notes) -> None:
             m.weight.data.mul_(s)
         if isinstance(producer, nn.Linear) and producer.bias is not None:
             producer.bias.data.div_(s)
-    for name, m in _linears(model, i):
-        packed[name] = _set(m, rtn_quantize(m.weight.data, args.group_size, sym=False))
 
 
 def _write(model, tokenizer, fmt: Int4Format, packed: dict[str, Int4Groups], out: Path) -> None:
