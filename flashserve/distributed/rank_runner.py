@@ -89,15 +89,17 @@ def _store_in_tiles(model, linears: bool) -> None:
     same at one). An embedding that is not the head keeps its rows (looked up, never multiplied);
     `linears` False under layer streaming, which reads the layers' weights back by rows."""
     from flashserve.model.layers.linear import Linear
+    from flashserve.quantization.codebook_weight import CodebookWeight
     from flashserve.quantization.group_quant_weight import GroupQuantWeight
     from flashserve.quantization.packed import stacked_parts
 
+    tileable = (GroupQuantWeight, CodebookWeight)
     head = model.head_weight()
-    if isinstance(head, GroupQuantWeight):
+    if isinstance(head, tileable):
         head.to_wide_tiles()
     for m in model.modules() if linears else []:
         if not isinstance(m, Linear) or m.qweight is None:
             continue
         for w in stacked_parts(m.qweight):
-            if isinstance(w, GroupQuantWeight):
+            if isinstance(w, tileable):
                 w.to_wide_tiles()

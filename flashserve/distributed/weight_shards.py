@@ -3,7 +3,8 @@
     rows_of(w, ranges)       output rows (column-parallel q|k|v, gate|up, vocabulary shards): any
                              rows of a packed weight may be taken, each row's groups stay whole
     cols_of(w, start, stop)  input columns (row-parallel o, down): on group boundaries only, 32
-                             values (a GGUF block) or, for a factored K-quant table, 256
+                             values (a GGUF block) or, for a factored K-quant table or a codebook
+                             type's blocks (IQ2_XXS, IQ3_XXS), 256
 
 A weight is (out_features, in_features). Ranges are half-open [start, stop) lists. Forms without a
 rule here (torch's int4/int8 fallback kernels) raise rather than split wrongly.
@@ -16,6 +17,7 @@ from functools import singledispatch
 import torch
 from torch import nn
 
+from flashserve.quantization.codebook_weight import BLOCK, CodebookWeight
 from flashserve.quantization.group_quant_weight import GroupQuantWeight
 from flashserve.quantization.packed import DenseWeight, RowSegments
 from flashserve.quantization.torch_int_weights import Int8GroupWeight
@@ -53,6 +55,26 @@ def _replace(w: nn.Module, out_features: int, in_features: int, **tensors) -> nn
 
 def _count(ranges) -> int:
     return sum(b - a for a, b in ranges)
+
+
+def _check_untiled(w: CodebookWeight) -> None:
+    if w.tiled:
+        raise ValueError("a codebook weight is split by its rows, before it is stored in tiles")
+
+
+@rows_of.register
+def _(w: CodebookWeight, ranges):  # split by rows (the file's blocks), before any tiling
+    _check_untiled(w)
+    idx = row_index(ranges)
+    return _replace(w, len(idx), w.in_features, blocks=w.row_blocks(idx))
+
+
+@cols_of.register
+def _(w: CodebookWeight, start, stop):
+    _check_untiled(w)
+    if start % BLOCK or stop % BLOCK:
+        raise ValueError(f"columns {start}:{stop} of a {w.qtype} weight do not fall on its {BLOCK}-value blocks")
+    return _replace(w, w.out_features, stop - start, blocks=w.row_blocks(slice(None))[:, start // BLOCK : stop // BLOCK])
 
 
 @rows_of.register

@@ -50,7 +50,7 @@ _BITS = torch.arange(8, dtype=torch.uint8)
 
 
 @cache
-def _grid(name: str) -> torch.Tensor:
+def grid(name: str) -> torch.Tensor:
     """gguf-py's codebook of `name` as (entries, 4 or 8) int16 integers."""
     kind = getattr(quants, name)
     kind.init_grid()
@@ -82,7 +82,7 @@ def _iq2_xxs(b: torch.Tensor):
     index = b[:, 2:66].reshape(n, 8, 8)[:, :, 0:4].long()  # (n, 8, 4): the first u32's bytes
     aux = u32(b[:, 2:66]).reshape(n, 8, 2)[:, :, 1]
     sign_index = (aux[..., None] >> torch.tensor([0, 7, 14, 21])) & 0x7F  # (n, 8, 4)
-    values = _grid("IQ2_XXS")[index] * _signs(_sign_patterns()[sign_index])
+    values = grid("IQ2_XXS")[index] * _signs(_sign_patterns()[sign_index])
     scale = _d(b) * (0.5 + (aux >> 28).float()) * 0.25
     return _codes(values, 8), scale
 
@@ -94,7 +94,7 @@ def _iq2_ls_scales(d: torch.Tensor, ls_bytes: torch.Tensor) -> torch.Tensor:
 
 def _iq2_xs(b: torch.Tensor):
     q = u16(b[:, 2:66])  # (n, 32)
-    values = _grid("IQ2_XS")[q & 511] * _signs(_sign_patterns()[q >> 9])
+    values = grid("IQ2_XS")[q & 511] * _signs(_sign_patterns()[q >> 9])
     return _codes(values, 16), _iq2_ls_scales(_d(b), b[:, 66:74])
 
 
@@ -102,7 +102,7 @@ def _iq2_s(b: torch.Tensor):
     n = len(b)
     high = ((b[:, 66:74, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).reshape(n, 32)
     index = b[:, 2:34].long() | (high.long() << 8)
-    values = _grid("IQ2_S")[index] * _signs(b[:, 34:66])
+    values = grid("IQ2_S")[index] * _signs(b[:, 34:66])
     return _codes(values, 16), _iq2_ls_scales(_d(b), b[:, 74:82])
 
 
@@ -110,7 +110,7 @@ def _iq3_xxs(b: torch.Tensor):
     n = len(b)
     aux = u32(b[:, 66:98])  # (n, 8)
     sign_index = (aux[..., None] >> torch.tensor([0, 7, 14, 21])) & 0x7F
-    values = _grid("IQ3_XXS")[b[:, 2:66].long()].reshape(n, 8, 4, 8) * _signs(_sign_patterns()[sign_index])
+    values = grid("IQ3_XXS")[b[:, 2:66].long()].reshape(n, 8, 4, 8) * _signs(_sign_patterns()[sign_index])
     scale = _d(b) * (0.5 + (aux >> 28).float()) * 0.5
     return _codes(values, 8), scale
 
@@ -119,14 +119,14 @@ def _iq3_s(b: torch.Tensor):
     n = len(b)
     high = ((b[:, 66:74, None] >> _BITS) & 1).reshape(n, 64)
     index = b[:, 2:66].long() | (high.long() << 8)
-    values = _grid("IQ3_S")[index].reshape(n, 32, 8) * _signs(b[:, 74:106])
+    values = grid("IQ3_S")[index].reshape(n, 32, 8) * _signs(b[:, 74:106])
     ints = (1 + 2 * nibble_pairs(b[:, 106:110])).to(torch.uint8)  # (n, 8), at most 31
     return _codes(values, 8), (ints, half(b[:, 0:2]))
 
 
 def _iq1_codes(grid_index: torch.Tensor, delta_negative: torch.Tensor) -> torch.Tensor:
     """8 (grid ± 1/8): the grid's rows (..., 8) in {-1, 0, 1}, the delta's sign per row."""
-    return 8 * _grid("IQ1_S")[grid_index] + (1 - 2 * delta_negative.to(torch.int16))[..., None]
+    return 8 * grid("IQ1_S")[grid_index] + (1 - 2 * delta_negative.to(torch.int16))[..., None]
 
 
 def _iq1_s(b: torch.Tensor):

@@ -16,6 +16,8 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q6_K, Q3_K                   → 8-bit codes, groups of 16, exact: factored scale (8.625 bits); in
                                    the 16-lane tiles (AVX-512) 6-bit (Q6_K) or 3-bit (Q3_K) codes, int8
                                    integers (6.625 and 3.625 bits)
+    IQ2_XXS, IQ3_XXS (AVX-512)   → the file's own blocks (codebook_weight.py): 2.0625 and 3.0625 bits, the
+                                   grid looked up in the 16-lane tiled kernel, the 8-bit form's numbers
     Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
                                    (Q2_K, IQ2_XS, IQ2_S, IQ1_M); in the 16-lane tiles Q2_K's are 2-bit
@@ -69,6 +71,9 @@ from flashserve.quantization.gguf_blocks import (
     int8_groups,
     release_mapped,
 )
+from flashserve.quantization.codebook_weight import BLOCK_BYTES as CODEBOOK_TYPES
+from flashserve.quantization.codebook_weight import CodebookWeight
+from flashserve.quantization.codebook_weight import available as codebook_tiles_available
 from flashserve.quantization.gguf_codebook_forms import AFFINE4, affine4
 from flashserve.quantization.gguf_int8_forms import EXACT_INT8_TYPES, GROUPS, Int8Form, exact_int8, merged
 from flashserve.quantization.group_quant_weight import GroupQuantWeight, factored_table
@@ -101,6 +106,8 @@ def kind_of(part: Part, own_kernels: bool) -> str:
             return "int5"
         if part.qtype in AFFINE4_TYPES and own_kernels:
             return "affine4"
+        if own_kernels and part.qtype.name in CODEBOOK_TYPES and codebook_tiles_available():
+            return f"codebook {part.qtype.name}"  # one type a weight
         if part.qtype in INT8_TYPES or (own_kernels and part.qtype in EXACT_INT8_TYPES):
             return "int8"
     return "dense"
@@ -153,6 +160,8 @@ def _pack(kind: str, parts: list[Part], dtype: torch.dtype, own_kernels: bool) -
                                     torch.from_numpy(zero - 8.0 * scale), bits=4, packed=True)
         codes, scale, zero = (np.concatenate(x) for x in zip(*(int4_groups(p) for p in parts)))
         return Int4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero))
+    if kind.startswith("codebook "):
+        return CodebookWeight(parts[0].qtype.name, torch.cat([p.block_bytes() for p in parts]))
     if kind == "affine4":  # parts of different types too: the same codes and float32 tables
         return GroupQuantWeight(*_rows_converted(parts, _affine4_codes), bits=4)
     if kind == "int5":  # the file's own blocks less their scale (gguf_blocks.int5_packed)

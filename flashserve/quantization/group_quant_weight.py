@@ -121,7 +121,7 @@ class GroupQuantWeight(PackedWeight):
     def plan_part(self) -> tuple:
         """What the C++ decode step calls kernel with (kernels/csrc/decode_plan.cpp, PackedPart)."""
         return (self.codes, self.scale, self.zero, self.bits, self.group, self.int8_activations, self.tiled,
-                self.tile_factors, self.out_features, self.tile_zero_factors, self.tile_levels)
+                self.tile_factors, self.out_features, self.tile_zero_factors, self.tile_levels, None)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:

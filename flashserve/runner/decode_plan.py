@@ -21,6 +21,7 @@ from flashserve.kernels import ops
 from flashserve.model.layers.linear import Linear
 from flashserve.model.models.gemma3 import Gemma3DecoderLayer
 from flashserve.model.models.llama import GatedMLP, LlamaDecoderLayer
+from flashserve.quantization.codebook_weight import CodebookWeight
 from flashserve.quantization.group_quant_weight import GroupQuantWeight
 from flashserve.quantization.packed import stacked_parts
 
@@ -99,10 +100,12 @@ def build_decode_plan(model) -> DecodePlan | None:
     return DecodePlan(plan, min(packed, default=1 << 30), model)
 
 
-def _packed_parts(m: Linear) -> list[GroupQuantWeight] | None:
-    """The GroupQuantWeights m multiplies with, stacked along its output rows; None for other forms."""
+def _packed_parts(m: Linear) -> list[GroupQuantWeight | CodebookWeight] | None:
+    """The GroupQuantWeights (or codebook weights in tiles) m multiplies with, stacked along its output rows;
+    None for other forms."""
     parts = stacked_parts(m.qweight)
-    return parts if all(type(p) is GroupQuantWeight for p in parts) else None
+    planned = all(type(p) is GroupQuantWeight or (type(p) is CodebookWeight and p.tiled) for p in parts)
+    return parts if planned else None
 
 
 def _supported(m: Linear) -> bool:

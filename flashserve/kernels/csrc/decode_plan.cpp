@@ -28,9 +28,11 @@ struct PackedPart {
   int64_t out_features = 0;
   at::Tensor tile_zero_factors;
   at::Tensor tile_levels;
+  at::Tensor tile_grid;  // defined: codebook tiles (codes, d as the scale, the grid's values as the levels)
 
   at::Tensor operator()(const at::Tensor& x) const {
     auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    if (tile_grid.defined()) return codebook_matmul_tiles(x, codes, scale, tile_grid, tile_levels, out_features);
     if (tiled)
       return group_quant_matmul_tiles(x, codes, scale, optional(tile_factors), out_features, optional(zero),
                                       optional(tile_zero_factors), optional(tile_levels));
@@ -75,7 +77,7 @@ class DecodePlan {
         gelu_tanh_(gelu_tanh), sandwich_(sandwich), split_tokens_(split_tokens) {}
 
   // (weight, bias, parts), each part (codes, scale, zero, bits, group, int8_activations, tiled,
-  // tile_factors, out_features, tile_zero_factors, tile_levels): GroupQuantWeight.plan_part
+  // tile_factors, out_features, tile_zero_factors, tile_levels, tile_grid): GroupQuantWeight.plan_part
   static PlanLinear linear(py::tuple t) {
     auto opt = [](py::handle h) { return h.is_none() ? at::Tensor() : h.cast<at::Tensor>(); };
     PlanLinear l;
@@ -84,7 +86,7 @@ class DecodePlan {
       const py::tuple p = h.cast<py::tuple>();
       l.parts.push_back(PackedPart{opt(p[0]), opt(p[1]), opt(p[2]), p[3].cast<int64_t>(), p[4].cast<int64_t>(),
                                    p[5].cast<bool>(), p[6].cast<bool>(), opt(p[7]), p[8].cast<int64_t>(), opt(p[9]),
-                                   opt(p[10])});
+                                   opt(p[10]), opt(p[11])});
     }
     return l;
   }

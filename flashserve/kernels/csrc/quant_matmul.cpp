@@ -256,6 +256,12 @@ struct Problem {
   const uint8_t* tile_zeros = nullptr;
   const uint8_t* tile_zero_factors = nullptr;
   int64_t tile_zero_bytes = 4;
+  // codebook tiles (codebook_matmul_tiles): the type's grid (256 words of indices into its values: 2-bit
+  // fields for IQ2_XXS, nibbles for IQ3_XXS), its values (16 bytes), and each tile's float16 d per 256 values
+  // (T, K/256, 16); or null
+  const int16_t* tile_grid = nullptr;
+  const uint8_t* tile_grid_values = nullptr;
+  const uint16_t* tile_d = nullptr;
 };
 
 #ifdef FS_AVX2
@@ -1310,6 +1316,145 @@ inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
   }
 }
 
+// ---- codebook tiles: IQ2_XXS and IQ3_XXS at their own bits ------------------------------------------
+// A span of 32 values of 16 rows holds each row's bytes of the file's block for those values, lane-major
+// (lane r = 4 bytes of row r): IQ2_XXS, 128 bytes: the 4 grid indices (each names 8 values), then the u32
+// of four 7-bit sign indices (one per 8 values) and a 4-bit scale ls; IQ3_XXS, 192 bytes: grid indices
+// 0-3, 4-7 (each names 4 values), then that u32. Layouts: ggml-common.h's block_iq2_xxs and block_iq3_xxs;
+// values as dequantize_row_iq2_xxs / iq3_xxs (ggml-quants.c), which gguf-py follows:
+//   w = d (ls + 1/2) c · ±grid value,  c = 1/4 (IQ2_XXS), 1/2 (IQ3_XXS)
+// with the sign of value j of 8 in bit j of the sign index's byte: the 7 bits and their parity on top
+// (an even number of minus signs). The unpack gives w[0..7] as the 8-bit tiles hold them, u = c + 128
+// (grid values are at most 62), so the rest of the GEMM is theirs and so are the numbers, bit for bit.
+//
+// The grid is looked up in registers: each entry as a 16-bit word of indices into the type's few values
+// (IQ2_XXS: 8 x 2 bits of {8, 25, 43}; IQ3_XXS: 4 x 3 bits, one a nibble, of 8 values), the 256 words in
+// eight vectors, four two-source word permutes (64 entries each) and two blends by index bits 6 and 7
+// (AVX512BW), two entries a dword; then the fields spread to bytes and a byte shuffle of the values,
+// signed. 32-bit gathers (8 a span) took 3x the time of the 4-bit index tiles at one row on Zen 4. Inlined
+// into the GEMM's loop (left to itself the compiler called the unpack, its tables and output in memory).
+constexpr int kCodebookIQ2XXS = 1, kCodebookIQ3XXS = 2;
+
+struct CodebookTables {
+  __m512i words[8];  // entries 32 i .. 32 i + 31
+  __m512i plus, minus;  // per 128-bit lane, the values' unsigned codes 128 + g and 128 - g (byte shuffle tables)
+};
+
+__attribute__((always_inline)) inline CodebookTables codebook_tables(const Problem& p) {
+  CodebookTables t;
+  for (int i = 0; i < 8; ++i) t.words[i] = _mm512_loadu_si512(p.tile_grid + 32 * i);
+  const __m512i values = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_grid_values)));
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  t.plus = _mm512_xor_si512(values, offset);  // values < 128
+  t.minus = _mm512_sub_epi8(offset, values);
+  return t;
+}
+
+// Per dword lane, the grid words of two indices (0..255, in its two words): entry of the low word in the low
+// word, of the high one in the high word.
+__attribute__((always_inline)) inline __m512i grid_word_pairs(const CodebookTables& t, __m512i index) {
+  const __m512i r0 = _mm512_permutex2var_epi16(t.words[0], index, t.words[1]);
+  const __m512i r1 = _mm512_permutex2var_epi16(t.words[2], index, t.words[3]);
+  const __m512i r2 = _mm512_permutex2var_epi16(t.words[4], index, t.words[5]);
+  const __m512i r3 = _mm512_permutex2var_epi16(t.words[6], index, t.words[7]);
+  const __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(0x40));
+  const __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(0x80));
+  return _mm512_mask_blend_epi16(bit7, _mm512_mask_blend_epi16(bit6, r0, r1), _mm512_mask_blend_epi16(bit6, r2, r3));
+}
+
+// Bytes a and a + 1 of each dword as its two words (a byte shuffle, zeros above): two grid indices.
+__attribute__((always_inline)) inline __m512i index_pair(__m512i index, int a) {
+  const __m128i lane = _mm_setr_epi8(static_cast<char>(a), -1, static_cast<char>(a + 1), -1, static_cast<char>(a + 4), -1,
+                                     static_cast<char>(a + 5), -1, static_cast<char>(a + 8), -1, static_cast<char>(a + 9), -1,
+                                     static_cast<char>(a + 12), -1, static_cast<char>(a + 13), -1);
+  return _mm512_shuffle_epi8(index, _mm512_broadcast_i32x4(lane));
+}
+
+// Four fields of a dword's low 8 (2-bit) or 16 (4-bit) bits, zero above, as its four bytes: the halves to
+// bytes 0 and 2, then each half's two fields to a byte of its own. (a | b) & c is ternary-logic table 0xA8.
+template <int kFieldBits>
+__attribute__((always_inline)) inline __m512i spread_fields(__m512i v) {
+  constexpr int kHalf = 2 * kFieldBits;  // bits of two fields
+  const __m512i halves = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 16 - kHalf),
+                                                   _mm512_set1_epi32(kFieldBits == 2 ? 0x000F000F : 0x00FF00FF), 0xA8);
+  return _mm512_ternarylogic_epi32(halves, _mm512_slli_epi32(halves, 8 - kFieldBits),
+                                   _mm512_set1_epi32(kFieldBits == 2 ? 0x03030303 : 0x0F0F0F0F), 0xA8);
+}
+
+// The u32's four 7-bit sign indices (bits 0, 7, 14, 21) as its four bytes, each with its parity on top:
+// the sign bytes of values 0-7, 8-15, 16-23, 24-31. Bitwise select c ? b : a is ternary-logic table 0xD8;
+// a | (b ^ c) is 0xF6. Parity per nibble by a byte shuffle.
+__attribute__((always_inline)) inline __m512i span_sign_bytes(__m512i aux) {
+  const __m512i f01 = _mm512_ternarylogic_epi32(aux, _mm512_slli_epi32(aux, 1), _mm512_set1_epi32(0x0000FF00), 0xD8);
+  const __m512i f23 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(aux, 2), _mm512_slli_epi32(aux, 3),
+                                                _mm512_set1_epi32(static_cast<int32_t>(0xFF000000)), 0xD8);
+  const __m512i fields = _mm512_and_si512(_mm512_mask_blend_epi16(0xAAAAAAAA, f01, f23), _mm512_set1_epi8(0x7F));
+  const __m512i parity_of = _mm512_broadcast_i32x4(  // parity(i) << 7 for nibbles i = 0..15
+      _mm_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_shuffle_epi8(parity_of, _mm512_and_si512(fields, low4));
+  const __m512i hi = _mm512_shuffle_epi8(parity_of, _mm512_and_si512(_mm512_srli_epi16(fields, 4), low4));
+  return _mm512_ternarylogic_epi32(fields, lo, hi, 0xF6);
+}
+
+// Sign byte j of each dword in all four of its bytes (so that byte i can test bit i, or i + 4, of it).
+__attribute__((always_inline)) inline __m512i sign_byte(__m512i signs, int j) {
+  const __m128i lane = _mm_setr_epi8(static_cast<char>(j), static_cast<char>(j), static_cast<char>(j), static_cast<char>(j),
+                                     static_cast<char>(j + 4), static_cast<char>(j + 4), static_cast<char>(j + 4),
+                                     static_cast<char>(j + 4), static_cast<char>(j + 8), static_cast<char>(j + 8),
+                                     static_cast<char>(j + 8), static_cast<char>(j + 8), static_cast<char>(j + 12),
+                                     static_cast<char>(j + 12), static_cast<char>(j + 12), static_cast<char>(j + 12));
+  return _mm512_shuffle_epi8(signs, _mm512_broadcast_i32x4(lane));
+}
+
+// Indices into the values (bytes) as unsigned codes 128 + g, or 128 - g where the sign bit of `bits` (per
+// byte, 0x01..0x08 or 0x10..0x80 of each dword) of `signs` is set.
+__attribute__((always_inline)) inline __m512i signed_codes(const CodebookTables& t, __m512i index, __m512i signs, int32_t bits) {
+  const __mmask64 minus = _mm512_test_epi8_mask(signs, _mm512_set1_epi32(bits));
+  return _mm512_mask_shuffle_epi8(_mm512_shuffle_epi8(t.plus, index), minus, t.minus, index);
+}
+
+template <int kCodebook>
+__attribute__((always_inline)) inline void unpack_codebook_span(const uint8_t* b, const CodebookTables& t, __m512i* w, __m512i& aux) {
+  constexpr int32_t kLow = 0x08040201, kHigh = static_cast<int32_t>(0x80402010);  // sign bits of bytes 0-3, 4-7
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  if constexpr (kCodebook == kCodebookIQ2XXS) {
+    const __m512i index = _mm512_loadu_si512(b);
+    aux = _mm512_loadu_si512(b + 64);
+    const __m512i signs = span_sign_bytes(aux);
+    for (int l = 0; l < 4; l += 2) {  // values 8l .. 8l + 15: two entries of 8 fields of 2 bits
+      const __m512i pair = grid_word_pairs(t, index_pair(index, l));
+      for (int e = 0; e < 2; ++e) {
+        const __m512i word = e == 0 ? _mm512_and_si512(pair, low16) : _mm512_srli_epi32(pair, 16);
+        const __m512i sign = sign_byte(signs, l + e);
+        w[2 * (l + e)] = signed_codes(t, spread_fields<2>(word), sign, kLow);
+        w[2 * (l + e) + 1] = signed_codes(t, spread_fields<2>(_mm512_srli_epi32(word, 8)), sign, kHigh);
+      }
+    }
+  } else {
+    const __m512i index[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};
+    aux = _mm512_loadu_si512(b + 128);
+    const __m512i signs = span_sign_bytes(aux);
+    for (int q = 0; q < 8; q += 2) {  // values 4q .. 4q + 7: two entries of 4 nibbles, one sign byte
+      const __m512i pair = grid_word_pairs(t, index_pair(index[q / 4], q % 4));
+      const __m512i sign = sign_byte(signs, q / 2);
+      w[q] = signed_codes(t, spread_fields<4>(_mm512_and_si512(pair, low16)), sign, kLow);
+      w[q + 1] = signed_codes(t, spread_fields<4>(_mm512_srli_epi32(pair, 16)), sign, kHigh);
+    }
+  }
+}
+
+// The span's scale per lane: (d c / 2) (2 ls + 1) = d (ls + 1/2) c rounded once, as gguf-py's d (ls + 1/2),
+// rounded, times c (a power of two, so exact) is.
+template <int kCodebook>
+__attribute__((always_inline)) inline __m512 codebook_scale(const Problem& p, int64_t tile, int64_t sp, __m512i aux) {
+  constexpr float c = kCodebook == kCodebookIQ2XXS ? 0.125f : 0.25f;  // c / 2: (ls + 1/2) c = (2 ls + 1) c / 2
+  const __m256i d16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_d + (tile * (p.K / 256) + sp / 8) * 16));
+  const __m512 dc = _mm512_mul_ps(_mm512_cvtph_ps(d16), _mm512_set1_ps(c));
+  const __m512i odd = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(aux, 28), 1), _mm512_set1_epi32(1));
+  return _mm512_mul_ps(dc, _mm512_cvtepi32_ps(odd));
+}
+
 // The 16 lanes' value of group `at` of a stored table (scales or zeros): float32, float16, or integers
 // (uint8, or int8 when `signed_ints`) times their float16 factor, as Table::factored16 (and
 // table_values) compute them.
@@ -1328,14 +1473,20 @@ __attribute__((always_inline)) inline __m512 stored_column(const uint8_t* values
 // and the span's scales and zeros. Inlined into the GEMM's loop, with the width a template argument: as a
 // call, or with the width a branch inside it, the compiler kept the WideTileGroup in memory, and the
 // single row's step stored and reloaded its eight vectors every span.
-template <int kTileBits, int kG, bool kLevels = false>
+template <int kTileBits, int kG, bool kLevels = false, int kCodebook = 0>
 __attribute__((always_inline)) inline void load_stored_tile_group(const Problem& p, int64_t n0, int64_t sp,
                                                                     WideTileGroup& t) {
   constexpr int kParts = 32 / kG;
   const int64_t spans = p.K / 32, groups = p.K / kG;
   const int64_t tile = n0 / kWideLanes;
   const uint8_t* span = p.tiles + (tile * spans + sp) * 64 * kTileBits;
-  if constexpr (kTileBits == 6) {
+  if constexpr (kCodebook != 0) {  // the scale is in the codes' own words; no zeros
+    __m512i aux;
+    unpack_codebook_span<kCodebook>(span, codebook_tables(p), t.w, aux);
+    t.scale[0] = codebook_scale<kCodebook>(p, tile, sp, aux);
+    t.zero[0] = _mm512_setzero_ps();
+    return;
+  } else if constexpr (kTileBits == 6) {
     unpack_six_bit_span(span, t.w);
   } else if constexpr (kTileBits == 5) {
     unpack_five_bit_span(span, t.w);
@@ -1361,19 +1512,20 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
 }
 
 // A stored tile's form as template arguments: its width, and whether its codes are indices into levels.
-template <int kBits, bool kLevels = false>
+template <int kBits, bool kLevels = false, int kCodebook = 0>
 struct TileForm {
   static constexpr int value = kBits;
   static constexpr bool levels = kLevels;
+  static constexpr int codebook = kCodebook;
 };
 
-// f(TileForm<bits, levels>) for the stored tiles' width p.tile_bits (and p.tile_levels): the one place a
-// form becomes template arguments.
+// f(TileForm<bits, levels, codebook>) for the stored tiles' width p.tile_bits (and p.tile_levels, p.tile_grid):
+// the one place a form becomes template arguments.
 template <typename F>
 __attribute__((always_inline)) inline void with_tile_bits(const Problem& p, F&& f) {
   switch (p.tile_bits) {
-    case 2: f(TileForm<2>{}); break;
-    case 3: f(TileForm<3>{}); break;
+    case 2: p.tile_grid ? f(TileForm<2, false, kCodebookIQ2XXS>{}) : f(TileForm<2>{}); break;
+    case 3: p.tile_grid ? f(TileForm<3, false, kCodebookIQ3XXS>{}) : f(TileForm<3>{}); break;
     case 4: p.tile_levels ? f(TileForm<4, true>{}) : f(TileForm<4>{}); break;
     case 5: f(TileForm<5>{}); break;
     case 6: f(TileForm<6>{}); break;
@@ -1387,7 +1539,7 @@ inline void load_wide_tile_group(const Problem& p, int64_t n0, int64_t rows, int
   const int64_t groups = p.K / kG;
   if (kBits == 8 && p.tiles) {  // stored in this order already (group_quant_matmul_tiles)
     with_tile_bits(p, [&](auto form) {
-      load_stored_tile_group<decltype(form)::value, kG, decltype(form)::levels>(p, n0, sp, t);
+      load_stored_tile_group<decltype(form)::value, kG, decltype(form)::levels, decltype(form)::codebook>(p, n0, sp, t);
     });
     return;
   }
@@ -1636,7 +1788,7 @@ void gemm_wide_tile(const Problem& p, const std::vector<WideTileGroup>* built, i
       for (int64_t sp = 0; sp < spans; ++sp) {
         prefetch_stored_span(p, next_n0, next_rows, sp, decltype(form)::value);
         WideTileGroup here;
-        load_stored_tile_group<decltype(form)::value, kG, decltype(form)::levels>(p, n0, sp, here);
+        load_stored_tile_group<decltype(form)::value, kG, decltype(form)::levels, decltype(form)::codebook>(p, n0, sp, here);
         span_step(here, sp);
       }
     });
@@ -2029,6 +2181,40 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
   return y;
 #else
   TORCH_CHECK(false, "group_quant_matmul_tiles: this build of the kernels has no 16-lane tiles (AVX-512)");
+#endif
+}
+
+// x @ W^T for IQ2_XXS or IQ3_XXS weights in codebook tiles (above): tiles (T, K/32, 128 or 192) uint8, d
+// (T, K/256, 16) float16, grid the type's 256 entries as int16 words of indices into `values` (16 uint8).
+// Int8 activations; the numbers of the same weight as exact 8-bit codes.
+at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& grid,
+                                 const at::Tensor& values, int64_t N) {
+#ifdef FS_AVX512
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "codebook_matmul_tiles: x must be (M, K) float32");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), T = (N + kWideLanes - 1) / kWideLanes;
+  const int64_t span_bytes = tiles.dim() == 3 ? tiles.size(2) : 0;
+  TORCH_CHECK(K % 256 == 0 && tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.size(0) == T &&
+                  tiles.size(1) == K / 32 && (span_bytes == 128 || span_bytes == 192),
+              "codebook_matmul_tiles: tiles ", tiles.sizes(), " are not IQ2_XXS or IQ3_XXS tiles of ", N, " rows of ", K);
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.dim() == 3 && d.size(0) == T &&
+                  d.size(1) == K / 256 && d.size(2) == kWideLanes,
+              "codebook_matmul_tiles: d ", d.sizes(), " is not float16 (", T, ", ", K / 256, ", 16)");
+  TORCH_CHECK(grid.scalar_type() == at::kShort && grid.is_contiguous() && grid.numel() == 256 &&
+                  values.scalar_type() == at::kByte && values.is_contiguous() && values.numel() == 16,
+              "codebook_matmul_tiles: the grid must be 256 int16 words and its values 16 uint8");
+  auto y = at::empty({M, N}, xc.options());
+  Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, 32, 8};
+  set_int8_activations(p, false, tile_code_offset(8));
+  p.tiles = tiles.data_ptr<uint8_t>();
+  p.tile_bits = span_bytes / 64;
+  p.tile_grid = grid.data_ptr<int16_t>();
+  p.tile_grid_values = values.data_ptr<uint8_t>();
+  p.tile_d = reinterpret_cast<const uint16_t*>(d.data_ptr());
+  gemm_wide_tiled<8>(p);
+  return y;
+#else
+  TORCH_CHECK(false, "codebook_matmul_tiles: this build of the kernels has no 16-lane tiles (AVX-512)");
 #endif
 }
 

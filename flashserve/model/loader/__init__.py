@@ -50,6 +50,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
     import torch  # here, not at the top: the package's torch-free parts (GGUF metadata) are read before it
 
     from flashserve.model.models.registry import model_class
+    from flashserve.quantization.codebook_weight import CodebookWeight
     from flashserve.quantization.group_quant_weight import GroupQuantWeight
 
     dtype = dtype or torch.float32
@@ -101,7 +102,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: torch.device
     startup_phases.mark("weights read and packed")
     if quantization == "auto" and not Path(path).is_dir():
         for module in model.modules():
-            if isinstance(module, GroupQuantWeight):
+            if isinstance(module, (GroupQuantWeight, CodebookWeight)):
                 module.set_int8_activations(True)
     if int8_method:
         activation_methods.apply(model, cfg, path, quantization, activation_quant or ActivationQuantConfig())

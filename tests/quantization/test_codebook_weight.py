@@ -1,0 +1,193 @@
+"""IQ2_XXS and IQ3_XXS weights in the file's own bytes (quantization/codebook_weight.py) against gguf-py's
+dequantization and against the exact 8-bit form of the same blocks (gguf_codebook_forms.py, a second
+code path): the values bit for bit, the tiled kernel's numbers bit for bit at every M, the bytes
+held those of the file; merged with other types, split for tensor parallelism, and a whole model
+whose decode plan and modules compute what the exact 8-bit forms compute. Random valid blocks
+(every grid index, sign pattern and scale); the real blocks llama.cpp writes are in
+test_llama_written_types.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from flashserve.distributed.weight_shards import cols_of, rows_of
+from flashserve.quantization import codebook_weight, gguf_method
+from flashserve.quantization.codebook_weight import CodebookWeight, grid_words
+from flashserve.quantization.gguf_method import pack_embedding, pack_linear
+from flashserve.quantization.group_quant_weight import GroupQuantWeight
+from flashserve.quantization.packed import RowSegments
+from tests.quantization.test_exact_int8_forms import gguf_py, random_blocks
+
+pytestmark = pytest.mark.usefixtures("cpp_kernels")
+TYPES = [Q.IQ2_XXS, Q.IQ3_XXS]
+TILES = codebook_weight.available()  # the 16-lane tiles (AVX-512): elsewhere these types keep the 8-bit form
+
+
+def exact(t) -> GroupQuantWeight:
+    """The same blocks as exact 8-bit codes (what the embedding takes, and linears without the tiles)."""
+    w = pack_embedding(t, own_kernels=True)
+    w.set_int8_activations(True)
+    return w
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_grid_words_name_the_grid(qtype):
+    """The kernel's table (a word of indices a grid entry, and the values) decoded by hand gives gguf-py's grid."""
+    kind = getattr(quants, qtype.name)
+    kind.init_grid()
+    want = torch.from_numpy(np.asarray(kind.grid).reshape(256, -1).astype(np.int64))
+    words, values = grid_words(qtype.name)
+    width = 2 if want.shape[1] == 8 else 4
+    fields = (words.long()[:, None] >> (width * torch.arange(want.shape[1]))) & ((1 << width) - 1)
+    assert torch.equal(values.long()[fields], want)
+
+
+def test_the_type_is_held_in_its_own_blocks_only_where_the_tiles_are():
+    t = random_blocks(Q.IQ2_XXS, 32, 512)
+    w = pack_linear([t], torch.float32, own_kernels=True)
+    assert isinstance(w, CodebookWeight if TILES else GroupQuantWeight)
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [64, 70])
+def test_the_weight_holds_the_files_bytes_and_values(qtype, rows):
+    t = random_blocks(qtype, rows, 768, seed=rows)
+    want = gguf_py(t)
+    w = CodebookWeight(qtype.name, t.block_bytes())
+    w.set_int8_activations(True)
+    assert torch.equal(w.dequantize(), want) and torch.equal(w.dequantize(5, 40), want[5:40])
+    assert w.to_wide_tiles() and w.blocks is None
+    assert torch.equal(w.dequantize(), want) and torch.equal(w.dequantize(5, 40), want[5:40])
+    assert torch.equal(w.row_blocks(slice(None)).reshape(rows, -1), t.block_bytes())  # the tiles undo
+    held = w.codes.nbytes + w.d.nbytes
+    assert held == t.raw.nbytes * -(-rows // 16) * 16 // rows  # the file's bytes, rows padded to whole tiles
+    assert torch.equal(w.int_codes(), exact(t).int_codes()) and torch.equal(w.scale_values(), exact(t).scale_values())
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m", [1, 2, 5, 20, 45])  # one row, a few (a verification step), a batch, a prompt
+def test_the_kernel_computes_what_the_exact_form_computes(qtype, m):
+    """Bit for bit the 8-bit codes' kernel, by rows and in its own tiles (4-bit indices into the grid's
+    values), on the 8-bit tiles' float order: the integer dots are the same, so are the sums."""
+    t = random_blocks(qtype, 70, 1024, seed=m, magnitude=1e-3)
+    by_rows, tiled = (CodebookWeight(qtype.name, t.block_bytes()) for _ in range(2))
+    for w in (by_rows, tiled):
+        w.set_int8_activations(True)
+    assert tiled.to_wide_tiles() and not by_rows.tiled
+    ref_rows, ref_tiles = exact(t), exact(t)
+    assert ref_tiles.to_wide_tiles()
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)) * 3
+    want = ref_rows(x)
+    assert torch.equal(ref_tiles(x), want)
+    assert torch.equal(tiled(x), want) and torch.equal(by_rows(x), want)
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+@pytest.mark.parametrize("qtype", TYPES)
+def test_float_activations_take_the_files_values(qtype):
+    """quantization="weight-only": x is not rounded; every M multiplies gguf-py's weight."""
+    t = random_blocks(qtype, 40, 512, magnitude=1e-3)
+    w = pack_linear([t], torch.float32, own_kernels=True)
+    assert not w.int8_activations
+    for m in (1, 3, 300):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+        assert torch.equal(w(x), x @ gguf_py(t).t())  # one float32 GEMM on the file's values
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+def test_merged_parts_keep_their_own_forms_and_split_for_tensor_parallel():
+    """q|k|v of IQ2_XXS, IQ2_XXS and Q5_K: the first two one weight in their blocks, the third 8-bit codes;
+    rows and columns of a codebook weight (whole blocks) for tensor-parallel ranks."""
+    parts = [random_blocks(q, 32 * (i + 1), 512, seed=i) for i, q in enumerate([Q.IQ2_XXS, Q.IQ2_XXS, Q.Q5_K])]
+    w = pack_linear(parts, torch.float32, own_kernels=True)
+    assert isinstance(w, RowSegments) and [type(p) for p in w.parts] == [CodebookWeight, GroupQuantWeight]
+    want = torch.cat([gguf_py(p) for p in parts])
+    assert torch.equal(w.dequantize(), want)
+    first = w.parts[0]
+    assert torch.equal(rows_of(first, [(3, 9), (40, 44)]).dequantize(), torch.cat([want[3:9], want[40:44]]))
+    assert torch.equal(cols_of(first, 256, 512).dequantize(), want[:96, 256:512])
+    with pytest.raises(ValueError, match="256-value blocks"):
+        cols_of(first, 0, 288)
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+def test_bad_tiles_are_refused_with_what_is_wrong():
+    from flashserve.kernels import ops
+
+    with pytest.raises(ValueError, match="IQ2_XXS weight: blocks"):
+        CodebookWeight("IQ2_XXS", torch.zeros(4, 65, dtype=torch.uint8))
+    w = CodebookWeight("IQ2_XXS", random_blocks(Q.IQ2_XXS, 16, 512).block_bytes())
+    w.set_int8_activations(True)
+    w.to_wide_tiles()
+    with pytest.raises(RuntimeError, match="grid of|grid must be"):
+        ops.codebook_matmul_tiles(torch.zeros(1, 512), w.codes, w.d, w.grid[:100], w.grid_values, 16)
+    with pytest.raises(RuntimeError, match="are not IQ2_XXS or IQ3_XXS tiles"):
+        ops.codebook_matmul_tiles(torch.zeros(1, 256), w.codes, w.d, w.grid, w.grid_values, 16)
+
+
+def tiny_qwen2(tmp_path, types: dict[str, str]):
+    """A 2-layer Qwen2 of rows of 256 and 512 whose linears are random valid blocks of `types`."""
+    import transformers as tf
+
+    from tests.model.tiny import write_gguf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    seeds = iter(range(1000))
+
+    def encode(a: np.ndarray, qtype: Q) -> np.ndarray:
+        return random_blocks(qtype, a.shape[0], a.shape[1], seed=next(seeds), magnitude=2e-3 / 8).raw
+
+    return write_gguf(tf.Qwen2ForCausalLM(cfg).eval(), tmp_path / "m.gguf", qtype="F32", qtype_of=types, encode=encode)
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+def test_a_model_in_its_own_blocks_computes_what_the_exact_forms_compute(tmp_path, monkeypatch):
+    """Every linear IQ2_XXS or IQ3_XXS (q|k|v merged with a Q8_0 v): the modules and the C++ decode plan over
+    codebook tiles give the hidden states the same model on the exact 8-bit forms gives, bit for bit,
+    prompt and decode steps."""
+    from flashserve.model.loader import load_model
+    from flashserve.runner.decode_plan import build_decode_plan
+    from flashserve.runner.kv_cache import allocate_kv_caches
+    from tests.model.test_decode_plan import BLOCK, step
+
+    types = {f"blk.{i}.{name}": q for i in range(2) for name, q in [
+        ("attn_q", "IQ2_XXS"), ("attn_k", "IQ2_XXS"), ("attn_v", "Q8_0"), ("attn_output", "IQ3_XXS"),
+        ("ffn_gate", "IQ2_XXS"), ("ffn_up", "IQ2_XXS"), ("ffn_down", "IQ3_XXS")]} | {"output": "IQ3_XXS"}
+    path = str(tiny_qwen2(tmp_path, types))
+
+    def load():
+        model, cfg = load_model(path, torch.float32, quantization="auto")
+        for m in model.modules():
+            if isinstance(m, (GroupQuantWeight, CodebookWeight)):
+                m.to_wide_tiles()
+        model.bind_kv_caches(allocate_kv_caches(cfg, num_blocks=40, block_size=BLOCK, dtype=torch.float32,
+                                                device=torch.device("cpu")))
+        return model
+
+    own = load()
+    assert sum(isinstance(m, CodebookWeight) and m.tiled for m in own.modules()) == 9  # q|k, o, gate|up, down; head
+    monkeypatch.setattr(gguf_method, "codebook_tiles_available", lambda: False)
+    eight_bit = load()
+    assert not any(isinstance(m, CodebookWeight) for m in eight_bit.modules())
+    plan = build_decode_plan(own)
+    assert plan is not None
+    g = torch.Generator().manual_seed(0)
+    seqs = {rid: torch.randint(0, 256, (n,), generator=g).tolist() for rid, n in {"a": 5, "b": 11}.items()}
+    tables = {rid: list(range(1 + 12 * i, 13 + 12 * i)) for i, rid in enumerate(seqs)}
+    done = dict.fromkeys(seqs, 0)
+    assert torch.equal(step(own, seqs, done, tables), step(eight_bit, seqs, done, tables))  # the prompts
+    for _ in range(4):
+        done = {rid: len(t) for rid, t in seqs.items()}
+        for rid in seqs:
+            seqs[rid].append(int(torch.randint(0, 256, (1,), generator=g)))
+        want = step(eight_bit, seqs, done, tables)
+        assert torch.equal(step(own, seqs, done, tables), want)
+        assert torch.equal(step(own, seqs, done, tables, plan), want)
