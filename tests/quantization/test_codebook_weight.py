@@ -191,3 +191,41 @@ def test_a_model_in_its_own_blocks_computes_what_the_exact_forms_compute(tmp_pat
         want = step(eight_bit, seqs, done, tables)
         assert torch.equal(step(own, seqs, done, tables), want)
         assert torch.equal(step(own, seqs, done, tables, plan), want)
+
+
+@pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
+def test_streamed_layers_in_their_own_blocks_compute_the_resident_models_numbers(tmp_path, monkeypatch):
+    """Layer streaming (max_weight_memory) keeps the codebook weights by rows, as its packed-layer file holds
+    them, and tiles them per call: the resident model's hidden states, bit for bit."""
+    from flashserve.model.loader import load_model
+    from flashserve.offload.layer_streaming import resident_bytes
+    from flashserve.runner.kv_cache import allocate_kv_caches
+    from tests.model.test_decode_plan import BLOCK, step
+
+    types = {f"blk.{i}.{name}": "IQ2_XXS" for i in range(2) for name in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")}
+    types |= {f"blk.{i}.{name}": "IQ3_XXS" for i in range(2) for name in ("attn_output", "ffn_down")}
+    path = str(tiny_qwen2(tmp_path, types))
+    monkeypatch.setenv("FLASHSERVE_CACHE", str(tmp_path / "cache"))  # the packed-layer file of a throwaway model
+
+    def load(budget):
+        model, cfg = load_model(path, torch.float32, quantization="auto", max_weight_memory=budget)
+        model.bind_kv_caches(allocate_kv_caches(cfg, num_blocks=40, block_size=BLOCK, dtype=torch.float32,
+                                                device=torch.device("cpu")))
+        return model
+
+    resident = load(None)
+    for m in resident.modules():
+        if isinstance(m, CodebookWeight):
+            m.to_wide_tiles()
+    probe = load(1 << 40)
+    layer = max(sum(p.nbytes for p in x.parameters() if p is not None) for x in probe.model.layers)
+    streamed = load(resident_bytes(probe) + 1024 + layer)
+    assert streamed.layer_streamer is not None
+    assert any(isinstance(m, CodebookWeight) for m in streamed.modules())
+    g = torch.Generator().manual_seed(0)
+    seqs = {"a": torch.randint(0, 256, (9,), generator=g).tolist()}
+    tables = {"a": list(range(1, 13))}
+    for done in (0, 9):
+        if done:
+            seqs["a"].append(3)
+        assert torch.equal(step(streamed, seqs, {"a": done}, tables), step(resident, seqs, {"a": done}, tables))
