@@ -29,7 +29,8 @@ rows (but the float one) also get llama.cpp's perplexity of the same file on the
 llama-cpp-python when it is installed.
 With --speed-rounds R, each row's engine is also timed in a process of its own, rows alternated over R
 rounds (median and range): one 512-token prompt (prompt tok/s) and 64 greedy tokens after it, one
-sequence (decode tok/s from the first token on), the engine's default float16 KV cache. A GGUF file
+sequence (decode tok/s from the first token on), the engine's default float16 KV cache, and the
+process's resident set after the run and its peak (Linux's VmRSS and VmHWM). A GGUF file
 perplexity reads with float activations (weight-only) is timed on the default path ("auto": the
 kernels' int8 activations, the 16-lane tiles), what a user of the file runs.
 
@@ -201,7 +202,10 @@ def speed(model: str, quantization: str, options: dict, prompt_len: int = 512, g
         if first is None and outs and outs[0].outputs[0].token_ids:
             first = time.perf_counter()
     end = time.perf_counter()
-    return {"prompt_tok_s": prompt_len / (first - t0), "decode_tok_s": (gen - 1) / (end - first)}
+    status = Path("/proc/self/status").read_text()  # the process's resident set after the run, and its peak
+    mib = {key: int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024 for key in ("VmRSS", "VmHWM")}
+    return {"prompt_tok_s": prompt_len / (first - t0), "decode_tok_s": (gen - 1) / (end - first),
+            "resident_mib": mib["VmRSS"], "peak_mib": mib["VmHWM"]}
 
 
 def timed_rows(rows: list[tuple[str, str, str, dict]], rounds: int) -> dict[str, dict[str, list[float]]]:

@@ -39,13 +39,14 @@ def available() -> bool:
 @cache
 def grid_words(qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The type's 256 grid entries as the kernel looks them up: int16 words of indices into the type's
-    values (IQ2_XXS: 8 fields of 2 bits; IQ3_XXS: 4 nibbles), and those values (uint8, 16, zeros past
-    the last)."""
+    values (IQ2_XXS: 8 indices of 2 bits, nibble j holding entry values j and j + 4, as j | (j + 4) << 2;
+    IQ3_XXS: 4 indices of 3 bits, one a nibble), and those values (uint8, 16, zeros past the last)."""
     entries = grid(qtype)  # (256, 8 or 4) unsigned values
     values = entries.unique()  # ascending: 3 for IQ2_XXS, 8 for IQ3_XXS
     index = torch.searchsorted(values, entries)
-    width = 2 if entries.shape[1] == 8 else 4
-    words = (index << (width * torch.arange(entries.shape[1]))).sum(dim=1)
+    if entries.shape[1] == 8:
+        index = index[:, :4] | (index[:, 4:] << 2)
+    words = (index << (4 * torch.arange(4))).sum(dim=1)
     return words.to(torch.int16), torch.cat([values, values.new_zeros(16 - len(values))]).to(torch.uint8)
 
 

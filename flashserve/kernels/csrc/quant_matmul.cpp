@@ -1328,16 +1328,18 @@ inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
 // (grid values are at most 62), so the rest of the GEMM is theirs and so are the numbers, bit for bit.
 //
 // The grid is looked up in registers: each entry as a 16-bit word of indices into the type's few values
-// (IQ2_XXS: 8 x 2 bits of {8, 25, 43}; IQ3_XXS: 4 x 3 bits, one a nibble, of 8 values), the 256 words in
-// eight vectors, four two-source word permutes (64 entries each) and two blends by index bits 6 and 7
-// (AVX512BW), two entries a dword; then the fields spread to bytes and a byte shuffle of the values,
-// signed. 32-bit gathers (8 a span) took 3x the time of the 4-bit index tiles at one row on Zen 4. Inlined
+// (IQ2_XXS: 8 x 2 bits of {8, 25, 43}, nibble j holding values j and j + 4; IQ3_XXS: 4 x 3 bits of 8
+// values, one a nibble), the 256 words in eight vectors, four two-source word permutes (64 entries each)
+// and two blends by index bits 6 and 7 (AVX512BW), two entries a dword; then the nibbles to bytes, each
+// byte's sign put in its bit 3, and a byte shuffle of the signed values' codes. 32-bit gathers (8 a span) took 3x the time of the 4-bit index tiles at one row on Zen 4. Inlined
 // into the GEMM's loop (left to itself the compiler called the unpack, its tables and output in memory).
 constexpr int kCodebookIQ2XXS = 1, kCodebookIQ3XXS = 2;
 
 struct CodebookTables {
   __m512i words[8];  // entries 32 i .. 32 i + 31
-  __m512i plus, minus;  // per 128-bit lane, the values' unsigned codes 128 + g and 128 - g (byte shuffle tables)
+  // per 128-bit lane, a byte shuffle table: bytes i < 8 the unsigned code 128 + g_i of value i, bytes 8 + i
+  // its negative's, 128 - g_i (at most 8 values), so that an index's bit 3 is its sign
+  __m512i codes;
 };
 
 __attribute__((always_inline)) inline CodebookTables codebook_tables(const Problem& p) {
@@ -1345,8 +1347,8 @@ __attribute__((always_inline)) inline CodebookTables codebook_tables(const Probl
   for (int i = 0; i < 8; ++i) t.words[i] = _mm512_loadu_si512(p.tile_grid + 32 * i);
   const __m512i values = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_grid_values)));
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-  t.plus = _mm512_xor_si512(values, offset);  // values < 128
-  t.minus = _mm512_sub_epi8(offset, values);
+  const __m512i plus = _mm512_xor_si512(values, offset), minus = _mm512_sub_epi8(offset, values);  // values < 128
+  t.codes = _mm512_mask_blend_epi8(0xFF00FF00FF00FF00ull, plus, _mm512_bslli_epi128(minus, 8));
   return t;
 }
 
@@ -1368,17 +1370,6 @@ __attribute__((always_inline)) inline __m512i index_pair(__m512i index, int a) {
                                      static_cast<char>(a + 5), -1, static_cast<char>(a + 8), -1, static_cast<char>(a + 9), -1,
                                      static_cast<char>(a + 12), -1, static_cast<char>(a + 13), -1);
   return _mm512_shuffle_epi8(index, _mm512_broadcast_i32x4(lane));
-}
-
-// Four fields of a dword's low 8 (2-bit) or 16 (4-bit) bits, zero above, as its four bytes: the halves to
-// bytes 0 and 2, then each half's two fields to a byte of its own. (a | b) & c is ternary-logic table 0xA8.
-template <int kFieldBits>
-__attribute__((always_inline)) inline __m512i spread_fields(__m512i v) {
-  constexpr int kHalf = 2 * kFieldBits;  // bits of two fields
-  const __m512i halves = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 16 - kHalf),
-                                                   _mm512_set1_epi32(kFieldBits == 2 ? 0x000F000F : 0x00FF00FF), 0xA8);
-  return _mm512_ternarylogic_epi32(halves, _mm512_slli_epi32(halves, 8 - kFieldBits),
-                                   _mm512_set1_epi32(kFieldBits == 2 ? 0x03030303 : 0x0F0F0F0F), 0xA8);
 }
 
 // The u32's four 7-bit sign indices (bits 0, 7, 14, 21) as its four bytes, each with its parity on top:
@@ -1407,28 +1398,40 @@ __attribute__((always_inline)) inline __m512i sign_byte(__m512i signs, int j) {
   return _mm512_shuffle_epi8(signs, _mm512_broadcast_i32x4(lane));
 }
 
-// Indices into the values (bytes) as unsigned codes 128 + g, or 128 - g where the sign bit of `bits` (per
-// byte, 0x01..0x08 or 0x10..0x80 of each dword) of `signs` is set.
+// Indices into the values (bytes, bits 3 and 7 clear; bits 4-6 are not read) as unsigned codes 128 + g, or
+// 128 - g where the sign bit of `bits` (per byte, 0x01..0x08 or 0x10..0x80 of each dword) of `signs` is set:
+// the sign as the index's bit 3, one byte shuffle of the table of both.
 __attribute__((always_inline)) inline __m512i signed_codes(const CodebookTables& t, __m512i index, __m512i signs, int32_t bits) {
   const __mmask64 minus = _mm512_test_epi8_mask(signs, _mm512_set1_epi32(bits));
-  return _mm512_mask_shuffle_epi8(_mm512_shuffle_epi8(t.plus, index), minus, t.minus, index);
+  return _mm512_shuffle_epi8(t.codes, _mm512_mask_add_epi8(index, minus, index, _mm512_set1_epi8(8)));
+}
+
+// The nibbles of each dword's word `h` (0: the low one, 1: the high one) as its four bytes' low nibbles: the
+// word's bytes b0, b1 doubled (b0 b0 b1 b1), the odd ones shifted down by 4; the even bytes keep their
+// other nibble above (bits 4-7: the byte shuffle does not read 4-6, and bit 7 is clear for IQ3_XXS's 3-bit
+// indices; IQ2_XXS's are masked).
+__attribute__((always_inline)) inline __m512i word_nibbles(__m512i pair, int h) {
+  const char a = static_cast<char>(2 * h), b = static_cast<char>(2 * h + 1);
+  const __m128i lane = _mm_setr_epi8(a, a, b, b, a + 4, a + 4, b + 4, b + 4, a + 8, a + 8, b + 8, b + 8, a + 12, a + 12,
+                                     b + 12, b + 12);
+  const __m512i doubled = _mm512_shuffle_epi8(pair, _mm512_broadcast_i32x4(lane));
+  return _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAull, doubled, _mm512_srli_epi16(doubled, 4));
 }
 
 template <int kCodebook>
 __attribute__((always_inline)) inline void unpack_codebook_span(const uint8_t* b, const CodebookTables& t, __m512i* w, __m512i& aux) {
   constexpr int32_t kLow = 0x08040201, kHigh = static_cast<int32_t>(0x80402010);  // sign bits of bytes 0-3, 4-7
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
   if constexpr (kCodebook == kCodebookIQ2XXS) {
     const __m512i index = _mm512_loadu_si512(b);
     aux = _mm512_loadu_si512(b + 64);
     const __m512i signs = span_sign_bytes(aux);
-    for (int l = 0; l < 4; l += 2) {  // values 8l .. 8l + 15: two entries of 8 fields of 2 bits
+    const __m512i fields = _mm512_set1_epi8(0x33);  // a nibble's low 2 bits, in either nibble
+    for (int l = 0; l < 4; l += 2) {  // values 8l .. 8l + 15: two entries, nibble j = fields j and j + 4
       const __m512i pair = grid_word_pairs(t, index_pair(index, l));
       for (int e = 0; e < 2; ++e) {
-        const __m512i word = e == 0 ? _mm512_and_si512(pair, low16) : _mm512_srli_epi32(pair, 16);
-        const __m512i sign = sign_byte(signs, l + e);
-        w[2 * (l + e)] = signed_codes(t, spread_fields<2>(word), sign, kLow);
-        w[2 * (l + e) + 1] = signed_codes(t, spread_fields<2>(_mm512_srli_epi32(word, 8)), sign, kHigh);
+        const __m512i nibbles = word_nibbles(pair, e), sign = sign_byte(signs, l + e);
+        w[2 * (l + e)] = signed_codes(t, _mm512_and_si512(nibbles, fields), sign, kLow);
+        w[2 * (l + e) + 1] = signed_codes(t, _mm512_and_si512(_mm512_srli_epi16(nibbles, 2), fields), sign, kHigh);
       }
     }
   } else {
@@ -1438,8 +1441,8 @@ __attribute__((always_inline)) inline void unpack_codebook_span(const uint8_t* b
     for (int q = 0; q < 8; q += 2) {  // values 4q .. 4q + 7: two entries of 4 nibbles, one sign byte
       const __m512i pair = grid_word_pairs(t, index_pair(index[q / 4], q % 4));
       const __m512i sign = sign_byte(signs, q / 2);
-      w[q] = signed_codes(t, spread_fields<4>(_mm512_and_si512(pair, low16)), sign, kLow);
-      w[q + 1] = signed_codes(t, spread_fields<4>(_mm512_srli_epi32(pair, 16)), sign, kHigh);
+      w[q] = signed_codes(t, word_nibbles(pair, 0), sign, kLow);
+      w[q + 1] = signed_codes(t, word_nibbles(pair, 1), sign, kHigh);
     }
   }
 }
