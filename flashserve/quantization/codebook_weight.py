@@ -95,8 +95,11 @@ class CodebookWeight(PackedWeight):
     def __init__(self, qtype: str, blocks: torch.Tensor):
         """blocks: (N, K/256 * bytes) uint8, the file's rows."""
         super().__init__()
-        if qtype not in BLOCK_BYTES or blocks.dim() != 2 or blocks.shape[1] % BLOCK_BYTES[qtype]:
-            raise ValueError(f"{qtype} weight: blocks {tuple(blocks.shape)}")
+        if qtype not in BLOCK_BYTES:
+            raise ValueError(f"a codebook weight is IQ2_XXS or IQ3_XXS, not {qtype}")
+        if blocks.dim() != 2 or blocks.shape[1] % BLOCK_BYTES[qtype]:
+            raise ValueError(f"{qtype} weight: blocks {tuple(blocks.shape)} are not rows of "
+                             f"{BLOCK_BYTES[qtype]}-byte blocks")
         self.qtype = qtype
         n, nb = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[qtype]
         self.out_features, self.in_features = n, nb * BLOCK

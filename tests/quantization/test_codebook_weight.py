@@ -119,8 +119,10 @@ def test_merged_parts_keep_their_own_forms_and_split_for_tensor_parallel():
 def test_bad_tiles_are_refused_with_what_is_wrong():
     from flashserve.kernels import ops
 
-    with pytest.raises(ValueError, match="IQ2_XXS weight: blocks"):
+    with pytest.raises(ValueError, match=r"IQ2_XXS weight: blocks \(4, 65\) are not rows of 66-byte blocks"):
         CodebookWeight("IQ2_XXS", torch.zeros(4, 65, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="IQ2_XXS or IQ3_XXS, not IQ2_XS"):
+        CodebookWeight("IQ2_XS", torch.zeros(4, 74, dtype=torch.uint8))
     w = CodebookWeight("IQ2_XXS", random_blocks(Q.IQ2_XXS, 16, 512).block_bytes())
     w.set_int8_activations(True)
     w.to_wide_tiles()
