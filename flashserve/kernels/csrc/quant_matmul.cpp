@@ -1324,15 +1324,16 @@ inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
 // values as dequantize_row_iq2_xxs / iq3_xxs (ggml-quants.c), which gguf-py follows:
 //   w = d (ls + 1/2) c · ±grid value,  c = 1/4 (IQ2_XXS), 1/2 (IQ3_XXS)
 // with the sign of value j of 8 in bit j of the sign index's byte: the 7 bits and their parity on top
-// (an even number of minus signs). The unpack gives w[0..7] as the 8-bit tiles hold them, u = c + 128
-// (grid values are at most 62), so the rest of the GEMM is theirs and so are the numbers, bit for bit.
+// (an even number of minus signs). The unpack gives w[0..7] as the 8-bit tiles hold them, u = 128 ± g for
+// grid value g (at most 62), so the rest of the GEMM is theirs and so are the numbers, bit for bit.
 //
 // The grid is looked up in registers: each entry as a 16-bit word of indices into the type's few values
 // (IQ2_XXS: 8 x 2 bits of {8, 25, 43}, nibble j holding values j and j + 4; IQ3_XXS: 4 x 3 bits of 8
 // values, one a nibble), the 256 words in eight vectors, four two-source word permutes (64 entries each)
 // and two blends by index bits 6 and 7 (AVX512BW), two entries a dword; then the nibbles to bytes, each
-// byte's sign put in its bit 3, and a byte shuffle of the signed values' codes. 32-bit gathers (8 a span) took 3x the time of the 4-bit index tiles at one row on Zen 4. Inlined
-// into the GEMM's loop (left to itself the compiler called the unpack, its tables and output in memory).
+// byte's sign put in its bit 3, and a byte shuffle of the signed values' codes. 32-bit gathers (8 a span)
+// took 3x the time of the 4-bit index tiles at one row on Zen 4. Inlined into the GEMM's loop (left to
+// itself the compiler called the unpack, its tables and output in memory).
 constexpr int kCodebookIQ2XXS = 1, kCodebookIQ3XXS = 2;
 
 struct CodebookTables {
