@@ -28,8 +28,9 @@ SHM_DIR = Path("/dev/shm")
 
 
 class SharedMemoryCollectives:
-    def __init__(self, region: torch.Tensor, rank: int, world_size: int, timeout_s: float, kernels):
+    def __init__(self, region: torch.Tensor, rank: int, world_size: int, timeout_s: float, kernels, path: str):
         self.rank, self.world_size, self.timeout_s, self._kernels = rank, world_size, timeout_s, kernels
+        self.path = path  # the region's name in SHM_DIR while the ranks mapped it, unlinked since
         self.flags = region[: FLAG_LINE * world_size].view(torch.int64)
         slots = region[FLAG_LINE * world_size:]
         self.slots = [[slots[(b * world_size + r) * SLOT_BYTES:(b * world_size + r + 1) * SLOT_BYTES]
@@ -55,7 +56,7 @@ class SharedMemoryCollectives:
         dist.barrier()  # every rank has it mapped: its name can go
         if rank == 0:
             os.unlink(path[0])
-        return cls(region, rank, world_size, timeout_s, kernels)
+        return cls(region, rank, world_size, timeout_s, kernels, path[0])
 
     def _exchange(self, chunk: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `chunk` (same shape and dtype on all), as views of the region, rank order."""
