@@ -141,10 +141,10 @@ def group_quant_matmul_tiles(x: torch.Tensor, codes: torch.Tensor, scale: torch.
 
 
 def codebook_matmul_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, grid: torch.Tensor,
-                          values: torch.Tensor, n: int) -> torch.Tensor:
+                          codes: torch.Tensor, n: int) -> torch.Tensor:
     """x @ W^T for IQ2_XXS / IQ3_XXS weights in codebook tiles, at their own bits (quantization/codebook_weight.py),
     int8 activations. Only where wide_tile_lanes() says the build has the tiles."""
-    return cpu_kernels().codebook_matmul_tiles(x, tiles, d, grid, values, n)
+    return cpu_kernels().codebook_matmul_tiles(x, tiles, d, grid, codes, n)
 
 
 def wide_tile_lanes() -> int:

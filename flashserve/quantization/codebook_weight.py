@@ -40,14 +40,16 @@ def available() -> bool:
 def grid_words(qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The type's 256 grid entries as the kernel looks them up: int16 words of indices into the type's
     values (IQ2_XXS: 8 indices of 2 bits, nibble j holding entry values j and j + 4, as j | (j + 4) << 2;
-    IQ3_XXS: 4 indices of 3 bits, one a nibble), and those values (uint8, 16, zeros past the last)."""
-    entries = grid(qtype)  # (256, 8 or 4) unsigned values
+    IQ3_XXS: 4 indices of 3 bits, one a nibble), and the values' unsigned codes (uint8, 16): byte i the
+    code 128 + g_i of value i, byte 8 + i that of its negative, 128 - g_i (an index's bit 3 is its sign)."""
+    entries = grid(qtype)  # (256, 8 or 4) unsigned values, all below 128
     values = entries.unique()  # ascending: 3 for IQ2_XXS, 8 for IQ3_XXS
     index = torch.searchsorted(values, entries)
     if entries.shape[1] == 8:
         index = index[:, :4] | (index[:, 4:] << 2)
     words = (index << (4 * torch.arange(4))).sum(dim=1)
-    return words.to(torch.int16), torch.cat([values, values.new_zeros(16 - len(values))]).to(torch.uint8)
+    g = torch.cat([values, values.new_zeros(8 - len(values))])
+    return words.to(torch.int16), torch.cat([128 + g, 128 - g]).to(torch.uint8)
 
 
 def _span_words(qtype: str, blocks: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,7 @@ class CodebookWeight(PackedWeight):
         self.blocks = _param(blocks.contiguous().view(n, nb, BLOCK_BYTES[qtype]))
         self.codes = self.d = None
         self.tiled = False
-        self.grid, self.grid_values = grid_words(qtype)
+        self.grid, self.grid_codes = grid_words(qtype)
         self.set_int8_activations(False)
 
     def set_int8_activations(self, on: bool) -> None:
@@ -128,11 +130,11 @@ class CodebookWeight(PackedWeight):
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         codes, d = (self.codes, self.d) if self.tiled else to_tiles(self.qtype, self.blocks)  # by rows: per call
-        return ops.codebook_matmul_tiles(x, codes, d, self.grid, self.grid_values, self.out_features)
+        return ops.codebook_matmul_tiles(x, codes, d, self.grid, self.grid_codes, self.out_features)
 
     def plan_part(self) -> tuple:
         """What the C++ decode step calls the kernel with (GroupQuantWeight.plan_part's shape)."""
-        return (self.codes, self.d, None, 8, GROUP, True, True, None, self.out_features, None, self.grid_values,
+        return (self.codes, self.d, None, 8, GROUP, True, True, None, self.out_features, None, self.grid_codes,
                 self.grid)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:

@@ -39,7 +39,9 @@ def test_grid_words_name_the_grid(qtype):
     kind = getattr(quants, qtype.name)
     kind.init_grid()
     want = torch.from_numpy(np.asarray(kind.grid).reshape(256, -1).astype(np.int64))
-    words, values = grid_words(qtype.name)
+    words, codes = grid_words(qtype.name)
+    values = codes[:8].long() - 128
+    assert torch.equal(codes[8:].long(), 128 - values)  # the negatives' codes, index bit 3 set
     nibbles = (words.long()[:, None] >> (4 * torch.arange(4))) & 15
     fields = torch.cat([nibbles & 3, nibbles >> 2], dim=1) if want.shape[1] == 8 else nibbles  # IQ2_XXS: j, j + 4
     assert torch.equal(values.long()[fields], want)
@@ -127,9 +129,9 @@ def test_bad_tiles_are_refused_with_what_is_wrong():
     w.set_int8_activations(True)
     w.to_wide_tiles()
     with pytest.raises(RuntimeError, match="grid of|grid must be"):
-        ops.codebook_matmul_tiles(torch.zeros(1, 512), w.codes, w.d, w.grid[:100], w.grid_values, 16)
+        ops.codebook_matmul_tiles(torch.zeros(1, 512), w.codes, w.d, w.grid[:100], w.grid_codes, 16)
     with pytest.raises(RuntimeError, match="are not IQ2_XXS or IQ3_XXS tiles"):
-        ops.codebook_matmul_tiles(torch.zeros(1, 256), w.codes, w.d, w.grid, w.grid_values, 16)
+        ops.codebook_matmul_tiles(torch.zeros(1, 256), w.codes, w.d, w.grid, w.grid_codes, 16)
 
 
 def tiny_qwen2(tmp_path, types: dict[str, str]):

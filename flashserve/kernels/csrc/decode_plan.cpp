@@ -28,7 +28,7 @@ struct PackedPart {
   int64_t out_features = 0;
   at::Tensor tile_zero_factors;
   at::Tensor tile_levels;
-  at::Tensor tile_grid;  // defined: codebook tiles (codes, d as the scale, the grid's values as the levels)
+  at::Tensor tile_grid;  // defined: codebook tiles (codes, d as the scale, the grid's signed codes as the levels)
 
   at::Tensor operator()(const at::Tensor& x) const {
     auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };

@@ -41,7 +41,7 @@ at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints
 bool two_bit_tiles_(at::Tensor& codes);
 bool amx_ready();  // AMX tiles built in, granted by the OS and self-tested (the kernels use them then)
 at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& grid,
-                                 const at::Tensor& values, int64_t N);
+                                 const at::Tensor& codes, int64_t N);
 int64_t wide_tile_lanes();  // output rows of a stored tile in this build (16 with AVX-512), 0 without
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end);

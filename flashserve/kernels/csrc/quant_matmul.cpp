@@ -257,10 +257,11 @@ struct Problem {
   const uint8_t* tile_zero_factors = nullptr;
   int64_t tile_zero_bytes = 4;
   // codebook tiles (codebook_matmul_tiles): the type's grid (256 words of indices into its values: 2-bit
-  // fields for IQ2_XXS, nibbles for IQ3_XXS), its values (16 bytes), and each tile's float16 d per 256 values
+  // fields for IQ2_XXS, nibbles for IQ3_XXS), its values' signed codes (CodebookTables::codes), and each tile's
+  // float16 d per 256 values
   // (T, K/256, 16); or null
   const int16_t* tile_grid = nullptr;
-  const uint8_t* tile_grid_values = nullptr;
+  const uint8_t* tile_grid_codes = nullptr;
   const uint16_t* tile_d = nullptr;
 };
 
@@ -1346,10 +1347,7 @@ struct CodebookTables {
 __attribute__((always_inline)) inline CodebookTables codebook_tables(const Problem& p) {
   CodebookTables t;
   for (int i = 0; i < 8; ++i) t.words[i] = _mm512_loadu_si512(p.tile_grid + 32 * i);
-  const __m512i values = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_grid_values)));
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i plus = _mm512_xor_si512(values, offset), minus = _mm512_sub_epi8(offset, values);  // values < 128
-  t.codes = _mm512_mask_blend_epi8(0xFF00FF00FF00FF00ull, plus, _mm512_bslli_epi128(minus, 8));
+  t.codes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_grid_codes)));
   return t;
 }
 
@@ -2189,10 +2187,11 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
 }
 
 // x @ W^T for IQ2_XXS or IQ3_XXS weights in codebook tiles (above): tiles (T, K/32, 128 or 192) uint8, d
-// (T, K/256, 16) float16, grid the type's 256 entries as int16 words of indices into `values` (16 uint8).
+// (T, K/256, 16) float16, grid the type's 256 entries as int16 words of indices into its values, `codes` the
+// values' unsigned codes 128 + g and 128 - g (16 uint8, CodebookTables::codes).
 // Int8 activations; the numbers of the same weight as exact 8-bit codes.
 at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& grid,
-                                 const at::Tensor& values, int64_t N) {
+                                 const at::Tensor& codes, int64_t N) {
 #ifdef FS_AVX512
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "codebook_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
@@ -2205,15 +2204,15 @@ at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, c
                   d.size(1) == K / 256 && d.size(2) == kWideLanes,
               "codebook_matmul_tiles: d ", d.sizes(), " is not float16 (", T, ", ", K / 256, ", 16)");
   TORCH_CHECK(grid.scalar_type() == at::kShort && grid.is_contiguous() && grid.numel() == 256 &&
-                  values.scalar_type() == at::kByte && values.is_contiguous() && values.numel() == 16,
-              "codebook_matmul_tiles: the grid must be 256 int16 words and its values 16 uint8");
+                  codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == 16,
+              "codebook_matmul_tiles: the grid must be 256 int16 words and its codes 16 uint8");
   auto y = at::empty({M, N}, xc.options());
   Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, 32, 8};
   set_int8_activations(p, false, tile_code_offset(8));
   p.tiles = tiles.data_ptr<uint8_t>();
   p.tile_bits = span_bytes / 64;
   p.tile_grid = grid.data_ptr<int16_t>();
-  p.tile_grid_values = values.data_ptr<uint8_t>();
+  p.tile_grid_codes = codes.data_ptr<uint8_t>();
   p.tile_d = reinterpret_cast<const uint16_t*>(d.data_ptr());
   gemm_wide_tiled<8>(p);
   return y;
