@@ -66,7 +66,7 @@ def _check_untiled(w: CodebookWeight) -> None:
 def _(w: CodebookWeight, ranges):  # split by rows (the file's blocks), before any tiling
     _check_untiled(w)
     idx = row_index(ranges)
-    return _replace(w, len(idx), w.in_features, blocks=w.row_blocks(idx))
+    return _replace(w, len(idx), w.in_features, blocks=w.blocks[idx])
 
 
 @cols_of.register
@@ -74,7 +74,7 @@ def _(w: CodebookWeight, start, stop):
     _check_untiled(w)
     if start % BLOCK or stop % BLOCK:
         raise ValueError(f"columns {start}:{stop} of a {w.qtype} weight do not fall on its {BLOCK}-value blocks")
-    return _replace(w, w.out_features, stop - start, blocks=w.row_blocks(slice(None))[:, start // BLOCK : stop // BLOCK])
+    return _replace(w, w.out_features, stop - start, blocks=w.blocks[:, start // BLOCK : stop // BLOCK])
 
 
 @rows_of.register
