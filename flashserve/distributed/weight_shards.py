@@ -4,7 +4,7 @@
                              rows of a packed weight may be taken, each row's groups stay whole
     cols_of(w, start, stop)  input columns (row-parallel o, down): on group boundaries only, 32
                              values (a GGUF block) or, for a factored K-quant table or a codebook
-                             type's blocks (IQ2_XXS, IQ3_XXS), 256
+                             type's blocks (the i-quants IQ1_S .. IQ3_S), 256
 
 A weight is (out_features, in_features). Ranges are half-open [start, stop) lists. Forms without a
 rule here (torch's int4/int8 fallback kernels) raise rather than split wrongly.

@@ -140,11 +140,11 @@ def group_quant_matmul_tiles(x: torch.Tensor, codes: torch.Tensor, scale: torch.
     return cpu_kernels().group_quant_matmul_tiles(x, codes, scale, factors, n, zero, zero_factors, levels)
 
 
-def codebook_matmul_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, grid: torch.Tensor,
-                          codes: torch.Tensor, n: int) -> torch.Tensor:
-    """x @ W^T for IQ2_XXS / IQ3_XXS weights in codebook tiles, at their own bits (quantization/codebook_weight.py),
-    int8 activations. Only where wide_tile_lanes() says the build has the tiles."""
-    return cpu_kernels().codebook_matmul_tiles(x, tiles, d, grid, codes, n)
+def codebook_matmul_tiles(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, side: torch.Tensor, grid: torch.Tensor,
+                          codes: torch.Tensor, qtype: str, n: int) -> torch.Tensor:
+    """x @ W^T for i-quant weights (IQ1_S .. IQ3_S) in codebook tiles, at their own bits
+    (quantization/codebook_weight.py), int8 activations. Only where wide_tile_lanes() says the build has the tiles."""
+    return cpu_kernels().codebook_matmul_tiles(x, tiles, d, side, grid, codes, qtype, n)
 
 
 def wide_tile_lanes() -> int:

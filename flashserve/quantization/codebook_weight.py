@@ -1,15 +1,15 @@
-"""CodebookWeight: IQ2_XXS and IQ3_XXS weights at their own bits (2.0625 and 3.0625 a weight), where
-the exact 8-bit form (gguf_codebook_forms.py) takes 5 as 4-bit indices in the tiles and 9 by rows.
+"""CodebookWeight: the i-quants built on codebooks (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) at
+their own bits (1.56 to 3.44 a weight), where their exact 8-bit forms (gguf_codebook_forms.py) take 5 to 6 in
+the tiles and 9 to 10 by rows.
 
-A 256-value block of either type is a float16 d, then per 32 values grid indices (IQ2_XXS: 4, each
-naming 8 of the grid's unsigned values; IQ3_XXS: 8, each naming 4) and a u32 of four 7-bit sign
-indices and a 4-bit scale ls (ggml-common.h's block_iq2_xxs / block_iq3_xxs). The weight keeps those
-bytes. By rows it holds the file's blocks (N, K/256, bytes); in the 16-lane tiles (to_wide_tiles), for
-every 16 rows and span of 32 values, each row's bytes of the span, lane-major (4 bytes a lane: the
-indices, then the u32; `codes`, (T, K/32, 128 or 192)), and the blocks' d (T, K/256, 16). The tiled
-kernel (quant_matmul.cpp, codebook_matmul_tiles) looks each span's grid entries up in registers and
-applies their signs as it goes, into the 8-bit tiles' codes: the numbers of the exact 8-bit form, bit
-for bit.
+A 256-value block of these types holds, per run of values, indices into the type's grid (each naming 8 or 4
+of its values), their signs (or a sign index, or IQ1's delta), and sub-block scales, with a float16 d
+(ggml-common.h's block_iq*; `LAYOUTS` below names the fields). The weight keeps those bytes. By rows it holds
+the file's blocks (N, K/256, bytes); in the 16-lane tiles (to_wide_tiles), for every 16 rows and span of 32
+values, each row's bytes of the fields that come per span, lane-major (4 bytes a lane; `codes`, (T, K/32,
+64 planes)), the blocks' other fields per block and lane (`side`, (T, K/256, S, 16)) and d (T, K/256, 16).
+The tiled kernel (quant_matmul.cpp, codebook_matmul_tiles) looks each span's grid entries up and applies
+their signs as it goes, into the 8-bit tiles' codes: the numbers of the exact 8-bit form, bit for bit.
 
 Only where the build has the 16-lane tiles (AVX-512), with int8 activations; with float activations
 (quantization="weight-only") every M takes the dequantized rows, gguf-py's values exactly.
@@ -17,18 +17,42 @@ Only where the build has the 16-lane tiles (AVX-512), with int8 activations; wit
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 from flashserve.kernels import ops
-from flashserve.quantization.gguf_codebook_forms import CONVERT, grid
-from flashserve.quantization.packed import GROUP, PackedWeight, _param
+from flashserve.quantization.gguf_bits import u16
+from flashserve.quantization.gguf_codebook_forms import CONVERT, GROUPS, grid
+from flashserve.quantization.packed import PackedWeight, _param
 
 BLOCK = 256  # values of a block
-BLOCK_BYTES = {"IQ2_XXS": 66, "IQ3_XXS": 98}
+SPANS = BLOCK // 32
 LANES = 16  # rows of a tile
+GATHERED = 512  # grids larger than this are gathered by the kernel (their table: one word more)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a block's fields are (byte offsets), as the tiles split them."""
+    bytes: int
+    spans: tuple[tuple[int, int], ...]  # (offset, bytes a span) of the fields that come per 32 values, in plane order
+    side: tuple[tuple[int, int], ...]  # (offset, length) of the other fields, kept per block
+    d_first: bool = True  # the block starts with its float16 d (IQ1_M spreads d over its scales' top nibbles)
+
+
+LAYOUTS = {
+    "IQ2_XXS": Layout(66, spans=((2, 8),), side=()),  # per span: 4 indices, u32 of sign indices and ls
+    "IQ3_XXS": Layout(98, spans=((2, 8), (66, 4)), side=()),  # 8 indices; u32s of sign indices and ls
+    "IQ2_XS": Layout(74, spans=((2, 8),), side=((66, 8),)),  # 4 u16 (index, sign index); ls bytes
+    "IQ2_S": Layout(82, spans=((2, 4), (34, 4)), side=((66, 8), (74, 8))),  # indices, signs; qh, ls bytes
+    "IQ3_S": Layout(110, spans=((2, 8), (74, 4)), side=((66, 8), (106, 4))),  # indices, signs; qh, ls nibbles
+    "IQ1_S": Layout(50, spans=((2, 4),), side=((34, 16),)),  # indices; u16 of high bits, ls, delta sign
+    "IQ1_M": Layout(56, spans=((0, 4),), side=((32, 24),), d_first=False),  # indices; qh, u16 of ls (and d)
+}
+BLOCK_BYTES = {name: layout.bytes for name, layout in LAYOUTS.items()}
 
 
 def available() -> bool:
@@ -38,75 +62,103 @@ def available() -> bool:
 
 @cache
 def grid_words(qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The type's 256 grid entries as the kernel looks them up: int16 words of indices into the type's
-    values (IQ2_XXS: 8 indices of 2 bits, nibble j holding entry values j and j + 4, as j | (j + 4) << 2;
-    IQ3_XXS: 4 indices of 3 bits, one a nibble), and the values' unsigned codes (uint8, 16): byte i the
-    code 128 + g_i of value i, byte 8 + i that of its negative, 128 - g_i (an index's bit 3 is its sign)."""
-    entries = grid(qtype)  # (256, 8 or 4) unsigned values, all below 128
-    values = entries.unique()  # ascending: 3 for IQ2_XXS, 8 for IQ3_XXS
+    """The type's grid entries as the kernel looks them up: int16 words of indices into the type's values
+    (entries of 8 values of 3 levels: 2 bits each, nibble j holding entry values j and j + 4, as
+    j | (j + 4) << 2; entries of 4 values of 8 levels: one a nibble), a zero word past the last where the
+    kernel gathers; and the values' unsigned codes (uint8, 16): byte i the code 128 + c of value i's code c in
+    the exact form (g_i; IQ1: 8 g_i + 1), byte 8 + i that of its negative (-g_i; IQ1: the delta's, 8 g_i - 1),
+    so that an index's bit 3 is its sign."""
+    entries = grid(qtype)  # (entries, 8 or 4) values, at most 62 in size
+    values = entries.unique()  # ascending: 3 levels, or 8
     index = torch.searchsorted(values, entries)
     if entries.shape[1] == 8:
         index = index[:, :4] | (index[:, 4:] << 2)
     words = (index << (4 * torch.arange(4))).sum(dim=1)
-    g = torch.cat([values, values.new_zeros(8 - len(values))])
-    return words.to(torch.int16), torch.cat([128 + g, 128 - g]).to(torch.uint8)
+    if len(words) > GATHERED:
+        words = torch.cat([words, words.new_zeros(1)])
+    pad = values.new_zeros(8 - len(values))
+    if qtype.startswith("IQ1"):
+        positive, negative = torch.cat([8 * values + 1, pad]), torch.cat([8 * values - 1, pad])
+    else:
+        positive, negative = torch.cat([values, pad]), torch.cat([-values, pad])
+    return words.to(torch.int16), (128 + torch.cat([positive, negative])).to(torch.uint8)
 
 
-def _span_words(qtype: str, blocks: torch.Tensor) -> torch.Tensor:
-    """Blocks (n, K/256, bytes) → each row's words per span (n, K/32, planes, 4): indices, then the u32."""
+def _block_d(qtype: str, blocks: torch.Tensor) -> torch.Tensor:
+    """Each block's float16 d (n, K/256); IQ1_M's from the top nibbles of its four scale u16s."""
     n, nb = blocks.shape[:2]
-    qs = blocks[:, :, 2:66].reshape(n, nb * 8, -1, 4)  # IQ2_XXS: indices and u32 interleaved; IQ3_XXS: indices
-    if qtype == "IQ2_XXS":
-        return qs
-    aux = blocks[:, :, 66:98].reshape(n, nb * 8, 1, 4)
-    return torch.cat([qs, aux], dim=2)
+    if LAYOUTS[qtype].d_first:
+        return blocks[:, :, 0:2].contiguous().view(torch.float16).reshape(n, nb)
+    tops = u16(blocks[:, :, 48:56].reshape(n * nb, 8)) >> 12  # (n nb, 4)
+    bits = (tops << torch.tensor([0, 4, 8, 12])).sum(dim=1)
+    return torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16).view(torch.float16).reshape(n, nb)
 
 
-def _blocks_of(qtype: str, words: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """_span_words' inverse: words (n, K/32, planes, 4) and d (n, K/256) float16 → blocks (n, K/256, bytes)."""
-    n, spans = words.shape[:2]
-    nb = spans // 8
-    head = d.contiguous().view(torch.uint8).reshape(n, nb, 2)
-    if qtype == "IQ2_XXS":
-        return torch.cat([head, words.reshape(n, nb, 64)], dim=2)
-    return torch.cat([head, words[:, :, :2].reshape(n, nb, 64), words[:, :, 2].reshape(n, nb, 32)], dim=2)
+def _split(qtype: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (n, K/256, bytes) → each row's words per span (n, K/32, planes, 4) and side bytes (n, K/256, S)."""
+    layout, (n, nb) = LAYOUTS[qtype], blocks.shape[:2]
+    per_span = [blocks[:, :, o:o + SPANS * k].reshape(n, nb, SPANS, k) for o, k in layout.spans]
+    words = torch.cat(per_span, dim=3).reshape(n, nb * SPANS, -1, 4)
+    side = torch.cat([blocks[:, :, o:o + k] for o, k in layout.side], dim=2) if layout.side else blocks[:, :, :0]
+    return words, side
 
 
-def to_tiles(qtype: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks (N, K/256, bytes) → (codes (T, K/32, 64 planes), d (T, K/256, 16) float16); the rows past
-    N (to whole tiles) are zeros: d = 0, so they add nothing."""
+def _blocks_of(qtype: str, words: torch.Tensor, side: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """_split's inverse, with d (n, K/256) float16 → blocks (n, K/256, bytes)."""
+    layout, n = LAYOUTS[qtype], words.shape[0]
+    nb = words.shape[1] // SPANS
+    blocks = words.new_zeros(n, nb, layout.bytes)
+    if layout.d_first:
+        blocks[:, :, 0:2] = d.contiguous().view(torch.uint8).reshape(n, nb, 2)
+    per_span = words.reshape(n, nb, SPANS, -1).split([k for _, k in layout.spans], dim=3)
+    for (o, k), field in zip(layout.spans, per_span):
+        blocks[:, :, o:o + SPANS * k] = field.reshape(n, nb, SPANS * k)
+    at = 0
+    for o, k in layout.side:
+        blocks[:, :, o:o + k] = side[:, :, at:at + k]
+        at += k
+    return blocks
+
+
+def to_tiles(qtype: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks (N, K/256, bytes) → (codes (T, K/32, 64 planes), d (T, K/256, 16) float16, side (T, K/256, S,
+    16)); the rows past N (to whole tiles) are zeros: d = 0, so they add nothing."""
     n, nb = blocks.shape[:2]
     pad = -n % LANES
     tiles = (n + pad) // LANES
-    words = F.pad(_span_words(qtype, blocks), (0, 0, 0, 0, 0, 0, 0, pad))  # (T*16, K/32, planes, 4)
-    codes = words.view(tiles, LANES, nb * 8, -1, 4).permute(0, 2, 3, 1, 4).reshape(tiles, nb * 8, -1)
-    d = F.pad(blocks[:, :, 0:2].contiguous().view(torch.float16).reshape(n, nb), (0, 0, 0, pad))
-    return codes.contiguous(), d.view(tiles, LANES, nb).transpose(1, 2).contiguous()
+    words, side = _split(qtype, blocks)
+    words = F.pad(words, (0, 0, 0, 0, 0, 0, 0, pad))  # (T*16, K/32, planes, 4)
+    codes = words.view(tiles, LANES, nb * SPANS, -1, 4).permute(0, 2, 3, 1, 4).reshape(tiles, nb * SPANS, -1)
+    d = F.pad(_block_d(qtype, blocks), (0, 0, 0, pad)).view(tiles, LANES, nb).transpose(1, 2)
+    side = F.pad(side, (0, 0, 0, 0, 0, pad)).view(tiles, LANES, nb, -1).permute(0, 2, 3, 1)
+    return codes.contiguous(), d.contiguous(), side.contiguous()
 
 
 class CodebookWeight(PackedWeight):
-    """An IQ2_XXS or IQ3_XXS weight in its own bytes (module docstring); `blocks` by rows until
-    to_wide_tiles, then `codes` and `d` in tiles."""
+    """An i-quant weight in its own bytes (module docstring); `blocks` by rows until to_wide_tiles, then
+    `codes`, `d` and `side` in tiles."""
 
     act_dtype = torch.float32
     kernel_dtype = torch.float32
     chunk_rows = 256
-    # as GroupQuantWeight's exact 8-bit form would hold it (int_codes, scale_values): codes in groups of 32
-    bits, group, zero = 8, GROUP, None
+    # as GroupQuantWeight's exact 8-bit form would hold it (int_codes, scale_values): codes in groups of
+    # `group` (32, or 16: IQ2_XS, IQ2_S, IQ1_M)
+    bits, zero = 8, None
 
     def __init__(self, qtype: str, blocks: torch.Tensor):
         """blocks: (N, K/256 * bytes) uint8, the file's rows."""
         super().__init__()
         if qtype not in BLOCK_BYTES:
-            raise ValueError(f"a codebook weight is IQ2_XXS or IQ3_XXS, not {qtype}")
+            raise ValueError(f"a codebook weight is one of {', '.join(BLOCK_BYTES)}, not {qtype}")
         if blocks.dim() != 2 or blocks.shape[1] % BLOCK_BYTES[qtype]:
             raise ValueError(f"{qtype} weight: blocks {tuple(blocks.shape)} are not rows of "
                              f"{BLOCK_BYTES[qtype]}-byte blocks")
         self.qtype = qtype
+        self.group = GROUPS[qtype]
         n, nb = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[qtype]
         self.out_features, self.in_features = n, nb * BLOCK
         self.blocks = _param(blocks.contiguous().view(n, nb, BLOCK_BYTES[qtype]))
-        self.codes = self.d = None
+        self.codes = self.d = self.side = None
         self.tiled = False
         self.grid, self.grid_codes = grid_words(qtype)
         self.set_int8_activations(False)
@@ -122,20 +174,20 @@ class CodebookWeight(PackedWeight):
         """Store the blocks in the tiles' order (module docstring); False where it does not apply."""
         if self.tiled or not self.int8_activations or not available():
             return False
-        codes, d = to_tiles(self.qtype, self.blocks)
-        self.codes, self.d = _param(codes), _param(d)
+        codes, d, side = to_tiles(self.qtype, self.blocks)
+        self.codes, self.d, self.side = _param(codes), _param(d), _param(side)
         self.blocks = None
         self.tiled = True
         return True
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        codes, d = (self.codes, self.d) if self.tiled else to_tiles(self.qtype, self.blocks)  # by rows: per call
-        return ops.codebook_matmul_tiles(x, codes, d, self.grid, self.grid_codes, self.out_features)
+        codes, d, side = (self.codes, self.d, self.side) if self.tiled else to_tiles(self.qtype, self.blocks)  # by rows: per call
+        return ops.codebook_matmul_tiles(x, codes, d, side, self.grid, self.grid_codes, self.qtype, self.out_features)
 
     def plan_part(self) -> tuple:
         """What the C++ decode step calls the kernel with (GroupQuantWeight.plan_part's shape)."""
-        return (self.codes, self.d, None, 8, GROUP, True, True, None, self.out_features, None, self.grid_codes,
-                self.grid)
+        return (self.codes, self.d, None, 8, self.group, True, True, None, self.out_features, None, None,
+                (self.qtype, self.grid, self.grid_codes, self.side))
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         stop = self.out_features if end is None else min(end, self.out_features)
@@ -143,23 +195,27 @@ class CodebookWeight(PackedWeight):
         return (codes.float() * scale[..., None]).reshape(stop - start, self.in_features)
 
     def int_codes(self, index=slice(None)) -> torch.Tensor:
-        """The signed grid values of rows `index` as integers (rows, K/32, 32), as the kernel multiplies them."""
+        """The exact form's codes of rows `index` as integers (rows, K/group, group), as the kernel multiplies them."""
         codes, _ = self._exact(index)
         return codes.to(torch.int32)
 
     def scale_values(self) -> torch.Tensor:
-        """The scale of every group of 32 as float32 (N, K/32)."""
+        """The scale of every group as float32 (N, K/group)."""
         return self._exact(slice(None))[1]
 
     def zero_values(self) -> None:
         return None
 
     def _exact(self, index) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (rows, K/32, 32) and scales (rows, K/32) of rows `index`, gguf_codebook_forms' exact form."""
+        """Codes (rows, K/group, group) and scales (rows, K/group) of rows `index`, gguf_codebook_forms'
+        exact form."""
         blocks = self.row_blocks(index)
         codes, scale = CONVERT[self.qtype](blocks.reshape(-1, BLOCK_BYTES[self.qtype]))
+        if isinstance(scale, tuple):  # IQ3_S: integers (2 ls + 1) and d, their product exact in float32
+            ints, d = scale
+            scale = ints.float() * d.float()[:, None]
         rows = blocks.shape[0]
-        return codes.reshape(rows, -1, GROUP), scale.reshape(rows, -1)
+        return codes.reshape(rows, -1, self.group), scale.reshape(rows, -1)
 
     def row_blocks(self, index) -> torch.Tensor:
         """The file's blocks of rows `index` (rows, K/256, bytes), from whichever order the weight holds."""
@@ -169,4 +225,4 @@ class CodebookWeight(PackedWeight):
         tile, lane = rows // LANES, rows % LANES
         tiles, spans, _ = self.codes.shape
         words = self.codes.view(tiles, spans, -1, LANES, 4)[tile, :, :, lane, :]  # (rows, K/32, planes, 4)
-        return _blocks_of(self.qtype, words, self.d[tile, :, lane])
+        return _blocks_of(self.qtype, words, self.side[tile, :, :, lane], self.d[tile, :, lane])

@@ -16,16 +16,16 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
     Q6_K, Q3_K                   → 8-bit codes, groups of 16, exact: factored scale (8.625 bits); in
                                    the 16-lane tiles (AVX-512) 6-bit (Q6_K) or 3-bit (Q3_K) codes, int8
                                    integers (6.625 and 3.625 bits)
-    IQ2_XXS, IQ3_XXS (AVX-512)   → the file's own blocks (codebook_weight.py): 2.0625 and 3.0625 bits, the
+    IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (AVX-512)
+                                 → the file's own blocks (codebook_weight.py): 1.5625 to 3.4375 bits, the
                                    grid looked up in the 16-lane tiled kernel, the 8-bit form's numbers
-    Q2_K, IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
+    Q2_K, and without AVX-512 IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16
                                    (Q2_K, IQ2_XS, IQ2_S, IQ1_M); in the 16-lane tiles Q2_K's are 2-bit
-                                   (3.25 bits with its factored scale and zero), the others 4-bit indices
-                                   into their few signed grid values (5 bits with float32 scales in groups
-                                   of 32, 6 in groups of 16)
+                                   (3.25 bits with its factored scale and zero)
     (groups of 16 take int8 activations too, x rounded per 32 values: group_quant_weight.int8_groups_fit)
-    IQ3_S, IQ1_S, TQ1_0, TQ2_0   → 4-bit codes, groups of 32, exact: codes affine in the grid's
+    TQ1_0, TQ2_0, and without AVX-512 IQ3_S, IQ1_S
+                                 → 4-bit codes, groups of 32, exact: codes affine in the grid's
                                    (gguf_codebook_forms.affine4), float32 scale and zero (6 bits);
                                    an embedding's rows take their exact 8-bit form
     token embedding (row lookups, tied head) → 5-bit codes for Q5_0, the exact 8-bit forms above
@@ -104,10 +104,10 @@ def kind_of(part: Part, own_kernels: bool) -> str:
             return "int4"
         if part.qtype == Q.Q5_0 and own_kernels:
             return "int5"
+        if own_kernels and part.qtype.name in CODEBOOK_TYPES and codebook_tiles_available():
+            return f"codebook {part.qtype.name}"  # one type a weight, at its own bits
         if part.qtype in AFFINE4_TYPES and own_kernels:
             return "affine4"
-        if own_kernels and part.qtype.name in CODEBOOK_TYPES and codebook_tiles_available():
-            return f"codebook {part.qtype.name}"  # one type a weight
         if part.qtype in INT8_TYPES or (own_kernels and part.qtype in EXACT_INT8_TYPES):
             return "int8"
     return "dense"

@@ -1,4 +1,4 @@
-"""IQ2_XXS and IQ3_XXS weights in the file's own bytes (quantization/codebook_weight.py) against gguf-py's
+"""The i-quants' weights (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) in the file's own bytes (quantization/codebook_weight.py) against gguf-py's
 dequantization and against the exact 8-bit form of the same blocks (gguf_codebook_forms.py, a second
 code path): the values bit for bit, the tiled kernel's numbers bit for bit at every M, the bytes
 held those of the file; merged with other types, split for tensor parallelism, and a whole model
@@ -22,7 +22,7 @@ from flashserve.quantization.packed import RowSegments
 from tests.quantization.test_exact_int8_forms import gguf_py, random_blocks
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
-TYPES = [Q.IQ2_XXS, Q.IQ3_XXS]
+TYPES = [Q.IQ2_XXS, Q.IQ3_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M]
 TILES = codebook_weight.available()  # the 16-lane tiles (AVX-512): elsewhere these types keep the 8-bit form
 
 
@@ -35,16 +35,20 @@ def exact(t) -> GroupQuantWeight:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_grid_words_name_the_grid(qtype):
-    """The kernel's table (a word of indices a grid entry, and the values) decoded by hand gives gguf-py's grid."""
+    """The kernel's table (a word of indices a grid entry, and the values' codes) decoded by hand gives
+    gguf-py's grid: the exact form's code of each entry value, positive (or IQ1's delta +1/8) with index bit
+    3 clear, negative (or delta -1/8) with it set."""
     kind = getattr(quants, qtype.name)
     kind.init_grid()
-    want = torch.from_numpy(np.asarray(kind.grid).reshape(256, -1).astype(np.int64))
+    grid = torch.from_numpy(np.asarray(kind.grid).astype(np.int64))
+    grid = grid.reshape(-1, grid.shape[-1])  # (entries, 8 or 4)
     words, codes = grid_words(qtype.name)
-    values = codes[:8].long() - 128
-    assert torch.equal(codes[8:].long(), 128 - values)  # the negatives' codes, index bit 3 set
-    nibbles = (words.long()[:, None] >> (4 * torch.arange(4))) & 15
-    fields = torch.cat([nibbles & 3, nibbles >> 2], dim=1) if want.shape[1] == 8 else nibbles  # IQ2_XXS: j, j + 4
-    assert torch.equal(values.long()[fields], want)
+    nibbles = (words.long()[:len(grid), None] >> (4 * torch.arange(4))) & 15
+    fields = torch.cat([nibbles & 3, nibbles >> 2], dim=1) if grid.shape[1] == 8 else nibbles  # values j, j + 4
+    iq1 = qtype.name.startswith("IQ1")
+    assert torch.equal(codes[fields].long() - 128, 8 * grid + 1 if iq1 else grid)
+    assert torch.equal(codes[fields + 8].long() - 128, 8 * grid - 1 if iq1 else -grid)
+    assert len(words) == len(grid) + (len(grid) > codebook_weight.GATHERED)  # a word past a gathered table
 
 
 def test_the_type_is_held_in_its_own_blocks_only_where_the_tiles_are():
@@ -65,8 +69,10 @@ def test_the_weight_holds_the_files_bytes_and_values(qtype, rows):
     assert w.to_wide_tiles() and w.blocks is None
     assert torch.equal(w.dequantize(), want) and torch.equal(w.dequantize(5, 40), want[5:40])
     assert torch.equal(w.row_blocks(slice(None)).reshape(rows, -1), t.block_bytes())  # the tiles undo
-    held = w.codes.nbytes + w.d.nbytes
-    assert held == t.raw.nbytes * -(-rows // 16) * 16 // rows  # the file's bytes, rows padded to whole tiles
+    held = w.codes.nbytes + w.d.nbytes + w.side.nbytes
+    padded, blocks = -(-rows // 16) * 16, 768 // 256
+    spread_d = 0 if codebook_weight.LAYOUTS[qtype.name].d_first else 2 * padded * blocks  # IQ1_M: d apart as well
+    assert held == t.raw.nbytes * padded // rows + spread_d  # the file's bytes, rows padded to whole tiles
     assert torch.equal(w.int_codes(), exact(t).int_codes()) and torch.equal(w.scale_values(), exact(t).scale_values())
 
 
@@ -123,15 +129,22 @@ def test_bad_tiles_are_refused_with_what_is_wrong():
 
     with pytest.raises(ValueError, match=r"IQ2_XXS weight: blocks \(4, 65\) are not rows of 66-byte blocks"):
         CodebookWeight("IQ2_XXS", torch.zeros(4, 65, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="IQ2_XXS or IQ3_XXS, not IQ2_XS"):
-        CodebookWeight("IQ2_XS", torch.zeros(4, 74, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="one of IQ2_XXS, .*IQ1_M, not TQ2_0"):
+        CodebookWeight("TQ2_0", torch.zeros(4, 66, dtype=torch.uint8))
     w = CodebookWeight("IQ2_XXS", random_blocks(Q.IQ2_XXS, 16, 512).block_bytes())
     w.set_int8_activations(True)
     w.to_wide_tiles()
-    with pytest.raises(RuntimeError, match="grid of|grid must be"):
-        ops.codebook_matmul_tiles(torch.zeros(1, 512), w.codes, w.d, w.grid[:100], w.grid_codes, 16)
-    with pytest.raises(RuntimeError, match="are not IQ2_XXS or IQ3_XXS tiles"):
-        ops.codebook_matmul_tiles(torch.zeros(1, 256), w.codes, w.d, w.grid, w.grid_codes, 16)
+    x = torch.zeros(1, 512)
+    with pytest.raises(RuntimeError, match="IQ2_XXS's grid must be 256 int16 words"):
+        ops.codebook_matmul_tiles(x, w.codes, w.d, w.side, w.grid[:100], w.grid_codes, "IQ2_XXS", 16)
+    with pytest.raises(RuntimeError, match="are not IQ2_XXS tiles of 16 rows of 256"):
+        ops.codebook_matmul_tiles(torch.zeros(1, 256), w.codes, w.d, w.side, w.grid, w.grid_codes, "IQ2_XXS", 16)
+    with pytest.raises(RuntimeError, match="are not IQ3_XXS tiles"):  # 2 planes a span where IQ3_XXS has 3
+        ops.codebook_matmul_tiles(x, w.codes, w.d, w.side, *grid_words("IQ3_XXS"), "IQ3_XXS", 16)
+    with pytest.raises(RuntimeError, match=r"side \[1, 2, 0, 16\] is not uint8 \(1, 2, 8, 16\)"):
+        ops.codebook_matmul_tiles(x, w.codes, w.d, w.side, *grid_words("IQ2_XS"), "IQ2_XS", 16)
+    with pytest.raises(RuntimeError, match="no codebook type Q4_0"):
+        ops.codebook_matmul_tiles(x, w.codes, w.d, w.side, w.grid, w.grid_codes, "Q4_0", 16)
 
 
 def tiny_qwen2(tmp_path, types: dict[str, str]):
@@ -152,9 +165,18 @@ def tiny_qwen2(tmp_path, types: dict[str, str]):
     return write_gguf(tf.Qwen2ForCausalLM(cfg).eval(), tmp_path / "m.gguf", qtype="F32", qtype_of=types, encode=encode)
 
 
+MODEL_TYPES = {  # per layer (q, k, o, gate, up, down), the head; and how many codebook weights the model holds
+    "xxs": (("IQ2_XXS", "IQ2_XXS", "IQ3_XXS", "IQ2_XXS", "IQ2_XXS", "IQ3_XXS"), "IQ3_XXS", 9),  # q|k, o, gate|up, down
+    # each type a segment of its own (q, k; gate, up); merged parts of one group size (32: q, k and the Q8_0 v;
+    # 16: gate, up), as the exact forms would merge them into one
+    "others": (("IQ3_S", "IQ1_S", "IQ2_S", "IQ1_M", "IQ2_XS", "IQ3_S"), "IQ1_M", 13),
+}
+
+
 @pytest.mark.skipif(not TILES, reason="the build has no 16-lane tiles (AVX-512): these types stay 8-bit codes")
-def test_a_model_in_its_own_blocks_computes_what_the_exact_forms_compute(tmp_path, monkeypatch):
-    """Every linear IQ2_XXS or IQ3_XXS (q|k|v merged with a Q8_0 v): the modules and the C++ decode plan over
+@pytest.mark.parametrize("mix", MODEL_TYPES)
+def test_a_model_in_its_own_blocks_computes_what_the_exact_forms_compute(tmp_path, monkeypatch, mix):
+    """Every linear an i-quant (q|k|v merged with a Q8_0 v): the modules and the C++ decode plan over
     codebook tiles give the hidden states the same model on the exact 8-bit forms gives, bit for bit,
     prompt and decode steps."""
     from flashserve.model.loader import load_model
@@ -162,9 +184,10 @@ def test_a_model_in_its_own_blocks_computes_what_the_exact_forms_compute(tmp_pat
     from flashserve.runner.kv_cache import allocate_kv_caches
     from tests.model.test_decode_plan import BLOCK, step
 
-    types = {f"blk.{i}.{name}": q for i in range(2) for name, q in [
-        ("attn_q", "IQ2_XXS"), ("attn_k", "IQ2_XXS"), ("attn_v", "Q8_0"), ("attn_output", "IQ3_XXS"),
-        ("ffn_gate", "IQ2_XXS"), ("ffn_up", "IQ2_XXS"), ("ffn_down", "IQ3_XXS")]} | {"output": "IQ3_XXS"}
+    layer, head, held = MODEL_TYPES[mix]
+    names = ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    types = {f"blk.{i}.{name}": q for i in range(2) for name, q in zip(names, layer)}
+    types |= {f"blk.{i}.attn_v": "Q8_0" for i in range(2)} | {"output": head}
     path = str(tiny_qwen2(tmp_path, types))
 
     def load():
@@ -177,8 +200,9 @@ def test_a_model_in_its_own_blocks_computes_what_the_exact_forms_compute(tmp_pat
         return model
 
     own = load()
-    assert sum(isinstance(m, CodebookWeight) and m.tiled for m in own.modules()) == 9  # q|k, o, gate|up, down; head
+    assert sum(isinstance(m, CodebookWeight) and m.tiled for m in own.modules()) == held
     monkeypatch.setattr(gguf_method, "codebook_tiles_available", lambda: False)
+    monkeypatch.setattr(gguf_method, "AFFINE4_TYPES", frozenset())  # IQ3_S, IQ1_S: their exact 8-bit form too
     eight_bit = load()
     assert not any(isinstance(m, CodebookWeight) for m in eight_bit.modules())
     plan = build_decode_plan(own)
@@ -206,8 +230,9 @@ def test_streamed_layers_in_their_own_blocks_compute_the_resident_models_numbers
     from flashserve.runner.kv_cache import allocate_kv_caches
     from tests.model.test_decode_plan import BLOCK, step
 
-    types = {f"blk.{i}.{name}": "IQ2_XXS" for i in range(2) for name in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")}
-    types |= {f"blk.{i}.{name}": "IQ3_XXS" for i in range(2) for name in ("attn_output", "ffn_down")}
+    types = {f"blk.{i}.{name}": "IQ2_XXS" for i in range(2) for name in ("attn_q", "attn_k", "attn_v")}
+    types |= {f"blk.{i}.{name}": q for i in range(2) for name, q in [
+        ("attn_output", "IQ3_XXS"), ("ffn_gate", "IQ1_M"), ("ffn_up", "IQ1_M"), ("ffn_down", "IQ3_S")]}
     path = str(tiny_qwen2(tmp_path, types))
     monkeypatch.setenv("FLASHSERVE_CACHE", str(tmp_path / "cache"))  # the packed-layer file of a throwaway model
 

@@ -84,12 +84,12 @@ def test_packed_weight_is_the_file_bit_for_bit(qtype):
     if qtype == Q.Q3_K:  # ±q: a negative scale's sign in the codes, so +4 (q = -4) where sc < 32
         assert w.int_codes().abs().max() == 4
     linear = pack_linear([t], torch.float32, own_kernels=True)
-    if qtype in AFFINE4_TYPES:  # 4-bit codes affine in the 8-bit ones, float32 scale and zero
-        assert linear.bits == 4 and linear.group == 32 and torch.equal(linear.dequantize(), want)
-        assert 8 * sum(x.nbytes for x in (linear.codes, linear.scale, linear.zero)) / (rows * cols) <= 6
-    elif qtype.name in CODEBOOK_TYPES and codebook_weight.available():  # the file's own blocks
+    if qtype.name in CODEBOOK_TYPES and codebook_weight.available():  # the file's own blocks
         assert isinstance(linear, CodebookWeight) and linear.blocks.nbytes == t.raw.nbytes
         assert torch.equal(linear.dequantize(), want)
+    elif qtype in AFFINE4_TYPES:  # 4-bit codes affine in the 8-bit ones, float32 scale and zero
+        assert linear.bits == 4 and linear.group == 32 and torch.equal(linear.dequantize(), want)
+        assert 8 * sum(x.nbytes for x in (linear.codes, linear.scale, linear.zero)) / (rows * cols) <= 6
     else:
         assert torch.equal(linear.dequantize(), want) and torch.equal(linear.codes, w.codes)
 
@@ -144,7 +144,7 @@ def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
 
     t = random_blocks(qtype, 70, 512, seed=int(qtype), magnitude=1e-3)
     rows, tiled = (pack_linear([t], torch.float32, own_kernels=True) for _ in range(2))
-    own_blocks = isinstance(tiled, CodebookWeight)  # IQ2_XXS, IQ3_XXS: the file's bytes (test_codebook_weight.py)
+    own_blocks = isinstance(tiled, CodebookWeight)  # the i-quants: the file's bytes (test_codebook_weight.py)
     if own_blocks:  # the exact 8-bit form by rows beside them
         rows = pack_embedding(t, own_kernels=True)
     for w in (rows, tiled):
@@ -152,7 +152,8 @@ def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     stored = tiled.to_wide_tiles()
     span_bytes = {Q.Q6_K: 384, Q.Q3_K: 192, Q.Q2_K: 128} | {  # 6, 3 and 2 bits a code, 4-bit indices
         q: 256 for q in (Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ1_M)} | (
-        {Q.IQ2_XXS: 128, Q.IQ3_XXS: 192} if own_blocks else {})
+        {Q.IQ2_XXS: 128, Q.IQ3_XXS: 192, Q.IQ2_XS: 128, Q.IQ2_S: 128, Q.IQ3_S: 192, Q.IQ1_S: 64, Q.IQ1_M: 64}
+        if own_blocks else {})
     if qtype in span_bytes:
         assert stored == (ops.wide_tile_lanes() == 16)
         assert not stored or tiled.codes.shape[2] == span_bytes[qtype]
@@ -193,11 +194,11 @@ def test_merged_parts_of_different_types():
     w = GroupQuantWeight(one.codes, one.scale, one.zero, bits=8, group=16)
     assert torch.equal(w.dequantize(), want(q3_q6))
     # zeros of groups of 32 (Q5_K) and of 16 (Q2_K) beside a part without zeros, through the kernel
-    q5k_q2k_xxs = parts(Q.Q5_K, Q.Q2_K, Q.IQ2_XS)
-    w = pack_linear(q5k_q2k_xxs, torch.float32, own_kernels=True)
+    q5k_q2k_q8 = parts(Q.Q5_K, Q.Q2_K, Q.Q8_0)
+    w = pack_linear(q5k_q2k_q8, torch.float32, own_kernels=True)
     assert isinstance(w, GroupQuantWeight) and w.group == 16 and w.zero is not None
-    assert torch.equal(w.dequantize(), want(q5k_q2k_xxs))
-    check_matmul(w, want(q5k_q2k_xxs).double(), 3)
+    assert torch.equal(w.dequantize(), want(q5k_q2k_q8))
+    check_matmul(w, want(q5k_q2k_q8).double(), 3)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS, Q.Q2_K, Q.IQ2_XS, Q.TQ1_0])
@@ -257,12 +258,13 @@ def test_tiny_model_of_these_types_matches_transformers(tmp_path, types, magnitu
     packed = [m for m in model.modules() if isinstance(m, GroupQuantWeight)]
     if types is K_AND_IQ4:  # q|k|v and gate|up merged; Q3_K's groups of 16 (layer 0's q|k|v, layer 1's down)
         assert len(packed) == 9 and {(m.bits, m.group) for m in packed} == {(8, 16), (8, 32)}
-    else:  # and layer 0's IQ3_S v, TQ1_0 down and IQ1_S o 4-bit (affine4); its IQ2_XXS q|k and IQ3_XXS
-        # gate|up in their own blocks where the build has the tiles
+    else:  # the TQ downs 4-bit (affine4), Q2_K 8-bit in groups of 16; the i-quants in their own blocks
+        # where the build has the tiles (layer 0's q|k, v, o, gate|up; layer 1's v, o, gate|up: q|k|v in two
+        # segments), else 8-bit in groups of 32 (IQ2_XXS, IQ3_XXS) or of 16, or 4-bit (IQ3_S, IQ1_S)
         own_blocks = [m for m in model.modules() if isinstance(m, CodebookWeight)]
-        assert len(own_blocks) == (2 if codebook_weight.available() else 0)
-        assert len(packed) + len(own_blocks) == 10
-        forms = {(8, 16), (4, 32)} | ({(8, 32)} if not own_blocks else set())  # 8-bit in groups of 32: IQ2/3_XXS
+        assert len(own_blocks) == (7 if codebook_weight.available() else 0)
+        assert len(packed) + len(own_blocks) == (11 if own_blocks else 10)
+        forms = {(8, 16), (4, 32)} | ({(8, 32)} if not own_blocks else set())
         assert {(m.bits, m.group) for m in packed} == forms
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
                                               vocab_size=VOCAB).eval()  # the file has no vocabulary

@@ -2,8 +2,8 @@
 built for the host by `make llama-quantize`) from SmolLM2, with an importance matrix flashserve wrote
 in llama.cpp's GGUF form: llama.cpp reads that matrix (IQ2_XXS, IQ2_XS and IQ1_* are written only with
 one), every tensor of these types, real blocks, runs in flashserve's exact form, bit for bit gguf-py's
-dequantization, also as the 16-lane tiles hold it (Q3_K at 3 bits, IQ2_XXS and IQ3_XXS in their own
-bytes, IQ4_* and the other codebook types of few values as 4-bit indices), and the
+dequantization, also as the 16-lane tiles hold it (Q3_K at 3 bits, the i-quants IQ1_* to IQ3_* in their
+own bytes, IQ4_* as 4-bit indices), and the
 whole model on those forms computes what the file's dequantized weights do. SmolLM2's rows of 576 are
 not a multiple of 256, so only ffn_down (rows of 1536) can take these types: two layers' ffn_down
 each, the rest Q4_0."""
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CALIB = "/usr/share/common-licenses/GPL-3"
 SPAN_BYTES = {"Q3_K": 192, "Q2_K": 128} | {  # a tiled span's bytes, where not 8-bit
     t: 256 for t in ("IQ4_XS", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_M")}
-OWN_SPAN_BYTES = {"IQ2_XXS": 128, "IQ3_XXS": 192}  # the file's bytes of a span's 16 rows
+# the file's bytes of a span's 16 rows that come per span (indices, signs; the rest per block)
+OWN_SPAN_BYTES = {"IQ2_XXS": 128, "IQ3_XXS": 192, "IQ2_XS": 128, "IQ2_S": 128, "IQ3_S": 192, "IQ1_S": 64, "IQ1_M": 64}
 TYPES = ["Q3_K", "IQ4_XS", "IQ4_NL", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M",
          "TQ1_0", "TQ2_0"]
 
@@ -62,13 +63,13 @@ def test_each_tensor_of_the_type_is_exact(qtype, llama_written, cpp_kernels):
     for t in tensors:
         want = torch.from_numpy(np.asarray(quants.dequantize(t.raw, t.qtype), np.float32).reshape(t.shape))
         w, tiled = (pack_linear([t], torch.float32, own_kernels=True) for _ in range(2))
-        own_blocks = isinstance(tiled, CodebookWeight)  # IQ2_XXS, IQ3_XXS where the build has the tiles
+        own_blocks = isinstance(tiled, CodebookWeight)  # the i-quants, where the build has the tiles
         if own_blocks:  # beside the exact 8-bit form by rows
             w = pack_embedding(t, own_kernels=True)
         assert torch.equal(w.dequantize(), want)
         w.set_int8_activations(True)
         tiled.set_int8_activations(True)
-        if tiled.to_wide_tiles() and qtype in SPAN_BYTES:  # where the build has the tiles
+        if tiled.to_wide_tiles() and qtype in (OWN_SPAN_BYTES if own_blocks else SPAN_BYTES):  # where the build has the tiles
             assert tiled.codes.shape[2] == (OWN_SPAN_BYTES if own_blocks else SPAN_BYTES)[qtype]
         assert torch.equal(tiled.dequantize(), want)
         x = torch.randn(3, t.shape[1], generator=torch.Generator().manual_seed(0))

@@ -35,8 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "8-bit codes 0..3 by rows rewritten in place as the 16-lane tiles' 2-bit planes; False (untouched) if one is not");
   m.def("amx_ready", &amx_ready, "whether this build uses AMX tiles: built in, granted by the OS, self-tested");
   m.def("codebook_matmul_tiles", &codebook_matmul_tiles,
-        "x @ W^T for IQ2_XXS / IQ3_XXS weights in codebook tiles at their own bits (int8 activations)", py::arg("x"),
-        py::arg("tiles"), py::arg("d"), py::arg("grid"), py::arg("codes"), py::arg("n"));
+        "x @ W^T for i-quant weights in codebook tiles at their own bits (int8 activations)", py::arg("x"),
+        py::arg("tiles"), py::arg("d"), py::arg("side"), py::arg("grid"), py::arg("codes"), py::arg("type"), py::arg("n"));
   m.def("wide_tile_lanes", &wide_tile_lanes, "output rows of a stored tile in this build; 0 when it has none");
   m.def("group_dequantize", &group_dequantize, "rows [start, end) of W = q * s + z as float32",
         py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group"), py::arg("start"),

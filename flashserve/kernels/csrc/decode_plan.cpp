@@ -28,11 +28,13 @@ struct PackedPart {
   int64_t out_features = 0;
   at::Tensor tile_zero_factors;
   at::Tensor tile_levels;
-  at::Tensor tile_grid;  // defined: codebook tiles (codes, d as the scale, the grid's signed codes as the levels)
+  // codebook tiles (codes, d as the scale): their type, grid, its values' codes and the blocks' side bytes
+  std::string codebook;
+  at::Tensor grid, grid_codes, side;
 
   at::Tensor operator()(const at::Tensor& x) const {
     auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-    if (tile_grid.defined()) return codebook_matmul_tiles(x, codes, scale, tile_grid, tile_levels, out_features);
+    if (!codebook.empty()) return codebook_matmul_tiles(x, codes, scale, side, grid, grid_codes, codebook, out_features);
     if (tiled)
       return group_quant_matmul_tiles(x, codes, scale, optional(tile_factors), out_features, optional(zero),
                                       optional(tile_zero_factors), optional(tile_levels));
@@ -77,16 +79,22 @@ class DecodePlan {
         gelu_tanh_(gelu_tanh), sandwich_(sandwich), split_tokens_(split_tokens) {}
 
   // (weight, bias, parts), each part (codes, scale, zero, bits, group, int8_activations, tiled,
-  // tile_factors, out_features, tile_zero_factors, tile_levels, tile_grid): GroupQuantWeight.plan_part
+  // tile_factors, out_features, tile_zero_factors, tile_levels, codebook): GroupQuantWeight.plan_part;
+  // codebook None, or (type, grid, grid codes, side) (CodebookWeight.plan_part)
   static PlanLinear linear(py::tuple t) {
     auto opt = [](py::handle h) { return h.is_none() ? at::Tensor() : h.cast<at::Tensor>(); };
     PlanLinear l;
     l.weight = opt(t[0]), l.bias = opt(t[1]);
     for (py::handle h : t[2].cast<py::list>()) {
       const py::tuple p = h.cast<py::tuple>();
-      l.parts.push_back(PackedPart{opt(p[0]), opt(p[1]), opt(p[2]), p[3].cast<int64_t>(), p[4].cast<int64_t>(),
-                                   p[5].cast<bool>(), p[6].cast<bool>(), opt(p[7]), p[8].cast<int64_t>(), opt(p[9]),
-                                   opt(p[10]), opt(p[11])});
+      PackedPart part{opt(p[0]), opt(p[1]), opt(p[2]), p[3].cast<int64_t>(), p[4].cast<int64_t>(),
+                      p[5].cast<bool>(), p[6].cast<bool>(), opt(p[7]), p[8].cast<int64_t>(), opt(p[9]), opt(p[10])};
+      if (!p[11].is_none()) {
+        const py::tuple c = p[11].cast<py::tuple>();
+        part.codebook = c[0].cast<std::string>();
+        part.grid = c[1].cast<at::Tensor>(), part.grid_codes = c[2].cast<at::Tensor>(), part.side = c[3].cast<at::Tensor>();
+      }
+      l.parts.push_back(std::move(part));
     }
     return l;
   }

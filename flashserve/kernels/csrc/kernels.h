@@ -2,6 +2,7 @@
 #pragma once
 // The ATen headers these kernels use, not <torch/extension.h>: parsing that one (the whole C++ API and
 // pybind11) took ~25 s of every source's ~27 s of compilation; only the bindings need it.
+#include <string>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -40,8 +41,8 @@ at::Tensor level_tiles_(at::Tensor& codes, const c10::optional<at::Tensor>& ints
                         int64_t N);
 bool two_bit_tiles_(at::Tensor& codes);
 bool amx_ready();  // AMX tiles built in, granted by the OS and self-tested (the kernels use them then)
-at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& grid,
-                                 const at::Tensor& codes, int64_t N);
+at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& side,
+                                 const at::Tensor& grid, const at::Tensor& codes, const std::string& type, int64_t N);
 int64_t wide_tile_lanes();  // output rows of a stored tile in this build (16 with AVX-512), 0 without
 at::Tensor group_dequantize(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                             int64_t bits, int64_t group, int64_t start, int64_t end);

@@ -47,6 +47,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -256,13 +258,14 @@ struct Problem {
   const uint8_t* tile_zeros = nullptr;
   const uint8_t* tile_zero_factors = nullptr;
   int64_t tile_zero_bytes = 4;
-  // codebook tiles (codebook_matmul_tiles): the type's grid (256 words of indices into its values: 2-bit
-  // fields for IQ2_XXS, nibbles for IQ3_XXS), its values' signed codes (CodebookTables::codes), and each tile's
-  // float16 d per 256 values
-  // (T, K/256, 16); or null
+  // codebook tiles (codebook_matmul_tiles): the type (CodebookKind), its grid (words of indices into its
+  // values), its values' codes (16 uint8), each tile's float16 d per 256 values (T, K/256, 16) and its
+  // blocks' side bytes (T, K/256, side, 16); or kNoCodebook
+  int tile_codebook = 0;
   const int16_t* tile_grid = nullptr;
   const uint8_t* tile_grid_codes = nullptr;
   const uint16_t* tile_d = nullptr;
+  const uint8_t* tile_side = nullptr;
 };
 
 #ifdef FS_AVX2
@@ -1317,53 +1320,72 @@ inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
   }
 }
 
-// ---- codebook tiles: IQ2_XXS and IQ3_XXS at their own bits ------------------------------------------
-// A span of 32 values of 16 rows holds each row's bytes of the file's block for those values, lane-major
-// (lane r = 4 bytes of row r): IQ2_XXS, 128 bytes: the 4 grid indices (each names 8 values), then the u32
-// of four 7-bit sign indices (one per 8 values) and a 4-bit scale ls; IQ3_XXS, 192 bytes: grid indices
-// 0-3, 4-7 (each names 4 values), then that u32. Layouts: ggml-common.h's block_iq2_xxs and block_iq3_xxs;
-// values as dequantize_row_iq2_xxs / iq3_xxs (ggml-quants.c), which gguf-py follows:
-//   w = d (ls + 1/2) c · ±grid value,  c = 1/4 (IQ2_XXS), 1/2 (IQ3_XXS)
-// with the sign of value j of 8 in bit j of the sign index's byte: the 7 bits and their parity on top
-// (an even number of minus signs). The unpack gives w[0..7] as the 8-bit tiles hold them, u = 128 ± g for
-// grid value g (at most 62), so the rest of the GEMM is theirs and so are the numbers, bit for bit.
+// ---- codebook tiles: the i-quants at their own bits ---------------------------------------------------
+// Block layouts are ggml-common.h's block_iq*; values as dequantize_row_iq* (ggml-quants.c), which gguf-py
+// follows. Each value is a sub-block scale times a signed entry of the type's grid ("codebook"); an entry
+// names 8 values (IQ2_*, IQ1_*) or 4 (IQ3_*).
 //
-// The grid is looked up in registers: each entry as a 16-bit word of indices into the type's few values
-// (IQ2_XXS: 8 x 2 bits of {8, 25, 43}, nibble j holding values j and j + 4; IQ3_XXS: 4 x 3 bits of 8
-// values, one a nibble), the 256 words in eight vectors, four two-source word permutes (64 entries each)
-// and two blends by index bits 6 and 7 (AVX512BW), two entries a dword; then the nibbles to bytes, each
-// byte's sign put in its bit 3, and a byte shuffle of the signed values' codes. 32-bit gathers (8 a span)
-// took 3x the time of the 4-bit index tiles at one row on Zen 4. Inlined into the GEMM's loop (left to
+// A span of 32 values of 16 rows holds each row's bytes of the file's block that belong to those values,
+// lane-major (lane r = 4 bytes of row r, in 64-byte planes); the fields of a block that are not per span
+// (high index bits, scales) sit beside, per block and lane (tile_side: (T, K/256, S, 16), byte j of the
+// block's S in lane r), and so does the float16 d (tile_d: (T, K/256, 16)). Per span:
+//   IQ2_XXS  planes: 4 index bytes | u32 of four 7-bit sign indices and ls       w = d/4 (ls + 1/2) ±g
+//   IQ3_XXS  planes: 8 index bytes | that u32                                     w = d/2 (ls + 1/2) ±g
+//   IQ2_XS   planes: 4 x u16 (9-bit index, 7-bit sign index); side: ls byte     w = d/4 (ls + 1/2) ±g, per 16
+//   IQ2_S    planes: 4 index bytes | 4 sign bytes; side: qh (2 bits an index), ls byte          as IQ2_XS
+//   IQ3_S    planes: 8 index bytes | 4 sign bytes; side: qh (1 bit an index), ls nibble      w = d (2 ls + 1) ±g
+//   IQ1_S    planes: 4 index bytes; side: u16 (4 x 3 high index bits, 3-bit ls, the delta's sign)
+//            w = d/8 (2 ls + 1) (8 g ± 1)
+//   IQ1_M    planes: 4 index bytes; side: 2 qh bytes (per entry 3 high bits and its delta's sign), the
+//            block's 4 u16 of 3-bit ls per 16 (d itself, spread over their top nibbles, in tile_d)   per 16
+// The 7-bit sign indices name a sign byte: the 7 bits and their parity on top (an even number of minus
+// signs). The unpack gives w[0..7] as the 8-bit tiles hold them, unsigned codes u = 128 + c for the exact
+// 8-bit form's code c (gguf_codebook_forms.py: ±g, or 8 g ± 1 for IQ1), so the rest of the GEMM is theirs
+// and so are the numbers, bit for bit.
+//
+// The grid is looked up as 16-bit words of indices into the type's few values (8 values of 3 levels: 2 bits
+// each, nibble j holding values j and j + 4; 4 values of 8 levels: a nibble each), two entries a dword.
+// Up to 512 entries by two-source word permutes of 64 entries and blends on the higher index bits (AVX512BW);
+// larger grids by 32-bit gathers from the table. Then the nibbles to bytes, each byte's sign put in its bit
+// 3, and one byte shuffle of the table of the values' codes (`codes`: byte i the code of value i, byte 8 + i
+// that of its negative, or for IQ1 of the delta's negative sign). Inlined into the GEMM's loop (left to
 // itself the compiler called the unpack, its tables and output in memory).
-constexpr int kCodebookIQ2XXS = 1, kCodebookIQ3XXS = 2;
+enum CodebookKind { kNoCodebook = 0, kIQ2XXS, kIQ3XXS, kIQ2XS, kIQ2S, kIQ3S, kIQ1S, kIQ1M };
 
-struct CodebookTables {
-  __m512i words[8];  // entries 32 i .. 32 i + 31
-  // per 128-bit lane, a byte shuffle table: bytes i < 8 the unsigned code 128 + g_i of value i, bytes 8 + i
-  // its negative's, 128 - g_i (at most 8 values), so that an index's bit 3 is its sign
-  __m512i codes;
+struct CodebookSpec {
+  const char* name;
+  int entries, planes, side, group;  // grid entries, 64-byte planes a span, side bytes a block, values a scale
 };
 
-__attribute__((always_inline)) inline CodebookTables codebook_tables(const Problem& p) {
-  CodebookTables t;
-  for (int i = 0; i < 8; ++i) t.words[i] = _mm512_loadu_si512(p.tile_grid + 32 * i);
-  t.codes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_grid_codes)));
-  return t;
+constexpr CodebookSpec kCodebooks[] = {
+    {"", 0, 0, 0, 0},           {"IQ2_XXS", 256, 2, 0, 32},  {"IQ3_XXS", 256, 3, 0, 32}, {"IQ2_XS", 512, 2, 8, 16},
+    {"IQ2_S", 1024, 2, 16, 16}, {"IQ3_S", 512, 3, 12, 32},   {"IQ1_S", 2048, 1, 16, 32}, {"IQ1_M", 2048, 1, 24, 16},
+};
+
+constexpr int codebook_group(int kind) { return kCodebooks[kind].group; }
+
+// Per dword lane, the grid words of two indices (in its two words): entry of the low word in the low word, of
+// the high one in the high word. Bits above the grid's index width must be clear.
+template <int kEntries>
+__attribute__((always_inline)) inline __m512i grid_word_pairs(const int16_t* grid, __m512i index) {
+  if constexpr (kEntries <= 512) {
+    __m512i level[kEntries / 64];
+    for (int c = 0; c < kEntries / 64; ++c)
+      level[c] = _mm512_permutex2var_epi16(_mm512_loadu_si512(grid + 64 * c), index, _mm512_loadu_si512(grid + 64 * c + 32));
+    int bit = 6;
+    for (int n = kEntries / 64; n > 1; n /= 2, ++bit) {
+      const __mmask32 high = _mm512_test_epi16_mask(index, _mm512_set1_epi16(static_cast<int16_t>(1 << bit)));
+      for (int i = 0; i < n / 2; ++i) level[i] = _mm512_mask_blend_epi16(high, level[2 * i], level[2 * i + 1]);
+    }
+    return level[0];
+  } else {  // dwords at 2 i: entry i in the low word (the table holds one word past the last entry)
+    const __m512i low = _mm512_i32gather_epi32(_mm512_and_si512(index, _mm512_set1_epi32(0xFFFF)), grid, 2);
+    const __m512i high = _mm512_i32gather_epi32(_mm512_srli_epi32(index, 16), grid, 2);
+    return _mm512_mask_blend_epi16(0xAAAAAAAA, low, _mm512_slli_epi32(high, 16));
+  }
 }
 
-// Per dword lane, the grid words of two indices (0..255, in its two words): entry of the low word in the low
-// word, of the high one in the high word.
-__attribute__((always_inline)) inline __m512i grid_word_pairs(const CodebookTables& t, __m512i index) {
-  const __m512i r0 = _mm512_permutex2var_epi16(t.words[0], index, t.words[1]);
-  const __m512i r1 = _mm512_permutex2var_epi16(t.words[2], index, t.words[3]);
-  const __m512i r2 = _mm512_permutex2var_epi16(t.words[4], index, t.words[5]);
-  const __m512i r3 = _mm512_permutex2var_epi16(t.words[6], index, t.words[7]);
-  const __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(0x40));
-  const __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(0x80));
-  return _mm512_mask_blend_epi16(bit7, _mm512_mask_blend_epi16(bit6, r0, r1), _mm512_mask_blend_epi16(bit6, r2, r3));
-}
-
-// Bytes a and a + 1 of each dword as its two words (a byte shuffle, zeros above): two grid indices.
+// Bytes a and a + 1 of each dword as its two words (a byte shuffle, zeros above): two entries' index bytes.
 __attribute__((always_inline)) inline __m512i index_pair(__m512i index, int a) {
   const __m128i lane = _mm_setr_epi8(static_cast<char>(a), -1, static_cast<char>(a + 1), -1, static_cast<char>(a + 4), -1,
                                      static_cast<char>(a + 5), -1, static_cast<char>(a + 8), -1, static_cast<char>(a + 9), -1,
@@ -1371,20 +1393,35 @@ __attribute__((always_inline)) inline __m512i index_pair(__m512i index, int a) {
   return _mm512_shuffle_epi8(index, _mm512_broadcast_i32x4(lane));
 }
 
-// The u32's four 7-bit sign indices (bits 0, 7, 14, 21) as its four bytes, each with its parity on top:
-// the sign bytes of values 0-7, 8-15, 16-23, 24-31. Bitwise select c ? b : a is ternary-logic table 0xD8;
-// a | (b ^ c) is 0xF6. Parity per nibble by a byte shuffle.
-__attribute__((always_inline)) inline __m512i span_sign_bytes(__m512i aux) {
-  const __m512i f01 = _mm512_ternarylogic_epi32(aux, _mm512_slli_epi32(aux, 1), _mm512_set1_epi32(0x0000FF00), 0xD8);
-  const __m512i f23 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(aux, 2), _mm512_slli_epi32(aux, 3),
-                                                _mm512_set1_epi32(static_cast<int32_t>(0xFF000000)), 0xD8);
-  const __m512i fields = _mm512_and_si512(_mm512_mask_blend_epi16(0xAAAAAAAA, f01, f23), _mm512_set1_epi8(0x7F));
+// index_pair's words with high index bits: bits [shift, shift + width) of `high` above the low word's byte,
+// and bits [shift + step, shift + step + width) above the high word's.
+template <int kWidth>
+__attribute__((always_inline)) inline __m512i with_high_bits(__m512i pair, __m512i high, int shift, int step) {
+  constexpr int32_t mask = (1 << kWidth) - 1;
+  const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(high, shift), _mm512_set1_epi32(mask));
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(high, shift + step), _mm512_set1_epi32(mask));
+  return _mm512_or_si512(pair, _mm512_or_si512(_mm512_slli_epi32(lo, 8), _mm512_slli_epi32(hi, 24)));
+}
+
+// Bytes of 7-bit sign indices (bit 7 ignored) with their parity in bit 7: the sign bytes they name.
+// a | (b ^ c) is ternary-logic table 0xF6. Parity per nibble by a byte shuffle.
+__attribute__((always_inline)) inline __m512i with_parity(__m512i fields) {
+  fields = _mm512_and_si512(fields, _mm512_set1_epi8(0x7F));
   const __m512i parity_of = _mm512_broadcast_i32x4(  // parity(i) << 7 for nibbles i = 0..15
       _mm_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0));
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lo = _mm512_shuffle_epi8(parity_of, _mm512_and_si512(fields, low4));
   const __m512i hi = _mm512_shuffle_epi8(parity_of, _mm512_and_si512(_mm512_srli_epi16(fields, 4), low4));
   return _mm512_ternarylogic_epi32(fields, lo, hi, 0xF6);
+}
+
+// The u32's four 7-bit sign indices (bits 0, 7, 14, 21) as its four sign bytes: those of values 0-7, 8-15,
+// 16-23, 24-31. Bitwise select c ? b : a is ternary-logic table 0xD8.
+__attribute__((always_inline)) inline __m512i u32_sign_bytes(__m512i aux) {
+  const __m512i f01 = _mm512_ternarylogic_epi32(aux, _mm512_slli_epi32(aux, 1), _mm512_set1_epi32(0x0000FF00), 0xD8);
+  const __m512i f23 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(aux, 2), _mm512_slli_epi32(aux, 3),
+                                                _mm512_set1_epi32(static_cast<int32_t>(0xFF000000)), 0xD8);
+  return with_parity(_mm512_mask_blend_epi16(0xAAAAAAAA, f01, f23));
 }
 
 // Sign byte j of each dword in all four of its bytes (so that byte i can test bit i, or i + 4, of it).
@@ -1397,18 +1434,18 @@ __attribute__((always_inline)) inline __m512i sign_byte(__m512i signs, int j) {
   return _mm512_shuffle_epi8(signs, _mm512_broadcast_i32x4(lane));
 }
 
-// Indices into the values (bytes, bits 3 and 7 clear; bits 4-6 are not read) as unsigned codes 128 + g, or
-// 128 - g where the sign bit of `bits` (per byte, 0x01..0x08 or 0x10..0x80 of each dword) of `signs` is set:
-// the sign as the index's bit 3, one byte shuffle of the table of both.
-__attribute__((always_inline)) inline __m512i signed_codes(const CodebookTables& t, __m512i index, __m512i signs, int32_t bits) {
+// Indices into the values (bytes, bits 3 and 7 clear; bits 4-6 are not read) as unsigned codes: the table's
+// byte, or its byte 8 on where the sign bit of `bits` (per byte, 0x01..0x08 or 0x10..0x80 of each dword) of
+// `signs` is set: the sign as the index's bit 3, one byte shuffle.
+__attribute__((always_inline)) inline __m512i signed_codes(__m512i codes, __m512i index, __m512i signs, int32_t bits) {
   const __mmask64 minus = _mm512_test_epi8_mask(signs, _mm512_set1_epi32(bits));
-  return _mm512_shuffle_epi8(t.codes, _mm512_mask_add_epi8(index, minus, index, _mm512_set1_epi8(8)));
+  return _mm512_shuffle_epi8(codes, _mm512_mask_add_epi8(index, minus, index, _mm512_set1_epi8(8)));
 }
 
 // The nibbles of each dword's word `h` (0: the low one, 1: the high one) as its four bytes' low nibbles: the
 // word's bytes b0, b1 doubled (b0 b0 b1 b1), the odd ones shifted down by 4; the even bytes keep their
-// other nibble above (bits 4-7: the byte shuffle does not read 4-6, and bit 7 is clear for IQ3_XXS's 3-bit
-// indices; IQ2_XXS's are masked).
+// other nibble above (bits 4-7: the byte shuffle does not read 4-6, and bit 7 is clear for 3-bit indices;
+// 2-bit ones are masked).
 __attribute__((always_inline)) inline __m512i word_nibbles(__m512i pair, int h) {
   const char a = static_cast<char>(2 * h), b = static_cast<char>(2 * h + 1);
   const __m128i lane = _mm_setr_epi8(a, a, b, b, a + 4, a + 4, b + 4, b + 4, a + 8, a + 8, b + 8, b + 8, a + 12, a + 12,
@@ -1417,44 +1454,130 @@ __attribute__((always_inline)) inline __m512i word_nibbles(__m512i pair, int h) 
   return _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAull, doubled, _mm512_srli_epi16(doubled, 4));
 }
 
-template <int kCodebook>
-__attribute__((always_inline)) inline void unpack_codebook_span(const uint8_t* b, const CodebookTables& t, __m512i* w, __m512i& aux) {
-  constexpr int32_t kLow = 0x08040201, kHigh = static_cast<int32_t>(0x80402010);  // sign bits of bytes 0-3, 4-7
-  if constexpr (kCodebook == kCodebookIQ2XXS) {
-    const __m512i index = _mm512_loadu_si512(b);
-    aux = _mm512_loadu_si512(b + 64);
-    const __m512i signs = span_sign_bytes(aux);
-    const __m512i fields = _mm512_set1_epi8(0x33);  // a nibble's low 2 bits, in either nibble
-    for (int l = 0; l < 4; l += 2) {  // values 8l .. 8l + 15: two entries, nibble j = fields j and j + 4
-      const __m512i pair = grid_word_pairs(t, index_pair(index, l));
-      for (int e = 0; e < 2; ++e) {
-        const __m512i nibbles = word_nibbles(pair, e), sign = sign_byte(signs, l + e);
-        w[2 * (l + e)] = signed_codes(t, _mm512_and_si512(nibbles, fields), sign, kLow);
-        w[2 * (l + e) + 1] = signed_codes(t, _mm512_and_si512(_mm512_srli_epi16(nibbles, 2), fields), sign, kHigh);
-      }
-    }
-  } else {
-    const __m512i index[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};
-    aux = _mm512_loadu_si512(b + 128);
-    const __m512i signs = span_sign_bytes(aux);
-    for (int q = 0; q < 8; q += 2) {  // values 4q .. 4q + 7: two entries of 4 nibbles, one sign byte
-      const __m512i pair = grid_word_pairs(t, index_pair(index[q / 4], q % 4));
-      const __m512i sign = sign_byte(signs, q / 2);
-      w[q] = signed_codes(t, word_nibbles(pair, 0), sign, kLow);
-      w[q + 1] = signed_codes(t, word_nibbles(pair, 1), sign, kHigh);
+constexpr int32_t kLowSigns = 0x08040201, kHighSigns = static_cast<int32_t>(0x80402010);  // bits of bytes 0-3, 4-7
+
+// w[0..7] from entries of 8 values: pairs[k] the index words of entries 2k, 2k + 1; entry e's sign byte is
+// byte sign_at[e] of `signs`.
+template <int kEntries>
+__attribute__((always_inline)) inline void eight_value_entries(const int16_t* grid, __m512i codes, const __m512i* pairs,
+                                                               __m512i signs, const int* sign_at, __m512i* w) {
+  const __m512i fields = _mm512_set1_epi8(0x33);  // a nibble's low 2 bits, in either nibble
+  for (int k = 0; k < 2; ++k) {
+    const __m512i pair = grid_word_pairs<kEntries>(grid, pairs[k]);
+    for (int h = 0; h < 2; ++h) {  // entry e: values 8e .. 8e + 7, nibble j = fields j and j + 4
+      const int e = 2 * k + h;
+      const __m512i nibbles = word_nibbles(pair, h), sign = sign_byte(signs, sign_at[e]);
+      w[2 * e] = signed_codes(codes, _mm512_and_si512(nibbles, fields), sign, kLowSigns);
+      w[2 * e + 1] = signed_codes(codes, _mm512_and_si512(_mm512_srli_epi16(nibbles, 2), fields), sign, kHighSigns);
     }
   }
 }
 
-// The span's scale per lane: (d c / 2) (2 ls + 1) = d (ls + 1/2) c rounded once, as gguf-py's d (ls + 1/2),
-// rounded, times c (a power of two, so exact) is.
-template <int kCodebook>
-__attribute__((always_inline)) inline __m512 codebook_scale(const Problem& p, int64_t tile, int64_t sp, __m512i aux) {
-  constexpr float c = kCodebook == kCodebookIQ2XXS ? 0.125f : 0.25f;  // c / 2: (ls + 1/2) c = (2 ls + 1) c / 2
-  const __m256i d16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_d + (tile * (p.K / 256) + sp / 8) * 16));
-  const __m512 dc = _mm512_mul_ps(_mm512_cvtph_ps(d16), _mm512_set1_ps(c));
-  const __m512i odd = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(aux, 28), 1), _mm512_set1_epi32(1));
+// w[0..7] from entries of 4 values: pairs[k] the index words of entries 2k, 2k + 1 (values 8k .. 8k + 7),
+// whose sign byte is byte k of `signs`.
+template <int kEntries>
+__attribute__((always_inline)) inline void four_value_entries(const int16_t* grid, __m512i codes, const __m512i* pairs,
+                                                              __m512i signs, __m512i* w) {
+  for (int k = 0; k < 4; ++k) {
+    const __m512i pair = grid_word_pairs<kEntries>(grid, pairs[k]);
+    const __m512i sign = sign_byte(signs, k);
+    w[2 * k] = signed_codes(codes, word_nibbles(pair, 0), sign, kLowSigns);
+    w[2 * k + 1] = signed_codes(codes, word_nibbles(pair, 1), sign, kHighSigns);
+  }
+}
+
+// Side byte j of the block of span sp, one per lane, as dwords.
+__attribute__((always_inline)) inline __m512i side_bytes(const Problem& p, int64_t tile, int64_t sp, int side, int j) {
+  const uint8_t* b = p.tile_side + ((tile * (p.K / 256) + sp / 8) * side + j) * 16;
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+}
+
+// (c d) (2 ls + 1) per lane: d (ls + 1/2) 2c rounded once, as gguf-py's d (ls + 1/2), rounded, times a power
+// of two (exact) is, and as its d (2 ls + 1) [c] is.
+__attribute__((always_inline)) inline __m512 odd_scale(__m512 dc, __m512i ls) {
+  const __m512i odd = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(ls, _mm512_set1_epi32(15)), 1),
+                                      _mm512_set1_epi32(1));
   return _mm512_mul_ps(dc, _mm512_cvtepi32_ps(odd));
+}
+
+// Span sp of a codebook tile: w[0..7] and the span's scales (scale[0], and scale[1] for groups of 16).
+template <int kKind>
+__attribute__((always_inline)) inline void unpack_codebook_span(const Problem& p, int64_t tile, int64_t sp, const uint8_t* b,
+                                                                __m512i* w, __m512* scale) {
+  constexpr CodebookSpec spec = kCodebooks[kKind];
+  const int16_t* grid = p.tile_grid;
+  const __m512i codes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.tile_grid_codes)));
+  const __m256i d16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.tile_d + (tile * (p.K / 256) + sp / 8) * 16));
+  const __m512 d = _mm512_cvtph_ps(d16);
+  const int s = static_cast<int>(sp % 8);
+  constexpr int kInOrder[4] = {0, 1, 2, 3};
+  if constexpr (kKind == kIQ2XXS) {
+    const __m512i index = _mm512_loadu_si512(b), aux = _mm512_loadu_si512(b + 64);
+    const __m512i pairs[2] = {index_pair(index, 0), index_pair(index, 2)};
+    eight_value_entries<spec.entries>(grid, codes, pairs, u32_sign_bytes(aux), kInOrder, w);
+    scale[0] = odd_scale(_mm512_mul_ps(d, _mm512_set1_ps(0.125f)), _mm512_srli_epi32(aux, 28));
+  } else if constexpr (kKind == kIQ3XXS) {
+    const __m512i index[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};
+    const __m512i aux = _mm512_loadu_si512(b + 128);
+    const __m512i pairs[4] = {index_pair(index[0], 0), index_pair(index[0], 2), index_pair(index[1], 0),
+                              index_pair(index[1], 2)};
+    four_value_entries<spec.entries>(grid, codes, pairs, u32_sign_bytes(aux), w);
+    scale[0] = odd_scale(_mm512_mul_ps(d, _mm512_set1_ps(0.25f)), _mm512_srli_epi32(aux, 28));
+  } else if constexpr (kKind == kIQ2XS) {
+    const __m512i words[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};  // entries 0, 1 | 2, 3
+    const __m512i index_bits = _mm512_set1_epi16(0x01FF);
+    const __m512i pairs[2] = {_mm512_and_si512(words[0], index_bits), _mm512_and_si512(words[1], index_bits)};
+    // the sign indices (each word's top 7 bits) as bytes: entries 0, 2, 1, 3
+    const __m512i fields = _mm512_or_si512(_mm512_srli_epi16(words[0], 9), _mm512_slli_epi16(_mm512_srli_epi16(words[1], 9), 8));
+    constexpr int kSignAt[4] = {0, 2, 1, 3};
+    eight_value_entries<spec.entries>(grid, codes, pairs, with_parity(fields), kSignAt, w);
+    const __m512 dc = _mm512_mul_ps(d, _mm512_set1_ps(0.125f));
+    const __m512i ls = side_bytes(p, tile, sp, spec.side, s);
+    scale[0] = odd_scale(dc, _mm512_and_si512(ls, _mm512_set1_epi32(15)));
+    scale[1] = odd_scale(dc, _mm512_srli_epi32(ls, 4));
+  } else if constexpr (kKind == kIQ2S) {
+    const __m512i index = _mm512_loadu_si512(b), signs = _mm512_loadu_si512(b + 64);
+    const __m512i qh = side_bytes(p, tile, sp, spec.side, s);
+    const __m512i pairs[2] = {with_high_bits<2>(index_pair(index, 0), qh, 0, 2), with_high_bits<2>(index_pair(index, 2), qh, 4, 2)};
+    eight_value_entries<spec.entries>(grid, codes, pairs, signs, kInOrder, w);
+    const __m512 dc = _mm512_mul_ps(d, _mm512_set1_ps(0.125f));
+    const __m512i ls = side_bytes(p, tile, sp, spec.side, 8 + s);
+    scale[0] = odd_scale(dc, _mm512_and_si512(ls, _mm512_set1_epi32(15)));
+    scale[1] = odd_scale(dc, _mm512_srli_epi32(ls, 4));
+  } else if constexpr (kKind == kIQ3S) {
+    const __m512i index[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};
+    const __m512i signs = _mm512_loadu_si512(b + 128);
+    const __m512i qh = side_bytes(p, tile, sp, spec.side, s);
+    __m512i pairs[4];
+    for (int k = 0; k < 4; ++k) pairs[k] = with_high_bits<1>(index_pair(index[k / 2], 2 * (k % 2)), qh, 2 * k, 1);
+    four_value_entries<spec.entries>(grid, codes, pairs, signs, w);
+    const __m512i ls = side_bytes(p, tile, sp, spec.side, 8 + s / 2);
+    scale[0] = odd_scale(d, s % 2 ? _mm512_srli_epi32(ls, 4) : _mm512_and_si512(ls, _mm512_set1_epi32(15)));
+  } else if constexpr (kKind == kIQ1S) {
+    const __m512i index = _mm512_loadu_si512(b);
+    const __m512i qh = _mm512_or_si512(side_bytes(p, tile, sp, spec.side, 2 * s),
+                                       _mm512_slli_epi32(side_bytes(p, tile, sp, spec.side, 2 * s + 1), 8));
+    const __m512i pairs[2] = {with_high_bits<3>(index_pair(index, 0), qh, 0, 3), with_high_bits<3>(index_pair(index, 2), qh, 6, 3)};
+    const __m512i delta_negative = _mm512_srai_epi32(_mm512_slli_epi32(qh, 16), 31);  // bit 15, in every bit
+    eight_value_entries<spec.entries>(grid, codes, pairs, delta_negative, kInOrder, w);
+    scale[0] = odd_scale(_mm512_mul_ps(d, _mm512_set1_ps(0.125f)), _mm512_and_si512(_mm512_srli_epi32(qh, 12), _mm512_set1_epi32(7)));
+  } else if constexpr (kKind == kIQ1M) {
+    const __m512i index = _mm512_loadu_si512(b);
+    const __m512i qh = _mm512_or_si512(side_bytes(p, tile, sp, spec.side, 2 * s),
+                                       _mm512_slli_epi32(side_bytes(p, tile, sp, spec.side, 2 * s + 1), 8));
+    const __m512i pairs[2] = {with_high_bits<3>(index_pair(index, 0), qh, 0, 4), with_high_bits<3>(index_pair(index, 2), qh, 8, 4)};
+    // entry e's delta sign is bit 4 e + 3 of qh: as byte e all ones or zeros
+    const __m512i doubled = _mm512_shuffle_epi8(qh, _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13)));
+    const __m512i signs = _mm512_movm_epi8(_mm512_test_epi8_mask(doubled, _mm512_set1_epi32(static_cast<int32_t>(0x80088008))));
+    eight_value_entries<spec.entries>(grid, codes, pairs, signs, kInOrder, w);
+    const int u = 16 + 2 * (s / 2);  // the u16 of ls for this span's two groups of 16: fields 2 (s % 2), + 1
+    const __m512i ls = _mm512_srli_epi32(_mm512_or_si512(side_bytes(p, tile, sp, spec.side, u),
+                                                         _mm512_slli_epi32(side_bytes(p, tile, sp, spec.side, u + 1), 8)),
+                                         6 * (s % 2));
+    const __m512 dc = _mm512_mul_ps(d, _mm512_set1_ps(0.125f));
+    scale[0] = odd_scale(dc, _mm512_and_si512(ls, _mm512_set1_epi32(7)));
+    scale[1] = odd_scale(dc, _mm512_and_si512(_mm512_srli_epi32(ls, 3), _mm512_set1_epi32(7)));
+  }
 }
 
 // The 16 lanes' value of group `at` of a stored table (scales or zeros): float32, float16, or integers
@@ -1482,11 +1605,9 @@ __attribute__((always_inline)) inline void load_stored_tile_group(const Problem&
   const int64_t spans = p.K / 32, groups = p.K / kG;
   const int64_t tile = n0 / kWideLanes;
   const uint8_t* span = p.tiles + (tile * spans + sp) * 64 * kTileBits;
-  if constexpr (kCodebook != 0) {  // the scale is in the codes' own words; no zeros
-    __m512i aux;
-    unpack_codebook_span<kCodebook>(span, codebook_tables(p), t.w, aux);
-    t.scale[0] = codebook_scale<kCodebook>(p, tile, sp, aux);
-    t.zero[0] = _mm512_setzero_ps();
+  if constexpr (kCodebook != kNoCodebook) {  // scales from the blocks' own fields; no zeros
+    if constexpr (codebook_group(kCodebook) == kG) unpack_codebook_span<kCodebook>(p, tile, sp, span, t.w, t.scale);
+    t.zero[0] = t.zero[1] = _mm512_setzero_ps();
     return;
   } else if constexpr (kTileBits == 6) {
     unpack_six_bit_span(span, t.w);
@@ -1521,13 +1642,24 @@ struct TileForm {
   static constexpr int codebook = kCodebook;
 };
 
-// f(TileForm<bits, levels, codebook>) for the stored tiles' width p.tile_bits (and p.tile_levels, p.tile_grid):
-// the one place a form becomes template arguments.
+// f(TileForm<bits, levels, codebook>) for the stored tiles' width p.tile_bits (and p.tile_levels), or their
+// codebook p.tile_codebook (then tile_bits counts its 64-byte planes): the one place a form becomes template
+// arguments.
 template <typename F>
 __attribute__((always_inline)) inline void with_tile_bits(const Problem& p, F&& f) {
+  switch (p.tile_codebook) {
+    case kIQ2XXS: f(TileForm<2, false, kIQ2XXS>{}); return;
+    case kIQ3XXS: f(TileForm<3, false, kIQ3XXS>{}); return;
+    case kIQ2XS: f(TileForm<2, false, kIQ2XS>{}); return;
+    case kIQ2S: f(TileForm<2, false, kIQ2S>{}); return;
+    case kIQ3S: f(TileForm<3, false, kIQ3S>{}); return;
+    case kIQ1S: f(TileForm<1, false, kIQ1S>{}); return;
+    case kIQ1M: f(TileForm<1, false, kIQ1M>{}); return;
+    default: break;
+  }
   switch (p.tile_bits) {
-    case 2: p.tile_grid ? f(TileForm<2, false, kCodebookIQ2XXS>{}) : f(TileForm<2>{}); break;
-    case 3: p.tile_grid ? f(TileForm<3, false, kCodebookIQ3XXS>{}) : f(TileForm<3>{}); break;
+    case 2: f(TileForm<2>{}); break;
+    case 3: f(TileForm<3>{}); break;
     case 4: p.tile_levels ? f(TileForm<4, true>{}) : f(TileForm<4>{}); break;
     case 5: f(TileForm<5>{}); break;
     case 6: f(TileForm<6>{}); break;
@@ -2186,35 +2318,45 @@ at::Tensor group_quant_matmul_tiles(const at::Tensor& x, const at::Tensor& codes
 #endif
 }
 
-// x @ W^T for IQ2_XXS or IQ3_XXS weights in codebook tiles (above): tiles (T, K/32, 128 or 192) uint8, d
-// (T, K/256, 16) float16, grid the type's 256 entries as int16 words of indices into its values, `codes` the
-// values' unsigned codes 128 + g and 128 - g (16 uint8, CodebookTables::codes).
-// Int8 activations; the numbers of the same weight as exact 8-bit codes.
-at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& grid,
-                                 const at::Tensor& codes, int64_t N) {
+// x @ W^T for i-quant weights in codebook tiles (above), of type `type` (IQ2_XXS, ..., IQ1_M): tiles (T, K/32,
+// 64 planes) uint8, d (T, K/256, 16) float16, side (T, K/256, side bytes, 16) uint8, grid the type's entries as
+// int16 words of indices into its values (gathered grids: one word more), `codes` its values' unsigned codes
+// (16 uint8). Int8 activations; the numbers of the same weight as exact 8-bit codes.
+at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& side,
+                                 const at::Tensor& grid, const at::Tensor& codes, const std::string& type, int64_t N) {
 #ifdef FS_AVX512
+  int kind = kNoCodebook;
+  for (int k = 1; k < static_cast<int>(std::size(kCodebooks)); ++k)
+    if (type == kCodebooks[k].name) kind = k;
+  TORCH_CHECK(kind != kNoCodebook, "codebook_matmul_tiles: no codebook type ", type);
+  const CodebookSpec& spec = kCodebooks[kind];
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "codebook_matmul_tiles: x must be (M, K) float32");
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), T = (N + kWideLanes - 1) / kWideLanes;
-  const int64_t span_bytes = tiles.dim() == 3 ? tiles.size(2) : 0;
-  TORCH_CHECK(K % 256 == 0 && tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.size(0) == T &&
-                  tiles.size(1) == K / 32 && (span_bytes == 128 || span_bytes == 192),
-              "codebook_matmul_tiles: tiles ", tiles.sizes(), " are not IQ2_XXS or IQ3_XXS tiles of ", N, " rows of ", K);
+  TORCH_CHECK(K % 256 == 0 && tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 3 &&
+                  tiles.size(0) == T && tiles.size(1) == K / 32 && tiles.size(2) == 64 * spec.planes,
+              "codebook_matmul_tiles: tiles ", tiles.sizes(), " are not ", type, " tiles of ", N, " rows of ", K);
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.dim() == 3 && d.size(0) == T &&
                   d.size(1) == K / 256 && d.size(2) == kWideLanes,
               "codebook_matmul_tiles: d ", d.sizes(), " is not float16 (", T, ", ", K / 256, ", 16)");
-  TORCH_CHECK(grid.scalar_type() == at::kShort && grid.is_contiguous() && grid.numel() == 256 &&
+  TORCH_CHECK(side.scalar_type() == at::kByte && side.is_contiguous() && side.dim() == 4 && side.size(0) == T &&
+                  side.size(1) == K / 256 && side.size(2) == spec.side && side.size(3) == kWideLanes,
+              "codebook_matmul_tiles: side ", side.sizes(), " is not uint8 (", T, ", ", K / 256, ", ", spec.side, ", 16)");
+  const int64_t words = spec.entries + (spec.entries > 512 ? 1 : 0);
+  TORCH_CHECK(grid.scalar_type() == at::kShort && grid.is_contiguous() && grid.numel() == words &&
                   codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == 16,
-              "codebook_matmul_tiles: the grid must be 256 int16 words and its codes 16 uint8");
+              "codebook_matmul_tiles: ", type, "'s grid must be ", words, " int16 words and its codes 16 uint8");
   auto y = at::empty({M, N}, xc.options());
-  Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, 32, 8};
+  Problem p{xc.data_ptr<float>(), nullptr, nullptr, Table{}, Table{}, y.data_ptr<float>(), M, N, K, spec.group, 8};
   set_int8_activations(p, false, tile_code_offset(8));
   p.tiles = tiles.data_ptr<uint8_t>();
-  p.tile_bits = span_bytes / 64;
+  p.tile_bits = spec.planes;
+  p.tile_codebook = kind;
   p.tile_grid = grid.data_ptr<int16_t>();
   p.tile_grid_codes = codes.data_ptr<uint8_t>();
   p.tile_d = reinterpret_cast<const uint16_t*>(d.data_ptr());
-  gemm_wide_tiled<8>(p);
+  p.tile_side = side.data_ptr<uint8_t>();
+  spec.group == 16 ? gemm_wide_tiled<8, 16>(p) : gemm_wide_tiled<8>(p);
   return y;
 #else
   TORCH_CHECK(false, "codebook_matmul_tiles: this build of the kernels has no 16-lane tiles (AVX-512)");
