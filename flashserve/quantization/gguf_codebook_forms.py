@@ -30,7 +30,9 @@ scale the sub-block's, computed as gguf-py computes it; the product rounds the s
 The scales of the types whose factor is d / 4, d / 2 or d / 8 are float32 tables (a float16 factor
 d / 8 would round for small d); IQ3_S's are d times an integer, held factored.
 
-In linears, the types whose codes within a group of 32 are affine in a 4-bit integer, c = step q + low
+Where the build has the 16-lane tiles (AVX-512), linears of IQ1_*, IQ2_* and IQ3_* keep the file's blocks
+instead (codebook_weight.py, the numbers of these forms). Elsewhere (and for TQ* everywhere), in linears,
+the types whose codes within a group of 32 are affine in a 4-bit integer, c = step q + low
 (IQ3_S: odd -15..15; IQ1_S: 8 g + delta, delta fixed per sub-block; TQ*: -1..1), take the 4-bit
 kernel's form instead (affine4): w = (step s) q + low s, both tables exact in float32 (step, |low| and
 q of at most 5 bits times a scale of at most 17), and the sum rounds the same real number c s once.
