@@ -1,6 +1,8 @@
 """CodebookWeight: the i-quants built on codebooks (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) at
 their own bits (1.56 to 3.44 a weight), where their exact 8-bit forms (gguf_codebook_forms.py) take 5 to 6 in
-the tiles and 9 to 10 by rows.
+the tiles and 9 to 10 by rows. In the tiles, the types whose grids are too large to look up fast (IQ2_S's
+1024 entries, IQ1_*'s 2048: LOOKED_UP) hold each entry's 16-bit grid word where the file has the low byte of
+its index: IQ1_S 2.19 bits a weight, IQ1_M 2.375, IQ2_S 3.31.
 
 A 256-value block of these types holds, per run of values, indices into the type's grid (each naming 8 or 4
 of its values), their signs (or a sign index, or IQ1's delta), and sub-block scales, with a float16 d
@@ -31,7 +33,7 @@ from flashserve.quantization.packed import PackedWeight, _param
 BLOCK = 256  # values of a block
 SPANS = BLOCK // 32
 LANES = 16  # rows of a tile
-GATHERED = 512  # grids larger than this are gathered by the kernel (their table: one word more)
+LOOKED_UP = 512  # grids larger than this are looked up when stored: the tiles hold the entries' words
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,23 @@ class Layout:
     spans: tuple[tuple[int, int], ...]  # (offset, bytes a span) of the fields that come per 32 values, in plane order
     side: tuple[tuple[int, int], ...]  # (offset, length) of the other fields, kept per block
     d_first: bool = True  # the block starts with its float16 d (IQ1_M spreads d over its scales' top nibbles)
+    # the first per-span field is the low bytes of the span's 4 grid indices (entries of 8 values), the rest of
+    # each index is index_high(blocks) (n, K/32, 4)
+    index_high: object = None
 
 
 LAYOUTS = {
     "IQ2_XXS": Layout(66, spans=((2, 8),), side=()),  # per span: 4 indices, u32 of sign indices and ls
     "IQ3_XXS": Layout(98, spans=((2, 8), (66, 4)), side=()),  # 8 indices; u32s of sign indices and ls
     "IQ2_XS": Layout(74, spans=((2, 8),), side=((66, 8),)),  # 4 u16 (index, sign index); ls bytes
-    "IQ2_S": Layout(82, spans=((2, 4), (34, 4)), side=((66, 8), (74, 8))),  # indices, signs; qh, ls bytes
+    "IQ2_S": Layout(82, spans=((2, 4), (34, 4)), side=((66, 8), (74, 8)),  # indices, signs; qh, ls bytes
+                    index_high=lambda b: (b[:, :, 66:74, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3),
     "IQ3_S": Layout(110, spans=((2, 8), (74, 4)), side=((66, 8), (106, 4))),  # indices, signs; qh, ls nibbles
-    "IQ1_S": Layout(50, spans=((2, 4),), side=((34, 16),)),  # indices; u16 of high bits, ls, delta sign
-    "IQ1_M": Layout(56, spans=((0, 4),), side=((32, 24),), d_first=False),  # indices; qh, u16 of ls (and d)
+    "IQ1_S": Layout(50, spans=((2, 4),), side=((34, 16),),  # indices; u16 of high bits, ls, delta sign
+                    index_high=lambda b: (_u16s(b[:, :, 34:50])[..., None] >> torch.tensor([0, 3, 6, 9])) & 7),
+    "IQ1_M": Layout(56, spans=((0, 4),), side=((32, 24),), d_first=False,  # indices; qh, u16 of ls (and d)
+                    index_high=lambda b: (b[:, :, 32:48, None] >> torch.tensor([0, 4], dtype=torch.uint8)).flatten(2)
+                    .unflatten(2, (8, 4)) & 7),
 }
 BLOCK_BYTES = {name: layout.bytes for name, layout in LAYOUTS.items()}
 
@@ -64,8 +73,7 @@ def available() -> bool:
 def grid_words(qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The type's grid entries as the kernel looks them up: int16 words of indices into the type's values
     (entries of 8 values of 3 levels: 2 bits each, nibble j holding entry values j and j + 4, as
-    j | (j + 4) << 2; entries of 4 values of 8 levels: one a nibble), a zero word past the last where the
-    kernel gathers; and the values' unsigned codes (uint8, 16): byte i the code 128 + c of value i's code c in
+    j | (j + 4) << 2; entries of 4 values of 8 levels: one a nibble); and the values' unsigned codes (uint8, 16): byte i the code 128 + c of value i's code c in
     the exact form (g_i; IQ1: 8 g_i + 1), byte 8 + i that of its negative (-g_i; IQ1: the delta's, 8 g_i - 1),
     so that an index's bit 3 is its sign."""
     entries = grid(qtype)  # (entries, 8 or 4) values, at most 62 in size
@@ -74,8 +82,6 @@ def grid_words(qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     if entries.shape[1] == 8:
         index = index[:, :4] | (index[:, 4:] << 2)
     words = (index << (4 * torch.arange(4))).sum(dim=1)
-    if len(words) > GATHERED:
-        words = torch.cat([words, words.new_zeros(1)])
     pad = values.new_zeros(8 - len(values))
     if qtype.startswith("IQ1"):
         positive, negative = torch.cat([8 * values + 1, pad]), torch.cat([8 * values - 1, pad])
@@ -94,10 +100,27 @@ def _block_d(qtype: str, blocks: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16).view(torch.float16).reshape(n, nb)
 
 
+def _u16s(b: torch.Tensor) -> torch.Tensor:
+    """(n, nb, 2 j) bytes → (n, nb, j) little-endian u16 as int64."""
+    return b[..., 0::2].long() | (b[..., 1::2].long() << 8)
+
+
+@cache
+def _index_of_word(qtype: str) -> torch.Tensor:
+    """Each 16-bit grid word's entry (the grid's entries are distinct), as int64 over 65536 words."""
+    inverse = torch.zeros(1 << 16, dtype=torch.int64)
+    inverse[grid_words(qtype)[0].long() & 0xFFFF] = torch.arange(len(grid(qtype)))
+    return inverse
+
+
 def _split(qtype: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks (n, K/256, bytes) → each row's words per span (n, K/32, planes, 4) and side bytes (n, K/256, S)."""
+    """Blocks (n, K/256, bytes) → each row's words per span (n, K/32, planes, 4) and side bytes (n, K/256, S).
+    A grid looked up when stored (LOOKED_UP): the indices' low bytes become the entries' grid words."""
     layout, (n, nb) = LAYOUTS[qtype], blocks.shape[:2]
     per_span = [blocks[:, :, o:o + SPANS * k].reshape(n, nb, SPANS, k) for o, k in layout.spans]
+    if layout.index_high is not None:
+        index = per_span[0].long() | (layout.index_high(blocks).reshape(n, nb, SPANS, 4).long() << 8)
+        per_span[0] = grid_words(qtype)[0][index].view(torch.uint8)  # (n, nb, 8, 8)
     words = torch.cat(per_span, dim=3).reshape(n, nb * SPANS, -1, 4)
     side = torch.cat([blocks[:, :, o:o + k] for o, k in layout.side], dim=2) if layout.side else blocks[:, :, :0]
     return words, side
@@ -110,7 +133,13 @@ def _blocks_of(qtype: str, words: torch.Tensor, side: torch.Tensor, d: torch.Ten
     blocks = words.new_zeros(n, nb, layout.bytes)
     if layout.d_first:
         blocks[:, :, 0:2] = d.contiguous().view(torch.uint8).reshape(n, nb, 2)
-    per_span = words.reshape(n, nb, SPANS, -1).split([k for _, k in layout.spans], dim=3)
+    widths = [k for _, k in layout.spans]
+    if layout.index_high is not None:
+        widths[0] = 8  # four grid words
+    per_span = list(words.reshape(n, nb, SPANS, -1).split(widths, dim=3))
+    if layout.index_high is not None:  # each word's entry; its low byte is the file's
+        entries = _index_of_word(qtype)[per_span[0].contiguous().view(torch.int16).long() & 0xFFFF]
+        per_span[0] = (entries & 0xFF).to(torch.uint8)
     for (o, k), field in zip(layout.spans, per_span):
         blocks[:, :, o:o + SPANS * k] = field.reshape(n, nb, SPANS * k)
     at = 0

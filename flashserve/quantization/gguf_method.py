@@ -17,7 +17,8 @@ GroupQuantWeight: codes with a float32 scale and zero per group, float32 activat
                                    the 16-lane tiles (AVX-512) 6-bit (Q6_K) or 3-bit (Q3_K) codes, int8
                                    integers (6.625 and 3.625 bits)
     IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (AVX-512)
-                                 → the file's own blocks (codebook_weight.py): 1.5625 to 3.4375 bits, the
+                                 → the file's own blocks (codebook_weight.py): 2.0625 to 3.4375 bits (IQ1_*
+                                   and IQ2_S with their grid words for indices: 2.19 to 3.31), the
                                    grid looked up in the 16-lane tiled kernel, the 8-bit form's numbers
     Q2_K, and without AVX-512 IQ3_XXS, IQ2_XXS/XS/S, IQ1_M
                                  → 8-bit codes, exact (gguf_codebook_forms.py): groups of 32, or of 16

@@ -152,7 +152,7 @@ def test_tiles_hold_the_file_and_give_the_rows_numbers(qtype):
     stored = tiled.to_wide_tiles()
     span_bytes = {Q.Q6_K: 384, Q.Q3_K: 192, Q.Q2_K: 128} | {  # 6, 3 and 2 bits a code, 4-bit indices
         q: 256 for q in (Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ1_M)} | (
-        {Q.IQ2_XXS: 128, Q.IQ3_XXS: 192, Q.IQ2_XS: 128, Q.IQ2_S: 128, Q.IQ3_S: 192, Q.IQ1_S: 64, Q.IQ1_M: 64}
+        {Q.IQ2_XXS: 128, Q.IQ3_XXS: 192, Q.IQ2_XS: 128, Q.IQ2_S: 192, Q.IQ3_S: 192, Q.IQ1_S: 128, Q.IQ1_M: 128}
         if own_blocks else {})
     if qtype in span_bytes:
         assert stored == (ops.wide_tile_lanes() == 16)

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CALIB = "/usr/share/common-licenses/GPL-3"
 SPAN_BYTES = {"Q3_K": 192, "Q2_K": 128} | {  # a tiled span's bytes, where not 8-bit
     t: 256 for t in ("IQ4_XS", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_M")}
-# the file's bytes of a span's 16 rows that come per span (indices, signs; the rest per block)
-OWN_SPAN_BYTES = {"IQ2_XXS": 128, "IQ3_XXS": 192, "IQ2_XS": 128, "IQ2_S": 128, "IQ3_S": 192, "IQ1_S": 64, "IQ1_M": 64}
+# a span's bytes of 16 rows: the file's that come per span (indices, signs; the rest per block), with the grids
+# looked up when stored (IQ2_S, IQ1_*) their entries' grid words for the indices' low bytes
+OWN_SPAN_BYTES = {"IQ2_XXS": 128, "IQ3_XXS": 192, "IQ2_XS": 128, "IQ2_S": 192, "IQ3_S": 192, "IQ1_S": 128, "IQ1_M": 128}
 TYPES = ["Q3_K", "IQ4_XS", "IQ4_NL", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M",
          "TQ1_0", "TQ2_0"]
 

@@ -1332,11 +1332,11 @@ inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
 //   IQ2_XXS  planes: 4 index bytes | u32 of four 7-bit sign indices and ls       w = d/4 (ls + 1/2) ±g
 //   IQ3_XXS  planes: 8 index bytes | that u32                                     w = d/2 (ls + 1/2) ±g
 //   IQ2_XS   planes: 4 x u16 (9-bit index, 7-bit sign index); side: ls byte     w = d/4 (ls + 1/2) ±g, per 16
-//   IQ2_S    planes: 4 index bytes | 4 sign bytes; side: qh (2 bits an index), ls byte          as IQ2_XS
+//   IQ2_S    planes: 4 grid words* | 4 sign bytes; side: qh (2 bits an index), ls byte         as IQ2_XS
 //   IQ3_S    planes: 8 index bytes | 4 sign bytes; side: qh (1 bit an index), ls nibble      w = d (2 ls + 1) ±g
-//   IQ1_S    planes: 4 index bytes; side: u16 (4 x 3 high index bits, 3-bit ls, the delta's sign)
+//   IQ1_S    planes: 4 grid words*; side: u16 (4 x 3 high index bits, 3-bit ls, the delta's sign)
 //            w = d/8 (2 ls + 1) (8 g ± 1)
-//   IQ1_M    planes: 4 index bytes; side: 2 qh bytes (per entry 3 high bits and its delta's sign), the
+//   IQ1_M    planes: 4 grid words*; side: 2 qh bytes (per entry 3 high bits and its delta's sign), the
 //            block's 4 u16 of 3-bit ls per 16 (d itself, spread over their top nibbles, in tile_d)   per 16
 // The 7-bit sign indices name a sign byte: the 7 bits and their parity on top (an even number of minus
 // signs). The unpack gives w[0..7] as the 8-bit tiles hold them, unsigned codes u = 128 + c for the exact
@@ -1345,8 +1345,13 @@ inline void unpack_three_bit_span(const uint8_t* b, __m512i* w) {
 //
 // The grid is looked up as 16-bit words of indices into the type's few values (8 values of 3 levels: 2 bits
 // each, nibble j holding values j and j + 4; 4 values of 8 levels: a nibble each), two entries a dword.
-// Up to 512 entries by two-source word permutes of 64 entries and blends on the higher index bits (AVX512BW);
-// larger grids by 32-bit gathers from the table. Then the nibbles to bytes, each byte's sign put in its bit
+// Up to 512 entries by two-source word permutes of 64 entries and blends on the higher index bits (AVX512BW).
+// * Larger grids (IQ2_S's 1024 entries, IQ1_*'s 2048) are looked up when the tiles are stored: the planes
+// hold each entry's grid word in place of its index's low byte (the high bits stay in the side bytes, not
+// read), 2 bits a weight for the entry where the index takes 1.25-1.375: IQ1_S 2.19 bits a weight (file
+// 1.56), IQ1_M 2.375 (1.75), IQ2_S 3.31 (2.56). Looked up as the kernel went, by 32-bit gathers, IQ1_S took
+// 1.8x the time a span, and a Qwen2.5-1.5B IQ1_M mix decoded slower than llama.cpp (RESULTS.md).
+// Then the nibbles to bytes, each byte's sign put in its bit
 // 3, and one byte shuffle of the table of the values' codes (`codes`: byte i the code of value i, byte 8 + i
 // that of its negative, or for IQ1 of the delta's negative sign). Inlined into the GEMM's loop (left to
 // itself the compiler called the unpack, its tables and output in memory).
@@ -1354,12 +1359,14 @@ enum CodebookKind { kNoCodebook = 0, kIQ2XXS, kIQ3XXS, kIQ2XS, kIQ2S, kIQ3S, kIQ
 
 struct CodebookSpec {
   const char* name;
-  int entries, planes, side, group;  // grid entries, 64-byte planes a span, side bytes a block, values a scale
+  // grid entries (0: the tiles hold each entry's grid word, looked up when stored), 64-byte planes a span,
+  // side bytes a block, values a scale
+  int entries, planes, side, group;
 };
 
 constexpr CodebookSpec kCodebooks[] = {
     {"", 0, 0, 0, 0},           {"IQ2_XXS", 256, 2, 0, 32},  {"IQ3_XXS", 256, 3, 0, 32}, {"IQ2_XS", 512, 2, 8, 16},
-    {"IQ2_S", 1024, 2, 16, 16}, {"IQ3_S", 512, 3, 12, 32},   {"IQ1_S", 2048, 1, 16, 32}, {"IQ1_M", 2048, 1, 24, 16},
+    {"IQ2_S", 0, 3, 16, 16},    {"IQ3_S", 512, 3, 12, 32},   {"IQ1_S", 0, 2, 16, 32},    {"IQ1_M", 0, 2, 24, 16},
 };
 
 constexpr int codebook_group(int kind) { return kCodebooks[kind].group; }
@@ -1368,7 +1375,9 @@ constexpr int codebook_group(int kind) { return kCodebooks[kind].group; }
 // the high one in the high word. Bits above the grid's index width must be clear.
 template <int kEntries>
 __attribute__((always_inline)) inline __m512i grid_word_pairs(const int16_t* grid, __m512i index) {
-  if constexpr (kEntries <= 512) {
+  if constexpr (kEntries == 0) {  // the words themselves
+    return index;
+  } else {
     __m512i level[kEntries / 64];
     for (int c = 0; c < kEntries / 64; ++c)
       level[c] = _mm512_permutex2var_epi16(_mm512_loadu_si512(grid + 64 * c), index, _mm512_loadu_si512(grid + 64 * c + 32));
@@ -1378,10 +1387,6 @@ __attribute__((always_inline)) inline __m512i grid_word_pairs(const int16_t* gri
       for (int i = 0; i < n / 2; ++i) level[i] = _mm512_mask_blend_epi16(high, level[2 * i], level[2 * i + 1]);
     }
     return level[0];
-  } else {  // dwords at 2 i: entry i in the low word (the table holds one word past the last entry)
-    const __m512i low = _mm512_i32gather_epi32(_mm512_and_si512(index, _mm512_set1_epi32(0xFFFF)), grid, 2);
-    const __m512i high = _mm512_i32gather_epi32(_mm512_srli_epi32(index, 16), grid, 2);
-    return _mm512_mask_blend_epi16(0xAAAAAAAA, low, _mm512_slli_epi32(high, 16));
   }
 }
 
@@ -1536,10 +1541,8 @@ __attribute__((always_inline)) inline void unpack_codebook_span(const Problem& p
     scale[0] = odd_scale(dc, _mm512_and_si512(ls, _mm512_set1_epi32(15)));
     scale[1] = odd_scale(dc, _mm512_srli_epi32(ls, 4));
   } else if constexpr (kKind == kIQ2S) {
-    const __m512i index = _mm512_loadu_si512(b), signs = _mm512_loadu_si512(b + 64);
-    const __m512i qh = side_bytes(p, tile, sp, spec.side, s);
-    const __m512i pairs[2] = {with_high_bits<2>(index_pair(index, 0), qh, 0, 2), with_high_bits<2>(index_pair(index, 2), qh, 4, 2)};
-    eight_value_entries<spec.entries>(grid, codes, pairs, signs, kInOrder, w);
+    const __m512i pairs[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};  // grid words of entries 0, 1 | 2, 3
+    eight_value_entries<spec.entries>(grid, codes, pairs, _mm512_loadu_si512(b + 128), kInOrder, w);
     const __m512 dc = _mm512_mul_ps(d, _mm512_set1_ps(0.125f));
     const __m512i ls = side_bytes(p, tile, sp, spec.side, 8 + s);
     scale[0] = odd_scale(dc, _mm512_and_si512(ls, _mm512_set1_epi32(15)));
@@ -1554,18 +1557,16 @@ __attribute__((always_inline)) inline void unpack_codebook_span(const Problem& p
     const __m512i ls = side_bytes(p, tile, sp, spec.side, 8 + s / 2);
     scale[0] = odd_scale(d, s % 2 ? _mm512_srli_epi32(ls, 4) : _mm512_and_si512(ls, _mm512_set1_epi32(15)));
   } else if constexpr (kKind == kIQ1S) {
-    const __m512i index = _mm512_loadu_si512(b);
+    const __m512i pairs[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};  // grid words
     const __m512i qh = _mm512_or_si512(side_bytes(p, tile, sp, spec.side, 2 * s),
                                        _mm512_slli_epi32(side_bytes(p, tile, sp, spec.side, 2 * s + 1), 8));
-    const __m512i pairs[2] = {with_high_bits<3>(index_pair(index, 0), qh, 0, 3), with_high_bits<3>(index_pair(index, 2), qh, 6, 3)};
     const __m512i delta_negative = _mm512_srai_epi32(_mm512_slli_epi32(qh, 16), 31);  // bit 15, in every bit
     eight_value_entries<spec.entries>(grid, codes, pairs, delta_negative, kInOrder, w);
     scale[0] = odd_scale(_mm512_mul_ps(d, _mm512_set1_ps(0.125f)), _mm512_and_si512(_mm512_srli_epi32(qh, 12), _mm512_set1_epi32(7)));
   } else if constexpr (kKind == kIQ1M) {
-    const __m512i index = _mm512_loadu_si512(b);
+    const __m512i pairs[2] = {_mm512_loadu_si512(b), _mm512_loadu_si512(b + 64)};  // grid words
     const __m512i qh = _mm512_or_si512(side_bytes(p, tile, sp, spec.side, 2 * s),
                                        _mm512_slli_epi32(side_bytes(p, tile, sp, spec.side, 2 * s + 1), 8));
-    const __m512i pairs[2] = {with_high_bits<3>(index_pair(index, 0), qh, 0, 4), with_high_bits<3>(index_pair(index, 2), qh, 8, 4)};
     // entry e's delta sign is bit 4 e + 3 of qh: as byte e all ones or zeros
     const __m512i doubled = _mm512_shuffle_epi8(qh, _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13)));
     const __m512i signs = _mm512_movm_epi8(_mm512_test_epi8_mask(doubled, _mm512_set1_epi32(static_cast<int32_t>(0x80088008))));
@@ -1648,13 +1649,13 @@ struct TileForm {
 template <typename F>
 __attribute__((always_inline)) inline void with_tile_bits(const Problem& p, F&& f) {
   switch (p.tile_codebook) {
-    case kIQ2XXS: f(TileForm<2, false, kIQ2XXS>{}); return;
-    case kIQ3XXS: f(TileForm<3, false, kIQ3XXS>{}); return;
-    case kIQ2XS: f(TileForm<2, false, kIQ2XS>{}); return;
-    case kIQ2S: f(TileForm<2, false, kIQ2S>{}); return;
-    case kIQ3S: f(TileForm<3, false, kIQ3S>{}); return;
-    case kIQ1S: f(TileForm<1, false, kIQ1S>{}); return;
-    case kIQ1M: f(TileForm<1, false, kIQ1M>{}); return;
+    case kIQ2XXS: f(TileForm<kCodebooks[kIQ2XXS].planes, false, kIQ2XXS>{}); return;
+    case kIQ3XXS: f(TileForm<kCodebooks[kIQ3XXS].planes, false, kIQ3XXS>{}); return;
+    case kIQ2XS: f(TileForm<kCodebooks[kIQ2XS].planes, false, kIQ2XS>{}); return;
+    case kIQ2S: f(TileForm<kCodebooks[kIQ2S].planes, false, kIQ2S>{}); return;
+    case kIQ3S: f(TileForm<kCodebooks[kIQ3S].planes, false, kIQ3S>{}); return;
+    case kIQ1S: f(TileForm<kCodebooks[kIQ1S].planes, false, kIQ1S>{}); return;
+    case kIQ1M: f(TileForm<kCodebooks[kIQ1M].planes, false, kIQ1M>{}); return;
     default: break;
   }
   switch (p.tile_bits) {
@@ -2342,8 +2343,8 @@ at::Tensor codebook_matmul_tiles(const at::Tensor& x, const at::Tensor& tiles, c
   TORCH_CHECK(side.scalar_type() == at::kByte && side.is_contiguous() && side.dim() == 4 && side.size(0) == T &&
                   side.size(1) == K / 256 && side.size(2) == spec.side && side.size(3) == kWideLanes,
               "codebook_matmul_tiles: side ", side.sizes(), " is not uint8 (", T, ", ", K / 256, ", ", spec.side, ", 16)");
-  const int64_t words = spec.entries + (spec.entries > 512 ? 1 : 0);
-  TORCH_CHECK(grid.scalar_type() == at::kShort && grid.is_contiguous() && grid.numel() == words &&
+  const int64_t words = spec.entries;  // a grid looked up when stored is not read: any size
+  TORCH_CHECK(grid.scalar_type() == at::kShort && grid.is_contiguous() && (words == 0 || grid.numel() == words) &&
                   codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == 16,
               "codebook_matmul_tiles: ", type, "'s grid must be ", words, " int16 words and its codes 16 uint8");
   auto y = at::empty({M, N}, xc.options());
