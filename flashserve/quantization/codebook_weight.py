@@ -1,7 +1,7 @@
 """CodebookWeight: the i-quants built on codebooks (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) at
 their own bits (1.56 to 3.44 a weight), where their exact 8-bit forms (gguf_codebook_forms.py) take 5 to 6 in
 the tiles and 9 to 10 by rows. In the tiles, the types whose grids are too large to look up fast (IQ2_S's
-1024 entries, IQ1_*'s 2048: LOOKED_UP) hold each entry's 16-bit grid word where the file has the low byte of
+1024 entries, IQ1_*'s 2048: Layout.index_high) hold each entry's 16-bit grid word where the file has the low byte of
 its index: IQ1_S 2.19 bits a weight, IQ1_M 2.375, IQ2_S 3.31.
 
 A 256-value block of these types holds, per run of values, indices into the type's grid (each naming 8 or 4
@@ -19,6 +19,7 @@ Only where the build has the 16-lane tiles (AVX-512), with int8 activations; wit
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -33,7 +34,6 @@ from flashserve.quantization.packed import PackedWeight, _param
 BLOCK = 256  # values of a block
 SPANS = BLOCK // 32
 LANES = 16  # rows of a tile
-LOOKED_UP = 512  # grids larger than this are looked up when stored: the tiles hold the entries' words
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,10 @@ class Layout:
     spans: tuple[tuple[int, int], ...]  # (offset, bytes a span) of the fields that come per 32 values, in plane order
     side: tuple[tuple[int, int], ...]  # (offset, length) of the other fields, kept per block
     d_first: bool = True  # the block starts with its float16 d (IQ1_M spreads d over its scales' top nibbles)
-    # the first per-span field is the low bytes of the span's 4 grid indices (entries of 8 values), the rest of
-    # each index is index_high(blocks) (n, K/32, 4)
-    index_high: object = None
+    # grids looked up when stored: the first per-span field is the low bytes of the span's 4 grid indices
+    # (entries of 8 values), the rest of each index is index_high(blocks) (n, K/256, 8, 4); the tiles hold the
+    # entries' grid words there
+    index_high: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 LAYOUTS = {
@@ -115,7 +116,7 @@ def _index_of_word(qtype: str) -> torch.Tensor:
 
 def _split(qtype: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks (n, K/256, bytes) → each row's words per span (n, K/32, planes, 4) and side bytes (n, K/256, S).
-    A grid looked up when stored (LOOKED_UP): the indices' low bytes become the entries' grid words."""
+    A grid looked up when stored (Layout.index_high): the indices' low bytes become the entries' grid words."""
     layout, (n, nb) = LAYOUTS[qtype], blocks.shape[:2]
     per_span = [blocks[:, :, o:o + SPANS * k].reshape(n, nb, SPANS, k) for o, k in layout.spans]
     if layout.index_high is not None:
